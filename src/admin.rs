@@ -1,0 +1,40 @@
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! It binds its own address (loopback by default) so that health and metrics
+//! are never reachable through the public listener.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::auth::service::AuthService;
+
+#[derive(Clone)]
+struct AdminState {
+    service: AuthService,
+    metrics: PrometheusHandle,
+}
+
+pub fn router(service: AuthService, metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(AdminState { service, metrics })
+}
+
+/// Ready when the database answers and a signing key is loaded.
+async fn readyz(State(s): State<AdminState>) -> Response {
+    let database = s.service.store.ping().await;
+    let keys = !s.service.authenticator.keys().public_keys().is_empty();
+    let status = if database && keys { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(serde_json::json!({ "database": database, "signing_key": keys }))).into_response()
+}
+
+async fn render_metrics(State(s): State<AdminState>) -> Response {
+    metrics::gauge!("gateway_revocation_state_size").set(s.service.authenticator.revocations().len() as f64);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
+}

@@ -1,0 +1,185 @@
+//! The gateway's own HTTP API: `/auth/*` and the JWKS.
+//!
+//! Handlers are thin: extract, call the flow in [`crate::auth::service`],
+//! serialise. Layers, outermost first: request metrics (so every answer,
+//! errors included, is counted), `Cache-Control: no-store` (every answer here
+//! is personal or a credential), then the 16 KiB body limit.
+
+pub mod error;
+pub mod extract;
+
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::auth::service::AuthService;
+use error::ApiError;
+use extract::{Authenticated, Client, JsonBody};
+
+/// Largest request body accepted on `/auth/*`.
+pub const MAX_AUTH_BODY: usize = 16 * 1024;
+
+/// The `/auth` and JWKS routes.
+pub fn router(service: AuthService) -> Router {
+    Router::new()
+        .route("/auth/login", post(login))
+        .route("/auth/refresh", post(refresh))
+        .route("/auth/logout", post(logout))
+        .route("/auth/logout-all", post(logout_all))
+        .route("/auth/me", get(me))
+        .route("/auth/sessions", get(sessions))
+        .route("/auth/sessions/{id}", delete(delete_session))
+        .route("/auth/register", post(register))
+        .route("/auth/password", post(change_password))
+        .route("/.well-known/jwks.json", get(jwks))
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(MAX_AUTH_BODY))
+        .layer(middleware::from_fn(no_store))
+        .layer(middleware::from_fn(track))
+        .with_state(service)
+}
+
+async fn no_store(req: Request, next: Next) -> Response {
+    let mut response = next.run(req).await;
+    response.headers_mut().entry(header::CACHE_CONTROL).or_insert(HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Counts and times every request by route template (never by raw path, so
+/// the label set stays bounded).
+async fn track(req: Request, next: Next) -> Response {
+    let endpoint = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| match p.as_str() {
+        // MatchedPath borrows from the request; map to 'static labels.
+        "/auth/login" => "/auth/login",
+        "/auth/refresh" => "/auth/refresh",
+        "/auth/logout" => "/auth/logout",
+        "/auth/logout-all" => "/auth/logout-all",
+        "/auth/me" => "/auth/me",
+        "/auth/sessions" => "/auth/sessions",
+        "/auth/sessions/{id}" => "/auth/sessions/{id}",
+        "/auth/register" => "/auth/register",
+        "/auth/password" => "/auth/password",
+        "/.well-known/jwks.json" => "/.well-known/jwks.json",
+        _ => "other",
+    });
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("gateway_http_requests_total", "endpoint" => endpoint, "status" => status).increment(1);
+    metrics::histogram!("gateway_http_request_duration_seconds", "endpoint" => endpoint)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+#[derive(Deserialize)]
+struct Credentials {
+    email: String,
+    password: SecretString,
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RefreshBody {
+    refresh_token: String,
+}
+
+#[derive(Deserialize)]
+struct PasswordChange {
+    current_password: SecretString,
+    new_password: SecretString,
+}
+
+async fn login(
+    State(s): State<AuthService>,
+    Client(client): Client,
+    JsonBody(body): JsonBody<Credentials>,
+) -> Result<Response, ApiError> {
+    let pair = s.login(&body.email, &body.password, body.tenant.as_deref(), &client).await?;
+    Ok(Json(pair).into_response())
+}
+
+async fn refresh(
+    State(s): State<AuthService>,
+    Client(client): Client,
+    JsonBody(body): JsonBody<RefreshBody>,
+) -> Result<Response, ApiError> {
+    let pair = s.refresh(&body.refresh_token, &client).await?;
+    Ok(Json(pair).into_response())
+}
+
+async fn logout(
+    State(s): State<AuthService>,
+    Authenticated(who): Authenticated,
+    Client(client): Client,
+) -> Result<StatusCode, ApiError> {
+    s.logout(&who, &client).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn logout_all(
+    State(s): State<AuthService>,
+    Authenticated(who): Authenticated,
+    Client(client): Client,
+) -> Result<StatusCode, ApiError> {
+    s.logout_all(&who, &client).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn me(State(s): State<AuthService>, Authenticated(who): Authenticated) -> Result<Response, ApiError> {
+    Ok(Json(s.me(&who).await?).into_response())
+}
+
+async fn sessions(State(s): State<AuthService>, Authenticated(who): Authenticated) -> Result<Response, ApiError> {
+    Ok(Json(s.sessions(&who).await?).into_response())
+}
+
+async fn delete_session(
+    State(s): State<AuthService>,
+    Authenticated(who): Authenticated,
+    Client(client): Client,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    s.revoke_own_session(&who, &id, &client).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn register(
+    State(s): State<AuthService>,
+    Client(client): Client,
+    JsonBody(body): JsonBody<Credentials>,
+) -> Result<Response, ApiError> {
+    let user_id = s.register(&body.email, &body.password, body.tenant.as_deref(), &client).await?;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "user_id": user_id }))).into_response())
+}
+
+async fn change_password(
+    State(s): State<AuthService>,
+    Authenticated(who): Authenticated,
+    Client(client): Client,
+    JsonBody(body): JsonBody<PasswordChange>,
+) -> Result<StatusCode, ApiError> {
+    s.change_password(&who, &body.current_password, &body.new_password, &client).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn jwks(State(s): State<AuthService>) -> Response {
+    let keys = s.authenticator.keys();
+    let keys: Vec<_> = keys
+        .public_keys()
+        .iter()
+        .map(|k| serde_json::json!({ "kty": "OKP", "crv": "Ed25519", "x": k.x, "kid": k.kid, "alg": "EdDSA", "use": "sig" }))
+        .collect();
+    let mut response = Json(serde_json::json!({ "keys": keys })).into_response();
+    // Public material: caches may keep it briefly (overrides no-store).
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=60"));
+    response
+}

@@ -1,0 +1,100 @@
+//! Request extractors for the `/auth` API: JSON bodies with our error codes,
+//! the client's address and user agent, and the bearer principal.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use crate::auth::service::{AuthService, ClientContext};
+use crate::auth::token::TokenError;
+use crate::auth::{AuthError, Principal};
+
+/// A JSON body; any rejection is a 400 `invalid_request` (413 when too big).
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(JsonBody(v)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::PayloadTooLarge),
+            Err(rejection) => Err(AuthError::InvalidRequest(describe(&rejection)).into()),
+        }
+    }
+}
+
+fn describe(rejection: &JsonRejection) -> String {
+    match rejection {
+        JsonRejection::MissingJsonContentType(_) => "expected content-type: application/json".into(),
+        JsonRejection::JsonDataError(e) => format!("invalid request body: {}", e.body_text()),
+        JsonRejection::JsonSyntaxError(_) => "the request body is not valid JSON".into(),
+        other => other.body_text(),
+    }
+}
+
+/// The peer address as recorded by the server (unspecified when absent, as
+/// in tests that call the router directly).
+pub fn peer_ip(parts: &Parts) -> IpAddr {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+/// Who is calling: IP and user agent.
+pub struct Client(pub ClientContext);
+
+impl<S: Send + Sync> FromRequestParts<S> for Client {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let user_agent = parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|ua| ua.chars().take(512).collect());
+        Ok(Client(ClientContext { ip: peer_ip(parts), user_agent }))
+    }
+}
+
+/// The bearer token from the `Authorization` header, verified and unrevoked.
+pub struct Authenticated(pub Principal);
+
+impl FromRequestParts<AuthService> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AuthService) -> Result<Self, Self::Rejection> {
+        let token = bearer_token(&parts.headers)?;
+        match state.authenticator.verify_bearer(token) {
+            Ok(principal) => Ok(Authenticated(principal)),
+            Err(e) => {
+                metrics::counter!("gateway_auth_failures_total", "reason" => e.reason()).increment(1);
+                Err(AuthError::InvalidToken(e).into())
+            }
+        }
+    }
+}
+
+/// The text after `Bearer ` in the only `Authorization` header.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Result<&str, AuthError> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        metrics::counter!("gateway_auth_failures_total", "reason" => "missing").increment(1);
+        return Err(AuthError::MissingToken);
+    };
+    if values.next().is_some() {
+        return Err(AuthError::InvalidRequest("more than one Authorization header".into()));
+    }
+    let text = value.to_str().map_err(|_| AuthError::InvalidToken(TokenError::Malformed))?;
+    match text.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Ok(token.trim()),
+        _ => Err(AuthError::InvalidToken(TokenError::Malformed)),
+    }
+}

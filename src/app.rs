@@ -1,0 +1,160 @@
+//! Assembling and running the gateway.
+//!
+//! [`App::build`] does everything that can fail at startup (database,
+//! migrations, keys, binding both listeners) and returns before serving, so a
+//! caller (the binary, or a test) knows the bound addresses. [`App::run`]
+//! serves until the shutdown future resolves, then stops accepting, lets
+//! in-flight requests finish and returns.
+
+use std::future::IntoFuture as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::keys::KeyRing;
+use crate::auth::password::PasswordHasher;
+use crate::auth::revocation::{self, RevocationState};
+use crate::auth::service::AuthService;
+use crate::auth::token::TokenRules;
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::db::audit::NewAuditEvent;
+use crate::db::{secs, unix_now, Store};
+
+pub struct App {
+    config: Config,
+    service: AuthService,
+    public: TcpListener,
+    admin: TcpListener,
+    metrics: PrometheusHandle,
+}
+
+impl App {
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let metrics = crate::observability::metrics_handle();
+        let store = Store::connect(&config.database).await.context("opening the database")?;
+        if config.database.auto_migrate {
+            store.migrate().await.context("applying migrations")?;
+        }
+        let (keys, generated) = KeyRing::load_or_generate(&config.auth.keys_dir).context("loading signing keys")?;
+        if let Some(kid) = generated {
+            tracing::info!(%kid, dir = %config.auth.keys_dir.display(), "generated a new Ed25519 signing key");
+            store
+                .record_audit(NewAuditEvent {
+                    event: "key_generated",
+                    detail: Some(serde_json::json!({ "kid": kid, "by": "startup" })),
+                    ..Default::default()
+                })
+                .await?;
+        }
+        let hasher = PasswordHasher::new(config.auth.argon2)?;
+        let horizon = config.auth.access_token_ttl + config.auth.leeway;
+        let revocations = RevocationState::new(horizon);
+        // Revocations from before a restart still bind the tokens they target.
+        revocations.load_since(&store, unix_now() - secs(horizon) - 10).await?;
+        let rules = TokenRules::new(&config.auth.issuer, &config.auth.audience, config.auth.leeway.as_secs());
+        let authenticator = Authenticator::new(keys, rules, revocations);
+        let service = AuthService::new(store, hasher, authenticator, config.auth.clone());
+
+        let public = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("binding server.listen {}", config.server.listen))?;
+        let admin = TcpListener::bind(config.admin.listen)
+            .await
+            .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
+        Ok(App { config, service, public, admin, metrics })
+    }
+
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public.local_addr().unwrap_or(self.config.server.listen)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or(self.config.admin.listen)
+    }
+
+    pub fn service(&self) -> &AuthService {
+        &self.service
+    }
+
+    /// Serves until `shutdown` resolves, then drains and returns.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        };
+
+        tracing::info!(
+            public = %self.public_addr(),
+            admin = %self.admin_addr(),
+            "gateway listening"
+        );
+        let store = self.service.store.clone();
+        let auth = &self.config.auth;
+        let poller = tokio::spawn(revocation::poll(
+            self.service.authenticator.revocations().clone(),
+            store.clone(),
+            auth.revocation_poll,
+            auth.access_token_ttl + auth.leeway,
+            stopped(),
+        ));
+        let upkeep_handle = self.metrics.clone();
+        let upkeep_stop = stopped();
+        let upkeep = tokio::spawn(async move {
+            tokio::pin!(upkeep_stop);
+            loop {
+                tokio::select! {
+                    () = &mut upkeep_stop => return,
+                    () = tokio::time::sleep(Duration::from_secs(5)) => upkeep_handle.run_upkeep(),
+                }
+            }
+        });
+
+        let public_app = crate::api::router(self.service.clone());
+        let public = axum::serve(self.public, public_app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(stopped());
+        let admin_app = crate::admin::router(self.service.clone(), self.metrics.clone());
+        let admin = axum::serve(self.admin, admin_app).with_graceful_shutdown(stopped());
+        let (public, admin) = tokio::join!(public.into_future(), admin.into_future());
+        let _ = tokio::join!(poller, upkeep);
+        store.close().await;
+        tracing::info!("gateway stopped");
+        public.context("public listener")?;
+        admin.context("admin listener")?;
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received; draining");
+}

@@ -1,0 +1,58 @@
+//! The auth boundary's error: what went wrong, in terms a caller can act on.
+//! `api::error` is the one place that maps these to HTTP statuses and codes.
+
+use super::password::PasswordError;
+use super::token::TokenError;
+use crate::db::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The request is malformed (bad JSON, missing or oversized field).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// Unknown tenant, unknown email, wrong password or disabled user: one
+    /// answer for all, so the response reveals nothing.
+    #[error("invalid email or password")]
+    InvalidCredentials,
+    /// This (tenant, email) is locked after too many failures.
+    #[error("too many failed attempts; try again later")]
+    TooManyAttempts { retry_after: u64 },
+    /// This client IP sent too many requests.
+    #[error("too many requests; slow down")]
+    RateLimited { retry_after: u64 },
+    /// The refresh token is unknown, spent, expired or revoked.
+    #[error("the refresh token is invalid, expired or revoked")]
+    InvalidGrant,
+    /// No bearer token was sent.
+    #[error("a bearer access token is required")]
+    MissingToken,
+    /// The bearer token was refused; the reason is for logs and metrics only.
+    #[error("the access token is invalid, expired or revoked")]
+    InvalidToken(TokenError),
+    #[error("not found")]
+    NotFound,
+    #[error("this email is already registered")]
+    EmailTaken,
+    #[error("{0}")]
+    WeakPassword(String),
+    /// The database cannot be reached: retry later.
+    #[error("the service is temporarily unavailable")]
+    Unavailable(#[source] StoreError),
+    #[error("internal error")]
+    Unexpected(#[source] anyhow::Error),
+}
+
+impl From<StoreError> for AuthError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => AuthError::Unavailable(e),
+            other => AuthError::Unexpected(other.into()),
+        }
+    }
+}
+
+impl From<PasswordError> for AuthError {
+    fn from(e: PasswordError) -> Self {
+        AuthError::Unexpected(e.into())
+    }
+}

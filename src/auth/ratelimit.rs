@@ -1,0 +1,69 @@
+//! A per-client-IP request limit for the endpoints that guess at secrets
+//! (`/auth/login`, `/auth/refresh`).
+//!
+//! A fixed one-minute window per IP, kept in memory: each IP's counter lives
+//! in a moka cache whose entries expire a minute after the window opened, so
+//! memory is bounded by the number of IPs seen in the last minute. It is a
+//! per-process limit by design (cheap, no I/O); the per-account lockout in
+//! the database is the limit that holds across processes.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::sync::Cache;
+
+const WINDOW: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+pub struct IpRateLimiter {
+    per_window: u32,
+    windows: Cache<IpAddr, Arc<Window>>,
+}
+
+struct Window {
+    opened: Instant,
+    count: AtomicU32,
+}
+
+impl IpRateLimiter {
+    /// `per_minute == 0` disables the limit.
+    pub fn new(per_minute: u32) -> Self {
+        Self { per_window: per_minute, windows: Cache::builder().time_to_live(WINDOW).max_capacity(1_000_000).build() }
+    }
+
+    /// Counts one request; `Err(retry_after_secs)` when over the limit.
+    pub fn check(&self, ip: IpAddr) -> Result<(), u64> {
+        if self.per_window == 0 {
+            return Ok(());
+        }
+        let window =
+            self.windows.get_with(ip, || Arc::new(Window { opened: Instant::now(), count: AtomicU32::new(0) }));
+        let n = window.count.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if n <= self.per_window {
+            Ok(())
+        } else {
+            let left = WINDOW.saturating_sub(window.opened.elapsed());
+            Err(left.as_secs().max(1))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_per_ip() {
+        let l = IpRateLimiter::new(2);
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        assert_eq!(l.check(a), Ok(()));
+        assert_eq!(l.check(a), Ok(()));
+        let retry = l.check(a).expect_err("third is over");
+        assert!((1..=60).contains(&retry));
+        assert_eq!(l.check(b), Ok(()), "other IPs are unaffected");
+        assert_eq!(IpRateLimiter::new(0).check(a), Ok(()));
+    }
+}

@@ -1,0 +1,133 @@
+//! Access tokens: EdDSA-signed JWTs with `typ: at+jwt` (RFC 9068).
+//!
+//! Verification trusts nothing in the header but `kid`, and only to pick one
+//! of our own keys: the algorithm is pinned to EdDSA, `jku`/`x5u`/`jwk` are
+//! never followed, and an unknown kid is a failure (no "try every key").
+//! `iss`, `aud`, `exp`, `nbf` and `iat` are checked with the configured leeway.
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, Header, Validation};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::keys::KeyRing;
+
+/// The claims of our access tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessClaims {
+    pub iss: String,
+    pub aud: String,
+    pub sub: Uuid,
+    pub tid: Uuid,
+    pub sid: Uuid,
+    pub jti: Uuid,
+    pub iat: i64,
+    pub exp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
+    pub roles: Vec<String>,
+    /// Space-separated, as in OAuth.
+    pub scope: String,
+}
+
+/// Why a token was refused. Clients only ever see `invalid_token`; the
+/// variant goes to metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("malformed token")]
+    Malformed,
+    #[error("algorithm is not EdDSA")]
+    Algorithm,
+    #[error("typ is not at+jwt")]
+    Type,
+    #[error("unknown or missing kid")]
+    UnknownKey,
+    #[error("bad signature")]
+    Signature,
+    #[error("expired")]
+    Expired,
+    #[error("not yet valid")]
+    Immature,
+    #[error("wrong issuer or audience")]
+    Audience,
+    #[error("session revoked")]
+    Revoked,
+}
+
+impl TokenError {
+    /// A short label for the `reason` metric dimension.
+    pub fn reason(self) -> &'static str {
+        match self {
+            TokenError::Malformed => "malformed",
+            TokenError::Algorithm => "algorithm",
+            TokenError::Type => "type",
+            TokenError::UnknownKey => "unknown_key",
+            TokenError::Signature => "signature",
+            TokenError::Expired => "expired",
+            TokenError::Immature => "immature",
+            TokenError::Audience => "audience",
+            TokenError::Revoked => "revoked",
+        }
+    }
+}
+
+const TYP: &str = "at+jwt";
+
+/// Signs tokens with the ring's newest key.
+pub fn sign(keys: &KeyRing, claims: &AccessClaims) -> Result<String, jsonwebtoken::errors::Error> {
+    let (kid, key) = keys.signer();
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.typ = Some(TYP.to_owned());
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&header, claims, key)
+}
+
+/// Issuer/audience/leeway settings for verification, built once.
+#[derive(Debug, Clone)]
+pub struct TokenRules {
+    validation: Validation,
+    leeway: i64,
+}
+
+impl TokenRules {
+    pub fn new(issuer: &str, audience: &str, leeway_secs: u64) -> Self {
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.leeway = leeway_secs;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(&[audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        Self { validation, leeway: i64::try_from(leeway_secs).unwrap_or(0) }
+    }
+
+    /// Checks signature and claims (not revocation) at unix time `now`.
+    pub fn verify(&self, keys: &KeyRing, token: &str, now: i64) -> Result<AccessClaims, TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(TokenError::Algorithm);
+        }
+        let typ_ok = header
+            .typ
+            .as_deref()
+            .is_some_and(|t| t.eq_ignore_ascii_case(TYP) || t.eq_ignore_ascii_case("application/at+jwt"));
+        if !typ_ok {
+            return Err(TokenError::Type);
+        }
+        let key = header.kid.as_deref().and_then(|kid| keys.verifier(kid)).ok_or(TokenError::UnknownKey)?;
+        let data = jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation).map_err(|e| match e.kind() {
+            ErrorKind::InvalidSignature => TokenError::Signature,
+            ErrorKind::ExpiredSignature => TokenError::Expired,
+            ErrorKind::ImmatureSignature => TokenError::Immature,
+            ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => TokenError::Audience,
+            _ => TokenError::Malformed,
+        })?;
+        if data.claims.iat > now + self.leeway {
+            return Err(TokenError::Immature);
+        }
+        Ok(data.claims)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,61 @@
+use super::*;
+
+fn claims(now: i64) -> AccessClaims {
+    AccessClaims {
+        iss: "gateway".into(),
+        aud: "gateway".into(),
+        sub: Uuid::new_v4(),
+        tid: Uuid::new_v4(),
+        sid: Uuid::new_v4(),
+        jti: Uuid::new_v4(),
+        iat: now,
+        exp: now + 900,
+        nbf: None,
+        roles: vec!["admin".into()],
+        scope: "orders:read".into(),
+    }
+}
+
+fn ring() -> (tempfile::TempDir, KeyRing) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ring, _) = KeyRing::load_or_generate(dir.path()).expect("keys");
+    (dir, ring)
+}
+
+#[test]
+fn round_trip_and_claim_checks() {
+    let (_dir, keys) = ring();
+    let rules = TokenRules::new("gateway", "gateway", 5);
+    let now = crate::db::unix_now();
+    let c = claims(now);
+    let token = sign(&keys, &c).expect("sign");
+    assert_eq!(rules.verify(&keys, &token, now), Ok(c.clone()));
+
+    let expired = AccessClaims { exp: now - 10, iat: now - 100, ..c.clone() };
+    assert_eq!(rules.verify(&keys, &sign(&keys, &expired).expect("sign"), now), Err(TokenError::Expired));
+    let future = AccessClaims { iat: now + 3600, exp: now + 7200, ..c.clone() };
+    assert_eq!(rules.verify(&keys, &sign(&keys, &future).expect("sign"), now), Err(TokenError::Immature));
+    let other_aud = AccessClaims { aud: "someone-else".into(), ..c.clone() };
+    assert_eq!(rules.verify(&keys, &sign(&keys, &other_aud).expect("sign"), now), Err(TokenError::Audience));
+    let other_iss = AccessClaims { iss: "evil".into(), ..c };
+    assert_eq!(rules.verify(&keys, &sign(&keys, &other_iss).expect("sign"), now), Err(TokenError::Audience));
+}
+
+#[test]
+fn a_key_from_another_ring_with_our_kid_is_refused() {
+    let (_d1, ours) = ring();
+    let (_d2, theirs) = ring();
+    let rules = TokenRules::new("gateway", "gateway", 5);
+    let now = crate::db::unix_now();
+    let forged = sign(&theirs, &claims(now)).expect("sign");
+    // Swap in our kid: the header now names our key but the signature is theirs.
+    let (header, rest) = forged.split_once('.').expect("jwt");
+    let mut h: serde_json::Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, header).expect("b64"),
+    )
+    .expect("json");
+    h["kid"] = ours.signer().0.into();
+    let h = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, h.to_string());
+    assert_eq!(rules.verify(&ours, &format!("{h}.{rest}"), now), Err(TokenError::Signature));
+    assert_eq!(rules.verify(&ours, "not.a.jwt", now), Err(TokenError::Malformed));
+}

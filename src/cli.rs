@@ -1,0 +1,332 @@
+//! The command line: raw arguments become a [`Cli`] in one step (clap), and
+//! [`execute`] runs it. Input and output are parameters so that tests drive
+//! the very same code in-process.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use secrecy::SecretString;
+
+use crate::app::{shutdown_signal, App};
+use crate::auth::keys::{self, KeyRing};
+use crate::auth::password::PasswordHasher;
+use crate::auth::service::{rfc3339, Accounts};
+use crate::auth::AuthError;
+use crate::config::Config;
+use crate::db::audit::NewAuditEvent;
+use crate::db::{Store, StoreError};
+
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version, about = "Reverse-proxy auth gateway")]
+pub struct Cli {
+    /// Path of the configuration file.
+    #[arg(long, global = true, env = "GATEWAY_CONFIG", default_value = "gateway.toml")]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (the default). Migrations run first when database.auto_migrate.
+    Serve,
+    /// Apply pending database migrations; safe to repeat.
+    Migrate,
+    /// Configuration file commands.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Read the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration file and report every problem.
+    Check,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant; prints its id.
+    Create {
+        /// Lower-case letters, digits and '-', 1 to 64 characters.
+        slug: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List tenants.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user; prints its id.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        email: String,
+        /// A role (repeatable).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// A scope (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Read the password from the first line of standard input instead of prompting.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List the users of a tenant.
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Disable a user and revoke every session.
+    Disable {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        email: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Generate a new Ed25519 key; it becomes the signer at the next start.
+    Generate,
+    /// List the keys; the newest signs.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Print events, newest first.
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+}
+
+/// Runs one command. `input` feeds `--password-stdin`; `out` gets the output.
+pub async fn execute(cli: Cli, input: &mut dyn BufRead, out: &mut dyn Write) -> anyhow::Result<()> {
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::Config(ConfigCommand::Check) = command {
+        Config::load(&cli.config)?;
+        writeln!(out, "{}: ok", cli.config.display())?;
+        return Ok(());
+    }
+    let config = Config::load(&cli.config)?;
+    match command {
+        Command::Serve => {
+            crate::observability::init_tracing(config.log.format);
+            let app = App::build(config).await?;
+            app.run(shutdown_signal()).await
+        }
+        Command::Config(ConfigCommand::Check) => Ok(()),
+        Command::Migrate => {
+            let store = Store::connect(&config.database).await?;
+            store.migrate().await?;
+            store.close().await;
+            writeln!(out, "migrations applied")?;
+            Ok(())
+        }
+        Command::Keys(cmd) => keys_command(&config, cmd, out).await,
+        Command::Tenant(cmd) => {
+            let store = open(&config).await?;
+            let result = tenant_command(&store, cmd, out).await;
+            store.close().await;
+            result
+        }
+        Command::User(cmd) => {
+            let store = open(&config).await?;
+            let accounts = Accounts {
+                store: store.clone(),
+                hasher: PasswordHasher::new(config.auth.argon2)?,
+                password_min_length: config.auth.password_min_length,
+            };
+            let result = user_command(&accounts, cmd, input, out).await;
+            store.close().await;
+            result
+        }
+        Command::Audit(AuditCommand::List { tenant, limit }) => {
+            let store = open(&config).await?;
+            let tenant_id = match tenant {
+                Some(slug) => Some(find_tenant(&store, &slug).await?),
+                None => None,
+            };
+            for e in store.list_audit(tenant_id, limit.clamp(1, 100_000)).await? {
+                writeln!(
+                    out,
+                    "{}  {:<24} tenant={} user={} email={} ip={} detail={}",
+                    rfc3339(e.at),
+                    e.event,
+                    e.tenant.as_deref().unwrap_or("-"),
+                    e.user_id.as_deref().unwrap_or("-"),
+                    e.email.as_deref().unwrap_or("-"),
+                    e.ip.as_deref().unwrap_or("-"),
+                    e.detail,
+                )?;
+            }
+            store.close().await;
+            Ok(())
+        }
+    }
+}
+
+/// Opens the database, migrating first when the config allows it.
+async fn open(config: &Config) -> anyhow::Result<Store> {
+    let store = Store::connect(&config.database).await?;
+    if config.database.auto_migrate {
+        store.migrate().await?;
+    }
+    Ok(store)
+}
+
+async fn find_tenant(store: &Store, slug: &str) -> anyhow::Result<uuid::Uuid> {
+    match store.tenant_by_slug(slug).await? {
+        Some(t) => Ok(t.id),
+        None => bail!("tenant {slug:?} does not exist (see `gateway tenant list`)"),
+    }
+}
+
+async fn tenant_command(store: &Store, cmd: TenantCommand, out: &mut dyn Write) -> anyhow::Result<()> {
+    match cmd {
+        TenantCommand::Create { slug, name } => {
+            let valid = !slug.is_empty()
+                && slug.len() <= 64
+                && slug.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !valid {
+                bail!("slug {slug:?} must be 1-64 lower-case letters, digits or '-'");
+            }
+            let name = name.unwrap_or_else(|| slug.clone());
+            match store.create_tenant(&slug, &name).await {
+                Ok(t) => {
+                    writeln!(out, "{}", t.id)?;
+                    Ok(())
+                }
+                Err(StoreError::Conflict) => bail!("tenant {slug:?} already exists"),
+                Err(e) => Err(e.into()),
+            }
+        }
+        TenantCommand::List => {
+            for t in store.list_tenants().await? {
+                writeln!(out, "{}  {:<24} {}", t.id, t.slug, t.name)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn user_command(
+    accounts: &Accounts,
+    cmd: UserCommand,
+    input: &mut dyn BufRead,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let store = &accounts.store;
+    match cmd {
+        UserCommand::Create { tenant, email, roles, scopes, password_stdin } => {
+            let tenant_id = find_tenant(store, &tenant).await?;
+            let password = if password_stdin { read_stdin_password(input)? } else { prompt_password()? };
+            let user = accounts
+                .create_user(tenant_id, &email, &password, &roles, &scopes, None, None)
+                .await
+                .map_err(|e| cli_error(e, &email))?;
+            writeln!(out, "{}", user.id)?;
+            Ok(())
+        }
+        UserCommand::List { tenant } => {
+            let tenant_id = find_tenant(store, &tenant).await?;
+            for u in store.list_users(tenant_id).await? {
+                writeln!(
+                    out,
+                    "{}  {:<32} roles={} scopes={}{}",
+                    u.id,
+                    u.email,
+                    u.roles.join(","),
+                    u.scopes.join(","),
+                    if u.disabled { "  DISABLED" } else { "" }
+                )?;
+            }
+            Ok(())
+        }
+        UserCommand::Disable { tenant, email } => {
+            let tenant_id = find_tenant(store, &tenant).await?;
+            let revoked = accounts.disable_user(tenant_id, &email).await.map_err(|e| cli_error(e, &email))?;
+            writeln!(out, "disabled {email}; {} session(s) revoked", revoked.len())?;
+            Ok(())
+        }
+    }
+}
+
+fn cli_error(e: AuthError, email: &str) -> anyhow::Error {
+    match e {
+        AuthError::EmailTaken => anyhow::anyhow!("email: {email:?} already exists in this tenant"),
+        AuthError::NotFound => anyhow::anyhow!("email: no user {email:?} in this tenant"),
+        AuthError::WeakPassword(m) => anyhow::anyhow!("password: {m}"),
+        AuthError::InvalidRequest(m) => anyhow::anyhow!("{m}"),
+        other => anyhow::Error::new(other),
+    }
+}
+
+fn read_stdin_password(input: &mut dyn BufRead) -> anyhow::Result<SecretString> {
+    let mut line = String::new();
+    input.read_line(&mut line).context("reading the password from standard input")?;
+    let password = line.trim_end_matches(['\r', '\n']).to_owned();
+    if password.is_empty() {
+        bail!("password: standard input was empty");
+    }
+    Ok(SecretString::from(password))
+}
+
+fn prompt_password() -> anyhow::Result<SecretString> {
+    let first = rpassword::prompt_password("Password: ").context("reading the password")?;
+    let second = rpassword::prompt_password("Repeat password: ").context("reading the password")?;
+    if first != second {
+        bail!("password: the two entries differ");
+    }
+    Ok(SecretString::from(first))
+}
+
+async fn keys_command(config: &Config, cmd: KeysCommand, out: &mut dyn Write) -> anyhow::Result<()> {
+    let dir = &config.auth.keys_dir;
+    match cmd {
+        KeysCommand::Generate => {
+            let kid = keys::generate(dir)?;
+            let store = open(config).await?;
+            store
+                .record_audit(NewAuditEvent {
+                    event: "key_generated",
+                    detail: Some(serde_json::json!({ "kid": kid, "by": "cli" })),
+                    ..Default::default()
+                })
+                .await?;
+            store.close().await;
+            writeln!(out, "{kid}")?;
+            Ok(())
+        }
+        KeysCommand::List => {
+            let ring = KeyRing::load(dir)?;
+            let signer = ring.signer().0.to_owned();
+            for k in ring.public_keys() {
+                let role = if k.kid == signer { "signing" } else { "verify-only" };
+                writeln!(out, "{}  {:<12} x={}", k.kid, role, k.x)?;
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The validated configuration.
+//!
+//! `gateway.toml` is parsed once into TOML values, then [`reader::Fields`]
+//! turns each table into typed settings (durations, socket addresses, paths),
+//! collecting every error so `gateway config check` can name all bad fields
+//! in one run. Relative paths resolve against the config file's folder, so
+//! the gateway behaves the same whatever directory it is started from.
+
+mod reader;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reader::{Errors, Fields};
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from (reloads read it again).
+    pub path: PathBuf,
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub database: DatabaseConfig,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub url: DatabaseUrl,
+    pub auto_migrate: bool,
+    pub max_connections: u32,
+}
+
+/// Where the data lives. PostgreSQL joins this enum in a later change; the
+/// store already dispatches on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// A SQLite file, created on first start.
+    Sqlite(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub issuer: String,
+    pub audience: String,
+    pub access_token_ttl: Duration,
+    pub refresh_token_ttl: Duration,
+    pub keys_dir: PathBuf,
+    pub registration: bool,
+    pub password_min_length: usize,
+    pub lockout_threshold: u32,
+    pub lockout_duration: Duration,
+    pub leeway: Duration,
+    pub revocation_poll: Duration,
+    /// Requests per minute per client IP on `/auth/login` and `/auth/refresh`; 0 disables.
+    pub rate_limit_per_minute: u32,
+    pub argon2: Argon2Config,
+}
+
+/// Argon2id cost. Defaults are OWASP's (19 MiB, 2 passes, 1 lane).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Argon2Config {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Everything wrong with a config file, one line per problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path} has {} problem(s):\n  {}", .problems.len(), .problems.join("\n  "))]
+    Invalid { path: PathBuf, problems: Vec<String> },
+}
+
+/// Longest password accepted, in bytes: longer ones are refused before any
+/// hashing so a megabyte "password" cannot buy a megabyte of Argon2 work.
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates `text` as if it had been read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut errors = Errors::default();
+        let config = build(table, path, &base, &mut errors);
+        match config {
+            Some(config) if errors.0.is_empty() => Ok(config),
+            _ => Err(ConfigError::Invalid { path: path.to_owned(), problems: errors.0 }),
+        }
+    }
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.join(p)
+    }
+}
+
+fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> Option<Config> {
+    let mut root = Fields::new("", table, errors);
+    let server_t = root.table("server");
+    let admin_t = root.table("admin");
+    let database_t = root.table("database");
+    let auth_t = root.table("auth");
+    let log_t = root.table("log");
+    root.finish();
+
+    let mut f = Fields::new("server", server_t, errors);
+    let listen = f.socket_addr_or("listen", "127.0.0.1:8080");
+    f.finish();
+    let server = listen.map(|listen| ServerConfig { listen });
+
+    let mut f = Fields::new("admin", admin_t, errors);
+    let admin_listen = f.socket_addr_or("listen", "127.0.0.1:9090");
+    f.finish();
+    let admin = admin_listen.map(|listen| AdminConfig { listen });
+
+    let mut f = Fields::new("database", database_t, errors);
+    let url_text = f.string_or("url", "sqlite://gateway.db");
+    let url = parse_database_url(&url_text, base).map_err(|e| f.error("url", e)).ok();
+    let auto_migrate = f.bool_or("auto_migrate", true);
+    let max_connections = f.int_or("max_connections", 8, 1, 1000) as u32;
+    f.finish();
+    let database = url.map(|url| DatabaseConfig { url, auto_migrate, max_connections });
+
+    let auth = build_auth(auth_t, base, errors);
+
+    let mut f = Fields::new("log", log_t, errors);
+    let format = match f.string_or("format", "text").as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            f.error("format", format!("{other:?} is not \"text\" or \"json\""));
+            LogFormat::Text
+        }
+    };
+    f.finish();
+
+    Some(Config {
+        path: path.to_owned(),
+        server: server?,
+        admin: admin?,
+        database: database?,
+        auth,
+        log: LogConfig { format },
+    })
+}
+
+fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfig {
+    let mut f = Fields::new("auth", table, errors);
+    let issuer = f.string_or("issuer", "gateway");
+    if issuer.is_empty() {
+        f.error("issuer", "must not be empty");
+    }
+    let audience = f.string_or("audience", "gateway");
+    if audience.is_empty() {
+        f.error("audience", "must not be empty");
+    }
+    let access_token_ttl = f.duration_or("access_token_ttl", "15m", Duration::from_secs(1));
+    let refresh_token_ttl = f.duration_or("refresh_token_ttl", "30d", Duration::from_secs(1));
+    let keys_dir = resolve(base, &f.string_or("keys_dir", "keys"));
+    let registration = f.bool_or("registration", false);
+    let password_min_length = f.int_or("password_min_length", 15, 8, MAX_PASSWORD_BYTES as i64) as usize;
+    let lockout_threshold = f.int_or("lockout_threshold", 5, 1, 1000) as u32;
+    let lockout_duration = f.duration_or("lockout_duration", "15m", Duration::from_secs(1));
+    let leeway = f.duration_or("leeway", "5s", Duration::ZERO);
+    if leeway > Duration::from_secs(60) {
+        f.error("leeway", "must be at most 60s: clocks of replicas are expected to be NTP-synced");
+    }
+    let revocation_poll = f.duration_or("revocation_poll", "1s", Duration::from_millis(10));
+    let rate_limit_per_minute = f.int_or("rate_limit_per_minute", 60, 0, 1_000_000) as u32;
+    let argon2_t = f.table("argon2");
+    f.finish();
+
+    let mut a = Fields::new("auth.argon2", argon2_t, errors);
+    let argon2 = Argon2Config {
+        memory_kib: a.int_or("memory_kib", 19_456, 8, 4 * 1024 * 1024) as u32,
+        iterations: a.int_or("iterations", 2, 1, 100) as u32,
+        parallelism: a.int_or("parallelism", 1, 1, 64) as u32,
+    };
+    if u64::from(argon2.memory_kib) < 8 * u64::from(argon2.parallelism) {
+        a.error("memory_kib", "must be at least 8 x parallelism");
+    }
+    a.finish();
+
+    AuthConfig {
+        issuer,
+        audience,
+        access_token_ttl,
+        refresh_token_ttl,
+        keys_dir,
+        registration,
+        password_min_length,
+        lockout_threshold,
+        lockout_duration,
+        leeway,
+        revocation_poll,
+        rate_limit_per_minute,
+        argon2,
+    }
+}
+
+/// `sqlite://relative/file.db`, `sqlite:///absolute/file.db` or `sqlite:file.db`.
+fn parse_database_url(url: &str, base: &Path) -> Result<DatabaseUrl, String> {
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
+        let file = rest.split('?').next().unwrap_or_default();
+        if file.is_empty() {
+            return Err(format!("{url:?} names no database file"));
+        }
+        return Ok(DatabaseUrl::Sqlite(resolve(base, file)));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err("PostgreSQL is not supported by this build yet; use a sqlite:// URL".into());
+    }
+    Err(format!("{:?} is not a sqlite:// URL", redact_url(url)))
+}
+
+/// Drops any password from a URL before it is shown to anyone.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***{}", &url[..scheme_end], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

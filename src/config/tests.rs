@@ -1,0 +1,60 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("/etc/gateway/gateway.toml"))
+}
+
+#[test]
+fn empty_file_gives_documented_defaults() {
+    let c = parse("").expect("defaults are valid");
+    assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9090");
+    assert_eq!(c.database.url, DatabaseUrl::Sqlite("/etc/gateway/gateway.db".into()));
+    assert_eq!(c.auth.access_token_ttl, Duration::from_secs(900));
+    assert_eq!(c.auth.refresh_token_ttl, Duration::from_secs(30 * 86400));
+    assert_eq!(c.auth.keys_dir, PathBuf::from("/etc/gateway/keys"));
+    assert_eq!(c.auth.argon2, Argon2Config { memory_kib: 19_456, iterations: 2, parallelism: 1 });
+    assert_eq!(c.auth.password_min_length, 15);
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let err = parse(
+        r#"
+        colour = "red"
+        [server]
+        listen = "nowhere"
+        [auth]
+        access_token_ttl = "banana"
+        lockout_threshold = 0
+        registration = "yes"
+        [auth.argon2]
+        memory_kib = "lots"
+        "#,
+    )
+    .expect_err("invalid");
+    let text = err.to_string();
+    for field in [
+        "colour: unknown key",
+        "server.listen",
+        "auth.access_token_ttl",
+        "auth.lockout_threshold",
+        "auth.registration",
+        "auth.argon2.memory_kib",
+    ] {
+        assert!(text.contains(field), "{field} missing from {text}");
+    }
+}
+
+#[test]
+fn absolute_sqlite_path_and_redacted_postgres_url() {
+    let c = parse("[database]\nurl = \"sqlite:///var/lib/gw.db\"").expect("valid");
+    assert_eq!(c.database.url, DatabaseUrl::Sqlite("/var/lib/gw.db".into()));
+    let err = parse("[database]\nurl = \"mysql://u:hunter2@db/x\"").expect_err("invalid");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+}
+
+#[test]
+fn syntax_errors_are_reported() {
+    assert!(matches!(parse("[server"), Err(ConfigError::Syntax { .. })));
+}

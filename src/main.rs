@@ -1,0 +1,19 @@
+//! The `gateway` binary: parse the command line, run it, map errors to an
+//! exit code. Everything else lives in the library.
+
+use clap::Parser as _;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = gateway::cli::Cli::parse();
+    let stdin = std::io::stdin();
+    let mut input = stdin.lock();
+    let mut out = std::io::stdout();
+    match gateway::cli::execute(cli, &mut input, &mut out).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
