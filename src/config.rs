@@ -6,12 +6,15 @@
 //! in one run. Relative paths resolve against the config file's folder, so
 //! the gateway behaves the same whatever directory it is started from.
 
+pub mod proxy;
 mod reader;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
+pub use proxy::{AuthMode, HeaderNames, ProxyConfig, RouteConfig, UpstreamSettings, UpstreamTarget};
 use reader::{Errors, Fields};
 
 /// The whole validated configuration.
@@ -24,11 +27,33 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
+    /// Routes and header names: the part a reload replaces.
+    pub proxy: ProxyConfig,
+    pub upstream: UpstreamSettings,
 }
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// Peers whose `X-Forwarded-*` headers are extended rather than replaced.
+    pub trusted_proxies: Vec<IpNet>,
+    pub tls: Option<TlsConfig>,
+    /// A client must send its whole request head within this (slowloris).
+    /// hyper runs the same timer while a kept-alive HTTP/1 connection waits
+    /// for its next request, so this is also the idle keep-alive timeout.
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted (431 past it).
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+}
+
+/// Certificate chain and private key (PEM) for the public listener.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -143,12 +168,12 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
     let database_t = root.table("database");
     let auth_t = root.table("auth");
     let log_t = root.table("log");
+    let headers_t = root.table("headers");
+    let upstream_t = root.table("upstream");
+    let routes_t = root.array_of_tables("routes");
     root.finish();
 
-    let mut f = Fields::new("server", server_t, errors);
-    let listen = f.socket_addr_or("listen", "127.0.0.1:8080");
-    f.finish();
-    let server = listen.map(|listen| ServerConfig { listen });
+    let server = build_server(server_t, base, errors);
 
     let mut f = Fields::new("admin", admin_t, errors);
     let admin_listen = f.socket_addr_or("listen", "127.0.0.1:9090");
@@ -176,6 +201,10 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
     };
     f.finish();
 
+    let headers = proxy::build_headers(headers_t, errors);
+    let routes = proxy::build_routes(routes_t, errors);
+    let upstream = proxy::build_upstream(upstream_t, base, errors);
+
     Some(Config {
         path: path.to_owned(),
         server: server?,
@@ -183,6 +212,57 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
         database: database?,
         auth,
         log: LogConfig { format },
+        proxy: ProxyConfig { routes, headers },
+        upstream,
+    })
+}
+
+fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<ServerConfig> {
+    let mut f = Fields::new("server", table, errors);
+    let listen = f.socket_addr_or("listen", "127.0.0.1:8080");
+    let mut trusted_proxies = Vec::new();
+    for text in f.string_list("trusted_proxies") {
+        match text.parse::<IpNet>().or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from)) {
+            Ok(net) => trusted_proxies.push(net),
+            Err(_) => f.error("trusted_proxies", format!("{text:?} is not a CIDR like \"10.0.0.0/8\"")),
+        }
+    }
+    let tls_t = f.table("tls");
+    let header_read_timeout = f.duration_or("header_read_timeout", "10s", Duration::from_millis(10));
+    let max_header_bytes = f.size_or("max_header_size", 16 << 10) as usize;
+    // hyper's HTTP/1 parser needs at least 8 KiB of buffer.
+    if !(8 << 10..=1 << 20).contains(&max_header_bytes) {
+        f.error("max_header_size", "must be between 8KiB and 1MiB");
+    }
+    let max_connections = f.int_or("max_connections", 10_000, 1, 10_000_000) as usize;
+    let shutdown_grace = f.duration_or("shutdown_grace", "30s", Duration::ZERO);
+    f.finish();
+    let tls = if tls_t.is_empty() {
+        None
+    } else {
+        let mut t = Fields::new("server.tls", tls_t, errors);
+        let cert = t.string("cert");
+        let key = t.string("key");
+        if cert.is_none() {
+            t.error("cert", "is required when [server.tls] is present");
+        }
+        if key.is_none() {
+            t.error("key", "is required when [server.tls] is present");
+        }
+        t.finish();
+        match (cert, key) {
+            (Some(cert), Some(key)) => Some(TlsConfig { cert: resolve(base, &cert), key: resolve(base, &key) }),
+            _ => None,
+        }
+    };
+    Some(ServerConfig {
+        listen: listen?,
+        trusted_proxies,
+        tls,
+        header_read_timeout,
+        max_header_bytes: max_header_bytes.clamp(8 << 10, 1 << 20),
+        max_connections,
+        shutdown_grace,
     })
 }
 

@@ -64,6 +64,69 @@ impl<'e> Fields<'e> {
         }
     }
 
+    /// An array of tables (`[[routes]]`); absent means empty.
+    pub fn array_of_tables(&mut self, key: &str) -> Vec<Table> {
+        match self.take(key) {
+            None => Vec::new(),
+            Some(Value::Array(items)) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (i, item) in items.into_iter().enumerate() {
+                    match item {
+                        Value::Table(t) => out.push(t),
+                        other => {
+                            self.error(&format!("{key}[{i}]"), format!("expected a table, found {}", other.type_str()));
+                        }
+                    }
+                }
+                out
+            }
+            Some(other) => {
+                self.error(key, format!("expected an array of tables, found {}", other.type_str()));
+                Vec::new()
+            }
+        }
+    }
+
+    /// A list of strings; absent means empty.
+    pub fn string_list(&mut self, key: &str) -> Vec<String> {
+        match self.take(key) {
+            None => Vec::new(),
+            Some(Value::Array(items)) => {
+                let mut out = Vec::with_capacity(items.len());
+                for item in items {
+                    match item {
+                        Value::String(s) => out.push(s),
+                        other => self.error(key, format!("expected strings, found {}", other.type_str())),
+                    }
+                }
+                out
+            }
+            Some(other) => {
+                self.error(key, format!("expected an array of strings, found {}", other.type_str()));
+                Vec::new()
+            }
+        }
+    }
+
+    /// A size in bytes: an integer, or a string like `"10MiB"`, `"512KiB"`, `"1MB"`.
+    pub fn size_or(&mut self, key: &str, default: u64) -> u64 {
+        match self.take(key) {
+            None => default,
+            Some(Value::Integer(n)) if n >= 0 => n as u64,
+            Some(Value::String(s)) => match parse_size(&s) {
+                Some(n) => n,
+                None => {
+                    self.error(key, format!("{s:?} is not a size like \"10MiB\" or 1048576"));
+                    default
+                }
+            },
+            Some(other) => {
+                self.error(key, format!("expected a size, found {}", other.type_str()));
+                default
+            }
+        }
+    }
+
     pub fn string(&mut self, key: &str) -> Option<String> {
         match self.take(key)? {
             Value::String(s) => Some(s),
@@ -140,4 +203,22 @@ impl<'e> Fields<'e> {
             errors.push(&name, "unknown key");
         }
     }
+}
+
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "kib" | "k" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" | "m" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" | "g" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }

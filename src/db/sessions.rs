@@ -198,7 +198,8 @@ impl Store {
 
     /// The user's sessions that are still open, newest first.
     pub async fn active_sessions(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Vec<Session>> {
-        let rows: Vec<(String, i64, i64, Option<String>, Option<String>)> = sqlx::query_as(
+        type Row = (String, i64, i64, Option<String>, Option<String>);
+        let rows: Vec<Row> = sqlx::query_as(
             "SELECT id, created_at, last_used_at, ip, user_agent FROM sessions
              WHERE tenant_id = ?1 AND user_id = ?2 AND revoked_at IS NULL
              ORDER BY created_at DESC, id",

@@ -1,0 +1,284 @@
+//! The reloadable part of the configuration: routes and header names.
+//!
+//! These are re-read on SIGHUP or when the file changes; everything else
+//! (listeners, database, keys directory) needs a restart.
+
+use std::path::Path;
+use std::time::Duration;
+
+use hyper::header::HeaderName;
+use hyper::http::uri::{Authority, Scheme};
+use hyper::Uri;
+
+use super::reader::{Errors, Fields};
+use crate::auth::service::validate_name;
+
+/// Routes and header settings, swapped atomically on reload.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub routes: Vec<RouteConfig>,
+    pub headers: HeaderNames,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// A valid, unrevoked access token is required.
+    Required,
+    /// No token needed; identity headers are still stripped, never injected.
+    Public,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Normalised, no trailing '/' (except the root route "/").
+    pub prefix: String,
+    /// Lower-case, without port or trailing dot.
+    pub host: Option<String>,
+    pub upstreams: Vec<UpstreamTarget>,
+    pub auth: AuthMode,
+    /// The token must hold at least one of these (empty: no requirement).
+    pub roles: Vec<String>,
+    /// The token must hold all of these.
+    pub scopes: Vec<String>,
+    /// Tenant slugs allowed (empty: any).
+    pub tenants: Vec<String>,
+    pub strip_prefix: bool,
+    /// Deadline for the upstream's response head.
+    pub timeout: Duration,
+    pub preserve_host: bool,
+    /// Request body limit in bytes (413 past it).
+    pub max_body: u64,
+    /// Whether `Upgrade: websocket` requests are forwarded.
+    pub websocket: bool,
+}
+
+/// One upstream base URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTarget {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// A path prefix on the upstream ("" or "/base", no trailing '/').
+    pub base_path: String,
+}
+
+impl std::fmt::Display for UpstreamTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+}
+
+/// The names of the headers the gateway injects, and those it strips.
+#[derive(Debug, Clone)]
+pub struct HeaderNames {
+    pub user_id: HeaderName,
+    pub tenant_id: HeaderName,
+    pub roles: HeaderName,
+    pub scopes: HeaderName,
+    pub session_id: HeaderName,
+    pub request_id: HeaderName,
+    /// Every reserved name, lower-case with `_` and `.` mapped to `-`.
+    pub reserved: Vec<String>,
+}
+
+/// The identity headers stripped from every request whatever `[headers]` says.
+pub const DEFAULT_RESERVED: [&str; 5] = ["x-user-id", "x-tenant-id", "x-user-roles", "x-user-scopes", "x-session-id"];
+
+/// Lower-cases and maps `_` and `.` to `-`, the way some servers and CGI
+/// gateways fold header names, so `X_User_Id` cannot slip through.
+pub fn fold_header_name(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'_' | b'.' => '-',
+            b => b.to_ascii_lowercase() as char,
+        })
+        .collect()
+}
+
+pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNames {
+    let mut f = Fields::new("headers", table, errors);
+    let name = |f: &mut Fields<'_>, key: &str, default: &'static str| {
+        let text = f.string_or(key, default);
+        HeaderName::from_bytes(text.as_bytes()).unwrap_or_else(|_| {
+            f.error(key, format!("{text:?} is not a valid header name"));
+            HeaderName::from_static(default)
+        })
+    };
+    let user_id = name(&mut f, "user_id", "x-user-id");
+    let tenant_id = name(&mut f, "tenant_id", "x-tenant-id");
+    let roles = name(&mut f, "roles", "x-user-roles");
+    let scopes = name(&mut f, "scopes", "x-user-scopes");
+    let session_id = name(&mut f, "session_id", "x-session-id");
+    let request_id = name(&mut f, "request_id", "x-request-id");
+    let extra = f.string_list("reserved");
+    for e in &extra {
+        if HeaderName::from_bytes(e.as_bytes()).is_err() {
+            f.error("reserved", format!("{e:?} is not a valid header name"));
+        }
+    }
+    f.finish();
+    let mut reserved: Vec<String> = DEFAULT_RESERVED.iter().map(|s| (*s).to_owned()).collect();
+    for n in [&user_id, &tenant_id, &roles, &scopes, &session_id] {
+        reserved.push(fold_header_name(n.as_str()));
+    }
+    reserved.extend(extra.iter().map(|e| fold_header_name(e)));
+    reserved.sort();
+    reserved.dedup();
+    HeaderNames { user_id, tenant_id, roles, scopes, session_id, request_id, reserved }
+}
+
+pub(super) fn build_routes(tables: Vec<toml::Table>, errors: &mut Errors) -> Vec<RouteConfig> {
+    let mut routes: Vec<RouteConfig> = Vec::with_capacity(tables.len());
+    for (i, table) in tables.into_iter().enumerate() {
+        let mut f = Fields::new(&format!("routes[{i}]"), table, errors);
+        if let Some(route) = build_route(&mut f) {
+            if routes.iter().any(|r| r.name == route.name) {
+                f.error("name", format!("{:?} is used by another route", route.name));
+            } else if routes.iter().any(|r| r.prefix == route.prefix && r.host == route.host) {
+                f.error("prefix", format!("{:?} is already routed for this host", route.prefix));
+            } else {
+                routes.push(route);
+            }
+        }
+        f.finish();
+    }
+    routes
+}
+
+fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
+    let name = f.string("name");
+    match &name {
+        None => f.error("name", "is required"),
+        Some(n)
+            if n.is_empty() || n.len() > 64 || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
+        {
+            f.error("name", format!("{n:?} must be 1-64 of A-Z a-z 0-9 - _ ."));
+        }
+        Some(_) => {}
+    }
+    let prefix = f.string("prefix");
+    let prefix = match prefix {
+        None => {
+            f.error("prefix", "is required");
+            None
+        }
+        Some(p) => match crate::proxy::path::normalize(&p) {
+            Ok(norm) => {
+                let norm = if norm.len() > 1 { norm.trim_end_matches('/').to_owned() } else { norm };
+                let plain = if p.len() > 1 { p.trim_end_matches('/') } else { &p };
+                if norm != plain {
+                    f.error("prefix", format!("{p:?} is not a normalised path (did you mean {norm:?}?)"));
+                }
+                Some(norm)
+            }
+            Err(e) => {
+                f.error("prefix", format!("{p:?}: {e}"));
+                None
+            }
+        },
+    };
+    let host = f.string("host").and_then(|h| {
+        let h = h.trim_end_matches('.').to_ascii_lowercase();
+        if h.is_empty() || h.contains([':', '/', ' ']) || h.parse::<Authority>().is_err() {
+            f.error("host", format!("{h:?} is not a host name (no port, no scheme)"));
+            None
+        } else {
+            Some(h)
+        }
+    });
+    let upstream_texts = f.string_list("upstreams");
+    if upstream_texts.is_empty() {
+        f.error("upstreams", "needs at least one URL");
+    }
+    let mut upstreams = Vec::new();
+    for text in &upstream_texts {
+        match parse_upstream(text) {
+            Ok(u) => upstreams.push(u),
+            Err(e) => f.error("upstreams", format!("{text:?}: {e}")),
+        }
+    }
+    let auth = match f.string_or("auth", "required").as_str() {
+        "required" => AuthMode::Required,
+        "public" => AuthMode::Public,
+        other => {
+            f.error("auth", format!("{other:?} is not \"required\" or \"public\""));
+            AuthMode::Required
+        }
+    };
+    let roles = f.string_list("roles");
+    let scopes = f.string_list("scopes");
+    let tenants = f.string_list("tenants");
+    for (key, list) in [("roles", &roles), ("scopes", &scopes), ("tenants", &tenants)] {
+        for item in list {
+            if let Err(e) = validate_name(item) {
+                f.error(key, e);
+            }
+        }
+    }
+    if auth == AuthMode::Public && !(roles.is_empty() && scopes.is_empty() && tenants.is_empty()) {
+        f.error("auth", "a public route cannot require roles, scopes or tenants");
+    }
+    let strip_prefix = f.bool_or("strip_prefix", false);
+    let timeout = f.duration_or("timeout", "30s", Duration::from_millis(1));
+    let preserve_host = f.bool_or("preserve_host", false);
+    let max_body = f.size_or("max_body", 10 << 20);
+    let websocket = f.bool_or("websocket", true);
+    Some(RouteConfig {
+        name: name?,
+        prefix: prefix?,
+        host,
+        upstreams,
+        auth,
+        roles,
+        scopes,
+        tenants,
+        strip_prefix,
+        timeout,
+        preserve_host,
+        max_body,
+        websocket,
+    })
+}
+
+fn parse_upstream(text: &str) -> Result<UpstreamTarget, String> {
+    let uri: Uri = text.parse().map_err(|e| format!("not a URL ({e})"))?;
+    let scheme = uri.scheme().cloned().ok_or("needs http:// or https://")?;
+    if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+        return Err("the scheme must be http or https".into());
+    }
+    let authority = uri.authority().cloned().ok_or("needs a host")?;
+    if authority.as_str().contains('@') {
+        return Err("credentials in upstream URLs are not supported".into());
+    }
+    if uri.query().is_some() {
+        return Err("an upstream URL cannot have a query".into());
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    Ok(UpstreamTarget { scheme, authority, base_path })
+}
+
+/// Settings of the upstream HTTP client.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub connect_timeout: Duration,
+    /// Must be shorter than the upstreams' own keep-alive timeout.
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    /// How long an upstream that refused a connection is skipped.
+    pub cooldown: Duration,
+    /// Extra CA certificates (PEM) trusted for https upstreams.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+pub(super) fn build_upstream(table: toml::Table, base: &Path, errors: &mut Errors) -> UpstreamSettings {
+    let mut f = Fields::new("upstream", table, errors);
+    let s = UpstreamSettings {
+        connect_timeout: f.duration_or("connect_timeout", "5s", Duration::from_millis(1)),
+        pool_idle_timeout: f.duration_or("pool_idle_timeout", "30s", Duration::from_millis(1)),
+        pool_max_idle_per_host: f.int_or("pool_max_idle_per_host", 64, 0, 100_000) as usize,
+        cooldown: f.duration_or("cooldown", "5s", Duration::ZERO),
+        ca_file: f.string("ca_file").map(|p| super::resolve(base, &p)),
+    };
+    f.finish();
+    s
+}

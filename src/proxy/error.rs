@@ -1,0 +1,80 @@
+//! The proxy's error: what went wrong, whose fault it was, and the answer.
+//!
+//! Client faults are 4xx with a JSON `error` code; upstream faults are 502 or
+//! 504; the body never names internal details.
+
+use hyper::header::{HeaderValue, WWW_AUTHENTICATE};
+use hyper::{Response, StatusCode};
+
+use super::path::PathError;
+use crate::auth::token::TokenError;
+use crate::body::{json_error, Body};
+
+/// Who caused a failure (for logs and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    Upstream,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches")]
+    NoRoute,
+    #[error("{0}")]
+    BadPath(PathError),
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("a bearer access token is required")]
+    MissingToken,
+    #[error("the access token is invalid, expired or revoked")]
+    InvalidToken(TokenError),
+    #[error("this route does not allow the caller")]
+    Forbidden,
+    #[error("the access token lacks a required scope")]
+    InsufficientScope,
+    #[error("the request body is too large")]
+    PayloadTooLarge,
+    #[error("the upstream could not be reached")]
+    BadGateway(&'static str),
+    #[error("the upstream did not answer in time")]
+    GatewayTimeout,
+}
+
+impl ProxyError {
+    pub fn fault(&self) -> Fault {
+        match self {
+            ProxyError::BadGateway(_) | ProxyError::GatewayTimeout => Fault::Upstream,
+            _ => Fault::Client,
+        }
+    }
+
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ProxyError::NoRoute => (StatusCode::NOT_FOUND, "not_found"),
+            ProxyError::BadPath(_) | ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ProxyError::MissingToken => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ProxyError::InvalidToken(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
+            ProxyError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            ProxyError::InsufficientScope => (StatusCode::FORBIDDEN, "insufficient_scope"),
+            ProxyError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ProxyError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
+            ProxyError::GatewayTimeout => (StatusCode::GATEWAY_TIMEOUT, "gateway_timeout"),
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let (status, code) = self.status_and_code();
+        let mut response = json_error(status, code, &self.to_string());
+        let challenge = match self {
+            ProxyError::MissingToken => Some("Bearer"),
+            ProxyError::InvalidToken(_) => Some("Bearer error=\"invalid_token\""),
+            ProxyError::InsufficientScope => Some("Bearer error=\"insufficient_scope\""),
+            _ => None,
+        };
+        if let Some(c) = challenge {
+            response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static(c));
+        }
+        response
+    }
+}

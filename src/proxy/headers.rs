@@ -1,0 +1,155 @@
+//! Header hygiene: what is removed from requests and responses, and what the
+//! gateway adds.
+//!
+//! Order matters and is fixed by [`prepare_request`]: first everything a
+//! client could use to impersonate someone (reserved identity names, in any
+//! spelling `_`/`.`/case), hop-by-hop headers and whatever `Connection`
+//! nominates; only then the gateway's own headers. So `Connection: X-User-Id`
+//! cannot remove an injected header, and no spelling of a reserved name
+//! reaches the upstream.
+
+use std::net::IpAddr;
+
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::HeaderNames;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones proxies drop.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// True when the request asks for a WebSocket upgrade.
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let upgrade = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket"))));
+    upgrade && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers and those nominated by `Connection`.
+/// With `keep_upgrade`, `Upgrade` survives and `Connection: upgrade` is restored.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let nominated: Vec<HeaderName> =
+        connection_tokens(headers).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect();
+    for name in nominated {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(&name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Removes every header whose folded name is reserved (identity headers).
+pub fn strip_reserved(headers: &mut HeaderMap, names: &HeaderNames) {
+    // Compared byte by byte, folding on the fly: no allocation per header.
+    let doomed: Vec<HeaderName> =
+        headers.keys().filter(|k| names.reserved.iter().any(|r| folded_eq(k.as_str(), r))).cloned().collect();
+    for name in doomed {
+        headers.remove(&name);
+    }
+}
+
+/// `fold_header_name(name) == folded`, without allocating.
+fn folded_eq(name: &str, folded: &str) -> bool {
+    name.len() == folded.len()
+        && name.bytes().zip(folded.bytes()).all(|(a, b)| {
+            let a = match a {
+                b'_' | b'.' => b'-',
+                a => a.to_ascii_lowercase(),
+            };
+            a == b
+        })
+}
+
+/// The pre-rendered identity header values of one verified token.
+#[derive(Debug, Clone)]
+pub struct IdentityHeaders {
+    pub user_id: HeaderValue,
+    pub tenant_id: HeaderValue,
+    pub roles: HeaderValue,
+    pub scopes: HeaderValue,
+    pub session_id: HeaderValue,
+}
+
+/// Adds the identity headers (after stripping: they cannot be removed).
+pub fn inject_identity(headers: &mut HeaderMap, names: &HeaderNames, id: &IdentityHeaders) {
+    headers.insert(names.user_id.clone(), id.user_id.clone());
+    headers.insert(names.tenant_id.clone(), id.tenant_id.clone());
+    headers.insert(names.roles.clone(), id.roles.clone());
+    headers.insert(names.scopes.clone(), id.scopes.clone());
+    headers.insert(names.session_id.clone(), id.session_id.clone());
+}
+
+/// A client's request id is kept only when it is a short token of safe
+/// characters; anything else is replaced by a fresh UUID.
+pub fn request_id(headers: &HeaderMap, name: &HeaderName) -> HeaderValue {
+    let mut values = headers.get_all(name).iter();
+    if let (Some(v), None) = (values.next(), values.next()) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c)) {
+            return v.clone();
+        }
+    }
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(text).unwrap_or(HeaderValue::from_static("invalid"))
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Sets `X-Forwarded-For/-Proto/-Host`. From a trusted proxy the client's
+/// chain is extended; from anyone else it is replaced.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted: bool, https: bool, host: Option<&HeaderValue>) {
+    let peer_text = peer.to_string();
+    let xff = if trusted {
+        let previous: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+        if previous.is_empty() {
+            peer_text
+        } else {
+            format!("{}, {peer_text}", previous.join(", "))
+        }
+    } else {
+        peer_text
+    };
+    let keep_proto_host = trusted && headers.contains_key(&X_FORWARDED_PROTO);
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    if !keep_proto_host {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if https { "https" } else { "http" }));
+        headers.remove(&X_FORWARDED_HOST);
+        if let Some(h) = host {
+            headers.insert(X_FORWARDED_HOST, h.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

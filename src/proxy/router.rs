@@ -1,0 +1,224 @@
+//! The route table: host + longest segment-aware prefix.
+//!
+//! Built once per config (re)load and swapped atomically; matching is a
+//! linear scan over routes pre-sorted so that the first hit is the answer:
+//! host-specific routes before host-less ones, longer prefixes first. For the
+//! tens of routes a gateway has this beats any index, and allocates nothing.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{HeaderNames, ProxyConfig, RouteConfig, UpstreamTarget};
+
+/// A configured route plus its run-time state (round-robin position and the
+/// cool-down of upstreams that refused connections).
+#[derive(Debug)]
+pub struct Route {
+    pub config: RouteConfig,
+    next: AtomicUsize,
+    /// Per upstream: milliseconds since `epoch` until which it is skipped.
+    cooldown_until: Vec<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Route {
+    fn new(config: RouteConfig) -> Self {
+        let cooldown_until = config.upstreams.iter().map(|_| AtomicU64::new(0)).collect();
+        Self { config, next: AtomicUsize::new(0), cooldown_until, epoch: Instant::now() }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The next upstream in round-robin order, skipping those cooling down
+    /// (unless all are). Returns its index.
+    pub fn pick(&self) -> usize {
+        let n = self.config.upstreams.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let now = self.now_ms();
+        (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| self.cooldown_until[i].load(Ordering::Relaxed) <= now)
+            .unwrap_or(start)
+    }
+
+    /// The upstream after `i` that is not cooling down, if any.
+    pub fn next_after(&self, i: usize) -> Option<usize> {
+        let n = self.config.upstreams.len();
+        let now = self.now_ms();
+        (1..n).map(|k| (i + k) % n).find(|&j| self.cooldown_until[j].load(Ordering::Relaxed) <= now)
+    }
+
+    /// Skips upstream `i` for `cooldown`.
+    pub fn cool_down(&self, i: usize, cooldown: Duration) {
+        let until = self.now_ms().saturating_add(u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX));
+        self.cooldown_until[i].store(until, Ordering::Relaxed);
+    }
+
+    pub fn upstream(&self, i: usize) -> &UpstreamTarget {
+        &self.config.upstreams[i]
+    }
+
+    /// The path to send upstream for the normalised request `path`.
+    pub fn upstream_path(&self, i: usize, path: &str) -> String {
+        let rest = if self.config.strip_prefix && self.config.prefix != "/" {
+            let r = &path[self.config.prefix.len()..];
+            if r.is_empty() {
+                "/"
+            } else {
+                r
+            }
+        } else {
+            path
+        };
+        let base = &self.config.upstreams[i].base_path;
+        let mut out = String::with_capacity(base.len() + rest.len());
+        out.push_str(base);
+        out.push_str(rest);
+        out
+    }
+}
+
+/// Routes and header names of one configuration generation.
+#[derive(Debug)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+    pub headers: HeaderNames,
+}
+
+impl RouteTable {
+    pub fn new(config: ProxyConfig) -> Self {
+        let mut routes: Vec<Arc<Route>> = config.routes.into_iter().map(|r| Arc::new(Route::new(r))).collect();
+        routes.sort_by(|a, b| {
+            b.config
+                .host
+                .is_some()
+                .cmp(&a.config.host.is_some())
+                .then(b.config.prefix.len().cmp(&a.config.prefix.len()))
+        });
+        Self { routes, headers: config.headers }
+    }
+
+    /// The route for `host` (without port; any case) and a normalised path.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| {
+            let host_ok = match (&r.config.host, host) {
+                (None, _) => true,
+                (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
+                (Some(_), None) => false,
+            };
+            host_ok && prefix_matches(&r.config.prefix, path)
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+/// Segment-aware: `/api/orders` matches `/api/orders` and `/api/orders/7`,
+/// not `/api/ordersx`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// The request's host, lower-case, without port or trailing dot.
+pub fn normalize_host(raw: &str) -> &str {
+    let without_port = if raw.starts_with('[') {
+        // IPv6 literal: keep the brackets, drop ":port" after them.
+        raw.find(']').map_or(raw, |end| &raw[..=end])
+    } else {
+        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
+    };
+    without_port.trim_end_matches('.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn table(routes: &str) -> RouteTable {
+        let config = Config::parse(routes, std::path::Path::new("/tmp/gateway.toml")).expect("valid config");
+        RouteTable::new(config.proxy)
+    }
+
+    const ROUTES: &str = r#"
+        [[routes]]
+        name = "root"
+        prefix = "/"
+        upstreams = ["http://127.0.0.1:1"]
+        auth = "public"
+        [[routes]]
+        name = "api"
+        prefix = "/api"
+        upstreams = ["http://127.0.0.1:2"]
+        [[routes]]
+        name = "orders"
+        prefix = "/api/orders"
+        upstreams = ["http://127.0.0.1:3/base"]
+        strip_prefix = true
+        [[routes]]
+        name = "orders-host"
+        prefix = "/api"
+        host = "API.example.com."
+        upstreams = ["http://127.0.0.1:4"]
+    "#;
+
+    #[test]
+    fn longest_segment_prefix_and_host_first() {
+        let t = table(ROUTES);
+        let name = |host: Option<&str>, path: &str| t.find(host, path).map(|r| r.config.name.clone());
+        assert_eq!(name(None, "/api/orders/7").as_deref(), Some("orders"));
+        assert_eq!(name(None, "/api/orders").as_deref(), Some("orders"));
+        assert_eq!(name(None, "/api/ordersx").as_deref(), Some("api"));
+        assert_eq!(name(None, "/apix").as_deref(), Some("root"));
+        assert_eq!(name(Some("api.example.com"), "/api/orders/7").as_deref(), Some("orders-host"));
+        assert_eq!(name(Some("other.example.com"), "/api/orders/7").as_deref(), Some("orders"));
+    }
+
+    #[test]
+    fn strip_prefix_and_base_path() {
+        let t = table(ROUTES);
+        let r = t.find(None, "/api/orders/7").expect("route");
+        assert_eq!(r.upstream_path(0, "/api/orders/7"), "/base/7");
+        assert_eq!(r.upstream_path(0, "/api/orders"), "/base/");
+    }
+
+    #[test]
+    fn hosts_normalise() {
+        assert_eq!(normalize_host("example.com:8080"), "example.com");
+        assert_eq!(normalize_host("example.com."), "example.com");
+        assert_eq!(normalize_host("[::1]:80"), "[::1]");
+    }
+
+    #[test]
+    fn round_robin_skips_cooling_upstreams() {
+        let t = table(
+            r#"
+            [[routes]]
+            name = "rr"
+            prefix = "/"
+            upstreams = ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"]
+            "#,
+        );
+        let r = t.find(None, "/").expect("route");
+        assert_eq!((r.pick(), r.pick(), r.pick(), r.pick()), (0, 1, 2, 0));
+        r.cool_down(2, Duration::from_secs(60));
+        let picks: Vec<usize> = (0..6).map(|_| r.pick()).collect();
+        assert!(!picks.contains(&2), "{picks:?}");
+        assert_eq!(r.next_after(1), Some(0));
+    }
+}
