@@ -8,9 +8,11 @@
 
 use std::future::IntoFuture as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -24,10 +26,22 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::db::audit::NewAuditEvent;
 use crate::db::{secs, unix_now, Store};
+use crate::proxy::identity::IdentityCache;
+use crate::proxy::router::RouteTable;
+use crate::proxy::tenants::TenantDirectory;
+use crate::proxy::upstream::UpstreamClient;
+use crate::proxy::Proxy;
+use crate::server::Reloader;
+
+/// Verified access tokens kept by the proxy (each a few hundred bytes).
+const IDENTITY_CACHE_CAPACITY: u64 = 100_000;
 
 pub struct App {
     config: Config,
     service: AuthService,
+    proxy: Arc<Proxy>,
+    reloader: Reloader,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     public: TcpListener,
     admin: TcpListener,
     metrics: PrometheusHandle,
@@ -58,7 +72,31 @@ impl App {
         revocations.load_since(&store, unix_now() - secs(horizon) - 10).await?;
         let rules = TokenRules::new(&config.auth.issuer, &config.auth.audience, config.auth.leeway.as_secs());
         let authenticator = Authenticator::new(keys, rules, revocations);
-        let service = AuthService::new(store, hasher, authenticator, config.auth.clone());
+        let service = AuthService::new(store.clone(), hasher, authenticator.clone(), config.auth.clone());
+
+        let tenants = TenantDirectory::default();
+        tenants.refresh(&store).await?;
+        let routes = Arc::new(ArcSwap::from_pointee(RouteTable::new(config.proxy.clone())));
+        let identities = IdentityCache::new(IDENTITY_CACHE_CAPACITY, config.auth.leeway);
+        let tls = config.server.tls.as_ref().map(crate::server::tls::acceptor).transpose()?;
+        let proxy = Arc::new(Proxy {
+            routes: Arc::clone(&routes),
+            api: crate::api::router(service.clone()),
+            authenticator: authenticator.clone(),
+            identities: identities.clone(),
+            tenants,
+            client: UpstreamClient::new(&config.upstream).context("building the upstream client")?,
+            cooldown: config.upstream.cooldown,
+            trusted_proxies: config.server.trusted_proxies.clone(),
+            access_log: config.log.access,
+        });
+        let reloader = Reloader {
+            path: config.path.clone(),
+            keys_dir: config.auth.keys_dir.clone(),
+            routes,
+            authenticator,
+            identities,
+        };
 
         let public = TcpListener::bind(config.server.listen)
             .await
@@ -66,7 +104,7 @@ impl App {
         let admin = TcpListener::bind(config.admin.listen)
             .await
             .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
-        Ok(App { config, service, public, admin, metrics })
+        Ok(App { config, service, proxy, reloader, tls, public, admin, metrics })
     }
 
     pub fn public_addr(&self) -> SocketAddr {
@@ -81,9 +119,15 @@ impl App {
         &self.service
     }
 
+    /// Reloads routes (and, on demand, keys) of the running app.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
     /// Serves until `shutdown` resolves, then drains and returns.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_rx_public = stop_rx.clone();
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
@@ -121,16 +165,33 @@ impl App {
             }
         });
 
-        let public_app = crate::api::router(self.service.clone());
-        let public = axum::serve(self.public, public_app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(stopped());
+        let tenants = self.proxy.tenants.clone();
+        let tenants_store = store.clone();
+        let tenants_every = auth.revocation_poll;
+        let tenants_stop = stopped();
+        let directory = tokio::spawn(async move {
+            tokio::pin!(tenants_stop);
+            loop {
+                tokio::select! {
+                    () = &mut tenants_stop => return,
+                    () = tokio::time::sleep(tenants_every) => {
+                        if let Err(e) = tenants.refresh(&tenants_store).await {
+                            tracing::warn!(error = %e, "tenant directory refresh failed");
+                        }
+                    }
+                }
+            }
+        });
+        let watcher = tokio::spawn(self.reloader.clone().watch(Duration::from_secs(1), stopped()));
+
+        let public =
+            crate::server::serve_public(self.public, self.tls, self.proxy, &self.config.server, stop_rx_public);
         let admin_app = crate::admin::router(self.service.clone(), self.metrics.clone());
         let admin = axum::serve(self.admin, admin_app).with_graceful_shutdown(stopped());
-        let (public, admin) = tokio::join!(public.into_future(), admin.into_future());
-        let _ = tokio::join!(poller, upkeep);
+        let ((), admin) = tokio::join!(public, admin.into_future());
+        let _ = tokio::join!(poller, upkeep, directory, watcher);
         store.close().await;
         tracing::info!("gateway stopped");
-        public.context("public listener")?;
         admin.context("admin listener")?;
         Ok(())
     }

@@ -105,6 +105,8 @@ pub struct Argon2Config {
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     pub format: LogFormat,
+    /// One line per proxied request (target `gateway::access`).
+    pub access: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +201,7 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
             LogFormat::Text
         }
     };
+    let access = f.bool_or("access", true);
     f.finish();
 
     let headers = proxy::build_headers(headers_t, errors);
@@ -211,7 +214,7 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
         admin: admin?,
         database: database?,
         auth,
-        log: LogConfig { format },
+        log: LogConfig { format, access },
         proxy: ProxyConfig { routes, headers },
         upstream,
     })

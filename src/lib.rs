@@ -35,3 +35,4 @@ pub mod config;
 pub mod db;
 pub mod observability;
 pub mod proxy;
+pub mod server;

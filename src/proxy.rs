@@ -1,5 +1,27 @@
-//! The reverse proxy: every request that is not for the gateway's own API.
-//! (Filled in below.)
+//! The public listener's request handling: the gateway's own API, and the
+//! reverse proxy for everything else.
+//!
+//! A request goes through these phases, in this order ([`Proxy::serve`]):
+//!
+//! 1. **Normalise** the path once ([`path`]); a path that could be read two
+//!    ways is a 400. `/auth/*` and the JWKS go to the API router (on the
+//!    normalised path); everything else is proxied.
+//! 2. **Route**: host + longest segment prefix ([`router`]); none → 404.
+//! 3. **Strip** hop-by-hop headers, what `Connection` nominates, and every
+//!    spelling of a reserved identity header ([`headers`]) — before anything
+//!    is added, on public and required routes alike.
+//! 4. **Authenticate** (required routes): the bearer token, verified through
+//!    the cache in [`identity`] and always checked against revocation.
+//! 5. **Authorise** against the route's tenants, roles and scopes ([`policy`]).
+//! 6. **Inject** identity, request id and `X-Forwarded-*`.
+//! 7. **Forward** through the pooled client ([`upstream`]), streaming both
+//!    bodies; round-robin, cool-down and one retry for idempotent requests
+//!    whose connection was refused; 502/504 on failure.
+//! 8. **Respond**: strip hop-by-hop headers (or splice a WebSocket), add the
+//!    request id, count, time and log the request.
+//!
+//! Steps 1–6 do no database I/O and no blocking work.
+
 pub mod error;
 pub mod headers;
 pub mod identity;
@@ -7,3 +29,343 @@ pub mod path;
 pub mod policy;
 pub mod router;
 pub mod tenants;
+pub mod upstream;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use axum::extract::ConnectInfo;
+use http_body_util::{BodyExt as _, Limited};
+use hyper::body::{Body as _, Incoming};
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, HOST};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+use ipnet::IpNet;
+use tower::ServiceExt as _;
+
+use crate::auth::token::TokenError;
+use crate::auth::Authenticator;
+use crate::body::Body;
+use crate::config::AuthMode;
+use error::ProxyError;
+use identity::{Identity, IdentityCache};
+use router::{Route, RouteTable};
+use tenants::TenantDirectory;
+use upstream::UpstreamClient;
+
+/// How the request arrived.
+#[derive(Debug, Clone, Copy)]
+pub struct Conn {
+    pub peer: SocketAddr,
+    pub https: bool,
+}
+
+/// Everything the public listener needs to answer a request.
+pub struct Proxy {
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    pub api: axum::Router,
+    pub authenticator: Authenticator,
+    pub identities: IdentityCache,
+    pub tenants: TenantDirectory,
+    pub client: UpstreamClient,
+    pub cooldown: Duration,
+    pub trusted_proxies: Vec<IpNet>,
+    pub access_log: bool,
+}
+
+/// What the access log and metrics record about one request.
+struct Outcome {
+    route: Option<Arc<Route>>,
+    user: Option<uuid::Uuid>,
+    upstream: Option<usize>,
+}
+
+impl Proxy {
+    /// Answers one request from the public listener. Never fails: every
+    /// error becomes a JSON response.
+    pub async fn serve(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        let started = Instant::now();
+        let path = match path::normalize(req.uri().path()) {
+            Ok(p) => p,
+            Err(e) => {
+                let table = self.routes.load();
+                let id = headers::request_id(req.headers(), &table.headers.request_id);
+                let mut response = ProxyError::BadPath(e).into_response();
+                response.headers_mut().insert(table.headers.request_id.clone(), id);
+                return response;
+            }
+        };
+        if is_api(&path) {
+            return self.serve_api(req, &path, conn).await;
+        }
+
+        let table = self.routes.load_full();
+        let request_id = headers::request_id(req.headers(), &table.headers.request_id);
+        let method = req.method().clone();
+        let mut outcome = Outcome { route: None, user: None, upstream: None };
+        let result = self.forward(&table, req, &path, conn, &request_id, &mut outcome).await;
+        let mut response = result.unwrap_or_else(|e| {
+            match &e {
+                ProxyError::InvalidToken(reason) => {
+                    metrics::counter!("gateway_auth_failures_total", "reason" => reason.reason()).increment(1);
+                }
+                ProxyError::MissingToken => {
+                    metrics::counter!("gateway_auth_failures_total", "reason" => "missing").increment(1);
+                }
+                _ => {}
+            }
+            e.into_response()
+        });
+        response.headers_mut().insert(table.headers.request_id.clone(), request_id.clone());
+
+        let status = response.status();
+        let route_name = outcome.route.as_ref().map_or("none", |r| r.config.name.as_str());
+        let elapsed = started.elapsed();
+        metrics::counter!("gateway_requests_total", "route" => route_name.to_owned(), "status" => status.as_str().to_owned())
+            .increment(1);
+        metrics::histogram!("gateway_request_duration_seconds", "route" => route_name.to_owned())
+            .record(elapsed.as_secs_f64());
+        if self.access_log {
+            let upstream = outcome.route.as_ref().zip(outcome.upstream).map(|(r, i)| r.upstream(i).to_string());
+            tracing::info!(
+                target: "gateway::access",
+                request_id = request_id.to_str().unwrap_or("-"),
+                route = route_name,
+                method = %method,
+                path = %path,
+                status = status.as_u16(),
+                duration_us = elapsed.as_micros() as u64,
+                user_id = outcome.user.map(|u| u.to_string()),
+                upstream,
+            );
+        }
+        response
+    }
+
+    /// Hands `/auth/*` and the JWKS to the API router, on the normalised path.
+    async fn serve_api(&self, mut req: Request<Incoming>, path: &str, conn: Conn) -> Response<Body> {
+        let ip = self.client_ip(conn.peer.ip(), req.headers());
+        req.extensions_mut().insert(ConnectInfo(SocketAddr::new(ip, conn.peer.port())));
+        if req.uri().path() != path {
+            let pq = match req.uri().query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_owned(),
+            };
+            if let Ok(uri) = Uri::builder().path_and_query(pq).build() {
+                *req.uri_mut() = uri;
+            }
+        }
+        match self.api.clone().oneshot(req.map(Body::new)).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    }
+
+    /// The client's address: the peer, or, when the peer is a trusted proxy,
+    /// the right-most `X-Forwarded-For` entry that is not itself trusted.
+    fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.is_trusted(peer) {
+            return peer;
+        }
+        let hops = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+        let hops: Vec<IpAddr> = hops.filter_map(|h| h.trim().parse().ok()).collect();
+        hops.into_iter().rev().find(|ip| !self.is_trusted(*ip)).unwrap_or(peer)
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+
+    async fn forward(
+        &self,
+        table: &RouteTable,
+        mut req: Request<Incoming>,
+        path: &str,
+        conn: Conn,
+        request_id: &HeaderValue,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, ProxyError> {
+        let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().host());
+        let route = table.find(host.map(router::normalize_host), path).cloned().ok_or(ProxyError::NoRoute)?;
+        outcome.route = Some(Arc::clone(&route));
+        let cfg = &route.config;
+
+        // Strip: before anything is added, so nothing added can be removed.
+        let upgrade = cfg.websocket && headers::is_websocket_upgrade(req.headers());
+        headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+        headers::strip_reserved(req.headers_mut(), &table.headers);
+
+        // Authenticate and authorise.
+        let identity: Option<Arc<Identity>> = match cfg.auth {
+            AuthMode::Public => None,
+            AuthMode::Required => {
+                let id = self.authenticate(req.headers())?;
+                outcome.user = Some(id.principal.user_id);
+                policy::authorize(cfg, &id.principal, &self.tenants)?;
+                if !cfg.pass_token {
+                    req.headers_mut().remove(AUTHORIZATION);
+                }
+                Some(id)
+            }
+        };
+
+        // Inject.
+        let client_host = req
+            .headers()
+            .get(HOST)
+            .cloned()
+            .or_else(|| req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        let h = req.headers_mut();
+        if let Some(id) = &identity {
+            headers::inject_identity(h, &table.headers, &id.headers);
+        }
+        h.insert(table.headers.request_id.clone(), request_id.clone());
+        let peer = conn.peer.ip();
+        headers::set_forwarded(h, peer, self.is_trusted(peer), conn.https, client_host.as_ref());
+        if cfg.preserve_host {
+            if let Some(host) = client_host {
+                h.insert(HOST, host);
+            }
+        } else {
+            h.remove(HOST);
+        }
+
+        let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        if declared.is_some_and(|n: u64| n > cfg.max_body) {
+            return Err(ProxyError::PayloadTooLarge);
+        }
+
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let retryable = is_idempotent(&parts.method) && body.is_end_stream() && !upgrade;
+        let mut body = Some(body);
+        let mut index = route.pick();
+        for attempt in 0..2 {
+            outcome.upstream = Some(index);
+            let upstream_body = match body.take() {
+                Some(b) if !retryable => {
+                    Body::new(Limited::new(b, usize::try_from(cfg.max_body).unwrap_or(usize::MAX)))
+                }
+                _ => Body::empty(),
+            };
+            let uri = upstream_uri(&route, index, path, parts.uri.query())?;
+            let mut upstream_req = Request::new(upstream_body);
+            *upstream_req.method_mut() = parts.method.clone();
+            *upstream_req.uri_mut() = uri;
+            *upstream_req.version_mut() = Version::HTTP_11;
+            // Only a retryable first attempt needs to keep a copy for the retry.
+            *upstream_req.headers_mut() =
+                if retryable && attempt == 0 { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
+
+            let sent = Instant::now();
+            let result = tokio::time::timeout(cfg.timeout, self.client.send(upstream_req)).await;
+            metrics::histogram!("gateway_upstream_duration_seconds", "route" => cfg.name.clone())
+                .record(sent.elapsed().as_secs_f64());
+            match result {
+                Err(_) => {
+                    upstream_error(&cfg.name, "timeout");
+                    return Err(ProxyError::GatewayTimeout);
+                }
+                Ok(Ok(response)) => return Ok(respond(response, client_upgrade)),
+                Ok(Err(e)) if e.is_connect() => {
+                    upstream_error(&cfg.name, "connect");
+                    tracing::warn!(route = %cfg.name, upstream = %route.upstream(index), error = %e, "upstream refused");
+                    route.cool_down(index, self.cooldown);
+                    match route.next_after(index) {
+                        Some(next) if retryable && attempt == 0 => index = next,
+                        _ => return Err(ProxyError::BadGateway("connect")),
+                    }
+                }
+                Ok(Err(e)) => {
+                    if is_body_limit(&e) {
+                        return Err(ProxyError::PayloadTooLarge);
+                    }
+                    upstream_error(&cfg.name, "io");
+                    tracing::warn!(route = %cfg.name, upstream = %route.upstream(index), error = %e, "upstream failed");
+                    return Err(ProxyError::BadGateway("io"));
+                }
+            }
+        }
+        Err(ProxyError::BadGateway("connect"))
+    }
+
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Identity>, ProxyError> {
+        let mut values = headers.get_all(AUTHORIZATION).iter();
+        let value = values.next().ok_or(ProxyError::MissingToken)?;
+        if values.next().is_some() {
+            return Err(ProxyError::BadRequest("more than one Authorization header"));
+        }
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
+            .map(|(_, token)| token.trim())
+            .ok_or(ProxyError::InvalidToken(TokenError::Malformed))?;
+        self.identities.verify(&self.authenticator, token).map_err(ProxyError::InvalidToken)
+    }
+}
+
+fn upstream_error(route: &str, kind: &'static str) {
+    metrics::counter!("gateway_upstream_errors_total", "route" => route.to_owned(), "kind" => kind).increment(1);
+}
+
+/// `/auth`, `/auth/...` and the JWKS are the gateway's own.
+fn is_api(path: &str) -> bool {
+    path == "/.well-known/jwks.json" || path == "/auth" || path.starts_with("/auth/")
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+fn upstream_uri(route: &Route, index: usize, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+    let target = route.upstream(index);
+    let mut pq = route.upstream_path(index, path);
+    if let Some(q) = query {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    Uri::builder()
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))
+}
+
+/// Whether the upstream request failed because the client's body exceeded the route's limit.
+fn is_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Phase 8: the upstream's answer, made fit for the client.
+fn respond(mut response: Response<Incoming>, client_upgrade: Option<hyper::upgrade::OnUpgrade>) -> Response<Body> {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client) = client_upgrade {
+            let upstream = hyper::upgrade::on(&mut response);
+            tokio::spawn(async move {
+                match tokio::try_join!(client, upstream) {
+                    Ok((client, upstream)) => {
+                        let mut client = TokioIo::new(client);
+                        let mut upstream = TokioIo::new(upstream);
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+                }
+            });
+            return response.map(|b| Body::new(b.map_err(axum::Error::new)));
+        }
+    }
+    headers::strip_hop_by_hop(response.headers_mut(), false);
+    response.map(Body::new)
+}

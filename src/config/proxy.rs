@@ -51,6 +51,9 @@ pub struct RouteConfig {
     pub max_body: u64,
     /// Whether `Upgrade: websocket` requests are forwarded.
     pub websocket: bool,
+    /// Whether the client's `Authorization` header is forwarded on required
+    /// routes (default: removed, so backends never see bearer tokens).
+    pub pass_token: bool,
 }
 
 /// One upstream base URL.
@@ -223,6 +226,7 @@ fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
     let preserve_host = f.bool_or("preserve_host", false);
     let max_body = f.size_or("max_body", 10 << 20);
     let websocket = f.bool_or("websocket", true);
+    let pass_token = f.bool_or("pass_token", false);
     Some(RouteConfig {
         name: name?,
         prefix: prefix?,
@@ -237,6 +241,7 @@ fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
         preserve_host,
         max_body,
         websocket,
+        pass_token,
     })
 }
 

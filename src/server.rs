@@ -1,0 +1,123 @@
+//! The public listener: accept, TLS, HTTP/1.1 + HTTP/2, limits, graceful
+//! shutdown; and the reload of routes and keys ([`reload`]).
+//!
+//! Limits, and why they sit here rather than in a layer: the connection cap
+//! refuses a socket before any byte is read; hyper enforces the header read
+//! timeout (slowloris; also the idle keep-alive limit) and the header size
+//! (431) while parsing, before our code runs; malformed requests are
+//! answered 400 by hyper and the connection closes. Body limits are per
+//! route, so they live in the proxy.
+
+pub mod reload;
+pub mod tls;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+pub use reload::Reloader;
+
+use crate::config::ServerConfig;
+use crate::proxy::{Conn, Proxy};
+
+/// Serves the public listener until `shutdown` turns true, then stops
+/// accepting and waits up to `shutdown_grace` for open requests.
+pub async fn serve_public(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    proxy: Arc<Proxy>,
+    settings: &ServerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let handshake_timeout = settings.header_read_timeout;
+    let stop = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    tokio::pin!(stop);
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            metrics::counter!("gateway_connections_refused_total").increment(1);
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let watcher = graceful.watcher();
+        let builder = Arc::clone(&builder);
+        let proxy = Arc::clone(&proxy);
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tls {
+                None => serve_connection(&builder, watcher, stream, Conn { peer, https: false }, proxy).await,
+                Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        serve_connection(&builder, watcher, stream, Conn { peer, https: true }, proxy).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(settings.shutdown_grace) => {
+            tracing::warn!("shutdown grace period over; closing the remaining connections");
+        }
+    }
+}
+
+async fn serve_connection<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: I,
+    conn: Conn,
+    proxy: Arc<Proxy>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let proxy = Arc::clone(&proxy);
+        async move { Ok::<_, Infallible>(proxy.serve(req, conn).await) }
+    });
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(peer = %conn.peer, error = %e, "connection closed with an error");
+    }
+}
