@@ -207,7 +207,7 @@ async fn config_check_names_every_bad_field() {
     let dir = tempfile::tempdir().expect("create temp dir");
 
     // The valid config passes both ways.
-    let good = write_config(dir.path(), TestOptions::default());
+    let good = write_config(dir.path(), &TestOptions::default());
     if let Err(e) = gateway::config::Config::load(&good) {
         panic!("valid config rejected: {}", error_chain(&e));
     }
@@ -215,7 +215,7 @@ async fn config_check_names_every_bad_field() {
         .await
         .unwrap_or_else(|e| panic!("config check on a valid config failed: {e:#}"));
 
-    let valid = config_toml(TestOptions::default());
+    let valid = config_toml(&TestOptions::default());
     let bad_text = valid
         .replace(r#"access_token_ttl = "15m""#, r#"access_token_ttl = "banana""#)
         .replace("lockout_threshold = 5", "lockout_threshold = 0")

@@ -1,5 +1,6 @@
 //! Shared harness: one gateway per test, in its own temp dir, on ephemeral ports.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -14,13 +15,17 @@ use ed25519_dalek::SigningKey;
 use gateway::app::App;
 use gateway::cli::Cli;
 use gateway::config::Config;
+use gateway::server::Reloader;
 use reqwest::header::{RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Client, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tempfile::TempDir;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 /// A password that satisfies `password_min_length = 15`.
@@ -31,7 +36,7 @@ pub const OTHER_PASSWORD: &str = "purple monkey dishwasher sunrise";
 pub const WRONG_PASSWORD: &str = "definitely not the password";
 
 /// Knobs of the generated `gateway.toml`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TestOptions {
     pub registration: bool,
     pub access_token_ttl: &'static str,
@@ -40,6 +45,10 @@ pub struct TestOptions {
     pub lockout_threshold: u32,
     pub lockout_duration: &'static str,
     pub rate_limit_per_minute: u32,
+    /// Extra lines inside the `[server]` table, e.g. `trusted_proxies = ["127.0.0.1/32"]`.
+    pub server_extra: String,
+    /// Appended at the end of the file: `[[routes]]`, `[headers]`, `[upstream]`, `[server.tls]` tables.
+    pub extra: String,
 }
 
 impl Default for TestOptions {
@@ -52,7 +61,16 @@ impl Default for TestOptions {
             lockout_threshold: 5,
             lockout_duration: "15m",
             rate_limit_per_minute: 10_000,
+            server_extra: String::new(),
+            extra: String::new(),
         }
+    }
+}
+
+impl TestOptions {
+    /// Default options with `extra` appended to the file (routes and other tables).
+    pub fn with_extra(extra: impl Into<String>) -> Self {
+        Self { extra: extra.into(), ..Self::default() }
     }
 }
 
@@ -66,10 +84,11 @@ pub struct Tokens {
 }
 
 /// Text of a complete, valid `gateway.toml` for `opts`.
-pub fn config_toml(opts: TestOptions) -> String {
+pub fn config_toml(opts: &TestOptions) -> String {
     format!(
         r#"[server]
 listen = "127.0.0.1:0"
+{server_extra}
 
 [admin]
 listen = "127.0.0.1:0"
@@ -95,7 +114,11 @@ rate_limit_per_minute = {rate_limit_per_minute}
 memory_kib = 1024
 iterations = 1
 parallelism = 1
+
+{extra}
 "#,
+        server_extra = opts.server_extra,
+        extra = opts.extra,
         access_token_ttl = opts.access_token_ttl,
         refresh_token_ttl = opts.refresh_token_ttl,
         leeway = opts.leeway,
@@ -107,7 +130,7 @@ parallelism = 1
 }
 
 /// Writes `<dir>/gateway.toml` and returns its path.
-pub fn write_config(dir: &Path, opts: TestOptions) -> PathBuf {
+pub fn write_config(dir: &Path, opts: &TestOptions) -> PathBuf {
     let path = dir.join("gateway.toml");
     std::fs::write(&path, config_toml(opts)).expect("write gateway.toml");
     path
@@ -119,16 +142,24 @@ pub async fn spawn_app() -> TestApp {
 
 pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     let dir = tempfile::tempdir().expect("create temp dir");
-    let config_path = write_config(dir.path(), opts);
-    start(dir, config_path).await
+    spawn_app_in(dir, opts).await
 }
 
-async fn start(dir: TempDir, config_path: PathBuf) -> TestApp {
+/// Like [`spawn_app_with`], in a temp dir the test prepared (e.g. wrote `cert.pem` and
+/// `key.pem` into) before the app is built. Relative paths in `opts` resolve against `dir`.
+pub async fn spawn_app_in(dir: TempDir, opts: TestOptions) -> TestApp {
+    let config_path = write_config(dir.path(), &opts);
+    start(dir, config_path, opts).await
+}
+
+async fn start(dir: TempDir, config_path: PathBuf, opts: TestOptions) -> TestApp {
     let config = Config::load(&config_path).unwrap_or_else(|e| panic!("test config must load: {e}"));
     // Boxed: the build future may be large (clippy::large_futures).
     let app = Box::pin(App::build(config)).await.unwrap_or_else(|e| panic!("App::build failed: {e:#}"));
     let addr = app.public_addr();
     let admin_addr = app.admin_addr();
+    // Taken before run() consumes the app.
+    let reloader = app.reloader();
     let (shutdown, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run(async move {
         // Either an explicit stop or the sender being dropped ends the app.
@@ -140,7 +171,7 @@ async fn start(dir: TempDir, config_path: PathBuf) -> TestApp {
         .timeout(Duration::from_secs(30))
         .build()
         .expect("build reqwest client");
-    TestApp { dir, config_path, addr, admin_addr, client, shutdown, handle }
+    TestApp { dir, config_path, addr, admin_addr, client, opts, reloader, shutdown, handle }
 }
 
 async fn shut_down(client: Client, shutdown: oneshot::Sender<()>, handle: JoinHandle<anyhow::Result<()>>) {
@@ -182,6 +213,10 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub client: Client,
+    /// The options the config file was generated from ([`TestApp::rewrite_config`] reuses them).
+    pub opts: TestOptions,
+    /// Re-reads the config file and swaps the routes.
+    pub reloader: Reloader,
     shutdown: oneshot::Sender<()>,
     handle: JoinHandle<anyhow::Result<()>>,
 }
@@ -196,9 +231,37 @@ impl TestApp {
 
     /// Stops this app and builds a fresh one from the same config (same db, same keys).
     pub async fn restart(self) -> TestApp {
-        let TestApp { dir, config_path, client, shutdown, handle, .. } = self;
+        let TestApp { dir, config_path, client, opts, shutdown, handle, .. } = self;
         shut_down(client, shutdown, handle).await;
-        start(dir, config_path).await
+        start(dir, config_path, opts).await
+    }
+
+    /// Rewrites the config file with the same options but `extra` as its trailing tables.
+    /// Atomic (write + rename), so the gateway's file watcher never reads a half-written file.
+    /// Does not reload: call `self.reloader.reload()` or wait for the watcher.
+    pub fn rewrite_config(&self, extra: &str) {
+        let opts = TestOptions { extra: extra.to_owned(), ..self.opts.clone() };
+        let tmp = self.dir.path().join("gateway.toml.tmp");
+        std::fs::write(&tmp, config_toml(&opts)).expect("write gateway.toml.tmp");
+        std::fs::rename(&tmp, &self.config_path).expect("rename gateway.toml.tmp over gateway.toml");
+    }
+
+    /// Writes `text` as the whole config file (for deliberately broken configs).
+    pub fn write_raw_config(&self, text: &str) {
+        let tmp = self.dir.path().join("gateway.toml.tmp");
+        std::fs::write(&tmp, text).expect("write gateway.toml.tmp");
+        std::fs::rename(&tmp, &self.config_path).expect("rename gateway.toml.tmp over gateway.toml");
+    }
+
+    /// Plain GET on the public listener.
+    pub async fn get(&self, path: &str) -> Response {
+        self.client.get(self.url(path)).send().await.unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// GET on the admin listener's `/metrics`, asserting 200; returns the text.
+    pub async fn metrics(&self) -> String {
+        let resp = self.client.get(self.admin_url("/metrics")).send().await.expect("GET admin /metrics");
+        assert_status(resp, StatusCode::OK).await
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -407,4 +470,168 @@ pub fn jwt_part(token: &str, index: usize) -> Value {
 /// base64url (no padding) of the JSON serialization of `value`.
 pub fn b64url_json(value: &Value) -> String {
     URL_SAFE_NO_PAD.encode(value.to_string())
+}
+
+/// One `[[routes]]` table: `name`, `prefix`, `upstreams`, then `lines` (more keys, one a line).
+pub fn route(name: &str, prefix: &str, upstreams: &[String], lines: &str) -> String {
+    let list: Vec<String> = upstreams.iter().map(|u| format!("\"{u}\"")).collect();
+    format!("\n[[routes]]\nname = \"{name}\"\nprefix = \"{prefix}\"\nupstreams = [{}]\n{lines}\n", list.join(", "))
+}
+
+/// Polls `check` every 50 ms until it returns true; panics after `cap`.
+pub async fn eventually<F, Fut>(what: &str, cap: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + cap;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: still not the case after {cap:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An HTTP/1.1 response read off a raw socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    /// None when the connection closed (or the 5 s timeout passed) before a status line.
+    pub status: Option<u16>,
+    /// Status line and headers, as received.
+    pub head: String,
+    /// The body (de-chunked); possibly partial when the connection closed early.
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The first value of header `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Asserts `status` and a JSON error body with `code`.
+    pub fn assert_error(&self, case: &str, status: u16, code: &str) -> Value {
+        let text = self.text();
+        assert_eq!(self.status, Some(status), "{case}: unexpected status; head: {:?}, body: {text}", self.head);
+        let body: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{case}: error body is not JSON ({e}): {text:?}"));
+        assert_eq!(body["error"], code, "{case}: unexpected error code; body: {text}");
+        body
+    }
+
+    /// Asserts 200 and parses the body as JSON.
+    pub fn json_ok(&self, case: &str) -> Value {
+        let text = self.text();
+        assert_eq!(self.status, Some(200), "{case}: unexpected status; head: {:?}, body: {text}", self.head);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{case}: body is not JSON ({e}): {text:?}"))
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Decodes a complete chunked body; None while it is incomplete.
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = find(data, b"\r\n")?;
+        let size_text = String::from_utf8_lossy(&data[..line_end]);
+        let size_text = size_text.split(';').next().unwrap_or_default().trim().to_owned();
+        let size = usize::from_str_radix(&size_text, 16).ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            // Trailers (if any) end with an empty line.
+            return find(data, b"\r\n").map(|_| out);
+        }
+        if data.len() < size + 2 {
+            return None;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// Parses what was read so far; Some once the response is complete.
+fn parse_raw(buf: &[u8], closed: bool) -> Option<RawResponse> {
+    let Some(head_end) = find(buf, b"\r\n\r\n") else {
+        return closed.then(|| RawResponse {
+            status: None,
+            head: String::from_utf8_lossy(buf).into_owned(),
+            body: vec![],
+        });
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+    let rest = &buf[head_end + 4..];
+    let mut response = RawResponse { status, head, body: Vec::new() };
+    let chunked = response.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    let length: Option<usize> = response.header("content-length").and_then(|v| v.parse().ok());
+    if chunked {
+        match dechunk(rest) {
+            Some(body) => response.body = body,
+            None if closed => response.body = rest.to_vec(),
+            None => return None,
+        }
+    } else if let Some(length) = length {
+        if rest.len() < length && !closed {
+            return None;
+        }
+        response.body = rest[..length.min(rest.len())].to_vec();
+    } else if status.is_some_and(|s| s == 204 || s == 304 || (100..200).contains(&s)) {
+        response.body = Vec::new();
+    } else if closed {
+        response.body = rest.to_vec();
+    } else {
+        return None;
+    }
+    Some(response)
+}
+
+/// Writes `request` verbatim on a fresh connection to `addr` and reads one response,
+/// giving up after 5 s (what was read by then is returned).
+pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    let mut stream = TcpStream::connect(addr).await.expect("connect to the gateway");
+    // The server may answer (and close) before reading everything: a failed write is fine.
+    let _ = stream.write_all(request).await;
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = vec![0_u8; 16 * 1024];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return parse_raw(&buf, true),
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(response) = parse_raw(&buf, false) {
+                        return Some(response);
+                    }
+                }
+            }
+        }
+    };
+    let result = tokio::time::timeout(Duration::from_secs(5), read).await;
+    match result {
+        Ok(Some(response)) => response,
+        Ok(None) | Err(_) => parse_raw(&buf, true).expect("parse_raw on a closed stream always answers"),
+    }
+}
+
+/// `GET path` with `Host: host`, `Connection: close` and `extra_headers` (each `Name: value`).
+pub async fn raw_get(addr: SocketAddr, path: &str, host: &str, extra_headers: &[&str]) -> RawResponse {
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for h in extra_headers {
+        request.push_str(h);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    raw_request(addr, request.as_bytes()).await
 }

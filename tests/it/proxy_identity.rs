@@ -1,0 +1,583 @@
+//! Who the upstream is told the caller is: identity headers stripped from every request in
+//! every spelling, injected from the verified token on required routes only; tokens and
+//! route policies (roles any-of, scopes all-of, tenants); request ids; `X-Forwarded-*`;
+//! the Host sent upstream; custom header names; logout taking effect on the next request.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use reqwest::header::{HeaderValue, AUTHORIZATION, HOST, WWW_AUTHENTICATE};
+use reqwest::{RequestBuilder, Response, StatusCode};
+use serde_json::{json, Value};
+
+use crate::helpers::{
+    assert_error, assert_error_in, assert_invalid_token, assert_status, eventually, jwt_part, parse_uuid, route,
+    spawn_app_with, TestApp, TestOptions, Tokens, PASSWORD,
+};
+use crate::upstream::{echo, spawn_upstream, Upstream};
+
+const ADMIN: &str = "admin@example.com";
+const READER: &str = "reader@example.com";
+const NOBODY: &str = "nobody@example.com";
+
+/// The identity header names the gateway strips by default, folded.
+const IDENTITY: [&str; 5] = ["x-user-id", "x-tenant-id", "x-user-roles", "x-user-scopes", "x-session-id"];
+
+/// Lower-case, `_` and `.` mapped to `-`: how the gateway compares header names.
+fn fold(name: &str) -> String {
+    name.chars()
+        .map(|c| match c {
+            '_' | '.' => '-',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect()
+}
+
+fn set_of<'a>(items: impl IntoIterator<Item = &'a str>) -> BTreeSet<&'a str> {
+    items.into_iter().collect()
+}
+
+fn claim(tokens: &Tokens, name: &str) -> String {
+    jwt_part(&tokens.access_token, 1)[name].as_str().unwrap_or_else(|| panic!("claim {name} is a string")).to_owned()
+}
+
+struct Fixture {
+    app: TestApp,
+    svc: Upstream,
+    admin_id: String,
+    /// roles admin + ops; scopes orders:read + orders:write.
+    admin: Tokens,
+    /// role ops; scope orders:read.
+    reader: Tokens,
+    /// No roles, no scopes.
+    nobody: Tokens,
+}
+
+impl Fixture {
+    fn req(&self, path: &str) -> RequestBuilder {
+        self.app.client.get(self.app.url(path))
+    }
+
+    async fn send(&self, what: &str, req: RequestBuilder) -> Response {
+        req.send().await.unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
+
+    async fn get_as(&self, path: &str, tokens: &Tokens) -> Response {
+        self.app.get_authed(path, &tokens.access_token).await
+    }
+}
+
+/// One upstream `svc` behind routes with every policy, `reserved = ["X-Internal"]`.
+async fn fixture_with(headers_table: &str, server_extra: &str) -> Fixture {
+    let svc = spawn_upstream("svc").await;
+    let u = [svc.url()];
+    let extra = [
+        route("private", "/private", &u, ""),
+        route("pass", "/pass", &u, "pass_token = true"),
+        route("public", "/public", &u, "auth = \"public\""),
+        route("preserve", "/preserve", &u, "auth = \"public\"\npreserve_host = true"),
+        route("admin", "/admin", &u, "roles = [\"admin\", \"root\"]"),
+        route("scoped", "/scoped", &u, "scopes = [\"orders:read\", \"orders:write\"]"),
+        route("acme", "/acme", &u, "tenants = [\"acme\"]"),
+        headers_table.to_owned(),
+    ]
+    .concat();
+    let opts = TestOptions { extra, server_extra: server_extra.to_owned(), ..TestOptions::default() };
+    let app = spawn_app_with(opts).await;
+    let admin_id =
+        app.create_user("default", ADMIN, PASSWORD, &["admin", "ops"], &["orders:read", "orders:write"]).await;
+    app.create_user("default", READER, PASSWORD, &["ops"], &["orders:read"]).await;
+    app.create_user("default", NOBODY, PASSWORD, &[], &[]).await;
+    let admin = app.login_ok(ADMIN, PASSWORD, None).await;
+    let reader = app.login_ok(READER, PASSWORD, None).await;
+    let nobody = app.login_ok(NOBODY, PASSWORD, None).await;
+    Fixture { app, svc, admin_id, admin, reader, nobody }
+}
+
+async fn fixture() -> Fixture {
+    fixture_with("\n[headers]\nreserved = [\"X-Internal\"]\n", "").await
+}
+
+/// Asserts 401 `unauthorized` with exactly `WWW-Authenticate: Bearer`.
+async fn assert_missing_token(case: &str, resp: Response) {
+    let www = resp.headers().get(WWW_AUTHENTICATE).map(|v| v.to_str().expect("WWW-Authenticate is ASCII").to_owned());
+    assert_error_in(case, resp, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    assert_eq!(www.as_deref(), Some("Bearer"), "{case}: WWW-Authenticate");
+}
+
+fn request_id_of(resp: &Response) -> String {
+    resp.headers()
+        .get("x-request-id")
+        .unwrap_or_else(|| panic!("{} response has no X-Request-Id", resp.status()))
+        .to_str()
+        .expect("X-Request-Id is ASCII")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn identity_headers_are_injected_on_required_routes() {
+    let f = fixture().await;
+    let e = echo(f.get_as("/private/x", &f.admin).await).await;
+    assert_eq!(e.path(), "/private/x");
+    assert_eq!(e.one("x-user-id"), f.admin_id, "{}", e.0);
+    assert_eq!(e.one("x-tenant-id"), claim(&f.admin, "tid"), "{}", e.0);
+    parse_uuid(e.one("x-tenant-id"), "X-Tenant-Id");
+    assert_eq!(set_of(e.one("x-user-roles").split(',')), set_of(["admin", "ops"]), "{}", e.0);
+    assert_eq!(set_of(e.one("x-user-scopes").split(' ')), set_of(["orders:read", "orders:write"]), "{}", e.0);
+    assert_eq!(e.one("x-session-id"), claim(&f.admin, "sid"), "{}", e.0);
+    assert!(!e.has("authorization"), "the bearer token was forwarded: {}", e.0);
+
+    // Another user, another session: other values.
+    let e = echo(f.get_as("/private/x", &f.reader).await).await;
+    assert_ne!(e.one("x-user-id"), f.admin_id);
+    assert_eq!(e.one("x-user-roles"), "ops", "{}", e.0);
+    assert_eq!(e.one("x-user-scopes"), "orders:read", "{}", e.0);
+    assert_eq!(e.one("x-session-id"), claim(&f.reader, "sid"), "{}", e.0);
+    f.app.stop().await;
+}
+
+#[tokio::test]
+async fn pass_token_forwards_the_authorization_header() {
+    let f = fixture().await;
+    let e = echo(f.get_as("/pass/x", &f.admin).await).await;
+    assert_eq!(e.one("authorization"), format!("Bearer {}", f.admin.access_token), "{}", e.0);
+    assert_eq!(e.one("x-user-id"), f.admin_id, "{}", e.0);
+    let e = echo(f.get_as("/private/x", &f.admin).await).await;
+    assert!(!e.has("authorization"), "pass_token defaults to false: {}", e.0);
+    f.app.stop().await;
+}
+
+#[tokio::test]
+async fn spoofed_identity_and_hop_by_hop_headers_never_reach_the_upstream() {
+    let f = fixture().await;
+    let spoofs = [
+        ("X-User-Id", "evil"),
+        ("X_User_Id", "evil"),
+        ("X.User.Id", "evil"),
+        ("x-user-id", "evil-duplicate"),
+        ("X-Tenant-Id", "evil"),
+        ("X_Tenant_Id", "evil"),
+        ("X-User-Roles", "root"),
+        ("X.User.Roles", "root"),
+        ("X-User-Scopes", "everything"),
+        ("x_user_scopes", "everything"),
+        ("X-Session-Id", "evil"),
+        ("X_Session.Id", "evil"),
+        ("X-Internal", "1"),
+        ("X_Internal", "1"),
+        ("x.internal", "1"),
+        ("Connection", "keep-alive, X-Custom-Hop"),
+        ("X-Custom-Hop", "1"),
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Authorization", "Basic Zm9vOmJhcg=="),
+        ("Proxy-Connection", "keep-alive"),
+        ("TE", "trailers"),
+        ("Trailer", "X-Checksum"),
+        // Look-alikes that are not reserved pass through.
+        ("X-Benign", "kept"),
+        ("X-User-Idx", "kept"),
+        ("X-User", "kept"),
+    ];
+    let injected = [
+        ("x-user-id", f.admin_id.clone()),
+        ("x-tenant-id", claim(&f.admin, "tid")),
+        ("x-session-id", claim(&f.admin, "sid")),
+    ];
+
+    for (path, tokens) in [("/private/x", Some(&f.admin)), ("/public/x", None), ("/admin/x", Some(&f.admin))] {
+        let mut req = f.req(path);
+        if let Some(t) = tokens {
+            req = req.bearer_auth(&t.access_token);
+        }
+        for (name, value) in spoofs {
+            req = req.header(name, value);
+        }
+        let e = echo(f.send(path, req).await).await;
+        for (name, value) in e.pairs() {
+            let folded = fold(name);
+            assert!(folded != "x-internal", "{path}: reserved header {name} reached the upstream: {}", e.0);
+            if IDENTITY.contains(&folded.as_str()) {
+                assert!(tokens.is_some(), "{path}: identity header {name} reached a public upstream: {}", e.0);
+                assert_eq!(name, folded, "{path}: a non-canonical spelling {name} reached the upstream: {}", e.0);
+                assert_ne!(value, "evil", "{path}: spoofed {name} reached the upstream: {}", e.0);
+            }
+        }
+        if tokens.is_some() {
+            for (name, value) in &injected {
+                assert_eq!(e.one(name), value, "{path}: {}", e.0);
+            }
+            assert_eq!(set_of(e.one("x-user-roles").split(',')), set_of(["admin", "ops"]), "{path}: {}", e.0);
+        } else {
+            for name in IDENTITY {
+                assert!(!e.has(name), "{path}: {name} on a public route: {}", e.0);
+            }
+        }
+        for name in ["x-custom-hop", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer"] {
+            assert!(!e.has(name), "{path}: hop-by-hop header {name} reached the upstream: {}", e.0);
+        }
+        for name in ["x-benign", "x-user-idx", "x-user"] {
+            assert_eq!(e.one(name), "kept", "{path}: {}", e.0);
+        }
+    }
+    f.app.stop().await;
+}
+
+#[tokio::test]
+async fn connection_header_cannot_remove_or_smuggle_identity() {
+    let f = fixture().await;
+    for nominated in ["X-User-Id", "x-user-id, X-Tenant-Id", "X-User-Roles, X-User-Scopes, X-Session-Id"] {
+        let req = f
+            .req("/private/x")
+            .bearer_auth(&f.admin.access_token)
+            .header("Connection", nominated)
+            .header("X-User-Id", "evil")
+            .header("X-Tenant-Id", "evil");
+        let e = echo(f.send(nominated, req).await).await;
+        assert_eq!(e.one("x-user-id"), f.admin_id, "Connection: {nominated}: {}", e.0);
+        assert_eq!(e.one("x-tenant-id"), claim(&f.admin, "tid"), "Connection: {nominated}: {}", e.0);
+        assert_eq!(e.one("x-session-id"), claim(&f.admin, "sid"), "Connection: {nominated}: {}", e.0);
+        assert!(e.has("x-user-roles") && e.has("x-user-scopes"), "Connection: {nominated}: {}", e.0);
+    }
+    // On a public route the nominated identity header is simply gone.
+    let req = f.req("/public/x").header("Connection", "X-User-Id").header("X-User-Id", "evil");
+    let e = echo(f.send("public", req).await).await;
+    assert!(!e.has("x-user-id"), "{}", e.0);
+    f.app.stop().await;
+}
+
+#[tokio::test]
+async fn public_routes_get_no_identity_even_with_a_valid_token() {
+    let f = fixture().await;
+    let e = echo(f.get_as("/public/x", &f.admin).await).await;
+    for name in IDENTITY {
+        assert!(!e.has(name), "{name} injected on a public route: {}", e.0);
+    }
+    parse_uuid(e.one("x-request-id"), "X-Request-Id on a public route");
+    assert_eq!(e.one("x-forwarded-for"), "127.0.0.1", "{}", e.0);
+    // Public routes work without any token, and with a bad one.
+    let e = echo(f.app.get("/public/x").await).await;
+    assert!(!e.has("x-user-id"), "{}", e.0);
+    let e = echo(f.app.get_authed("/public/x", "not-a-jwt").await).await;
+    assert!(!e.has("x-user-id"), "{}", e.0);
+    f.app.stop().await;
+}
+
+/// An access token with the real key and claims, but expired an hour ago.
+fn expired_token(app: &TestApp, tokens: &Tokens) -> String {
+    let (kid, key) = app.gateway_signing_key();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock is after 1970").as_secs();
+    let now = i64::try_from(now).expect("time fits in i64");
+    let mut claims: Value = jwt_part(&tokens.access_token, 1);
+    claims["iat"] = json!(now - 7200);
+    claims["exp"] = json!(now - 3600);
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(kid);
+    header.typ = Some("at+jwt".to_owned());
+    let der = key.to_pkcs8_der().expect("encode signing key as PKCS#8");
+    encode(&header, &claims, &EncodingKey::from_ed_der(der.as_bytes())).expect("sign expired token")
+}
+
+#[tokio::test]
+async fn missing_or_invalid_tokens_are_401_and_never_forwarded() {
+    let f = fixture().await;
+
+    // Routes are auth = "required" unless they say otherwise.
+    assert_missing_token("no Authorization", f.app.get("/private/x").await).await;
+    assert_missing_token("no Authorization, policy route", f.app.get("/admin/x").await).await;
+
+    let (head, body, sig) = {
+        let parts: Vec<&str> = f.admin.access_token.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        (parts[0].to_owned(), parts[1].to_owned(), parts[2].to_owned())
+    };
+    let flipped = match sig.strip_prefix('A') {
+        Some(rest) => format!("B{rest}"),
+        None => format!("A{}", &sig[1..]),
+    };
+    let invalid = [
+        ("garbage", "not-a-jwt".to_owned()),
+        ("three garbage parts", "a.b.c".to_owned()),
+        ("signature changed", format!("{head}.{body}.{flipped}")),
+        ("signature stripped", format!("{head}.{body}.")),
+        ("refresh token as bearer", f.admin.refresh_token.clone()),
+        ("expired", expired_token(&f.app, &f.admin)),
+    ];
+    for (case, token) in &invalid {
+        let resp = f.app.get_authed("/private/x", token).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{case}");
+        assert_invalid_token(resp).await;
+    }
+
+    // Two Authorization headers: ambiguous, refused (even when both are valid).
+    for (case, second) in [("same token twice", &f.admin.access_token), ("two tokens", &f.reader.access_token)] {
+        let req = f
+            .req("/private/x")
+            .header(AUTHORIZATION, format!("Bearer {}", f.admin.access_token))
+            .header(AUTHORIZATION, format!("Bearer {second}"));
+        assert_error_in(case, f.send(case, req).await, StatusCode::BAD_REQUEST, "invalid_request").await;
+    }
+    assert_eq!(f.svc.hits(), 0, "a request without a valid token reached the upstream");
+
+    // Positive control: the genuine token goes through.
+    echo(f.get_as("/private/x", &f.admin).await).await;
+    assert_eq!(f.svc.hits(), 1);
+    f.app.stop().await;
+}
+
+#[tokio::test]
+async fn logout_revokes_the_token_on_the_next_proxied_request() {
+    let f = fixture().await;
+    let other = f.app.login_ok(ADMIN, PASSWORD, None).await;
+    echo(f.get_as("/private/x", &f.admin).await).await;
+    echo(f.get_as("/private/x", &other).await).await;
+    assert_eq!(f.svc.hits(), 2);
+
+    let resp = f.app.post_authed("/auth/logout", &f.admin.access_token, &json!({})).await;
+    assert_status(resp, StatusCode::NO_CONTENT).await;
+
+    assert_invalid_token(f.get_as("/private/x", &f.admin).await).await;
+    assert_invalid_token(f.get_as("/pass/x", &f.admin).await).await;
+    assert_eq!(f.svc.hits(), 2, "a revoked token reached the upstream");
+    // Only that session ended.
+    let e = echo(f.get_as("/private/x", &other).await).await;
+    assert_eq!(e.one("x-session-id"), claim(&other, "sid"), "{}", e.0);
+    f.app.stop().await;
+}
+
+#[tokio::test]
+async fn roles_are_any_of() {
+    let f = fixture().await;
+    let root = {
+        f.app.create_user("default", "root@example.com", PASSWORD, &["root"], &[]).await;
+        f.app.login_ok("root@example.com", PASSWORD, None).await
+    };
+    for (case, tokens) in [("admin + ops", &f.admin), ("root only", &root)] {
+        let e = echo(f.get_as("/admin/x", tokens).await).await;
+        assert_eq!(e.path(), "/admin/x", "{case}");
+    }
+    let before = f.svc.hits();
+    for (case, tokens) in [("ops only", &f.reader), ("no roles", &f.nobody)] {
+        assert_error_in(case, f.get_as("/admin/x", tokens).await, StatusCode::FORBIDDEN, "forbidden").await;
+    }
+    assert_eq!(f.svc.hits(), before, "a forbidden request reached the upstream");
+    f.app.stop().await;
+}
+
+#[tokio::test]
+async fn scopes_are_all_of() {
+    let f = fixture().await;
+    echo(f.get_as("/scoped/x", &f.admin).await).await;
+    let before = f.svc.hits();
+    for (case, tokens) in [("orders:read only", &f.reader), ("no scopes", &f.nobody)] {
+        let resp = f.get_as("/scoped/x", tokens).await;
+        let www = resp
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .map(|v| v.to_str().expect("WWW-Authenticate is ASCII").to_owned())
+            .unwrap_or_else(|| panic!("{case}: 403 insufficient_scope carries WWW-Authenticate"));
+        assert_error_in(case, resp, StatusCode::FORBIDDEN, "insufficient_scope").await;
+        assert!(
+            www.starts_with("Bearer") && www.contains(r#"error="insufficient_scope""#),
+            "{case}: unexpected WWW-Authenticate: {www}"
+        );
+    }
+    assert_eq!(f.svc.hits(), before, "a request lacking scopes reached the upstream");
+    f.app.stop().await;
+}
+
+#[tokio::test]
+async fn tenants_restrict_routes() {
+    let f = fixture().await;
+    let acme_id = f.app.create_tenant("acme").await;
+    f.app.create_user("acme", "worker@acme.test", PASSWORD, &[], &[]).await;
+    let acme = f.app.login_ok("worker@acme.test", PASSWORD, Some("acme")).await;
+
+    // A default-tenant user, whatever their roles, is not acme.
+    assert_error(f.get_as("/acme/x", &f.admin).await, StatusCode::FORBIDDEN, "forbidden").await;
+    assert_eq!(f.svc.hits(), 0);
+
+    // The acme user gets in once the gateway's tenant directory knows the new tenant.
+    let (fx, worker) = (&f, &acme);
+    eventually("acme user admitted to the acme route", Duration::from_secs(5), || async move {
+        let resp = fx.get_as("/acme/x", worker).await;
+        if resp.status() == StatusCode::OK {
+            return true;
+        }
+        assert_error(resp, StatusCode::FORBIDDEN, "forbidden").await;
+        false
+    })
+    .await;
+    let e = echo(f.get_as("/acme/x", &acme).await).await;
+    assert_eq!(e.one("x-tenant-id"), acme_id, "{}", e.0);
+    // Routes without a tenant list admit every tenant.
+    let e = echo(f.get_as("/private/x", &acme).await).await;
+    assert_eq!(e.one("x-tenant-id"), acme_id, "{}", e.0);
+    f.app.stop().await;
+}
+
+#[tokio::test]
+async fn request_id_is_kept_when_safe_and_replaced_otherwise() {
+    let f = fixture().await;
+    let max = "a".repeat(128);
+    for kept in ["abc-123_x.y:Z", "0", max.as_str()] {
+        let resp = f.send(kept, f.req("/public/x").header("X-Request-Id", kept)).await;
+        assert_eq!(request_id_of(&resp), kept, "response X-Request-Id");
+        let e = echo(resp).await;
+        assert_eq!(e.one("x-request-id"), kept, "{}", e.0);
+    }
+
+    let too_long = "a".repeat(129);
+    for replaced in ["has space", too_long.as_str(), "a/b", "", "a;b", "<script>", "ünï"] {
+        let value = HeaderValue::from_bytes(replaced.as_bytes())
+            .unwrap_or_else(|e| panic!("{replaced:?} is not a sendable header value: {e}"));
+        let resp = f.send(replaced, f.req("/public/x").header("X-Request-Id", value)).await;
+        let answered = request_id_of(&resp);
+        let e = echo(resp).await;
+        let seen = e.one("x-request-id");
+        parse_uuid(seen, &format!("X-Request-Id replacing {replaced:?}"));
+        assert_eq!(answered, seen, "the response carries the id the upstream saw");
+    }
+
+    // None sent: one is made up, the same on both sides.
+    let resp = f.app.get("/public/x").await;
+    let answered = request_id_of(&resp);
+    let e = echo(resp).await;
+    assert_eq!(e.one("x-request-id"), answered);
+    parse_uuid(&answered, "generated X-Request-Id");
+    // Fresh per request.
+    let again = request_id_of(&f.app.get("/public/x").await);
+    assert_ne!(again, answered, "request ids are not reused");
+
+    // Error responses carry it too.
+    for (path, status, code) in
+        [("/private/x", StatusCode::UNAUTHORIZED, "unauthorized"), ("/nowhere", StatusCode::NOT_FOUND, "not_found")]
+    {
+        let resp = f.send(path, f.req(path).header("X-Request-Id", "trace-42")).await;
+        assert_eq!(request_id_of(&resp), "trace-42", "{path}");
+        assert_error_in(path, resp, status, code).await;
+        let resp = f.app.get(path).await;
+        parse_uuid(&request_id_of(&resp), &format!("{path}: generated X-Request-Id"));
+        assert_error_in(path, resp, status, code).await;
+    }
+    f.app.stop().await;
+}
+
+#[tokio::test]
+async fn forwarded_headers_are_replaced_for_untrusted_peers() {
+    let f = fixture().await;
+    let req = f
+        .req("/private/x")
+        .bearer_auth(&f.admin.access_token)
+        .header("X-Forwarded-For", "1.2.3.4")
+        .header("X-Forwarded-For", "5.6.7.8")
+        .header("X-Forwarded-Proto", "https")
+        .header("X-Forwarded-Host", "evil.example");
+    let e = echo(f.send("spoofed X-Forwarded-*", req).await).await;
+    assert_eq!(e.one("x-forwarded-for"), "127.0.0.1", "{}", e.0);
+    assert_eq!(e.one("x-forwarded-proto"), "http", "{}", e.0);
+    assert_eq!(e.one("x-forwarded-host"), f.app.addr.to_string(), "{}", e.0);
+
+    // X-Forwarded-Host is the client's Host.
+    let req = f.req("/public/x").header(HOST, "shop.example.com");
+    let e = echo(f.send("Host: shop.example.com", req).await).await;
+    assert_eq!(e.one("x-forwarded-host"), "shop.example.com", "{}", e.0);
+    assert_eq!(e.one("x-forwarded-for"), "127.0.0.1", "{}", e.0);
+    f.app.stop().await;
+}
+
+#[tokio::test]
+async fn forwarded_for_is_extended_for_trusted_proxies() {
+    let f = fixture_with("", "trusted_proxies = [\"127.0.0.1/32\"]").await;
+    for (sent, want) in [
+        (Some("1.2.3.4"), "1.2.3.4, 127.0.0.1"),
+        (Some("5.6.7.8, 1.2.3.4"), "5.6.7.8, 1.2.3.4, 127.0.0.1"),
+        (None, "127.0.0.1"),
+    ] {
+        let mut req = f.req("/private/x").bearer_auth(&f.admin.access_token);
+        if let Some(sent) = sent {
+            req = req.header("X-Forwarded-For", sent);
+        }
+        let e = echo(f.send(want, req).await).await;
+        assert_eq!(e.one("x-forwarded-for"), want, "sent {sent:?}: {}", e.0);
+    }
+    f.app.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_gets_its_own_host_unless_preserve_host() {
+    let f = fixture().await;
+    let upstream_host = f.svc.addr.to_string();
+    for path in ["/private/x", "/public/x"] {
+        let mut req = f.req(path).header(HOST, "shop.example.com");
+        if path == "/private/x" {
+            req = req.bearer_auth(&f.admin.access_token);
+        }
+        let e = echo(f.send(path, req).await).await;
+        assert_eq!(e.one("host"), upstream_host, "{path}: {}", e.0);
+        assert_eq!(e.one("x-forwarded-host"), "shop.example.com", "{path}: {}", e.0);
+    }
+    let req = f.req("/preserve/x").header(HOST, "shop.example.com");
+    let e = echo(f.send("preserve_host", req).await).await;
+    assert_eq!(e.one("host"), "shop.example.com", "{}", e.0);
+    let e = echo(f.app.get("/preserve/x").await).await;
+    assert_eq!(e.one("host"), f.app.addr.to_string(), "{}", e.0);
+    f.app.stop().await;
+}
+
+#[tokio::test]
+async fn custom_header_names_replace_the_defaults() {
+    let headers_table = r#"
+[headers]
+user_id = "X-Auth-User"
+tenant_id = "X-Auth-Tenant"
+roles = "X-Auth-Roles"
+scopes = "X-Auth-Scopes"
+session_id = "X-Auth-Session"
+request_id = "X-Trace-Id"
+reserved = ["X-Internal"]
+"#;
+    let f = fixture_with(headers_table, "").await;
+    let req = f
+        .req("/private/x")
+        .bearer_auth(&f.admin.access_token)
+        .header("X-Auth-User", "evil")
+        .header("X_Auth_User", "evil")
+        .header("X.Auth.Tenant", "evil")
+        .header("X-User-Id", "evil")
+        .header("X_Tenant_Id", "evil")
+        .header("X-Internal", "1")
+        .header("X-Trace-Id", "trace-1");
+    let resp = f.send("custom names", req).await;
+    let trace = resp.headers().get("x-trace-id").map(|v| v.to_str().expect("X-Trace-Id is ASCII").to_owned());
+    assert_eq!(trace.as_deref(), Some("trace-1"), "the response carries the configured request id header");
+    let e = echo(resp).await;
+    assert_eq!(e.one("x-auth-user"), f.admin_id, "{}", e.0);
+    assert_eq!(e.one("x-auth-tenant"), claim(&f.admin, "tid"), "{}", e.0);
+    assert_eq!(set_of(e.one("x-auth-roles").split(',')), set_of(["admin", "ops"]), "{}", e.0);
+    assert_eq!(set_of(e.one("x-auth-scopes").split(' ')), set_of(["orders:read", "orders:write"]), "{}", e.0);
+    assert_eq!(e.one("x-auth-session"), claim(&f.admin, "sid"), "{}", e.0);
+    assert_eq!(e.one("x-trace-id"), "trace-1", "{}", e.0);
+    for name in e.names() {
+        let folded = fold(name);
+        // The defaults stay reserved whatever the configured names are.
+        assert!(
+            !IDENTITY.contains(&folded.as_str()) && folded != "x-internal",
+            "{name} reached the upstream though it is reserved: {}",
+            e.0
+        );
+        // The configured names arrive only in their canonical spelling (the injected ones).
+        if folded.starts_with("x-auth-") {
+            assert_eq!(name, folded, "a spoofed spelling {name} reached the upstream: {}", e.0);
+        }
+    }
+
+    // Public route: none of the renamed identity headers either.
+    let req = f.req("/public/x").header("X-Auth-User", "evil").header("X_Auth_Session", "evil");
+    let e = echo(f.send("public", req).await).await;
+    for name in e.names() {
+        assert!(!fold(name).starts_with("x-auth-"), "{name} reached a public upstream: {}", e.0);
+    }
+    f.app.stop().await;
+}

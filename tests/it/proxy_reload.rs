@@ -1,0 +1,146 @@
+//! Hot reload of routes and header settings: `Reloader::reload` swaps a valid file in
+//! atomically, refuses an invalid one (naming the field) and keeps the running routes; the
+//! gateway also notices a changed file by itself.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use crate::helpers::{assert_error, assert_error_in, eventually, route, spawn_app_with, TestOptions, PASSWORD};
+use crate::upstream::{echo, spawn_upstream};
+
+const PUBLIC: &str = "auth = \"public\"";
+
+#[tokio::test]
+async fn reload_swaps_in_the_new_routes() {
+    let first = spawn_upstream("first").await;
+    let second = spawn_upstream("second").await;
+    let r1 = route("first", "/first", &[first.url()], PUBLIC);
+    let r2 = route("second", "/second", &[second.url()], PUBLIC);
+    let app = spawn_app_with(TestOptions::with_extra(r1.clone())).await;
+    assert_eq!(echo(app.get("/first/x").await).await.upstream(), "first");
+    assert_error(app.get("/second/x").await, StatusCode::NOT_FOUND, "not_found").await;
+
+    // Add a route.
+    app.rewrite_config(&format!("{r1}{r2}"));
+    let n = app.reloader.reload().unwrap_or_else(|e| panic!("reloading a valid config failed: {e}"));
+    assert_eq!(n, 2, "reload reports the number of routes");
+    let e = echo(app.get("/second/x").await).await;
+    assert_eq!(e.upstream(), "second", "{}", e.0);
+    assert_eq!(e.path(), "/second/x", "{}", e.0);
+    assert_eq!(echo(app.get("/first/x").await).await.upstream(), "first");
+
+    // Remove one; move a prefix to another upstream.
+    let moved = route("second", "/first", &[second.url()], PUBLIC);
+    app.rewrite_config(&moved);
+    let n = app.reloader.reload().unwrap_or_else(|e| panic!("reloading a valid config failed: {e}"));
+    assert_eq!(n, 1);
+    assert_error(app.get("/second/x").await, StatusCode::NOT_FOUND, "not_found").await;
+    assert_eq!(echo(app.get("/first/x").await).await.upstream(), "second");
+
+    let metrics = app.metrics().await;
+    assert!(metrics.contains("gateway_config_reloads_total"), "metrics lack gateway_config_reloads_total:\n{metrics}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_config_is_refused_and_the_old_routes_keep_serving() {
+    let first = spawn_upstream("first").await;
+    let r1 = route("first", "/first", &[first.url()], PUBLIC);
+    let other = [first.url()];
+    let app = spawn_app_with(TestOptions::with_extra(r1.clone())).await;
+
+    for (case, bad_route, field) in [
+        ("route without upstreams", route("broken", "/broken", &[], PUBLIC), "routes[1].upstreams"),
+        ("prefix without a leading slash", route("broken", "no-slash", &other, PUBLIC), "routes[1].prefix"),
+        ("prefix that is not normalised", route("broken", "/a/../broken", &other, PUBLIC), "routes[1].prefix"),
+        ("duplicate route name", route("first", "/broken", &other, PUBLIC), "routes[1].name"),
+        (
+            "upstream that is not a URL",
+            route("broken", "/broken", &["ftp://x".to_owned()], PUBLIC),
+            "routes[1].upstreams",
+        ),
+        ("unparsable timeout", route("broken", "/broken", &other, "timeout = \"soon\""), "routes[1].timeout"),
+        (
+            "public route with roles",
+            route("broken", "/broken", &other, "auth = \"public\"\nroles = [\"admin\"]"),
+            "routes[1].auth",
+        ),
+        ("unknown key", route("broken", "/broken", &other, "colour = \"red\""), "routes[1].colour"),
+    ] {
+        app.rewrite_config(&format!("{r1}{bad_route}"));
+        let err = app.reloader.reload().expect_err(case);
+        let message = err.to_string();
+        assert!(message.contains(field), "{case}: the error does not name {field}: {message}");
+        // Nothing changed: the old table serves, the broken route does not exist.
+        let e = echo(app.get("/first/x").await).await;
+        assert_eq!(e.upstream(), "first", "{case}: {}", e.0);
+        assert_error_in(case, app.get("/broken/x").await, StatusCode::NOT_FOUND, "not_found").await;
+    }
+
+    // Not TOML at all.
+    app.write_raw_config("[server\nthis is not toml");
+    assert!(app.reloader.reload().is_err(), "a file that is not TOML was accepted");
+    assert_eq!(echo(app.get("/first/x").await).await.upstream(), "first");
+
+    // A valid file is taken again.
+    app.rewrite_config(&format!("{r1}{}", route("fixed", "/fixed", &other, PUBLIC)));
+    let n = app.reloader.reload().unwrap_or_else(|e| panic!("reloading a valid config failed: {e}"));
+    assert_eq!(n, 2);
+    assert_eq!(echo(app.get("/fixed/x").await).await.path(), "/fixed/x");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn reload_applies_new_policies_and_header_names() {
+    let svc = spawn_upstream("svc").await;
+    let u = [svc.url()];
+    let app = spawn_app_with(TestOptions::with_extra(route("svc", "/svc", &u, PUBLIC))).await;
+    let user_id = app.create_user("default", "me@example.com", PASSWORD, &["ops"], &[]).await;
+    let tokens = app.login_ok("me@example.com", PASSWORD, None).await;
+    echo(app.get("/svc/x").await).await;
+
+    // Public → required.
+    app.rewrite_config(&route("svc", "/svc", &u, ""));
+    app.reloader.reload().unwrap_or_else(|e| panic!("reload failed: {e}"));
+    assert_error(app.get("/svc/x").await, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    let e = echo(app.get_authed("/svc/x", &tokens.access_token).await).await;
+    assert_eq!(e.one("x-user-id"), user_id, "{}", e.0);
+
+    // A role the user lacks, and renamed identity headers.
+    app.rewrite_config(&format!(
+        "{}{}\n[headers]\nuser_id = \"X-Auth-User\"\n",
+        route("svc", "/svc", &u, "roles = [\"admin\"]"),
+        route("ops", "/ops", &u, "roles = [\"ops\"]"),
+    ));
+    app.reloader.reload().unwrap_or_else(|e| panic!("reload failed: {e}"));
+    assert_error(app.get_authed("/svc/x", &tokens.access_token).await, StatusCode::FORBIDDEN, "forbidden").await;
+    let e = echo(app.get_authed("/ops/x", &tokens.access_token).await).await;
+    assert_eq!(e.one("x-auth-user"), user_id, "{}", e.0);
+    assert!(!e.has("x-user-id"), "{}", e.0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn config_file_changes_are_picked_up_without_a_reload_call() {
+    let first = spawn_upstream("first").await;
+    let second = spawn_upstream("second").await;
+    let r1 = route("first", "/first", &[first.url()], PUBLIC);
+    let app = spawn_app_with(TestOptions::with_extra(r1.clone())).await;
+    assert_error(app.get("/second/x").await, StatusCode::NOT_FOUND, "not_found").await;
+
+    app.rewrite_config(&format!("{r1}{}", route("second", "/second", &[second.url()], PUBLIC)));
+    let gateway = &app;
+    eventually("the file watcher loaded the new route", Duration::from_secs(10), || async move {
+        let resp = gateway.get("/second/x").await;
+        if resp.status() == StatusCode::OK {
+            return true;
+        }
+        assert_error(resp, StatusCode::NOT_FOUND, "not_found").await;
+        false
+    })
+    .await;
+    assert_eq!(echo(app.get("/second/x").await).await.upstream(), "second");
+    assert_eq!(echo(app.get("/first/x").await).await.upstream(), "first");
+    app.stop().await;
+}

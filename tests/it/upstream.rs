@@ -1,0 +1,361 @@
+//! A real upstream for the proxy tests: hyper 1 HTTP/1.1 (with upgrades) on 127.0.0.1:0.
+//!
+//! The behaviour is chosen by the `mode` query parameter, whatever the path (so it works
+//! behind any route prefix, `strip_prefix` or upstream base path):
+//!
+//! - no `mode` (default): 200 JSON echo of what the upstream received:
+//!   `{"upstream": name, "method", "path" (path only), "query" (string or null),
+//!   "headers": [[name, value], ...] (all, in order, lower-case names), "body_len"}`.
+//!   The whole request body is read to count it.
+//! - `mode=slow&ms=N`: reads the body, sleeps N ms, then echoes.
+//! - `mode=stream&chunks=N&delay_ms=D`: 200 `text/plain`, chunked: `chunk 0\n` at once,
+//!   then `chunk 1\n` ... `chunk N-1\n`, each D ms after the previous one.
+//! - `mode=big&bytes=N`: 200 `application/octet-stream`, N bytes of `x` streamed in 64 KiB
+//!   chunks (no Content-Length).
+//! - `mode=ws`: WebSocket echo (answers 101 when the request asks for `Upgrade: websocket`,
+//!   else 400): every text and binary message is sent back.
+//!
+//! Every request (WebSocket handshakes included) is counted in [`Upstream::hits`] as soon as
+//! its head arrives, and its method, path+query and headers are recorded ([`Upstream::last`]).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt as _, StreamExt as _};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use reqwest::Response as ClientResponse;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::helpers::expect_json;
+
+type RespBody = UnsyncBoxBody<Bytes, Infallible>;
+
+/// Size of the chunks of `mode=big`.
+const BIG_CHUNK: usize = 64 * 1024;
+static BIG_CHUNK_DATA: [u8; BIG_CHUNK] = [b'x'; BIG_CHUNK];
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    /// Path and query, exactly as received.
+    pub path: String,
+    /// Every header, in order, lower-case names.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    /// Every value of header `name` (lower-case).
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.headers.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str()).collect()
+    }
+
+    /// The value of header `name`, asserting it was received exactly once.
+    pub fn one(&self, name: &str) -> &str {
+        let values = self.all(name);
+        assert_eq!(values.len(), 1, "upstream expected exactly one {name} header; got {:?}", self.headers);
+        values[0]
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.headers.iter().any(|(n, _)| n == name)
+    }
+}
+
+struct State {
+    name: String,
+    hits: AtomicUsize,
+    seen: Mutex<Vec<Seen>>,
+}
+
+/// A running upstream; stops accepting when dropped.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests received so far (counted when the request head arrives).
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// Every request received so far, oldest first.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().expect("upstream record lock is not poisoned").clone()
+    }
+
+    /// The latest request received; panics when there was none.
+    pub fn last(&self) -> Seen {
+        self.seen().pop().unwrap_or_else(|| panic!("upstream {} received no request", self.state.name))
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts an upstream called `name` (echoed as `"upstream"`) on 127.0.0.1:0.
+pub async fn spawn_upstream(name: &str) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the upstream listener");
+    let addr = listener.local_addr().expect("upstream listener address");
+    let state = Arc::new(State { name: name.to_owned(), hits: AtomicUsize::new(0), seen: Mutex::new(Vec::new()) });
+    let task = tokio::spawn(accept_loop(listener, Arc::clone(&state)));
+    Upstream { addr, state, task }
+}
+
+/// A URL on which nothing listens: a port bound for a moment, then released.
+pub fn dead_upstream_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a throwaway port");
+    let addr = listener.local_addr().expect("throwaway port address");
+    drop(listener);
+    format!("http://{addr}")
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(handle(state, req).await) }
+            });
+            // Errors here are clients (the gateway) going away; nothing to do.
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades().await;
+        });
+    }
+}
+
+/// The value of query parameter `key` (raw, not decoded).
+fn param<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == key).then_some(v)
+    })
+}
+
+fn num(query: Option<&str>, key: &str, default: u64) -> u64 {
+    param(query, key).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<RespBody> {
+    let mut response = Response::new(Full::new(body.into()).boxed_unsync());
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<RespBody> {
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let path_and_query = req.uri().path_and_query().map_or_else(|| req.uri().path().to_owned(), ToString::to_string);
+    state.seen.lock().expect("upstream record lock is not poisoned").push(Seen {
+        method: req.method().to_string(),
+        path: path_and_query,
+        headers: headers.clone(),
+    });
+
+    let query = req.uri().query().map(str::to_owned);
+    let query = query.as_deref();
+    let mode = param(query, "mode").unwrap_or("echo").to_owned();
+    if mode == "ws" {
+        return websocket(&mut req);
+    }
+
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let mut body = req.into_body();
+    let mut body_len: u64 = 0;
+    let mut body_error = false;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    body_len += data.len() as u64;
+                }
+            }
+            Err(_) => {
+                body_error = true;
+                break;
+            }
+        }
+    }
+    if body_error {
+        return full(StatusCode::BAD_REQUEST, "text/plain", "request body error");
+    }
+
+    match mode.as_str() {
+        "stream" => {
+            let chunks = num(query, "chunks", 5);
+            let delay = Duration::from_millis(num(query, "delay_ms", 100));
+            let stream = futures::stream::unfold(0_u64, move |i| async move {
+                if i >= chunks {
+                    return None;
+                }
+                if i > 0 {
+                    tokio::time::sleep(delay).await;
+                }
+                Some((Ok::<_, Infallible>(Frame::data(Bytes::from(format!("chunk {i}\n")))), i + 1))
+            });
+            let mut response = Response::new(StreamBody::new(stream).boxed_unsync());
+            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            response
+        }
+        "big" => {
+            let total = usize::try_from(num(query, "bytes", 0)).expect("bytes fits in usize");
+            let sizes = (0..total).step_by(BIG_CHUNK).map(move |start| (total - start).min(BIG_CHUNK));
+            let stream = futures::stream::iter(sizes)
+                .map(|n| Ok::<_, Infallible>(Frame::data(Bytes::from_static(&BIG_CHUNK_DATA[..n]))));
+            let mut response = Response::new(StreamBody::new(stream).boxed_unsync());
+            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            response
+        }
+        other => {
+            if other == "slow" {
+                tokio::time::sleep(Duration::from_millis(num(query, "ms", 1000))).await;
+            }
+            let echo = json!({
+                "upstream": state.name,
+                "method": method,
+                "path": path,
+                "query": query,
+                "headers": headers.iter().map(|(n, v)| json!([n, v])).collect::<Vec<Value>>(),
+                "body_len": body_len,
+            });
+            full(StatusCode::OK, "application/json", echo.to_string())
+        }
+    }
+}
+
+/// Answers a WebSocket handshake with 101 and echoes messages on the upgraded connection.
+fn websocket(req: &mut Request<Incoming>) -> Response<RespBody> {
+    let wants_ws =
+        req.headers().get(UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let Some(key) = req.headers().get(SEC_WEBSOCKET_KEY).filter(|_| wants_ws) else {
+        return full(StatusCode::BAD_REQUEST, "text/plain", "expected a WebSocket upgrade");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        while let Some(Ok(message)) = ws.next().await {
+            let echo = matches!(message, Message::Text(_) | Message::Binary(_));
+            if matches!(message, Message::Close(_)) || (echo && ws.send(message).await.is_err()) {
+                return;
+            }
+        }
+    });
+    let mut response = Response::new(Full::new(Bytes::new()).boxed_unsync());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("accept key is a valid header value"));
+    response
+}
+
+/// The JSON echo of the default endpoint, as the client received it.
+#[derive(Debug, Clone)]
+pub struct Echo(pub Value);
+
+impl Echo {
+    /// The upstream's name.
+    pub fn upstream(&self) -> &str {
+        self.0["upstream"].as_str().unwrap_or_else(|| panic!("echo has no upstream name: {}", self.0))
+    }
+
+    pub fn method(&self) -> &str {
+        self.0["method"].as_str().unwrap_or_else(|| panic!("echo has no method: {}", self.0))
+    }
+
+    /// The path the upstream received (no query).
+    pub fn path(&self) -> &str {
+        self.0["path"].as_str().unwrap_or_else(|| panic!("echo has no path: {}", self.0))
+    }
+
+    /// The query the upstream received, if any.
+    pub fn query(&self) -> Option<&str> {
+        self.0["query"].as_str()
+    }
+
+    pub fn body_len(&self) -> u64 {
+        self.0["body_len"].as_u64().unwrap_or_else(|| panic!("echo has no body_len: {}", self.0))
+    }
+
+    /// Every header the upstream received, in order: (lower-case name, value).
+    pub fn pairs(&self) -> Vec<(&str, &str)> {
+        let list = self.0["headers"].as_array().unwrap_or_else(|| panic!("echo has no header list: {}", self.0));
+        list.iter()
+            .map(|pair| {
+                let name = pair[0].as_str().unwrap_or_else(|| panic!("bad echoed header {pair}"));
+                let value = pair[1].as_str().unwrap_or_else(|| panic!("bad echoed header {pair}"));
+                (name, value)
+            })
+            .collect()
+    }
+
+    /// Every header name the upstream received, in order.
+    pub fn names(&self) -> Vec<&str> {
+        self.pairs().into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// Every value of header `name` (lower-case) the upstream received.
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.pairs().into_iter().filter(|(n, _)| *n == name).map(|(_, v)| v).collect()
+    }
+
+    /// The value of header `name`, asserting the upstream received it exactly once.
+    pub fn one(&self, name: &str) -> &str {
+        let values = self.all(name);
+        assert_eq!(values.len(), 1, "upstream expected exactly one {name} header; echo: {}", self.0);
+        values[0]
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.pairs().iter().any(|(n, _)| *n == name)
+    }
+}
+
+/// Asserts 200 and parses the upstream's echo.
+pub async fn echo(resp: ClientResponse) -> Echo {
+    let body = expect_json(resp, StatusCode::OK).await;
+    assert!(body["upstream"].is_string(), "not an upstream echo: {body}");
+    Echo(body)
+}
