@@ -175,7 +175,7 @@ pub async fn execute(cli: Cli, input: &mut dyn BufRead, out: &mut dyn Write) -> 
                     rfc3339(e.at),
                     e.event,
                     e.tenant.as_deref().unwrap_or("-"),
-                    e.user_id.as_deref().unwrap_or("-"),
+                    e.user_id.map_or_else(|| "-".to_owned(), |u| u.to_string()),
                     e.email.as_deref().unwrap_or("-"),
                     e.ip.as_deref().unwrap_or("-"),
                     e.detail,

@@ -66,14 +66,27 @@ pub struct DatabaseConfig {
     pub url: DatabaseUrl,
     pub auto_migrate: bool,
     pub max_connections: u32,
+    /// How long a request waits for a connection before answering 503.
+    pub acquire_timeout: Duration,
 }
 
-/// Where the data lives. PostgreSQL joins this enum in a later change; the
-/// store already dispatches on it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where the data lives.
+#[derive(Clone, PartialEq, Eq)]
 pub enum DatabaseUrl {
     /// A SQLite file, created on first start.
     Sqlite(PathBuf),
+    /// A PostgreSQL URL (`sslmode` and other parameters as libpq reads them).
+    Postgres(String),
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DatabaseUrl::Sqlite(p) => write!(f, "Sqlite({})", p.display()),
+            // The URL may carry a password.
+            DatabaseUrl::Postgres(url) => write!(f, "Postgres({})", redact_url(url)),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +102,9 @@ pub struct AuthConfig {
     pub lockout_duration: Duration,
     pub leeway: Duration,
     pub revocation_poll: Duration,
+    /// Past this without a successful refresh of the revocation state, tokens
+    /// issued before the window are refused and `/readyz` turns 503.
+    pub revocation_max_staleness: Duration,
     /// Requests per minute per client IP on `/auth/login` and `/auth/refresh`; 0 disables.
     pub rate_limit_per_minute: u32,
     pub argon2: Argon2Config,
@@ -187,8 +203,9 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
     let url = parse_database_url(&url_text, base).map_err(|e| f.error("url", e)).ok();
     let auto_migrate = f.bool_or("auto_migrate", true);
     let max_connections = f.int_or("max_connections", 8, 1, 1000) as u32;
+    let acquire_timeout = f.duration_or("acquire_timeout", "3s", Duration::from_millis(10));
     f.finish();
-    let database = url.map(|url| DatabaseConfig { url, auto_migrate, max_connections });
+    let database = url.map(|url| DatabaseConfig { url, auto_migrate, max_connections, acquire_timeout });
 
     let auth = build_auth(auth_t, base, errors);
 
@@ -291,6 +308,7 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
         f.error("leeway", "must be at most 60s: clocks of replicas are expected to be NTP-synced");
     }
     let revocation_poll = f.duration_or("revocation_poll", "1s", Duration::from_millis(10));
+    let revocation_max_staleness = f.duration_or("revocation_max_staleness", "30s", Duration::from_secs(1));
     let rate_limit_per_minute = f.int_or("rate_limit_per_minute", 60, 0, 1_000_000) as u32;
     let argon2_t = f.table("argon2");
     f.finish();
@@ -318,6 +336,7 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
         lockout_duration,
         leeway,
         revocation_poll,
+        revocation_max_staleness,
         rate_limit_per_minute,
         argon2,
     }
@@ -334,9 +353,12 @@ fn parse_database_url(url: &str, base: &Path) -> Result<DatabaseUrl, String> {
         return Ok(DatabaseUrl::Sqlite(resolve(base, file)));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err("PostgreSQL is not supported by this build yet; use a sqlite:// URL".into());
+        return match url.parse::<sqlx::postgres::PgConnectOptions>() {
+            Ok(_) => Ok(DatabaseUrl::Postgres(url.to_owned())),
+            Err(e) => Err(format!("{:?} is not a valid PostgreSQL URL ({e})", redact_url(url))),
+        };
     }
-    Err(format!("{:?} is not a sqlite:// URL", redact_url(url)))
+    Err(format!("{:?} is neither a sqlite:// nor a postgres:// URL", redact_url(url)))
 }
 
 /// Drops any password from a URL before it is shown to anyone.

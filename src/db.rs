@@ -7,7 +7,8 @@
 //! the database, never by an in-process lock alone, so it holds for the CLI
 //! and for several gateway processes sharing one database.
 //!
-//! Timestamps are unix seconds; ids are UUIDs stored as text.
+//! Timestamps are unix seconds; ids are UUIDs (16-byte BLOBs in SQLite,
+//! native `uuid` in PostgreSQL).
 
 pub mod audit;
 pub mod login_attempts;
@@ -15,11 +16,10 @@ pub mod sessions;
 pub mod tenants;
 pub mod users;
 
-use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use uuid::Uuid;
 
 use crate::config::{DatabaseConfig, DatabaseUrl};
 
@@ -34,15 +34,22 @@ pub enum StoreError {
     Unavailable(#[source] sqlx::Error),
     #[error("database error: {0}")]
     Other(#[source] sqlx::Error),
-    #[error("corrupt row: {0}")]
-    Corrupt(String),
 }
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
             sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict,
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => StoreError::Unavailable(e),
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::Io(_)
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            // PostgreSQL shutting down or refusing connections (class 08, 57P).
+            sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) => {
+                StoreError::Unavailable(e)
+            }
             _ => StoreError::Other(e),
         }
     }
@@ -50,53 +57,95 @@ impl From<sqlx::Error> for StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// The connection pool of one backend.
+#[derive(Clone, Debug)]
+pub enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs the same code against whichever backend the store has. The body is
+/// type-checked once per backend, so one SQL text serves both: queries use
+/// `$N` placeholders (which sqlx's SQLite driver maps by number) and only
+/// syntax both databases share (`RETURNING`, `ON CONFLICT … DO UPDATE`).
+macro_rules! on_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match $store.pool() {
+            $crate::db::Pool::Sqlite($pool) => $body,
+            $crate::db::Pool::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_pool;
+
 /// A handle on the database; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: Pool,
 }
 
 impl Store {
-    /// Opens (creating if needed) the configured database.
+    /// Opens the configured database (creating a SQLite file if needed).
+    /// PostgreSQL connections are opened lazily, so a gateway starts (and
+    /// serves valid tokens) while its database is briefly away.
     pub async fn connect(config: &DatabaseConfig) -> StoreResult<Store> {
-        let DatabaseUrl::Sqlite(path) = &config.url;
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+        let pool = match &config.url {
+            DatabaseUrl::Sqlite(path) => {
+                if let Some(dir) = path.parent() {
+                    if !dir.as_os_str().is_empty() {
+                        std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+                    }
+                }
+                // WAL lets readers proceed while one writer commits; busy_timeout makes
+                // concurrent writers (the CLI, parallel logins) wait instead of failing.
+                let options = SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .foreign_keys(true)
+                    .busy_timeout(Duration::from_secs(10));
+                Pool::Sqlite(
+                    SqlitePoolOptions::new()
+                        .max_connections(config.max_connections)
+                        .acquire_timeout(config.acquire_timeout)
+                        .connect_with(options)
+                        .await?,
+                )
             }
-        }
-        // WAL lets readers proceed while one writer commits; busy_timeout makes
-        // concurrent writers (the CLI, parallel logins) wait instead of failing.
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(config.max_connections)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
-            .await?;
+            DatabaseUrl::Postgres(url) => {
+                let options: PgConnectOptions = url.parse()?;
+                Pool::Postgres(
+                    PgPoolOptions::new()
+                        .max_connections(config.max_connections)
+                        .acquire_timeout(config.acquire_timeout)
+                        .connect_lazy_with(options.application_name("gateway")),
+                )
+            }
+        };
         Ok(Store { pool })
     }
 
-    /// Applies pending migrations; a no-op when up to date.
+    /// Applies pending migrations; a no-op when up to date. On PostgreSQL,
+    /// sqlx holds an advisory lock meanwhile, so replicas starting together
+    /// take turns.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        sqlx::migrate!("migrations/sqlite").run(&self.pool).await
+        match &self.pool {
+            Pool::Sqlite(p) => sqlx::migrate!("migrations/sqlite").run(p).await,
+            Pool::Postgres(p) => sqlx::migrate!("migrations/postgres").run(p).await,
+        }
     }
 
     /// True when the database answers a trivial query.
     pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+        on_pool!(self, |p| sqlx::query("SELECT 1").execute(p).await.is_ok())
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        on_pool!(self, |p| p.close().await);
     }
 
-    pub(crate) fn pool(&self) -> &SqlitePool {
+    pub fn pool(&self) -> &Pool {
         &self.pool
     }
 }
@@ -109,10 +158,6 @@ pub fn unix_now() -> i64 {
 /// Seconds in a duration, saturating.
 pub fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
-}
-
-pub(crate) fn parse_uuid(text: &str) -> StoreResult<Uuid> {
-    Uuid::from_str(text).map_err(|_| StoreError::Corrupt(format!("bad uuid {text:?}")))
 }
 
 /// Space-separated list column → values.

@@ -1,18 +1,20 @@
--- Initial schema. Timestamps are unix seconds (INTEGER); ids are UUID text.
--- Every table holding tenant data carries tenant_id and every query filters by it.
+-- Initial schema (SQLite). Timestamps are unix seconds (INTEGER); ids are
+-- UUIDs as 16-byte BLOBs. The PostgreSQL set has the same numbering and
+-- meaning. Every table holding tenant data carries tenant_id and every query
+-- filters by it.
 
 CREATE TABLE tenants (
-    id          TEXT PRIMARY KEY NOT NULL,
+    id          BLOB PRIMARY KEY NOT NULL,
     slug        TEXT NOT NULL UNIQUE,
     name        TEXT NOT NULL,
     created_at  INTEGER NOT NULL
 );
 
 CREATE TABLE users (
-    id             TEXT PRIMARY KEY NOT NULL,
-    tenant_id      TEXT NOT NULL REFERENCES tenants(id),
-    email          TEXT NOT NULL,          -- trimmed and lower-cased
-    password_hash  TEXT NOT NULL,          -- PHC string (argon2id)
+    id             BLOB PRIMARY KEY NOT NULL,
+    tenant_id      BLOB NOT NULL REFERENCES tenants(id),
+    email          TEXT NOT NULL,              -- trimmed and lower-cased
+    password_hash  TEXT NOT NULL,              -- PHC string (argon2id)
     roles          TEXT NOT NULL DEFAULT '',   -- space-separated
     scopes         TEXT NOT NULL DEFAULT '',   -- space-separated
     disabled       INTEGER NOT NULL DEFAULT 0,
@@ -36,9 +38,9 @@ CREATE TABLE login_attempts (
 
 -- One row per login: the refresh-token family.
 CREATE TABLE sessions (
-    id             TEXT PRIMARY KEY NOT NULL,
-    tenant_id      TEXT NOT NULL REFERENCES tenants(id),
-    user_id        TEXT NOT NULL REFERENCES users(id),
+    id             BLOB PRIMARY KEY NOT NULL,
+    tenant_id      BLOB NOT NULL REFERENCES tenants(id),
+    user_id        BLOB NOT NULL REFERENCES users(id),
     created_at     INTEGER NOT NULL,
     last_used_at   INTEGER NOT NULL,
     ip             TEXT,
@@ -50,11 +52,11 @@ CREATE INDEX sessions_user ON sessions (tenant_id, user_id);
 CREATE INDEX sessions_revoked_at ON sessions (revoked_at) WHERE revoked_at IS NOT NULL;
 
 CREATE TABLE refresh_tokens (
-    id          TEXT PRIMARY KEY NOT NULL,
+    id          BLOB PRIMARY KEY NOT NULL,
     token_hash  BLOB NOT NULL UNIQUE,      -- SHA-256 of the token; the token itself is never stored
-    session_id  TEXT NOT NULL REFERENCES sessions(id),
-    tenant_id   TEXT NOT NULL REFERENCES tenants(id),
-    parent_id   TEXT REFERENCES refresh_tokens(id),
+    session_id  BLOB NOT NULL REFERENCES sessions(id),
+    tenant_id   BLOB NOT NULL REFERENCES tenants(id),
+    parent_id   BLOB REFERENCES refresh_tokens(id),
     created_at  INTEGER NOT NULL,
     expires_at  INTEGER NOT NULL,
     spent_at    INTEGER
@@ -65,8 +67,8 @@ CREATE TABLE audit_events (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     at          INTEGER NOT NULL,
     event       TEXT NOT NULL,
-    tenant_id   TEXT,
-    user_id     TEXT,
+    tenant_id   BLOB,
+    user_id     BLOB,
     email       TEXT,
     ip          TEXT,
     user_agent  TEXT,
@@ -74,10 +76,5 @@ CREATE TABLE audit_events (
 );
 CREATE INDEX audit_events_tenant_at ON audit_events (tenant_id, at);
 
-INSERT INTO tenants (id, slug, name, created_at) VALUES (
-    lower(hex(randomblob(4))) || '-' || lower(hex(randomblob(2))) || '-4' ||
-    substr(lower(hex(randomblob(2))), 2) || '-' ||
-    substr('89ab', 1 + (abs(random()) % 4), 1) || substr(lower(hex(randomblob(2))), 2) || '-' ||
-    lower(hex(randomblob(6))),
-    'default', 'Default tenant', CAST(strftime('%s', 'now') AS INTEGER)
-);
+INSERT INTO tenants (id, slug, name, created_at)
+VALUES (randomblob(16), 'default', 'Default tenant', CAST(strftime('%s', 'now') AS INTEGER));

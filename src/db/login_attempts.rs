@@ -3,11 +3,13 @@
 //! An attempt is *reserved* before the password is hashed, by one upsert that
 //! only succeeds while the key is not locked. Twenty parallel wrong guesses
 //! therefore cannot all pass a "not locked yet" check and then all be
-//! evaluated: the database serialises the reservations and at most
-//! `threshold` of them get through. The attempt that reaches the threshold
-//! sets the lock in the same statement; a success deletes the row.
+//! evaluated: the database serialises the reservations (a row lock in
+//! PostgreSQL, the write lock in SQLite) and at most `threshold` of them get
+//! through, across every process sharing the database. The attempt that
+//! reaches the threshold sets the lock in the same statement; a success
+//! deletes the row.
 
-use super::{Store, StoreResult};
+use super::{on_pool, Store, StoreResult};
 
 /// The outcome of reserving a login attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +21,20 @@ pub enum Attempt {
     Locked { until: i64 },
 }
 
+// `expired`: a previous lock has run out, so the count starts again.
+const RESERVE: &str = "
+    INSERT INTO login_attempts (tenant, email, failures, locked_until, updated_at)
+    VALUES ($1, $2, 1, CASE WHEN 1 >= $3 THEN $4 END, $5)
+    ON CONFLICT (tenant, email) DO UPDATE SET
+      failures = CASE WHEN login_attempts.locked_until IS NOT NULL AND login_attempts.locked_until <= $5
+                      THEN 1 ELSE login_attempts.failures + 1 END,
+      locked_until = CASE WHEN (CASE WHEN login_attempts.locked_until IS NOT NULL AND login_attempts.locked_until <= $5
+                                     THEN 1 ELSE login_attempts.failures + 1 END) >= $3
+                          THEN $4 END,
+      updated_at = $5
+    WHERE login_attempts.locked_until IS NULL OR login_attempts.locked_until <= $5
+    RETURNING failures, locked_until";
+
 impl Store {
     /// Reserves one attempt for `(tenant, email)` at time `now`.
     pub async fn reserve_login_attempt(
@@ -29,46 +45,27 @@ impl Store {
         lock_until: i64,
         now: i64,
     ) -> StoreResult<Attempt> {
-        // `expired` resets the count once a previous lock has run out.
-        let row: Option<(i64, Option<i64>)> = sqlx::query_as(
-            "INSERT INTO login_attempts (tenant, email, failures, locked_until, updated_at)
-             VALUES (?1, ?2, 1, CASE WHEN 1 >= ?3 THEN ?4 END, ?5)
-             ON CONFLICT (tenant, email) DO UPDATE SET
-               failures = CASE WHEN locked_until IS NOT NULL AND locked_until <= ?5
-                               THEN 1 ELSE failures + 1 END,
-               locked_until = CASE WHEN (CASE WHEN locked_until IS NOT NULL AND locked_until <= ?5
-                                              THEN 1 ELSE failures + 1 END) >= ?3
-                                   THEN ?4 END,
-               updated_at = ?5
-             WHERE locked_until IS NULL OR locked_until <= ?5
-             RETURNING failures, locked_until",
-        )
-        .bind(tenant)
-        .bind(email)
-        .bind(i64::from(threshold))
-        .bind(lock_until)
-        .bind(now)
-        .fetch_optional(self.pool())
-        .await?;
+        let row: Option<(i64, Option<i64>)> = on_pool!(self, |p| sqlx::query_as(RESERVE)
+            .bind(tenant)
+            .bind(email)
+            .bind(i64::from(threshold))
+            .bind(lock_until)
+            .bind(now)
+            .fetch_optional(p)
+            .await)?;
         if let Some((failures, locked_until)) = row {
             return Ok(Attempt::Allowed { failures, locks: locked_until.is_some() });
         }
+        let sql = "SELECT locked_until FROM login_attempts WHERE tenant = $1 AND email = $2";
         let until: Option<(Option<i64>,)> =
-            sqlx::query_as("SELECT locked_until FROM login_attempts WHERE tenant = ?1 AND email = ?2")
-                .bind(tenant)
-                .bind(email)
-                .fetch_optional(self.pool())
-                .await?;
+            on_pool!(self, |p| sqlx::query_as(sql).bind(tenant).bind(email).fetch_optional(p).await)?;
         Ok(Attempt::Locked { until: until.and_then(|(u,)| u).unwrap_or(now + 1) })
     }
 
     /// Forgets the failures of `(tenant, email)` after a successful login.
     pub async fn clear_login_attempts(&self, tenant: &str, email: &str) -> StoreResult<()> {
-        sqlx::query("DELETE FROM login_attempts WHERE tenant = ?1 AND email = ?2")
-            .bind(tenant)
-            .bind(email)
-            .execute(self.pool())
-            .await?;
+        let sql = "DELETE FROM login_attempts WHERE tenant = $1 AND email = $2";
+        on_pool!(self, |p| sqlx::query(sql).bind(tenant).bind(email).execute(p).await.map(drop))?;
         Ok(())
     }
 }

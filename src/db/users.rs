@@ -3,7 +3,7 @@
 
 use uuid::Uuid;
 
-use super::{parse_uuid, split_list, unix_now, Store, StoreResult};
+use super::{on_pool, split_list, unix_now, Store, StoreResult};
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct User {
@@ -40,21 +40,21 @@ pub struct NewUser<'a> {
     pub scopes: &'a [String],
 }
 
-type Row = (String, String, String, String, String, String, bool, i64);
+type Row = (Uuid, Uuid, String, String, String, String, bool, i64);
 
-const COLUMNS: &str = "id, tenant_id, email, password_hash, roles, scopes, disabled, created_at";
+const SELECT: &str = "SELECT id, tenant_id, email, password_hash, roles, scopes, disabled, created_at FROM users";
 
-fn from_row((id, tenant_id, email, password_hash, roles, scopes, disabled, created_at): Row) -> StoreResult<User> {
-    Ok(User {
-        id: parse_uuid(&id)?,
-        tenant_id: parse_uuid(&tenant_id)?,
+fn from_row((id, tenant_id, email, password_hash, roles, scopes, disabled, created_at): Row) -> User {
+    User {
+        id,
+        tenant_id,
         email,
         password_hash,
         roles: split_list(&roles),
         scopes: split_list(&scopes),
         disabled,
         created_at,
-    })
+    }
 }
 
 impl Store {
@@ -70,50 +70,53 @@ impl Store {
             disabled: false,
             created_at: now,
         };
-        sqlx::query(
+        let sql =
             "INSERT INTO users (id, tenant_id, email, password_hash, roles, scopes, disabled, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?7)",
-        )
-        .bind(user.id.to_string())
-        .bind(user.tenant_id.to_string())
-        .bind(&user.email)
-        .bind(&user.password_hash)
-        .bind(user.roles.join(" "))
-        .bind(user.scopes.join(" "))
-        .bind(now)
-        .execute(self.pool())
-        .await?;
+                   VALUES ($1, $2, $3, $4, $5, $6, FALSE, $7, $7)";
+        on_pool!(self, |p| sqlx::query(sql)
+            .bind(user.id)
+            .bind(user.tenant_id)
+            .bind(&user.email)
+            .bind(&user.password_hash)
+            .bind(user.roles.join(" "))
+            .bind(user.scopes.join(" "))
+            .bind(now)
+            .execute(p)
+            .await
+            .map(drop))?;
         Ok(user)
     }
 
     pub async fn user_by_email(&self, tenant_id: Uuid, email: &str) -> StoreResult<Option<User>> {
-        let sql = format!("SELECT {COLUMNS} FROM users WHERE tenant_id = ?1 AND email = ?2");
+        let sql = format!("{SELECT} WHERE tenant_id = $1 AND email = $2");
         let row: Option<Row> =
-            sqlx::query_as(&sql).bind(tenant_id.to_string()).bind(email).fetch_optional(self.pool()).await?;
-        row.map(from_row).transpose()
+            on_pool!(self, |p| sqlx::query_as(&sql).bind(tenant_id).bind(email).fetch_optional(p).await)?;
+        Ok(row.map(from_row))
     }
 
     pub async fn user_by_id(&self, tenant_id: Uuid, id: Uuid) -> StoreResult<Option<User>> {
-        let sql = format!("SELECT {COLUMNS} FROM users WHERE tenant_id = ?1 AND id = ?2");
+        let sql = format!("{SELECT} WHERE tenant_id = $1 AND id = $2");
         let row: Option<Row> =
-            sqlx::query_as(&sql).bind(tenant_id.to_string()).bind(id.to_string()).fetch_optional(self.pool()).await?;
-        row.map(from_row).transpose()
+            on_pool!(self, |p| sqlx::query_as(&sql).bind(tenant_id).bind(id).fetch_optional(p).await)?;
+        Ok(row.map(from_row))
     }
 
     pub async fn list_users(&self, tenant_id: Uuid) -> StoreResult<Vec<User>> {
-        let sql = format!("SELECT {COLUMNS} FROM users WHERE tenant_id = ?1 ORDER BY email");
-        let rows: Vec<Row> = sqlx::query_as(&sql).bind(tenant_id.to_string()).fetch_all(self.pool()).await?;
-        rows.into_iter().map(from_row).collect()
+        let sql = format!("{SELECT} WHERE tenant_id = $1 ORDER BY email");
+        let rows: Vec<Row> = on_pool!(self, |p| sqlx::query_as(&sql).bind(tenant_id).fetch_all(p).await)?;
+        Ok(rows.into_iter().map(from_row).collect())
     }
 
     pub async fn set_password_hash(&self, tenant_id: Uuid, user_id: Uuid, hash: &str) -> StoreResult<()> {
-        sqlx::query("UPDATE users SET password_hash = ?3, updated_at = ?4 WHERE tenant_id = ?1 AND id = ?2")
-            .bind(tenant_id.to_string())
-            .bind(user_id.to_string())
+        let sql = "UPDATE users SET password_hash = $3, updated_at = $4 WHERE tenant_id = $1 AND id = $2";
+        on_pool!(self, |p| sqlx::query(sql)
+            .bind(tenant_id)
+            .bind(user_id)
             .bind(hash)
             .bind(unix_now())
-            .execute(self.pool())
-            .await?;
+            .execute(p)
+            .await
+            .map(drop))?;
         Ok(())
     }
 
@@ -121,35 +124,27 @@ impl Store {
     /// returns the revoked session ids, or `None` for an unknown user.
     pub async fn disable_user(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Option<Vec<Uuid>>> {
         let now = unix_now();
-        let mut tx = self.pool().begin().await?;
-        let done = sqlx::query("UPDATE users SET disabled = 1, updated_at = ?3 WHERE tenant_id = ?1 AND id = ?2")
-            .bind(tenant_id.to_string())
-            .bind(user_id.to_string())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Ok(None);
-        }
-        let ids: Vec<(String,)> = sqlx::query_as(
-            "UPDATE sessions SET revoked_at = ?3, revoke_reason = 'user_disabled'
-             WHERE tenant_id = ?1 AND user_id = ?2 AND revoked_at IS NULL RETURNING id",
-        )
-        .bind(tenant_id.to_string())
-        .bind(user_id.to_string())
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        ids.iter().map(|(id,)| parse_uuid(id)).collect::<StoreResult<Vec<_>>>().map(Some)
+        let disable = "UPDATE users SET disabled = TRUE, updated_at = $3 WHERE tenant_id = $1 AND id = $2";
+        let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = 'user_disabled'
+                      WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL RETURNING id";
+        let ids: Option<Vec<(Uuid,)>> = on_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            let done = sqlx::query(disable).bind(tenant_id).bind(user_id).bind(now).execute(&mut *tx).await?;
+            if done.rows_affected() == 0 {
+                None
+            } else {
+                let ids = sqlx::query_as(revoke).bind(tenant_id).bind(user_id).bind(now).fetch_all(&mut *tx).await?;
+                tx.commit().await?;
+                Some(ids)
+            }
+        });
+        Ok(ids.map(|ids| ids.into_iter().map(|(id,)| id).collect()))
     }
 
     /// Users disabled at or after `since` (for the revocation poller).
     pub async fn users_disabled_since(&self, since: i64) -> StoreResult<Vec<Uuid>> {
-        let rows: Vec<(String,)> = sqlx::query_as("SELECT id FROM users WHERE disabled = 1 AND updated_at >= ?1")
-            .bind(since)
-            .fetch_all(self.pool())
-            .await?;
-        rows.iter().map(|(id,)| parse_uuid(id)).collect()
+        let sql = "SELECT id FROM users WHERE disabled AND updated_at >= $1";
+        let rows: Vec<(Uuid,)> = on_pool!(self, |p| sqlx::query_as(sql).bind(since).fetch_all(p).await)?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 }

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Load comparison of the proxy path on this machine.
+#
+# Contenders: direct to the upstream; nginx proxy_pass with upstream
+# keepalive (when nginx is installed); the gateway on a public route; the
+# gateway with a valid token. The proxy is pinned to CPU 0, the load
+# generator and the upstream to CPU 1. For each contender it prints:
+#   - proxy CPU microseconds per request, from /proc/PID/stat (utime+stime)
+#     before and after a closed-loop run: the figure that stays stable on a
+#     noisy machine;
+#   - closed-loop requests/s (wrk, 1 thread, 32 connections);
+#   - open-loop latency p50/p99 at a fixed rate below capacity
+#     (oha -q RATE --latency-correction), when oha is installed.
+#
+# Needs: wrk (apt-get install wrk); optional nginx (apt-get install nginx-light)
+# and oha (cargo install oha). Usage: bench/run.sh [seconds] [rate]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECS=${1:-10}
+RATE=${2:-5000}
+UP=127.0.0.1:18081
+NGINX=127.0.0.1:18082
+GW=127.0.0.1:18080
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+command -v wrk >/dev/null || { echo "wrk is required: apt-get install wrk" >&2; exit 1; }
+cargo build --release --quiet --bin gateway --example bench_upstream
+BIN=target/release/gateway
+TCK=$(getconf CLK_TCK)
+
+wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/${1%:*}/${1#*:}) 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on $1" >&2; exit 1; }
+cpu_ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+
+# The upstream: nginx `return 200` if available, else a small hyper server.
+nginx_conf() { # NAME SERVER-BLOCK
+  mkdir -p "$WORK/$1"
+  cat > "$WORK/$1/nginx.conf" <<CONF
+worker_processes 1;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/$1; proxy_temp_path $WORK/$1;
+  fastcgi_temp_path $WORK/$1; uwsgi_temp_path $WORK/$1; scgi_temp_path $WORK/$1;
+  keepalive_requests 1000000;
+  $2
+}
+CONF
+}
+if command -v nginx >/dev/null; then
+  nginx_conf upstream "server { listen $UP; location / { return 200 \"ok\\n\"; } }"
+  nginx_conf proxy "upstream backend { server $UP; keepalive 64; }
+  server { listen $NGINX; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+  taskset -c 1 nginx -c "$WORK/upstream/nginx.conf" -g 'daemon off;' & PIDS+=($!)
+  taskset -c 0 nginx -c "$WORK/proxy/nginx.conf" -g 'daemon off;' & NGINX_MASTER=$!; PIDS+=($NGINX_MASTER)
+  HAVE_NGINX=1
+else
+  taskset -c 1 target/release/examples/bench_upstream "$UP" & PIDS+=($!)
+  HAVE_NGINX=0
+fi
+wait_port "$UP"
+
+cat > "$WORK/gateway.toml" <<CONF
+[server]
+listen = "$GW"
+[admin]
+listen = "127.0.0.1:19090"
+[database]
+url = "sqlite://gateway.db"
+[auth]
+keys_dir = "keys"
+[log]
+access = false
+[[routes]]
+name = "public"
+prefix = "/public"
+upstreams = ["http://$UP"]
+auth = "public"
+[[routes]]
+name = "api"
+prefix = "/api"
+upstreams = ["http://$UP"]
+scopes = ["bench"]
+CONF
+echo 'correct horse battery staple' | "$BIN" --config "$WORK/gateway.toml" user create \
+  --tenant default --email bench@example.com --scope bench --password-stdin >/dev/null
+RUST_LOG=warn taskset -c 0 "$BIN" --config "$WORK/gateway.toml" serve & GW_PID=$!; PIDS+=($GW_PID)
+wait_port "$GW"
+TOKEN=$(curl -s -X POST "http://$GW/auth/login" -H 'content-type: application/json' \
+  -d '{"email":"bench@example.com","password":"correct horse battery staple"}' |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+
+nginx_pids() { echo "$NGINX_MASTER $(pgrep -P "$NGINX_MASTER" | tr '\n' ' ')"; }
+IDLE_RSS=$(awk '/VmRSS/ {print $2, $3}' /proc/$GW_PID/status)
+
+# run NAME URL "PIDS to charge" [extra wrk args...]
+run() {
+  local name=$1 url=$2 pids=$3; shift 3
+  taskset -c 1 wrk -t1 -c32 -d2s "$@" "$url" >/dev/null  # warm-up
+  local before after out reqs rps cpu lat="-"
+  [ -n "$pids" ] && before=$(cpu_ticks $pids)
+  out=$(taskset -c 1 wrk -t1 -c32 -d"${SECS}s" "$@" "$url")
+  [ -n "$pids" ] && after=$(cpu_ticks $pids)
+  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+  rps=$(awk '/Requests\/sec/ {printf "%d", $2}' <<<"$out")
+  if [ -n "$pids" ]; then
+    cpu=$(awk -v t=$((after - before)) -v n="$reqs" -v hz="$TCK" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
+  else cpu="-"; fi
+  if command -v oha >/dev/null; then
+    local hdr=()
+    for a in "$@"; do hdr+=("$a"); done
+    lat=$(taskset -c 1 oha --no-tui -z "${SECS}s" -q "$RATE" --latency-correction -c 32 "${hdr[@]}" "$url" 2>/dev/null |
+      awk '/50.00% in/ {p50=$3} /99.00% in/ {p99=$3} END {printf "%.3f / %.3f", p50*1000, p99*1000}')
+  fi
+  printf "| %-26s | %8s | %10s | %17s |\n" "$name" "$cpu" "$rps" "$lat"
+}
+
+echo
+echo "| contender                  | CPU us/req | req/s (wrk) | p50 / p99 ms @ ${RATE}/s |"
+echo "| --- | ---: | ---: | ---: |"
+run "direct" "http://$UP/public/x" ""
+if [ "$HAVE_NGINX" = 1 ]; then run "nginx proxy_pass" "http://$NGINX/public/x" "$(nginx_pids)"; fi
+run "gateway, public route" "http://$GW/public/x" "$GW_PID"
+run "gateway, valid token" "http://$GW/api/x" "$GW_PID" -H "Authorization: Bearer $TOKEN"
+echo
+echo "gateway RSS: idle $IDLE_RSS; after the runs $(awk '/VmRSS/ {print $2, $3}' /proc/$GW_PID/status)"
