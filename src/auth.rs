@@ -21,6 +21,7 @@ pub mod revocation;
 pub mod service;
 pub mod token;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -48,13 +49,21 @@ pub struct Principal {
 #[derive(Clone)]
 pub struct Authenticator {
     keys: Arc<ArcSwap<KeyRing>>,
+    /// Bumped on every key-ring change, so caches of verified tokens can
+    /// tell an entry verified against an older ring.
+    generation: Arc<AtomicU64>,
     rules: Arc<TokenRules>,
     revocations: RevocationState,
 }
 
 impl Authenticator {
     pub fn new(keys: KeyRing, rules: TokenRules, revocations: RevocationState) -> Self {
-        Self { keys: Arc::new(ArcSwap::from_pointee(keys)), rules: Arc::new(rules), revocations }
+        Self {
+            keys: Arc::new(ArcSwap::from_pointee(keys)),
+            generation: Arc::new(AtomicU64::new(0)),
+            rules: Arc::new(rules),
+            revocations,
+        }
     }
 
     /// The current key ring (cheap: an atomic load).
@@ -65,6 +74,12 @@ impl Authenticator {
     /// Adopts a reloaded key ring; in-flight checks finish on the old one.
     pub fn replace_keys(&self, ring: KeyRing) {
         self.keys.store(Arc::new(ring));
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Changes whenever the key ring does.
+    pub fn key_generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     pub fn revocations(&self) -> &RevocationState {

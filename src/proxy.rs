@@ -56,10 +56,13 @@ use tenants::TenantDirectory;
 use upstream::UpstreamClient;
 
 /// How the request arrived.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Conn {
     pub peer: SocketAddr,
     pub https: bool,
+    /// The connection's slot under `server.max_connections` (None in tests
+    /// that drive the service directly).
+    pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 /// Everything the public listener needs to answer a request.
@@ -85,7 +88,7 @@ struct Outcome {
 impl Proxy {
     /// Answers one request from the public listener. Never fails: every
     /// error becomes a JSON response.
-    pub async fn serve(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+    pub async fn serve(&self, req: Request<Incoming>, conn: &Conn) -> Response<Body> {
         let started = Instant::now();
         let path = match path::normalize(req.uri().path()) {
             Ok(p) => p,
@@ -145,7 +148,7 @@ impl Proxy {
     }
 
     /// Hands `/auth/*` and the JWKS to the API router, on the normalised path.
-    async fn serve_api(&self, mut req: Request<Incoming>, path: &str, conn: Conn) -> Response<Body> {
+    async fn serve_api(&self, mut req: Request<Incoming>, path: &str, conn: &Conn) -> Response<Body> {
         let ip = self.client_ip(conn.peer.ip(), req.headers());
         req.extensions_mut().insert(ConnectInfo(SocketAddr::new(ip, conn.peer.port())));
         if req.uri().path() != path {
@@ -183,7 +186,7 @@ impl Proxy {
         table: &RouteTable,
         mut req: Request<Incoming>,
         path: &str,
-        conn: Conn,
+        conn: &Conn,
         request_id: &HeaderValue,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ProxyError> {
@@ -217,6 +220,9 @@ impl Proxy {
             .get(HOST)
             .cloned()
             .or_else(|| req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        if req.version() == Version::HTTP_2 {
+            headers::join_cookies(req.headers_mut());
+        }
         let h = req.headers_mut();
         if let Some(id) = &identity {
             headers::inject_identity(h, &table.headers, &id.headers);
@@ -239,7 +245,7 @@ impl Proxy {
 
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let retryable = is_idempotent(&parts.method) && body.is_end_stream() && !upgrade;
+        let retryable = is_idempotent(&parts.method) && body.is_end_stream() && !upgrade && cfg.upstreams.len() > 1;
         let mut body = Some(body);
         let mut index = route.pick();
         for attempt in 0..2 {
@@ -268,7 +274,14 @@ impl Proxy {
                     upstream_error(&cfg.name, "timeout");
                     return Err(ProxyError::GatewayTimeout);
                 }
-                Ok(Ok(response)) => return Ok(respond(response, client_upgrade)),
+                Ok(Ok(response)) => {
+                    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    if switched && !(client_upgrade.is_some() && headers::is_websocket_accept(response.headers())) {
+                        upstream_error(&cfg.name, "upgrade");
+                        return Err(ProxyError::BadGateway("upgrade"));
+                    }
+                    return Ok(respond(response, client_upgrade, conn.slot.clone()));
+                }
                 Ok(Err(e)) if e.is_connect() => {
                     upstream_error(&cfg.name, "connect");
                     tracing::warn!(route = %cfg.name, upstream = %route.upstream(index), error = %e, "upstream refused");
@@ -349,11 +362,18 @@ fn is_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Phase 8: the upstream's answer, made fit for the client.
-fn respond(mut response: Response<Incoming>, client_upgrade: Option<hyper::upgrade::OnUpgrade>) -> Response<Body> {
+fn respond(
+    mut response: Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+) -> Response<Body> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client) = client_upgrade {
             let upstream = hyper::upgrade::on(&mut response);
             tokio::spawn(async move {
+                // The tunnel keeps the connection's slot until it closes, so
+                // WebSockets count against server.max_connections.
+                let _slot = slot;
                 match tokio::try_join!(client, upstream) {
                     Ok((client, upstream)) => {
                         let mut client = TokioIo::new(client);

@@ -12,6 +12,7 @@ pub mod reload;
 pub mod tls;
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use hyper::service::service_fn;
@@ -47,6 +48,8 @@ pub async fn serve_public(
     builder
         .http2()
         .timer(TokioTimer::new())
+        .keep_alive_interval(Some(settings.header_read_timeout))
+        .keep_alive_timeout(settings.header_read_timeout)
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
@@ -81,12 +84,16 @@ pub async fn serve_public(
         let proxy = Arc::clone(&proxy);
         let tls = tls.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let slot = Some(Arc::new(permit));
             match tls {
-                None => serve_connection(&builder, watcher, stream, Conn { peer, https: false }, proxy).await,
+                None => {
+                    let conn = Conn { peer, https: false, slot };
+                    serve_connection(&builder, watcher, stream, conn, proxy, handshake_timeout).await;
+                }
                 Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
-                        serve_connection(&builder, watcher, stream, Conn { peer, https: true }, proxy).await;
+                        let conn = Conn { peer, https: true, slot };
+                        serve_connection(&builder, watcher, stream, conn, proxy, handshake_timeout).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -103,21 +110,42 @@ pub async fn serve_public(
     }
 }
 
+/// Serves one connection. A connection that has not started a request
+/// within `first_request` is closed: hyper's header timer only starts once
+/// it has chosen HTTP/1 or HTTP/2, which needs bytes, so a silent socket
+/// would otherwise hold its slot forever.
 async fn serve_connection<I>(
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
     io: I,
     conn: Conn,
     proxy: Arc<Proxy>,
+    first_request: std::time::Duration,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let peer = conn.peer;
+    let started = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&started);
     let service = service_fn(move |req| {
+        seen.store(true, Ordering::Relaxed);
         let proxy = Arc::clone(&proxy);
-        async move { Ok::<_, Infallible>(proxy.serve(req, conn).await) }
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(proxy.serve(req, &conn).await) }
     });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-    if let Err(e) = watcher.watch(connection).await {
-        tracing::debug!(peer = %conn.peer, error = %e, "connection closed with an error");
+    let connection = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned());
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = &mut connection => result,
+        () = tokio::time::sleep(first_request) => {
+            if !started.load(Ordering::Relaxed) {
+                tracing::debug!(%peer, "no request within the header read timeout; closing");
+                return;
+            }
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection closed with an error");
     }
 }

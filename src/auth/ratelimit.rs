@@ -38,6 +38,7 @@ impl IpRateLimiter {
         if self.per_window == 0 {
             return Ok(());
         }
+        let ip = bucket(ip);
         let window =
             self.windows.get_with(ip, || Arc::new(Window { opened: Instant::now(), count: AtomicU32::new(0) }));
         let n = window.count.fetch_add(1, Ordering::Relaxed).saturating_add(1);
@@ -47,6 +48,19 @@ impl IpRateLimiter {
             let left = WINDOW.saturating_sub(window.opened.elapsed());
             Err(left.as_secs().max(1))
         }
+    }
+}
+
+/// IPv6 clients are counted per /64, the smallest block a host is usually
+/// given: per /128, one host could rotate through billions of addresses.
+fn bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
 }
 
@@ -65,5 +79,13 @@ mod tests {
         assert!((1..=60).contains(&retry));
         assert_eq!(l.check(b), Ok(()), "other IPs are unaffected");
         assert_eq!(IpRateLimiter::new(0).check(a), Ok(()));
+    }
+
+    #[test]
+    fn ipv6_counts_per_64() {
+        let l = IpRateLimiter::new(1);
+        assert_eq!(l.check("2001:db8::1".parse().expect("ip")), Ok(()));
+        assert!(l.check("2001:db8::2".parse().expect("ip")).is_err(), "same /64");
+        assert_eq!(l.check("2001:db8:0:1::1".parse().expect("ip")), Ok(()));
     }
 }

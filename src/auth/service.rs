@@ -95,6 +95,20 @@ impl AuthService {
         self.accounts.audit(event).await;
     }
 
+    /// Takes one slot of the (tenant, email) lockout counter before any
+    /// hashing; `Ok(true)` when a failure of this attempt starts the lock.
+    async fn reserve_attempt(&self, slug: &str, email: &str) -> Result<bool, AuthError> {
+        let now = unix_now();
+        let lock_until = now + secs(self.config.lockout_duration);
+        match self.store.reserve_login_attempt(slug, email, self.config.lockout_threshold, lock_until, now).await? {
+            Attempt::Locked { until } => {
+                metrics::counter!("gateway_logins_total", "result" => "locked").increment(1);
+                Err(AuthError::TooManyAttempts { retry_after: u64::try_from(until - now).unwrap_or(1).max(1) })
+            }
+            Attempt::Allowed { locks, .. } => Ok(locks),
+        }
+    }
+
     pub async fn login(
         &self,
         email: &str,
@@ -115,19 +129,7 @@ impl AuthService {
         let ip = client.ip.to_string();
         let ua = client.user_agent.as_deref();
 
-        let now = unix_now();
-        let lock_until = now + secs(self.config.lockout_duration);
-        let locks = match self
-            .store
-            .reserve_login_attempt(&slug, &email, self.config.lockout_threshold, lock_until, now)
-            .await?
-        {
-            Attempt::Locked { until } => {
-                metrics::counter!("gateway_logins_total", "result" => "locked").increment(1);
-                return Err(AuthError::TooManyAttempts { retry_after: u64::try_from(until - now).unwrap_or(1).max(1) });
-            }
-            Attempt::Allowed { locks, .. } => locks,
-        };
+        let locks = self.reserve_attempt(&slug, &email).await?;
 
         let tenant = self.store.tenant_by_slug(&slug).await?;
         let user = match &tenant {
@@ -141,7 +143,7 @@ impl AuthService {
                 if let Some(hash) = rehash {
                     self.store.set_password_hash(user.tenant_id, user.id, hash).await?;
                 }
-                let pair = self.open_session(user, client, now).await?;
+                let pair = self.open_session(user, client, unix_now()).await?;
                 metrics::counter!("gateway_logins_total", "result" => "success").increment(1);
                 self.audit(NewAuditEvent {
                     event: "login_succeeded",
@@ -379,12 +381,26 @@ impl AuthService {
         new: &SecretString,
         client: &ClientContext,
     ) -> Result<(), AuthError> {
+        self.rate_limit(client.ip)?;
         check_password_size(current).map_err(AuthError::InvalidRequest)?;
         self.accounts.check_password_strength(new)?;
         let user = self.store.user_by_id(who.tenant_id, who.user_id).await?.ok_or(AuthError::NotFound)?;
+        let tenant = self.store.tenant_by_id(who.tenant_id).await?.ok_or(AuthError::NotFound)?;
+        // Guessing the current password with a stolen access token counts
+        // against the same lockout as guessing at login.
+        self.reserve_attempt(&tenant.slug, &user.email).await?;
         match self.hasher.verify(current, Some(&user.password_hash)).await? {
-            Verdict::Right { .. } => {}
-            Verdict::Wrong => return Err(AuthError::InvalidCredentials),
+            Verdict::Right { .. } => self.store.clear_login_attempts(&tenant.slug, &user.email).await?,
+            Verdict::Wrong => {
+                self.audit_principal(
+                    "password_change_failed",
+                    who,
+                    client,
+                    Some(serde_json::json!({ "reason": "wrong_password" })),
+                )
+                .await;
+                return Err(AuthError::InvalidCredentials);
+            }
         }
         let hash = self.hasher.hash(new).await?;
         self.store.set_password_hash(who.tenant_id, who.user_id, &hash).await?;

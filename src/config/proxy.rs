@@ -84,8 +84,24 @@ pub struct HeaderNames {
     pub reserved: Vec<String>,
 }
 
-/// The identity headers stripped from every request whatever `[headers]` says.
-pub const DEFAULT_RESERVED: [&str; 5] = ["x-user-id", "x-tenant-id", "x-user-roles", "x-user-scopes", "x-session-id"];
+/// Headers stripped from every request whatever `[headers]` says: the
+/// identity headers, and those upstream frameworks read as the client's
+/// address or the request's "real" path (`Forwarded`, `X-Real-IP`,
+/// `X-Original-URL`, …), which only the gateway may state.
+pub const DEFAULT_RESERVED: [&str; 12] = [
+    "x-user-id",
+    "x-tenant-id",
+    "x-user-roles",
+    "x-user-scopes",
+    "x-session-id",
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+];
 
 /// Lower-cases and maps `_` and `.` to `-`, the way some servers and CGI
 /// gateways fold header names, so `X_User_Id` cannot slip through.

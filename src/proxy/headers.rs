@@ -58,9 +58,31 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.remove(name);
     }
     if keep_upgrade {
+        // Exactly one protocol may be asked for: no `h2c` or others riding along.
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     } else {
         headers.remove(header::UPGRADE);
+    }
+}
+
+/// True when a 101 answer really switched to WebSocket (and nothing else).
+pub fn is_websocket_accept(headers: &HeaderMap) -> bool {
+    let mut upgrade = headers.get_all(header::UPGRADE).iter();
+    let websocket =
+        matches!((upgrade.next(), upgrade.next()), (Some(v), None) if v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    websocket && headers.contains_key(header::SEC_WEBSOCKET_ACCEPT)
+}
+
+/// HTTP/2 clients send each cookie as its own field; HTTP/1.1 upstreams
+/// expect one `Cookie` line (RFC 9113 §8.2.3), so they are joined with "; ".
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if let (Some(_), Some(_)) = (values.next(), values.next()) {
+        let joined: Vec<&[u8]> = headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
+        if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+            headers.insert(header::COOKIE, v);
+        }
     }
 }
 

@@ -25,10 +25,12 @@ use crate::auth::{Authenticator, Principal};
 pub struct Identity {
     pub principal: Principal,
     pub headers: IdentityHeaders,
+    /// The key-ring generation it was verified against.
+    generation: u64,
 }
 
 impl Identity {
-    fn new(principal: Principal) -> Self {
+    fn new(principal: Principal, generation: u64) -> Self {
         let value = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
         let headers = IdentityHeaders {
             user_id: value(&principal.user_id.to_string()),
@@ -39,7 +41,7 @@ impl Identity {
             scopes: value(&principal.scopes.join(" ")),
             session_id: value(&principal.session_id.to_string()),
         };
-        Self { principal, headers }
+        Self { principal, headers, generation }
     }
 }
 
@@ -68,7 +70,10 @@ impl IdentityCache {
 
     /// Verifies `token` (cached), then checks revocation (always).
     pub fn verify(&self, auth: &Authenticator, token: &str) -> Result<Arc<Identity>, TokenError> {
-        if let Some(id) = self.cache.get(token) {
+        // Read before verifying: an entry verified while the ring changes
+        // carries the old generation and is never trusted afterwards.
+        let generation = auth.key_generation();
+        if let Some(id) = self.cache.get(token).filter(|id| id.generation == generation) {
             if id.principal.expires_at + self.leeway < crate::db::unix_now() {
                 return Err(TokenError::Expired);
             }
@@ -77,7 +82,7 @@ impl IdentityCache {
             }
             return Ok(id);
         }
-        let id = Arc::new(Identity::new(auth.verify_bearer(token)?));
+        let id = Arc::new(Identity::new(auth.verify_bearer(token)?, generation));
         self.cache.insert(token.into(), Arc::clone(&id));
         Ok(id)
     }

@@ -10,7 +10,13 @@
 //! - runs of `/` collapse to one, since many servers treat `//a` as `/a`;
 //! - an encoded `/` or `\` (`%2f`, `%5c`), a raw `\`, and any encoded NUL or
 //!   control character are errors: upstreams disagree on what they mean;
-//! - malformed percent-escapes are errors.
+//! - malformed percent-escapes are errors;
+//! - a `;` (raw or encoded) is an error: servlet containers read `;params`
+//!   and `..;` as path syntax, so `/admin;x` or `/api/..;/admin` would reach
+//!   a different resource than the route that judged it.
+//!
+//! Matching is case-sensitive: an upstream that treats paths
+//! case-insensitively must be routed by a case-insensitive-safe prefix.
 //!
 //! Other escapes (`%20`, `%25`) are kept, with upper-case hex.
 
@@ -21,7 +27,7 @@ pub enum PathError {
     NotAbsolute,
     #[error("the path has a malformed percent-escape")]
     BadEscape,
-    #[error("the path contains an encoded '/', '\\', NUL or control character")]
+    #[error("the path contains an encoded '/' or '\\', a ';', NUL or a control character")]
     ForbiddenEscape,
     #[error("the path climbs above the root")]
     EscapesRoot,
@@ -31,6 +37,13 @@ pub enum PathError {
 pub fn normalize(raw: &str) -> Result<String, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
+    }
+    // Fast path: nothing to decode, resolve or refuse.
+    if !raw.bytes().any(|b| matches!(b, b'%' | b'\\' | b';') || b < 0x20 || b == 0x7f)
+        && !raw.contains("//")
+        && !raw.contains("/.")
+    {
+        return Ok(raw.to_owned());
     }
     let decoded = decode_unreserved(raw)?;
     let mut out: Vec<&str> = Vec::new();
@@ -80,7 +93,7 @@ fn decode_unreserved(raw: &str) -> Result<String, PathError> {
                 let byte = (hi * 16 + lo) as u8;
                 if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
                     out.push(byte as char);
-                } else if byte == b'/' || byte == b'\\' || byte < 0x20 || byte == 0x7f {
+                } else if byte == b'/' || byte == b'\\' || byte == b';' || byte < 0x20 || byte == 0x7f {
                     return Err(PathError::ForbiddenEscape);
                 } else {
                     out.push('%');
@@ -89,14 +102,14 @@ fn decode_unreserved(raw: &str) -> Result<String, PathError> {
                 }
                 i += 3;
             }
-            b'\\' => return Err(PathError::ForbiddenEscape),
+            b'\\' | b';' => return Err(PathError::ForbiddenEscape),
             b if b < 0x20 || b == 0x7f => return Err(PathError::ForbiddenEscape),
             _ => {
                 // Copy the run up to the next '%' or '\' in one go (UTF-8 safe:
                 // those are ASCII and never inside a multi-byte sequence).
                 let end = bytes[i..]
                     .iter()
-                    .position(|b| *b == b'%' || *b == b'\\' || *b < 0x20 || *b == 0x7f)
+                    .position(|b| matches!(*b, b'%' | b'\\' | b';') || *b < 0x20 || *b == 0x7f)
                     .map_or(bytes.len(), |p| i + p);
                 out.push_str(&raw[i..end]);
                 i = end;
@@ -149,6 +162,9 @@ mod tests {
             ("/a%00", PathError::ForbiddenEscape),
             ("/a%0d%0a", PathError::ForbiddenEscape),
             ("/a%7f", PathError::ForbiddenEscape),
+            ("/admin;x/users", PathError::ForbiddenEscape),
+            ("/api/..;/admin", PathError::ForbiddenEscape),
+            ("/a%3bb", PathError::ForbiddenEscape),
             ("/a%zz", PathError::BadEscape),
             ("/a%2", PathError::BadEscape),
             ("a/b", PathError::NotAbsolute),

@@ -89,3 +89,26 @@ fn forwarded_headers_replace_unless_trusted() {
     set_forwarded(&mut h, peer, true, false, None);
     assert_eq!(h.get("x-forwarded-for").map(|v| v.as_bytes()), Some(&b"1.2.3.4, 10.0.0.9"[..]));
 }
+
+#[test]
+fn forwarding_and_path_override_headers_are_reserved() {
+    let mut h =
+        map(&[("forwarded", "for=1.2.3.4"), ("x-real-ip", "1.2.3.4"), ("x-original-url", "/admin"), ("a", "b")]);
+    strip_reserved(&mut h, &names());
+    assert_eq!(h.len(), 1);
+}
+
+#[test]
+fn upgrade_is_pinned_to_websocket_and_cookies_are_joined() {
+    let mut h = map(&[("connection", "upgrade"), ("upgrade", "websocket, h2c")]);
+    strip_hop_by_hop(&mut h, true);
+    assert_eq!(h.get_all("upgrade").iter().count(), 1);
+    assert_eq!(h.get("upgrade").map(|v| v.as_bytes()), Some(&b"websocket"[..]));
+    let accepted = map(&[("upgrade", "websocket"), ("sec-websocket-accept", "x")]);
+    assert!(is_websocket_accept(&accepted));
+    assert!(!is_websocket_accept(&map(&[("upgrade", "h2c"), ("sec-websocket-accept", "x")])));
+    let mut c = map(&[("cookie", "a=1"), ("cookie", "b=2")]);
+    join_cookies(&mut c);
+    assert_eq!(c.get_all("cookie").iter().count(), 1);
+    assert_eq!(c.get("cookie").map(|v| v.as_bytes()), Some(&b"a=1; b=2"[..]));
+}
