@@ -26,12 +26,15 @@ pub fn router(service: AuthService, metrics: PrometheusHandle) -> Router {
         .with_state(AdminState { service, metrics })
 }
 
-/// Ready when the database answers and a signing key is loaded.
+/// Ready when the database answers, a signing key is loaded and the
+/// revocation state is fresh.
 async fn readyz(State(s): State<AdminState>) -> Response {
     let database = s.service.store.ping().await;
     let keys = !s.service.authenticator.keys().public_keys().is_empty();
-    let status = if database && keys { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(serde_json::json!({ "database": database, "signing_key": keys }))).into_response()
+    let fresh = !s.service.authenticator.revocations().is_stale(crate::db::unix_now());
+    let status = if database && keys && fresh { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({ "database": database, "signing_key": keys, "revocations_fresh": fresh });
+    (status, Json(body)).into_response()
 }
 
 async fn render_metrics(State(s): State<AdminState>) -> Response {

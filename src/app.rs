@@ -67,7 +67,7 @@ impl App {
         }
         let hasher = PasswordHasher::new(config.auth.argon2)?;
         let horizon = config.auth.access_token_ttl + config.auth.leeway;
-        let revocations = RevocationState::new(horizon);
+        let revocations = RevocationState::new(horizon, config.auth.revocation_max_staleness);
         // Revocations from before a restart still bind the tokens they target.
         revocations.load_since(&store, unix_now() - secs(horizon) - 10).await?;
         let rules = TokenRules::new(&config.auth.issuer, &config.auth.audience, config.auth.leeway.as_secs());
@@ -153,6 +153,15 @@ impl App {
             auth.access_token_ttl + auth.leeway,
             stopped(),
         ));
+        let listener = match store.pool() {
+            crate::db::Pool::Postgres(pool) => Some(tokio::spawn(revocation::listen(
+                self.service.authenticator.revocations().clone(),
+                store.clone(),
+                pool.clone(),
+                stopped(),
+            ))),
+            crate::db::Pool::Sqlite(_) => None,
+        };
         let upkeep_handle = self.metrics.clone();
         let upkeep_stop = stopped();
         let upkeep = tokio::spawn(async move {
@@ -190,6 +199,9 @@ impl App {
         let admin = axum::serve(self.admin, admin_app).with_graceful_shutdown(stopped());
         let ((), admin) = tokio::join!(public, admin.into_future());
         let _ = tokio::join!(poller, upkeep, directory, watcher);
+        if let Some(listener) = listener {
+            let _ = listener.await;
+        }
         store.close().await;
         tracing::info!("gateway stopped");
         admin.context("admin listener")?;

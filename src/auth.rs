@@ -41,6 +41,8 @@ pub struct Principal {
     pub token_id: Uuid,
     pub roles: Vec<String>,
     pub scopes: Vec<String>,
+    /// Unix time the token was issued.
+    pub issued_at: i64,
     /// Unix time the token expires.
     pub expires_at: i64,
 }
@@ -86,13 +88,23 @@ impl Authenticator {
         &self.revocations
     }
 
+    /// Revoked sessions and users are refused; while the revocation state is
+    /// stale, so is every token issued before the staleness window.
+    pub fn check_revocation(&self, session: Uuid, user: Uuid, iat: i64, now: i64) -> Result<(), TokenError> {
+        if self.revocations.is_revoked(session, user) {
+            return Err(TokenError::Revoked);
+        }
+        if self.revocations.is_stale(now) && iat < self.revocations.stale_cutoff(now) {
+            return Err(TokenError::Stale);
+        }
+        Ok(())
+    }
+
     /// Verifies `token` (the text after `Bearer `) and returns its principal.
     pub fn verify_bearer(&self, token: &str) -> Result<Principal, TokenError> {
         let now = crate::db::unix_now();
         let claims = self.rules.verify(&self.keys.load(), token, now)?;
-        if self.revocations.is_revoked(claims.sid, claims.sub) {
-            return Err(TokenError::Revoked);
-        }
+        self.check_revocation(claims.sid, claims.sub, claims.iat, now)?;
         Ok(Principal {
             user_id: claims.sub,
             tenant_id: claims.tid,
@@ -100,6 +112,7 @@ impl Authenticator {
             token_id: claims.jti,
             roles: claims.roles,
             scopes: claims.scope.split_whitespace().map(str::to_owned).collect(),
+            issued_at: claims.iat,
             expires_at: claims.exp,
         })
     }

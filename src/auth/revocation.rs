@@ -11,7 +11,17 @@
 //! Revocations made by this process are inserted before the HTTP answer is
 //! sent, so they hold from the next request on. Those made elsewhere (the
 //! CLI, another replica) arrive through [`poll`], which re-reads recent
-//! revocations from the database every `auth.revocation_poll`.
+//! revocations from the database every `auth.revocation_poll`, and on
+//! PostgreSQL also through [`listen`], which applies the `NOTIFY` sent by
+//! the database's triggers within milliseconds. The poll stays as the safety
+//! net, and every (re)connection of the listener starts with a catch-up read.
+//!
+//! Fail closed: when the state has not been refreshed for longer than
+//! `auth.revocation_max_staleness`, the process cannot know what was revoked
+//! meanwhile, so [`RevocationState::is_stale`] turns true, tokens issued
+//! before that window are refused and `/readyz` answers 503. Tokens issued
+//! inside the window were minted after the last known-good state minus the
+//! window, so at most that much revocation news can be missing for them.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -30,8 +40,9 @@ const POLL_OVERLAP_SECS: i64 = 10;
 pub struct RevocationState {
     sessions: Cache<Uuid, ()>,
     users: Cache<Uuid, ()>,
-    /// Unix time of the last successful poll (0 before the first).
+    /// Unix time of the last successful refresh from the database.
     last_poll: Arc<AtomicI64>,
+    max_staleness: i64,
 }
 
 impl std::fmt::Debug for RevocationState {
@@ -42,12 +53,23 @@ impl std::fmt::Debug for RevocationState {
 
 impl RevocationState {
     /// `horizon` = access_token_ttl + leeway: the longest a token can live.
-    pub fn new(horizon: Duration) -> Self {
+    pub fn new(horizon: Duration, max_staleness: Duration) -> Self {
         Self {
             sessions: Cache::builder().time_to_live(horizon).build(),
             users: Cache::builder().time_to_live(horizon).build(),
-            last_poll: Arc::new(AtomicI64::new(0)),
+            last_poll: Arc::new(AtomicI64::new(unix_now())),
+            max_staleness: crate::db::secs(max_staleness),
         }
+    }
+
+    /// True when the state is older than `auth.revocation_max_staleness`.
+    pub fn is_stale(&self, now: i64) -> bool {
+        now - self.last_poll.load(Ordering::Relaxed) > self.max_staleness
+    }
+
+    /// The oldest `iat` accepted while the state is stale.
+    pub fn stale_cutoff(&self, now: i64) -> i64 {
+        now - self.max_staleness
     }
 
     pub fn revoke_session(&self, session_id: Uuid) {
@@ -77,8 +99,10 @@ impl RevocationState {
         self.last_poll.load(Ordering::Relaxed)
     }
 
-    /// Reads revocations recorded at or after `since`; returns how many.
+    /// Reads revocations recorded at or after `since`; returns how many. On
+    /// success the state counts as fresh as of the call's start.
     pub async fn load_since(&self, store: &Store, since: i64) -> Result<usize, crate::db::StoreError> {
+        let started = unix_now();
         let sessions = store.sessions_revoked_since(since).await?;
         let users = store.users_disabled_since(since).await?;
         let n = sessions.len() + users.len();
@@ -88,6 +112,7 @@ impl RevocationState {
         for u in users {
             self.revoke_user(u);
         }
+        self.last_poll.fetch_max(started, Ordering::Relaxed);
         Ok(n)
     }
 }
@@ -114,10 +139,102 @@ pub async fn poll(
         match state.load_since(&store, since).await {
             Ok(_) => {
                 since = started - POLL_OVERLAP_SECS;
-                state.last_poll.store(started, Ordering::Relaxed);
                 metrics::gauge!("gateway_revocation_state_size").set(state.len() as f64);
             }
             Err(e) => tracing::warn!(error = %e, "revocation poll failed; keeping the previous state"),
         }
+        metrics::gauge!("gateway_revocation_staleness_seconds").set((unix_now() - state.last_poll()) as f64);
     }
+}
+
+/// The channel the PostgreSQL triggers notify.
+pub const CHANNEL: &str = "gateway_revocations";
+
+#[derive(serde::Deserialize)]
+struct Notice {
+    kind: String,
+    id: Uuid,
+    /// Epoch seconds (with microseconds) when the database made the change.
+    at: f64,
+}
+
+/// Applies PostgreSQL revocation notifications until `shutdown` resolves.
+/// After every (re)connection it re-reads what it may have missed.
+pub async fn listen(
+    state: RevocationState,
+    store: Store,
+    pool: sqlx::PgPool,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut first = true;
+    loop {
+        let connected = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            listener.listen(CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = tokio::select! {
+            () = &mut shutdown => return,
+            result = connected => match result {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "revocation listener cannot connect; retrying");
+                    tokio::select! {
+                        () = &mut shutdown => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        if !first {
+            metrics::counter!("gateway_revocation_listener_reconnects_total").increment(1);
+        }
+        first = false;
+        catch_up(&state, &store).await;
+        loop {
+            let next = tokio::select! {
+                () = &mut shutdown => return,
+                next = listener.try_recv() => next,
+            };
+            match next {
+                Ok(Some(n)) => apply(&state, n.payload()),
+                Ok(None) => {
+                    // The connection dropped; the next call reconnects. Anything
+                    // notified meanwhile is lost, so read it back.
+                    tracing::warn!("revocation listener lost its connection; reconnecting");
+                    metrics::counter!("gateway_revocation_listener_reconnects_total").increment(1);
+                    catch_up(&state, &store).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "revocation listener failed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn catch_up(state: &RevocationState, store: &Store) {
+    let since = state.last_poll() - POLL_OVERLAP_SECS;
+    if let Err(e) = state.load_since(store, since).await {
+        tracing::warn!(error = %e, "revocation catch-up failed; the poll will retry");
+    }
+}
+
+fn apply(state: &RevocationState, payload: &str) {
+    let Ok(notice) = serde_json::from_str::<Notice>(payload) else {
+        tracing::warn!("ignoring a malformed revocation notification");
+        return;
+    };
+    match notice.kind.as_str() {
+        "session" => state.revoke_session(notice.id),
+        "user" => state.revoke_user(notice.id),
+        _ => return,
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(notice.at);
+    metrics::gauge!("gateway_revocation_lag_seconds").set((now - notice.at).max(0.0));
 }

@@ -52,6 +52,8 @@ pub enum TokenError {
     Audience,
     #[error("session revoked")]
     Revoked,
+    #[error("issued before the revocation state went stale")]
+    Stale,
 }
 
 impl TokenError {
@@ -67,6 +69,7 @@ impl TokenError {
             TokenError::Immature => "immature",
             TokenError::Audience => "audience",
             TokenError::Revoked => "revoked",
+            TokenError::Stale => "stale_revocation_state",
         }
     }
 }

@@ -75,11 +75,11 @@ impl IdentityCache {
         let generation = auth.key_generation();
         if let Some(id) = self.cache.get(token).filter(|id| id.generation == generation) {
             if id.principal.expires_at + self.leeway < crate::db::unix_now() {
+                // moka's expiry is approximate; the token's own exp is not.
                 return Err(TokenError::Expired);
             }
-            if auth.revocations().is_revoked(id.principal.session_id, id.principal.user_id) {
-                return Err(TokenError::Revoked);
-            }
+            let p = &id.principal;
+            auth.check_revocation(p.session_id, p.user_id, p.issued_at, crate::db::unix_now())?;
             return Ok(id);
         }
         let id = Arc::new(Identity::new(auth.verify_bearer(token)?, generation));
