@@ -174,23 +174,13 @@ impl App {
             }
         });
 
-        let tenants = self.proxy.tenants.clone();
-        let tenants_store = store.clone();
-        let tenants_every = auth.revocation_poll;
-        let tenants_stop = stopped();
-        let directory = tokio::spawn(async move {
-            tokio::pin!(tenants_stop);
-            loop {
-                tokio::select! {
-                    () = &mut tenants_stop => return,
-                    () = tokio::time::sleep(tenants_every) => {
-                        if let Err(e) = tenants.refresh(&tenants_store).await {
-                            tracing::warn!(error = %e, "tenant directory refresh failed");
-                        }
-                    }
-                }
-            }
-        });
+        let directory = tokio::spawn(maintain(
+            self.proxy.tenants.clone(),
+            store.clone(),
+            auth.revocation_poll,
+            auth.lockout_duration,
+            stopped(),
+        ));
         let watcher = tokio::spawn(self.reloader.clone().watch(Duration::from_secs(1), stopped()));
 
         let public =
@@ -206,6 +196,38 @@ impl App {
         tracing::info!("gateway stopped");
         admin.context("admin listener")?;
         Ok(())
+    }
+}
+
+/// Background upkeep: refreshes the tenant directory every `every`, and once
+/// an hour deletes lockout counters idle for a day (or the lockout duration,
+/// if longer).
+async fn maintain(
+    tenants: TenantDirectory,
+    store: Store,
+    every: Duration,
+    lockout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let retention = secs(lockout.max(Duration::from_secs(86_400)));
+    let mut last_purge: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = tenants.refresh(&store).await {
+            tracing::warn!(error = %e, "tenant directory refresh failed");
+        }
+        if last_purge.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
+            last_purge = Some(std::time::Instant::now());
+            match store.purge_login_attempts(unix_now() - retention).await {
+                Ok(n) if n > 0 => tracing::info!(deleted = n, "purged idle lockout counters"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "lockout counter purge failed"),
+            }
+        }
     }
 }
 

@@ -126,11 +126,15 @@ impl Proxy {
         let status = response.status();
         let route_name = outcome.route.as_ref().map_or("none", |r| r.config.name.as_str());
         let elapsed = started.elapsed();
-        metrics::counter!("gateway_requests_total", "route" => route_name.to_owned(), "status" => status.as_str().to_owned())
-            .increment(1);
-        metrics::histogram!("gateway_request_duration_seconds", "route" => route_name.to_owned())
-            .record(elapsed.as_secs_f64());
-        if self.access_log {
+        let label = outcome.route.as_ref().map_or(metrics::SharedString::const_str("none"), |r| r.label.clone());
+        metrics::counter!("gateway_requests_total", "route" => label, "status" => status_label(status)).increment(1);
+        match &outcome.route {
+            Some(r) => r.request_duration.record(elapsed.as_secs_f64()),
+            None => {
+                metrics::histogram!("gateway_request_duration_seconds", "route" => "none").record(elapsed.as_secs_f64())
+            }
+        }
+        if self.access_log && tracing::enabled!(target: "gateway::access", tracing::Level::INFO) {
             let upstream = outcome.route.as_ref().zip(outcome.upstream).map(|(r, i)| r.upstream(i).to_string());
             tracing::info!(
                 target: "gateway::access",
@@ -267,8 +271,7 @@ impl Proxy {
 
             let sent = Instant::now();
             let result = tokio::time::timeout(cfg.timeout, self.client.send(upstream_req)).await;
-            metrics::histogram!("gateway_upstream_duration_seconds", "route" => cfg.name.clone())
-                .record(sent.elapsed().as_secs_f64());
+            route.upstream_duration.record(sent.elapsed().as_secs_f64());
             match result {
                 Err(_) => {
                     upstream_error(&cfg.name, "timeout");
@@ -323,6 +326,16 @@ impl Proxy {
 
 fn upstream_error(route: &str, kind: &'static str) {
     metrics::counter!("gateway_upstream_errors_total", "route" => route.to_owned(), "kind" => kind).increment(1);
+}
+
+/// A status code as a `'static` label (no allocation per request).
+fn status_label(status: StatusCode) -> metrics::SharedString {
+    static LABELS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    let labels = LABELS.get_or_init(|| (0..600u16).map(|c| &*Box::leak(c.to_string().into_boxed_str())).collect());
+    labels.get(usize::from(status.as_u16())).map_or_else(
+        || metrics::SharedString::from_owned(status.as_str().to_owned()),
+        |s| metrics::SharedString::const_str(s),
+    )
 }
 
 /// `/auth`, `/auth/...` and the JWKS are the gateway's own.

@@ -68,4 +68,12 @@ impl Store {
         on_pool!(self, |p| sqlx::query(sql).bind(tenant).bind(email).execute(p).await.map(drop))?;
         Ok(())
     }
+
+    /// Deletes counters that are not locked and saw no attempt since `before`,
+    /// so guesses at made-up emails cannot grow the table without bound.
+    pub async fn purge_login_attempts(&self, before: i64) -> StoreResult<u64> {
+        let sql = "DELETE FROM login_attempts
+                   WHERE updated_at < $1 AND (locked_until IS NULL OR locked_until < $1)";
+        Ok(on_pool!(self, |p| sqlx::query(sql).bind(before).execute(p).await.map(|d| d.rows_affected()))?)
+    }
 }

@@ -16,6 +16,12 @@ use crate::config::{HeaderNames, ProxyConfig, RouteConfig, UpstreamTarget};
 #[derive(Debug)]
 pub struct Route {
     pub config: RouteConfig,
+    /// The route name as a metrics label: cloning it is a reference count,
+    /// not an allocation.
+    pub label: metrics::SharedString,
+    /// Pre-registered per-route histograms (no registry lookup per request).
+    pub request_duration: metrics::Histogram,
+    pub upstream_duration: metrics::Histogram,
     next: AtomicUsize,
     /// Per upstream: milliseconds since `epoch` until which it is skipped.
     cooldown_until: Vec<AtomicU64>,
@@ -25,7 +31,18 @@ pub struct Route {
 impl Route {
     fn new(config: RouteConfig) -> Self {
         let cooldown_until = config.upstreams.iter().map(|_| AtomicU64::new(0)).collect();
-        Self { config, next: AtomicUsize::new(0), cooldown_until, epoch: Instant::now() }
+        let label = metrics::SharedString::from_shared(Arc::<str>::from(config.name.as_str()));
+        let request_duration = metrics::histogram!("gateway_request_duration_seconds", "route" => label.clone());
+        let upstream_duration = metrics::histogram!("gateway_upstream_duration_seconds", "route" => label.clone());
+        Self {
+            config,
+            label,
+            request_duration,
+            upstream_duration,
+            next: AtomicUsize::new(0),
+            cooldown_until,
+            epoch: Instant::now(),
+        }
     }
 
     fn now_ms(&self) -> u64 {
