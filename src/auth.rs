@@ -32,6 +32,32 @@ use keys::KeyRing;
 use revocation::RevocationState;
 use token::{TokenError, TokenRules};
 
+/// Why no bearer token could be taken from a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BearerError {
+    /// No `Authorization` header.
+    Missing,
+    /// More than one `Authorization` header: ambiguous, so refused.
+    Duplicate,
+    /// Not `Bearer <token>`.
+    Malformed,
+}
+
+/// The text after `Bearer ` in the only `Authorization` header. Tokens are
+/// taken from this header only, never from a query parameter or a cookie.
+pub fn bearer_token(headers: &hyper::HeaderMap) -> Result<&str, BearerError> {
+    let mut values = headers.get_all(hyper::header::AUTHORIZATION).iter();
+    let value = values.next().ok_or(BearerError::Missing)?;
+    if values.next().is_some() {
+        return Err(BearerError::Duplicate);
+    }
+    let text = value.to_str().map_err(|_| BearerError::Malformed)?;
+    match text.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Ok(token.trim()),
+        _ => Err(BearerError::Malformed),
+    }
+}
+
 /// The authenticated caller, as proven by a verified, unrevoked access token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {

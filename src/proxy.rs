@@ -46,7 +46,7 @@ use ipnet::IpNet;
 use tower::ServiceExt as _;
 
 use crate::auth::token::TokenError;
-use crate::auth::Authenticator;
+use crate::auth::{bearer_token, Authenticator, BearerError};
 use crate::body::Body;
 use crate::config::AuthMode;
 use error::ProxyError;
@@ -308,18 +308,11 @@ impl Proxy {
     }
 
     fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Identity>, ProxyError> {
-        let mut values = headers.get_all(AUTHORIZATION).iter();
-        let value = values.next().ok_or(ProxyError::MissingToken)?;
-        if values.next().is_some() {
-            return Err(ProxyError::BadRequest("more than one Authorization header"));
-        }
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
-            .map(|(_, token)| token.trim())
-            .ok_or(ProxyError::InvalidToken(TokenError::Malformed))?;
+        let token = bearer_token(headers).map_err(|e| match e {
+            BearerError::Missing => ProxyError::MissingToken,
+            BearerError::Duplicate => ProxyError::BadRequest("more than one Authorization header"),
+            BearerError::Malformed => ProxyError::InvalidToken(TokenError::Malformed),
+        })?;
         self.identities.verify(&self.authenticator, token).map_err(ProxyError::InvalidToken)
     }
 }

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use super::error::ApiError;
 use crate::auth::service::{AuthService, ClientContext};
 use crate::auth::token::TokenError;
-use crate::auth::{AuthError, Principal};
+use crate::auth::{bearer_token, AuthError, BearerError, Principal};
 
 /// A JSON body; any rejection is a 400 `invalid_request` (413 when too big).
 pub struct JsonBody<T>(pub T);
@@ -71,7 +71,17 @@ impl FromRequestParts<AuthService> for Authenticated {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AuthService) -> Result<Self, Self::Rejection> {
-        let token = bearer_token(&parts.headers)?;
+        let token = match bearer_token(&parts.headers) {
+            Ok(token) => token,
+            Err(BearerError::Missing) => {
+                metrics::counter!("gateway_auth_failures_total", "reason" => "missing").increment(1);
+                return Err(AuthError::MissingToken.into());
+            }
+            Err(BearerError::Duplicate) => {
+                return Err(AuthError::InvalidRequest("more than one Authorization header".into()).into())
+            }
+            Err(BearerError::Malformed) => return Err(AuthError::InvalidToken(TokenError::Malformed).into()),
+        };
         match state.authenticator.verify_bearer(token) {
             Ok(principal) => Ok(Authenticated(principal)),
             Err(e) => {
@@ -79,22 +89,5 @@ impl FromRequestParts<AuthService> for Authenticated {
                 Err(AuthError::InvalidToken(e).into())
             }
         }
-    }
-}
-
-/// The text after `Bearer ` in the only `Authorization` header.
-pub fn bearer_token(headers: &axum::http::HeaderMap) -> Result<&str, AuthError> {
-    let mut values = headers.get_all(header::AUTHORIZATION).iter();
-    let Some(value) = values.next() else {
-        metrics::counter!("gateway_auth_failures_total", "reason" => "missing").increment(1);
-        return Err(AuthError::MissingToken);
-    };
-    if values.next().is_some() {
-        return Err(AuthError::InvalidRequest("more than one Authorization header".into()));
-    }
-    let text = value.to_str().map_err(|_| AuthError::InvalidToken(TokenError::Malformed))?;
-    match text.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Ok(token.trim()),
-        _ => Err(AuthError::InvalidToken(TokenError::Malformed)),
     }
 }
