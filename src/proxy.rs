@@ -131,7 +131,8 @@ impl Proxy {
         match &outcome.route {
             Some(r) => r.request_duration.record(elapsed.as_secs_f64()),
             None => {
-                metrics::histogram!("gateway_request_duration_seconds", "route" => "none").record(elapsed.as_secs_f64())
+                metrics::histogram!("gateway_request_duration_seconds", "route" => "none")
+                    .record(elapsed.as_secs_f64());
             }
         }
         if self.access_log && tracing::enabled!(target: "gateway::access", tracing::Level::INFO) {
