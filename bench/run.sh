@@ -115,7 +115,9 @@ run() {
     local hdr=()
     for a in "$@"; do hdr+=("$a"); done
     lat=$(taskset -c 1 oha --no-tui -z "${SECS}s" -q "$RATE" --latency-correction -c 32 "${hdr[@]}" "$url" 2>/dev/null |
-      awk '/50.00% in/ {p50=$3} /99.00% in/ {p99=$3} END {printf "%.3f / %.3f", p50*1000, p99*1000}')
+      awk 'function ms(v, u) { return u == "secs" ? v * 1000 : (u == "ms" ? v : v / 1000) }
+           /50.00% in/ {p50 = ms($3, $4)} /99.00% in/ {p99 = ms($3, $4)}
+           END {printf "%.3f / %.3f", p50, p99}')
   fi
   printf "| %-26s | %8s | %10s | %17s |\n" "$name" "$cpu" "$rps" "$lat"
 }

@@ -57,25 +57,32 @@ impl App {
         let (keys, generated) = KeyRing::load_or_generate(&config.auth.keys_dir).context("loading signing keys")?;
         if let Some(kid) = generated {
             tracing::info!(%kid, dir = %config.auth.keys_dir.display(), "generated a new Ed25519 signing key");
-            store
-                .record_audit(NewAuditEvent {
-                    event: "key_generated",
-                    detail: Some(serde_json::json!({ "kid": kid, "by": "startup" })),
-                    ..Default::default()
-                })
-                .await?;
+            let event = NewAuditEvent {
+                event: "key_generated",
+                detail: Some(serde_json::json!({ "kid": kid, "by": "startup" })),
+                ..Default::default()
+            };
+            if let Err(e) = store.record_audit(event).await {
+                tracing::warn!(error = %e, "could not record the key_generated audit event");
+            }
         }
         let hasher = PasswordHasher::new(config.auth.argon2)?;
         let horizon = config.auth.access_token_ttl + config.auth.leeway;
         let revocations = RevocationState::new(horizon, config.auth.revocation_max_staleness);
         // Revocations from before a restart still bind the tokens they target.
-        revocations.load_since(&store, unix_now() - secs(horizon) - 10).await?;
+        // Without the database the state starts stale (fail closed) and the
+        // poll fills it in once the database answers.
+        if let Err(e) = revocations.load_since(&store, unix_now() - secs(horizon) - 10).await {
+            tracing::warn!(error = %e, "database unavailable at start: revocation state is stale until it answers");
+        }
         let rules = TokenRules::new(&config.auth.issuer, &config.auth.audience, config.auth.leeway.as_secs());
         let authenticator = Authenticator::new(keys, rules, revocations);
         let service = AuthService::new(store.clone(), hasher, authenticator.clone(), config.auth.clone());
 
         let tenants = TenantDirectory::default();
-        tenants.refresh(&store).await?;
+        if let Err(e) = tenants.refresh(&store).await {
+            tracing::warn!(error = %e, "tenant directory unavailable at start; routes naming tenants deny until it loads");
+        }
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::new(config.proxy.clone())));
         let identities = IdentityCache::new(IDENTITY_CACHE_CAPACITY, config.auth.leeway);
         let tls = config.server.tls.as_ref().map(crate::server::tls::acceptor).transpose()?;
@@ -154,12 +161,15 @@ impl App {
             stopped(),
         ));
         let listener = match store.pool() {
-            crate::db::Pool::Postgres(pool) => Some(tokio::spawn(revocation::listen(
-                self.service.authenticator.revocations().clone(),
-                store.clone(),
-                pool.clone(),
-                stopped(),
-            ))),
+            crate::db::Pool::Postgres(_) => match &self.config.database.url {
+                crate::config::DatabaseUrl::Postgres(url) => Some(tokio::spawn(revocation::listen(
+                    self.service.authenticator.revocations().clone(),
+                    store.clone(),
+                    url.clone(),
+                    stopped(),
+                ))),
+                crate::config::DatabaseUrl::Sqlite(_) => None,
+            },
             crate::db::Pool::Sqlite(_) => None,
         };
         let upkeep_handle = self.metrics.clone();

@@ -309,6 +309,12 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
     }
     let revocation_poll = f.duration_or("revocation_poll", "1s", Duration::from_millis(10));
     let revocation_max_staleness = f.duration_or("revocation_max_staleness", "30s", Duration::from_secs(1));
+    if revocation_max_staleness < revocation_poll * 2 {
+        f.error(
+            "revocation_max_staleness",
+            "must be at least twice auth.revocation_poll, or every token would be refused",
+        );
+    }
     let rate_limit_per_minute = f.int_or("rate_limit_per_minute", 60, 0, 1_000_000) as u32;
     let argon2_t = f.table("argon2");
     f.finish();

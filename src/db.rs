@@ -86,8 +86,9 @@ pub struct Store {
 
 impl Store {
     /// Opens the configured database (creating a SQLite file if needed).
-    /// PostgreSQL connections are opened lazily, so a gateway starts (and
-    /// serves valid tokens) while its database is briefly away.
+    /// PostgreSQL connections are opened lazily, so with `auto_migrate =
+    /// false` a gateway starts while its database is away (fail closed: its
+    /// revocation state is stale until the database answers).
     pub async fn connect(config: &DatabaseConfig) -> StoreResult<Store> {
         let pool = match &config.url {
             DatabaseUrl::Sqlite(path) => {

@@ -57,7 +57,8 @@ impl RevocationState {
         Self {
             sessions: Cache::builder().time_to_live(horizon).build(),
             users: Cache::builder().time_to_live(horizon).build(),
-            last_poll: Arc::new(AtomicI64::new(unix_now())),
+            // Stale until the first successful load from the database.
+            last_poll: Arc::new(AtomicI64::new(0)),
             max_staleness: crate::db::secs(max_staleness),
         }
     }
@@ -159,18 +160,20 @@ struct Notice {
 }
 
 /// Applies PostgreSQL revocation notifications until `shutdown` resolves.
-/// After every (re)connection it re-reads what it may have missed.
+/// After every (re)connection it re-reads what it may have missed. The
+/// listener has its own connection (from `url`), so it never takes one of
+/// the pool's connections away from requests.
 pub async fn listen(
     state: RevocationState,
     store: Store,
-    pool: sqlx::PgPool,
+    url: String,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
     let mut first = true;
     loop {
         let connected = async {
-            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
             listener.listen(CHANNEL).await?;
             Ok::<_, sqlx::Error>(listener)
         };

@@ -388,17 +388,16 @@ impl AuthService {
         let tenant = self.store.tenant_by_id(who.tenant_id).await?.ok_or(AuthError::NotFound)?;
         // Guessing the current password with a stolen access token counts
         // against the same lockout as guessing at login.
-        self.reserve_attempt(&tenant.slug, &user.email).await?;
+        let locks = self.reserve_attempt(&tenant.slug, &user.email).await?;
         match self.hasher.verify(current, Some(&user.password_hash)).await? {
             Verdict::Right { .. } => self.store.clear_login_attempts(&tenant.slug, &user.email).await?,
             Verdict::Wrong => {
-                self.audit_principal(
-                    "password_change_failed",
-                    who,
-                    client,
-                    Some(serde_json::json!({ "reason": "wrong_password" })),
-                )
-                .await;
+                let detail = serde_json::json!({ "reason": "wrong_password" });
+                self.audit_principal("password_change_failed", who, client, Some(detail)).await;
+                if locks {
+                    let detail = serde_json::json!({ "tenant": tenant.slug, "via": "password_change" });
+                    self.audit_principal("locked_out", who, client, Some(detail)).await;
+                }
                 return Err(AuthError::InvalidCredentials);
             }
         }

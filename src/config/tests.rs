@@ -58,3 +58,9 @@ fn absolute_sqlite_path_and_redacted_postgres_url() {
 fn syntax_errors_are_reported() {
     assert!(matches!(parse("[server"), Err(ConfigError::Syntax { .. })));
 }
+
+#[test]
+fn staleness_must_outlast_the_poll() {
+    let err = parse("[auth]\nrevocation_poll = \"20s\"\nrevocation_max_staleness = \"30s\"").expect_err("invalid");
+    assert!(err.to_string().contains("auth.revocation_max_staleness"), "{err}");
+}

@@ -1,9 +1,11 @@
 //! Shared harness: one gateway per test, in its own temp dir, on ephemeral ports.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -20,6 +22,7 @@ use reqwest::header::{RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Client, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sqlx::Connection as _;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -45,6 +48,17 @@ pub struct TestOptions {
     pub lockout_threshold: u32,
     pub lockout_duration: &'static str,
     pub rate_limit_per_minute: u32,
+    /// `auth.revocation_poll`.
+    pub revocation_poll: &'static str,
+    /// `auth.keys_dir`, relative to the app's temp dir or absolute (replicas share one).
+    pub keys_dir: String,
+    /// `database.url`; `None` is a SQLite file in the app's temp dir. Set by the harness
+    /// for the PostgreSQL backend (see [`Backend`]).
+    pub database_url: Option<String>,
+    /// Extra lines inside the `[database]` table, e.g. `acquire_timeout = "1s"`.
+    pub database_extra: String,
+    /// Extra lines inside the `[auth]` table, e.g. `revocation_max_staleness = "3s"`.
+    pub auth_extra: String,
     /// Extra lines inside the `[server]` table, e.g. `trusted_proxies = ["127.0.0.1/32"]`.
     pub server_extra: String,
     /// Appended at the end of the file: `[[routes]]`, `[headers]`, `[upstream]`, `[server.tls]` tables.
@@ -61,6 +75,11 @@ impl Default for TestOptions {
             lockout_threshold: 5,
             lockout_duration: "15m",
             rate_limit_per_minute: 10_000,
+            revocation_poll: "100ms",
+            keys_dir: "keys".to_owned(),
+            database_url: None,
+            database_extra: String::new(),
+            auth_extra: String::new(),
             server_extra: String::new(),
             extra: String::new(),
         }
@@ -94,7 +113,8 @@ listen = "127.0.0.1:0"
 listen = "127.0.0.1:0"
 
 [database]
-url = "sqlite://gateway.db"
+url = {database_url}
+{database_extra}
 
 [auth]
 issuer = "gateway"
@@ -102,13 +122,14 @@ audience = "gateway"
 access_token_ttl = "{access_token_ttl}"
 refresh_token_ttl = "{refresh_token_ttl}"
 leeway = "{leeway}"
-keys_dir = "keys"
+keys_dir = {keys_dir}
 registration = {registration}
 password_min_length = 15
 lockout_threshold = {lockout_threshold}
 lockout_duration = "{lockout_duration}"
-revocation_poll = "100ms"
+revocation_poll = "{revocation_poll}"
 rate_limit_per_minute = {rate_limit_per_minute}
+{auth_extra}
 
 [auth.argon2]
 memory_kib = 1024
@@ -119,6 +140,11 @@ parallelism = 1
 "#,
         server_extra = opts.server_extra,
         extra = opts.extra,
+        database_url = toml_string(opts.database_url.as_deref().unwrap_or("sqlite://gateway.db")),
+        database_extra = opts.database_extra,
+        keys_dir = toml_string(&opts.keys_dir),
+        revocation_poll = opts.revocation_poll,
+        auth_extra = opts.auth_extra,
         access_token_ttl = opts.access_token_ttl,
         refresh_token_ttl = opts.refresh_token_ttl,
         leeway = opts.leeway,
@@ -127,6 +153,11 @@ parallelism = 1
         lockout_duration = opts.lockout_duration,
         rate_limit_per_minute = opts.rate_limit_per_minute,
     )
+}
+
+/// `s` as a TOML string literal (quoted and escaped).
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
 }
 
 /// Writes `<dir>/gateway.toml` and returns its path.
@@ -140,6 +171,8 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(TestOptions::default()).await
 }
 
+/// Starts a gateway on the backend chosen by [`set_backend`] (a fresh PostgreSQL database per
+/// app, dropped by [`TestApp::stop`], or a SQLite file in the app's temp dir).
 pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     let dir = tempfile::tempdir().expect("create temp dir");
     spawn_app_in(dir, opts).await
@@ -147,12 +180,211 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
 
 /// Like [`spawn_app_with`], in a temp dir the test prepared (e.g. wrote `cert.pem` and
 /// `key.pem` into) before the app is built. Relative paths in `opts` resolve against `dir`.
-pub async fn spawn_app_in(dir: TempDir, opts: TestOptions) -> TestApp {
+pub async fn spawn_app_in(dir: TempDir, mut opts: TestOptions) -> TestApp {
+    let database = match (backend(), &opts.database_url) {
+        (Backend::Postgres, None) => {
+            let database = PgDatabase::create().await;
+            opts.database_url = Some(database.url.clone());
+            Some(Arc::new(database))
+        }
+        _ => None,
+    };
     let config_path = write_config(dir.path(), &opts);
-    start(dir, config_path, opts).await
+    start(dir, config_path, opts, database, None).await
 }
 
-async fn start(dir: TempDir, config_path: PathBuf, opts: TestOptions) -> TestApp {
+/// The database a test's gateways use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file in the app's temp dir (the default).
+    Sqlite,
+    /// A fresh database on the server named by [`POSTGRES_URL_VAR`].
+    Postgres,
+}
+
+thread_local! {
+    /// Read by [`spawn_app_in`]. `#[tokio::test]` polls the test body on the test's own
+    /// thread (also with the multi-thread flavor), so the body's setting is seen here.
+    static BACKEND: Cell<Backend> = const { Cell::new(Backend::Sqlite) };
+}
+
+/// Chooses the backend of the apps this test thread spawns from now on.
+pub fn set_backend(backend: Backend) {
+    BACKEND.with(|b| b.set(backend));
+}
+
+pub fn backend() -> Backend {
+    BACKEND.with(Cell::get)
+}
+
+/// Names the PostgreSQL server of the PostgreSQL variants, e.g.
+/// `postgres://postgres@127.0.0.1:5432/test`; each test creates its own database there.
+pub const POSTGRES_URL_VAR: &str = "GATEWAY_TEST_POSTGRES_URL";
+
+/// The value of [`POSTGRES_URL_VAR`], if set.
+pub fn postgres_url() -> Option<String> {
+    std::env::var(POSTGRES_URL_VAR).ok().filter(|url| !url.trim().is_empty())
+}
+
+/// For a PostgreSQL-only test: true when [`POSTGRES_URL_VAR`] is set; otherwise prints the
+/// skip notice and returns false (the test then returns early and passes).
+pub fn postgres_or_skip() -> bool {
+    if postgres_url().is_some() {
+        return true;
+    }
+    eprintln!("skipped: {POSTGRES_URL_VAR} is not set");
+    false
+}
+
+/// For tests that write a config but start no app: the backend's kind of `database.url`
+/// (the PostgreSQL server's own URL, never connected to; None, a SQLite file, otherwise).
+pub fn config_only_database_url() -> Option<String> {
+    match backend() {
+        Backend::Sqlite => None,
+        Backend::Postgres => postgres_url(),
+    }
+}
+
+/// `url` with its database name replaced by `database`.
+fn url_with_database(url: &str, database: &str) -> String {
+    let mut parsed =
+        reqwest::Url::parse(url).unwrap_or_else(|e| panic!("{POSTGRES_URL_VAR} is not a URL ({e}): {url}"));
+    parsed.set_path(&format!("/{database}"));
+    parsed.to_string()
+}
+
+/// A database of its own on the PostgreSQL server, dropped (`WITH (FORCE)`) by
+/// [`PgDatabase::remove`], or when dropped without it (a failed test).
+#[derive(Debug)]
+pub struct PgDatabase {
+    /// The server's URL as configured (its own database is only used to create and drop ours).
+    admin_url: String,
+    name: String,
+    /// The URL of this database.
+    pub url: String,
+    removed: bool,
+}
+
+impl PgDatabase {
+    /// Creates `gw_test_<uuid>`; panics when the server is unreachable.
+    pub async fn create() -> PgDatabase {
+        let admin_url = postgres_url().unwrap_or_else(|| panic!("{POSTGRES_URL_VAR} is not set"));
+        let name = format!("gw_test_{}", Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to the PostgreSQL server of {POSTGRES_URL_VAR}: {e}"));
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {name} failed: {e}"));
+        // The database exists either way; a failed goodbye is not the test's concern.
+        let _ = conn.close().await;
+        let url = url_with_database(&admin_url, &name);
+        PgDatabase { admin_url, name, url, removed: false }
+    }
+
+    /// The server's address, as the URL names it.
+    pub fn server(&self) -> (String, u16) {
+        let url = reqwest::Url::parse(&self.url).expect("the database URL parses");
+        (url.host_str().expect("the database URL names a host").to_owned(), url.port().unwrap_or(5432))
+    }
+
+    /// Drops the database, panicking on failure.
+    pub async fn remove(mut self) {
+        drop_database(&self.admin_url, &self.name)
+            .await
+            .unwrap_or_else(|e| panic!("DROP DATABASE {} failed: {e:#}", self.name));
+        self.removed = true;
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
+        // Not removed by `stop` (the test failed): Drop cannot await, so a thread of its own
+        // runs the DROP on a runtime of its own.
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(drop_database(&admin_url, &name))
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("could not drop test database {}: {e:#}", self.name),
+            Err(_) => eprintln!("could not drop test database {}: the dropping thread panicked", self.name),
+        }
+    }
+}
+
+async fn drop_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
+    let mut conn = sqlx::PgConnection::connect(admin_url).await.context("connect to the PostgreSQL server")?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut conn).await?;
+    let _ = conn.close().await;
+    Ok(())
+}
+
+/// Gateways sharing one PostgreSQL database and one keys directory, as replicas do. Each
+/// [`TestApp`] it spawns holds both; the last one stopped drops the database.
+pub struct Cluster {
+    database: Arc<PgDatabase>,
+    keys: Arc<TempDir>,
+}
+
+impl Cluster {
+    /// A fresh database; panics when [`POSTGRES_URL_VAR`] is unset or the server unreachable.
+    pub async fn new() -> Cluster {
+        let database = Arc::new(PgDatabase::create().await);
+        let keys = Arc::new(tempfile::tempdir().expect("create the shared keys dir"));
+        Cluster { database, keys }
+    }
+
+    /// The PostgreSQL server's (host, port).
+    pub fn server(&self) -> (String, u16) {
+        self.database.server()
+    }
+
+    /// The database's URL with the server address replaced by `addr` (a relay in front of it).
+    pub fn database_url_via(&self, addr: SocketAddr) -> String {
+        let mut url = reqwest::Url::parse(&self.database.url).expect("the database URL parses");
+        url.set_ip_host(addr.ip()).expect("the database URL can take an IP host");
+        url.set_port(Some(addr.port())).expect("the database URL can take a port");
+        url.to_string()
+    }
+
+    /// A gateway on the shared database (or on `opts.database_url`, which must lead to it)
+    /// and the shared keys directory. The first one migrates and generates the signing key.
+    pub async fn spawn(&self, opts: TestOptions) -> TestApp {
+        let dir = tempfile::tempdir().expect("create temp dir");
+        let keys_dir = self.keys.path().join("keys");
+        let opts = TestOptions {
+            database_url: Some(opts.database_url.unwrap_or_else(|| self.database.url.clone())),
+            keys_dir: keys_dir.to_str().expect("temp dir path is UTF-8").to_owned(),
+            ..opts
+        };
+        let config_path = write_config(dir.path(), &opts);
+        start(dir, config_path, opts, Some(Arc::clone(&self.database)), Some(Arc::clone(&self.keys))).await
+    }
+}
+
+/// Two gateways, A then B, on one fresh PostgreSQL database and one keys directory, both
+/// configured by `opts`. A is built first, so it migrates and generates the key B loads.
+pub async fn spawn_replicas(opts: TestOptions) -> (TestApp, TestApp) {
+    let cluster = Cluster::new().await;
+    let a = cluster.spawn(opts.clone()).await;
+    let b = cluster.spawn(opts).await;
+    (a, b)
+}
+
+async fn start(
+    dir: TempDir,
+    config_path: PathBuf,
+    opts: TestOptions,
+    database: Option<Arc<PgDatabase>>,
+    shared_keys: Option<Arc<TempDir>>,
+) -> TestApp {
     let config = Config::load(&config_path).unwrap_or_else(|e| panic!("test config must load: {e}"));
     // Boxed: the build future may be large (clippy::large_futures).
     let app = Box::pin(App::build(config)).await.unwrap_or_else(|e| panic!("App::build failed: {e:#}"));
@@ -171,7 +403,7 @@ async fn start(dir: TempDir, config_path: PathBuf, opts: TestOptions) -> TestApp
         .timeout(Duration::from_secs(30))
         .build()
         .expect("build reqwest client");
-    TestApp { dir, config_path, addr, admin_addr, client, opts, reloader, shutdown, handle }
+    TestApp { dir, config_path, addr, admin_addr, client, opts, reloader, shutdown, handle, database, shared_keys }
 }
 
 async fn shut_down(client: Client, shutdown: oneshot::Sender<()>, handle: JoinHandle<anyhow::Result<()>>) {
@@ -219,21 +451,30 @@ pub struct TestApp {
     pub reloader: Reloader,
     shutdown: oneshot::Sender<()>,
     handle: JoinHandle<anyhow::Result<()>>,
+    /// The PostgreSQL database (shared by the replicas of a [`Cluster`]); None on SQLite.
+    database: Option<Arc<PgDatabase>>,
+    /// The keys directory shared by the replicas of a [`Cluster`].
+    shared_keys: Option<Arc<TempDir>>,
 }
 
 impl TestApp {
-    /// Sends shutdown, waits for the graceful drain and asserts `run` returned Ok.
+    /// Sends shutdown, waits for the graceful drain and asserts `run` returned Ok; then drops
+    /// the PostgreSQL database unless another replica still uses it.
     pub async fn stop(self) {
-        let TestApp { dir, client, shutdown, handle, .. } = self;
+        let TestApp { dir, client, shutdown, handle, database, shared_keys, .. } = self;
         shut_down(client, shutdown, handle).await;
         drop(dir);
+        drop(shared_keys);
+        if let Some(database) = database.and_then(Arc::into_inner) {
+            database.remove().await;
+        }
     }
 
     /// Stops this app and builds a fresh one from the same config (same db, same keys).
     pub async fn restart(self) -> TestApp {
-        let TestApp { dir, config_path, client, opts, shutdown, handle, .. } = self;
+        let TestApp { dir, config_path, client, opts, shutdown, handle, database, shared_keys, .. } = self;
         shut_down(client, shutdown, handle).await;
-        start(dir, config_path, opts).await
+        start(dir, config_path, opts, database, shared_keys).await
     }
 
     /// Rewrites the config file with the same options but `extra` as its trailing tables.
@@ -367,9 +608,9 @@ impl TestApp {
         expect_json(resp, StatusCode::OK).await
     }
 
-    /// The `*.pem` files in `<dir>/keys`, sorted.
+    /// The `*.pem` files in the keys directory (`<dir>/keys` unless shared), sorted.
     pub fn key_pem_paths(&self) -> Vec<PathBuf> {
-        let keys_dir = self.dir.path().join("keys");
+        let keys_dir = self.dir.path().join(&self.opts.keys_dir);
         let mut paths: Vec<PathBuf> = std::fs::read_dir(&keys_dir)
             .unwrap_or_else(|e| panic!("read {}: {e}", keys_dir.display()))
             .map(|entry| entry.expect("read keys dir entry").path())
@@ -635,3 +876,37 @@ pub async fn raw_get(addr: SocketAddr, path: &str, host: &str, extra_headers: &[
     request.push_str("\r\n");
     raw_request(addr, request.as_bytes()).await
 }
+
+/// Runs each test function on both backends: generates `mod sqlite` and `mod postgres`, each
+/// with every function (attributes kept as written), whose body first picks the backend with
+/// [`set_backend`]. The PostgreSQL variant returns early, passing, with a notice on stderr when
+/// [`POSTGRES_URL_VAR`] is unset. Helpers the tests call live outside the macro (`use super::*`).
+macro_rules! both_backends {
+    ($( $(#[$attr:meta])* async fn $name:ident() $body:block )*) => {
+        mod sqlite {
+            use super::*;
+            $(
+                $(#[$attr])*
+                async fn $name() {
+                    $crate::helpers::set_backend($crate::helpers::Backend::Sqlite);
+                    $body
+                }
+            )*
+        }
+
+        mod postgres {
+            use super::*;
+            $(
+                $(#[$attr])*
+                async fn $name() {
+                    if !$crate::helpers::postgres_or_skip() {
+                        return;
+                    }
+                    $crate::helpers::set_backend($crate::helpers::Backend::Postgres);
+                    $body
+                }
+            )*
+        }
+    };
+}
+pub(crate) use both_backends;

@@ -3,6 +3,13 @@
 //! Every test starts its own `App` (fresh temp dir, SQLite file, signing key,
 //! ephemeral ports) through `helpers::spawn_app`, talks to it over real HTTP
 //! and drives the CLI in-process (or, where stated, through the real binary).
+//!
+//! The store and auth-flow suites run on both backends (`helpers::both_backends!`
+//! generates a `sqlite` and a `postgres` module of each); `replicas` is
+//! PostgreSQL-only. The PostgreSQL tests create a database of their own on the
+//! server named by `GATEWAY_TEST_POSTGRES_URL` (e.g.
+//! `postgres://postgres@127.0.0.1:5432/test`), and are skipped, passing with a
+//! notice on stderr, when it is unset.
 
 mod helpers;
 mod upstream;
@@ -16,4 +23,5 @@ mod proxy_reload;
 mod proxy_routing;
 mod proxy_transport;
 mod refresh_flow;
+mod replicas;
 mod token_attacks;

@@ -581,3 +581,46 @@ reserved = ["X-Internal"]
     }
     f.app.stop().await;
 }
+
+#[tokio::test]
+async fn client_sent_forwarding_and_rewrite_headers_never_reach_the_upstream() {
+    // What frameworks read as the client's address or the request's "real" path; only the
+    // gateway may state those, so they are dropped even from a trusted proxy.
+    let spoofs = [
+        ("Forwarded", "for=1.2.3.4;proto=https;host=evil.example"),
+        ("Forwarded", "for=5.6.7.8"),
+        ("X-Real-IP", "1.2.3.4"),
+        ("X_Real_IP", "1.2.3.4"),
+        ("X-Forwarded-Port", "443"),
+        ("X-Forwarded-Prefix", "/admin"),
+        ("X-Original-URL", "/admin/users"),
+        ("x.original.url", "/admin/users"),
+        ("X-Rewrite-URL", "/admin/users"),
+    ];
+    let dropped =
+        ["forwarded", "x-real-ip", "x-forwarded-port", "x-forwarded-prefix", "x-original-url", "x-rewrite-url"];
+    for (peer, server_extra) in [("untrusted peer", ""), ("trusted proxy", "trusted_proxies = [\"127.0.0.1/32\"]")] {
+        let f = fixture_with("", server_extra).await;
+        for (path, tokens) in [("/private/x", Some(&f.admin)), ("/public/x", None)] {
+            let case = format!("{peer}, {path}");
+            let mut req = f.req(path);
+            if let Some(t) = tokens {
+                req = req.bearer_auth(&t.access_token);
+            }
+            for (name, value) in spoofs {
+                req = req.header(name, value);
+            }
+            let e = echo(f.send(&case, req).await).await;
+            for name in e.names() {
+                assert!(!dropped.contains(&fold(name).as_str()), "{case}: {name} reached the upstream: {}", e.0);
+            }
+            // The gateway's own account of the hop is there, and the request was otherwise intact.
+            assert_eq!(e.one("x-forwarded-for"), "127.0.0.1", "{case}: {}", e.0);
+            assert_eq!(e.path(), path, "{case}: {}", e.0);
+            if tokens.is_some() {
+                assert_eq!(e.one("x-user-id"), f.admin_id, "{case}: {}", e.0);
+            }
+        }
+        f.app.stop().await;
+    }
+}

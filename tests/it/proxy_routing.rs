@@ -287,3 +287,44 @@ async fn host_specific_routes_win_over_hostless_ones() {
     }
     f.app.stop().await;
 }
+
+#[tokio::test]
+async fn semicolons_in_the_path_are_400_invalid_request() {
+    // Servlet containers read `;params` and `..;` as path syntax: `/admin;x/users` is their
+    // /admin/users, `/api/..;/admin` their /admin. A catch-all route shows the 400 is not a 404.
+    let svc = spawn_upstream("svc").await;
+    let public = "auth = \"public\"";
+    let extra = [
+        route("admin", "/admin", &[svc.url()], public),
+        route("api", "/api", &[svc.url()], public),
+        route("root", "/", &[svc.url()], public),
+    ]
+    .concat();
+    let app = spawn_app_with(TestOptions::with_extra(extra)).await;
+    for raw in [
+        "/admin;x/users",
+        "/api/..;/admin",
+        "/a%3bb",
+        "/a%3Bb",
+        "/admin/users;jsessionid=0123",
+        "/api;/x",
+        "/;",
+        "/auth/me;x",
+    ] {
+        let resp = raw_get(app.addr, raw, "gateway.test", &[]).await;
+        assert!(resp.header("x-request-id").is_some(), "GET {raw}: 400 carries X-Request-Id; head: {}", resp.head);
+        resp.assert_error(&format!("GET {raw}"), 400, "invalid_request");
+    }
+    assert_eq!(svc.hits(), 0, "a path with a ';' reached the upstream");
+
+    // Control: the same routes serve the paths without it, and a ';' in the query is no path syntax.
+    for (raw, path, query) in
+        [("/admin/users", "/admin/users", None), ("/api/x?a=1;b=2", "/api/x", Some("a=1;b=2")), ("/ab", "/ab", None)]
+    {
+        let e = Echo(raw_get(app.addr, raw, "gateway.test", &[]).await.json_ok(&format!("GET {raw}")));
+        assert_eq!(e.path(), path, "GET {raw}: {}", e.0);
+        assert_eq!(e.query(), query, "GET {raw}: {}", e.0);
+    }
+    assert_eq!(svc.hits(), 3);
+    app.stop().await;
+}

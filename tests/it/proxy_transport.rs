@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{SinkExt as _, StreamExt as _};
+use reqwest::header::{HeaderMap, COOKIE};
 use reqwest::{Body, Certificate, Client, StatusCode, Version};
 use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::{header::AUTHORIZATION, HeaderValue};
@@ -442,5 +445,73 @@ async fn metrics_count_proxied_requests() {
         metrics.contains("gateway_upstream_duration_seconds"),
         "metrics lack gateway_upstream_duration_seconds:\n{metrics}"
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn connections_that_send_no_request_head_are_closed() {
+    let svc = spawn_upstream("raw").await;
+    let opts = TestOptions {
+        server_extra: "header_read_timeout = \"500ms\"".to_owned(),
+        extra: route("raw", "/raw", &[svc.url()], PUBLIC),
+        ..TestOptions::default()
+    };
+    let app = spawn_app_with(opts).await;
+    for (case, sent) in [
+        ("silent connection", &b""[..]),
+        ("half a request head", &b"GET /raw/x HTTP/1.1\r\nHost: gateway.test\r\n"[..]),
+    ] {
+        let mut stream = TcpStream::connect(app.addr).await.expect("connect to the gateway");
+        stream.write_all(sent).await.expect("write to the gateway");
+        // Whatever the gateway says before it hangs up, it must hang up: read until EOF or error.
+        let mut received = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buf = [0_u8; 1024];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => received.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "{case}: still open 5 s after connecting, with header_read_timeout = 500ms");
+        if sent.is_empty() {
+            assert!(received.is_empty(), "{case}: got {:?}", String::from_utf8_lossy(&received));
+        }
+    }
+    assert_eq!(svc.hits(), 0, "an incomplete request reached the upstream");
+    // Still serving.
+    let e = echo(app.get("/raw/ok").await).await;
+    assert_eq!(e.path(), "/raw/ok");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn http2_cookie_fields_reach_the_upstream_as_one_header() {
+    let svc = spawn_upstream("h2").await;
+    let app = spawn_app_with(TestOptions::with_extra(route("h2", "/h2", &[svc.url()], PUBLIC))).await;
+    let client = Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("build an HTTP/2 client");
+
+    // HTTP/2 clients send each cookie as a field of its own (RFC 9113 §8.2.3).
+    let mut cookies = HeaderMap::new();
+    cookies.append(COOKIE, HeaderValue::from_static("a=1"));
+    cookies.append(COOKIE, HeaderValue::from_static("b=2"));
+    let resp = client.get(app.url("/h2/x")).headers(cookies).send().await.expect("GET /h2/x over HTTP/2");
+    assert_eq!(resp.version(), Version::HTTP_2, "prior knowledge on the plain listener speaks HTTP/2");
+    let e = echo(resp).await;
+    assert_eq!(e.all("cookie"), ["a=1; b=2"], "the HTTP/1.1 upstream expects one Cookie line: {}", e.0);
+
+    // One cookie field over HTTP/2, and one Cookie line over HTTP/1.1, pass as they are.
+    let resp = client.get(app.url("/h2/x")).header(COOKIE, "c=3; d=4").send().await.expect("GET /h2/x over HTTP/2");
+    assert_eq!(echo(resp).await.all("cookie"), ["c=3; d=4"]);
+    let resp = app.client.get(app.url("/h2/x")).header(COOKIE, "c=3; d=4").send().await.expect("GET /h2/x");
+    assert_eq!(echo(resp).await.all("cookie"), ["c=3; d=4"]);
+    drop(client);
     app.stop().await;
 }
