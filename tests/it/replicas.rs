@@ -378,3 +378,49 @@ async fn a_replica_cut_off_from_the_database_serves_valid_tokens_fails_closed_an
     c.stop().await;
     a.stop().await;
 }
+
+/// `keys generate` on one host, then a reload (what SIGHUP does) on every replica: the new
+/// key signs everywhere, tokens signed by the old key keep verifying, and the JWKS of both
+/// replicas lists both keys. Replica B talks to PostgreSQL over TLS (`sslmode=require`).
+#[tokio::test]
+async fn a_generated_key_is_adopted_by_every_replica_on_reload() {
+    if !postgres_or_skip() {
+        return;
+    }
+    let svc = spawn_upstream("svc").await;
+    let cluster = Cluster::new().await;
+    let a = cluster.spawn(replica_options(&svc)).await;
+    let (host, port) = cluster.server();
+    let tls_url = {
+        let mut url = reqwest::Url::parse(
+            &cluster.database_url_via(SocketAddr::new(host.parse().expect("the test server is an IP address"), port)),
+        )
+        .expect("the database URL parses");
+        url.query_pairs_mut().append_pair("sslmode", "require");
+        url.to_string()
+    };
+    let b = cluster.spawn(TestOptions { database_url: Some(tls_url), ..replica_options(&svc) }).await;
+    a.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+    let before = a.login_ok(EMAIL, PASSWORD, None).await;
+    let old_kid = jwt_part(&before.access_token, 0)["kid"].as_str().expect("kid").to_owned();
+
+    let new_kid = a.cli(&["keys", "generate"], "").await.expect("keys generate").trim().to_owned();
+    assert_ne!(new_kid, old_kid);
+    a.reloader.reload_keys();
+    b.reloader.reload_keys();
+
+    let after = b.login_ok(EMAIL, PASSWORD, None).await;
+    assert_eq!(jwt_part(&after.access_token, 0)["kid"], new_kid.as_str(), "B signs with the new key");
+    let from_a = a.login_ok(EMAIL, PASSWORD, None).await;
+    assert_eq!(jwt_part(&from_a.access_token, 0)["kid"], new_kid.as_str(), "A signs with the new key");
+    for app in [&a, &b] {
+        app.me_ok(&before.access_token).await;
+        app.me_ok(&after.access_token).await;
+        echo(app.get_authed("/svc/x", &before.access_token).await).await;
+        let jwks = app.jwks().await;
+        let kids: Vec<&str> = jwks["keys"].as_array().expect("keys").iter().filter_map(|k| k["kid"].as_str()).collect();
+        assert!(kids.contains(&old_kid.as_str()) && kids.contains(&new_kid.as_str()), "{jwks}");
+    }
+    b.stop().await;
+    a.stop().await;
+}
