@@ -91,12 +91,28 @@ echo 'correct horse battery staple' | "$BIN" --config "$WORK/gateway.toml" user 
   --tenant default --email bench@example.com --scope bench --password-stdin >/dev/null
 RUST_LOG=warn taskset -c 0 "$BIN" --config "$WORK/gateway.toml" serve & GW_PID=$!; PIDS+=($GW_PID)
 wait_port "$GW"
+sleep 0.5
+IDLE_RSS=$(awk '/VmRSS/ {print $2}' /proc/$GW_PID/status)
+# Memory per idle keep-alive connection: 1000 connections, one request each, left open.
+CONN_KB=$(python3 - "$GW" "$GW_PID" <<'PY'
+import socket, sys
+host, port = sys.argv[1].split(":"); pid = sys.argv[2]
+def rss():
+    return int([l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")][0].split()[1])
+base = rss(); socks = []
+for _ in range(1000):
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"GET /public/x HTTP/1.1\r\nHost: bench\r\n\r\n")
+    s.recv(65536); socks.append(s)
+print(f"{(rss() - base) / 1000:.1f}")
+for s in socks: s.close()
+PY
+)
 TOKEN=$(curl -s -X POST "http://$GW/auth/login" -H 'content-type: application/json' \
   -d '{"email":"bench@example.com","password":"correct horse battery staple"}' |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
 
 nginx_pids() { echo "$NGINX_MASTER $(pgrep -P "$NGINX_MASTER" | tr '\n' ' ')"; }
-IDLE_RSS=$(awk '/VmRSS/ {print $2, $3}' /proc/$GW_PID/status)
 
 # run NAME URL "PIDS to charge" [extra wrk args...]
 run() {
@@ -130,4 +146,5 @@ if [ "$HAVE_NGINX" = 1 ]; then run "nginx proxy_pass" "http://$NGINX/public/x" "
 run "gateway, public route" "http://$GW/public/x" "$GW_PID"
 run "gateway, valid token" "http://$GW/api/x" "$GW_PID" -H "Authorization: Bearer $TOKEN"
 echo
-echo "gateway RSS: idle $IDLE_RSS; after the runs $(awk '/VmRSS/ {print $2, $3}' /proc/$GW_PID/status)"
+echo "gateway RSS: idle after start ${IDLE_RSS} kB; per idle keep-alive connection ${CONN_KB} kB;" \
+  "after login and the runs $(awk '/VmRSS/ {print $2}' /proc/$GW_PID/status) kB"

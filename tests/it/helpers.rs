@@ -341,6 +341,11 @@ impl Cluster {
         Cluster { database, keys }
     }
 
+    /// The shared keys directory every replica of this cluster uses.
+    pub fn keys_dir(&self) -> PathBuf {
+        self.keys.path().join("keys")
+    }
+
     /// The PostgreSQL server's (host, port).
     pub fn server(&self) -> (String, u16) {
         self.database.server()
@@ -358,7 +363,7 @@ impl Cluster {
     /// and the shared keys directory. The first one migrates and generates the signing key.
     pub async fn spawn(&self, opts: TestOptions) -> TestApp {
         let dir = tempfile::tempdir().expect("create temp dir");
-        let keys_dir = self.keys.path().join("keys");
+        let keys_dir = self.keys_dir();
         let opts = TestOptions {
             database_url: Some(opts.database_url.unwrap_or_else(|| self.database.url.clone())),
             keys_dir: keys_dir.to_str().expect("temp dir path is UTF-8").to_owned(),

@@ -424,3 +424,26 @@ async fn a_generated_key_is_adopted_by_every_replica_on_reload() {
     b.stop().await;
     a.stop().await;
 }
+
+/// Two replicas starting at the same moment on an empty database: sqlx's migration lock
+/// makes them take turns, both come up, and they serve the same users and keys. The key is
+/// provisioned first, as the README asks (replicas racing to generate the first key in an
+/// empty shared directory could each pick a different signer).
+#[tokio::test]
+async fn replicas_starting_together_migrate_once() {
+    if !postgres_or_skip() {
+        return;
+    }
+    let svc = spawn_upstream("svc").await;
+    let cluster = Cluster::new().await;
+    let kid = gateway::auth::keys::generate(&cluster.keys_dir()).expect("provision the signing key");
+    let (a, b) = tokio::join!(cluster.spawn(replica_options(&svc)), cluster.spawn(replica_options(&svc)));
+    a.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+    let tokens = b.login_ok(EMAIL, PASSWORD, None).await;
+    assert_eq!(jwt_part(&tokens.access_token, 0)["kid"], kid.as_str());
+    a.me_ok(&tokens.access_token).await;
+    let tenants = a.cli(&["tenant", "list"], "").await.expect("tenant list");
+    assert_eq!(tenants.lines().filter(|l| l.contains("default")).count(), 1, "{tenants}");
+    b.stop().await;
+    a.stop().await;
+}
