@@ -39,10 +39,10 @@ const IDENTITY_CACHE_CAPACITY: u64 = 100_000;
 pub struct App {
     config: Config,
     service: AuthService,
-    proxy: Arc<Proxy>,
+    proxy: Proxy,
     reloader: Reloader,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    public: TcpListener,
+    public: std::net::TcpListener,
     admin: TcpListener,
     metrics: PrometheusHandle,
 }
@@ -86,7 +86,7 @@ impl App {
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::new(config.proxy.clone())));
         let identities = IdentityCache::new(IDENTITY_CACHE_CAPACITY, config.auth.leeway);
         let tls = config.server.tls.as_ref().map(crate::server::tls::acceptor).transpose()?;
-        let proxy = Arc::new(Proxy {
+        let proxy = Proxy {
             routes: Arc::clone(&routes),
             api: crate::api::router(service.clone()),
             authenticator: authenticator.clone(),
@@ -96,7 +96,8 @@ impl App {
             cooldown: config.upstream.cooldown,
             trusted_proxies: config.server.trusted_proxies.clone(),
             access_log: config.log.access,
-        });
+            api_runtime: tokio::runtime::Handle::current(),
+        };
         let reloader = Reloader {
             path: config.path.clone(),
             keys_dir: config.auth.keys_dir.clone(),
@@ -105,8 +106,7 @@ impl App {
             identities,
         };
 
-        let public = TcpListener::bind(config.server.listen)
-            .await
+        let public = crate::server::bind_reuseport(config.server.listen)
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
         let admin = TcpListener::bind(config.admin.listen)
             .await
@@ -193,8 +193,27 @@ impl App {
         ));
         let watcher = tokio::spawn(self.reloader.clone().watch(Duration::from_secs(1), stopped()));
 
-        let public =
-            crate::server::serve_public(self.public, self.tls, self.proxy, &self.config.server, stop_rx_public);
+        let addr = self.public_addr();
+        let mut listeners = vec![self.public];
+        for _ in 1..self.config.server.workers {
+            listeners.push(crate::server::bind_reuseport(addr).context("binding a worker's listener")?);
+        }
+        let workers = Arc::new(crate::server::Workers {
+            slots: Arc::new(tokio::sync::Semaphore::new(self.config.server.max_connections)),
+            proxy: self.proxy,
+            upstream: self.config.upstream.clone(),
+            tls: self.tls,
+            settings: self.config.server.clone(),
+        });
+        let threads = crate::server::spawn_workers(listeners, &workers, &stop_rx_public)?;
+        let public = async move {
+            let _ = tokio::task::spawn_blocking(move || {
+                for t in threads {
+                    let _ = t.join();
+                }
+            })
+            .await;
+        };
         let admin_app = crate::admin::router(self.service.clone(), self.metrics.clone());
         let admin = axum::serve(self.admin, admin_app).with_graceful_shutdown(stopped());
         let ((), admin) = tokio::join!(public, admin.into_future());

@@ -47,6 +47,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// Threads serving the public listener (one runtime and socket each).
+    pub workers: usize,
 }
 
 /// Certificate chain and private key (PEM) for the public listener.
@@ -256,6 +258,10 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<
     }
     let max_connections = f.int_or("max_connections", 10_000, 1, 10_000_000) as usize;
     let shutdown_grace = f.duration_or("shutdown_grace", "30s", Duration::ZERO);
+    let workers = match f.int_or("workers", 0, 0, 1024) {
+        0 => std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+        n => n as usize,
+    };
     f.finish();
     let tls = if tls_t.is_empty() {
         None
@@ -283,6 +289,7 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<
         max_header_bytes: max_header_bytes.clamp(8 << 10, 1 << 20),
         max_connections,
         shutdown_grace,
+        workers,
     })
 }
 

@@ -65,7 +65,10 @@ pub struct Conn {
     pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
 
-/// Everything the public listener needs to answer a request.
+/// Everything the public listener needs to answer a request. Cloning is
+/// cheap (shared parts are reference-counted); each worker thread holds a
+/// clone with its own upstream client.
+#[derive(Clone)]
 pub struct Proxy {
     pub routes: Arc<ArcSwap<RouteTable>>,
     pub api: axum::Router,
@@ -76,6 +79,8 @@ pub struct Proxy {
     pub cooldown: Duration,
     pub trusted_proxies: Vec<IpNet>,
     pub access_log: bool,
+    /// The main runtime, which owns the database pool: the API runs there.
+    pub api_runtime: tokio::runtime::Handle,
 }
 
 /// What the access log and metrics record about one request.
@@ -165,9 +170,16 @@ impl Proxy {
                 *req.uri_mut() = uri;
             }
         }
-        match self.api.clone().oneshot(req.map(Body::new)).await {
-            Ok(response) => response,
-            Err(never) => match never {},
+        // Database connections belong to the main runtime's reactor, so the
+        // API is run there rather than on this worker's runtime.
+        let call = self.api.clone().oneshot(req.map(Body::new));
+        match self.api_runtime.spawn(call).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(never)) => match never {},
+            Err(e) => {
+                tracing::error!(error = %e, "API task failed");
+                crate::body::json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error")
+            }
         }
     }
 

@@ -1,6 +1,15 @@
 //! The public listener: accept, TLS, HTTP/1.1 + HTTP/2, limits, graceful
 //! shutdown; and the reload of routes and keys ([`reload`]).
 //!
+//! Thread per core: the public listener is served by `server.workers`
+//! threads, each running its own single-threaded tokio runtime with its own
+//! `SO_REUSEPORT` listening socket (the kernel spreads connections across
+//! them) and its own upstream connection pool. A request then never crosses
+//! threads on its way through the proxy; on this machine tokio's
+//! multi-threaded scheduler cost about a third of the proxy's CPU per
+//! request. The gateway's own API (`/auth/*`) runs on the main runtime,
+//! which also owns the database pool and the background tasks.
+//!
 //! Limits, and why they sit here rather than in a layer: the connection cap
 //! refuses a socket before any byte is read; hyper enforces the header read
 //! timeout (slowloris; also the idle keep-alive limit) and the header size
@@ -12,6 +21,7 @@ pub mod reload;
 pub mod tls;
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -20,22 +30,90 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 pub use reload::Reloader;
 
-use crate::config::ServerConfig;
+use crate::config::{ServerConfig, UpstreamSettings};
+use crate::proxy::upstream::UpstreamClient;
 use crate::proxy::{Conn, Proxy};
 
-/// Serves the public listener until `shutdown` turns true, then stops
+/// Binds `addr` with `SO_REUSEPORT`, so that every worker can listen on the
+/// same address with a socket of its own. Needs a tokio runtime context; the
+/// returned listener is a plain (non-blocking) std one, for any runtime.
+pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)?.into_std()
+}
+
+/// What every worker shares.
+pub struct Workers {
+    pub proxy: Proxy,
+    pub upstream: UpstreamSettings,
+    pub tls: Option<TlsAcceptor>,
+    pub settings: ServerConfig,
+    pub slots: Arc<Semaphore>,
+}
+
+/// Starts one worker thread per listener; each serves until `shutdown`.
+pub fn spawn_workers(
+    listeners: Vec<std::net::TcpListener>,
+    shared: &Arc<Workers>,
+    shutdown: &watch::Receiver<bool>,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let mut handles = Vec::with_capacity(listeners.len());
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let shared = Arc::clone(shared);
+        let shutdown = shutdown.clone();
+        let handle = std::thread::Builder::new().name(format!("gateway-worker-{i}")).spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a worker runtime");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!(error = %e, "cannot adopt the listening socket"),
+                };
+                // Each worker pools its own upstream connections, so a proxied
+                // request and its upstream connection live on one thread.
+                let client = match UpstreamClient::new(&shared.upstream) {
+                    Ok(c) => c,
+                    Err(e) => return tracing::error!(error = %e, "cannot build the upstream client"),
+                };
+                let proxy = Arc::new(Proxy { client, ..shared.proxy.clone() });
+                serve_public(
+                    listener,
+                    shared.tls.clone(),
+                    proxy,
+                    &shared.settings,
+                    Arc::clone(&shared.slots),
+                    shutdown,
+                )
+                .await;
+            });
+        })?;
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
+/// Serves one listening socket until `shutdown` turns true, then stops
 /// accepting and waits up to `shutdown_grace` for open requests.
 pub async fn serve_public(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     proxy: Arc<Proxy>,
     settings: &ServerConfig,
+    slots: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -53,7 +131,6 @@ pub async fn serve_public(
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(settings.max_connections));
     let handshake_timeout = settings.header_read_timeout;
     let stop = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
