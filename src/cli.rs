@@ -104,7 +104,7 @@ pub enum UserCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Generate a new Ed25519 key; it becomes the signer at the next start.
+    /// Generate a new Ed25519 key; it signs after the next start or SIGHUP.
     Generate,
     /// List the keys; the newest signs.
     List,

@@ -1,6 +1,6 @@
 //! The validated configuration.
 //!
-//! `gateway.toml` is parsed once into TOML values, then [`reader::Fields`]
+//! `gateway.toml` is parsed once into TOML values, then `reader::Fields`
 //! turns each table into typed settings (durations, socket addresses, paths),
 //! collecting every error so `gateway config check` can name all bad fields
 //! in one run. Relative paths resolve against the config file's folder, so

@@ -1,29 +1,45 @@
 //! # gateway
 //!
 //! A reverse-proxy auth gateway. Clients talk to it instead of to backends;
-//! it serves `/auth` itself and (in a later change) forwards authenticated
-//! traffic with identity headers no client can forge.
+//! it serves `/auth` itself and forwards every other request to the upstream
+//! a route names, after authenticating and authorising it, with identity
+//! headers no client can forge.
 //!
 //! ## Layout
 //! - [`cli`]: the command line, parsed once into a typed command.
-//! - [`config`]: `gateway.toml` → a validated [`config::Config`] (every error at once).
-//! - [`app`]: builds everything (database, migrations, keys, listeners) and runs it.
-//! - [`db`]: the store, one function per query, grouped by table.
-//! - [`auth`]: passwords, keys, tokens, refresh rotation, revocation state,
-//!   and the flows in [`auth::service`].
-//! - [`api`]: the `/auth/*` and JWKS HTTP endpoints (axum).
+//! - [`config`]: `gateway.toml` → a validated [`config::Config`] (every error
+//!   at once); [`config::proxy`] holds the reloadable routes and headers.
+//! - [`app`]: builds everything (database, migrations, keys, listeners) and
+//!   runs it: worker threads for the public listener, the admin listener and
+//!   the background tasks on the main runtime.
+//! - [`server`]: the public listener (thread per core, TLS, HTTP/1.1 + h2,
+//!   limits, graceful shutdown) and [`server::reload`].
+//! - [`proxy`]: the request phases: [`proxy::path`] normalisation,
+//!   [`proxy::router`], [`proxy::headers`] hygiene, [`proxy::identity`]
+//!   (verified-token cache), [`proxy::policy`], [`proxy::upstream`] client.
+//! - [`api`]: the `/auth/*` and JWKS endpoints (axum).
+//! - [`auth`]: passwords, keys, tokens, refresh rotation, the revocation state
+//!   and its poller/listener, and the flows in [`auth::service`].
+//! - [`db`]: the store for SQLite and PostgreSQL, one function per query,
+//!   grouped by table.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener.
-//! - [`observability`]: tracing and the metrics recorder.
+//! - [`observability`]: tracing and the metrics recorder; [`body`]: the
+//!   shared response body type.
 //!
 //! ## A request's path
-//! `POST /auth/login` → [`api::router`] (metrics, no-store, 16 KiB body limit)
-//! → [`auth::service::AuthService::login`]: per-IP limit, lockout slot
-//! reserved in the database, Argon2id verify on the blocking pool, session and
-//! first refresh token stored (hashed), access JWT signed by the newest key.
+//! A worker accepts the connection ([`server::serve_public`]) and hands each
+//! request to [`proxy::Proxy::serve`], which normalises the path once, then:
 //!
-//! A request with a bearer token → [`api::extract::Authenticated`] →
-//! [`auth::Authenticator::verify_bearer`]: EdDSA signature by the key the
-//! `kid` names, claims, then the in-memory revocation state. No database I/O.
+//! - `/auth/*` or the JWKS → [`api::router`] on the main runtime: e.g.
+//!   [`auth::service::AuthService::login`] (per-IP limit, lockout slot
+//!   reserved in the database, Argon2id on the blocking pool, session and
+//!   hashed refresh token stored, JWT signed by the newest key);
+//! - anything else → route, strip, [`auth::Authenticator::verify_bearer`]
+//!   through the token cache (EdDSA by `kid`, claims, then the in-memory
+//!   revocation state: no database I/O), policy, inject, forward, respond.
+//!
+//! Revocations reach every process through the database: polled every
+//! `auth.revocation_poll`, and pushed by `LISTEN/NOTIFY` on PostgreSQL.
 
 pub mod admin;
 pub mod api;

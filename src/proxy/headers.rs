@@ -1,7 +1,7 @@
 //! Header hygiene: what is removed from requests and responses, and what the
 //! gateway adds.
 //!
-//! Order matters and is fixed by [`prepare_request`]: first everything a
+//! Order matters and is fixed by `Proxy::forward` in `proxy.rs`: first everything a
 //! client could use to impersonate someone (reserved identity names, in any
 //! spelling `_`/`.`/case), hop-by-hop headers and whatever `Connection`
 //! nominates; only then the gateway's own headers. So `Connection: X-User-Id`
