@@ -33,7 +33,12 @@ async fn readyz(State(s): State<AdminState>) -> Response {
     let keys = !s.service.authenticator.keys().public_keys().is_empty();
     let fresh = !s.service.authenticator.revocations().is_stale(crate::db::unix_now());
     let status = if database && keys && fresh { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body = serde_json::json!({ "database": database, "signing_key": keys, "revocations_fresh": fresh });
+    // `revocation_push` is informative (false on SQLite, and while the
+    // PostgreSQL listener reconnects); the poll still covers it.
+    let push = s.service.authenticator.revocations().is_listening();
+    let body = serde_json::json!({
+        "database": database, "signing_key": keys, "revocations_fresh": fresh, "revocation_push": push,
+    });
     (status, Json(body)).into_response()
 }
 

@@ -146,8 +146,10 @@ async fn delete_session(
     State(s): State<AuthService>,
     Authenticated(who): Authenticated,
     Client(client): Client,
-    Path(id): Path<String>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<StatusCode, ApiError> {
+    // An undecodable id names no session of the caller's.
+    let Ok(Path(id)) = id else { return Err(ApiError::NotFound) };
     s.revoke_own_session(&who, &id, &client).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -131,69 +131,25 @@ impl App {
         self.reloader.clone()
     }
 
-    /// Serves until `shutdown` resolves, then drains and returns.
+    /// Serves until `shutdown` resolves, then drains and returns. Draining
+    /// is bounded by `server.shutdown_grace`: whatever is still running then
+    /// (a stuck admin connection, a query on a dead database) is abandoned.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let stop_rx_public = stop_rx.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        });
-        let stopped = move || {
-            let mut rx = stop_rx.clone();
-            async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            }
-        };
-
-        tracing::info!(
-            public = %self.public_addr(),
-            admin = %self.admin_addr(),
-            "gateway listening"
-        );
-        let store = self.service.store.clone();
-        let auth = &self.config.auth;
-        let poller = tokio::spawn(revocation::poll(
-            self.service.authenticator.revocations().clone(),
-            store.clone(),
-            auth.revocation_poll,
-            auth.access_token_ttl + auth.leeway,
-            stopped(),
-        ));
-        let listener = match store.pool() {
-            crate::db::Pool::Postgres(_) => match &self.config.database.url {
-                crate::config::DatabaseUrl::Postgres(url) => Some(tokio::spawn(revocation::listen(
-                    self.service.authenticator.revocations().clone(),
-                    store.clone(),
-                    url.clone(),
-                    stopped(),
-                ))),
-                crate::config::DatabaseUrl::Sqlite(_) => None,
-            },
-            crate::db::Pool::Sqlite(_) => None,
-        };
-        let upkeep_handle = self.metrics.clone();
-        let upkeep_stop = stopped();
-        let upkeep = tokio::spawn(async move {
-            tokio::pin!(upkeep_stop);
-            loop {
-                tokio::select! {
-                    () = &mut upkeep_stop => return,
-                    () = tokio::time::sleep(Duration::from_secs(5)) => upkeep_handle.run_upkeep(),
+        let stopped = {
+            let stop_rx = stop_rx.clone();
+            move || {
+                let mut rx = stop_rx.clone();
+                async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
                 }
             }
-        });
+        };
 
-        let directory = tokio::spawn(maintain(
-            self.proxy.tenants.clone(),
-            store.clone(),
-            auth.revocation_poll,
-            auth.lockout_duration,
-            stopped(),
-        ));
-        let watcher = tokio::spawn(self.reloader.clone().watch(Duration::from_secs(1), stopped()));
-
+        // The public listener first: if a worker cannot start, nothing else
+        // has been started yet.
         let addr = self.public_addr();
+        let admin_addr = self.admin_addr();
         let mut listeners = vec![self.public];
         for _ in 1..self.config.server.workers {
             listeners.push(crate::server::bind_reuseport(addr).context("binding a worker's listener")?);
@@ -205,26 +161,86 @@ impl App {
             tls: self.tls,
             settings: self.config.server.clone(),
         });
-        let threads = crate::server::spawn_workers(listeners, &workers, &stop_rx_public)?;
-        let public = async move {
-            let _ = tokio::task::spawn_blocking(move || {
-                for t in threads {
-                    let _ = t.join();
-                }
-            })
-            .await;
+        let threads = match crate::server::spawn_workers(listeners, &workers, &stop_rx) {
+            Ok(threads) => threads,
+            Err(e) => {
+                let _ = stop_tx.send(true);
+                return Err(e.context("starting the public listener's workers"));
+            }
         };
-        let admin_app = crate::admin::router(self.service.clone(), self.metrics.clone());
-        let admin = axum::serve(self.admin, admin_app).with_graceful_shutdown(stopped());
-        let ((), admin) = tokio::join!(public, admin.into_future());
-        let _ = tokio::join!(poller, upkeep, directory, watcher);
-        if let Some(listener) = listener {
-            let _ = listener.await;
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        tracing::info!(public = %addr, admin = %admin_addr, workers = threads.len(), "gateway listening");
+
+        let store = self.service.store.clone();
+        let auth = &self.config.auth;
+        let revocations = self.service.authenticator.revocations().clone();
+        let mut background = vec![
+            tokio::spawn(revocation::poll(
+                revocations.clone(),
+                store.clone(),
+                auth.revocation_poll,
+                auth.access_token_ttl + auth.leeway,
+                stopped(),
+            )),
+            tokio::spawn(maintain(
+                workers.proxy.tenants.clone(),
+                store.clone(),
+                auth.revocation_poll,
+                auth.lockout_duration,
+                stopped(),
+            )),
+            tokio::spawn(self.reloader.clone().watch(Duration::from_secs(1), stopped())),
+            tokio::spawn(upkeep(self.metrics.clone(), stopped())),
+        ];
+        if let crate::config::DatabaseUrl::Postgres(url) = &self.config.database.url {
+            background.push(tokio::spawn(revocation::listen(revocations, store.clone(), url.clone(), stopped())));
         }
-        store.close().await;
+        let admin_app = crate::admin::router(self.service.clone(), self.metrics.clone());
+        let admin = tokio::spawn(axum::serve(self.admin, admin_app).with_graceful_shutdown(stopped()).into_future());
+
+        // Workers drain within shutdown_grace on their own.
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        let abort: Vec<_> =
+            background.iter().map(tokio::task::JoinHandle::abort_handle).chain([admin.abort_handle()]).collect();
+        let rest = async {
+            for task in background {
+                let _ = task.await;
+            }
+            let admin = admin.await;
+            store.close().await;
+            admin
+        };
+        let grace = self.config.server.shutdown_grace.max(Duration::from_secs(1));
+        let admin = match tokio::time::timeout(grace, rest).await {
+            Ok(admin) => admin,
+            Err(_) => {
+                tracing::warn!("background tasks did not stop within the grace period; abandoning them");
+                abort.iter().for_each(tokio::task::AbortHandle::abort);
+                Ok(Ok(()))
+            }
+        };
         tracing::info!("gateway stopped");
-        admin.context("admin listener")?;
+        admin.context("admin listener task")?.context("admin listener")?;
         Ok(())
+    }
+}
+
+/// Keeps the Prometheus histograms drained until `shutdown`.
+async fn upkeep(handle: PrometheusHandle, shutdown: impl std::future::Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            () = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
+        }
     }
 }
 

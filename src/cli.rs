@@ -206,10 +206,7 @@ async fn find_tenant(store: &Store, slug: &str) -> anyhow::Result<uuid::Uuid> {
 async fn tenant_command(store: &Store, cmd: TenantCommand, out: &mut dyn Write) -> anyhow::Result<()> {
     match cmd {
         TenantCommand::Create { slug, name } => {
-            let valid = !slug.is_empty()
-                && slug.len() <= 64
-                && slug.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-            if !valid {
+            if !crate::auth::service::is_slug(&slug) {
                 bail!("slug {slug:?} must be 1-64 lower-case letters, digits or '-'");
             }
             let name = name.unwrap_or_else(|| slug.clone());

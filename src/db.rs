@@ -46,13 +46,23 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_)
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
-            // PostgreSQL shutting down or refusing connections (class 08, 57P).
-            sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) => {
-                StoreError::Unavailable(e)
-            }
+            // The database is there but cannot serve now; the client may retry:
+            // PostgreSQL connection exceptions (08), shutdown (57P), too many
+            // connections (53300), statement timeout (57014), serialization
+            // failure and deadlock (40001, 40P01), read-only after a failover
+            // (25006); SQLite busy and locked (5, 6, and their extended codes).
+            sqlx::Error::Database(db) if db.code().is_some_and(|c| is_transient(&c)) => StoreError::Unavailable(e),
             _ => StoreError::Other(e),
         }
     }
+}
+
+fn is_transient(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("57P")
+        || matches!(code, "53300" | "57014" | "40001" | "40P01" | "25006")
+        // SQLite codes are short numbers; PostgreSQL SQLSTATEs are five characters.
+        || (code.len() < 5 && code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6)))
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -164,4 +174,17 @@ pub fn secs(d: Duration) -> i64 {
 /// Space-separated list column → values.
 pub(crate) fn split_list(text: &str) -> Vec<String> {
     text.split_whitespace().map(str::to_owned).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transient_codes() {
+        for code in ["08006", "57P01", "53300", "57014", "40001", "40P01", "25006", "5", "6", "517", "262"] {
+            assert!(super::is_transient(code), "{code}");
+        }
+        for code in ["23505", "22021", "42P01", "1", "19", "2067"] {
+            assert!(!super::is_transient(code), "{code}");
+        }
+    }
 }

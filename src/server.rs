@@ -61,47 +61,46 @@ pub struct Workers {
 }
 
 /// Starts one worker thread per listener; each serves until `shutdown`.
+/// Everything that can fail (runtime, socket adoption, upstream client) is
+/// done before any thread starts, so an error leaves nothing running.
 pub fn spawn_workers(
     listeners: Vec<std::net::TcpListener>,
     shared: &Arc<Workers>,
     shutdown: &watch::Receiver<bool>,
-) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
-    let mut handles = Vec::with_capacity(listeners.len());
-    for (i, listener) in listeners.into_iter().enumerate() {
+) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+    let mut prepared = Vec::with_capacity(listeners.len());
+    for listener in listeners {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let listener = {
+            let _in_runtime = runtime.enter();
+            TcpListener::from_std(listener)?
+        };
+        // Each worker pools its own upstream connections, so a proxied
+        // request and its upstream connection live on one thread.
+        let proxy = Arc::new(Proxy { client: UpstreamClient::new(&shared.upstream)?, ..shared.proxy.clone() });
+        prepared.push((runtime, listener, proxy));
+    }
+    let mut handles = Vec::with_capacity(prepared.len());
+    for (i, (runtime, listener, proxy)) in prepared.into_iter().enumerate() {
         let shared = Arc::clone(shared);
         let shutdown = shutdown.clone();
         let handle = std::thread::Builder::new().name(format!("gateway-worker-{i}")).spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start a worker runtime");
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                let listener = match TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => return tracing::error!(error = %e, "cannot adopt the listening socket"),
-                };
-                // Each worker pools its own upstream connections, so a proxied
-                // request and its upstream connection live on one thread.
-                let client = match UpstreamClient::new(&shared.upstream) {
-                    Ok(c) => c,
-                    Err(e) => return tracing::error!(error = %e, "cannot build the upstream client"),
-                };
-                let proxy = Arc::new(Proxy { client, ..shared.proxy.clone() });
-                serve_public(
-                    listener,
-                    shared.tls.clone(),
-                    proxy,
-                    &shared.settings,
-                    Arc::clone(&shared.slots),
-                    shutdown,
-                )
-                .await;
-            });
-        })?;
-        handles.push(handle);
+            runtime.block_on(serve_public(
+                listener,
+                shared.tls.clone(),
+                proxy,
+                &shared.settings,
+                Arc::clone(&shared.slots),
+                shutdown,
+            ));
+        });
+        match handle {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                // The threads already started see the stop the caller sends.
+                return Err(anyhow::Error::new(e).context("spawning a worker thread"));
+            }
+        }
     }
     Ok(handles)
 }

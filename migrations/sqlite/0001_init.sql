@@ -22,7 +22,8 @@ CREATE TABLE users (
     updated_at     INTEGER NOT NULL,
     UNIQUE (tenant_id, email)
 );
-CREATE INDEX users_disabled_updated ON users (updated_at) WHERE disabled = 1;
+-- The condition is written as the poll's query writes it, or SQLite ignores the index.
+CREATE INDEX users_disabled_updated ON users (updated_at) WHERE disabled;
 
 -- Consecutive login failures per (tenant slug, email) as typed at login, kept
 -- apart from users so that unknown emails lock out exactly like known ones

@@ -32,9 +32,13 @@ use uuid::Uuid;
 
 use crate::db::{unix_now, Store};
 
-/// How far back each poll looks before the previous poll started, to cover
-/// clock skew between the processes that write revocations.
-const POLL_OVERLAP_SECS: i64 = 10;
+/// How far back each poll looks before the previous poll started. A
+/// revocation is stamped with its writer's clock before it commits, so it can
+/// land "in the past" by the writer's wait for a lock or a connection (SQLite
+/// busy timeout 10 s, pool acquire timeout) plus the clock skew the leeway
+/// tolerates (at most 60 s). Re-reading a window this wide costs one indexed
+/// query per poll; inserting a known revocation again is harmless.
+const POLL_OVERLAP_SECS: i64 = 120;
 
 #[derive(Clone)]
 pub struct RevocationState {
@@ -43,6 +47,10 @@ pub struct RevocationState {
     /// Unix time of the last successful refresh from the database.
     last_poll: Arc<AtomicI64>,
     max_staleness: i64,
+    /// access_token_ttl + leeway, in seconds: no revocation older than this matters.
+    horizon: i64,
+    /// Whether a PostgreSQL LISTEN is currently active (push delivery).
+    listening: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for RevocationState {
@@ -60,6 +68,8 @@ impl RevocationState {
             // Stale until the first successful load from the database.
             last_poll: Arc::new(AtomicI64::new(0)),
             max_staleness: crate::db::secs(max_staleness),
+            horizon: crate::db::secs(horizon),
+            listening: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
@@ -93,6 +103,11 @@ impl RevocationState {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// True while revocations are pushed to this process (PostgreSQL LISTEN).
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::Relaxed)
     }
 
     /// Unix time of the last successful database poll.
@@ -194,6 +209,7 @@ pub async fn listen(
             metrics::counter!("gateway_revocation_listener_reconnects_total").increment(1);
         }
         first = false;
+        state.listening.store(true, Ordering::Relaxed);
         catch_up(&state, &store).await;
         loop {
             let next = tokio::select! {
@@ -211,6 +227,7 @@ pub async fn listen(
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "revocation listener failed; reconnecting");
+                    state.listening.store(false, Ordering::Relaxed);
                     break;
                 }
             }
@@ -219,7 +236,9 @@ pub async fn listen(
 }
 
 async fn catch_up(state: &RevocationState, store: &Store) {
-    let since = state.last_poll() - POLL_OVERLAP_SECS;
+    // Never further back than the horizon: before the first successful load
+    // `last_poll` is 0, and the whole history is not needed.
+    let since = state.last_poll().max(unix_now() - state.horizon) - POLL_OVERLAP_SECS;
     if let Err(e) = state.load_since(store, since).await {
         tracing::warn!(error = %e, "revocation catch-up failed; the poll will retry");
     }

@@ -118,14 +118,11 @@ impl AuthService {
     ) -> Result<TokenPair, AuthError> {
         self.rate_limit(client.ip)?;
         let email = normalize_email(email);
-        if email.is_empty() || email.len() > 254 {
-            return Err(AuthError::InvalidRequest("email must be 1 to 254 characters".into()));
+        if email.is_empty() || email.len() > 254 || email.chars().any(char::is_control) {
+            return Err(AuthError::InvalidRequest("email must be 1 to 254 printable characters".into()));
         }
         check_password_size(password).map_err(AuthError::InvalidRequest)?;
-        let slug = tenant.unwrap_or(DEFAULT_TENANT).trim().to_ascii_lowercase();
-        if slug.is_empty() || slug.len() > 64 {
-            return Err(AuthError::InvalidRequest("tenant must be 1 to 64 characters".into()));
-        }
+        let slug = tenant_slug(tenant)?;
         let ip = client.ip.to_string();
         let ua = client.user_agent.as_deref();
 
@@ -360,7 +357,7 @@ impl AuthService {
             return Err(AuthError::NotFound);
         }
         self.rate_limit(client.ip)?;
-        let slug = tenant.unwrap_or(DEFAULT_TENANT).trim().to_ascii_lowercase();
+        let slug = tenant_slug(tenant)?;
         let tenant = self
             .store
             .tenant_by_slug(&slug)
@@ -439,6 +436,24 @@ impl AuthService {
         })
         .await;
     }
+}
+
+/// The tenant a request names (`default` when none), checked against the
+/// slug syntax before it goes near the database.
+fn tenant_slug(tenant: Option<&str>) -> Result<String, AuthError> {
+    let slug = tenant.unwrap_or(DEFAULT_TENANT).trim().to_ascii_lowercase();
+    if is_slug(&slug) {
+        Ok(slug)
+    } else {
+        Err(AuthError::InvalidRequest("tenant must be 1-64 lower-case letters, digits or '-'".into()))
+    }
+}
+
+/// Tenant slugs: 1–64 of `a-z 0-9 -`.
+pub fn is_slug(slug: &str) -> bool {
+    !slug.is_empty()
+        && slug.len() <= 64
+        && slug.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Emails are compared trimmed and case-insensitively.

@@ -147,6 +147,23 @@ both_backends! {
                 app.client.post(app.url("/auth/login")).header(CONTENT_TYPE, "text/plain").body(valid.clone()),
             ),
             ("no content type", app.client.post(app.url("/auth/login")).body(valid)),
+            // PostgreSQL refuses NUL in text: it must be a 400 before any query, not a 500.
+            (
+                "NUL in the email",
+                app.client.post(app.url("/auth/login")).json(&json!({ "email": "me\u{0}@example.com", "password": PASSWORD })),
+            ),
+            (
+                "NUL in the tenant",
+                app.client
+                    .post(app.url("/auth/login"))
+                    .json(&json!({ "email": EMAIL, "password": PASSWORD, "tenant": "acme\u{0}" })),
+            ),
+            (
+                "tenant that is not a slug",
+                app.client
+                    .post(app.url("/auth/login"))
+                    .json(&json!({ "email": EMAIL, "password": PASSWORD, "tenant": "Acme Corp!" })),
+            ),
         ];
         for (case, request) in cases {
             let resp = request.send().await.expect(case);

@@ -198,6 +198,7 @@ both_backends! {
             ("another user's session", sid_of(&victim.access_token)),
             ("random uuid", random),
             ("not a uuid", "not-a-uuid".to_owned()),
+            ("not UTF-8 once decoded", "%FF".to_owned()),
         ];
         for (case, id) in cases {
             let resp = app.delete_authed(&format!("/auth/sessions/{id}"), &me.access_token).await;

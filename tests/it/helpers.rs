@@ -107,6 +107,7 @@ pub fn config_toml(opts: &TestOptions) -> String {
     format!(
         r#"[server]
 listen = "127.0.0.1:0"
+shutdown_grace = "5s"
 {server_extra}
 
 [admin]

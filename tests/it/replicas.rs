@@ -29,6 +29,28 @@ const EMAIL: &str = "me@example.com";
 /// meeting this by polling alone would be luck; the push path makes it milliseconds.
 const PUSH_BOUND: Duration = Duration::from_secs(1);
 
+/// Waits (up to 10 s) until `app`'s revocation listener is LISTENing, so that a
+/// measured lag is the push's and not a start-up race with the poll.
+async fn push_ready(app: &TestApp) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready: Value = app
+            .client
+            .get(format!("http://{}/readyz", app.admin_addr))
+            .send()
+            .await
+            .expect("GET /readyz")
+            .json()
+            .await
+            .expect("readyz is JSON");
+        if ready["revocation_push"] == json!(true) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the revocation listener never started: {ready}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Replica options: `revocation_poll = "1s"` and a required route `/svc` to `svc`.
 fn replica_options(svc: &Upstream) -> TestOptions {
     TestOptions { revocation_poll: "1s", ..TestOptions::with_extra(route("svc", "/svc", &[svc.url()], "")) }
@@ -102,6 +124,7 @@ async fn logout_on_one_replica_is_refused_by_the_other_within_a_second() {
     }
     let svc = spawn_upstream("svc").await;
     let (a, b) = spawn_replicas(replica_options(&svc)).await;
+    push_ready(&b).await;
     a.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
     let api = a.login_ok(EMAIL, PASSWORD, None).await;
     let proxied = a.login_ok(EMAIL, PASSWORD, None).await;
@@ -199,6 +222,7 @@ async fn user_disabled_by_the_cli_is_refused_by_the_other_replica_within_a_secon
     }
     let svc = spawn_upstream("svc").await;
     let (a, b) = spawn_replicas(replica_options(&svc)).await;
+    push_ready(&b).await;
     a.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
     a.create_user("default", "bystander@example.com", PASSWORD, &[], &[]).await;
     let tokens = a.login_ok(EMAIL, PASSWORD, None).await;

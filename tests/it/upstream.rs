@@ -129,11 +129,14 @@ pub async fn spawn_upstream(name: &str) -> Upstream {
     Upstream { addr, state, task }
 }
 
-/// A URL on which nothing listens: a port bound for a moment, then released.
+/// A URL on which nothing listens: a port bound but never listened on, and
+/// kept bound for the rest of the process so no parallel test can take it
+/// (connections to it are refused).
 pub fn dead_upstream_url() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a throwaway port");
-    let addr = listener.local_addr().expect("throwaway port address");
-    drop(listener);
+    let socket = tokio::net::TcpSocket::new_v4().expect("create a socket");
+    socket.bind("127.0.0.1:0".parse().expect("address")).expect("bind a throwaway port");
+    let addr = socket.local_addr().expect("throwaway port address");
+    std::mem::forget(socket);
     format!("http://{addr}")
 }
 
