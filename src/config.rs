@@ -70,6 +70,9 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// How long a request waits for a connection before answering 503.
     pub acquire_timeout: Duration,
+    /// PostgreSQL `statement_timeout`: a query running longer is cancelled
+    /// and the request answered 503, so a stuck database cannot hold requests.
+    pub statement_timeout: Duration,
 }
 
 /// Where the data lives.
@@ -206,8 +209,10 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
     let auto_migrate = f.bool_or("auto_migrate", true);
     let max_connections = f.int_or("max_connections", 8, 1, 1000) as u32;
     let acquire_timeout = f.duration_or("acquire_timeout", "3s", Duration::from_millis(10));
+    let statement_timeout = f.duration_or("statement_timeout", "10s", Duration::from_millis(10));
     f.finish();
-    let database = url.map(|url| DatabaseConfig { url, auto_migrate, max_connections, acquire_timeout });
+    let database =
+        url.map(|url| DatabaseConfig { url, auto_migrate, max_connections, acquire_timeout, statement_timeout });
 
     let auth = build_auth(auth_t, base, errors);
 

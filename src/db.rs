@@ -125,7 +125,9 @@ impl Store {
                 )
             }
             DatabaseUrl::Postgres(url) => {
+                let timeout_ms = config.statement_timeout.as_millis().to_string();
                 let options: PgConnectOptions = url.parse()?;
+                let options = options.options([("statement_timeout", timeout_ms.as_str())]);
                 Pool::Postgres(
                     PgPoolOptions::new()
                         .max_connections(config.max_connections)

@@ -471,3 +471,23 @@ async fn replicas_starting_together_migrate_once() {
     b.stop().await;
     a.stop().await;
 }
+
+/// `database.statement_timeout` reaches every pooled PostgreSQL session.
+#[tokio::test]
+async fn statement_timeout_is_set_on_pooled_connections() {
+    if !postgres_or_skip() {
+        return;
+    }
+    let cluster = Cluster::new().await;
+    let (host, port) = cluster.server();
+    let url = cluster.database_url_via(SocketAddr::new(host.parse().expect("an IP address"), port));
+    let text = format!("[database]\nurl = \"{url}\"\nstatement_timeout = \"1500ms\"\n");
+    let config = gateway::config::Config::parse(&text, std::path::Path::new("/tmp/gateway.toml")).expect("config");
+    let store = gateway::db::Store::connect(&config.database).await.expect("connect");
+    let gateway::db::Pool::Postgres(pool) = store.pool() else { panic!("a PostgreSQL store") };
+    let shown: String = sqlx::query_scalar("SHOW statement_timeout").fetch_one(pool).await.expect("SHOW");
+    assert_eq!(shown, "1500ms");
+    store.close().await;
+    // Keep the cluster (and its database) alive until the store is closed.
+    drop(cluster);
+}
