@@ -342,6 +342,11 @@ impl Cluster {
         Cluster { database, keys }
     }
 
+    /// The shared database's URL.
+    pub fn database_url(&self) -> String {
+        self.database.url.clone()
+    }
+
     /// The shared keys directory every replica of this cluster uses.
     pub fn keys_dir(&self) -> PathBuf {
         self.keys.path().join("keys")

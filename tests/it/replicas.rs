@@ -414,12 +414,8 @@ async fn a_generated_key_is_adopted_by_every_replica_on_reload() {
     let svc = spawn_upstream("svc").await;
     let cluster = Cluster::new().await;
     let a = cluster.spawn(replica_options(&svc)).await;
-    let (host, port) = cluster.server();
     let tls_url = {
-        let mut url = reqwest::Url::parse(
-            &cluster.database_url_via(SocketAddr::new(host.parse().expect("the test server is an IP address"), port)),
-        )
-        .expect("the database URL parses");
+        let mut url = reqwest::Url::parse(&cluster.database_url()).expect("the database URL parses");
         url.query_pairs_mut().append_pair("sslmode", "require");
         url.to_string()
     };
@@ -479,8 +475,7 @@ async fn statement_timeout_is_set_on_pooled_connections() {
         return;
     }
     let cluster = Cluster::new().await;
-    let (host, port) = cluster.server();
-    let url = cluster.database_url_via(SocketAddr::new(host.parse().expect("an IP address"), port));
+    let url = cluster.database_url();
     let text = format!("[database]\nurl = \"{url}\"\nstatement_timeout = \"1500ms\"\n");
     let config = gateway::config::Config::parse(&text, std::path::Path::new("/tmp/gateway.toml")).expect("config");
     let store = gateway::db::Store::connect(&config.database).await.expect("connect");
