@@ -122,10 +122,6 @@ impl App {
         self.admin.local_addr().unwrap_or(self.config.admin.listen)
     }
 
-    pub fn service(&self) -> &AuthService {
-        &self.service
-    }
-
     /// Reloads routes (and, on demand, keys) of the running app.
     pub fn reloader(&self) -> Reloader {
         self.reloader.clone()

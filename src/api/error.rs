@@ -6,9 +6,9 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 
 use crate::auth::AuthError;
+use crate::body::json_error;
 
 /// An error as the HTTP API reports it.
 #[derive(Debug)]
@@ -25,24 +25,15 @@ impl From<AuthError> for ApiError {
     }
 }
 
-/// Builds the JSON error body with a status.
-pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(serde_json::json!({ "error": code, "message": message }))).into_response()
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let e = match self {
             ApiError::PayloadTooLarge => {
-                return error_response(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    "the request body is too large",
-                )
+                return json_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the request body is too large")
             }
-            ApiError::NotFound => return error_response(StatusCode::NOT_FOUND, "not_found", "no such resource"),
+            ApiError::NotFound => return json_error(StatusCode::NOT_FOUND, "not_found", "no such resource"),
             ApiError::MethodNotAllowed => {
-                return error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed")
+                return json_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed")
             }
             ApiError::Auth(e) => e,
         };
@@ -67,7 +58,7 @@ impl IntoResponse for ApiError {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
             }
         };
-        let mut response = error_response(status, code, &message);
+        let mut response = json_error(status, code, &message);
         let headers = response.headers_mut();
         match e {
             AuthError::TooManyAttempts { retry_after } | AuthError::RateLimited { retry_after } => {
