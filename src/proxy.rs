@@ -157,6 +157,20 @@ impl Proxy {
         response
     }
 
+    /// A request that carried both `Content-Length` and `Transfer-Encoding`
+    /// (see [`crate::server::framing`]): 400, never forwarded. hyper closes
+    /// the connection after the answer.
+    pub fn refuse_ambiguous_framing(&self, req: &Request<Incoming>) -> Response<Body> {
+        let table = self.routes.load();
+        let id = headers::request_id(req.headers(), &table.headers.request_id);
+        let mut response =
+            ProxyError::BadRequest("the request has both Content-Length and Transfer-Encoding").into_response();
+        response.headers_mut().insert(table.headers.request_id.clone(), id);
+        metrics::counter!("gateway_requests_total", "route" => "none", "status" => "400").increment(1);
+        tracing::debug!(method = %req.method(), "refused a request with both Content-Length and Transfer-Encoding");
+        response
+    }
+
     /// Hands `/auth/*` and the JWKS to the API router, on the normalised path.
     async fn serve_api(&self, mut req: Request<Incoming>, path: &str, conn: &Conn) -> Response<Body> {
         let ip = self.client_ip(conn.peer.ip(), req.headers());
@@ -268,9 +282,10 @@ impl Proxy {
         for attempt in 0..2 {
             outcome.upstream = Some(index);
             let upstream_body = match body.take() {
-                Some(b) if !retryable => {
-                    Body::new(Limited::new(b, usize::try_from(cfg.max_body).unwrap_or(usize::MAX)))
-                }
+                Some(b) if !retryable => Body::new(Limited::new(
+                    b.map_err(ClientBodyError),
+                    usize::try_from(cfg.max_body).unwrap_or(usize::MAX),
+                )),
                 _ => Body::empty(),
             };
             let uri = upstream_uri(&route, index, path, parts.uri.query())?;
@@ -308,8 +323,14 @@ impl Proxy {
                     }
                 }
                 Ok(Err(e)) => {
-                    if is_body_limit(&e) {
+                    if caused_by::<http_body_util::LengthLimitError>(&e) {
                         return Err(ProxyError::PayloadTooLarge);
+                    }
+                    if caused_by::<ClientBodyError>(&e) {
+                        // A bad chunk size, or a client gone mid-upload: the
+                        // client's fault, not the upstream's.
+                        tracing::debug!(route = %cfg.name, error = %e, "client request body failed");
+                        return Err(ProxyError::BadRequest("the request body could not be read"));
                     }
                     upstream_error(&cfg.name, "io");
                     tracing::warn!(route = %cfg.name, upstream = %route.upstream(index), error = %e, "upstream failed");
@@ -368,11 +389,18 @@ fn upstream_uri(route: &Route, index: usize, path: &str, query: Option<&str>) ->
         .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))
 }
 
-/// Whether the upstream request failed because the client's body exceeded the route's limit.
-fn is_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+/// Marks a failure to read the client's request body (malformed chunked
+/// framing, a client gone mid-upload), so that it is told apart from an
+/// upstream failure when the upstream request fails.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the client's request body: {0}")]
+struct ClientBodyError(#[source] hyper::Error);
+
+/// Whether `E` is somewhere in the cause chain of an upstream failure.
+fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(e);
     while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
+        if err.is::<E>() {
             return true;
         }
         source = err.source();

@@ -17,6 +17,7 @@
 //! answered 400 by hyper and the connection closes. Body limits are per
 //! route, so they live in the proxy.
 
+pub mod framing;
 pub mod reload;
 pub mod tls;
 
@@ -131,6 +132,7 @@ pub async fn serve_public(
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let handshake_timeout = settings.header_read_timeout;
+    let limits = (settings.header_read_timeout, settings.max_header_bytes);
     let stop = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
@@ -164,12 +166,12 @@ pub async fn serve_public(
             match tls {
                 None => {
                     let conn = Conn { peer, https: false, slot };
-                    serve_connection(&builder, watcher, stream, conn, proxy, handshake_timeout).await;
+                    serve_connection(&builder, watcher, stream, conn, proxy, limits).await;
                 }
                 Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
                         let conn = Conn { peer, https: true, slot };
-                        serve_connection(&builder, watcher, stream, conn, proxy, handshake_timeout).await;
+                        serve_connection(&builder, watcher, stream, conn, proxy, limits).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -190,24 +192,34 @@ pub async fn serve_public(
 /// within `first_request` is closed: hyper's header timer only starts once
 /// it has chosen HTTP/1 or HTTP/2, which needs bytes, so a silent socket
 /// would otherwise hold its slot forever.
+///
+/// The client's bytes pass through [`framing::ScannedIo`] on their way to
+/// hyper, so that a request whose framing was ambiguous is answered 400.
 async fn serve_connection<I>(
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
     io: I,
     conn: Conn,
     proxy: Arc<Proxy>,
-    first_request: std::time::Duration,
+    (first_request, max_head_bytes): (std::time::Duration, usize),
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let peer = conn.peer;
     let started = Arc::new(AtomicBool::new(false));
     let seen = Arc::clone(&started);
+    let (io, framing) = framing::ScannedIo::new(io, max_head_bytes);
     let service = service_fn(move |req| {
         seen.store(true, Ordering::Relaxed);
+        let ambiguous = framing.next_request_is_ambiguous();
         let proxy = Arc::clone(&proxy);
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(proxy.serve(req, &conn).await) }
+        async move {
+            if ambiguous {
+                return Ok::<_, Infallible>(proxy.refuse_ambiguous_framing(&req));
+            }
+            Ok(proxy.serve(req, &conn).await)
+        }
     });
     let connection = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned());
     tokio::pin!(connection);

@@ -877,6 +877,16 @@ pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> RawResponse {
     }
 }
 
+/// Writes `request` verbatim on a fresh connection and returns everything the
+/// gateway sends until it closes the connection (or 5 s pass): for pipelining.
+pub async fn raw_request_all(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect to the gateway");
+    let _ = stream.write_all(request).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 /// `GET path` with `Host: host`, `Connection: close` and `extra_headers` (each `Name: value`).
 pub async fn raw_get(addr: SocketAddr, path: &str, host: &str, extra_headers: &[&str]) -> RawResponse {
     let mut request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
