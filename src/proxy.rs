@@ -53,7 +53,7 @@ use error::ProxyError;
 use identity::{Identity, IdentityCache};
 use router::{Route, RouteTable};
 use tenants::TenantDirectory;
-use upstream::UpstreamClient;
+use upstream::{UpstreamBody, UpstreamClient};
 
 /// How the request arrived.
 #[derive(Debug, Clone)]
@@ -261,12 +261,14 @@ impl Proxy {
         h.insert(table.headers.request_id.clone(), request_id.clone());
         let peer = conn.peer.ip();
         headers::set_forwarded(h, peer, self.is_trusted(peer), conn.https, client_host.as_ref());
-        if cfg.preserve_host {
-            if let Some(host) = client_host {
+        match client_host {
+            Some(host) if cfg.preserve_host => {
                 h.insert(HOST, host);
             }
-        } else {
-            h.remove(HOST);
+            // The upstream's own Host is set per attempt, below.
+            _ => {
+                h.remove(HOST);
+            }
         }
 
         let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
@@ -296,9 +298,13 @@ impl Proxy {
             // Only a retryable first attempt needs to keep a copy for the retry.
             *upstream_req.headers_mut() =
                 if retryable && attempt == 0 { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
+            let target = route.upstream(index);
+            if !cfg.preserve_host || !upstream_req.headers().contains_key(HOST) {
+                upstream_req.headers_mut().insert(HOST, target.host.clone());
+            }
 
             let sent = Instant::now();
-            let result = tokio::time::timeout(cfg.timeout, self.client.send(upstream_req)).await;
+            let result = tokio::time::timeout(cfg.timeout, self.client.send(target, upstream_req)).await;
             route.upstream_duration.record(sent.elapsed().as_secs_f64());
             match result {
                 Err(_) => {
@@ -374,19 +380,14 @@ fn is_idempotent(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
 }
 
+/// The origin-form target (`/path?query`) for upstream `index`.
 fn upstream_uri(route: &Route, index: usize, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
-    let target = route.upstream(index);
     let mut pq = route.upstream_path(index, path);
     if let Some(q) = query {
         pq.push('?');
         pq.push_str(q);
     }
-    Uri::builder()
-        .scheme(target.scheme.clone())
-        .authority(target.authority.clone())
-        .path_and_query(pq)
-        .build()
-        .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))
+    Uri::try_from(pq).map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))
 }
 
 /// Marks a failure to read the client's request body (malformed chunked
@@ -410,7 +411,7 @@ fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
 
 /// Phase 8: the upstream's answer, made fit for the client.
 fn respond(
-    mut response: Response<Incoming>,
+    mut response: Response<UpstreamBody>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
 ) -> Response<Body> {

@@ -131,6 +131,16 @@ pub async fn serve_public(
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    // Closes pooled upstream connections nobody used for a while; ends with
+    // this worker's runtime.
+    let client = proxy.client.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(client.sweep_interval());
+        loop {
+            tick.tick().await;
+            client.sweep();
+        }
+    });
     let handshake_timeout = settings.header_read_timeout;
     let limits = (settings.header_read_timeout, settings.max_header_bytes);
     let stop = async move {

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use hyper::header::HeaderName;
+use hyper::header::{HeaderName, HeaderValue};
 use hyper::http::uri::{Authority, Scheme};
 use hyper::Uri;
 
@@ -63,6 +63,9 @@ pub struct UpstreamTarget {
     pub authority: Authority,
     /// A path prefix on the upstream ("" or "/base", no trailing '/').
     pub base_path: String,
+    /// The `Host` header sent upstream (unless the route preserves the
+    /// client's): the authority, without the scheme's default port.
+    pub host: HeaderValue,
 }
 
 impl std::fmt::Display for UpstreamTarget {
@@ -275,7 +278,13 @@ fn parse_upstream(text: &str) -> Result<UpstreamTarget, String> {
         return Err("an upstream URL cannot have a query".into());
     }
     let base_path = uri.path().trim_end_matches('/').to_owned();
-    Ok(UpstreamTarget { scheme, authority, base_path })
+    let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+    let host = match authority.port_u16() {
+        Some(port) if port != default_port => authority.as_str(),
+        _ => authority.host(),
+    };
+    let host = HeaderValue::from_str(host).map_err(|_| "the host cannot be a Host header")?;
+    Ok(UpstreamTarget { scheme, authority, base_path, host })
 }
 
 /// Settings of the upstream HTTP client.
