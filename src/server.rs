@@ -171,23 +171,28 @@ pub async fn serve_public(
         let builder = Arc::clone(&builder);
         let proxy = Arc::clone(&proxy);
         let tls = tls.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let slot = Some(Arc::new(permit));
             match tls {
                 None => {
                     let conn = Conn { peer, https: false, slot };
                     serve_connection(&builder, watcher, stream, conn, proxy, limits).await;
                 }
-                Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => {
-                        let conn = Conn { peer, https: true, slot };
-                        serve_connection(&builder, watcher, stream, conn, proxy, limits).await;
+                // Boxed: a TLS handshake is a large future, and inline it
+                // would make every connection's task as large.
+                Some(acceptor) => {
+                    match Box::pin(tokio::time::timeout(handshake_timeout, acceptor.accept(stream))).await {
+                        Ok(Ok(stream)) => {
+                            let conn = Conn { peer, https: true, slot };
+                            Box::pin(serve_connection(&builder, watcher, stream, conn, proxy, limits)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                },
+                }
             }
-        });
+        };
+        tokio::spawn(task);
     }
     drop(listener);
     tokio::select! {
@@ -228,11 +233,15 @@ async fn serve_connection<I>(
             if ambiguous {
                 return Ok::<_, Infallible>(proxy.refuse_ambiguous_framing(&req));
             }
-            Ok(proxy.serve(req, &conn).await)
+            // Boxed per request: hyper keeps a slot the size of this future
+            // for the connection's whole life, idle or not (~3 KB inline).
+            Ok(Box::pin(proxy.serve(req, &conn)).await)
         }
     });
-    let connection = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned());
-    tokio::pin!(connection);
+    // Boxed at its exact size: held inline, async-fn layout would make the
+    // connection's task more than twice as large (memory per idle connection).
+    let mut connection =
+        Box::pin(watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned()));
     let result = tokio::select! {
         result = &mut connection => result,
         () = tokio::time::sleep(first_request) => {

@@ -134,7 +134,9 @@ impl UpstreamClient {
             let reused = pooled.is_some();
             let mut sender = match pooled.take() {
                 Some(sender) => sender,
-                None => self.pool.connect(&key).await?,
+                // Boxed: connecting (TCP, TLS, handshake) is a large future,
+                // and inline it would make every request's future as large.
+                None => Box::pin(self.pool.connect(&key)).await?,
             };
             // Waits for the connection to finish its previous exchange.
             if let Err(e) = sender.ready().await {
