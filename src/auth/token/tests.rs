@@ -59,3 +59,23 @@ fn a_key_from_another_ring_with_our_kid_is_refused() {
     assert_eq!(rules.verify(&ours, &format!("{h}.{rest}"), now), Err(TokenError::Signature));
     assert_eq!(rules.verify(&ours, "not.a.jwt", now), Err(TokenError::Malformed));
 }
+
+#[test]
+fn an_expired_token_is_refused_before_its_signature_is_checked() {
+    let (_dir, keys) = ring();
+    let rules = TokenRules::new("gateway", "gateway", 5);
+    let now = crate::db::unix_now();
+    let expired = sign(&keys, &AccessClaims { exp: now - 10, iat: now - 100, ..claims(now) }).expect("sign");
+    // Break the signature: a dead token is refused as expired all the same,
+    // which shows no verification was spent on it.
+    let (signed, _signature) = expired.rsplit_once('.').expect("jwt");
+    let broken = format!("{signed}.AAAA");
+    assert_eq!(rules.verify(&keys, &broken, now), Err(TokenError::Expired));
+    // Within the leeway it is still verified, and a broken signature shows.
+    let (live, _) = sign(&keys, &AccessClaims { exp: now - 2, iat: now - 100, ..claims(now) })
+        .expect("sign")
+        .rsplit_once('.')
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        .expect("jwt");
+    assert_eq!(rules.verify(&keys, &format!("{live}.AAAA"), now), Err(TokenError::Signature));
+}
