@@ -63,6 +63,17 @@ pub struct Conn {
     /// The connection's slot under `server.max_connections` (None in tests
     /// that drive the service directly).
     pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+    /// The peer's address as a header value, rendered once per connection
+    /// rather than per request (`X-Forwarded-For`).
+    pub peer_header: HeaderValue,
+}
+
+impl Conn {
+    pub fn new(peer: SocketAddr, https: bool, slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>) -> Self {
+        let peer_header =
+            HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self { peer, https, slot, peer_header }
+    }
 }
 
 /// Everything the public listener needs to answer a request. Cloning is
@@ -255,12 +266,14 @@ impl Proxy {
             headers::join_cookies(req.headers_mut());
         }
         let h = req.headers_mut();
+        // Up to nine headers are added below: grow the map once, not twice.
+        h.reserve(9);
         if let Some(id) = &identity {
             headers::inject_identity(h, &table.headers, &id.headers);
         }
         h.insert(table.headers.request_id.clone(), request_id.clone());
         let peer = conn.peer.ip();
-        headers::set_forwarded(h, peer, self.is_trusted(peer), conn.https, client_host.as_ref());
+        headers::set_forwarded(h, &conn.peer_header, self.is_trusted(peer), conn.https, client_host.as_ref());
         match client_host {
             Some(host) if cfg.preserve_host => {
                 h.insert(HOST, host);

@@ -175,7 +175,7 @@ pub async fn serve_public(
             let slot = Some(Arc::new(permit));
             match tls {
                 None => {
-                    let conn = Conn { peer, https: false, slot };
+                    let conn = Conn::new(peer, false, slot);
                     serve_connection(&builder, watcher, stream, conn, proxy, limits).await;
                 }
                 // Boxed: a TLS handshake is a large future, and inline it
@@ -183,7 +183,7 @@ pub async fn serve_public(
                 Some(acceptor) => {
                     match Box::pin(tokio::time::timeout(handshake_timeout, acceptor.accept(stream))).await {
                         Ok(Ok(stream)) => {
-                            let conn = Conn { peer, https: true, slot };
+                            let conn = Conn::new(peer, true, slot);
                             Box::pin(serve_connection(&builder, watcher, stream, conn, proxy, limits)).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),

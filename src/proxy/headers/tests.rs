@@ -78,15 +78,15 @@ fn request_ids_are_kept_only_when_safe() {
 
 #[test]
 fn forwarded_headers_replace_unless_trusted() {
-    let peer: IpAddr = [10, 0, 0, 9].into();
+    let peer = HeaderValue::from_static("10.0.0.9");
     let host = HeaderValue::from_static("api.example.com");
     let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-host", "evil")]);
-    set_forwarded(&mut h, peer, false, true, Some(&host));
+    set_forwarded(&mut h, &peer, false, true, Some(&host));
     assert_eq!(h.get("x-forwarded-for").map(|v| v.as_bytes()), Some(&b"10.0.0.9"[..]));
     assert_eq!(h.get("x-forwarded-proto").map(|v| v.as_bytes()), Some(&b"https"[..]));
     assert_eq!(h.get("x-forwarded-host").map(|v| v.as_bytes()), Some(&b"api.example.com"[..]));
     let mut h = map(&[("x-forwarded-for", "1.2.3.4")]);
-    set_forwarded(&mut h, peer, true, false, None);
+    set_forwarded(&mut h, &peer, true, false, None);
     assert_eq!(h.get("x-forwarded-for").map(|v| v.as_bytes()), Some(&b"1.2.3.4, 10.0.0.9"[..]));
 }
 
