@@ -13,10 +13,12 @@
 //!   runs it: worker threads for the public listener, the admin listener and
 //!   the background tasks on the main runtime.
 //! - [`server`]: the public listener (thread per core, TLS, HTTP/1.1 + h2,
-//!   limits, graceful shutdown) and [`server::reload`].
+//!   limits, graceful shutdown), [`server::framing`] (the raw-byte check
+//!   that refuses ambiguous request framing) and [`server::reload`].
 //! - [`proxy`]: the request phases: [`proxy::path`] normalisation,
 //!   [`proxy::router`], [`proxy::headers`] hygiene, [`proxy::identity`]
-//!   (verified-token cache), [`proxy::policy`], [`proxy::upstream`] client.
+//!   (verified-token cache), [`proxy::policy`], [`proxy::upstream`] (a connection pool per
+//!   worker on hyper's `client::conn`).
 //! - [`api`]: the `/auth/*` and JWKS endpoints (axum).
 //! - [`auth`]: passwords, keys, tokens, refresh rotation, the revocation state
 //!   and its poller/listener, and the flows in [`auth::service`].

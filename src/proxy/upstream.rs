@@ -5,9 +5,10 @@
 //! Why not hyper-util's legacy `Client`: on the proxy's hot path it builds a
 //! connect future, clones its connector, hashes its pool key and spawns a
 //! task (to return the connection to the pool) for every request, and moves
-//! its large futures around; on this machine that was about a sixth of the
-//! gateway's user-space CPU per proxied request. This pool does only what a
-//! worker needs: every connection it holds lives on the worker's own thread.
+//! its large futures around. Replacing it took the public route from about
+//! 17.4 to 15.5 µs of CPU per request on the bench machine (user time 8.9 →
+//! 7.2 µs). This pool does only what a worker needs: every connection it
+//! holds lives on the worker's own thread.
 //!
 //! The pool's rules:
 //! - a connection goes back to the pool only when its response body has been

@@ -19,6 +19,7 @@ mod auth_basics;
 mod auth_flow;
 mod lockout;
 mod proxy_identity;
+mod proxy_pool;
 mod proxy_reload;
 mod proxy_routing;
 mod proxy_transport;

@@ -82,6 +82,7 @@ impl Seen {
 struct State {
     name: String,
     hits: AtomicUsize,
+    connections: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
 }
 
@@ -101,6 +102,11 @@ impl Upstream {
     /// Requests received so far (counted when the request head arrives).
     pub fn hits(&self) -> usize {
         self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     /// Every request received so far, oldest first.
@@ -124,7 +130,12 @@ impl Drop for Upstream {
 pub async fn spawn_upstream(name: &str) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the upstream listener");
     let addr = listener.local_addr().expect("upstream listener address");
-    let state = Arc::new(State { name: name.to_owned(), hits: AtomicUsize::new(0), seen: Mutex::new(Vec::new()) });
+    let state = Arc::new(State {
+        name: name.to_owned(),
+        hits: AtomicUsize::new(0),
+        connections: AtomicUsize::new(0),
+        seen: Mutex::new(Vec::new()),
+    });
     let task = tokio::spawn(accept_loop(listener, Arc::clone(&state)));
     Upstream { addr, state, task }
 }
@@ -147,6 +158,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        state.connections.fetch_add(1, Ordering::SeqCst);
         let state = Arc::clone(&state);
         tokio::spawn(async move {
             let service = service_fn(move |req| {
@@ -259,7 +271,12 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<RespB
                 "headers": headers.iter().map(|(n, v)| json!([n, v])).collect::<Vec<Value>>(),
                 "body_len": body_len,
             });
-            full(StatusCode::OK, "application/json", echo.to_string())
+            let mut response = full(StatusCode::OK, "application/json", echo.to_string());
+            if other == "close" {
+                // hyper closes the connection after this response.
+                response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
         }
     }
 }
