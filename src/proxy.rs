@@ -261,7 +261,9 @@ impl Proxy {
             .headers()
             .get(HOST)
             .cloned()
-            .or_else(|| req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+            // An HTTP/2 `:authority` may carry userinfo (`x@host`), which
+            // routing ignores: only host and port are passed on.
+            .or_else(|| req.uri().authority().and_then(authority_header));
         if req.version() == Version::HTTP_2 {
             headers::join_cookies(req.headers_mut());
         }
@@ -384,6 +386,15 @@ fn status_label(status: StatusCode) -> metrics::SharedString {
     )
 }
 
+/// `host[:port]` of an authority, without any userinfo.
+fn authority_header(authority: &hyper::http::uri::Authority) -> Option<HeaderValue> {
+    let value = match authority.port() {
+        Some(port) => HeaderValue::from_str(&format!("{}:{port}", authority.host())),
+        None => HeaderValue::from_str(authority.host()),
+    };
+    value.ok()
+}
+
 /// `/auth`, `/auth/...` and the JWKS are the gateway's own.
 fn is_api(path: &str) -> bool {
     path == "/.well-known/jwks.json" || path == "/auth" || path.starts_with("/auth/")
@@ -449,4 +460,17 @@ fn respond(
     }
     headers::strip_hop_by_hop(response.headers_mut(), false);
     response.map(Body::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_header_drops_userinfo() {
+        let header = |a: &str| authority_header(&a.parse().expect("authority"));
+        assert_eq!(header("x@victim.example"), Some(HeaderValue::from_static("victim.example")));
+        assert_eq!(header("user:pw@api.example:8443"), Some(HeaderValue::from_static("api.example:8443")));
+        assert_eq!(header("api.example"), Some(HeaderValue::from_static("api.example")));
+    }
 }

@@ -134,11 +134,14 @@ pub async fn serve_public(
     // Closes pooled upstream connections nobody used for a while; ends with
     // this worker's runtime.
     let client = proxy.client.clone();
+    let mut sweep_stop = shutdown.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(client.sweep_interval());
         loop {
-            tick.tick().await;
-            client.sweep();
+            tokio::select! {
+                _ = tick.tick() => client.sweep(),
+                _ = sweep_stop.wait_for(|stop| *stop) => return,
+            }
         }
     });
     let handshake_timeout = settings.header_read_timeout;

@@ -122,7 +122,7 @@ impl TokenRules {
         // client replaying a dead token (or a flood of them) would otherwise
         // cost a full Ed25519 verification per request, since only valid
         // tokens are cached. Refusing without verifying is always safe.
-        if unverified_exp(token).is_some_and(|exp| exp + self.leeway < now) {
+        if unverified_exp(token).is_some_and(|exp| exp.saturating_add(self.leeway) < now) {
             return Err(TokenError::Expired);
         }
         let data = jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation).map_err(|e| match e.kind() {

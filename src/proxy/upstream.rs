@@ -12,8 +12,10 @@
 //!
 //! The pool's rules:
 //! - a connection goes back to the pool only when its response body has been
-//!   read to the end ([`UpstreamBody`]); one whose body was abandoned or
-//!   failed is closed (HTTP/1.1 cannot skip the rest of a response);
+//!   read to the end ([`UpstreamBody`]) and its request body sent to the end;
+//!   one whose response was abandoned or failed is closed (HTTP/1.1 cannot
+//!   skip the rest of a response), and so is one still carrying an upload
+//!   the upstream answered early (the next request would wait behind it);
 //! - a checkout takes the most recently used connection (the one least
 //!   likely to have been closed by the upstream's keep-alive timer) and drops
 //!   connections idle for longer than `pool_idle_timeout` — which must be
@@ -25,11 +27,14 @@
 //! - at most `pool_max_idle_per_host` idle connections per upstream.
 //!
 //! TCP_NODELAY is set on every connection: the request and response pairs
-//! are small, and Nagle's algorithm would hold them back.
+//! are small, and Nagle's algorithm would hold them back. `connect_timeout`
+//! bounds the name lookup and the TCP connect (shared between the resolved
+//! addresses), and separately the TLS handshake.
 
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -130,6 +135,19 @@ impl UpstreamClient {
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let key =
             PoolKey { https: target.scheme == hyper::http::uri::Scheme::HTTPS, authority: target.authority.clone() };
+        // A request body still being sent when the response ends (an
+        // upstream answering a large upload early) keeps the connection busy
+        // for as long as the client takes: such a connection must not be
+        // handed to the next request. Bodiless requests need no tracking.
+        let sent = if request.body().is_end_stream() {
+            None
+        } else {
+            let sent = Arc::new(AtomicBool::new(false));
+            let flag = Arc::clone(&sent);
+            request = request.map(|body| Body::new(TrackedBody { body, sent: flag }));
+            Some(sent)
+        };
+        let connect_method = request.method() == hyper::Method::CONNECT;
         let mut pooled = self.pool.checkout(&key);
         loop {
             let reused = pooled.is_some();
@@ -147,7 +165,13 @@ impl UpstreamClient {
                 return Err(UpstreamError::Request(e));
             }
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(Arc::clone(&self.pool).hand_out(response, sender, key)),
+                Ok(response) => {
+                    let reusable = response.status() != StatusCode::SWITCHING_PROTOCOLS
+                        && !(connect_method && response.status().is_success());
+                    let owner =
+                        reusable.then(|| Owner { pool: Arc::clone(&self.pool), key, sender, request_sent: sent });
+                    return Ok(hand_out(response, owner));
+                }
                 Err(mut e) => match e.take_message() {
                     // Never written: the pooled connection was closed under
                     // us. Once more on a new connection.
@@ -201,10 +225,7 @@ impl Pool {
     async fn connect(&self, key: &PoolKey) -> Result<SendRequest<Body>, UpstreamError> {
         let host = key.authority.host();
         let port = key.authority.port_u16().unwrap_or(if key.https { 443 } else { 80 });
-        let tcp = tokio::time::timeout(self.connect_timeout, connect_tcp(host, port))
-            .await
-            .map_err(|_| UpstreamError::Connect(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))?
-            .map_err(UpstreamError::Connect)?;
+        let tcp = connect_tcp(host, port, self.connect_timeout).await.map_err(UpstreamError::Connect)?;
         tcp.set_nodelay(true).map_err(UpstreamError::Connect)?;
         let stream = if key.https {
             // An IPv6 authority keeps its brackets in `host()`.
@@ -232,34 +253,37 @@ impl Pool {
         });
         Ok(sender)
     }
-
-    /// Wraps the response body so that the connection returns to the pool
-    /// once the body has been read to the end. After a 101 the connection
-    /// belongs to the tunnel.
-    fn hand_out(
-        self: Arc<Self>,
-        response: Response<Incoming>,
-        sender: SendRequest<Body>,
-        key: PoolKey,
-    ) -> Response<UpstreamBody> {
-        let reusable = response.status() != StatusCode::SWITCHING_PROTOCOLS;
-        response.map(|body| {
-            let mut body = UpstreamBody { body, owner: reusable.then_some(Owner { pool: self, key, sender }) };
-            if body.body.is_end_stream() {
-                body.give_back();
-            }
-            body
-        })
-    }
 }
 
-async fn connect_tcp(host: &str, port: u16) -> io::Result<TcpStream> {
+/// Wraps the response body so that the connection returns to the pool once
+/// the body has been read to the end. `owner` is None when the connection
+/// cannot be reused (after a 101, it belongs to the tunnel).
+fn hand_out(response: Response<Incoming>, owner: Option<Owner>) -> Response<UpstreamBody> {
+    response.map(|body| {
+        let mut body = UpstreamBody { body, owner };
+        if body.body.is_end_stream() {
+            body.give_back();
+        }
+        body
+    })
+}
+
+/// Tries each address `host` resolves to, in order. As hyper-util's
+/// connector does, `timeout` is shared evenly between the addresses, so an
+/// unreachable first address (a black-holed IPv6 route) leaves time for the
+/// next one. The lookup itself (none for an IP literal) is bounded by it too.
+async fn connect_tcp(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+    let name = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<_> =
+        tokio::time::timeout(timeout, tokio::net::lookup_host((name, port))).await.map_err(|_| timed_out())??.collect();
+    let each = timeout / u32::try_from(addrs.len().max(1)).unwrap_or(u32::MAX);
     let mut last = None;
-    // An IP literal resolves without a lookup.
-    for addr in tokio::net::lookup_host((host.trim_start_matches('[').trim_end_matches(']'), port)).await? {
-        match TcpStream::connect(addr).await {
-            Ok(stream) => return Ok(stream),
-            Err(e) => last = Some(e),
+    for addr in addrs {
+        match tokio::time::timeout(each, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => last = Some(timed_out()),
         }
     }
     Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"))))
@@ -270,6 +294,9 @@ struct Owner {
     pool: Arc<Pool>,
     key: PoolKey,
     sender: SendRequest<Body>,
+    /// Set once the request body has been sent to the end (None: there was
+    /// no body).
+    request_sent: Option<Arc<AtomicBool>>,
 }
 
 /// An upstream response body: streams the upstream's body and, once it
@@ -282,7 +309,11 @@ pub struct UpstreamBody {
 impl UpstreamBody {
     fn give_back(&mut self) {
         if let Some(owner) = self.owner.take() {
-            owner.pool.put_back(owner.key, owner.sender);
+            // Otherwise the sender is dropped and hyper closes the connection
+            // once the upload ends.
+            if owner.request_sent.is_none_or(|sent| sent.load(Ordering::Acquire)) {
+                owner.pool.put_back(owner.key, owner.sender);
+            }
         }
     }
 }
@@ -323,6 +354,36 @@ impl Drop for UpstreamBody {
         if self.body.is_end_stream() {
             self.give_back();
         }
+    }
+}
+
+/// A request body that records when it has been sent to the end.
+struct TrackedBody {
+    body: Body,
+    sent: Arc<AtomicBool>,
+}
+
+impl HttpBody for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        if frame.is_none() || (matches!(frame, Some(Ok(_))) && self.body.is_end_stream()) {
+            self.sent.store(true, Ordering::Release);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -84,3 +84,31 @@ async fn a_response_abandoned_half_read_does_not_return_its_connection() {
     assert_eq!(svc.connections(), 2);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_connection_still_carrying_an_upload_is_not_handed_to_the_next_request() {
+    let svc = spawn_upstream("pool").await;
+    let app = spawn_app_with(TestOptions {
+        server_extra: "workers = 1".to_owned(),
+        extra: route("pool", "/pool", &[svc.url()], &format!("{PUBLIC}\ntimeout = \"3s\"")),
+        ..TestOptions::default()
+    })
+    .await;
+    // An upload the upstream answers before reading it, and that the client
+    // keeps trickling: its upstream connection stays busy meanwhile.
+    let mut uploader = TcpStream::connect(app.addr).await.expect("connect");
+    uploader
+        .write_all(b"POST /pool/up?mode=early HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nsome bytes")
+        .await
+        .expect("write the start of the upload");
+    let mut buf = vec![0_u8; 4096];
+    let n = uploader.read(&mut buf).await.expect("read the early answer");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+
+    // The next request must not queue behind the upload (it would time out: 504).
+    let e = echo(app.get("/pool/next").await).await;
+    assert_eq!(e.path(), "/pool/next");
+    assert_eq!(svc.connections(), 2, "the busy connection was not reused");
+    drop(uploader);
+    app.stop().await;
+}

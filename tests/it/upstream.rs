@@ -12,6 +12,8 @@
 //!   then `chunk 1\n` ... `chunk N-1\n`, each D ms after the previous one.
 //! - `mode=big&bytes=N`: 200 `application/octet-stream`, N bytes of `x` streamed in 64 KiB
 //!   chunks (no Content-Length).
+//! - `mode=early`: 200 `text/plain` "early" at once; the request body is read afterwards.
+//! - `mode=close`: the echo, with `Connection: close` (the connection ends after it).
 //! - `mode=ws`: WebSocket echo (answers 101 when the request asks for `Upgrade: websocket`,
 //!   else 400): every text and binary message is sent back.
 //!
@@ -209,6 +211,14 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<RespB
     let mode = param(query, "mode").unwrap_or("echo").to_owned();
     if mode == "ws" {
         return websocket(&mut req);
+    }
+
+    if mode == "early" {
+        // Answers before reading the request body, which is then read (and
+        // dropped) in the background, as servers refusing an upload do.
+        let mut body = req.into_body();
+        tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
+        return full(StatusCode::OK, "text/plain", "early");
     }
 
     let method = req.method().to_string();

@@ -79,3 +79,17 @@ fn an_expired_token_is_refused_before_its_signature_is_checked() {
         .expect("jwt");
     assert_eq!(rules.verify(&keys, &format!("{live}.AAAA"), now), Err(TokenError::Signature));
 }
+
+#[test]
+fn a_huge_exp_neither_panics_nor_skips_the_signature_check() {
+    let (_dir, keys) = ring();
+    let rules = TokenRules::new("gateway", "gateway", 5);
+    let now = crate::db::unix_now();
+    let token = sign(&keys, &claims(now)).expect("sign");
+    let (header, _) = token.split_once('.').expect("jwt");
+    let payload = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        format!("{{\"exp\":{},\"sub\":\"x\"}}", i64::MAX),
+    );
+    assert_eq!(rules.verify(&keys, &format!("{header}.{payload}.AAAA"), now), Err(TokenError::Signature));
+}
