@@ -142,8 +142,13 @@ impl Proxy {
         let status = response.status();
         let route_name = outcome.route.as_ref().map_or("none", |r| r.config.name.as_str());
         let elapsed = started.elapsed();
-        let label = outcome.route.as_ref().map_or(metrics::SharedString::const_str("none"), |r| r.label.clone());
-        metrics::counter!("gateway_requests_total", "route" => label, "status" => status_label(status)).increment(1);
+        match &outcome.route {
+            Some(r) => r.count_request(status.as_u16(), status_label(status)),
+            None => {
+                metrics::counter!("gateway_requests_total", "route" => "none", "status" => status_label(status))
+                    .increment(1);
+            }
+        }
         match &outcome.route {
             Some(r) => r.request_duration.record(elapsed.as_secs_f64()),
             None => {

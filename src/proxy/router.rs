@@ -6,10 +6,13 @@
 //! tens of routes a gateway has this beats any index, and allocates nothing.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::config::{HeaderNames, ProxyConfig, RouteConfig, UpstreamTarget};
+
+/// The statuses whose request counters a route keeps at hand.
+const COMMON_STATUSES: [u16; 16] = [200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 413, 500, 502, 503, 504];
 
 /// A configured route plus its run-time state (round-robin position and the
 /// cool-down of upstreams that refused connections).
@@ -22,6 +25,10 @@ pub struct Route {
     /// Pre-registered per-route histograms (no registry lookup per request).
     pub request_duration: metrics::Histogram,
     pub upstream_duration: metrics::Histogram,
+    /// `gateway_requests_total{route, status}` for the usual statuses,
+    /// registered on first use (index: position in [`COMMON_STATUSES`]): a
+    /// labelled `counter!` costs a key allocation and a registry lookup.
+    requests: [OnceLock<metrics::Counter>; COMMON_STATUSES.len()],
     next: AtomicUsize,
     /// Per upstream: milliseconds since `epoch` until which it is skipped.
     cooldown_until: Vec<AtomicU64>,
@@ -39,9 +46,25 @@ impl Route {
             label,
             request_duration,
             upstream_duration,
+            requests: Default::default(),
             next: AtomicUsize::new(0),
             cooldown_until,
             epoch: Instant::now(),
+        }
+    }
+
+    /// Counts one request answered with `status` (label: `status_label`).
+    pub fn count_request(&self, status: u16, status_label: metrics::SharedString) {
+        match COMMON_STATUSES.iter().position(|&s| s == status) {
+            Some(i) => self.requests[i]
+                .get_or_init(|| {
+                    metrics::counter!("gateway_requests_total", "route" => self.label.clone(), "status" => status_label)
+                })
+                .increment(1),
+            None => {
+                metrics::counter!("gateway_requests_total", "route" => self.label.clone(), "status" => status_label)
+                    .increment(1);
+            }
         }
     }
 
@@ -54,23 +77,39 @@ impl Route {
     pub fn pick(&self) -> usize {
         let n = self.config.upstreams.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        // The common case, nothing cooling down, needs no clock read.
+        if self.cooldown_until[start].load(Ordering::Relaxed) == 0 {
+            return start;
+        }
         let now = self.now_ms();
-        (0..n)
-            .map(|i| (start + i) % n)
-            .find(|&i| self.cooldown_until[i].load(Ordering::Relaxed) <= now)
-            .unwrap_or(start)
+        (0..n).map(|i| (start + i) % n).find(|&i| self.available(i, now)).unwrap_or(start)
     }
 
     /// The upstream after `i` that is not cooling down, if any.
     pub fn next_after(&self, i: usize) -> Option<usize> {
         let n = self.config.upstreams.len();
         let now = self.now_ms();
-        (1..n).map(|k| (i + k) % n).find(|&j| self.cooldown_until[j].load(Ordering::Relaxed) <= now)
+        (1..n).map(|k| (i + k) % n).find(|&j| self.available(j, now))
+    }
+
+    /// Whether upstream `i` is out of its cool-down at `now`; an expired
+    /// cool-down is cleared (unless a new one was set meanwhile), so that
+    /// [`Route::pick`] takes its fast path again.
+    fn available(&self, i: usize, now: u64) -> bool {
+        let until = self.cooldown_until[i].load(Ordering::Relaxed);
+        if until > now {
+            return false;
+        }
+        if until != 0 {
+            let _ = self.cooldown_until[i].compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        true
     }
 
     /// Skips upstream `i` for `cooldown`.
     pub fn cool_down(&self, i: usize, cooldown: Duration) {
-        let until = self.now_ms().saturating_add(u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX));
+        // Never 0, which means "not cooling down".
+        let until = self.now_ms().saturating_add(u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX)).max(1);
         self.cooldown_until[i].store(until, Ordering::Relaxed);
     }
 
@@ -237,5 +276,14 @@ mod tests {
         let picks: Vec<usize> = (0..6).map(|_| r.pick()).collect();
         assert!(!picks.contains(&2), "{picks:?}");
         assert_eq!(r.next_after(1), Some(0));
+
+        // A cool-down that has passed is over: the upstream is picked again.
+        r.cool_down(0, Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
+        r.cool_down(2, Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(5));
+        let picks: Vec<usize> = (0..6).map(|_| r.pick()).collect();
+        assert!(picks.contains(&0) && picks.contains(&2), "{picks:?}");
+        assert!(r.cooldown_until.iter().all(|u| u.load(Ordering::Relaxed) == 0), "expired cool-downs are cleared");
     }
 }
