@@ -45,10 +45,15 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Removes hop-by-hop headers and those nominated by `Connection`.
 /// With `keep_upgrade`, `Upgrade` survives and `Connection: upgrade` is restored.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none of them: one pass over the names is cheaper
-    // than eight removals, each a hash lookup.
-    let present = headers.keys().any(|k| k == header::UPGRADE || HOP_BY_HOP.contains(k));
-    if !present && !keep_upgrade {
+    // One pass over the names finds what is there (usually nothing, or just
+    // `Connection`); only those are removed, each removal a hash lookup.
+    let mut present: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if (name == header::UPGRADE || HOP_BY_HOP.contains(name)) && !present.contains(name) {
+            present.push(name.clone());
+        }
+    }
+    if present.is_empty() && !keep_upgrade {
         return;
     }
     let nominated: Vec<HeaderName> =
@@ -58,15 +63,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(&name);
         }
     }
-    for name in &HOP_BY_HOP {
+    for name in &present {
         headers.remove(name);
     }
     if keep_upgrade {
         // Exactly one protocol may be asked for: no `h2c` or others riding along.
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 

@@ -70,10 +70,29 @@ struct Pool {
     idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug)]
 struct PoolKey {
     https: bool,
     authority: Authority,
+}
+
+// By the authority's exact text, hashed in one call: `Authority`'s own
+// `Hash` feeds the hasher byte by byte (case-insensitively), which made the
+// pool lookup one of the costlier steps of a request. The texts come from
+// the config, so one upstream always has one spelling.
+impl PartialEq for PoolKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.https == other.https && self.authority.as_str() == other.authority.as_str()
+    }
+}
+
+impl Eq for PoolKey {}
+
+impl std::hash::Hash for PoolKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.https.hash(state);
+        self.authority.as_str().hash(state);
+    }
 }
 
 struct Idle {
