@@ -42,8 +42,10 @@ const POLL_OVERLAP_SECS: i64 = 120;
 
 #[derive(Clone)]
 pub struct RevocationState {
-    sessions: Cache<Uuid, ()>,
-    users: Cache<Uuid, ()>,
+    /// Looked up on every proxied request: foldhash rather than SipHash
+    /// (the ids come from our database, not from clients).
+    sessions: Cache<Uuid, (), foldhash::fast::RandomState>,
+    users: Cache<Uuid, (), foldhash::fast::RandomState>,
     /// Unix time of the last successful refresh from the database.
     last_poll: Arc<AtomicI64>,
     max_staleness: i64,
@@ -63,8 +65,8 @@ impl RevocationState {
     /// `horizon` = access_token_ttl + leeway: the longest a token can live.
     pub fn new(horizon: Duration, max_staleness: Duration) -> Self {
         Self {
-            sessions: Cache::builder().time_to_live(horizon).build(),
-            users: Cache::builder().time_to_live(horizon).build(),
+            sessions: Cache::builder().time_to_live(horizon).build_with_hasher(Default::default()),
+            users: Cache::builder().time_to_live(horizon).build_with_hasher(Default::default()),
             // Stale until the first successful load from the database.
             last_poll: Arc::new(AtomicI64::new(0)),
             max_staleness: crate::db::secs(max_staleness),

@@ -58,14 +58,21 @@ impl Expiry<Box<str>, Arc<Identity>> for UntilExp {
 
 #[derive(Clone)]
 pub struct IdentityCache {
-    cache: Cache<Box<str>, Arc<Identity>>,
+    /// foldhash, not SipHash: the key is a whole token (hundreds of bytes),
+    /// hashed on every request, and only verified tokens are ever inserted,
+    /// so hash flooding is not a concern.
+    cache: Cache<Box<str>, Arc<Identity>, foldhash::fast::RandomState>,
     leeway: i64,
 }
 
 impl IdentityCache {
     pub fn new(capacity: u64, leeway: Duration) -> Self {
         let leeway = crate::db::secs(leeway);
-        Self { cache: Cache::builder().max_capacity(capacity).expire_after(UntilExp { leeway }).build(), leeway }
+        let cache = Cache::builder()
+            .max_capacity(capacity)
+            .expire_after(UntilExp { leeway })
+            .build_with_hasher(foldhash::fast::RandomState::default());
+        Self { cache, leeway }
     }
 
     /// Verifies `token` (cached), then checks revocation (always).

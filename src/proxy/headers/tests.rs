@@ -112,3 +112,13 @@ fn upgrade_is_pinned_to_websocket_and_cookies_are_joined() {
     assert_eq!(c.get_all("cookie").iter().count(), 1);
     assert_eq!(c.get("cookie").map(|v| v.as_bytes()), Some(&b"a=1; b=2"[..]));
 }
+
+#[test]
+fn the_length_filter_keeps_every_hop_by_hop_name() {
+    for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
+        assert!(is_hop_by_hop(name), "{name}");
+    }
+    for other in ["host", "x-user-id", "content-length", "connectio", "keep-alive2", "accept"] {
+        assert!(!is_hop_by_hop(&HeaderName::from_static(other)), "{other}");
+    }
+}
