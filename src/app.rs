@@ -94,6 +94,7 @@ impl App {
             tenants,
             client: UpstreamClient::new(&config.upstream).context("building the upstream client")?,
             cooldown: config.upstream.cooldown,
+            tunnel_idle_timeout: config.server.tunnel_idle_timeout,
             trusted_proxies: config.server.trusted_proxies.clone(),
             access_log: config.log.access,
             api_runtime: tokio::runtime::Handle::current(),

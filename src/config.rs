@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Threads serving the public listener (one runtime and socket each).
     pub workers: usize,
+    /// A WebSocket tunnel with no byte either way for this long is closed.
+    pub tunnel_idle_timeout: Duration,
 }
 
 /// Certificate chain and private key (PEM) for the public listener.
@@ -263,6 +265,7 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<
     }
     let max_connections = f.int_or("max_connections", 10_000, 1, 10_000_000) as usize;
     let shutdown_grace = f.duration_or("shutdown_grace", "30s", Duration::ZERO);
+    let tunnel_idle_timeout = f.duration_or("tunnel_idle_timeout", "10m", Duration::from_millis(10));
     let workers = match f.int_or("workers", 0, 0, 1024) {
         0 => std::thread::available_parallelism().map(usize::from).unwrap_or(1),
         n => n as usize,
@@ -295,6 +298,7 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<
         max_connections,
         shutdown_grace,
         workers,
+        tunnel_idle_timeout,
     })
 }
 

@@ -18,7 +18,7 @@
 //! - [`proxy`]: the request phases: [`proxy::path`] normalisation,
 //!   [`proxy::router`], [`proxy::headers`] hygiene, [`proxy::identity`]
 //!   (verified-token cache), [`proxy::policy`], [`proxy::upstream`] (a connection pool per
-//!   worker on hyper's `client::conn`).
+//!   worker on hyper's `client::conn`), [`proxy::tunnel`] (WebSockets).
 //! - [`api`]: the `/auth/*` and JWKS endpoints (axum).
 //! - [`auth`]: passwords, keys, tokens, refresh rotation, the revocation state
 //!   and its poller/listener, and the flows in [`auth::service`].

@@ -29,6 +29,7 @@ pub mod path;
 pub mod policy;
 pub mod router;
 pub mod tenants;
+pub mod tunnel;
 pub mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
@@ -88,6 +89,8 @@ pub struct Proxy {
     pub tenants: TenantDirectory,
     pub client: UpstreamClient,
     pub cooldown: Duration,
+    /// A WebSocket tunnel silent both ways for this long is closed.
+    pub tunnel_idle_timeout: Duration,
     pub trusted_proxies: Vec<IpNet>,
     pub access_log: bool,
     /// The main runtime, which owns the database pool: the API runs there.
@@ -337,7 +340,7 @@ impl Proxy {
                         upstream_error(&cfg.name, "upgrade");
                         return Err(ProxyError::BadGateway("upgrade"));
                     }
-                    return Ok(respond(response, client_upgrade, conn.slot.clone()));
+                    return Ok(respond(response, client_upgrade, conn.slot.clone(), self.tunnel_idle_timeout));
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     upstream_error(&cfg.name, "connect");
@@ -443,6 +446,7 @@ fn respond(
     mut response: Response<UpstreamBody>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+    tunnel_idle_timeout: Duration,
 ) -> Response<Body> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client) = client_upgrade {
@@ -453,9 +457,7 @@ fn respond(
                 let _slot = slot;
                 match tokio::try_join!(client, upstream) {
                     Ok((client, upstream)) => {
-                        let mut client = TokioIo::new(client);
-                        let mut upstream = TokioIo::new(upstream);
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        tunnel::splice(TokioIo::new(client), TokioIo::new(upstream), tunnel_idle_timeout).await;
                     }
                     Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
                 }

@@ -225,6 +225,42 @@ async fn websocket_is_proxied_with_identity() {
     app.stop().await;
 }
 
+/// A tunnel that moves bytes stays open; one silent both ways for
+/// `server.tunnel_idle_timeout` is closed by the gateway.
+#[tokio::test]
+async fn an_idle_websocket_tunnel_is_closed() {
+    let svc = spawn_upstream("ws").await;
+    let opts = TestOptions {
+        server_extra: "tunnel_idle_timeout = \"400ms\"".to_owned(),
+        extra: route("ws", "/ws-route", &[svc.url()], PUBLIC),
+        ..TestOptions::default()
+    };
+    let app = spawn_app_with(opts).await;
+    let url = format!("ws://{}/ws-route/x?mode=ws", app.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("WebSocket handshake via gateway");
+
+    // Busy for three times the limit: the tunnel stays open.
+    for i in 0..12 {
+        let message = Message::text(format!("ping {i}"));
+        ws.send(message.clone()).await.expect("send while busy");
+        let reply = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("echo within 10 s")
+            .expect("the tunnel is still open")
+            .expect("a WebSocket message");
+        assert_eq!(reply, message);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Then silence: the gateway closes the tunnel.
+    let end = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("the idle tunnel was closed");
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "a message arrived on an idle tunnel: {end:?}"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn websocket_handshake_without_a_valid_token_is_401() {
     let svc = spawn_upstream("ws").await;
