@@ -14,6 +14,8 @@
 # Needs: valgrind, wrk. Usage: bench/instructions.sh [seconds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/common.sh
+source bench/common.sh
 
 SECS=${1:-10}
 UP=127.0.0.1:18181
@@ -28,42 +30,16 @@ command -v valgrind >/dev/null || { echo "valgrind is required" >&2; exit 1; }
 cargo build --release --quiet --bin gateway --example bench_upstream
 BIN=target/release/gateway
 
-wait_port() { for _ in $(seq 400); do (exec 3<>/dev/tcp/${1%:*}/${1#*:}) 2>/dev/null && return 0; sleep 0.1; done; echo "nothing on $1" >&2; exit 1; }
 
 target/release/examples/bench_upstream "$UP" & PIDS+=($!)
 wait_port "$UP"
 
-cat > "$WORK/gateway.toml" <<CONF
-[server]
-listen = "$GW"
-workers = 1
-[admin]
-listen = "127.0.0.1:19190"
-[database]
-url = "sqlite://$WORK/gateway.db"
-[auth]
-keys_dir = "$WORK/keys"
-[log]
-access = false
-[[routes]]
-name = "public"
-prefix = "/public"
-upstreams = ["http://$UP"]
-auth = "public"
-[[routes]]
-name = "api"
-prefix = "/api"
-upstreams = ["http://$UP"]
-scopes = ["bench"]
-CONF
-echo 'correct horse battery staple' | "$BIN" --config "$WORK/gateway.toml" user create \
-  --tenant default --email bench@example.com --scope bench --password-stdin >/dev/null
+bench_config "$WORK/gateway.toml" "$GW" "127.0.0.1:19190" "$UP" "workers = 1"
+bench_user "$BIN" "$WORK/gateway.toml"
 RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
   "$BIN" --config "$WORK/gateway.toml" serve 2>"$WORK/valgrind.log" & VG=$!; PIDS+=($VG)
 wait_port "$GW"
-TOKEN=$(curl -s -X POST "http://$GW/auth/login" -H 'content-type: application/json' \
-  -d '{"email":"bench@example.com","password":"correct horse battery staple"}' |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+TOKEN=$(bench_token "$GW")
 
 # run NAME URL [extra wrk args...]
 run() {

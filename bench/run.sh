@@ -16,6 +16,8 @@
 # and oha (cargo install oha). Usage: bench/run.sh [seconds] [rate]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/common.sh
+source bench/common.sh
 
 SECS=${1:-10}
 RATE=${2:-5000}
@@ -32,7 +34,6 @@ cargo build --release --quiet --bin gateway --example bench_upstream
 BIN=target/release/gateway
 TCK=$(getconf CLK_TCK)
 
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/${1%:*}/${1#*:}) 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on $1" >&2; exit 1; }
 cpu_ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 
 # The upstream: nginx `return 200` if available, else a small hyper server.
@@ -65,30 +66,8 @@ else
 fi
 wait_port "$UP"
 
-cat > "$WORK/gateway.toml" <<CONF
-[server]
-listen = "$GW"
-[admin]
-listen = "127.0.0.1:19090"
-[database]
-url = "sqlite://gateway.db"
-[auth]
-keys_dir = "keys"
-[log]
-access = false
-[[routes]]
-name = "public"
-prefix = "/public"
-upstreams = ["http://$UP"]
-auth = "public"
-[[routes]]
-name = "api"
-prefix = "/api"
-upstreams = ["http://$UP"]
-scopes = ["bench"]
-CONF
-echo 'correct horse battery staple' | "$BIN" --config "$WORK/gateway.toml" user create \
-  --tenant default --email bench@example.com --scope bench --password-stdin >/dev/null
+bench_config "$WORK/gateway.toml" "$GW" "127.0.0.1:19090" "$UP"
+bench_user "$BIN" "$WORK/gateway.toml"
 RUST_LOG=warn taskset -c 0 "$BIN" --config "$WORK/gateway.toml" serve & GW_PID=$!; PIDS+=($GW_PID)
 wait_port "$GW"
 sleep 0.5
@@ -108,9 +87,7 @@ print(f"{(rss() - base) / 1000:.1f}")
 for s in socks: s.close()
 PY
 )
-TOKEN=$(curl -s -X POST "http://$GW/auth/login" -H 'content-type: application/json' \
-  -d '{"email":"bench@example.com","password":"correct horse battery staple"}' |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+TOKEN=$(bench_token "$GW")
 
 nginx_pids() { echo "$NGINX_MASTER $(pgrep -P "$NGINX_MASTER" | tr '\n' ' ')"; }
 
