@@ -284,14 +284,10 @@ impl Proxy {
         h.insert(table.headers.request_id.clone(), request_id.clone());
         let peer = conn.peer.ip();
         headers::set_forwarded(h, &conn.peer_header, self.is_trusted(peer), conn.https, client_host.as_ref());
-        match client_host {
-            Some(host) if cfg.preserve_host => {
-                h.insert(HOST, host);
-            }
-            // The upstream's own Host is set per attempt, below.
-            _ => {
-                h.remove(HOST);
-            }
+        // Otherwise the upstream's own Host replaces the client's per
+        // attempt, below.
+        if let Some(host) = client_host.filter(|_| cfg.preserve_host) {
+            h.insert(HOST, host);
         }
 
         let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());

@@ -187,10 +187,10 @@ pub fn set_forwarded(
     headers.insert(X_FORWARDED_FOR, xff);
     if !keep_proto_host {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if https { "https" } else { "http" }));
-        headers.remove(&X_FORWARDED_HOST);
-        if let Some(h) = host {
-            headers.insert(X_FORWARDED_HOST, h.clone());
-        }
+        match host {
+            Some(h) => headers.insert(X_FORWARDED_HOST, h.clone()),
+            None => headers.remove(&X_FORWARDED_HOST),
+        };
     }
 }
 
