@@ -51,9 +51,15 @@ pub fn bearer_token(headers: &hyper::HeaderMap) -> Result<&str, BearerError> {
     if values.next().is_some() {
         return Err(BearerError::Duplicate);
     }
-    // from_utf8 checks a whole token word by word; `to_str` goes byte by
-    // byte. Anything but base64url and dots fails verification anyway.
-    let text = std::str::from_utf8(value.as_bytes()).map_err(|_| BearerError::Malformed)?;
+    // ASCII only, as `to_str` would have it (it also refuses control
+    // bytes, which hyper never lets into a value; `trim` below then only
+    // meets ASCII whitespace), but checked a word at a time: `to_str` goes
+    // byte by byte over a token of several hundred bytes.
+    let bytes = value.as_bytes();
+    if !bytes.is_ascii() {
+        return Err(BearerError::Malformed);
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| BearerError::Malformed)?;
     match text.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Ok(token.trim()),
         _ => Err(BearerError::Malformed),
@@ -143,5 +149,39 @@ impl Authenticator {
             issued_at: claims.iat,
             expires_at: claims.exp,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+
+    fn with(values: &[&[u8]]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append(AUTHORIZATION, HeaderValue::from_bytes(v).expect("a header value"));
+        }
+        headers
+    }
+
+    #[test]
+    fn bearer_token_forms() {
+        assert_eq!(bearer_token(&with(&[b"Bearer abc.def"])), Ok("abc.def"));
+        assert_eq!(bearer_token(&with(&[b"bearer \tabc "])), Ok("abc"));
+        assert_eq!(bearer_token(&with(&[])), Err(BearerError::Missing));
+        assert_eq!(bearer_token(&with(&[b"Bearer a", b"Bearer b"])), Err(BearerError::Duplicate));
+        for bad in [&b"Basic abc"[..], b"Bearer ", b"Bearer", b"abc"] {
+            assert_eq!(bearer_token(&with(&[bad])), Err(BearerError::Malformed), "{bad:?}");
+        }
+    }
+
+    /// Non-ASCII bytes (obs-text) are refused, not trimmed away: a no-break
+    /// space around a valid token must not make it acceptable.
+    #[test]
+    fn non_ascii_around_a_token_is_malformed() {
+        for bad in [&b"Bearer \xc2\xa0abc.def"[..], b"Bearer abc.def\xe3\x80\x80", b"Bearer abc\xffdef"] {
+            assert_eq!(bearer_token(&with(&[bad])), Err(BearerError::Malformed), "{bad:?}");
+        }
     }
 }

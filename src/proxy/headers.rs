@@ -55,8 +55,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the names finds what is there (usually nothing, or just
     // `Connection`); only those are removed, each removal a hash lookup.
     let mut present: Vec<HeaderName> = Vec::new();
+    // `keys()` yields each name once, however many values it has.
     for name in headers.keys() {
-        if is_hop_by_hop(name) && !present.contains(name) {
+        if is_hop_by_hop(name) {
             present.push(name.clone());
         }
     }

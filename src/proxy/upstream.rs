@@ -264,7 +264,8 @@ impl Pool {
             .await
             .map_err(|e| UpstreamError::Connect(io::Error::other(e)))?;
         // Against requests, this shows how well connections are reused.
-        metrics::counter!("gateway_upstream_connections_total", "upstream" => key.authority.as_str().to_owned())
+        let scheme = if key.https { "https" } else { "http" };
+        metrics::counter!("gateway_upstream_connections_total", "upstream" => format!("{scheme}://{}", key.authority))
             .increment(1);
         // The connection task lives on this worker's runtime; it ends when
         // the connection closes, or hands the socket over after a 101.

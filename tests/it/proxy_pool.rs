@@ -32,7 +32,7 @@ async fn sequential_requests_share_one_upstream_connection() {
     assert_eq!(svc.hits(), 10);
     assert_eq!(svc.connections(), 1, "keep-alive connections to the upstream are reused");
     let metrics = app.metrics().await;
-    let line = format!("gateway_upstream_connections_total{{upstream=\"{}\"}} 1", svc.addr);
+    let line = format!("gateway_upstream_connections_total{{upstream=\"{}\"}} 1", svc.url());
     assert!(metrics.lines().any(|l| l == line), "expected {line:?} in:\n{metrics}");
     app.stop().await;
 }
