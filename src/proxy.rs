@@ -111,13 +111,7 @@ impl Proxy {
         let started = Instant::now();
         let path = match path::normalize(req.uri().path()) {
             Ok(p) => p,
-            Err(e) => {
-                let table = self.routes.load();
-                let id = headers::request_id(req.headers(), &table.headers.request_id);
-                let mut response = ProxyError::BadPath(e).into_response();
-                response.headers_mut().insert(table.headers.request_id.clone(), id);
-                return response;
-            }
+            Err(e) => return self.refuse(&req, ProxyError::BadPath(e)),
         };
         if is_api(&path) {
             return self.serve_api(req, &path, conn).await;
@@ -180,13 +174,19 @@ impl Proxy {
     /// (see [`crate::server::framing`]): 400, never forwarded. hyper closes
     /// the connection after the answer.
     pub fn refuse_ambiguous_framing(&self, req: &Request<Incoming>) -> Response<Body> {
+        tracing::debug!(method = %req.method(), "refused a request with both Content-Length and Transfer-Encoding");
+        self.refuse(req, ProxyError::BadRequest("the request has both Content-Length and Transfer-Encoding"))
+    }
+
+    /// Answers a request refused before any route was chosen: the error,
+    /// the request id, and a count under `route="none"`.
+    fn refuse(&self, req: &Request<Incoming>, error: ProxyError) -> Response<Body> {
         let table = self.routes.load();
         let id = headers::request_id(req.headers(), &table.headers.request_id);
-        let mut response =
-            ProxyError::BadRequest("the request has both Content-Length and Transfer-Encoding").into_response();
+        let mut response = error.into_response();
         response.headers_mut().insert(table.headers.request_id.clone(), id);
-        metrics::counter!("gateway_requests_total", "route" => "none", "status" => "400").increment(1);
-        tracing::debug!(method = %req.method(), "refused a request with both Content-Length and Transfer-Encoding");
+        let status = status_label(response.status());
+        metrics::counter!("gateway_requests_total", "route" => "none", "status" => status).increment(1);
         response
     }
 

@@ -400,7 +400,7 @@ fn hex(byte: u8) -> Option<u64> {
 }
 
 /// What the scanner found, shared between the connection's IO and its
-/// service. `Send + Sync`; [`Framing::none`] for connections not scanned.
+/// service (`Send + Sync`).
 #[derive(Debug)]
 pub struct Framing {
     /// Index of the conflicting head; `u64::MAX` for none (no connection
@@ -413,8 +413,7 @@ pub struct Framing {
 impl Framing {
     const NO_CONFLICT: u64 = u64::MAX;
 
-    /// For a connection that is not scanned (HTTP/2): nothing is ambiguous.
-    pub fn none() -> Self {
+    fn new() -> Self {
         Self { conflict: AtomicU64::new(Self::NO_CONFLICT), requests: AtomicU64::new(0) }
     }
 
@@ -438,12 +437,6 @@ impl Framing {
     }
 }
 
-impl Default for Framing {
-    fn default() -> Self {
-        Self::none()
-    }
-}
-
 /// A transport that shows the bytes it reads to a [`FramingScanner`] and
 /// publishes its finding in a shared [`Framing`]. Wrap the plaintext stream
 /// (inside TLS), below hyper and below any protocol sniffing, so that every
@@ -459,13 +452,9 @@ impl<I> ScannedIo<I> {
     /// Returns the wrapped transport and the [`Framing`] its service should
     /// consult; `max_head_bytes` as for [`FramingScanner::new`].
     pub fn new(io: I, max_head_bytes: usize) -> (Self, Arc<Framing>) {
-        let framing = Arc::new(Framing::none());
+        let framing = Arc::new(Framing::new());
         let scanned = Self { io, scanner: FramingScanner::new(max_head_bytes), framing: Arc::clone(&framing) };
         (scanned, framing)
-    }
-
-    pub fn get_ref(&self) -> &I {
-        &self.io
     }
 }
 

@@ -487,6 +487,23 @@ async fn metrics_count_proxied_requests() {
     };
     assert!(requests("metrics-probe"), "no gateway_requests_total for route metrics-probe:\n{metrics}");
     assert!(requests("none"), "404s are not counted under route=\"none\":\n{metrics}");
+
+    // Refused before routing (a path that climbs above the root): counted too.
+    let refused = |metrics: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("gateway_requests_total{") && l.contains("route=\"none\"") && l.contains("status=\"400\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let before = refused(&metrics);
+    let resp = raw_get(app.addr, "/probe/../../etc", "x", &[]).await;
+    assert_eq!(resp.status, Some(400), "head: {:?}", resp.head);
+    let after = refused(&app.metrics().await);
+    assert!(after > before, "a request refused before routing was not counted ({before} -> {after})");
     assert!(
         metrics.contains("gateway_upstream_duration_seconds"),
         "metrics lack gateway_upstream_duration_seconds:\n{metrics}"

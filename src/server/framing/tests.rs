@@ -262,13 +262,13 @@ fn feeding_after_done_changes_nothing() {
 
 #[test]
 fn framing_counts_requests() {
-    let framing = Framing::none();
+    let framing = Framing::new();
     framing.record(1);
     let seen: Vec<bool> = (0..3).map(|_| framing.next_request_is_ambiguous()).collect();
     assert_eq!(seen, [false, true, false]);
 
-    let unscanned = Framing::default();
-    assert!((0..3).all(|_| !unscanned.next_request_is_ambiguous()));
+    let clean = Framing::new();
+    assert!((0..3).all(|_| !clean.next_request_is_ambiguous()));
 }
 
 #[tokio::test]
