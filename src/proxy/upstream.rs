@@ -100,6 +100,13 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    /// Not idle for longer than `timeout`, and not closed by the upstream.
+    fn usable(&self, now: Instant, timeout: Duration) -> bool {
+        now.duration_since(self.since) < timeout && !self.sender.is_closed()
+    }
+}
+
 /// Why an upstream request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -206,7 +213,7 @@ impl UpstreamClient {
         let now = Instant::now();
         let mut idle = self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
         for list in idle.values_mut() {
-            list.retain(|c| now.duration_since(c.since) < self.pool.idle_timeout && !c.sender.is_closed());
+            list.retain(|c| c.usable(now, self.pool.idle_timeout));
         }
         idle.retain(|_, list| !list.is_empty());
     }
@@ -223,7 +230,7 @@ impl Pool {
         let list = idle.get_mut(key)?;
         let now = Instant::now();
         while let Some(c) = list.pop() {
-            if now.duration_since(c.since) < self.idle_timeout && !c.sender.is_closed() {
+            if c.usable(now, self.idle_timeout) {
                 return Some(c.sender);
             }
         }
