@@ -51,6 +51,7 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod http1;
 pub mod observability;
 pub mod proxy;
 pub mod server;

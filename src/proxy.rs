@@ -39,10 +39,9 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use axum::extract::ConnectInfo;
 use http_body_util::{BodyExt as _, Limited};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Body as _;
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, HOST};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use tower::ServiceExt as _;
 
@@ -50,6 +49,7 @@ use crate::auth::token::TokenError;
 use crate::auth::{bearer_token, Authenticator, BearerError};
 use crate::body::Body;
 use crate::config::AuthMode;
+use crate::http1::upgrade::OnUpgrade;
 use error::ProxyError;
 use identity::{Identity, IdentityCache};
 use router::{Route, RouteTable};
@@ -107,11 +107,11 @@ struct Outcome {
 impl Proxy {
     /// Answers one request from the public listener. Never fails: every
     /// error becomes a JSON response.
-    pub async fn serve(&self, req: Request<Incoming>, conn: &Conn) -> Response<Body> {
+    pub async fn serve(&self, req: Request<Body>, conn: &Conn) -> Response<Body> {
         let started = Instant::now();
         let path = match path::normalize(req.uri().path()) {
             Ok(p) => p,
-            Err(e) => return self.refuse(&req, ProxyError::BadPath(e)),
+            Err(e) => return self.refuse(Some(req.headers()), ProxyError::BadPath(e)),
         };
         if is_api(&path) {
             return self.serve_api(req, &path, conn).await;
@@ -170,19 +170,14 @@ impl Proxy {
         response
     }
 
-    /// A request that carried both `Content-Length` and `Transfer-Encoding`
-    /// (see [`crate::server::framing`]): 400, never forwarded. hyper closes
-    /// the connection after the answer.
-    pub fn refuse_ambiguous_framing(&self, req: &Request<Incoming>) -> Response<Body> {
-        tracing::debug!(method = %req.method(), "refused a request with both Content-Length and Transfer-Encoding");
-        self.refuse(req, ProxyError::BadRequest("the request has both Content-Length and Transfer-Encoding"))
-    }
-
-    /// Answers a request refused before any route was chosen: the error,
-    /// the request id, and a count under `route="none"`.
-    fn refuse(&self, req: &Request<Incoming>, error: ProxyError) -> Response<Body> {
+    /// Answers a request refused before any route was chosen (a bad path;
+    /// or, from [`crate::http1::server`], a head that could not be parsed or
+    /// whose framing is refused, such as both `Content-Length` and
+    /// `Transfer-Encoding`): the error, the request id, and a count under
+    /// `route="none"`.
+    pub fn refuse(&self, headers: Option<&HeaderMap>, error: ProxyError) -> Response<Body> {
         let table = self.routes.load();
-        let id = headers::request_id(req.headers(), &table.headers.request_id);
+        let id = headers::request_id(headers.unwrap_or(&HeaderMap::new()), &table.headers.request_id);
         let mut response = error.into_response();
         response.headers_mut().insert(table.headers.request_id.clone(), id);
         let status = status_label(response.status());
@@ -191,7 +186,7 @@ impl Proxy {
     }
 
     /// Hands `/auth/*` and the JWKS to the API router, on the normalised path.
-    async fn serve_api(&self, mut req: Request<Incoming>, path: &str, conn: &Conn) -> Response<Body> {
+    async fn serve_api(&self, mut req: Request<Body>, path: &str, conn: &Conn) -> Response<Body> {
         let ip = self.client_ip(conn.peer.ip(), req.headers());
         req.extensions_mut().insert(ConnectInfo(SocketAddr::new(ip, conn.peer.port())));
         if req.uri().path() != path {
@@ -205,7 +200,7 @@ impl Proxy {
         }
         // Database connections belong to the main runtime's reactor, so the
         // API is run there rather than on this worker's runtime.
-        let call = self.api.clone().oneshot(req.map(Body::new));
+        let call = self.api.clone().oneshot(req);
         match self.api_runtime.spawn(call).await {
             Ok(Ok(response)) => response,
             Ok(Err(never)) => match never {},
@@ -234,7 +229,7 @@ impl Proxy {
     async fn forward(
         &self,
         table: &RouteTable,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
         path: &str,
         conn: &Conn,
         request_id: &HeaderValue,
@@ -295,7 +290,7 @@ impl Proxy {
             return Err(ProxyError::PayloadTooLarge);
         }
 
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = if upgrade { req.extensions_mut().remove::<OnUpgrade>() } else { None };
         let (mut parts, body) = req.into_parts();
         let retryable = is_idempotent(&parts.method) && body.is_end_stream() && !upgrade && cfg.upstreams.len() > 1;
         let mut body = Some(body);
@@ -423,7 +418,7 @@ fn upstream_uri(route: &Route, index: usize, path: &str, query: Option<&str>) ->
 /// upstream failure when the upstream request fails.
 #[derive(Debug, thiserror::Error)]
 #[error("reading the client's request body: {0}")]
-struct ClientBodyError(#[source] hyper::Error);
+struct ClientBodyError(#[source] axum::Error);
 
 /// Whether `E` is somewhere in the cause chain of an upstream failure.
 fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -440,25 +435,25 @@ fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
 /// Phase 8: the upstream's answer, made fit for the client.
 fn respond(
     mut response: Response<UpstreamBody>,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: Option<OnUpgrade>,
     slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
     tunnel_idle_timeout: Duration,
 ) -> Response<Body> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client) = client_upgrade {
-            let upstream = hyper::upgrade::on(&mut response);
+            let (parts, body) = response.into_parts();
+            let upstream = body.into_upgraded();
             tokio::spawn(async move {
                 // The tunnel keeps the connection's slot until it closes, so
                 // WebSockets count against server.max_connections.
                 let _slot = slot;
-                match tokio::try_join!(client, upstream) {
-                    Ok((client, upstream)) => {
-                        tunnel::splice(TokioIo::new(client), TokioIo::new(upstream), tunnel_idle_timeout).await;
-                    }
-                    Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+                match (client.connection().await, upstream) {
+                    (Ok(client), Some(upstream)) => tunnel::splice(client, upstream, tunnel_idle_timeout).await,
+                    (Err(e), _) => tracing::debug!(error = %e, "websocket upgrade failed"),
+                    (_, None) => tracing::debug!("the upstream's upgraded connection was not usable"),
                 }
             });
-            return response.map(|b| Body::new(b.map_err(axum::Error::new)));
+            return Response::from_parts(parts, Body::empty());
         }
     }
     headers::strip_hop_by_hop(response.headers_mut(), false);

@@ -10,14 +10,17 @@
 //! request. The gateway's own API (`/auth/*`) runs on the main runtime,
 //! which also owns the database pool and the background tasks.
 //!
+//! HTTP/1.1 is served by the gateway's own code ([`crate::http1::server`]);
+//! HTTP/2 (ALPN `h2`, or the HTTP/2 preface on a plain connection) by
+//! hyper.
+//!
 //! Limits, and why they sit here rather than in a layer: the connection cap
-//! refuses a socket before any byte is read; hyper enforces the header read
-//! timeout (slowloris; also the idle keep-alive limit) and the header size
-//! (431) while parsing, before our code runs; malformed requests are
-//! answered 400 by hyper and the connection closes. Body limits are per
+//! refuses a socket before any byte is read; the header read timeout
+//! (slowloris; also the idle keep-alive limit) and the header size (431)
+//! are enforced while a head is read, before the proxy runs; malformed
+//! requests are answered 400 and the connection closes. Body limits are per
 //! route, so they live in the proxy.
 
-pub mod framing;
 pub mod reload;
 pub mod tls;
 
@@ -26,18 +29,21 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 pub use reload::Reloader;
 
+use crate::body::Body;
 use crate::config::{ServerConfig, UpstreamSettings};
+use crate::http1;
+use crate::http1::upgrade::{Io, Upgraded};
 use crate::proxy::upstream::UpstreamClient;
 use crate::proxy::{Conn, Proxy};
 
@@ -114,22 +120,18 @@ pub async fn serve_public(
     proxy: Arc<Proxy>,
     settings: &ServerConfig,
     slots: Arc<Semaphore>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .keep_alive_interval(Some(settings.header_read_timeout))
         .keep_alive_timeout(settings.header_read_timeout)
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
-    let builder = Arc::new(builder);
+    let h2 = Arc::new(h2);
+    let http1 = http1::server::Settings {
+        header_read_timeout: settings.header_read_timeout,
+        max_head_bytes: settings.max_header_bytes,
+    };
     let graceful = GracefulShutdown::new();
     // Closes pooled upstream connections nobody used for a while; ends with
     // this worker's runtime.
@@ -145,9 +147,9 @@ pub async fn serve_public(
         }
     });
     let handshake_timeout = settings.header_read_timeout;
-    let limits = (settings.header_read_timeout, settings.max_header_bytes);
+    let mut stop_signal = shutdown.clone();
     let stop = async move {
-        let _ = shutdown.wait_for(|stop| *stop).await;
+        let _ = stop_signal.wait_for(|stop| *stop).await;
     };
     tokio::pin!(stop);
 
@@ -170,24 +172,26 @@ pub async fn serve_public(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let watcher = graceful.watcher();
-        let builder = Arc::clone(&builder);
-        let proxy = Arc::clone(&proxy);
+        let ctx = ConnContext {
+            h2: Arc::clone(&h2),
+            watcher: graceful.watcher(),
+            proxy: Arc::clone(&proxy),
+            http1,
+            shutdown: shutdown.clone(),
+        };
         let tls = tls.clone();
         let task = async move {
             let slot = Some(Arc::new(permit));
             match tls {
-                None => {
-                    let conn = Conn::new(peer, false, slot);
-                    serve_connection(&builder, watcher, stream, conn, proxy, limits).await;
-                }
+                None => serve_connection(ctx, stream, Conn::new(peer, false, slot), false).await,
                 // Boxed: a TLS handshake is a large future, and inline it
                 // would make every connection's task as large.
                 Some(acceptor) => {
                     match Box::pin(tokio::time::timeout(handshake_timeout, acceptor.accept(stream))).await {
                         Ok(Ok(stream)) => {
+                            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                             let conn = Conn::new(peer, true, slot);
-                            Box::pin(serve_connection(&builder, watcher, stream, conn, proxy, limits)).await;
+                            Box::pin(serve_connection(ctx, stream, conn, h2)).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -206,48 +210,49 @@ pub async fn serve_public(
     }
 }
 
-/// Serves one connection. A connection that has not started a request
-/// within `first_request` is closed: hyper's header timer only starts once
-/// it has chosen HTTP/1 or HTTP/2, which needs bytes, so a silent socket
-/// would otherwise hold its slot forever.
-///
-/// The client's bytes pass through [`framing::ScannedIo`] on their way to
-/// hyper, so that a request whose framing was ambiguous is answered 400.
-async fn serve_connection<I>(
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
-    io: I,
-    conn: Conn,
+/// What every connection of a worker needs.
+struct ConnContext {
+    h2: Arc<http2::Builder<TokioExecutor>>,
+    /// Held for the connection's life: graceful shutdown waits for it.
+    watcher: Watcher,
     proxy: Arc<Proxy>,
-    (first_request, max_head_bytes): (std::time::Duration, usize),
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+    http1: http1::server::Settings,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Serves one connection: HTTP/1.1 unless TLS chose `h2` or the client
+/// opens with the HTTP/2 preface.
+async fn serve_connection<I: Io>(ctx: ConnContext, io: I, conn: Conn, h2: bool) {
+    if h2 {
+        return serve_h2(ctx, Upgraded::new(Box::new(io), Bytes::new()), conn).await;
+    }
+    let proxy = Arc::clone(&ctx.proxy);
+    match http1::server::serve(io, conn.clone(), proxy, ctx.http1, ctx.shutdown.clone()).await {
+        http1::server::Served::Done => {}
+        http1::server::Served::Http2(io, read) => {
+            // Boxed: rare, and large.
+            Box::pin(serve_h2(ctx, Upgraded::new(Box::new(io), read), conn)).await;
+        }
+    }
+}
+
+/// Serves an HTTP/2 connection with hyper. One that has not started a
+/// request within the header read timeout is closed, as HTTP/1.1 ones are.
+async fn serve_h2(ctx: ConnContext, io: Upgraded, conn: Conn) {
     let peer = conn.peer;
     let started = Arc::new(AtomicBool::new(false));
     let seen = Arc::clone(&started);
-    let (io, framing) = framing::ScannedIo::new(io, max_head_bytes);
-    let service = service_fn(move |req| {
+    let proxy = ctx.proxy;
+    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         seen.store(true, Ordering::Relaxed);
-        let ambiguous = framing.next_request_is_ambiguous();
         let proxy = Arc::clone(&proxy);
         let conn = conn.clone();
-        async move {
-            if ambiguous {
-                return Ok::<_, Infallible>(proxy.refuse_ambiguous_framing(&req));
-            }
-            // Boxed per request: hyper keeps a slot the size of this future
-            // for the connection's whole life, idle or not (~3 KB inline).
-            Ok(Box::pin(proxy.serve(req, &conn)).await)
-        }
+        async move { Ok::<_, Infallible>(Box::pin(proxy.serve(req.map(Body::new), &conn)).await) }
     });
-    // Boxed at its exact size: held inline, async-fn layout would make the
-    // connection's task more than twice as large (memory per idle connection).
-    let mut connection =
-        Box::pin(watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned()));
+    let mut connection = Box::pin(ctx.watcher.watch(ctx.h2.serve_connection(TokioIo::new(io), service)));
     let result = tokio::select! {
         result = &mut connection => result,
-        () = tokio::time::sleep(first_request) => {
+        () = tokio::time::sleep(ctx.http1.header_read_timeout) => {
             if !started.load(Ordering::Relaxed) {
                 tracing::debug!(%peer, "no request within the header read timeout; closing");
                 return;

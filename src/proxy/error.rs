@@ -35,6 +35,10 @@ pub enum ProxyError {
     InsufficientScope,
     #[error("the request body is too large")]
     PayloadTooLarge,
+    #[error("the request head is too large")]
+    HeaderTooLarge,
+    #[error("{0}")]
+    NotImplemented(&'static str),
     #[error("the upstream could not be reached")]
     BadGateway(&'static str),
     #[error("the upstream did not answer in time")]
@@ -58,6 +62,8 @@ impl ProxyError {
             ProxyError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             ProxyError::InsufficientScope => (StatusCode::FORBIDDEN, "insufficient_scope"),
             ProxyError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ProxyError::HeaderTooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "header_too_large"),
+            ProxyError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
             ProxyError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             ProxyError::GatewayTimeout => (StatusCode::GATEWAY_TIMEOUT, "gateway_timeout"),
         }

@@ -1,29 +1,32 @@
 //! The upstream HTTP client: a pool of HTTP/1.1 keep-alive connections per
-//! worker thread, on hyper's low-level `client::conn`, with TCP_NODELAY, a
-//! connect timeout, and rustls for https upstreams.
+//! worker thread, spoken to with the gateway's own HTTP/1.1
+//! ([`crate::http1`]), with TCP_NODELAY, a connect timeout, and rustls for
+//! https upstreams.
 //!
-//! Why not hyper-util's legacy `Client`: on the proxy's hot path it builds a
-//! connect future, clones its connector, hashes its pool key and spawns a
-//! task (to return the connection to the pool) for every request, and moves
-//! its large futures around. Replacing it took the public route from about
-//! 17.4 to 15.5 µs of CPU per request on the bench machine (user time 8.9 →
-//! 7.2 µs). This pool does only what a worker needs: every connection it
-//! holds lives on the worker's own thread.
+//! Why our own: the exchange runs inside the request's task. A bodiless
+//! request is one write of its head; its response head is parsed where it
+//! lands and its body read as the client's side asks for it. hyper's client
+//! ran each connection as a task of its own behind a channel, which cost
+//! about a third of the proxy's instructions per request. A request body is
+//! sent by a task of its own, so that an upstream can answer (or stream its
+//! answer) before the upload ends.
 //!
 //! The pool's rules:
 //! - a connection goes back to the pool only when its response body has been
-//!   read to the end ([`UpstreamBody`]) and its request body sent to the end;
-//!   one whose response was abandoned or failed is closed (HTTP/1.1 cannot
-//!   skip the rest of a response), and so is one still carrying an upload
-//!   the upstream answered early (the next request would wait behind it);
+//!   read to the end ([`UpstreamBody`]), its request body sent to the end,
+//!   nothing unexpected follows the response, and neither side asked to
+//!   close; one whose response was abandoned or failed is closed (HTTP/1.1
+//!   cannot skip the rest of a response);
 //! - a checkout takes the most recently used connection (the one least
 //!   likely to have been closed by the upstream's keep-alive timer) and drops
 //!   connections idle for longer than `pool_idle_timeout` — which must be
-//!   shorter than the upstreams' own keep-alive timeout — or already closed;
+//!   shorter than the upstreams' own keep-alive timeout — or already closed
+//!   (a read that costs no system call unless the socket has news);
 //!   [`UpstreamClient::sweep`] closes expired ones when no request comes;
-//! - a request that never left because its pooled connection turned out to
-//!   be closed (hyper hands it back) is sent once more, on a new connection;
-//!   a request that was sent is never retried here;
+//! - a request whose head could not be written to a pooled connection, or
+//!   an idempotent bodiless request whose pooled connection closed before a
+//!   byte of answer, is sent once more on a new connection; no other request
+//!   is retried here;
 //! - at most `pool_max_idle_per_host` idle connections per upstream.
 //!
 //! TCP_NODELAY is set on every connection: the request and response pairs
@@ -32,28 +35,35 @@
 //! addresses), and separately the TLS handshake.
 
 use std::collections::HashMap;
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
+use bytes::{Buf as _, Bytes, BytesMut};
+use http_body_util::BodyExt as _;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use hyper::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use hyper::http::uri::Authority;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, Request, Response, StatusCode, Version};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::body::Body;
 use crate::config::{UpstreamSettings, UpstreamTarget};
+use crate::http1::upgrade::Upgraded;
+use crate::http1::{self, BodyError, Decoded, Decoder, FieldIndex, Framing, MAX_HEADERS};
+
+/// A response head longer than this is an upstream failure.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// A cheap-to-clone handle on one worker's connection pool.
 #[derive(Clone)]
@@ -96,15 +106,26 @@ impl std::hash::Hash for PoolKey {
 }
 
 struct Idle {
-    sender: SendRequest<Body>,
+    stream: Stream,
     since: Instant,
 }
 
 impl Idle {
     /// Not idle for longer than `timeout`, and not closed by the upstream.
-    fn usable(&self, now: Instant, timeout: Duration) -> bool {
-        now.duration_since(self.since) < timeout && !self.sender.is_closed()
+    fn usable(&mut self, now: Instant, timeout: Duration) -> bool {
+        now.duration_since(self.since) < timeout && is_open(&mut self.stream)
     }
+}
+
+/// Whether an idle connection is still open: a read that must find
+/// nothing. Unless the reactor has seen the socket become readable (data
+/// or a close), tokio answers it without a system call.
+fn is_open(stream: &mut Stream) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut byte = [0_u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    // Ready means closed, failed, or bytes nobody asked for: all unusable.
+    Pin::new(stream).poll_read(&mut cx, &mut buf).is_pending()
 }
 
 /// Why an upstream request failed.
@@ -115,15 +136,22 @@ pub enum UpstreamError {
     #[error("TLS handshake: {0}")]
     Tls(#[source] io::Error),
     #[error("{0}")]
-    Request(#[source] hyper::Error),
+    Request(#[source] io::Error),
+    /// The request body could not be read from the client (or was too large).
+    #[error("{0}")]
+    RequestBody(#[source] axum::Error),
 }
 
 impl UpstreamError {
     /// Whether no connection could be made (the request never left): the
     /// upstream is cooled down, and an idempotent request may go elsewhere.
     pub fn is_connect(&self) -> bool {
-        !matches!(self, UpstreamError::Request(_))
+        matches!(self, UpstreamError::Connect(_) | UpstreamError::Tls(_))
     }
+}
+
+fn invalid(what: &'static str) -> UpstreamError {
+    UpstreamError::Request(io::Error::new(io::ErrorKind::InvalidData, what))
 }
 
 impl UpstreamClient {
@@ -153,59 +181,84 @@ impl UpstreamClient {
         })
     }
 
-    /// Sends `request` (origin-form URI, `Host` set) to `target`.
+    /// Sends `request` (origin-form URI, `Host` set) to `target`, and
+    /// returns once the response head has arrived.
     pub async fn send(
         &self,
         target: &UpstreamTarget,
-        mut request: Request<Body>,
+        request: Request<Body>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let key =
             PoolKey { https: target.scheme == hyper::http::uri::Scheme::HTTPS, authority: target.authority.clone() };
-        // A request body still being sent when the response ends (an
-        // upstream answering a large upload early) keeps the connection busy
-        // for as long as the client takes: such a connection must not be
-        // handed to the next request. Bodiless requests need no tracking.
-        let sent = if request.body().is_end_stream() {
-            None
-        } else {
-            let sent = Arc::new(AtomicBool::new(false));
-            let flag = Arc::clone(&sent);
-            request = request.map(|body| Body::new(TrackedBody { body, sent: flag }));
-            Some(sent)
-        };
-        let connect_method = request.method() == hyper::Method::CONNECT;
+        let (parts, body) = request.into_parts();
+        let (head, framing) = encode_request(&parts, &body);
+        let retry_unanswered = framing == Framing::Empty && is_idempotent(&parts.method);
         let mut pooled = self.pool.checkout(&key);
+        let mut body = Some(body);
         loop {
             let reused = pooled.is_some();
-            let mut sender = match pooled.take() {
-                Some(sender) => sender,
-                // Boxed: connecting (TCP, TLS, handshake) is a large future,
-                // and inline it would make every request's future as large.
+            let mut stream = match pooled.take() {
+                Some(stream) => stream,
+                // Boxed: connecting (TCP, TLS) is a large future, and inline
+                // it would make every request's future as large.
                 None => Box::pin(self.pool.connect(&key)).await?,
             };
-            // Waits for the connection to finish its previous exchange.
-            if let Err(e) = sender.ready().await {
+            if let Err(e) = write_all_flush(&mut stream, &head).await {
                 if reused {
-                    continue;
+                    continue; // closed under us, and nothing was taken in
                 }
                 return Err(UpstreamError::Request(e));
             }
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    let reusable = response.status() != StatusCode::SWITCHING_PROTOCOLS
-                        && !(connect_method && response.status().is_success());
-                    let owner =
-                        reusable.then(|| Owner { pool: Arc::clone(&self.pool), key, sender, request_sent: sent });
-                    return Ok(hand_out(response, owner));
+            let mut exchange = match body.take() {
+                Some(body) if framing != Framing::Empty => {
+                    let chunked = framing == Framing::Chunked;
+                    let (reader, mut writer) = tokio::io::split(stream);
+                    let (done, sent) = oneshot::channel();
+                    tokio::spawn(async move {
+                        let result = write_body(&mut writer, body, chunked).await;
+                        let _ = done.send(match result {
+                            Ok(()) => Ok(writer),
+                            Err(e) => {
+                                // The upstream must not wait for the rest.
+                                let _ = writer.shutdown().await;
+                                Err(e)
+                            }
+                        });
+                    });
+                    Exchange { reader: Reader::Half(reader), writer: Writer::Sending(sent) }
                 }
-                Err(mut e) => match e.take_message() {
-                    // Never written: the pooled connection was closed under
-                    // us. Once more on a new connection.
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(UpstreamError::Request(e.into_error())),
-                },
+                _ => Exchange { reader: Reader::Whole(stream), writer: Writer::Done },
+            };
+            let mut rbuf = BytesMut::new();
+            match read_response(&mut exchange, &mut rbuf, &parts.method).await {
+                Ok(head) => return Ok(self.hand_out(key, exchange, rbuf, head)),
+                Err(ReadError::Closed) if reused && retry_unanswered => continue,
+                Err(ReadError::Closed) => {
+                    return Err(UpstreamError::Request(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the upstream closed the connection without answering",
+                    )))
+                }
+                Err(ReadError::Failed(e)) => return Err(e),
             }
         }
+    }
+
+    fn hand_out(&self, key: PoolKey, exchange: Exchange, rbuf: BytesMut, head: ResponseHead) -> Response<UpstreamBody> {
+        let ResponseHead { mut response, framing, reusable } = head;
+        let upgrade = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let mut body = UpstreamBody {
+            decoder: Decoder::new(framing),
+            rbuf,
+            exchange: Some(exchange),
+            owner: reusable.then(|| (Arc::clone(&self.pool), key)),
+            upgrade,
+        };
+        if body.decoder.is_done() && !upgrade {
+            body.finish();
+        }
+        *response.body_mut() = body;
+        response
     }
 
     /// Closes connections idle for longer than the pool's idle timeout.
@@ -213,7 +266,7 @@ impl UpstreamClient {
         let now = Instant::now();
         let mut idle = self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
         for list in idle.values_mut() {
-            list.retain(|c| c.usable(now, self.pool.idle_timeout));
+            list.retain_mut(|c| c.usable(now, self.pool.idle_timeout));
         }
         idle.retain(|_, list| !list.is_empty());
     }
@@ -224,31 +277,376 @@ impl UpstreamClient {
     }
 }
 
+fn is_idempotent(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+/// The request head, and how its body is framed.
+fn encode_request(parts: &hyper::http::request::Parts, body: &Body) -> (Vec<u8>, Framing) {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = match parts.uri.path_and_query() {
+        Some(pq) => pq.as_str(),
+        None => parts.uri.authority().map_or("/", Authority::as_str),
+    };
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        // The framing is ours to state, below.
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let framing = if body.is_end_stream() {
+        if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+        Framing::Empty
+    } else if let Some(n) = body.size_hint().exact() {
+        out.extend_from_slice(b"content-length: ");
+        http1::write_decimal(&mut out, n);
+        out.extend_from_slice(b"\r\n");
+        Framing::Length(n)
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked
+    };
+    out.extend_from_slice(b"\r\n");
+    (out, framing)
+}
+
+async fn write_all_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
+/// Sends the request body (the head is already out).
+async fn write_body<W: AsyncWrite + Unpin>(w: &mut W, mut body: Body, chunked: bool) -> Result<(), UpstreamError> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(UpstreamError::RequestBody)?.into_data() else { continue };
+        if data.is_empty() {
+            continue;
+        }
+        out.clear();
+        if chunked {
+            http1::write_chunk_size(&mut out, data.len());
+        }
+        if data.len() <= 16 * 1024 {
+            out.extend_from_slice(&data);
+        } else {
+            w.write_all(&out).await.map_err(UpstreamError::Request)?;
+            out.clear();
+            w.write_all(&data).await.map_err(UpstreamError::Request)?;
+        }
+        if chunked {
+            out.extend_from_slice(b"\r\n");
+        }
+        w.write_all(&out).await.map_err(UpstreamError::Request)?;
+    }
+    if chunked {
+        w.write_all(b"0\r\n\r\n").await.map_err(UpstreamError::Request)?;
+    }
+    w.flush().await.map_err(UpstreamError::Request)
+}
+
+/// One request's use of a connection.
+struct Exchange {
+    reader: Reader,
+    writer: Writer,
+}
+
+enum Reader {
+    Whole(Stream),
+    /// The write half is with the task sending the request body.
+    Half(ReadHalf<Stream>),
+}
+
+enum Writer {
+    /// Nothing to send (or all sent, write half back: see `Reader`).
+    Done,
+    Sending(oneshot::Receiver<Result<WriteHalf<Stream>, UpstreamError>>),
+    Sent(WriteHalf<Stream>),
+}
+
+impl Exchange {
+    /// The whole connection again, if the request body has been sent.
+    fn into_stream(self) -> Option<Stream> {
+        match (self.reader, self.writer) {
+            (Reader::Whole(stream), _) => Some(stream),
+            (Reader::Half(r), Writer::Sent(w)) => Some(r.unsplit(w)),
+            (Reader::Half(r), Writer::Sending(mut rx)) => match rx.try_recv() {
+                Ok(Ok(w)) => Some(r.unsplit(w)),
+                _ => None,
+            },
+            (Reader::Half(_), Writer::Done) => None,
+        }
+    }
+}
+
+impl AsyncRead for Reader {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Reader::Whole(s) => Pin::new(s).poll_read(cx, buf),
+            Reader::Half(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+struct ResponseHead {
+    response: Response<UpstreamBody>,
+    framing: Framing,
+    reusable: bool,
+}
+
+enum ReadError {
+    /// The connection closed before a byte of the answer.
+    Closed,
+    Failed(UpstreamError),
+}
+
+/// Reads the response head (skipping interim 1xx answers other than 101).
+/// While the request body is still being sent, a failure to send it ends
+/// the wait: it is the client's fault, not the upstream's.
+async fn read_response(
+    exchange: &mut Exchange,
+    rbuf: &mut BytesMut,
+    method: &Method,
+) -> Result<ResponseHead, ReadError> {
+    let mut answered = false;
+    loop {
+        if !rbuf.is_empty() {
+            answered = true;
+            match parse_response(rbuf, method).map_err(ReadError::Failed)? {
+                Some(head) => return Ok(head),
+                None if rbuf.len() > MAX_RESPONSE_HEAD => {
+                    return Err(ReadError::Failed(invalid("response head too large")));
+                }
+                None => {}
+            }
+        }
+        let n = match &mut exchange.writer {
+            Writer::Sending(sent) => {
+                tokio::select! {
+                    biased;
+                    n = poll_fn(|cx| http1::poll_read_head(&mut exchange.reader, cx, rbuf)) => n,
+                    result = sent => {
+                        exchange.writer = match result {
+                            Ok(Ok(w)) => Writer::Sent(w),
+                            Ok(Err(e)) => return Err(ReadError::Failed(e)),
+                            Err(_) => return Err(ReadError::Failed(invalid("the request body task ended"))),
+                        };
+                        continue;
+                    }
+                }
+            }
+            _ => poll_fn(|cx| http1::poll_read_head(&mut exchange.reader, cx, rbuf)).await,
+        };
+        match n {
+            Ok(0) if !answered => return Err(ReadError::Closed),
+            Ok(0) => return Err(ReadError::Failed(invalid("the connection closed inside the response head"))),
+            Ok(_) => {}
+            Err(e) if !answered && is_reset(&e) => return Err(ReadError::Closed),
+            Err(e) => return Err(ReadError::Failed(UpstreamError::Request(e))),
+        }
+    }
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe)
+}
+
+/// Parses a response head from the front of `rbuf`: `Ok(None)` when
+/// incomplete; an interim 1xx (other than 101) is consumed and skipped.
+fn parse_response(rbuf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>, UpstreamError> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut fields = [FieldIndex::default(); MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut headers);
+        let (len, code, version, count) = match parsed.parse(rbuf) {
+            Ok(httparse::Status::Complete(len)) => {
+                http1::index_fields(rbuf, parsed.headers, &mut fields);
+                (len, parsed.code.unwrap_or(0), parsed.version.unwrap_or(1), parsed.headers.len())
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(invalid("malformed response head")),
+        };
+        let status = StatusCode::from_u16(code).map_err(|_| invalid("invalid status code"))?;
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            rbuf.advance(len);
+            continue;
+        }
+        let head = rbuf.split_to(len).freeze();
+        let mut headers = http1::header_map(&head, &fields[..count]).map_err(invalid)?;
+        let s = http1::semantics(&headers).map_err(invalid)?;
+        let mut reusable = !s.close && (version == 1 || s.keep_alive);
+        let framing = if *method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            Framing::Empty
+        } else if *method == Method::CONNECT && status.is_success() {
+            reusable = false;
+            Framing::Empty
+        } else if s.has_transfer_encoding {
+            if s.content_length.is_some() {
+                // Both: Transfer-Encoding wins, the length goes, and the
+                // connection is not trusted with another request.
+                headers.remove(CONTENT_LENGTH);
+                reusable = false;
+            }
+            if s.chunked_last {
+                Framing::Chunked
+            } else {
+                Framing::Close
+            }
+        } else if let Some(n) = s.content_length {
+            Framing::Length(n)
+        } else {
+            Framing::Close
+        };
+        if framing == Framing::Close || status == StatusCode::SWITCHING_PROTOCOLS {
+            reusable = false;
+        }
+        let mut response = Response::new(UpstreamBody::empty());
+        *response.status_mut() = status;
+        *response.version_mut() = if version == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
+        *response.headers_mut() = headers;
+        return Ok(Some(ResponseHead { response, framing, reusable }));
+    }
+}
+
+/// An upstream response body: decodes the upstream's framing as the client
+/// side reads it and, once it has been read to the end, returns the
+/// connection to the pool.
+pub struct UpstreamBody {
+    decoder: Decoder,
+    rbuf: BytesMut,
+    exchange: Option<Exchange>,
+    /// Where the connection goes back to; None when it cannot be reused.
+    owner: Option<(Arc<Pool>, PoolKey)>,
+    upgrade: bool,
+}
+
+impl UpstreamBody {
+    fn empty() -> Self {
+        Self {
+            decoder: Decoder::new(Framing::Empty),
+            rbuf: BytesMut::new(),
+            exchange: None,
+            owner: None,
+            upgrade: false,
+        }
+    }
+
+    /// After a 101: the upstream's connection, for the tunnel.
+    pub fn into_upgraded(mut self) -> Option<Upgraded> {
+        if !self.upgrade {
+            return None;
+        }
+        let stream = self.exchange.take()?.into_stream()?;
+        Some(Upgraded::new(Box::new(stream), self.rbuf.split().freeze()))
+    }
+
+    /// The body has ended: the connection goes back to the pool if it can.
+    fn finish(&mut self) {
+        let exchange = self.exchange.take();
+        if let (Some(exchange), Some((pool, key))) = (exchange, self.owner.take()) {
+            if self.rbuf.is_empty() {
+                if let Some(stream) = exchange.into_stream() {
+                    pool.put_back(key, stream);
+                }
+            }
+        }
+    }
+}
+
+impl HttpBody for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        loop {
+            match this.decoder.decode(&mut this.rbuf) {
+                Ok(Decoded::Data(data)) => {
+                    if this.decoder.is_done() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Decoded::Done) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::NeedMore) => {}
+                Err(e) => {
+                    this.exchange = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            let Some(exchange) = this.exchange.as_mut() else {
+                return Poll::Ready(Some(Err(BodyError::Incomplete)));
+            };
+            let want = this.decoder.remaining().map_or(16 * 1024, |n| usize::try_from(n).unwrap_or(usize::MAX));
+            this.rbuf.reserve(want.clamp(1, 64 * 1024));
+            match ready!(tokio_util::io::poll_read_buf(Pin::new(&mut exchange.reader), cx, &mut this.rbuf)) {
+                Ok(0) => {
+                    // The end of a close-delimited body; otherwise cut short.
+                    this.exchange = None;
+                    if let Err(e) = this.decoder.eof() {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.exchange = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decoder.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
 impl Pool {
-    fn checkout(&self, key: &PoolKey) -> Option<SendRequest<Body>> {
+    fn checkout(&self, key: &PoolKey) -> Option<Stream> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(key)?;
         let now = Instant::now();
-        while let Some(c) = list.pop() {
+        while let Some(mut c) = list.pop() {
             if c.usable(now, self.idle_timeout) {
-                return Some(c.sender);
+                return Some(c.stream);
             }
         }
         None
     }
 
-    fn put_back(&self, key: PoolKey, sender: SendRequest<Body>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn put_back(&self, key: PoolKey, stream: Stream) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.entry(key).or_default();
         if list.len() < self.max_idle {
-            list.push(Idle { sender, since: Instant::now() });
+            list.push(Idle { stream, since: Instant::now() });
         }
     }
 
-    async fn connect(&self, key: &PoolKey) -> Result<SendRequest<Body>, UpstreamError> {
+    async fn connect(&self, key: &PoolKey) -> Result<Stream, UpstreamError> {
         let host = key.authority.host();
         let port = key.authority.port_u16().unwrap_or(if key.https { 443 } else { 80 });
         let tcp = connect_tcp(host, port, self.connect_timeout).await.map_err(UpstreamError::Connect)?;
@@ -266,36 +664,12 @@ impl Pool {
         } else {
             Stream::Plain(tcp)
         };
-        let (sender, connection) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| UpstreamError::Connect(io::Error::other(e)))?;
         // Against requests, this shows how well connections are reused.
         let scheme = if key.https { "https" } else { "http" };
         metrics::counter!("gateway_upstream_connections_total", "upstream" => format!("{scheme}://{}", key.authority))
             .increment(1);
-        // The connection task lives on this worker's runtime; it ends when
-        // the connection closes, or hands the socket over after a 101.
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection closed with an error");
-            }
-        });
-        Ok(sender)
+        Ok(stream)
     }
-}
-
-/// Wraps the response body so that the connection returns to the pool once
-/// the body has been read to the end. `owner` is None when the connection
-/// cannot be reused (after a 101, it belongs to the tunnel).
-fn hand_out(response: Response<Incoming>, owner: Option<Owner>) -> Response<UpstreamBody> {
-    response.map(|body| {
-        let mut body = UpstreamBody { body, owner };
-        if body.body.is_end_stream() {
-            body.give_back();
-        }
-        body
-    })
 }
 
 /// Tries each address `host` resolves to, in order. As hyper-util's
@@ -317,104 +691,6 @@ async fn connect_tcp(host: &str, port: u16, timeout: Duration) -> io::Result<Tcp
         }
     }
     Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"))))
-}
-
-/// The connection a response came on, until its body is done.
-struct Owner {
-    pool: Arc<Pool>,
-    key: PoolKey,
-    sender: SendRequest<Body>,
-    /// Set once the request body has been sent to the end (None: there was
-    /// no body).
-    request_sent: Option<Arc<AtomicBool>>,
-}
-
-/// An upstream response body: streams the upstream's body and, once it
-/// has been read to the end, returns the connection to the pool.
-pub struct UpstreamBody {
-    body: Incoming,
-    owner: Option<Owner>,
-}
-
-impl UpstreamBody {
-    fn give_back(&mut self) {
-        if let Some(owner) = self.owner.take() {
-            // Otherwise the sender is dropped and hyper closes the connection
-            // once the upload ends.
-            if owner.request_sent.is_none_or(|sent| sent.load(Ordering::Acquire)) {
-                owner.pool.put_back(owner.key, owner.sender);
-            }
-        }
-    }
-}
-
-impl HttpBody for UpstreamBody {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
-        match &frame {
-            None => self.give_back(),
-            Some(Ok(_)) if self.body.is_end_stream() => self.give_back(),
-            // A failed body leaves the connection unusable.
-            Some(Err(_)) => self.owner = None,
-            Some(Ok(_)) => {}
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        // Read to the end without a final poll (the server stops at
-        // `is_end_stream`): still reusable. Otherwise the sender is dropped
-        // with the body and hyper closes the connection.
-        if self.body.is_end_stream() {
-            self.give_back();
-        }
-    }
-}
-
-/// A request body that records when it has been sent to the end.
-struct TrackedBody {
-    body: Body,
-    sent: Arc<AtomicBool>,
-}
-
-impl HttpBody for TrackedBody {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
-        if frame.is_none() || (matches!(frame, Some(Ok(_))) && self.body.is_end_stream()) {
-            self.sent.store(true, Ordering::Release);
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
 }
 
 /// A plain or TLS connection to an upstream.

@@ -1,0 +1,359 @@
+//! Our own HTTP/1.1: message heads and body framing, shared by the public
+//! listener's connections ([`server`]) and the upstream client
+//! ([`crate::proxy::upstream`]).
+//!
+//! Why not hyper's HTTP/1 on the proxy's hot path: hyper keeps a 16 KiB read
+//! buffer and an 8 KiB write buffer for every connection's whole life (idle
+//! keep-alive connections included), runs every upstream connection as a task
+//! of its own behind a channel, and could not refuse a request carrying both
+//! `Content-Length` and `Transfer-Encoding` (it dropped one before we saw the
+//! request). Here an idle connection holds no buffer at all, a request and
+//! its upstream exchange run in one task, and the framing rules are ours:
+//!
+//! - requests: `Transfer-Encoding` must be exactly `chunked` (anything else
+//!   is 501), never together with `Content-Length` (400), never on HTTP/1.0
+//!   (400); several `Content-Length` values must agree (400); no framing
+//!   header means no body;
+//! - responses (RFC 9112 §6.3): no body after `HEAD`, `1xx`, `204` and
+//!   `304`; `chunked` when it is the last coding; else `Content-Length`;
+//!   else the body runs to the close of the connection.
+//!
+//! Head parsing is httparse (strict: no obsolete line folding, no spaces
+//! before a colon); header values are slices of the bytes read, not copies.
+//! HTTP/2 stays with hyper (see [`crate::server`]).
+
+pub mod server;
+pub mod upgrade;
+
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// Most header fields a head may carry; more is a 431 (hyper's default).
+pub const MAX_HEADERS: usize = 100;
+
+/// How a message body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body at all.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the peer closes (responses only).
+    Close,
+}
+
+/// A body that broke its framing, or a peer gone mid-body.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("invalid chunked body: {0}")]
+    Chunked(&'static str),
+    #[error("the connection closed before the body ended")]
+    Incomplete,
+    #[error("reading the body: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// What [`Decoder::decode`] found in the buffer.
+#[derive(Debug)]
+pub enum Decoded {
+    Data(Bytes),
+    /// Needs more bytes from the peer.
+    NeedMore,
+    /// The body has ended.
+    Done,
+}
+
+/// An incremental body decoder over a read buffer: it consumes framing and
+/// data from the front of the buffer and leaves what follows the body (a
+/// pipelined request) in place.
+#[derive(Debug)]
+pub struct Decoder {
+    state: State,
+}
+
+#[derive(Debug)]
+enum State {
+    Length(u64),
+    /// Reading a chunk-size line.
+    ChunkSize,
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    Trailers,
+    Close,
+    Done,
+}
+
+/// A chunk-size line (with extensions) or a trailer section longer than
+/// this is refused, so a peer cannot make us buffer without bound.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 * 1024;
+
+impl Decoder {
+    pub fn new(framing: Framing) -> Self {
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::Close => State::Close,
+        };
+        Self { state }
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    /// Bytes of body still to come, when the framing says.
+    pub fn remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) => Some(n),
+            State::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// Decodes the next piece of body from the front of `buf`.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, BodyError> {
+        loop {
+            match self.state {
+                State::Done => return Ok(Decoded::Done),
+                State::Length(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let left = left - n as u64;
+                    self.state = if left == 0 { State::Done } else { State::Length(left) };
+                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                }
+                State::Close => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    return Ok(Decoded::Data(buf.split().freeze()));
+                }
+                State::ChunkSize => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        buf.advance(used);
+                        self.state = if size == 0 { State::Trailers } else { State::ChunkData(size) };
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() <= MAX_CHUNK_LINE => return Ok(Decoded::NeedMore),
+                    Ok(httparse::Status::Partial) => return Err(BodyError::Chunked("chunk-size line too long")),
+                    Err(_) => return Err(BodyError::Chunked("bad chunk size")),
+                },
+                State::ChunkData(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let left = left - n as u64;
+                    self.state = if left == 0 { State::ChunkEnd } else { State::ChunkData(left) };
+                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                }
+                State::ChunkEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(BodyError::Chunked("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    self.state = State::ChunkSize;
+                }
+                State::Trailers => {
+                    // Trailers are read and dropped: the gateway forwards
+                    // neither the client's nor the upstream's.
+                    let mut headers = [httparse::EMPTY_HEADER; 32];
+                    match httparse::parse_headers(buf, &mut headers) {
+                        Ok(httparse::Status::Complete((used, _))) => {
+                            buf.advance(used);
+                            self.state = State::Done;
+                        }
+                        Ok(httparse::Status::Partial) if buf.len() <= MAX_TRAILERS => return Ok(Decoded::NeedMore),
+                        Ok(httparse::Status::Partial) => return Err(BodyError::Chunked("trailers too large")),
+                        Err(_) => return Err(BodyError::Chunked("bad trailer")),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The peer closed the connection: the end of a close-delimited body,
+    /// an error for any other unfinished one.
+    pub fn eof(&mut self) -> Result<(), BodyError> {
+        match self.state {
+            State::Close | State::Done => {
+                self.state = State::Done;
+                Ok(())
+            }
+            _ => Err(BodyError::Incomplete),
+        }
+    }
+}
+
+/// Where a head's header fields lie in the head's bytes, so that values can
+/// be cut from one shared buffer instead of copied.
+#[derive(Clone, Copy, Default)]
+pub struct FieldIndex {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+/// Records the positions of `headers` within `base`.
+pub fn index_fields(base: &[u8], headers: &[httparse::Header<'_>], out: &mut [FieldIndex]) {
+    let start = base.as_ptr() as usize;
+    for (h, slot) in headers.iter().zip(out.iter_mut()) {
+        let name = h.name.as_ptr() as usize - start;
+        let value = h.value.as_ptr() as usize - start;
+        *slot = FieldIndex { name: (name, name + h.name.len()), value: (value, value + h.value.len()) };
+    }
+}
+
+/// Builds a header map from indexed fields of `head`.
+pub fn header_map(head: &Bytes, fields: &[FieldIndex]) -> Result<HeaderMap, &'static str> {
+    let mut map = HeaderMap::with_capacity(fields.len());
+    for f in fields {
+        let name = HeaderName::from_bytes(&head[f.name.0..f.name.1]).map_err(|_| "invalid header name")?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(f.value.0..f.value.1)).map_err(|_| "invalid header value")?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// What a message's headers say about its framing and its connection.
+#[derive(Debug, Default)]
+pub struct Semantics {
+    pub content_length: Option<u64>,
+    /// `Transfer-Encoding` was present.
+    pub has_transfer_encoding: bool,
+    /// Its codings are exactly `chunked`.
+    pub chunked_only: bool,
+    /// Its last coding is `chunked`.
+    pub chunked_last: bool,
+    pub close: bool,
+    pub keep_alive: bool,
+}
+
+/// Reads the framing and connection headers of `headers`. Content-Length
+/// values that disagree (or are not numbers) are an error.
+pub fn semantics(headers: &HeaderMap) -> Result<Semantics, &'static str> {
+    let mut s = Semantics::default();
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let n = parse_length(trim(part)).ok_or("invalid Content-Length")?;
+            if s.content_length.is_some_and(|m| m != n) {
+                return Err("conflicting Content-Length values");
+            }
+            s.content_length = Some(n);
+        }
+    }
+    let mut codings = 0;
+    for value in headers.get_all(TRANSFER_ENCODING) {
+        s.has_transfer_encoding = true;
+        for part in value.as_bytes().split(|&b| b == b',').map(trim).filter(|p| !p.is_empty()) {
+            codings += 1;
+            s.chunked_last = part.eq_ignore_ascii_case(b"chunked");
+        }
+    }
+    s.chunked_only = codings == 1 && s.chunked_last;
+    for value in headers.get_all(CONNECTION) {
+        for part in value.as_bytes().split(|&b| b == b',').map(trim) {
+            if part.eq_ignore_ascii_case(b"close") {
+                s.close = true;
+            } else if part.eq_ignore_ascii_case(b"keep-alive") {
+                s.keep_alive = true;
+            }
+        }
+    }
+    Ok(s)
+}
+
+fn trim(mut b: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = b {
+        if !first.is_ascii_whitespace() {
+            break;
+        }
+        b = rest;
+    }
+    while let [rest @ .., last] = b {
+        if !last.is_ascii_whitespace() {
+            break;
+        }
+        b = rest;
+    }
+    b
+}
+
+/// Digits only (no sign, no spaces), at most 19 of them.
+fn parse_length(b: &[u8]) -> Option<u64> {
+    if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(b.iter().fold(0_u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+thread_local! {
+    /// Reads of message heads land here first, and only the bytes read are
+    /// copied out: a connection waiting for its next message holds no
+    /// buffer of its own.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; 16 * 1024].into_boxed_slice());
+}
+
+/// Reads what `io` has into `buf` (through the per-thread scratch buffer);
+/// `Ok(0)` at the end of the stream.
+pub fn poll_read_head<R: AsyncRead + Unpin>(
+    io: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    SCRATCH.with_borrow_mut(|scratch| {
+        let mut read = ReadBuf::new(scratch);
+        ready!(Pin::new(io).poll_read(cx, &mut read))?;
+        buf.extend_from_slice(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
+    })
+}
+
+/// Appends `name: value\r\n` for every header of `headers`.
+pub fn write_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Appends the framing of a chunk of `len` bytes (its size line).
+pub fn write_chunk_size(out: &mut Vec<u8>, len: usize) {
+    let mut digits = [0_u8; 16];
+    let mut i = digits.len();
+    let mut n = len;
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends a decimal number.
+pub fn write_decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+#[cfg(test)]
+mod tests;

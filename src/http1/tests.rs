@@ -1,0 +1,119 @@
+//! The body decoder, fed whole and a byte at a time.
+
+use bytes::BytesMut;
+
+use super::{Decoded, Decoder, Framing};
+
+/// Decodes `input` fed in pieces of `step` bytes: the body, and what was
+/// left in the buffer after it (a pipelined message).
+fn decode(framing: Framing, input: &[u8], step: usize) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let mut decoder = Decoder::new(framing);
+    let mut buf = BytesMut::new();
+    let mut body = Vec::new();
+    let mut fed = 0;
+    loop {
+        match decoder.decode(&mut buf).map_err(|e| e.to_string())? {
+            Decoded::Data(d) => body.extend_from_slice(&d),
+            Decoded::Done => return Ok((body, [&buf[..], &input[fed..]].concat())),
+            Decoded::NeedMore if fed < input.len() => {
+                let end = (fed + step).min(input.len());
+                buf.extend_from_slice(&input[fed..end]);
+                fed = end;
+            }
+            Decoded::NeedMore => {
+                decoder.eof().map_err(|e| e.to_string())?;
+            }
+        }
+    }
+}
+
+fn every_step(framing: Framing, input: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let whole = decode(framing, input, input.len().max(1));
+    for step in 1..input.len().max(1) {
+        assert_eq!(decode(framing, input, step), whole, "fed {step} bytes at a time");
+    }
+    whole
+}
+
+#[test]
+fn chunked_with_extensions_and_trailers() {
+    let input = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\nGET / HTTP/1.1\r\n";
+    let (body, rest) = every_step(Framing::Chunked, input).expect("valid chunked body");
+    assert_eq!(body, b"hello world");
+    assert_eq!(rest, b"GET / HTTP/1.1\r\n");
+}
+
+#[test]
+fn chunked_without_trailers() {
+    let (body, rest) = every_step(Framing::Chunked, b"3\r\nabc\r\n0\r\n\r\n").expect("valid");
+    assert_eq!(body, b"abc");
+    assert!(rest.is_empty());
+}
+
+#[test]
+fn bad_chunked_bodies_are_errors() {
+    for (case, input) in [
+        ("size not hex", &b"zz\r\nhello\r\n0\r\n\r\n"[..]),
+        ("data longer than its size", b"3\r\nabcdef\r\n0\r\n\r\n"),
+        ("size overflow", b"fffffffffffffffff\r\n"),
+        ("negative size", b"-1\r\n"),
+    ] {
+        assert!(decode(Framing::Chunked, input, input.len()).is_err(), "{case}: accepted");
+    }
+}
+
+#[test]
+fn a_chunked_body_cut_short_is_an_error() {
+    assert!(decode(Framing::Chunked, b"5\r\nhel", 8).is_err());
+}
+
+#[test]
+fn length_stops_at_the_length() {
+    let (body, rest) = every_step(Framing::Length(5), b"helloGET").expect("valid");
+    assert_eq!(body, b"hello");
+    assert_eq!(rest, b"GET");
+    assert!(decode(Framing::Length(5), b"hel", 3).is_err(), "a short body ended cleanly");
+}
+
+#[test]
+fn close_delimited_runs_to_the_end() {
+    let (body, _) = every_step(Framing::Close, b"all of it").expect("valid");
+    assert_eq!(body, b"all of it");
+}
+
+#[test]
+fn semantics_refuse_conflicting_lengths() {
+    let mut headers = hyper::HeaderMap::new();
+    headers.append("content-length", "5".parse().expect("value"));
+    headers.append("content-length", "6".parse().expect("value"));
+    assert!(super::semantics(&headers).is_err());
+    let mut same = hyper::HeaderMap::new();
+    same.append("content-length", "5".parse().expect("value"));
+    same.append("content-length", "5, 5".parse().expect("value"));
+    assert_eq!(super::semantics(&same).expect("agreeing lengths").content_length, Some(5));
+    let mut signed = hyper::HeaderMap::new();
+    signed.append("content-length", "+5".parse().expect("value"));
+    assert!(super::semantics(&signed).is_err());
+}
+
+#[test]
+fn transfer_codings_other_than_chunked_alone_are_told_apart() {
+    for (value, only, last) in [
+        ("chunked", true, true),
+        ("gzip, chunked", false, true),
+        ("chunked, gzip", false, false),
+        ("Chunked", true, true),
+    ] {
+        let mut headers = hyper::HeaderMap::new();
+        headers.append("transfer-encoding", value.parse().expect("value"));
+        let s = super::semantics(&headers).expect("semantics");
+        assert_eq!((s.chunked_only, s.chunked_last), (only, last), "{value}");
+    }
+}
+
+#[test]
+fn chunk_sizes_are_lowercase_hex() {
+    let mut out = Vec::new();
+    super::write_chunk_size(&mut out, 0x1a2f);
+    assert_eq!(out, b"1a2f\r\n");
+}
