@@ -32,7 +32,6 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
-use hyper::http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// Most header fields a head may carry; more is a 431 (hyper's default).
@@ -199,34 +198,25 @@ impl Decoder {
     }
 }
 
-/// Where a head's header fields lie in the head's bytes, so that values can
-/// be cut from one shared buffer instead of copied.
-#[derive(Clone, Copy, Default)]
-pub struct FieldIndex {
-    name: (usize, usize),
-    value: (usize, usize),
-}
-
-/// Records the positions of `headers` within `base`.
-pub fn index_fields(base: &[u8], headers: &[httparse::Header<'_>], out: &mut [FieldIndex]) {
-    let start = base.as_ptr() as usize;
-    for (h, slot) in headers.iter().zip(out.iter_mut()) {
-        let name = h.name.as_ptr() as usize - start;
-        let value = h.value.as_ptr() as usize - start;
-        *slot = FieldIndex { name: (name, name + h.name.len()), value: (value, value + h.value.len()) };
-    }
-}
-
-/// Builds a header map from indexed fields of `head`.
-pub fn header_map(head: &Bytes, fields: &[FieldIndex]) -> Result<HeaderMap, &'static str> {
-    let mut map = HeaderMap::with_capacity(fields.len());
+/// Builds a header map from the parsed `fields` of `head` (with room for
+/// `spare` more), reading the framing and connection headers on the way:
+/// the values are slices of `head`, not copies. `fields` must have been
+/// parsed from `head`.
+pub fn header_map(
+    head: &Bytes,
+    fields: &[httparse::Header<'_>],
+    spare: usize,
+) -> Result<(HeaderMap, Semantics), &'static str> {
+    let mut map = HeaderMap::with_capacity(fields.len() + spare);
+    let mut s = Semantics::default();
     for f in fields {
-        let name = HeaderName::from_bytes(&head[f.name.0..f.name.1]).map_err(|_| "invalid header name")?;
-        let value =
-            HeaderValue::from_maybe_shared(head.slice(f.value.0..f.value.1)).map_err(|_| "invalid header value")?;
+        s.observe(f.name.as_bytes(), f.value)?;
+        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "invalid header name")?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(f.value)).map_err(|_| "invalid header value")?;
         map.append(name, value);
     }
-    Ok(map)
+    s.chunked_only = s.codings == 1 && s.chunked_last;
+    Ok((map, s))
 }
 
 /// What a message's headers say about its framing and its connection.
@@ -239,41 +229,61 @@ pub struct Semantics {
     pub chunked_only: bool,
     /// Its last coding is `chunked`.
     pub chunked_last: bool,
+    codings: usize,
     pub close: bool,
     pub keep_alive: bool,
+    pub expect_continue: bool,
+    pub upgrade: bool,
+}
+
+impl Semantics {
+    /// Takes in one header field (names compared without case).
+    fn observe(&mut self, name: &[u8], value: &[u8]) -> Result<(), &'static str> {
+        // By length first: most fields are none of these.
+        match name.len() {
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                for part in value.split(|&b| b == b',') {
+                    let n = parse_length(trim(part)).ok_or("invalid Content-Length")?;
+                    if self.content_length.is_some_and(|m| m != n) {
+                        return Err("conflicting Content-Length values");
+                    }
+                    self.content_length = Some(n);
+                }
+            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                self.has_transfer_encoding = true;
+                for part in value.split(|&b| b == b',').map(trim).filter(|p| !p.is_empty()) {
+                    self.codings += 1;
+                    self.chunked_last = part.eq_ignore_ascii_case(b"chunked");
+                }
+            }
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                for part in value.split(|&b| b == b',').map(trim) {
+                    if part.eq_ignore_ascii_case(b"close") {
+                        self.close = true;
+                    } else if part.eq_ignore_ascii_case(b"keep-alive") {
+                        self.keep_alive = true;
+                    }
+                }
+            }
+            6 if name.eq_ignore_ascii_case(b"expect") => {
+                self.expect_continue = trim(value).eq_ignore_ascii_case(b"100-continue");
+            }
+            7 if name.eq_ignore_ascii_case(b"upgrade") => self.upgrade = true,
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 /// Reads the framing and connection headers of `headers`. Content-Length
 /// values that disagree (or are not numbers) are an error.
 pub fn semantics(headers: &HeaderMap) -> Result<Semantics, &'static str> {
     let mut s = Semantics::default();
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let n = parse_length(trim(part)).ok_or("invalid Content-Length")?;
-            if s.content_length.is_some_and(|m| m != n) {
-                return Err("conflicting Content-Length values");
-            }
-            s.content_length = Some(n);
-        }
+    for (name, value) in headers {
+        s.observe(name.as_str().as_bytes(), value.as_bytes())?;
     }
-    let mut codings = 0;
-    for value in headers.get_all(TRANSFER_ENCODING) {
-        s.has_transfer_encoding = true;
-        for part in value.as_bytes().split(|&b| b == b',').map(trim).filter(|p| !p.is_empty()) {
-            codings += 1;
-            s.chunked_last = part.eq_ignore_ascii_case(b"chunked");
-        }
-    }
-    s.chunked_only = codings == 1 && s.chunked_last;
-    for value in headers.get_all(CONNECTION) {
-        for part in value.as_bytes().split(|&b| b == b',').map(trim) {
-            if part.eq_ignore_ascii_case(b"close") {
-                s.close = true;
-            } else if part.eq_ignore_ascii_case(b"keep-alive") {
-                s.keep_alive = true;
-            }
-        }
-    }
+    s.chunked_only = s.codings == 1 && s.chunked_last;
     Ok(s)
 }
 

@@ -304,10 +304,9 @@ impl Proxy {
                 )),
                 _ => Body::empty(),
             };
-            let uri = upstream_uri(&route, index, path, parts.uri.query())?;
+            let target_path = upstream_target(&route, index, path, parts.uri.query());
             let mut upstream_req = Request::new(upstream_body);
             *upstream_req.method_mut() = parts.method.clone();
-            *upstream_req.uri_mut() = uri;
             *upstream_req.version_mut() = Version::HTTP_11;
             // Only a retryable first attempt needs to keep a copy for the retry.
             *upstream_req.headers_mut() =
@@ -318,7 +317,7 @@ impl Proxy {
             }
 
             let sent = Instant::now();
-            let result = tokio::time::timeout(cfg.timeout, self.client.send(target, upstream_req)).await;
+            let result = tokio::time::timeout(cfg.timeout, self.client.send(target, &target_path, upstream_req)).await;
             route.upstream_duration.record(sent.elapsed().as_secs_f64());
             match result {
                 Err(_) => {
@@ -403,14 +402,16 @@ fn is_idempotent(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
 }
 
-/// The origin-form target (`/path?query`) for upstream `index`.
-fn upstream_uri(route: &Route, index: usize, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+/// The origin-form target (`/path?query`) for upstream `index`: made of a
+/// normalised path and a query that parsed as part of the request's URI,
+/// so it is always a valid target.
+fn upstream_target(route: &Route, index: usize, path: &str, query: Option<&str>) -> String {
     let mut pq = route.upstream_path(index, path);
     if let Some(q) = query {
         pq.push('?');
         pq.push_str(q);
     }
-    Uri::try_from(pq).map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))
+    pq
 }
 
 /// Marks a failure to read the client's request body (malformed chunked

@@ -26,6 +26,7 @@
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll};
@@ -34,13 +35,13 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Frame, SizeHint};
-use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use tokio::sync::{oneshot, watch};
 
 use super::upgrade::{Io, OnUpgrade, Upgraded};
-use super::{header_map, index_fields, poll_read_head, semantics, write_chunk_size, write_decimal, write_headers};
-use super::{BodyError, Decoded, Decoder, FieldIndex, Framing, MAX_HEADERS};
+use super::{header_map, poll_read_head, write_chunk_size, write_decimal, write_headers};
+use super::{BodyError, Decoded, Decoder, Framing, MAX_HEADERS};
 use crate::body::Body;
 use crate::proxy::error::ProxyError;
 use crate::proxy::{Conn, Proxy};
@@ -88,6 +89,8 @@ struct Head {
     framing: Framing,
     keep_alive: bool,
     expect_continue: bool,
+    /// The request asks for a protocol upgrade (`Upgrade`).
+    upgrade: bool,
 }
 
 /// Why a head was refused.
@@ -171,7 +174,7 @@ pub async fn serve<I: Io>(
         };
         first = false;
 
-        let Head { request, framing, keep_alive, expect_continue } = head;
+        let Head { request, framing, keep_alive, expect_continue, upgrade } = head;
         let is_head = request.method() == Method::HEAD;
         let version = request.version();
         let (parts, ()) = request.into_parts();
@@ -186,7 +189,7 @@ pub async fn serve<I: Io>(
             }
         };
         let mut request = Request::from_parts(parts, body);
-        let upgrade = if version == Version::HTTP_11 && request.headers().contains_key(UPGRADE) {
+        let upgrade = if upgrade {
             let (on_upgrade, tx) = OnUpgrade::pair();
             request.extensions_mut().insert(on_upgrade);
             Some(tx)
@@ -297,42 +300,37 @@ fn poll_head<I: Io>(
 
 /// Parses a head from the front of `buf`: `Ok(None)` when incomplete.
 fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut fields = [FieldIndex::default(); MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut headers);
-    let (len, method, target, version, count) = match parsed.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => {
-            let start = buf.as_ptr() as usize;
-            let path = parsed.path.unwrap_or("");
-            let target = path.as_ptr() as usize - start;
-            let method = Method::from_bytes(parsed.method.unwrap_or("").as_bytes())
-                .map_err(|_| HeadError::Unparsable(ProxyError::BadRequest("invalid method")))?;
-            index_fields(buf, parsed.headers, &mut fields);
-            let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-            (len, method, (target, target + path.len()), version, parsed.headers.len())
+    // Parsed from a frozen view of the buffer, so that the target and the
+    // header values can be cut from it without copies.
+    let bytes = buf.split().freeze();
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match parsed.parse_with_uninit_headers(&bytes, &mut fields) {
+        Ok(httparse::Status::Complete(len)) if len <= max => len,
+        Ok(httparse::Status::Partial) if bytes.len() < max => {
+            *buf = BytesMut::from(bytes);
+            return Ok(None);
         }
-        Ok(httparse::Status::Partial) if buf.len() < max => return Ok(None),
-        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
-            return Err(HeadError::Unparsable(ProxyError::HeaderTooLarge));
-        }
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => return Err(HeadError::Unparsable(ProxyError::HeaderTooLarge)),
         Err(_) => return Err(HeadError::Unparsable(ProxyError::BadRequest("malformed request head"))),
     };
-    if len > max {
-        return Err(HeadError::Unparsable(ProxyError::HeaderTooLarge));
+    let unparsable = |e| HeadError::Unparsable(ProxyError::BadRequest(e));
+    let method =
+        Method::from_bytes(parsed.method.unwrap_or("").as_bytes()).map_err(|_| unparsable("invalid method"))?;
+    let target = bytes.slice_ref(parsed.path.unwrap_or("").as_bytes());
+    let uri = Uri::from_maybe_shared(target).map_err(|_| unparsable("invalid request target"))?;
+    let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    // Room for what the proxy adds (identity, request id, X-Forwarded-*).
+    let (headers, s) = header_map(&bytes, parsed.headers, 12).map_err(unparsable)?;
+    if bytes.len() > len {
+        // A body or a pipelined request: back to the buffer.
+        buf.extend_from_slice(&bytes[len..]);
     }
-    let head = buf.split_to(len).freeze();
-    let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
-        .map_err(|_| HeadError::Unparsable(ProxyError::BadRequest("invalid request target")))?;
-    let headers = header_map(&head, &fields[..count]).map_err(|e| HeadError::Unparsable(ProxyError::BadRequest(e)))?;
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
     *request.headers_mut() = headers;
-    let s = match semantics(request.headers()) {
-        Ok(s) => s,
-        Err(e) => return Err(HeadError::Refused(Box::new(request), ProxyError::BadRequest(e))),
-    };
     let framing = if s.has_transfer_encoding {
         let refusal = if s.content_length.is_some() {
             Some(ProxyError::BadRequest("the request has both Content-Length and Transfer-Encoding"))
@@ -351,9 +349,9 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, HeadError>
         s.content_length.map_or(Framing::Empty, Framing::Length)
     };
     let keep_alive = if version == Version::HTTP_11 { !s.close } else { s.keep_alive && !s.close };
-    let expect_continue = version == Version::HTTP_11
-        && request.headers().get(EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    Ok(Some(Head { request, framing, keep_alive, expect_continue }))
+    let expect_continue = version == Version::HTTP_11 && s.expect_continue;
+    let upgrade = version == Version::HTTP_11 && s.upgrade;
+    Ok(Some(Head { request, framing, keep_alive, expect_continue, upgrade }))
 }
 
 /// Writes `response`; `Ok(false)` when the connection must close after it.
@@ -402,7 +400,7 @@ async fn write_response<I: Io>(
         headers.insert(DATE, http_date());
     }
 
-    let mut out = Vec::with_capacity(256 + headers.len() * 32);
+    let mut out = Vec::with_capacity(1024);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');

@@ -37,13 +37,14 @@
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use bytes::{Buf as _, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
@@ -60,7 +61,7 @@ use tokio_rustls::TlsConnector;
 use crate::body::Body;
 use crate::config::{UpstreamSettings, UpstreamTarget};
 use crate::http1::upgrade::Upgraded;
-use crate::http1::{self, BodyError, Decoded, Decoder, FieldIndex, Framing, MAX_HEADERS};
+use crate::http1::{self, BodyError, Decoded, Decoder, Framing, MAX_HEADERS};
 
 /// A response head longer than this is an upstream failure.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -77,7 +78,7 @@ struct Pool {
     idle_timeout: Duration,
     max_idle: usize,
     /// Uncontended in practice (one worker thread uses it), so a plain mutex.
-    idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
+    idle: Mutex<HashMap<PoolKey, Vec<Idle>, foldhash::fast::RandomState>>,
 }
 
 #[derive(Clone, Debug)]
@@ -176,22 +177,24 @@ impl UpstreamClient {
                 connect_timeout: settings.connect_timeout,
                 idle_timeout: settings.pool_idle_timeout,
                 max_idle: settings.pool_max_idle_per_host,
-                idle: Mutex::new(HashMap::new()),
+                idle: Mutex::new(HashMap::default()),
             }),
         })
     }
 
-    /// Sends `request` (origin-form URI, `Host` set) to `target`, and
-    /// returns once the response head has arrived.
+    /// Sends `request` (with its `Host` set) to `target`, for `path` (its
+    /// origin-form target, with any query; the request's URI is not read),
+    /// and returns once the response head has arrived.
     pub async fn send(
         &self,
         target: &UpstreamTarget,
+        path: &str,
         request: Request<Body>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let key =
             PoolKey { https: target.scheme == hyper::http::uri::Scheme::HTTPS, authority: target.authority.clone() };
         let (parts, body) = request.into_parts();
-        let (head, framing) = encode_request(&parts, &body);
+        let (head, framing) = encode_request(&parts, path, &body);
         let retry_unanswered = framing == Framing::Empty && is_idempotent(&parts.method);
         let mut pooled = self.pool.checkout(&key);
         let mut body = Some(body);
@@ -282,15 +285,11 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 /// The request head, and how its body is framed.
-fn encode_request(parts: &hyper::http::request::Parts, body: &Body) -> (Vec<u8>, Framing) {
-    let mut out = Vec::with_capacity(512);
+fn encode_request(parts: &hyper::http::request::Parts, path: &str, body: &Body) -> (Vec<u8>, Framing) {
+    let mut out = Vec::with_capacity(1024);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
-    let target = match parts.uri.path_and_query() {
-        Some(pq) => pq.as_str(),
-        None => parts.uri.authority().map_or("/", Authority::as_str),
-    };
-    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &parts.headers {
         // The framing is ours to state, below.
@@ -465,25 +464,31 @@ fn is_reset(e: &io::Error) -> bool {
 /// incomplete; an interim 1xx (other than 101) is consumed and skipped.
 fn parse_response(rbuf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>, UpstreamError> {
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut fields = [FieldIndex::default(); MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut headers);
-        let (len, code, version, count) = match parsed.parse(rbuf) {
-            Ok(httparse::Status::Complete(len)) => {
-                http1::index_fields(rbuf, parsed.headers, &mut fields);
-                (len, parsed.code.unwrap_or(0), parsed.version.unwrap_or(1), parsed.headers.len())
+        // Parsed from a frozen view of the buffer, so that header values can
+        // be cut from it without copies.
+        let bytes = rbuf.split().freeze();
+        let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            &bytes,
+            &mut fields,
+        ) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => {
+                *rbuf = BytesMut::from(bytes);
+                return Ok(None);
             }
-            Ok(httparse::Status::Partial) => return Ok(None),
             Err(_) => return Err(invalid("malformed response head")),
         };
-        let status = StatusCode::from_u16(code).map_err(|_| invalid("invalid status code"))?;
+        let status = StatusCode::from_u16(parsed.code.unwrap_or(0)).map_err(|_| invalid("invalid status code"))?;
+        let version = parsed.version.unwrap_or(1);
         if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-            rbuf.advance(len);
+            rbuf.extend_from_slice(&bytes[len..]);
             continue;
         }
-        let head = rbuf.split_to(len).freeze();
-        let mut headers = http1::header_map(&head, &fields[..count]).map_err(invalid)?;
-        let s = http1::semantics(&headers).map_err(invalid)?;
+        let (mut headers, s) = http1::header_map(&bytes, parsed.headers, 1).map_err(invalid)?;
+        rbuf.extend_from_slice(&bytes[len..]);
         let mut reusable = !s.close && (version == 1 || s.keep_alive);
         let framing = if *method == Method::HEAD
             || status.is_informational()
