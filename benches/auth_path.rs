@@ -90,9 +90,9 @@ fn bench(c: &mut Criterion) {
             headers::strip_reserved(&mut h, &table.headers);
             let id = cache.verify(&auth, &token).expect("valid");
             policy::authorize(&route.config, &id.principal, &tenants).expect("allowed");
-            headers::inject_identity(&mut h, &table.headers, &id.headers);
+            let fields = headers::identity_fields(&table.headers, &id.headers);
             let rid = headers::request_id(&h, &table.headers.request_id);
-            black_box((h, rid))
+            black_box((&h, fields, rid));
         });
     });
     c.bench_function("request_path_public", |b| {

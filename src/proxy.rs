@@ -271,11 +271,8 @@ impl Proxy {
             headers::join_cookies(req.headers_mut());
         }
         let h = req.headers_mut();
-        // Up to nine headers are added below: grow the map once, not twice.
-        h.reserve(9);
-        if let Some(id) = &identity {
-            headers::inject_identity(h, &table.headers, &id.headers);
-        }
+        // The identity fields are written by the upstream client, after
+        // these (see `headers::identity_fields`).
         h.insert(table.headers.request_id.clone(), request_id.clone());
         let peer = conn.peer.ip();
         headers::set_forwarded(h, &conn.peer_header, self.is_trusted(peer), conn.https, client_host.as_ref());
@@ -316,8 +313,11 @@ impl Proxy {
                 upstream_req.headers_mut().insert(HOST, target.host.clone());
             }
 
+            let identity = identity.as_deref().map(|id| headers::identity_fields(&table.headers, &id.headers));
+            let extra = identity.as_ref().map_or(&[][..], |fields| &fields[..]);
             let sent = Instant::now();
-            let result = tokio::time::timeout(cfg.timeout, self.client.send(target, &target_path, upstream_req)).await;
+            let send = self.client.send(target, &target_path, extra, upstream_req);
+            let result = tokio::time::timeout(cfg.timeout, send).await;
             route.upstream_duration.record(sent.elapsed().as_secs_f64());
             match result {
                 Err(_) => {

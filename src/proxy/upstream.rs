@@ -47,7 +47,7 @@ use anyhow::Context as _;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
-use hyper::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, TRANSFER_ENCODING};
 use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use rustls::pki_types::pem::PemObject as _;
@@ -184,17 +184,19 @@ impl UpstreamClient {
 
     /// Sends `request` (with its `Host` set) to `target`, for `path` (its
     /// origin-form target, with any query; the request's URI is not read),
-    /// and returns once the response head has arrived.
+    /// with the `extra` header fields after its own, and returns once the
+    /// response head has arrived.
     pub async fn send(
         &self,
         target: &UpstreamTarget,
         path: &str,
+        extra: &[(&HeaderName, &HeaderValue)],
         request: Request<Body>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let key =
             PoolKey { https: target.scheme == hyper::http::uri::Scheme::HTTPS, authority: target.authority.clone() };
         let (parts, body) = request.into_parts();
-        let (head, framing) = encode_request(&parts, path, &body);
+        let (head, framing) = encode_request(&parts, path, extra, &body);
         let retry_unanswered = framing == Framing::Empty && is_idempotent(&parts.method);
         let mut pooled = self.pool.checkout(&key);
         let mut body = Some(body);
@@ -285,7 +287,12 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 /// The request head, and how its body is framed.
-fn encode_request(parts: &hyper::http::request::Parts, path: &str, body: &Body) -> (Vec<u8>, Framing) {
+fn encode_request(
+    parts: &hyper::http::request::Parts,
+    path: &str,
+    extra: &[(&HeaderName, &HeaderValue)],
+    body: &Body,
+) -> (Vec<u8>, Framing) {
     let mut out = Vec::with_capacity(1024);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -296,6 +303,12 @@ fn encode_request(parts: &hyper::http::request::Parts, path: &str, body: &Body) 
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
             continue;
         }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in extra {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
