@@ -8,7 +8,16 @@
 //! state every time, so logout takes effect on the next request exactly as
 //! without the cache. Evicting an entry early only costs a re-verification.
 //! The cache is cleared whenever the key ring changes.
+//!
+//! In front of it, each worker thread keeps a small map of the tokens it
+//! saw last: a moka lookup (its bookkeeping for eviction) cost more than
+//! the rest of the token check. An entry there is trusted only under the
+//! same rules (same cache, same key-ring generation, not past `exp`), and
+//! revocation is still checked on every request.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,6 +72,19 @@ pub struct IdentityCache {
     /// so hash flooding is not a concern.
     cache: Cache<Box<str>, Arc<Identity>, foldhash::fast::RandomState>,
     leeway: i64,
+    /// Tells this cache's entries apart in the per-thread maps.
+    id: u64,
+}
+
+/// Most tokens a worker thread remembers in front of the shared cache; past
+/// it the map starts over.
+const RECENT_MAX: usize = 1024;
+
+/// Token → (cache id, identity).
+type Recent = HashMap<Box<str>, (u64, Arc<Identity>), foldhash::fast::RandomState>;
+
+thread_local! {
+    static RECENT: RefCell<Recent> = RefCell::new(HashMap::default());
 }
 
 impl IdentityCache {
@@ -72,7 +94,8 @@ impl IdentityCache {
             .max_capacity(capacity)
             .expire_after(UntilExp { leeway })
             .build_with_hasher(foldhash::fast::RandomState::default());
-        Self { cache, leeway }
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        Self { cache, leeway, id: NEXT_ID.fetch_add(1, Ordering::Relaxed) }
     }
 
     /// Verifies `token` (cached), then checks revocation (always).
@@ -80,18 +103,39 @@ impl IdentityCache {
         // Read before verifying: an entry verified while the ring changes
         // carries the old generation and is never trusted afterwards.
         let generation = auth.key_generation();
-        if let Some(id) = self.cache.get(token).filter(|id| id.generation == generation) {
+        let recent = RECENT.with_borrow(|recent| {
+            recent
+                .get(token)
+                .filter(|(cache, id)| *cache == self.id && id.generation == generation)
+                .map(|e| Arc::clone(&e.1))
+        });
+        let cached = recent.clone().or_else(|| self.cache.get(token).filter(|id| id.generation == generation));
+        if let Some(id) = cached {
             if id.principal.expires_at + self.leeway < crate::db::unix_now() {
                 // moka's expiry is approximate; the token's own exp is not.
                 return Err(TokenError::Expired);
             }
             let p = &id.principal;
             auth.check_revocation(p.session_id, p.user_id, p.issued_at, crate::db::unix_now())?;
+            if recent.is_none() {
+                self.remember(token, &id);
+            }
             return Ok(id);
         }
         let id = Arc::new(Identity::new(auth.verify_bearer(token)?, generation));
         self.cache.insert(token.into(), Arc::clone(&id));
+        self.remember(token, &id);
         Ok(id)
+    }
+
+    /// Puts a verified identity in this thread's map.
+    fn remember(&self, token: &str, id: &Arc<Identity>) {
+        RECENT.with_borrow_mut(|recent| {
+            if recent.len() >= RECENT_MAX {
+                recent.clear();
+            }
+            recent.insert(token.into(), (self.id, Arc::clone(id)));
+        });
     }
 
     pub fn clear(&self) {

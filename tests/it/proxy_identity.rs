@@ -624,3 +624,29 @@ async fn client_sent_forwarding_and_rewrite_headers_never_reach_the_upstream() {
         f.app.stop().await;
     }
 }
+
+/// A token the proxy has verified and cached (in the shared cache and in the worker's own
+/// map in front of it) stops working the moment its signing key is removed and the keys
+/// are reloaded; a token from the new key works.
+#[tokio::test]
+async fn a_removed_key_stops_a_cached_token_at_once() {
+    let svc = spawn_upstream("svc").await;
+    let app = spawn_app_with(TestOptions::with_extra(route("svc", "/svc", &[svc.url()], ""))).await;
+    app.create_user("default", NOBODY, PASSWORD, &[], &[]).await;
+    let old = app.login_ok(NOBODY, PASSWORD, None).await;
+    for _ in 0..3 {
+        let e = echo(app.get_authed("/svc/x", &old.access_token).await).await;
+        assert!(e.has("x-user-id"), "the token was not accepted before the key went");
+    }
+    let old_keys = app.key_pem_paths();
+    app.cli(&["keys", "generate"], "").await.expect("keys generate");
+    for path in old_keys {
+        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("remove {}: {e}", path.display()));
+    }
+    app.reloader.reload_keys();
+    assert_invalid_token(app.get_authed("/svc/x", &old.access_token).await).await;
+    let new = app.login_ok(NOBODY, PASSWORD, None).await;
+    let e = echo(app.get_authed("/svc/x", &new.access_token).await).await;
+    assert!(e.has("x-user-id"), "a token from the new key was refused");
+    app.stop().await;
+}
