@@ -139,14 +139,13 @@ impl Decoder {
                     }
                     return Ok(Decoded::Data(buf.split().freeze()));
                 }
-                State::ChunkSize => match httparse::parse_chunk_size(buf) {
-                    Ok(httparse::Status::Complete((used, size))) => {
+                State::ChunkSize => match parse_chunk_line(buf)? {
+                    Some((used, size)) => {
                         buf.advance(used);
                         self.state = if size == 0 { State::Trailers } else { State::ChunkData(size) };
                     }
-                    Ok(httparse::Status::Partial) if buf.len() <= MAX_CHUNK_LINE => return Ok(Decoded::NeedMore),
-                    Ok(httparse::Status::Partial) => return Err(BodyError::Chunked("chunk-size line too long")),
-                    Err(_) => return Err(BodyError::Chunked("bad chunk size")),
+                    None if buf.len() <= MAX_CHUNK_LINE => return Ok(Decoded::NeedMore),
+                    None => return Err(BodyError::Chunked("chunk-size line too long")),
                 },
                 State::ChunkData(left) => {
                     if buf.is_empty() {
@@ -170,15 +169,13 @@ impl Decoder {
                 State::Trailers => {
                     // Trailers are read and dropped: the gateway forwards
                     // neither the client's nor the upstream's.
-                    let mut headers = [httparse::EMPTY_HEADER; 32];
-                    match httparse::parse_headers(buf, &mut headers) {
-                        Ok(httparse::Status::Complete((used, _))) => {
-                            buf.advance(used);
+                    match trailers_end(buf)? {
+                        Some(end) => {
+                            buf.advance(end);
                             self.state = State::Done;
                         }
-                        Ok(httparse::Status::Partial) if buf.len() <= MAX_TRAILERS => return Ok(Decoded::NeedMore),
-                        Ok(httparse::Status::Partial) => return Err(BodyError::Chunked("trailers too large")),
-                        Err(_) => return Err(BodyError::Chunked("bad trailer")),
+                        None if buf.len() <= MAX_TRAILERS => return Ok(Decoded::NeedMore),
+                        None => return Err(BodyError::Chunked("trailers too large")),
                     }
                 }
             }
@@ -195,6 +192,72 @@ impl Decoder {
             }
             _ => Err(BodyError::Incomplete),
         }
+    }
+}
+
+/// Parses a chunk-size line: at least one and at most 16 hex digits,
+/// optional spaces, an optional extension (`;` then printable bytes, no
+/// bare LF), then CRLF. Stricter than httparse's, which read an empty size
+/// as 0 (the last chunk) and let a bare LF end an extension: a hop in front
+/// of the gateway that reads such a line otherwise would see a different
+/// request end. `Ok(None)`: the line is not complete yet.
+fn parse_chunk_line(buf: &[u8]) -> Result<Option<(usize, u64)>, BodyError> {
+    let bad = |what| Err(BodyError::Chunked(what));
+    let mut size: u64 = 0;
+    let mut i = 0;
+    while let Some(digit) = buf.get(i).and_then(|&b| char::from(b).to_digit(16)) {
+        if i == 16 {
+            return bad("chunk size too large");
+        }
+        size = size << 4 | u64::from(digit);
+        i += 1;
+    }
+    if i == buf.len() {
+        return Ok(None);
+    }
+    if i == 0 {
+        return bad("missing chunk size");
+    }
+    while matches!(buf.get(i), Some(b' ' | b'\t')) {
+        i += 1;
+    }
+    if buf.get(i) == Some(&b';') {
+        while let Some(&b) = buf.get(i) {
+            if b == b'\r' {
+                break;
+            }
+            if b == b'\n' || (b < 0x20 && b != b'\t') || b == 0x7f {
+                return bad("invalid chunk extension");
+            }
+            i += 1;
+        }
+    }
+    match (buf.get(i), buf.get(i + 1)) {
+        (None, _) | (Some(b'\r'), None) => Ok(None),
+        (Some(b'\r'), Some(b'\n')) => Ok(Some((i + 2, size))),
+        _ => bad("invalid chunk size"),
+    }
+}
+
+/// The length of the trailer section at the front of `buf` (its lines and
+/// the empty line that ends it), once complete. Every line must end in
+/// CRLF and be a header field.
+fn trailers_end(buf: &[u8]) -> Result<Option<usize>, BodyError> {
+    let mut line = 0;
+    let end = loop {
+        let Some(lf) = buf[line..].iter().position(|&b| b == b'\n').map(|p| line + p) else { return Ok(None) };
+        if lf == line || buf[lf - 1] != b'\r' {
+            return Err(BodyError::Chunked("bare LF in trailers"));
+        }
+        if lf == line + 1 {
+            break lf + 1;
+        }
+        line = lf + 1;
+    };
+    let mut fields = [httparse::EMPTY_HEADER; 32];
+    match httparse::parse_headers(&buf[..end], &mut fields) {
+        Ok(httparse::Status::Complete((used, _))) if used == end => Ok(Some(end)),
+        _ => Err(BodyError::Chunked("bad trailer")),
     }
 }
 

@@ -40,7 +40,7 @@ use arc_swap::ArcSwap;
 use axum::extract::ConnectInfo;
 use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Body as _;
-use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, HOST};
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, HOST};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use ipnet::IpNet;
 use tower::ServiceExt as _;
@@ -282,8 +282,9 @@ impl Proxy {
             h.insert(HOST, host);
         }
 
-        let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-        if declared.is_some_and(|n: u64| n > cfg.max_body) {
+        // The body's own framing says how long it is (`Content-Length`, in
+        // however many agreeing fields), before any of it is read.
+        if req.body().size_hint().lower() > cfg.max_body {
             return Err(ProxyError::PayloadTooLarge);
         }
 
@@ -443,15 +444,18 @@ fn respond(
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client) = client_upgrade {
             let (parts, body) = response.into_parts();
-            let upstream = body.into_upgraded();
+            let Some(upstream) = body.into_upgraded() else {
+                // Its request body is still being sent: no tunnel can be
+                // built, so the client must not be told it switched.
+                return ProxyError::BadGateway("upgrade").into_response();
+            };
             tokio::spawn(async move {
                 // The tunnel keeps the connection's slot until it closes, so
                 // WebSockets count against server.max_connections.
                 let _slot = slot;
-                match (client.connection().await, upstream) {
-                    (Ok(client), Some(upstream)) => tunnel::splice(client, upstream, tunnel_idle_timeout).await,
-                    (Err(e), _) => tracing::debug!(error = %e, "websocket upgrade failed"),
-                    (_, None) => tracing::debug!("the upstream's upgraded connection was not usable"),
+                match client.connection().await {
+                    Ok(client) => tunnel::splice(client, upstream, tunnel_idle_timeout).await,
+                    Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
                 }
             });
             return Response::from_parts(parts, Body::empty());

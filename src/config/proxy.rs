@@ -132,6 +132,37 @@ pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNa
     let scopes = name(&mut f, "scopes", "x-user-scopes");
     let session_id = name(&mut f, "session_id", "x-session-id");
     let request_id = name(&mut f, "request_id", "x-request-id");
+    // The identity fields are written after the request's own, and the
+    // request id into it: a name shared with another of them, or with a
+    // header the gateway sets or reads itself, would let a client's value
+    // ride along with (or replace) the gateway's.
+    const GATEWAY_OWNED: [&str; 9] = [
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "authorization",
+        "expect",
+    ];
+    let named = [
+        ("user_id", &user_id),
+        ("tenant_id", &tenant_id),
+        ("roles", &roles),
+        ("scopes", &scopes),
+        ("session_id", &session_id),
+        ("request_id", &request_id),
+    ];
+    for (i, (key, n)) in named.iter().enumerate() {
+        let folded = fold_header_name(n.as_str());
+        if GATEWAY_OWNED.contains(&folded.as_str()) {
+            f.error(key, format!("{n:?} is a header the gateway sets or reads itself"));
+        } else if let Some((other, _)) = named[..i].iter().find(|(_, m)| fold_header_name(m.as_str()) == folded) {
+            f.error(key, format!("{n:?} is already the name of headers.{other}"));
+        }
+    }
     let extra = f.string_list("reserved");
     for e in &extra {
         if HeaderName::from_bytes(e.as_bytes()).is_err() {

@@ -64,3 +64,17 @@ fn staleness_must_outlast_the_poll() {
     let err = parse("[auth]\nrevocation_poll = \"20s\"\nrevocation_max_staleness = \"30s\"").expect_err("invalid");
     assert!(err.to_string().contains("auth.revocation_max_staleness"), "{err}");
 }
+
+#[test]
+fn header_names_may_not_collide() {
+    for (text, field) in [
+        ("[headers]\nrequest_id = \"x-user-id\"", "headers.request_id"),
+        ("[headers]\nroles = \"X_Tenant_Id\"", "headers.roles"),
+        ("[headers]\nuser_id = \"x-forwarded-for\"", "headers.user_id"),
+        ("[headers]\nsession_id = \"host\"", "headers.session_id"),
+    ] {
+        let err = parse(text).expect_err(text);
+        assert!(err.to_string().contains(field), "{text}: {err}");
+    }
+    parse("[headers]\nuser_id = \"x-auth-user\"\nrequest_id = \"x-trace-id\"").expect("distinct names are fine");
+}

@@ -29,7 +29,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -68,6 +68,8 @@ struct Shared<I> {
     io: I,
     rbuf: BytesMut,
     decoder: Decoder,
+    /// How far the search for the end of the next head has got.
+    head_scan: usize,
     /// Bytes of the `100 Continue` still to be written before the body is
     /// read (when the client asked for one).
     continue_left: usize,
@@ -75,6 +77,30 @@ struct Shared<I> {
     /// answered, so that a body still held somewhere cannot read the next
     /// request's bytes.
     generation: u64,
+    /// The request body's reader, while it waits for bytes: woken when the
+    /// body is cut off (the loop then reads the socket itself, and tokio
+    /// keeps one read waker per socket, so it would otherwise never wake).
+    body_waker: Option<Waker>,
+}
+
+impl<I> Shared<I> {
+    /// Ends the current request's body for whoever still holds it.
+    fn end_body(&mut self) {
+        self.generation += 1;
+        if let Some(waker) = self.body_waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+/// Cuts the request body off however the connection's loop ends (an error,
+/// a hand-over), so that a task still reading it is woken and stops.
+struct EndBodyOnDrop<I>(SharedIo<I>);
+
+impl<I> Drop for EndBodyOnDrop<I> {
+    fn drop(&mut self) {
+        lock(&self.0).end_body();
+    }
 }
 
 type SharedIo<I> = Arc<Mutex<Shared<I>>>;
@@ -122,9 +148,12 @@ pub async fn serve<I: Io>(
         io,
         rbuf: BytesMut::new(),
         decoder: Decoder::new(Framing::Empty),
+        head_scan: 0,
         continue_left: 0,
         generation: 0,
+        body_waker: None,
     }));
+    let end_body = EndBodyOnDrop(Arc::clone(&shared));
     let timeout = settings.header_read_timeout;
     let timer = tokio::time::sleep(timeout);
     tokio::pin!(timer);
@@ -152,6 +181,7 @@ pub async fn serve<I: Io>(
             Ok(Polled::Head(head)) => head,
             Ok(Polled::Closed) => return Served::Done,
             Ok(Polled::Preface) => {
+                drop(end_body);
                 let Ok(shared) = Arc::try_unwrap(shared) else { return Served::Done };
                 let shared = shared.into_inner().unwrap_or_else(PoisonError::into_inner);
                 return Served::Http2(shared.io, shared.rbuf.freeze());
@@ -202,8 +232,21 @@ pub async fn serve<I: Io>(
         let response = Box::pin(proxy.serve(request, &conn)).await;
 
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        lock(&shared).continue_left = 0;
-        let keep_alive = keep_alive && !switching && !*shutdown.borrow();
+        let (continue_left, body_done) = {
+            let mut g = lock(&shared);
+            (std::mem::take(&mut g.continue_left), g.decoder.is_done())
+        };
+        if continue_left > 0 && continue_left < CONTINUE.len() {
+            // A `100 Continue` cut short by a full socket: finished first,
+            // or the answer would follow half an interim line.
+            if let Err(e) = write_all(&shared, &CONTINUE[CONTINUE.len() - continue_left..]).await {
+                tracing::debug!(peer = %conn.peer, error = %e, "writing a response failed");
+                return Served::Done;
+            }
+        }
+        // A body not read yet (an upload answered early, or one the client
+        // waits to be asked for) will probably not be finished: say so.
+        let keep_alive = keep_alive && body_done && !switching && !*shutdown.borrow();
         let kept = match write_response(&shared, response, is_head, version, keep_alive).await {
             Ok(kept) => kept,
             Err(e) => {
@@ -213,6 +256,7 @@ pub async fn serve<I: Io>(
         };
         if switching {
             if let Some(tx) = upgrade.filter(|tx| !tx.is_closed()) {
+                drop(end_body);
                 hand_over(shared, tx);
             }
             return Served::Done;
@@ -237,7 +281,7 @@ pub async fn serve<I: Io>(
 fn finish_body<I>(shared: &Mutex<Shared<I>>) -> bool {
     let mut g = lock(shared);
     let g = &mut *g;
-    g.generation += 1;
+    g.end_body();
     loop {
         match g.decoder.decode(&mut g.rbuf) {
             Ok(Decoded::Done) => return true,
@@ -276,19 +320,20 @@ fn poll_head<I: Io>(
     let mut g = lock(shared);
     let g = &mut *g;
     loop {
-        if !g.rbuf.is_empty() {
-            if first && g.rbuf.len() <= H2_PREFACE.len() && H2_PREFACE.starts_with(&g.rbuf) {
-                if g.rbuf.len() == H2_PREFACE.len() {
-                    return Poll::Ready(Ok(Polled::Preface));
-                }
-            } else if first && g.rbuf.starts_with(H2_PREFACE) {
+        let preface = first && H2_PREFACE.starts_with(&g.rbuf[..g.rbuf.len().min(H2_PREFACE.len())]);
+        if !g.rbuf.is_empty() && preface {
+            // The HTTP/2 preface, or (so far) the start of it.
+            if g.rbuf.len() >= H2_PREFACE.len() {
                 return Poll::Ready(Ok(Polled::Preface));
-            } else {
-                match parse_head(&mut g.rbuf, max) {
-                    Ok(Some(head)) => return Poll::Ready(Ok(Polled::Head(head))),
-                    Ok(None) => {}
-                    Err(e) => return Poll::Ready(Ok(Polled::Refused(e))),
+            }
+        } else if !g.rbuf.is_empty() && head_complete(&g.rbuf, &mut g.head_scan, max) {
+            match parse_head(&mut g.rbuf, max) {
+                Ok(Some(head)) => {
+                    g.head_scan = 0;
+                    return Poll::Ready(Ok(Polled::Head(head)));
                 }
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Ok(Polled::Refused(e))),
             }
         }
         let n = ready!(poll_read_head(&mut g.io, cx, &mut g.rbuf))?;
@@ -296,6 +341,22 @@ fn poll_head<I: Io>(
             return Poll::Ready(Ok(Polled::Closed));
         }
     }
+}
+
+/// Whether `buf` holds the end of a head (an empty line), or as much as a
+/// head may be: only then is it parsed, so a head arriving a byte at a time
+/// is not parsed again for every byte. `scanned` keeps how far the search
+/// got.
+fn head_complete(buf: &[u8], scanned: &mut usize, max: usize) -> bool {
+    if buf.ends_with(b"\n\r\n") || buf.ends_with(b"\n\n") || buf.len() >= max {
+        return true;
+    }
+    let from = scanned.saturating_sub(2);
+    *scanned = buf.len();
+    let rest = &buf[from..];
+    rest.iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (rest.get(i + 1) == Some(&b'\n') || rest.get(i + 1..i + 3) == Some(&b"\r\n"[..])))
 }
 
 /// Parses a head from the front of `buf`: `Ok(None)` when incomplete.
@@ -503,7 +564,7 @@ async fn write_all<I: Io>(shared: &Mutex<Shared<I>>, mut buf: &[u8]) -> io::Resu
 /// still sends is read and dropped for a moment, so that the close does not
 /// turn into a reset that destroys the answer before the client reads it.
 async fn linger<I: Io>(shared: &Mutex<Shared<I>>) {
-    lock(shared).generation += 1;
+    lock(shared).end_body();
     let _ = poll_fn(|cx| Pin::new(&mut lock(shared).io).poll_shutdown(cx)).await;
     let mut drained = 0;
     let drain = poll_fn(|cx| loop {
@@ -567,7 +628,14 @@ impl<I: Io> hyper::body::Body for RequestBody<I> {
             }
             let want = g.decoder.remaining().map_or(16 * 1024, |n| usize::try_from(n).unwrap_or(usize::MAX));
             g.rbuf.reserve(want.clamp(1, 64 * 1024));
-            match ready!(tokio_util::io::poll_read_buf(Pin::new(&mut g.io), cx, &mut g.rbuf)) {
+            let read = tokio_util::io::poll_read_buf(Pin::new(&mut g.io), cx, &mut g.rbuf);
+            let Poll::Ready(read) = read else {
+                if !g.body_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    g.body_waker = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            };
+            match read {
                 Ok(0) => {
                     if let Err(e) = g.decoder.eof() {
                         return Poll::Ready(Some(Err(e)));

@@ -57,6 +57,15 @@ fn bad_chunked_bodies_are_errors() {
         ("data longer than its size", b"3\r\nabcdef\r\n0\r\n\r\n"),
         ("size overflow", b"fffffffffffffffff\r\n"),
         ("negative size", b"-1\r\n"),
+        // Read as the last chunk by lax parsers.
+        ("no size digits", b"\r\nhello\r\n0\r\n\r\n"),
+        ("only an extension", b";x\r\n"),
+        ("only a space", b" \r\n"),
+        ("bare LF ending the size line", b"5\nhello\r\n0\r\n\r\n"),
+        ("bare LF inside an extension", b"1;a\nb\r\nX\r\n0\r\n\r\n"),
+        ("bare LF ending the trailers", b"0\r\n\n"),
+        ("bare LF after a trailer", b"0\r\nX-T: 1\n\r\n"),
+        ("a trailer line without a colon", b"0\r\nnot a field\r\n\r\n"),
     ] {
         assert!(decode(Framing::Chunked, input, input.len()).is_err(), "{case}: accepted");
     }
@@ -116,4 +125,12 @@ fn chunk_sizes_are_lowercase_hex() {
     let mut out = Vec::new();
     super::write_chunk_size(&mut out, 0x1a2f);
     assert_eq!(out, b"1a2f\r\n");
+}
+
+#[test]
+fn chunk_sizes_allow_spaces_and_extensions() {
+    let (body, _) = every_step(Framing::Chunked, b"5 ;name=\"v\"\t;x\r\nhello\r\n0\r\n\r\n").expect("valid");
+    assert_eq!(body, b"hello");
+    let (body, _) = every_step(Framing::Chunked, b"00000000000000A\r\n0123456789\r\n0\r\n\r\n").expect("valid");
+    assert_eq!(body, b"0123456789");
 }

@@ -47,7 +47,7 @@ use anyhow::Context as _;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
-use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, TRANSFER_ENCODING};
+use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, EXPECT};
 use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use rustls::pki_types::pem::PemObject as _;
@@ -197,7 +197,12 @@ impl UpstreamClient {
             PoolKey { https: target.scheme == hyper::http::uri::Scheme::HTTPS, authority: target.authority.clone() };
         let (parts, body) = request.into_parts();
         let (head, framing) = encode_request(&parts, path, extra, &body);
-        let retry_unanswered = framing == Framing::Empty && is_idempotent(&parts.method);
+        let retry_unanswered = framing == Framing::Empty && is_safe(&parts.method);
+        // An upstream that answers without reading a body it did not expect
+        // (on GET, or an upgrade) may read that body as a request of its
+        // own: such a connection is not used again.
+        let body_unexpected =
+            framing != Framing::Empty && (is_safe(&parts.method) || parts.headers.contains_key(hyper::header::UPGRADE));
         let mut pooled = self.pool.checkout(&key);
         let mut body = Some(body);
         loop {
@@ -216,11 +221,10 @@ impl UpstreamClient {
             }
             let mut exchange = match body.take() {
                 Some(body) if framing != Framing::Empty => {
-                    let chunked = framing == Framing::Chunked;
                     let (reader, mut writer) = tokio::io::split(stream);
                     let (done, sent) = oneshot::channel();
-                    tokio::spawn(async move {
-                        let result = write_body(&mut writer, body, chunked).await;
+                    let task = tokio::spawn(async move {
+                        let result = write_body(&mut writer, body, framing).await;
                         let _ = done.send(match result {
                             Ok(()) => Ok(writer),
                             Err(e) => {
@@ -230,13 +234,26 @@ impl UpstreamClient {
                             }
                         });
                     });
-                    Exchange { reader: Reader::Half(reader), writer: Writer::Sending(sent) }
+                    let task = AbortOnDrop(task.abort_handle());
+                    Exchange { reader: Reader::Half(reader), writer: Writer::Sending(sent, task) }
                 }
                 _ => Exchange { reader: Reader::Whole(stream), writer: Writer::Done },
             };
             let mut rbuf = BytesMut::new();
             match read_response(&mut exchange, &mut rbuf, &parts.method).await {
-                Ok(head) => return Ok(self.hand_out(key, exchange, rbuf, head)),
+                Ok(mut head) => {
+                    if let Writer::Sending(sent, _) = &mut exchange.writer {
+                        match sent.try_recv() {
+                            Ok(Ok(w)) => exchange.writer = Writer::Sent(w),
+                            // Answered before the body was sent: the upstream
+                            // may not have read it, so the connection's state is
+                            // unknown.
+                            _ => head.reusable = false,
+                        }
+                    }
+                    head.reusable &= !body_unexpected;
+                    return Ok(self.hand_out(key, exchange, rbuf, head));
+                }
                 Err(ReadError::Closed) if reused && retry_unanswered => continue,
                 Err(ReadError::Closed) => {
                     return Err(UpstreamError::Request(io::Error::new(
@@ -282,8 +299,9 @@ impl UpstreamClient {
     }
 }
 
-fn is_idempotent(method: &Method) -> bool {
-    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+/// Methods that may be sent again after a connection failed under them.
+fn is_safe(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
 }
 
 /// The request head, and how its body is framed.
@@ -299,8 +317,7 @@ fn encode_request(
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &parts.headers {
-        // The framing is ours to state, below.
-        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+        if not_forwarded(name) {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -332,19 +349,43 @@ fn encode_request(
     (out, framing)
 }
 
+/// Headers of the client's request the upstream never sees: the framing
+/// (ours to state, below), in any spelling an upstream might read as it
+/// (`Content_Length` is `HTTP_CONTENT_LENGTH` to CGI-style servers); and
+/// `Expect`, which the gateway has answered itself.
+fn not_forwarded(name: &HeaderName) -> bool {
+    let folded_eq = |canonical: &str| {
+        name.as_str().bytes().zip(canonical.bytes()).all(|(a, b)| a == b || (b == b'-' && matches!(a, b'_' | b'.')))
+    };
+    match name.as_str().len() {
+        6 => name == EXPECT,
+        14 => folded_eq("content-length"),
+        17 => folded_eq("transfer-encoding"),
+        _ => false,
+    }
+}
+
 async fn write_all_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
     w.write_all(bytes).await?;
     w.flush().await
 }
 
 /// Sends the request body (the head is already out).
-async fn write_body<W: AsyncWrite + Unpin>(w: &mut W, mut body: Body, chunked: bool) -> Result<(), UpstreamError> {
+/// A body that does not match the `Content-Length` the upstream was told
+/// fails, and the upstream then sees its connection close short.
+async fn write_body<W: AsyncWrite + Unpin>(w: &mut W, mut body: Body, framing: Framing) -> Result<(), UpstreamError> {
+    let chunked = framing == Framing::Chunked;
+    let mut left = match framing {
+        Framing::Length(n) => n,
+        _ => u64::MAX,
+    };
     let mut out = Vec::new();
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame.map_err(UpstreamError::RequestBody)?.into_data() else { continue };
         if data.is_empty() {
             continue;
         }
+        left = left.checked_sub(data.len() as u64).ok_or_else(|| invalid("the request body is longer than stated"))?;
         out.clear();
         if chunked {
             http1::write_chunk_size(&mut out, data.len());
@@ -363,6 +404,8 @@ async fn write_body<W: AsyncWrite + Unpin>(w: &mut W, mut body: Body, chunked: b
     }
     if chunked {
         w.write_all(b"0\r\n\r\n").await.map_err(UpstreamError::Request)?;
+    } else if left != 0 {
+        return Err(invalid("the request body is shorter than stated"));
     }
     w.flush().await.map_err(UpstreamError::Request)
 }
@@ -382,8 +425,19 @@ enum Reader {
 enum Writer {
     /// Nothing to send (or all sent, write half back: see `Reader`).
     Done,
-    Sending(oneshot::Receiver<Result<WriteHalf<Stream>, UpstreamError>>),
+    /// The task sending the body, stopped if the exchange is dropped first
+    /// (a timeout, a failed or abandoned response): it holds the client's
+    /// body and the upstream's write half.
+    Sending(oneshot::Receiver<Result<WriteHalf<Stream>, UpstreamError>>, AbortOnDrop),
     Sent(WriteHalf<Stream>),
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Exchange {
@@ -392,7 +446,7 @@ impl Exchange {
         match (self.reader, self.writer) {
             (Reader::Whole(stream), _) => Some(stream),
             (Reader::Half(r), Writer::Sent(w)) => Some(r.unsplit(w)),
-            (Reader::Half(r), Writer::Sending(mut rx)) => match rx.try_recv() {
+            (Reader::Half(r), Writer::Sending(mut rx, _task)) => match rx.try_recv() {
                 Ok(Ok(w)) => Some(r.unsplit(w)),
                 _ => None,
             },
@@ -443,7 +497,7 @@ async fn read_response(
             }
         }
         let n = match &mut exchange.writer {
-            Writer::Sending(sent) => {
+            Writer::Sending(sent, _) => {
                 tokio::select! {
                     biased;
                     n = poll_fn(|cx| http1::poll_read_head(&mut exchange.reader, cx, rbuf)) => n,
@@ -513,17 +567,18 @@ fn parse_response(rbuf: &mut BytesMut, method: &Method) -> Result<Option<Respons
             reusable = false;
             Framing::Empty
         } else if s.has_transfer_encoding {
+            if !s.chunked_only {
+                // The client would get the coded bytes with nothing saying
+                // which coding they are in.
+                return Err(invalid("unsupported transfer coding"));
+            }
             if s.content_length.is_some() {
                 // Both: Transfer-Encoding wins, the length goes, and the
                 // connection is not trusted with another request.
                 headers.remove(CONTENT_LENGTH);
                 reusable = false;
             }
-            if s.chunked_last {
-                Framing::Chunked
-            } else {
-                Framing::Close
-            }
+            Framing::Chunked
         } else if let Some(n) = s.content_length {
             Framing::Length(n)
         } else {

@@ -1048,3 +1048,105 @@ async fn custom_response_headers_pass_and_hop_by_hop_ones_do_not() {
     }
     app.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// Found in review: resources, desync and header spellings
+// ---------------------------------------------------------------------------
+
+/// A client that announces a large upload, sends a few bytes and goes quiet gets its 504,
+/// and the upstream connection the upload was going to is closed, not held by a task
+/// still waiting for the client's body.
+#[tokio::test]
+async fn a_stalled_upload_does_not_hold_the_upstream_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the upstream");
+    let up = listener.local_addr().expect("upstream address");
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<usize>();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("the gateway connects");
+        // Never answers; reads until the gateway closes the connection.
+        let mut seen = 0;
+        let mut buf = [0_u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen += n,
+            }
+        }
+        let _ = closed_tx.send(seen);
+    });
+    let app = spawn_app_with(TestOptions::with_extra(route(
+        "stall",
+        "/stall",
+        &[format!("http://{up}")],
+        &format!("{PUBLIC}\ntimeout = \"500ms\""),
+    )))
+    .await;
+    let mut client = TcpStream::connect(app.addr).await.expect("connect to the gateway");
+    client
+        .write_all(b"POST /stall/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n0123456789")
+        .await
+        .expect("write the start of the upload");
+    let mut head = Vec::new();
+    let mut buf = [0_u8; 1024];
+    while find(&head, b"\r\n\r\n").is_none() {
+        match tokio::time::timeout(IO_TIMEOUT, client.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+            other => panic!("no answer to the stalled upload: {other:?}, got {}", lossy(&head)),
+        }
+    }
+    assert!(head.starts_with(b"HTTP/1.1 504"), "{}", lossy(&head));
+    // The client stays connected and silent; the upstream connection must still close.
+    let seen = tokio::time::timeout(Duration::from_secs(10), closed_rx)
+        .await
+        .expect("the upstream connection was still open 10 s after the 504")
+        .expect("the upstream task ended");
+    assert!(seen > 0, "the upstream never saw the request");
+    drop(client);
+    app.stop().await;
+}
+
+/// `Content_Length`, `Transfer.Encoding` (read as framing by CGI-style servers) and
+/// `Expect` (answered by the gateway) never reach the upstream.
+#[tokio::test]
+async fn framing_headers_in_other_spellings_are_not_forwarded() {
+    let (svc, app) = public_echo().await;
+    let resp = app
+        .client
+        .get(app.url("/raw/x"))
+        .header("Content_Length", "5")
+        .header("Transfer.Encoding", "chunked")
+        .header("Expect", "100-continue")
+        .send()
+        .await
+        .expect("request");
+    let e = echo(resp).await;
+    for name in ["content_length", "transfer.encoding", "expect", "content-length", "transfer-encoding"] {
+        assert!(!e.has(name), "{name} reached the upstream: {:?}", e.names());
+    }
+    drop(svc);
+    app.stop().await;
+}
+
+/// A GET that carries a body: an upstream may answer without reading it and then read it
+/// as a request of its own, so that upstream connection is not used again.
+#[tokio::test]
+async fn an_upstream_connection_is_not_reused_after_a_get_with_a_body() {
+    let svc = spawn_upstream("raw").await;
+    let app = spawn_app_with(TestOptions {
+        server_extra: "workers = 1".to_owned(),
+        extra: route("raw", "/raw", &[svc.url()], PUBLIC),
+        ..TestOptions::default()
+    })
+    .await;
+    for i in 0..2 {
+        let resp = app.client.get(app.url("/raw/x")).body("hello").send().await.expect("request");
+        assert_eq!(echo(resp).await.body_len(), 5, "request {i}");
+    }
+    assert_eq!(svc.connections(), 2, "a connection that carried a GET body was used again");
+    // Bodiless GETs share one.
+    for _ in 0..2 {
+        echo(app.get("/raw/y").await).await;
+    }
+    assert_eq!(svc.connections(), 3, "bodiless GETs did not share a connection");
+    app.stop().await;
+}
