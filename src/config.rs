@@ -39,9 +39,12 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<IpNet>,
     pub tls: Option<TlsConfig>,
     /// A client must send its whole request head within this (slowloris).
-    /// hyper runs the same timer while a kept-alive HTTP/1 connection waits
-    /// for its next request, so this is also the idle keep-alive timeout.
+    /// The same timer runs while a kept-alive connection waits for its next
+    /// request, so this is also the idle keep-alive timeout.
     pub header_read_timeout: Duration,
+    /// A client that takes no byte of its answer for this long (HTTP/1.1)
+    /// is disconnected, freeing its slot and upstream connection.
+    pub send_timeout: Duration,
     /// Largest request head accepted (431 past it).
     pub max_header_bytes: usize,
     pub max_connections: usize,
@@ -258,8 +261,8 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<
     }
     let tls_t = f.table("tls");
     let header_read_timeout = f.duration_or("header_read_timeout", "10s", Duration::from_millis(10));
+    let send_timeout = f.duration_or("send_timeout", "60s", Duration::from_millis(10));
     let max_header_bytes = f.size_or("max_header_size", 16 << 10) as usize;
-    // hyper's HTTP/1 parser needs at least 8 KiB of buffer.
     if !(8 << 10..=1 << 20).contains(&max_header_bytes) {
         f.error("max_header_size", "must be between 8KiB and 1MiB");
     }
@@ -294,6 +297,7 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<
         trusted_proxies,
         tls,
         header_read_timeout,
+        send_timeout,
         max_header_bytes: max_header_bytes.clamp(8 << 10, 1 << 20),
         max_connections,
         shutdown_grace,

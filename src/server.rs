@@ -130,6 +130,7 @@ pub async fn serve_public(
     let h2 = Arc::new(h2);
     let http1 = http1::server::Settings {
         header_read_timeout: settings.header_read_timeout,
+        send_timeout: settings.send_timeout,
         max_head_bytes: settings.max_header_bytes,
     };
     let graceful = GracefulShutdown::new();

@@ -61,6 +61,8 @@ const LINGER_BYTES: usize = 1024 * 1024;
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
     pub header_read_timeout: Duration,
+    /// How long a write may wait for the client to take bytes.
+    pub send_timeout: Duration,
     pub max_head_bytes: usize,
 }
 
@@ -70,6 +72,7 @@ struct Shared<I> {
     decoder: Decoder,
     /// How far the search for the end of the next head has got.
     head_scan: usize,
+    send_timeout: Duration,
     /// Bytes of the `100 Continue` still to be written before the body is
     /// read (when the client asked for one).
     continue_left: usize,
@@ -149,6 +152,7 @@ pub async fn serve<I: Io>(
         rbuf: BytesMut::new(),
         decoder: Decoder::new(Framing::Empty),
         head_scan: 0,
+        send_timeout: settings.send_timeout,
         continue_left: 0,
         generation: 0,
         body_waker: None,
@@ -534,7 +538,10 @@ async fn write_response<I: Io>(
         _ => {}
     }
     write_all(shared, &out).await?;
-    poll_fn(|cx| Pin::new(&mut lock(shared).io).poll_flush(cx)).await?;
+    let limit = lock(shared).send_timeout;
+    tokio::time::timeout(limit, poll_fn(|cx| Pin::new(&mut lock(shared).io).poll_flush(cx)))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))??;
     Ok(keep_alive)
 }
 
@@ -549,9 +556,20 @@ async fn put<I: Io>(shared: &Mutex<Shared<I>>, out: &mut Vec<u8>, data: &Bytes) 
     write_all(shared, data).await
 }
 
+/// Writes all of `buf`. A write the client leaves waiting for longer than
+/// `send_timeout` fails; the timer is only armed once a write has to wait.
 async fn write_all<I: Io>(shared: &Mutex<Shared<I>>, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
-        let n = poll_fn(|cx| Pin::new(&mut lock(shared).io).poll_write(cx, buf)).await?;
+        let write = |cx: &mut Context<'_>| Pin::new(&mut lock(shared).io).poll_write(cx, buf);
+        let n = match poll_fn(|cx| Poll::Ready(write(cx))).await {
+            Poll::Ready(n) => n?,
+            Poll::Pending => {
+                let limit = lock(shared).send_timeout;
+                tokio::time::timeout(limit, poll_fn(write))
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))??
+            }
+        };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }

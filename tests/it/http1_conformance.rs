@@ -1150,3 +1150,37 @@ async fn an_upstream_connection_is_not_reused_after_a_get_with_a_body() {
     assert_eq!(svc.connections(), 3, "bodiless GETs did not share a connection");
     app.stop().await;
 }
+
+/// A client that asks for a large answer and does not read it is disconnected after
+/// `send_timeout`, instead of holding its connection (and the upstream's) forever.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected_after_send_timeout() {
+    const BIG: usize = 64 * 1024 * 1024;
+    let svc = spawn_upstream("raw").await;
+    let app = spawn_app_with(TestOptions {
+        server_extra: "send_timeout = \"500ms\"".to_owned(),
+        extra: route("raw", "/raw", &[svc.url()], PUBLIC),
+        ..TestOptions::default()
+    })
+    .await;
+    let mut client = TcpStream::connect(app.addr).await.expect("connect to the gateway");
+    let request = format!("GET /raw/x?mode=big&bytes={BIG} HTTP/1.1\r\nHost: x\r\n\r\n");
+    client.write_all(request.as_bytes()).await.expect("write the request");
+    // Not reading: the socket buffers fill and the gateway's writes wait.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut received = 0;
+    let mut buf = vec![0_u8; 64 * 1024];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection was still open; {received} bytes read");
+    assert!(received < BIG, "the whole answer arrived ({received} bytes): the stall was not cut off");
+    assert_still_serving(&app, "after a client stopped reading").await;
+    app.stop().await;
+}
