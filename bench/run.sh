@@ -13,7 +13,7 @@
 #     (oha -q RATE --latency-correction), when oha is installed.
 #
 # Needs: wrk (apt-get install wrk); optional nginx (apt-get install nginx-light)
-# and oha (cargo install oha). Usage: bench/run.sh [seconds] [rate]
+# and oha (cargo install oha). Usage: bench/run.sh [seconds] [rate] [rounds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/common.sh
@@ -21,6 +21,7 @@ source bench/common.sh
 
 SECS=${1:-10}
 RATE=${2:-5000}
+ROUNDS=${3:-3}
 UP=127.0.0.1:18081
 NGINX=127.0.0.1:18082
 GW=127.0.0.1:18080
@@ -91,37 +92,68 @@ TOKEN=$(bench_token "$GW")
 
 nginx_pids() { echo "$NGINX_MASTER $(pgrep -P "$NGINX_MASTER" | tr '\n' ' ')"; }
 
-# run NAME URL "PIDS to charge" [extra wrk args...]
-run() {
-  local name=$1 url=$2 pids=$3; shift 3
+# measure URL "PIDS to charge" [extra wrk args...]: prints "cpu rps p50 p99"
+# ("-" for what was not measured).
+measure() {
+  local url=$1 pids=$2; shift 2
   taskset -c 1 wrk -t1 -c32 -d2s "$@" "$url" >/dev/null  # warm-up
-  local before after out reqs rps cpu lat="-"
+  local before after out reqs rps cpu=- p50=- p99=-
   [ -n "$pids" ] && before=$(cpu_ticks $pids)
   out=$(taskset -c 1 wrk -t1 -c32 -d"${SECS}s" "$@" "$url")
   [ -n "$pids" ] && after=$(cpu_ticks $pids)
   reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   rps=$(awk '/Requests\/sec/ {printf "%d", $2}' <<<"$out")
   if [ -n "$pids" ]; then
-    cpu=$(awk -v t=$((after - before)) -v n="$reqs" -v hz="$TCK" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
-  else cpu="-"; fi
-  if command -v oha >/dev/null; then
-    local hdr=()
-    for a in "$@"; do hdr+=("$a"); done
-    lat=$(taskset -c 1 oha --no-tui -z "${SECS}s" -q "$RATE" --latency-correction -c 32 "${hdr[@]}" "$url" 2>/dev/null |
-      awk 'function ms(v, u) { return u == "secs" ? v * 1000 : (u == "ms" ? v : v / 1000) }
-           /50.00% in/ {p50 = ms($3, $4)} /99.00% in/ {p99 = ms($3, $4)}
-           END {printf "%.3f / %.3f", p50, p99}')
+    cpu=$(awk -v t=$((after - before)) -v n="$reqs" -v hz="$TCK" 'BEGIN {printf "%.2f", t * 1e6 / hz / n}')
   fi
-  printf "| %-26s | %8s | %10s | %17s |\n" "$name" "$cpu" "$rps" "$lat"
+  if command -v oha >/dev/null; then
+    read -r p50 p99 < <(taskset -c 1 oha --no-tui -z "${SECS}s" -q "$RATE" --latency-correction -c 32 "$@" "$url" \
+      2>/dev/null | awk 'function ms(v, u) { return u == "secs" ? v * 1000 : (u == "ms" ? v : v / 1000) }
+           /50.00% in/ {p50 = ms($3, $4)} /99.00% in/ {p99 = ms($3, $4)}
+           END {printf "%.3f %.3f", p50, p99}')
+  fi
+  echo "$cpu $rps $p50 $p99"
 }
 
+# median of the numbers on stdin ("-" when there are none)
+median() { sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+
+# The contenders take turns, round after round, so that a slow spell of
+# the machine falls on all of them; each figure is the median of its rounds.
+NAMES=("direct")
+URLS=("http://$UP/public/x")
+CHARGE=("")
+if [ "$HAVE_NGINX" = 1 ]; then NAMES+=("nginx proxy_pass"); URLS+=("http://$NGINX/public/x"); CHARGE+=("$(nginx_pids)"); fi
+NAMES+=("gateway, public route" "gateway, valid token")
+URLS+=("http://$GW/public/x" "http://$GW/api/x")
+CHARGE+=("$GW_PID" "$GW_PID")
+declare -A RESULTS
+for round in $(seq "$ROUNDS"); do
+  echo "round $round of $ROUNDS" >&2
+  for i in "${!NAMES[@]}"; do
+    if [ "${NAMES[$i]}" = "gateway, valid token" ]; then
+      RESULTS[$i]+="$(measure "${URLS[$i]}" "${CHARGE[$i]}" -H "Authorization: Bearer $TOKEN")"$'\n'
+    else
+      RESULTS[$i]+="$(measure "${URLS[$i]}" "${CHARGE[$i]}")"$'\n'
+    fi
+  done
+done
+
+col() { awk -v c="$2" 'NF && $c != "-" {print $c}' <<<"${RESULTS[$1]}" | median; }
+NGINX_CPU=-
+[ "$HAVE_NGINX" = 1 ] && NGINX_CPU=$(col 1 1)
+DIRECT_P99=$(col 0 4)
 echo
-echo "| contender                  | CPU us/req | req/s (wrk) | p50 / p99 ms @ ${RATE}/s |"
-echo "| --- | ---: | ---: | ---: |"
-run "direct" "http://$UP/public/x" ""
-if [ "$HAVE_NGINX" = 1 ]; then run "nginx proxy_pass" "http://$NGINX/public/x" "$(nginx_pids)"; fi
-run "gateway, public route" "http://$GW/public/x" "$GW_PID"
-run "gateway, valid token" "http://$GW/api/x" "$GW_PID" -H "Authorization: Bearer $TOKEN"
+echo "median of $ROUNDS rounds; rate for latency: ${RATE}/s"
+echo
+echo "| contender                  | CPU us/req | x nginx | req/s (wrk) | p50 ms | p99 ms | p99 over direct |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+for i in "${!NAMES[@]}"; do
+  cpu=$(col "$i" 1); rps=$(col "$i" 2); p50=$(col "$i" 3); p99=$(col "$i" 4)
+  ratio=$(awk -v a="$cpu" -v b="$NGINX_CPU" 'BEGIN {if (a == "-" || b == "-") print "-"; else printf "%.2f", a / b}')
+  over=$(awk -v a="$p99" -v b="$DIRECT_P99" 'BEGIN {if (a == "-" || b == "-") print "-"; else printf "%+.3f", a - b}')
+  printf "| %-26s | %10s | %7s | %11s | %6s | %6s | %15s |\n" "${NAMES[$i]}" "$cpu" "$ratio" "$rps" "$p50" "$p99" "$over"
+done
 echo
 echo "gateway RSS: idle after start ${IDLE_RSS} kB; per idle keep-alive connection ${CONN_KB} kB;" \
   "after login and the runs $(awk '/VmRSS/ {print $2}' /proc/$GW_PID/status) kB"
