@@ -34,6 +34,11 @@ use bytes::{Buf as _, Bytes, BytesMut};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncRead, ReadBuf};
 
+/// The buffer a head is written into starts this large: under glibc's
+/// 1 KiB mark, above which each allocation is slower and first merges the
+/// allocator's free lists (a pause on the request that pays for it).
+pub const HEAD_CAPACITY: usize = 960;
+
 /// Most header fields a head may carry; more is a 431 (hyper's default).
 pub const MAX_HEADERS: usize = 100;
 

@@ -13,12 +13,15 @@
 //!   runs it: worker threads for the public listener, the admin listener and
 //!   the background tasks on the main runtime.
 //! - [`server`]: the public listener (thread per core, TLS, HTTP/1.1 + h2,
-//!   limits, graceful shutdown), [`server::framing`] (the raw-byte check
-//!   that refuses ambiguous request framing) and [`server::reload`].
+//!   limits, graceful shutdown) and [`server::reload`].
+//! - [`http1`]: the gateway's own HTTP/1.1: body framing and heads, the
+//!   client connection's loop ([`http1::server`]) and upgraded connections
+//!   ([`http1::upgrade`]). HTTP/2 is hyper's.
 //! - [`proxy`]: the request phases: [`proxy::path`] normalisation,
 //!   [`proxy::router`], [`proxy::headers`] hygiene, [`proxy::identity`]
-//!   (verified-token cache), [`proxy::policy`], [`proxy::upstream`] (a connection pool per
-//!   worker on hyper's `client::conn`), [`proxy::tunnel`] (WebSockets).
+//!   (verified-token cache), [`proxy::policy`], [`proxy::upstream`] (a
+//!   connection pool per worker, spoken to with [`http1`]),
+//!   [`proxy::tunnel`] (WebSockets).
 //! - [`api`]: the `/auth/*` and JWKS endpoints (axum).
 //! - [`auth`]: passwords, keys, tokens, refresh rotation, the revocation state
 //!   and its poller/listener, and the flows in [`auth::service`].
@@ -29,8 +32,9 @@
 //!   shared response body type.
 //!
 //! ## A request's path
-//! A worker accepts the connection ([`server::serve_public`]) and hands each
-//! request to [`proxy::Proxy::serve`], which normalises the path once, then:
+//! A worker accepts the connection ([`server::serve_public`]); its HTTP/1.1
+//! loop ([`http1::server::serve`]) reads each head and hands the request to
+//! [`proxy::Proxy::serve`], which normalises the path once, then:
 //!
 //! - `/auth/*` or the JWKS → [`api::router`] on the main runtime: e.g.
 //!   [`auth::service::AuthService::login`] (per-IP limit, lockout slot

@@ -41,7 +41,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::upgrade::{Io, OnUpgrade, Upgraded};
 use super::{header_map, poll_read_head, write_chunk_size, write_decimal, write_headers};
-use super::{BodyError, Decoded, Decoder, Framing, MAX_HEADERS};
+use super::{BodyError, Decoded, Decoder, Framing, HEAD_CAPACITY, MAX_HEADERS};
 use crate::body::Body;
 use crate::proxy::error::ProxyError;
 use crate::proxy::{Conn, Proxy};
@@ -385,8 +385,8 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, HeadError>
     let target = bytes.slice_ref(parsed.path.unwrap_or("").as_bytes());
     let uri = Uri::from_maybe_shared(target).map_err(|_| unparsable("invalid request target"))?;
     let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    // Room for what the proxy adds (identity, request id, X-Forwarded-*).
-    let (headers, s) = header_map(&bytes, parsed.headers, 12).map_err(unparsable)?;
+    // Room for what the proxy adds (request id, X-Forwarded-*, Host).
+    let (headers, s) = header_map(&bytes, parsed.headers, 6).map_err(unparsable)?;
     if bytes.len() > len {
         // A body or a pipelined request: back to the buffer.
         buf.extend_from_slice(&bytes[len..]);
@@ -465,7 +465,7 @@ async fn write_response<I: Io>(
         headers.insert(DATE, http_date());
     }
 
-    let mut out = Vec::with_capacity(1024);
+    let mut out = Vec::with_capacity(HEAD_CAPACITY);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');

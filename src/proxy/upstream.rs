@@ -311,7 +311,7 @@ fn encode_request(
     extra: &[(&HeaderName, &HeaderValue)],
     body: &Body,
 ) -> (Vec<u8>, Framing) {
-    let mut out = Vec::with_capacity(1024);
+    let mut out = Vec::with_capacity(http1::HEAD_CAPACITY);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
