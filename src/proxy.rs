@@ -271,11 +271,13 @@ impl Proxy {
             headers::join_cookies(req.headers_mut());
         }
         let h = req.headers_mut();
-        // The identity fields are written by the upstream client, after
-        // these (see `headers::identity_fields`).
+        // The identity fields (and, for an untrusted peer, the
+        // `X-Forwarded-*` ones) are written by the upstream client after
+        // these: see `headers::identity_fields` and `headers::Forwarded`.
         h.insert(table.headers.request_id.clone(), request_id.clone());
         let peer = conn.peer.ip();
-        headers::set_forwarded(h, &conn.peer_header, self.is_trusted(peer), conn.https, client_host.as_ref());
+        let forwarded =
+            headers::set_forwarded(h, &conn.peer_header, self.is_trusted(peer), conn.https, client_host.as_ref());
         // Otherwise the upstream's own Host replaces the client's per
         // attempt, below.
         if let Some(host) = client_host.filter(|_| cfg.preserve_host) {
@@ -315,7 +317,13 @@ impl Proxy {
             }
 
             let identity = identity.as_deref().map(|id| headers::identity_fields(&table.headers, &id.headers));
-            let extra = identity.as_ref().map_or(&[][..], |fields| &fields[..]);
+            let mut fields = [(&HOST, &NO_VALUE); 8];
+            let mut count = 0;
+            for field in identity.iter().flatten().copied().chain(forwarded.iter().flat_map(|f| f.fields())) {
+                fields[count] = field;
+                count += 1;
+            }
+            let extra = &fields[..count];
             let sent = Instant::now();
             let send = self.client.send(target, &target_path, extra, upstream_req);
             let result = tokio::time::timeout(cfg.timeout, send).await;
@@ -370,6 +378,9 @@ impl Proxy {
         self.identities.verify(&self.authenticator, token).map_err(ProxyError::InvalidToken)
     }
 }
+
+/// Fills the unused slots of the extra header fields.
+static NO_VALUE: HeaderValue = HeaderValue::from_static("");
 
 fn upstream_error(route: &str, kind: &'static str) {
     metrics::counter!("gateway_upstream_errors_total", "route" => route.to_owned(), "kind" => kind).increment(1);

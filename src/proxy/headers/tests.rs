@@ -85,14 +85,22 @@ fn request_ids_are_kept_only_when_safe() {
 fn forwarded_headers_replace_unless_trusted() {
     let peer = HeaderValue::from_static("10.0.0.9");
     let host = HeaderValue::from_static("api.example.com");
-    let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-host", "evil")]);
-    set_forwarded(&mut h, &peer, false, true, Some(&host));
-    assert_eq!(h.get("x-forwarded-for").map(|v| v.as_bytes()), Some(&b"10.0.0.9"[..]));
-    assert_eq!(h.get("x-forwarded-proto").map(|v| v.as_bytes()), Some(&b"https"[..]));
-    assert_eq!(h.get("x-forwarded-host").map(|v| v.as_bytes()), Some(&b"api.example.com"[..]));
+    let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-host", "evil"), ("x-forwarded-proto", "ftp")]);
+    let ours = set_forwarded(&mut h, &peer, false, true, Some(&host)).expect("an untrusted peer gets ours");
+    assert!(h.is_empty(), "client-sent X-Forwarded-* survived: {h:?}");
+    let fields: Vec<(&str, &[u8])> = ours.fields().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
+    assert_eq!(
+        fields,
+        [
+            ("x-forwarded-for", &b"10.0.0.9"[..]),
+            ("x-forwarded-proto", b"https"),
+            ("x-forwarded-host", b"api.example.com")
+        ]
+    );
     let mut h = map(&[("x-forwarded-for", "1.2.3.4")]);
-    set_forwarded(&mut h, &peer, true, false, None);
+    assert!(set_forwarded(&mut h, &peer, true, false, None).is_none());
     assert_eq!(h.get("x-forwarded-for").map(|v| v.as_bytes()), Some(&b"1.2.3.4, 10.0.0.9"[..]));
+    assert_eq!(h.get("x-forwarded-proto").map(|v| v.as_bytes()), Some(&b"http"[..]));
 }
 
 #[test]
@@ -125,5 +133,17 @@ fn the_length_filter_keeps_every_hop_by_hop_name() {
     }
     for other in ["host", "x-user-id", "content-length", "connectio", "keep-alive2", "accept"] {
         assert!(!is_hop_by_hop(&HeaderName::from_static(other)), "{other}");
+    }
+}
+
+#[test]
+fn generated_request_ids_are_distinct_version_4_uuids() {
+    let name = HeaderName::from_static("x-request-id");
+    let ids: std::collections::HashSet<String> =
+        (0..1000).map(|_| request_id(&HeaderMap::new(), &name).to_str().expect("ascii").to_owned()).collect();
+    assert_eq!(ids.len(), 1000, "a request id repeated");
+    for id in &ids {
+        let parsed = uuid::Uuid::parse_str(id).expect("a UUID");
+        assert_eq!(parsed.get_version_num(), 4, "{id}");
     }
 }
