@@ -77,12 +77,12 @@ pub enum Decoded {
 /// An incremental body decoder over a read buffer: it consumes framing and
 /// data from the front of the buffer and leaves what follows the body (a
 /// pipelined request) in place.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Decoder {
     state: State,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum State {
     Length(u64),
     /// Reading a chunk-size line.
@@ -113,6 +113,27 @@ impl Decoder {
 
     pub fn is_done(&self) -> bool {
         matches!(self.state, State::Done)
+    }
+
+    /// Whether the rest of the body is already in `buf` (without consuming
+    /// it): then it can be skipped and the connection kept.
+    pub fn rest_is_in(&self, buf: &[u8]) -> bool {
+        match self.state {
+            State::Done => true,
+            State::Length(n) => buf.len() as u64 >= n,
+            State::Close => false,
+            _ => {
+                let mut decoder = self.clone();
+                let mut copy = BytesMut::from(buf);
+                loop {
+                    match decoder.decode(&mut copy) {
+                        Ok(Decoded::Done) => return true,
+                        Ok(Decoded::Data(_)) => {}
+                        Ok(Decoded::NeedMore) | Err(_) => return false,
+                    }
+                }
+            }
+        }
     }
 
     /// Bytes of body still to come, when the framing says.

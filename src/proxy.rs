@@ -317,10 +317,12 @@ impl Proxy {
             }
 
             let identity = identity.as_deref().map(|id| headers::identity_fields(&table.headers, &id.headers));
+            // At most five identity and three forwarding fields.
             let mut fields = [(&HOST, &NO_VALUE); 8];
             let mut count = 0;
-            for field in identity.iter().flatten().copied().chain(forwarded.iter().flat_map(|f| f.fields())) {
-                fields[count] = field;
+            let all = identity.iter().flatten().copied().chain(forwarded.iter().flat_map(|f| f.fields()));
+            for (slot, field) in fields.iter_mut().zip(all) {
+                *slot = field;
                 count += 1;
             }
             let extra = &fields[..count];

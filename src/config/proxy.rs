@@ -177,6 +177,15 @@ pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNa
     reserved.extend(extra.iter().map(|e| fold_header_name(e)));
     reserved.sort();
     reserved.dedup();
+    // The request id keeps a client's value when it looks safe, and is set
+    // after the strip: under a reserved or hop-by-hop name it would carry
+    // the client's value past both.
+    const HOP_BY_HOP: [&str; 7] =
+        ["upgrade", "te", "trailer", "keep-alive", "proxy-connection", "proxy-authorization", "transfer-encoding"];
+    let folded_id = fold_header_name(request_id.as_str());
+    if reserved.contains(&folded_id) || HOP_BY_HOP.contains(&folded_id.as_str()) {
+        errors.push("headers.request_id", format!("{request_id:?} is a reserved or hop-by-hop header"));
+    }
     HeaderNames { user_id, tenant_id, roles, scopes, session_id, request_id, reserved }
 }
 

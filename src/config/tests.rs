@@ -72,6 +72,9 @@ fn header_names_may_not_collide() {
         ("[headers]\nroles = \"X_Tenant_Id\"", "headers.roles"),
         ("[headers]\nuser_id = \"x-forwarded-for\"", "headers.user_id"),
         ("[headers]\nsession_id = \"host\"", "headers.session_id"),
+        ("[headers]\nrequest_id = \"x-real-ip\"", "headers.request_id"),
+        ("[headers]\nrequest_id = \"upgrade\"", "headers.request_id"),
+        ("[headers]\nrequest_id = \"x-trace\"\nreserved = [\"X_Trace\"]", "headers.request_id"),
     ] {
         let err = parse(text).expect_err(text);
         assert!(err.to_string().contains(field), "{text}: {err}");

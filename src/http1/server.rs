@@ -238,7 +238,16 @@ pub async fn serve<I: Io>(
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let (continue_left, body_done) = {
             let mut g = lock(&shared);
-            (std::mem::take(&mut g.continue_left), g.decoder.is_done())
+            let g = &mut *g;
+            let left = std::mem::take(&mut g.continue_left);
+            if left > 0 {
+                // A body task waiting to write the rest of it goes on to
+                // read instead (the loop writes it below).
+                if let Some(waker) = g.body_waker.take() {
+                    waker.wake();
+                }
+            }
+            (left, g.decoder.rest_is_in(&g.rbuf))
         };
         if continue_left > 0 && continue_left < CONTINUE.len() {
             // A `100 Continue` cut short by a full socket: finished first,
@@ -248,8 +257,9 @@ pub async fn serve<I: Io>(
                 return Served::Done;
             }
         }
-        // A body not read yet (an upload answered early, or one the client
-        // waits to be asked for) will probably not be finished: say so.
+        // A body neither read nor already here (an upload answered early,
+        // or one the client waits to be asked for) will close the
+        // connection: say so.
         let keep_alive = keep_alive && body_done && !switching && !*shutdown.borrow();
         let kept = match write_response(&shared, response, is_head, version, keep_alive).await {
             Ok(kept) => kept,
@@ -583,6 +593,12 @@ async fn write_all<I: Io>(shared: &Mutex<Shared<I>>, mut buf: &[u8]) -> io::Resu
 /// turn into a reset that destroys the answer before the client reads it.
 async fn linger<I: Io>(shared: &Mutex<Shared<I>>) {
     lock(shared).end_body();
+    // The whole of it is bounded: a TLS close waits for the client to take
+    // the close_notify, which a client that stopped reading never does.
+    let _ = tokio::time::timeout(LINGER_TIME, linger_inner(shared)).await;
+}
+
+async fn linger_inner<I: Io>(shared: &Mutex<Shared<I>>) {
     let _ = poll_fn(|cx| Pin::new(&mut lock(shared).io).poll_shutdown(cx)).await;
     let mut drained = 0;
     let drain = poll_fn(|cx| loop {
@@ -602,7 +618,7 @@ async fn linger<I: Io>(shared: &Mutex<Shared<I>>) {
             }
         }
     });
-    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    drain.await;
 }
 
 /// The request body, read from the connection as the upstream client asks
@@ -624,7 +640,11 @@ impl<I: Io> hyper::body::Body for RequestBody<I> {
         }
         while g.continue_left > 0 {
             let sent = CONTINUE.len() - g.continue_left;
-            match ready!(Pin::new(&mut g.io).poll_write(cx, &CONTINUE[sent..])) {
+            let Poll::Ready(written) = Pin::new(&mut g.io).poll_write(cx, &CONTINUE[sent..]) else {
+                g.body_waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            };
+            match written {
                 Ok(0) => return Poll::Ready(Some(Err(BodyError::Io(io::ErrorKind::WriteZero.into())))),
                 Ok(n) => {
                     g.continue_left -= n;

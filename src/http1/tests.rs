@@ -58,9 +58,9 @@ fn bad_chunked_bodies_are_errors() {
         ("size overflow", b"fffffffffffffffff\r\n"),
         ("negative size", b"-1\r\n"),
         // Read as the last chunk by lax parsers.
-        ("no size digits", b"\r\nhello\r\n0\r\n\r\n"),
-        ("only an extension", b";x\r\n"),
-        ("only a space", b" \r\n"),
+        ("no size digits", b"\r\n\r\n"),
+        ("only an extension", b";x\r\n\r\n"),
+        ("only a space", b" \r\n\r\n"),
         ("bare LF ending the size line", b"5\nhello\r\n0\r\n\r\n"),
         ("bare LF inside an extension", b"1;a\nb\r\nX\r\n0\r\n\r\n"),
         ("bare LF ending the trailers", b"0\r\n\n"),
@@ -131,6 +131,16 @@ fn chunk_sizes_are_lowercase_hex() {
 fn chunk_sizes_allow_spaces_and_extensions() {
     let (body, _) = every_step(Framing::Chunked, b"5 ;name=\"v\"\t;x\r\nhello\r\n0\r\n\r\n").expect("valid");
     assert_eq!(body, b"hello");
-    let (body, _) = every_step(Framing::Chunked, b"00000000000000A\r\n0123456789\r\n0\r\n\r\n").expect("valid");
+    let (body, _) = every_step(Framing::Chunked, b"000000000000000A\r\n0123456789\r\n0\r\n\r\n").expect("16 digits");
     assert_eq!(body, b"0123456789");
+}
+
+#[test]
+fn the_rest_of_a_body_is_found_in_the_buffer_without_consuming_it() {
+    assert!(Decoder::new(Framing::Length(5)).rest_is_in(b"hello"));
+    assert!(!Decoder::new(Framing::Length(5)).rest_is_in(b"hell"));
+    assert!(Decoder::new(Framing::Chunked).rest_is_in(b"5\r\nhello\r\n0\r\n\r\n"));
+    assert!(!Decoder::new(Framing::Chunked).rest_is_in(b"5\r\nhello\r\n0\r\n"));
+    assert!(!Decoder::new(Framing::Chunked).rest_is_in(b"zz\r\n"));
+    assert!(Decoder::new(Framing::Empty).rest_is_in(b""));
 }

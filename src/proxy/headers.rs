@@ -203,15 +203,20 @@ pub fn set_forwarded(
 ) -> Option<Forwarded> {
     if !trusted {
         // One pass over the names (usually none of these is there), then a
-        // removal only for what is.
-        let sent = headers.keys().any(|k| {
-            matches!(k.as_str().len(), 15..=17)
-                && (k == X_FORWARDED_FOR || k == X_FORWARDED_PROTO || k == X_FORWARDED_HOST)
-        });
-        if sent {
-            for name in [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST] {
-                headers.remove(name);
-            }
+        // removal only for what is: in any spelling (`X_Forwarded_For` is
+        // `HTTP_X_FORWARDED_FOR` to CGI-style servers too).
+        let sent: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| {
+                matches!(k.as_str().len(), 15..=17)
+                    && ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"]
+                        .iter()
+                        .any(|f| folded_eq(k.as_str(), f))
+            })
+            .cloned()
+            .collect();
+        for name in &sent {
+            headers.remove(name);
         }
         return Some(Forwarded { for_peer: peer.clone(), https, host: host.cloned() });
     }

@@ -138,6 +138,10 @@ impl IdentityCache {
         });
     }
 
+    /// Drops the shared cache's entries. The per-thread maps are not
+    /// reached from here: their entries stop being trusted because the key
+    /// ring's generation moved first (`Authenticator::replace_keys`, which
+    /// every caller runs before this).
     pub fn clear(&self) {
         self.cache.invalidate_all();
     }

@@ -969,8 +969,12 @@ async fn truncated_upstream_body_is_not_delivered_as_complete() {
 
 #[tokio::test]
 async fn malformed_upstream_responses_are_502() {
-    let cases: [(&str, &'static [u8]); 3] = [
+    let cases: [(&str, &'static [u8]); 4] = [
         ("a non-numeric status code", b"HTTP/1.1 abc\r\n\r\n"),
+        (
+            "a transfer coding other than chunked",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        ),
         ("differing Content-Length lines", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"),
         ("not HTTP at all", b"SSH-2.0-OpenSSH_9.6\r\n\r\n"),
     ];
@@ -1182,5 +1186,42 @@ async fn a_client_that_stops_reading_is_disconnected_after_send_timeout() {
     assert!(ended.is_ok(), "the connection was still open; {received} bytes read");
     assert!(received < BIG, "the whole answer arrived ({received} bytes): the stall was not cut off");
     assert_still_serving(&app, "after a client stopped reading").await;
+    app.stop().await;
+}
+
+/// An early refusal of a small upload whose body has already arrived keeps the
+/// connection: the buffered body is skipped, and the next request is answered on it.
+#[tokio::test]
+async fn a_refused_small_upload_keeps_its_connection() {
+    let svc = spawn_upstream("raw").await;
+    let app = spawn_app_with(TestOptions::with_extra(
+        [route("raw", "/raw", &[svc.url()], PUBLIC), route("private", "/private", &[svc.url()], "")].concat(),
+    ))
+    .await;
+    let mut client = TcpStream::connect(app.addr).await.expect("connect to the gateway");
+    client
+        .write_all(b"POST /private/x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        .await
+        .expect("write the upload");
+    let mut got = Vec::new();
+    let mut buf = [0_u8; 4096];
+    while find(&got, b"\"}").is_none() {
+        match tokio::time::timeout(IO_TIMEOUT, client.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!("no complete 401: {other:?}, got {}", lossy(&got)),
+        }
+    }
+    let text = lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(!text.to_ascii_lowercase().contains("connection: close"), "the connection was closed: {text}");
+    client.write_all(b"GET /raw/after HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write the second request");
+    let mut second = Vec::new();
+    while find(&second, b"/raw/after").is_none() {
+        match tokio::time::timeout(IO_TIMEOUT, client.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => second.extend_from_slice(&buf[..n]),
+            other => panic!("the second request got no answer: {other:?}, got {}", lossy(&second)),
+        }
+    }
+    assert!(second.starts_with(b"HTTP/1.1 200"), "{}", lossy(&second));
     app.stop().await;
 }

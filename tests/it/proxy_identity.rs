@@ -631,7 +631,13 @@ async fn client_sent_forwarding_and_rewrite_headers_never_reach_the_upstream() {
 #[tokio::test]
 async fn a_removed_key_stops_a_cached_token_at_once() {
     let svc = spawn_upstream("svc").await;
-    let app = spawn_app_with(TestOptions::with_extra(route("svc", "/svc", &[svc.url()], ""))).await;
+    // One worker: every request meets the same per-thread map.
+    let app = spawn_app_with(TestOptions {
+        server_extra: "workers = 1".to_owned(),
+        extra: route("svc", "/svc", &[svc.url()], ""),
+        ..TestOptions::default()
+    })
+    .await;
     app.create_user("default", NOBODY, PASSWORD, &[], &[]).await;
     let old = app.login_ok(NOBODY, PASSWORD, None).await;
     for _ in 0..3 {

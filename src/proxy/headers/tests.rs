@@ -85,7 +85,13 @@ fn request_ids_are_kept_only_when_safe() {
 fn forwarded_headers_replace_unless_trusted() {
     let peer = HeaderValue::from_static("10.0.0.9");
     let host = HeaderValue::from_static("api.example.com");
-    let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-host", "evil"), ("x-forwarded-proto", "ftp")]);
+    let mut h = map(&[
+        ("x-forwarded-for", "1.2.3.4"),
+        ("x-forwarded-host", "evil"),
+        ("x-forwarded-proto", "ftp"),
+        ("x_forwarded_for", "5.6.7.8"),
+        ("x.forwarded.host", "evil"),
+    ]);
     let ours = set_forwarded(&mut h, &peer, false, true, Some(&host)).expect("an untrusted peer gets ours");
     assert!(h.is_empty(), "client-sent X-Forwarded-* survived: {h:?}");
     let fields: Vec<(&str, &[u8])> = ours.fields().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
