@@ -1225,3 +1225,30 @@ async fn a_refused_small_upload_keeps_its_connection() {
     assert!(second.starts_with(b"HTTP/1.1 200"), "{}", lossy(&second));
     app.stop().await;
 }
+
+/// A thousand tiny chunks in one burst arrive whole (the upstream client gathers the
+/// frames that are ready together into one write).
+#[tokio::test]
+async fn many_small_chunks_arrive_whole() {
+    let (svc, app) = public_echo().await;
+    let mut request = b"POST /raw/chunks HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..1000 {
+        request.extend_from_slice(b"3\r\nabc\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let mut client = TcpStream::connect(app.addr).await.expect("connect to the gateway");
+    client.write_all(&request).await.expect("write the upload");
+    let mut got = Vec::new();
+    let mut buf = [0_u8; 8192];
+    while find(&got, b"\"body_len\"").is_none() || !got.ends_with(b"}") {
+        match tokio::time::timeout(IO_TIMEOUT, client.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!("no answer to the upload: {other:?}, got {}", lossy(&got)),
+        }
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", lossy(&got));
+    let text = lossy(&got);
+    assert!(text.contains("\"body_len\":3000"), "the upstream got a different body: {text}");
+    assert_eq!(svc.hits(), 1);
+    app.stop().await;
+}
