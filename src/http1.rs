@@ -151,13 +151,9 @@ impl Decoder {
             match self.state {
                 State::Done => return Ok(Decoded::Done),
                 State::Length(left) => {
-                    if buf.is_empty() {
-                        return Ok(Decoded::NeedMore);
-                    }
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-                    let left = left - n as u64;
+                    let Some((data, left)) = take(buf, left) else { return Ok(Decoded::NeedMore) };
                     self.state = if left == 0 { State::Done } else { State::Length(left) };
-                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                    return Ok(Decoded::Data(data));
                 }
                 State::Close => {
                     if buf.is_empty() {
@@ -174,13 +170,9 @@ impl Decoder {
                     None => return Err(BodyError::Chunked("chunk-size line too long")),
                 },
                 State::ChunkData(left) => {
-                    if buf.is_empty() {
-                        return Ok(Decoded::NeedMore);
-                    }
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-                    let left = left - n as u64;
+                    let Some((data, left)) = take(buf, left) else { return Ok(Decoded::NeedMore) };
                     self.state = if left == 0 { State::ChunkEnd } else { State::ChunkData(left) };
-                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                    return Ok(Decoded::Data(data));
                 }
                 State::ChunkEnd => {
                     if buf.len() < 2 {
@@ -219,6 +211,16 @@ impl Decoder {
             _ => Err(BodyError::Incomplete),
         }
     }
+}
+
+/// Up to `left` bytes from the front of `buf` (None when it is empty), and
+/// how many are still to come after them.
+fn take(buf: &mut BytesMut, left: u64) -> Option<(Bytes, u64)> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+    Some((buf.split_to(n).freeze(), left - n as u64))
 }
 
 /// Parses a chunk-size line: at least one and at most 16 hex digits,

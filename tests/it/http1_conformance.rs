@@ -1085,20 +1085,9 @@ async fn a_stalled_upload_does_not_hold_the_upstream_connection() {
         &format!("{PUBLIC}\ntimeout = \"500ms\""),
     )))
     .await;
-    let mut client = TcpStream::connect(app.addr).await.expect("connect to the gateway");
-    client
-        .write_all(b"POST /stall/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n0123456789")
-        .await
-        .expect("write the start of the upload");
-    let mut head = Vec::new();
-    let mut buf = [0_u8; 1024];
-    while find(&head, b"\r\n\r\n").is_none() {
-        match tokio::time::timeout(IO_TIMEOUT, client.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
-            other => panic!("no answer to the stalled upload: {other:?}, got {}", lossy(&head)),
-        }
-    }
-    assert!(head.starts_with(b"HTTP/1.1 504"), "{}", lossy(&head));
+    let mut client = RawConn::connect(app.addr).await;
+    client.send(b"POST /stall/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n0123456789").await;
+    client.response("the stalled upload").await.assert_error("the stalled upload", 504, "gateway_timeout");
     // The client stays connected and silent; the upstream connection must still close.
     let seen = tokio::time::timeout(Duration::from_secs(10), closed_rx)
         .await
@@ -1198,31 +1187,14 @@ async fn a_refused_small_upload_keeps_its_connection() {
         [route("raw", "/raw", &[svc.url()], PUBLIC), route("private", "/private", &[svc.url()], "")].concat(),
     ))
     .await;
-    let mut client = TcpStream::connect(app.addr).await.expect("connect to the gateway");
-    client
-        .write_all(b"POST /private/x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
-        .await
-        .expect("write the upload");
-    let mut got = Vec::new();
-    let mut buf = [0_u8; 4096];
-    while find(&got, b"\"}").is_none() {
-        match tokio::time::timeout(IO_TIMEOUT, client.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
-            other => panic!("no complete 401: {other:?}, got {}", lossy(&got)),
-        }
-    }
-    let text = lossy(&got);
-    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
-    assert!(!text.to_ascii_lowercase().contains("connection: close"), "the connection was closed: {text}");
-    client.write_all(b"GET /raw/after HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write the second request");
-    let mut second = Vec::new();
-    while find(&second, b"/raw/after").is_none() {
-        match tokio::time::timeout(IO_TIMEOUT, client.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => second.extend_from_slice(&buf[..n]),
-            other => panic!("the second request got no answer: {other:?}, got {}", lossy(&second)),
-        }
-    }
-    assert!(second.starts_with(b"HTTP/1.1 200"), "{}", lossy(&second));
+    let mut client = RawConn::connect(app.addr).await;
+    client.send(b"POST /private/x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}").await;
+    let refused = client.response("the refused upload").await;
+    refused.assert_error("the refused upload", 401, "unauthorized");
+    assert!(!refused.has_token("connection", "close"), "the connection was closed: {:?}", refused.head);
+    client.send(b"GET /raw/after HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let after = client.response("the request after it").await.echo("the request after it");
+    assert_eq!(after["path"], "/raw/after", "{after}");
     app.stop().await;
 }
 
@@ -1236,19 +1208,10 @@ async fn many_small_chunks_arrive_whole() {
         request.extend_from_slice(b"3\r\nabc\r\n");
     }
     request.extend_from_slice(b"0\r\n\r\n");
-    let mut client = TcpStream::connect(app.addr).await.expect("connect to the gateway");
-    client.write_all(&request).await.expect("write the upload");
-    let mut got = Vec::new();
-    let mut buf = [0_u8; 8192];
-    while find(&got, b"\"body_len\"").is_none() || !got.ends_with(b"}") {
-        match tokio::time::timeout(IO_TIMEOUT, client.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
-            other => panic!("no answer to the upload: {other:?}, got {}", lossy(&got)),
-        }
-    }
-    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", lossy(&got));
-    let text = lossy(&got);
-    assert!(text.contains("\"body_len\":3000"), "the upstream got a different body: {text}");
+    let mut client = RawConn::connect(app.addr).await;
+    client.send(&request).await;
+    let echoed = client.response("the chunked upload").await.echo("the chunked upload");
+    assert_eq!(echoed["body_len"], 3000, "the upstream got a different body: {echoed}");
     assert_eq!(svc.hits(), 1);
     app.stop().await;
 }
