@@ -367,9 +367,11 @@ impl Semantics {
     }
 }
 
-/// Reads the framing and connection headers of `headers`. Content-Length
-/// values that disagree (or are not numbers) are an error.
-pub fn semantics(headers: &HeaderMap) -> Result<Semantics, &'static str> {
+/// Reads the framing and connection headers of a built map (the hot path
+/// reads them in [`header_map`] instead). Content-Length values that
+/// disagree (or are not numbers) are an error.
+#[cfg(test)]
+fn semantics(headers: &HeaderMap) -> Result<Semantics, &'static str> {
     let mut s = Semantics::default();
     for (name, value) in headers {
         s.observe(name.as_str().as_bytes(), value.as_bytes())?;

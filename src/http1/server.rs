@@ -18,8 +18,9 @@
 //! it fires, not per request.
 //!
 //! After an answer, the connection closes when the client asked for it,
-//! when the gateway is shutting down, or when the request's body was not
-//! read to its end (it cannot be skipped); then the gateway stops writing
+//! when the gateway is shutting down, or when the request's body was
+//! neither read to its end nor already received (the rest of it cannot be
+//! skipped otherwise); then the gateway stops writing
 //! and reads what the client still sends for a moment before closing, so
 //! that the client reads the answer rather than a reset.
 

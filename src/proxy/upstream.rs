@@ -16,7 +16,10 @@
 //!   read to the end ([`UpstreamBody`]), its request body sent to the end,
 //!   nothing unexpected follows the response, and neither side asked to
 //!   close; one whose response was abandoned or failed is closed (HTTP/1.1
-//!   cannot skip the rest of a response);
+//!   cannot skip the rest of a response), and so is one answered before its
+//!   request body was sent, or that carried a body on a GET, HEAD, OPTIONS,
+//!   TRACE or upgrade request (an upstream that ignored such a body could
+//!   read it as a request of its own);
 //! - a checkout takes the most recently used connection (the one least
 //!   likely to have been closed by the upstream's keep-alive timer) and drops
 //!   connections idle for longer than `pool_idle_timeout` — which must be
@@ -24,7 +27,7 @@
 //!   (a read that costs no system call unless the socket has news);
 //!   [`UpstreamClient::sweep`] closes expired ones when no request comes;
 //! - a request whose head could not be written to a pooled connection, or
-//!   an idempotent bodiless request whose pooled connection closed before a
+//!   a bodiless GET, HEAD, OPTIONS or TRACE whose pooled connection closed before a
 //!   byte of answer, is sent once more on a new connection; no other request
 //!   is retried here;
 //! - at most `pool_max_idle_per_host` idle connections per upstream.
