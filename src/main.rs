@@ -3,6 +3,11 @@
 
 use clap::Parser as _;
 
+// See Cargo.toml for why jemalloc.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = gateway::cli::Cli::parse();

@@ -109,7 +109,10 @@ impl Proxy {
     /// error becomes a JSON response.
     pub async fn serve(&self, req: Request<Body>, conn: &Conn) -> Response<Body> {
         let started = Instant::now();
-        let path = match path::normalize(req.uri().path()) {
+        // Kept apart from the request (cheap: shared bytes), so that the
+        // normalised path can borrow from it.
+        let uri = req.uri().clone();
+        let path = match path::normalize(uri.path()) {
             Ok(p) => p,
             Err(e) => return self.refuse(Some(req.headers()), ProxyError::BadPath(e)),
         };
@@ -134,7 +137,6 @@ impl Proxy {
             }
             e.into_response()
         });
-        response.headers_mut().insert(table.headers.request_id.clone(), request_id.clone());
 
         let status = response.status();
         let route_name = outcome.route.as_ref().map_or("none", |r| r.config.name.as_str());
@@ -167,6 +169,7 @@ impl Proxy {
                 upstream,
             );
         }
+        response.headers_mut().insert(table.headers.request_id.clone(), request_id);
         response
     }
 
@@ -274,7 +277,11 @@ impl Proxy {
         // The identity fields (and, for an untrusted peer, the
         // `X-Forwarded-*` ones) are written by the upstream client after
         // these: see `headers::identity_fields` and `headers::Forwarded`.
-        h.insert(table.headers.request_id.clone(), request_id.clone());
+        // The request id, too, is written after them: the client's own
+        // value goes here (it was kept in `request_id` if it was usable).
+        if h.contains_key(&table.headers.request_id) {
+            h.remove(&table.headers.request_id);
+        }
         let peer = conn.peer.ip();
         let forwarded =
             headers::set_forwarded(h, &conn.peer_header, self.is_trusted(peer), conn.https, client_host.as_ref());
@@ -298,13 +305,16 @@ impl Proxy {
         for attempt in 0..2 {
             outcome.upstream = Some(index);
             let upstream_body = match body.take() {
+                // No wrapping (nor its allocation) for a body that is empty.
+                Some(b) if b.is_end_stream() => b,
                 Some(b) if !retryable => Body::new(Limited::new(
                     b.map_err(ClientBodyError),
                     usize::try_from(cfg.max_body).unwrap_or(usize::MAX),
                 )),
                 _ => Body::empty(),
             };
-            let target_path = upstream_target(&route, index, path, parts.uri.query());
+            let [base, rest] = route.upstream_path(index, path);
+            let target_path = upstream::Target { base, path: rest, query: parts.uri.query() };
             let mut upstream_req = Request::new(upstream_body);
             *upstream_req.method_mut() = parts.method.clone();
             *upstream_req.version_mut() = Version::HTTP_11;
@@ -317,10 +327,12 @@ impl Proxy {
             }
 
             let identity = identity.as_deref().map(|id| headers::identity_fields(&table.headers, &id.headers));
-            // At most five identity and three forwarding fields.
-            let mut fields = [(&HOST, &NO_VALUE); 8];
+            // The request id, at most five identity and three forwarding fields.
+            let mut fields = [(&HOST, &NO_VALUE); 9];
             let mut count = 0;
-            let all = identity.iter().flatten().copied().chain(forwarded.iter().flat_map(|f| f.fields()));
+            let all = std::iter::once((&table.headers.request_id, request_id))
+                .chain(identity.iter().flatten().copied())
+                .chain(forwarded.iter().flat_map(|f| f.fields()));
             for (slot, field) in fields.iter_mut().zip(all) {
                 *slot = field;
                 count += 1;
@@ -414,18 +426,6 @@ fn is_api(path: &str) -> bool {
 
 fn is_idempotent(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
-}
-
-/// The origin-form target (`/path?query`) for upstream `index`: made of a
-/// normalised path and a query that parsed as part of the request's URI,
-/// so it is always a valid target.
-fn upstream_target(route: &Route, index: usize, path: &str, query: Option<&str>) -> String {
-    let mut pq = route.upstream_path(index, path);
-    if let Some(q) = query {
-        pq.push('?');
-        pq.push_str(q);
-    }
-    pq
 }
 
 /// Marks a failure to read the client's request body (malformed chunked

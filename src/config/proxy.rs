@@ -226,7 +226,7 @@ fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
         }
         Some(p) => match crate::proxy::path::normalize(&p) {
             Ok(norm) => {
-                let norm = if norm.len() > 1 { norm.trim_end_matches('/').to_owned() } else { norm };
+                let norm = if norm.len() > 1 { norm.trim_end_matches('/').to_owned() } else { norm.into_owned() };
                 let plain = if p.len() > 1 { p.trim_end_matches('/') } else { &p };
                 if norm != plain {
                     f.error("prefix", format!("{p:?} is not a normalised path (did you mean {norm:?}?)"));

@@ -146,7 +146,7 @@ pub async fn serve<I: Io>(
     conn: Conn,
     proxy: Arc<Proxy>,
     settings: Settings,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Served<I> {
     let shared: SharedIo<I> = Arc::new(Mutex::new(Shared {
         io,
@@ -162,6 +162,13 @@ pub async fn serve<I: Io>(
     let timeout = settings.header_read_timeout;
     let timer = tokio::time::sleep(timeout);
     tokio::pin!(timer);
+    // One wait for the shutdown signal for the connection's whole life: made
+    // afresh for every head, it registered and unregistered a waiter each time.
+    let mut stop = shutdown.clone();
+    let stopping = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    tokio::pin!(stopping);
     let mut first = true;
     loop {
         // Wait for a complete head, at most `timeout` from now.
@@ -179,7 +186,7 @@ pub async fn serve<I: Io>(
                     }
                     timer.as_mut().reset(deadline.into());
                 }
-                _ = shutdown.wait_for(|stop| *stop), if idle => return Served::Done,
+                () = &mut stopping, if idle => return Served::Done,
             }
         };
         let head = match head {
@@ -549,10 +556,18 @@ async fn write_response<I: Io>(
         _ => {}
     }
     write_all(shared, &out).await?;
-    let limit = lock(shared).send_timeout;
-    tokio::time::timeout(limit, poll_fn(|cx| Pin::new(&mut lock(shared).io).poll_flush(cx)))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))??;
+    // A no-op for plain TCP; as for writes, the timer is only armed when
+    // the flush has to wait.
+    let flush = |cx: &mut Context<'_>| Pin::new(&mut lock(shared).io).poll_flush(cx);
+    match poll_fn(|cx| Poll::Ready(flush(cx))).await {
+        Poll::Ready(flushed) => flushed?,
+        Poll::Pending => {
+            let limit = lock(shared).send_timeout;
+            tokio::time::timeout(limit, poll_fn(flush))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))??;
+        }
+    }
     Ok(keep_alive)
 }
 

@@ -20,6 +20,8 @@
 //!
 //! Other escapes (`%20`, `%25`) are kept, with upper-case hex.
 
+use std::borrow::Cow;
+
 /// Why a path was refused (answered with 400).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -33,8 +35,9 @@ pub enum PathError {
     EscapesRoot,
 }
 
-/// Normalises the path part of a request target (no query).
-pub fn normalize(raw: &str) -> Result<String, PathError> {
+/// Normalises the path part of a request target (no query). Borrowed when
+/// the path is already normal (the usual case: no copy per request).
+pub fn normalize(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
@@ -43,7 +46,7 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
         && !raw.contains("//")
         && !raw.contains("/.")
     {
-        return Ok(raw.to_owned());
+        return Ok(Cow::Borrowed(raw));
     }
     let decoded = decode_unreserved(raw)?;
     let mut out: Vec<&str> = Vec::new();
@@ -75,7 +78,7 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
     if trailing_slash || out.is_empty() {
         path.push('/');
     }
-    Ok(path)
+    Ok(Cow::Owned(path))
 }
 
 fn decode_unreserved(raw: &str) -> Result<String, PathError> {

@@ -117,8 +117,10 @@ impl Route {
         &self.config.upstreams[i]
     }
 
-    /// The path to send upstream for the normalised request `path`.
-    pub fn upstream_path(&self, i: usize, path: &str) -> String {
+    /// The path to send upstream for the normalised request `path`, in two
+    /// parts (the upstream's base path, then the rest), which the upstream
+    /// client writes one after the other.
+    pub fn upstream_path<'a>(&'a self, i: usize, path: &'a str) -> [&'a str; 2] {
         let rest = if self.config.strip_prefix && self.config.prefix != "/" {
             let r = &path[self.config.prefix.len()..];
             if r.is_empty() {
@@ -129,11 +131,7 @@ impl Route {
         } else {
             path
         };
-        let base = &self.config.upstreams[i].base_path;
-        let mut out = String::with_capacity(base.len() + rest.len());
-        out.push_str(base);
-        out.push_str(rest);
-        out
+        [&self.config.upstreams[i].base_path, rest]
     }
 }
 
@@ -249,8 +247,8 @@ mod tests {
     fn strip_prefix_and_base_path() {
         let t = table(ROUTES);
         let r = t.find(None, "/api/orders/7").expect("route");
-        assert_eq!(r.upstream_path(0, "/api/orders/7"), "/base/7");
-        assert_eq!(r.upstream_path(0, "/api/orders"), "/base/");
+        assert_eq!(r.upstream_path(0, "/api/orders/7").concat(), "/base/7");
+        assert_eq!(r.upstream_path(0, "/api/orders").concat(), "/base/");
     }
 
     #[test]

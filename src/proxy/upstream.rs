@@ -192,7 +192,7 @@ impl UpstreamClient {
     pub async fn send(
         &self,
         target: &UpstreamTarget,
-        path: &str,
+        path: &Target<'_>,
         extra: &[(&HeaderName, &HeaderValue)],
         request: Request<Body>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
@@ -308,16 +308,32 @@ fn is_safe(method: &Method) -> bool {
 }
 
 /// The request head, and how its body is framed.
+/// The origin-form target of an upstream request (`base` `path` `?query`),
+/// written straight into its head. Made of a normalised path and a query
+/// that parsed as part of the client's URI, so it is always a valid target.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The upstream's own base path (`""` or `/base`).
+    pub base: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+}
+
 fn encode_request(
     parts: &hyper::http::request::Parts,
-    path: &str,
+    target: &Target<'_>,
     extra: &[(&HeaderName, &HeaderValue)],
     body: &Body,
 ) -> (Vec<u8>, Framing) {
     let mut out = Vec::with_capacity(http1::HEAD_CAPACITY);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(target.base.as_bytes());
+    out.extend_from_slice(target.path.as_bytes());
+    if let Some(query) = target.query {
+        out.push(b'?');
+        out.extend_from_slice(query.as_bytes());
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &parts.headers {
         if not_forwarded(name) {
