@@ -7,7 +7,7 @@
 # generator and the upstream to CPU 1. For each contender it prints:
 #   - proxy CPU microseconds per request, from /proc/PID/stat (utime+stime)
 #     before and after a closed-loop run: the figure that stays stable on a
-#     noisy machine;
+#     noisy machine; and its ratio to nginx's, taken within each round;
 #   - closed-loop requests/s (wrk, 1 thread, 32 connections);
 #   - open-loop latency p50/p99 at a fixed rate below capacity
 #     (oha -q RATE --latency-correction), when oha is installed.
@@ -146,11 +146,19 @@ DIRECT_P99=$(col 0 4)
 echo
 echo "median of $ROUNDS rounds; rate for latency: ${RATE}/s"
 echo
-echo "| contender                  | CPU us/req | x nginx | req/s (wrk) | p50 ms | p99 ms | p99 over direct |"
+echo "| contender                  | CPU us/req | x nginx (per round) | req/s (wrk) | p50 ms | p99 ms | p99 over direct |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 for i in "${!NAMES[@]}"; do
   cpu=$(col "$i" 1); rps=$(col "$i" 2); p50=$(col "$i" 3); p99=$(col "$i" 4)
-  ratio=$(awk -v a="$cpu" -v b="$NGINX_CPU" 'BEGIN {if (a == "-" || b == "-") print "-"; else printf "%.2f", a / b}')
+  # The ratio is taken within each round (the two ran seconds apart) and
+  # the median of those is shown: this machine's speed drifts between
+  # rounds by more than the difference being measured.
+  ratio=-
+  if [ "$NGINX_CPU" != - ] && [ "$cpu" != - ]; then
+    ratio=$(paste -d' ' <(awk 'NF {print $1}' <<<"${RESULTS[$i]}") <(awk 'NF {print $1}' <<<"${RESULTS[1]}") |
+      awk '$1 != "-" && $2 != "-" {printf "%.4f\n", $1 / $2}' | median)
+    ratio=$(awk -v r="$ratio" 'BEGIN {printf "%.2f", r}')
+  fi
   over=$(awk -v a="$p99" -v b="$DIRECT_P99" 'BEGIN {if (a == "-" || b == "-") print "-"; else printf "%+.3f", a - b}')
   printf "| %-26s | %10s | %7s | %11s | %6s | %6s | %15s |\n" "${NAMES[$i]}" "$cpu" "$ratio" "$rps" "$p50" "$p99" "$over"
 done

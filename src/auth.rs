@@ -52,18 +52,17 @@ pub fn bearer_token(headers: &hyper::HeaderMap) -> Result<&str, BearerError> {
         return Err(BearerError::Duplicate);
     }
     // ASCII only, as `to_str` would have it (it also refuses control
-    // bytes, which hyper never lets into a value; `trim` below then only
-    // meets ASCII whitespace), but checked a word at a time: `to_str` goes
-    // byte by byte over a token of several hundred bytes.
+    // bytes, which hyper never lets into a value, so only ASCII whitespace
+    // is trimmed), but on bytes, a word at a time where it can: `to_str`
+    // goes byte by byte over a token of several hundred bytes.
     let bytes = value.as_bytes();
-    if !bytes.is_ascii() {
+    let space = bytes.iter().position(|&b| b == b' ').ok_or(BearerError::Malformed)?;
+    let (scheme, rest) = (&bytes[..space], &bytes[space + 1..]);
+    let token = rest.trim_ascii();
+    if !scheme.eq_ignore_ascii_case(b"bearer") || token.is_empty() || !token.is_ascii() {
         return Err(BearerError::Malformed);
     }
-    let text = std::str::from_utf8(bytes).map_err(|_| BearerError::Malformed)?;
-    match text.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Ok(token.trim()),
-        _ => Err(BearerError::Malformed),
-    }
+    std::str::from_utf8(token).map_err(|_| BearerError::Malformed)
 }
 
 /// The authenticated caller, as proven by a verified, unrevoked access token.

@@ -32,8 +32,11 @@ pub mod tenants;
 pub mod tunnel;
 pub mod upstream;
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -43,6 +46,7 @@ use hyper::body::Body as _;
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, HOST};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use ipnet::IpNet;
+use tokio::time::Sleep;
 use tower::ServiceExt as _;
 
 use crate::auth::token::TokenError;
@@ -102,12 +106,21 @@ struct Outcome {
     route: Option<Arc<Route>>,
     user: Option<uuid::Uuid>,
     upstream: Option<usize>,
+    /// When the upstream's answer (or its failure) came: the end of both
+    /// durations, read from the clock once.
+    answered: Option<Instant>,
 }
 
 impl Proxy {
     /// Answers one request from the public listener. Never fails: every
     /// error becomes a JSON response.
-    pub async fn serve(&self, req: Request<Body>, conn: &Conn) -> Response<Body> {
+    ///
+    /// `timer`, when the connection lends one, bounds the wait for the
+    /// upstream's answer (the route's `timeout`): a timer kept for the
+    /// connection's life and pushed later for each request costs an atomic
+    /// update, where a fresh one is put into the timer wheel and taken out
+    /// again. Without it (HTTP/2 streams), each request makes its own.
+    pub async fn serve(&self, req: Request<Body>, conn: &Conn, timer: Option<Pin<&mut Sleep>>) -> Response<Body> {
         let started = Instant::now();
         // Kept apart from the request (cheap: shared bytes), so that the
         // normalised path can borrow from it.
@@ -123,8 +136,8 @@ impl Proxy {
         let table = self.routes.load_full();
         let request_id = headers::request_id(req.headers(), &table.headers.request_id);
         let method = req.method().clone();
-        let mut outcome = Outcome { route: None, user: None, upstream: None };
-        let result = self.forward(&table, req, &path, conn, &request_id, &mut outcome).await;
+        let mut outcome = Outcome { route: None, user: None, upstream: None, answered: None };
+        let result = self.forward(&table, req, &path, conn, &request_id, &mut outcome, timer).await;
         let mut response = result.unwrap_or_else(|e| {
             match &e {
                 ProxyError::InvalidToken(reason) => {
@@ -140,7 +153,7 @@ impl Proxy {
 
         let status = response.status();
         let route_name = outcome.route.as_ref().map_or("none", |r| r.config.name.as_str());
-        let elapsed = started.elapsed();
+        let elapsed = outcome.answered.unwrap_or_else(Instant::now).saturating_duration_since(started);
         match &outcome.route {
             Some(r) => r.count_request(status.as_u16(), status_label(status)),
             None => {
@@ -229,6 +242,7 @@ impl Proxy {
         self.trusted_proxies.iter().any(|net| net.contains(&ip))
     }
 
+    #[allow(clippy::too_many_arguments, reason = "one call site, in serve; a struct would only rename them")]
     async fn forward(
         &self,
         table: &RouteTable,
@@ -237,6 +251,7 @@ impl Proxy {
         conn: &Conn,
         request_id: &HeaderValue,
         outcome: &mut Outcome,
+        mut timer: Option<Pin<&mut Sleep>>,
     ) -> Result<Response<Body>, ProxyError> {
         let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().host());
         let route = table.find(host.map(router::normalize_host), path).cloned().ok_or(ProxyError::NoRoute)?;
@@ -339,9 +354,19 @@ impl Proxy {
             }
             let extra = &fields[..count];
             let sent = Instant::now();
-            let send = self.client.send(target, &target_path, extra, upstream_req);
-            let result = tokio::time::timeout(cfg.timeout, send).await;
-            route.upstream_duration.record(sent.elapsed().as_secs_f64());
+            // Pinned where it is made: the exchange is the larger part of
+            // the request's future, and every move of it is a copy.
+            let send = std::pin::pin!(self.client.send(target, &target_path, extra, upstream_req, sent));
+            let result = match timer.as_mut() {
+                Some(timer) => {
+                    timer.as_mut().reset(tokio::time::Instant::from_std(sent + cfg.timeout));
+                    before(timer.as_mut(), send).await
+                }
+                None => tokio::time::timeout(cfg.timeout, send).await.map_err(|_| Elapsed),
+            };
+            let answered = Instant::now();
+            outcome.answered = Some(answered);
+            route.upstream_duration.record(answered.saturating_duration_since(sent).as_secs_f64());
             match result {
                 Err(_) => {
                     upstream_error(&cfg.name, "timeout");
@@ -391,6 +416,20 @@ impl Proxy {
         })?;
         self.identities.verify(&self.authenticator, token).map_err(ProxyError::InvalidToken)
     }
+}
+
+/// The upstream's answer did not come in time.
+struct Elapsed;
+
+/// `future`'s output, unless `timer` fires first.
+async fn before<F: Future>(mut timer: Pin<&mut Sleep>, mut future: Pin<&mut F>) -> Result<F::Output, Elapsed> {
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        timer.as_mut().poll(cx).map(|()| Err(Elapsed))
+    })
+    .await
 }
 
 /// Fills the unused slots of the extra header fields.

@@ -188,13 +188,15 @@ impl UpstreamClient {
     /// Sends `request` (with its `Host` set) to `target`, for `path` (its
     /// origin-form target, with any query; the request's URI is not read),
     /// with the `extra` header fields after its own, and returns once the
-    /// response head has arrived.
+    /// response head has arrived. `now` is the caller's reading of the
+    /// clock, which judges the pooled connections' idle time.
     pub async fn send(
         &self,
         target: &UpstreamTarget,
         path: &Target<'_>,
         extra: &[(&HeaderName, &HeaderValue)],
         request: Request<Body>,
+        now: Instant,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let key =
             PoolKey { https: target.scheme == hyper::http::uri::Scheme::HTTPS, authority: target.authority.clone() };
@@ -206,7 +208,7 @@ impl UpstreamClient {
         // own: such a connection is not used again.
         let body_unexpected =
             framing != Framing::Empty && (is_safe(&parts.method) || parts.headers.contains_key(hyper::header::UPGRADE));
-        let mut pooled = self.pool.checkout(&key);
+        let mut pooled = self.pool.checkout(&key, now);
         let mut body = Some(body);
         loop {
             let reused = pooled.is_some();
@@ -739,10 +741,9 @@ impl HttpBody for UpstreamBody {
 }
 
 impl Pool {
-    fn checkout(&self, key: &PoolKey) -> Option<Stream> {
+    fn checkout(&self, key: &PoolKey, now: Instant) -> Option<Stream> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(key)?;
-        let now = Instant::now();
         while let Some(mut c) = list.pop() {
             if c.usable(now, self.idle_timeout) {
                 return Some(c.stream);

@@ -1215,3 +1215,34 @@ async fn many_small_chunks_arrive_whole() {
     assert_eq!(svc.hits(), 1);
     app.stop().await;
 }
+
+/// One keep-alive connection keeps one timer for the routes' timeouts, pushed later or
+/// earlier per request: a shorter timeout after a longer one still fires, a longer one
+/// after a fired shorter one is not cut short, and the connection serves on after each.
+#[tokio::test]
+async fn route_timeouts_hold_request_after_request_on_one_connection() {
+    let svc = spawn_upstream("timed").await;
+    let routes = [
+        route("quick", "/quick", &[svc.url()], &format!("{PUBLIC}\ntimeout = \"300ms\"")),
+        route("patient", "/patient", &[svc.url()], &format!("{PUBLIC}\ntimeout = \"5s\"")),
+    ]
+    .concat();
+    let app = spawn_app_with(TestOptions::with_extra(routes)).await;
+    let mut client = RawConn::connect(app.addr).await;
+    let steps: [(&str, Result<&str, ()>); 5] = [
+        ("/patient/a?mode=slow&ms=10", Ok("/patient/a")),
+        ("/quick/b?mode=slow&ms=2000", Err(())),
+        ("/patient/c?mode=slow&ms=800", Ok("/patient/c")),
+        ("/quick/d?mode=slow&ms=2000", Err(())),
+        ("/quick/e", Ok("/quick/e")),
+    ];
+    for (target, want) in steps {
+        client.send(format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await;
+        let resp = client.response(target).await;
+        match want {
+            Ok(path) => assert_eq!(resp.echo(target)["path"], path, "{target}"),
+            Err(()) => resp.assert_error(target, 504, "gateway_timeout"),
+        }
+    }
+    app.stop().await;
+}
