@@ -163,5 +163,10 @@ for i in "${!NAMES[@]}"; do
   printf "| %-26s | %10s | %7s | %11s | %6s | %6s | %15s |\n" "${NAMES[$i]}" "$cpu" "$ratio" "$rps" "$p50" "$p99" "$over"
 done
 echo
+echo "CPU us/req in each round:"
+for i in "${!NAMES[@]}"; do
+  [ -n "${CHARGE[$i]}" ] && printf "  %-26s %s\n" "${NAMES[$i]}" "$(awk 'NF {printf "%s ", $1}' <<<"${RESULTS[$i]}")"
+done
+echo
 echo "gateway RSS: idle after start ${IDLE_RSS} kB; per idle keep-alive connection ${CONN_KB} kB;" \
   "after login and the runs $(awk '/VmRSS/ {print $2}' /proc/$GW_PID/status) kB"
