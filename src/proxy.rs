@@ -421,13 +421,17 @@ impl Proxy {
 /// The upstream's answer did not come in time.
 struct Elapsed;
 
-/// `future`'s output, unless `timer` fires first.
-async fn before<F: Future>(mut timer: Pin<&mut Sleep>, mut future: Pin<&mut F>) -> Result<F::Output, Elapsed> {
+/// `future`'s output, unless `timer` fires first. The timer is polled
+/// outside tokio's cooperative budget (as `tokio::time::timeout` does): an
+/// upstream that keeps the exchange busy (a flood of `100 Continue`) spends
+/// the budget, and a budgeted timer would then never see its deadline.
+async fn before<F: Future>(timer: Pin<&mut Sleep>, mut future: Pin<&mut F>) -> Result<F::Output, Elapsed> {
+    let mut timer = tokio::task::unconstrained(timer);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(output) = future.as_mut().poll(cx) {
             return Poll::Ready(Ok(output));
         }
-        timer.as_mut().poll(cx).map(|()| Err(Elapsed))
+        Pin::new(&mut timer).poll(cx).map(|()| Err(Elapsed))
     })
     .await
 }

@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+/// No configured duration may be longer (100 years): added to a clock
+/// reading, a longer one could overflow it, and none means anything.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// Accumulates `field: problem` messages.
 #[derive(Debug, Default)]
 pub struct Errors(pub Vec<String>);
@@ -168,10 +172,18 @@ impl<'e> Fields<'e> {
         }
     }
 
-    /// A human duration such as `"15m"`, `"30d"` or `"100ms"`, at least `min`.
+    /// A human duration such as `"15m"`, `"30d"` or `"100ms"`, at least `min`
+    /// and at most [`MAX_DURATION`].
     pub fn duration_or(&mut self, key: &str, default: &str, min: Duration) -> Duration {
         let text = self.string_or(key, default);
         match humantime::parse_duration(&text) {
+            Ok(d) if d > MAX_DURATION => {
+                self.error(
+                    key,
+                    format!("{text:?} is longer than the maximum {}", humantime::format_duration(MAX_DURATION)),
+                );
+                humantime::parse_duration(default).unwrap_or(min)
+            }
             Ok(d) if d >= min => d,
             Ok(_) => {
                 self.error(key, format!("{text:?} is shorter than the minimum {}", humantime::format_duration(min)));

@@ -54,6 +54,21 @@ fn absolute_sqlite_path_and_redacted_postgres_url() {
     assert!(!err.to_string().contains("hunter2"), "{err}");
 }
 
+/// A duration past any clock (it would overflow `Instant + timeout`) is a
+/// config error naming the field, not a panic per request.
+#[test]
+fn durations_have_a_ceiling() {
+    let err = parse(
+        "[[routes]]\nname = \"a\"\nprefix = \"/a\"\nupstreams = [\"http://127.0.0.1:1\"]\ntimeout = \"300000000000y\"",
+    )
+    .expect_err("invalid");
+    assert!(err.to_string().contains("routes[0].timeout"), "{err}");
+    assert!(err.to_string().contains("longer than the maximum"), "{err}");
+    let err = parse("[server]\nheader_read_timeout = \"101years\"").expect_err("invalid");
+    assert!(err.to_string().contains("server.header_read_timeout"), "{err}");
+    parse("[server]\nheader_read_timeout = \"99years\"").expect("a long but representable duration");
+}
+
 #[test]
 fn syntax_errors_are_reported() {
     assert!(matches!(parse("[server"), Err(ConfigError::Syntax { .. })));

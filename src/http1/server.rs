@@ -244,8 +244,10 @@ pub async fn serve<I: Io>(
         };
 
         // Boxed: held inline, the answer's future would be part of every
-        // idle connection's task. Made in its box, not moved there (it is
-        // about 3 KB).
+        // idle connection's task. Made in its box rather than moved there
+        // (it is about 3 KB): the optimiser then writes it in place, which
+        // callgrind shows (no 3 KB copy per request), though it is not
+        // guaranteed.
         let response = boxed(|| proxy.serve(request, &conn, Some(route_timer.as_mut()))).await;
 
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;

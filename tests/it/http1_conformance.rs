@@ -1223,17 +1223,17 @@ async fn many_small_chunks_arrive_whole() {
 async fn route_timeouts_hold_request_after_request_on_one_connection() {
     let svc = spawn_upstream("timed").await;
     let routes = [
-        route("quick", "/quick", &[svc.url()], &format!("{PUBLIC}\ntimeout = \"300ms\"")),
-        route("patient", "/patient", &[svc.url()], &format!("{PUBLIC}\ntimeout = \"5s\"")),
+        route("quick", "/quick", &[svc.url()], &format!("{PUBLIC}\ntimeout = \"1s\"")),
+        route("patient", "/patient", &[svc.url()], &format!("{PUBLIC}\ntimeout = \"8s\"")),
     ]
     .concat();
     let app = spawn_app_with(TestOptions::with_extra(routes)).await;
     let mut client = RawConn::connect(app.addr).await;
     let steps: [(&str, Result<&str, ()>); 5] = [
         ("/patient/a?mode=slow&ms=10", Ok("/patient/a")),
-        ("/quick/b?mode=slow&ms=2000", Err(())),
-        ("/patient/c?mode=slow&ms=800", Ok("/patient/c")),
-        ("/quick/d?mode=slow&ms=2000", Err(())),
+        ("/quick/b?mode=slow&ms=3000", Err(())),
+        ("/patient/c?mode=slow&ms=1500", Ok("/patient/c")),
+        ("/quick/d?mode=slow&ms=3000", Err(())),
         ("/quick/e", Ok("/quick/e")),
     ];
     for (target, want) in steps {
@@ -1244,5 +1244,38 @@ async fn route_timeouts_hold_request_after_request_on_one_connection() {
             Err(()) => resp.assert_error(target, 504, "gateway_timeout"),
         }
     }
+    app.stop().await;
+}
+
+/// An upstream that answers with an endless stream of `100 Continue` keeps the upstream
+/// client busy reading: the route's timeout still ends the exchange with a 504 (the
+/// timer is not starved by the task's cooperative budget), and the gateway serves on.
+#[tokio::test]
+async fn an_endless_run_of_interim_answers_still_times_out() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the flooding upstream");
+    let addr = listener.local_addr().expect("flooding upstream address");
+    let flood = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                read_request_head(&mut stream, &mut buf).await;
+                let burst = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(64);
+                while stream.write_all(&burst).await.is_ok() {}
+            });
+        }
+    });
+    let svc = spawn_upstream("raw").await;
+    let routes = [
+        route("flood", "/flood", &[format!("http://{addr}")], &format!("{PUBLIC}\ntimeout = \"1s\"")),
+        route("raw", "/raw", &[svc.url()], PUBLIC),
+    ]
+    .concat();
+    let app =
+        spawn_app_with(TestOptions { server_extra: "workers = 1".to_owned(), ..TestOptions::with_extra(routes) }).await;
+    let mut client = RawConn::connect(app.addr).await;
+    client.send(b"GET /flood/x HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    client.response("the flooded request").await.assert_error("the flooded request", 504, "gateway_timeout");
+    assert_still_serving(&app, "after the flood").await;
+    flood.abort();
     app.stop().await;
 }
