@@ -89,6 +89,11 @@ fn header_names_may_not_collide() {
         ("[headers]\nsession_id = \"host\"", "headers.session_id"),
         ("[headers]\nrequest_id = \"x-real-ip\"", "headers.request_id"),
         ("[headers]\nrequest_id = \"upgrade\"", "headers.request_id"),
+        // The request id is written after the map, past the strip of these.
+        ("[headers]\nrequest_id = \"X-Forwarded-Host\"", "headers.request_id"),
+        ("[headers]\nrequest_id = \"content_length\"", "headers.request_id"),
+        ("[headers]\nrequest_id = \"Host\"", "headers.request_id"),
+        ("[headers]\nrequest_id = \"connection\"", "headers.request_id"),
         ("[headers]\nrequest_id = \"x-trace\"\nreserved = [\"X_Trace\"]", "headers.request_id"),
     ] {
         let err = parse(text).expect_err(text);
