@@ -185,7 +185,7 @@ impl UpstreamClient {
         })
     }
 
-    /// Sends `request` (with its `Host` set) to `target`, for `path` (its
+    /// Sends `request` (with its `Host` set) to `target`, for `origin` (its
     /// origin-form target, with any query; the request's URI is not read),
     /// with the `extra` header fields after its own, and returns once the
     /// response head has arrived. `now` is the caller's reading of the
@@ -193,7 +193,7 @@ impl UpstreamClient {
     pub async fn send(
         &self,
         target: &UpstreamTarget,
-        path: &Target<'_>,
+        origin: &Target<'_>,
         extra: &[(&HeaderName, &HeaderValue)],
         request: Request<Body>,
         now: Instant,
@@ -201,7 +201,7 @@ impl UpstreamClient {
         let key =
             PoolKey { https: target.scheme == hyper::http::uri::Scheme::HTTPS, authority: target.authority.clone() };
         let (parts, body) = request.into_parts();
-        let (head, framing) = encode_request(&parts, path, extra, &body);
+        let (head, framing) = encode_request(&parts, origin, extra, &body);
         let retry_unanswered = framing == Framing::Empty && is_safe(&parts.method);
         // An upstream that answers without reading a body it did not expect
         // (on GET, or an upgrade) may read that body as a request of its
@@ -309,7 +309,6 @@ fn is_safe(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
 }
 
-/// The request head, and how its body is framed.
 /// The origin-form target of an upstream request (`base` `path` `?query`),
 /// written straight into its head. Made of a normalised path and a query
 /// that parsed as part of the client's URI, so it is always a valid target.
@@ -321,6 +320,7 @@ pub struct Target<'a> {
     pub query: Option<&'a str>,
 }
 
+/// The request head, and how its body is framed.
 fn encode_request(
     parts: &hyper::http::request::Parts,
     target: &Target<'_>,
