@@ -45,7 +45,11 @@ pub enum BearerError {
 
 /// The text after `Bearer ` in the only `Authorization` header. Tokens are
 /// taken from this header only, never from a query parameter or a cookie.
-pub fn bearer_token(headers: &hyper::HeaderMap) -> Result<&str, BearerError> {
+///
+/// Returned as bytes, all of them ASCII (so `str::from_utf8` on them cannot
+/// fail): the proxy's token cache is keyed by bytes and only a token it has
+/// not seen needs the text.
+pub fn bearer_token(headers: &hyper::HeaderMap) -> Result<&[u8], BearerError> {
     let mut values = headers.get_all(hyper::header::AUTHORIZATION).iter();
     let value = values.next().ok_or(BearerError::Missing)?;
     if values.next().is_some() {
@@ -62,7 +66,7 @@ pub fn bearer_token(headers: &hyper::HeaderMap) -> Result<&str, BearerError> {
     if !scheme.eq_ignore_ascii_case(b"bearer") || token.is_empty() || !token.is_ascii() {
         return Err(BearerError::Malformed);
     }
-    std::str::from_utf8(token).map_err(|_| BearerError::Malformed)
+    Ok(token)
 }
 
 /// The authenticated caller, as proven by a verified, unrevoked access token.
@@ -127,6 +131,12 @@ impl Authenticator {
         if self.revocations.is_revoked(session, user) {
             return Err(TokenError::Revoked);
         }
+        self.check_staleness(iat, now)
+    }
+
+    /// While the revocation state is stale, tokens issued before the
+    /// staleness window are refused (part of [`Self::check_revocation`]).
+    pub fn check_staleness(&self, iat: i64, now: i64) -> Result<(), TokenError> {
         if self.revocations.is_stale(now) && iat < self.revocations.stale_cutoff(now) {
             return Err(TokenError::Stale);
         }
@@ -166,8 +176,8 @@ mod tests {
 
     #[test]
     fn bearer_token_forms() {
-        assert_eq!(bearer_token(&with(&[b"Bearer abc.def"])), Ok("abc.def"));
-        assert_eq!(bearer_token(&with(&[b"bearer \tabc "])), Ok("abc"));
+        assert_eq!(bearer_token(&with(&[b"Bearer abc.def"])), Ok(&b"abc.def"[..]));
+        assert_eq!(bearer_token(&with(&[b"bearer \tabc "])), Ok(&b"abc"[..]));
         assert_eq!(bearer_token(&with(&[])), Err(BearerError::Missing));
         assert_eq!(bearer_token(&with(&[b"Bearer a", b"Bearer b"])), Err(BearerError::Duplicate));
         for bad in [&b"Basic abc"[..], b"Bearer ", b"Bearer", b"abc"] {

@@ -71,8 +71,10 @@ impl FromRequestParts<AuthService> for Authenticated {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AuthService) -> Result<Self, Self::Rejection> {
-        let token = match bearer_token(&parts.headers) {
-            Ok(token) => token,
+        let token = match bearer_token(&parts.headers).map(std::str::from_utf8) {
+            Ok(Ok(token)) => token,
+            // ASCII already, so this cannot happen; refused all the same.
+            Ok(Err(_)) => return Err(AuthError::InvalidToken(TokenError::Malformed).into()),
             Err(BearerError::Missing) => {
                 metrics::counter!("gateway_auth_failures_total", "reason" => "missing").increment(1);
                 return Err(AuthError::MissingToken.into());

@@ -23,7 +23,7 @@
 //! inside the window were minted after the last known-good state minus the
 //! window, so at most that much revocation news can be missing for them.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +53,8 @@ pub struct RevocationState {
     horizon: i64,
     /// Whether a PostgreSQL LISTEN is currently active (push delivery).
     listening: Arc<std::sync::atomic::AtomicBool>,
+    /// Counts insertions, each counted after its entry is in the set.
+    changes: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for RevocationState {
@@ -72,6 +74,7 @@ impl RevocationState {
             max_staleness: crate::db::secs(max_staleness),
             horizon: crate::db::secs(horizon),
             listening: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            changes: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -87,10 +90,24 @@ impl RevocationState {
 
     pub fn revoke_session(&self, session_id: Uuid) {
         self.sessions.insert(session_id, ());
+        self.changes.fetch_add(1, Ordering::Release);
     }
 
     pub fn revoke_user(&self, user_id: Uuid) {
         self.users.insert(user_id, ());
+        self.changes.fetch_add(1, Ordering::Release);
+    }
+
+    /// How many revocations have been inserted so far (known ones again
+    /// included: every poll re-reads a window). A lookup in [`is_revoked`]
+    /// made after this returned `n` sees every revocation counted in `n`;
+    /// one it may have missed is counted past `n`. So while this still
+    /// returns `n`, an "unrevoked" answer found after reading `n` stands.
+    /// Entries that expire do not count: an expiry cannot revoke anything.
+    ///
+    /// [`is_revoked`]: Self::is_revoked
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
     }
 
     /// Two hash lookups; no I/O, no allocation.

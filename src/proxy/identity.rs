@@ -12,8 +12,12 @@
 //! In front of it, each worker thread keeps a small map of the tokens it
 //! saw last: a moka lookup (its bookkeeping for eviction) cost more than
 //! the rest of the token check. An entry there is trusted only under the
-//! same rules (same cache, same key-ring generation, not past `exp`), and
-//! revocation is still checked on every request.
+//! same rules (same cache, same key-ring generation, not past `exp`). It
+//! also remembers when the thread last found the token unrevoked: while
+//! the revocation state has not changed since, that answer stands, and the
+//! two lookups in the revocation sets are skipped. Any revocation, from
+//! this process or another, changes the state before the next request can
+//! see it (see [`IdentityCache::verify`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -58,8 +62,8 @@ struct UntilExp {
     leeway: i64,
 }
 
-impl Expiry<Box<str>, Arc<Identity>> for UntilExp {
-    fn expire_after_create(&self, _: &Box<str>, value: &Arc<Identity>, _: Instant) -> Option<Duration> {
+impl Expiry<Box<[u8]>, Arc<Identity>> for UntilExp {
+    fn expire_after_create(&self, _: &Box<[u8]>, value: &Arc<Identity>, _: Instant) -> Option<Duration> {
         let left = value.principal.expires_at + self.leeway - crate::db::unix_now();
         Some(Duration::from_secs(u64::try_from(left).unwrap_or(0)))
     }
@@ -70,7 +74,7 @@ pub struct IdentityCache {
     /// foldhash, not SipHash: the key is a whole token (hundreds of bytes),
     /// hashed on every request, and only verified tokens are ever inserted,
     /// so hash flooding is not a concern.
-    cache: Cache<Box<str>, Arc<Identity>, foldhash::fast::RandomState>,
+    cache: Cache<Box<[u8]>, Arc<Identity>, foldhash::fast::RandomState>,
     leeway: i64,
     /// Tells this cache's entries apart in the per-thread maps.
     id: u64,
@@ -80,11 +84,20 @@ pub struct IdentityCache {
 /// it the map starts over.
 const RECENT_MAX: usize = 1024;
 
-/// Token → (cache id, identity).
-type Recent = HashMap<Box<str>, (u64, Arc<Identity>), foldhash::fast::RandomState>;
+/// One token a worker thread saw lately.
+struct Recent {
+    /// Which [`IdentityCache`] it came from (tests run several per thread).
+    cache: u64,
+    identity: Arc<Identity>,
+    /// The revocation state's change count when this thread last found the
+    /// token's session and user unrevoked ([`crate::auth::revocation::RevocationState::changes`]).
+    unrevoked_at: u64,
+}
 
 thread_local! {
-    static RECENT: RefCell<Recent> = RefCell::new(HashMap::default());
+    /// Token bytes → what this thread knows of it.
+    static RECENT: RefCell<HashMap<Box<[u8]>, Recent, foldhash::fast::RandomState>> =
+        RefCell::new(HashMap::default());
 }
 
 impl IdentityCache {
@@ -98,43 +111,69 @@ impl IdentityCache {
         Self { cache, leeway, id: NEXT_ID.fetch_add(1, Ordering::Relaxed) }
     }
 
-    /// Verifies `token` (cached), then checks revocation (always).
-    pub fn verify(&self, auth: &Authenticator, token: &str) -> Result<Arc<Identity>, TokenError> {
-        // Read before verifying: an entry verified while the ring changes
-        // carries the old generation and is never trusted afterwards.
+    /// Verifies `token` (cached), then checks revocation (always). `token`
+    /// is the text after `Bearer `, as bytes ([`crate::auth::bearer_token`]).
+    ///
+    /// The revocation check is skipped only where it would repeat one this
+    /// thread made since the last change to the revocation state: the
+    /// state's change count is read before the check, and every revocation
+    /// is in the state before the count moves past it. So a revocation that
+    /// the earlier check could have missed has moved the count, and the
+    /// check runs again. Staleness, which depends on the clock rather than
+    /// on changes, is checked every time.
+    pub fn verify(&self, auth: &Authenticator, token: &[u8]) -> Result<Arc<Identity>, TokenError> {
+        // Both read before verifying or checking: an entry verified while
+        // the ring changes carries the old generation and is never trusted
+        // afterwards, and a revocation made during the check moves `changes`.
         let generation = auth.key_generation();
+        let changes = auth.revocations().changes();
+        let now = crate::db::unix_now();
         let recent = RECENT.with_borrow(|recent| {
             recent
                 .get(token)
-                .filter(|(cache, id)| *cache == self.id && id.generation == generation)
-                .map(|e| Arc::clone(&e.1))
+                .filter(|e| e.cache == self.id && e.identity.generation == generation)
+                .map(|e| (Arc::clone(&e.identity), e.unrevoked_at))
         });
-        let cached = recent.clone().or_else(|| self.cache.get(token).filter(|id| id.generation == generation));
-        if let Some(id) = cached {
-            if id.principal.expires_at + self.leeway < crate::db::unix_now() {
-                // moka's expiry is approximate; the token's own exp is not.
-                return Err(TokenError::Expired);
-            }
-            let p = &id.principal;
-            auth.check_revocation(p.session_id, p.user_id, p.issued_at, crate::db::unix_now())?;
-            if recent.is_none() {
-                self.remember(token, &id);
-            }
-            return Ok(id);
+        let (id, unrevoked_at) = match recent {
+            Some((id, at)) => (id, Some(at)),
+            None => match self.cache.get(token).filter(|id| id.generation == generation) {
+                Some(id) => (id, None),
+                None => {
+                    let text = std::str::from_utf8(token).map_err(|_| TokenError::Malformed)?;
+                    // Checks revocation itself, after `changes` was read.
+                    let id = Arc::new(Identity::new(auth.verify_bearer(text)?, generation));
+                    self.cache.insert(token.into(), Arc::clone(&id));
+                    self.remember(token, &id, changes);
+                    return Ok(id);
+                }
+            },
+        };
+        let p = &id.principal;
+        if p.expires_at + self.leeway < now {
+            // moka's expiry is approximate; the token's own exp is not.
+            return Err(TokenError::Expired);
         }
-        let id = Arc::new(Identity::new(auth.verify_bearer(token)?, generation));
-        self.cache.insert(token.into(), Arc::clone(&id));
-        self.remember(token, &id);
+        if unrevoked_at == Some(changes) {
+            auth.check_staleness(p.issued_at, now)?;
+        } else {
+            auth.check_revocation(p.session_id, p.user_id, p.issued_at, now)?;
+            self.remember(token, &id, changes);
+        }
         Ok(id)
     }
 
-    /// Puts a verified identity in this thread's map.
-    fn remember(&self, token: &str, id: &Arc<Identity>) {
+    /// Records in this thread's map that `id` was found unrevoked at the
+    /// revocation state's change count `changes`.
+    fn remember(&self, token: &[u8], id: &Arc<Identity>, changes: u64) {
         RECENT.with_borrow_mut(|recent| {
+            if let Some(e) = recent.get_mut(token) {
+                *e = Recent { cache: self.id, identity: Arc::clone(id), unrevoked_at: changes };
+                return;
+            }
             if recent.len() >= RECENT_MAX {
                 recent.clear();
             }
-            recent.insert(token.into(), (self.id, Arc::clone(id)));
+            recent.insert(token.into(), Recent { cache: self.id, identity: Arc::clone(id), unrevoked_at: changes });
         });
     }
 
@@ -146,3 +185,6 @@ impl IdentityCache {
         self.cache.invalidate_all();
     }
 }
+
+#[cfg(test)]
+mod tests;

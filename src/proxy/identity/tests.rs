@@ -1,0 +1,116 @@
+//! The cache may skip the revocation lookups only while nothing was revoked
+//! since its last check: every revocation must stop a cached token on the
+//! next request, in every thread.
+
+use super::*;
+use crate::auth::keys::KeyRing;
+use crate::auth::revocation::RevocationState;
+use crate::auth::token::{sign, AccessClaims, TokenRules};
+use uuid::Uuid;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    keys: KeyRing,
+    auth: Authenticator,
+    cache: IdentityCache,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (keys, _) = KeyRing::load_or_generate(dir.path()).expect("keys");
+    let (ring, _) = KeyRing::load_or_generate(dir.path()).expect("keys again");
+    let revocations = RevocationState::new(Duration::from_secs(905), Duration::from_secs(30));
+    let auth = Authenticator::new(ring, TokenRules::new("gateway", "gateway", 5), revocations);
+    Fixture { _dir: dir, keys, auth, cache: IdentityCache::new(1000, Duration::from_secs(5)) }
+}
+
+/// A fresh token (issued now, so the never-polled state's staleness rule
+/// does not refuse it) and its claims.
+fn token(keys: &KeyRing) -> (String, AccessClaims) {
+    let now = crate::db::unix_now();
+    let claims = AccessClaims {
+        iss: "gateway".into(),
+        aud: "gateway".into(),
+        sub: Uuid::new_v4(),
+        tid: Uuid::new_v4(),
+        sid: Uuid::new_v4(),
+        jti: Uuid::new_v4(),
+        iat: now,
+        exp: now + 900,
+        nbf: None,
+        roles: vec![],
+        scope: String::new(),
+    };
+    (sign(keys, &claims).expect("sign"), claims)
+}
+
+#[test]
+fn a_session_revoked_after_cached_checks_is_refused_at_once() {
+    let f = fixture();
+    let (t, c) = token(&f.keys);
+    // Verified, then found unrevoked from the thread's map, twice over.
+    for _ in 0..3 {
+        assert_eq!(f.cache.verify(&f.auth, t.as_bytes()).expect("valid").principal.session_id, c.sid);
+    }
+    f.auth.revocations().revoke_session(c.sid);
+    assert_eq!(f.cache.verify(&f.auth, t.as_bytes()).err(), Some(TokenError::Revoked));
+    assert_eq!(f.cache.verify(&f.auth, t.as_bytes()).err(), Some(TokenError::Revoked));
+}
+
+#[test]
+fn a_user_disabled_after_cached_checks_is_refused_at_once() {
+    let f = fixture();
+    let (t, c) = token(&f.keys);
+    f.cache.verify(&f.auth, t.as_bytes()).expect("valid");
+    f.cache.verify(&f.auth, t.as_bytes()).expect("valid");
+    f.auth.revocations().revoke_user(c.sub);
+    assert_eq!(f.cache.verify(&f.auth, t.as_bytes()).err(), Some(TokenError::Revoked));
+}
+
+#[test]
+fn other_revocations_leave_a_token_valid() {
+    let f = fixture();
+    let (t, _) = token(&f.keys);
+    f.cache.verify(&f.auth, t.as_bytes()).expect("valid");
+    f.auth.revocations().revoke_session(Uuid::new_v4());
+    f.auth.revocations().revoke_user(Uuid::new_v4());
+    f.cache.verify(&f.auth, t.as_bytes()).expect("still valid after others' revocations");
+    f.cache.verify(&f.auth, t.as_bytes()).expect("and after the recheck");
+}
+
+/// Each worker thread has its own map: a revocation made on one thread
+/// (as a logout on the API's runtime) stops the token on the others.
+#[test]
+fn a_revocation_reaches_every_threads_map() {
+    let f = fixture();
+    let (t, c) = token(&f.keys);
+    let (f, t) = (&f, &t);
+    let warm = move || {
+        for _ in 0..2 {
+            f.cache.verify(&f.auth, t.as_bytes()).expect("valid");
+        }
+    };
+    let (warmed_tx, warmed_rx) = std::sync::mpsc::channel();
+    let (revoked_tx, revoked_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        let worker = s.spawn(move || {
+            warm();
+            warmed_tx.send(()).expect("send");
+            revoked_rx.recv().expect("recv");
+            f.cache.verify(&f.auth, t.as_bytes()).err()
+        });
+        warm();
+        warmed_rx.recv().expect("the worker warmed its map");
+        s.spawn(|| f.auth.revocations().revoke_session(c.sid)).join().expect("revoking thread");
+        revoked_tx.send(()).expect("send");
+        assert_eq!(f.cache.verify(&f.auth, t.as_bytes()).err(), Some(TokenError::Revoked));
+        assert_eq!(worker.join().expect("worker"), Some(TokenError::Revoked));
+    });
+}
+
+/// Bytes that are not UTF-8 are refused as malformed, not verified.
+#[test]
+fn a_token_that_is_not_text_is_malformed() {
+    let f = fixture();
+    assert_eq!(f.cache.verify(&f.auth, b"abc\xff.def.ghi").err(), Some(TokenError::Malformed));
+}
