@@ -55,11 +55,15 @@ pub fn bearer_token(headers: &hyper::HeaderMap) -> Result<&[u8], BearerError> {
     if values.next().is_some() {
         return Err(BearerError::Duplicate);
     }
-    // ASCII only, as `to_str` would have it (it also refuses control
-    // bytes, which hyper never lets into a value, so only ASCII whitespace
-    // is trimmed), but on bytes, a word at a time where it can: `to_str`
-    // goes byte by byte over a token of several hundred bytes.
-    let bytes = value.as_bytes();
+    bearer_value(value.as_bytes())
+}
+
+/// The token in one `Authorization` value (`Bearer <token>`, the scheme in
+/// any case): ASCII only, as `to_str` would have it (it also refuses control
+/// bytes, which never get into a value, so only ASCII whitespace is
+/// trimmed), but on bytes, a word at a time where it can: `to_str` goes byte
+/// by byte over a token of several hundred bytes.
+pub fn bearer_value(bytes: &[u8]) -> Result<&[u8], BearerError> {
     let space = bytes.iter().position(|&b| b == b' ').ok_or(BearerError::Malformed)?;
     let (scheme, rest) = (&bytes[..space], &bytes[space + 1..]);
     let token = rest.trim_ascii();

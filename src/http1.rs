@@ -293,18 +293,44 @@ fn trailers_end(buf: &[u8]) -> Result<Option<usize>, BodyError> {
 /// `spare` more), reading the framing and connection headers on the way:
 /// the values are slices of `head`, not copies. `fields` must have been
 /// parsed from `head`.
+///
+/// With `authorization_apart` (requests), a request's only `Authorization`
+/// field is not put in the map but returned in
+/// [`Semantics::authorization`]. Making a `HeaderValue` checks every byte
+/// again, one at a time, after httparse has checked them (httparse accepts
+/// exactly the bytes `HeaderValue` does: HTAB, 0x20–0x7E, 0x80–0xFF); for a
+/// token of several hundred bytes that was a quarter of what a valid token
+/// costs the proxy over a public request, for a value that is then read once
+/// and dropped. [`crate::proxy::Proxy::serve`] puts it back wherever it is
+/// forwarded. Two or more stay in the map, where they are refused.
 pub fn header_map(
     head: &Bytes,
     fields: &[httparse::Header<'_>],
     spare: usize,
+    authorization_apart: bool,
 ) -> Result<(HeaderMap, Semantics), &'static str> {
     let mut map = HeaderMap::with_capacity(fields.len() + spare);
     let mut s = Semantics::default();
+    let mut more_authorization = false;
     for f in fields {
         s.observe(f.name.as_bytes(), f.value)?;
+        if authorization_apart && f.name.len() == 13 && f.name.eq_ignore_ascii_case("authorization") {
+            if s.authorization.is_none() && !more_authorization {
+                s.authorization = Some(head.slice_ref(f.value));
+                continue;
+            }
+            more_authorization = true;
+        }
         let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "invalid header name")?;
         let value = HeaderValue::from_maybe_shared(head.slice_ref(f.value)).map_err(|_| "invalid header value")?;
         map.append(name, value);
+    }
+    if more_authorization {
+        // More than one: all of them in the map, for the proxy to refuse.
+        if let Some(first) = s.authorization.take() {
+            let value = HeaderValue::from_maybe_shared(first).map_err(|_| "invalid header value")?;
+            map.append(hyper::header::AUTHORIZATION, value);
+        }
     }
     s.chunked_only = s.codings == 1 && s.chunked_last;
     Ok((map, s))
@@ -325,6 +351,9 @@ pub struct Semantics {
     pub keep_alive: bool,
     pub expect_continue: bool,
     pub upgrade: bool,
+    /// A request's only `Authorization` value, when [`header_map`] was
+    /// asked to keep it out of the map.
+    pub authorization: Option<Bytes>,
 }
 
 impl Semantics {

@@ -41,16 +41,17 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use axum::extract::ConnectInfo;
+use bytes::Bytes;
 use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Body as _;
-use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, HOST};
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONNECTION, HOST};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use ipnet::IpNet;
 use tokio::time::Sleep;
 use tower::ServiceExt as _;
 
 use crate::auth::token::TokenError;
-use crate::auth::{bearer_token, Authenticator, BearerError};
+use crate::auth::{bearer_token, bearer_value, Authenticator, BearerError};
 use crate::body::Body;
 use crate::config::AuthMode;
 use crate::http1::upgrade::OnUpgrade;
@@ -120,7 +121,21 @@ impl Proxy {
     /// connection's life and pushed later for each request costs an atomic
     /// update, where a fresh one is put into the timer wheel and taken out
     /// again. Without it (HTTP/2 streams), each request makes its own.
-    pub async fn serve(&self, req: Request<Body>, conn: &Conn, timer: Option<Pin<&mut Sleep>>) -> Response<Body> {
+    ///
+    /// `authorization` is the request's only `Authorization` value when the
+    /// HTTP/1 parser kept it out of the header map (its bytes checked by
+    /// httparse; [`crate::http1::header_map`] says why). It stays out only
+    /// where it is consumed here and forwarded nowhere: on a route that
+    /// needs a token and does not pass it on, in a request with no
+    /// `Connection` header that could name it. Everywhere else it is put
+    /// back in the map first, so what follows sees the request as sent.
+    pub async fn serve(
+        &self,
+        mut req: Request<Body>,
+        authorization: Option<Bytes>,
+        conn: &Conn,
+        timer: Option<Pin<&mut Sleep>>,
+    ) -> Response<Body> {
         let started = Instant::now();
         // Kept apart from the request (cheap: shared bytes), so that the
         // normalised path can borrow from it.
@@ -130,6 +145,11 @@ impl Proxy {
             Err(e) => return self.refuse(Some(req.headers()), ProxyError::BadPath(e)),
         };
         if is_api(&path) {
+            if let Some(value) = authorization {
+                if let Err(e) = restore_authorization(req.headers_mut(), value) {
+                    return self.refuse(Some(req.headers()), e);
+                }
+            }
             return self.serve_api(req, &path, conn).await;
         }
 
@@ -137,7 +157,7 @@ impl Proxy {
         let request_id = headers::request_id(req.headers(), &table.headers.request_id);
         let method = req.method().clone();
         let mut outcome = Outcome { route: None, user: None, upstream: None, answered: None };
-        let result = self.forward(&table, req, &path, conn, &request_id, &mut outcome, timer).await;
+        let result = self.forward(&table, req, authorization, &path, conn, &request_id, &mut outcome, timer).await;
         let mut response = result.unwrap_or_else(|e| {
             match &e {
                 ProxyError::InvalidToken(reason) => {
@@ -247,6 +267,7 @@ impl Proxy {
         &self,
         table: &RouteTable,
         mut req: Request<Body>,
+        authorization: Option<Bytes>,
         path: &str,
         conn: &Conn,
         request_id: &HeaderValue,
@@ -257,6 +278,14 @@ impl Proxy {
         let route = table.find(host.map(router::normalize_host), path).cloned().ok_or(ProxyError::NoRoute)?;
         outcome.route = Some(Arc::clone(&route));
         let cfg = &route.config;
+        let consumed = cfg.auth == AuthMode::Required && !cfg.pass_token;
+        let authorization = match authorization {
+            Some(value) if !consumed || req.headers().contains_key(CONNECTION) => {
+                restore_authorization(req.headers_mut(), value)?;
+                None
+            }
+            kept => kept,
+        };
 
         // Strip: before anything is added, so nothing added can be removed.
         let upgrade = cfg.websocket && headers::is_websocket_upgrade(req.headers());
@@ -267,10 +296,10 @@ impl Proxy {
         let identity: Option<Arc<Identity>> = match cfg.auth {
             AuthMode::Public => None,
             AuthMode::Required => {
-                let id = self.authenticate(req.headers())?;
+                let id = self.authenticate(req.headers(), authorization.as_deref())?;
                 outcome.user = Some(id.principal.user_id);
                 policy::authorize(cfg, &id.principal, &self.tenants)?;
-                if !cfg.pass_token {
+                if !cfg.pass_token && authorization.is_none() {
                     req.headers_mut().remove(AUTHORIZATION);
                 }
                 Some(id)
@@ -408,8 +437,17 @@ impl Proxy {
         Err(ProxyError::BadGateway("connect"))
     }
 
-    fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Identity>, ProxyError> {
-        let token = bearer_token(headers).map_err(|e| match e {
+    /// The token from `apart` (the `Authorization` value kept out of the
+    /// map, see [`Proxy::serve`]) or else from the map.
+    fn authenticate(&self, headers: &HeaderMap, apart: Option<&[u8]>) -> Result<Arc<Identity>, ProxyError> {
+        let token = match apart {
+            // The parser keeps one apart only when it is the only one; an
+            // `Authorization` in the map as well would be a second.
+            Some(_) if headers.contains_key(AUTHORIZATION) => Err(BearerError::Duplicate),
+            Some(value) => bearer_value(value),
+            None => bearer_token(headers),
+        };
+        let token = token.map_err(|e| match e {
             BearerError::Missing => ProxyError::MissingToken,
             BearerError::Duplicate => ProxyError::BadRequest("more than one Authorization header"),
             BearerError::Malformed => ProxyError::InvalidToken(TokenError::Malformed),
@@ -463,6 +501,15 @@ fn authority_header(authority: &hyper::http::uri::Authority) -> Option<HeaderVal
 }
 
 /// `/auth`, `/auth/...` and the JWKS are the gateway's own.
+/// Puts an `Authorization` value kept out of the map back in. Its bytes
+/// passed httparse, which accepts what `HeaderValue` does, so this does not
+/// fail; if it did, the request would be refused, not let through.
+fn restore_authorization(headers: &mut HeaderMap, value: Bytes) -> Result<(), ProxyError> {
+    let value = HeaderValue::from_maybe_shared(value).map_err(|_| ProxyError::BadRequest("invalid header value"))?;
+    headers.append(AUTHORIZATION, value);
+    Ok(())
+}
+
 fn is_api(path: &str) -> bool {
     path == "/.well-known/jwks.json" || path == "/auth" || path.starts_with("/auth/")
 }

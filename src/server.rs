@@ -248,7 +248,7 @@ async fn serve_h2(ctx: ConnContext, io: Upgraded, conn: Conn) {
         seen.store(true, Ordering::Relaxed);
         let proxy = Arc::clone(&proxy);
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(Box::pin(proxy.serve(req.map(Body::new), &conn, None)).await) }
+        async move { Ok::<_, Infallible>(Box::pin(proxy.serve(req.map(Body::new), None, &conn, None)).await) }
     });
     let mut connection = Box::pin(ctx.watcher.watch(ctx.h2.serve_connection(TokioIo::new(io), service)));
     let result = tokio::select! {

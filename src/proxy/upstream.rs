@@ -596,7 +596,7 @@ fn parse_response(rbuf: &mut BytesMut, method: &Method) -> Result<Option<Respons
             rbuf.extend_from_slice(&bytes[len..]);
             continue;
         }
-        let (mut headers, s) = http1::header_map(&bytes, parsed.headers, 1).map_err(invalid)?;
+        let (mut headers, s) = http1::header_map(&bytes, parsed.headers, 1, false).map_err(invalid)?;
         rbuf.extend_from_slice(&bytes[len..]);
         let mut reusable = !s.close && (version == 1 || s.keep_alive);
         let framing = if *method == Method::HEAD

@@ -149,6 +149,91 @@ async fn pass_token_forwards_the_authorization_header() {
     f.app.stop().await;
 }
 
+/// The HTTP/1 parser keeps a lone `Authorization` value out of the header
+/// map on its way to the token check. Whatever form the field takes, the
+/// request must be judged exactly as sent: any case of the name, several
+/// fields, a `Connection` header naming it, HTTP/1.0, bytes past ASCII, and
+/// the routes that forward it (public, `pass_token`) or give it to the API.
+#[tokio::test]
+async fn the_authorization_field_is_judged_as_sent_in_every_form() {
+    let f = fixture().await;
+    let token = &f.admin.access_token;
+    let raw = |head: String| {
+        let addr = f.app.addr;
+        async move { crate::helpers::raw_request(addr, head.as_bytes()).await }
+    };
+    let get = |path: &str, version: &str, fields: &[String]| {
+        let mut head = format!("GET {path} {version}\r\nHost: gw\r\n");
+        for field in fields {
+            head.push_str(field);
+            head.push_str("\r\n");
+        }
+        head + "\r\n"
+    };
+
+    // Any case of the name: accepted, and not forwarded.
+    for name in ["authorization", "AUTHORIZATION", "aUtHoRiZaTiOn"] {
+        let r =
+            raw(get("/private/x", "HTTP/1.1", &[format!("{name}: Bearer {token}"), "Connection: close".into()])).await;
+        assert_eq!(r.status, Some(200), "{name}: {}", r.head);
+        let r = raw(get("/private/x", "HTTP/1.1", &[format!("{name}: Bearer {token}")])).await;
+        assert_eq!(r.status, Some(200), "{name}, no Connection: {}", r.head);
+        let e: Value = serde_json::from_slice(&r.body).expect("echo");
+        assert!(!crate::upstream::Echo(e.clone()).has("authorization"), "{name}: forwarded: {e}");
+    }
+    // HTTP/1.0 (keep-alive asked for with a `Connection` header).
+    let r = raw(get(
+        "/private/x",
+        "HTTP/1.0",
+        &[format!("Authorization: Bearer {token}"), "Connection: keep-alive".into()],
+    ))
+    .await;
+    assert_eq!(r.status, Some(200), "HTTP/1.0: {}", r.head);
+
+    let hits = f.svc.hits();
+
+    // Several fields, valid or not, in either order: 400.
+    for fields in [
+        [format!("Authorization: Bearer {token}"), "Authorization: Bearer x".to_owned()],
+        ["Authorization: Bearer x".to_owned(), format!("Authorization: Bearer {token}")],
+        [format!("Authorization: Bearer {token}"), format!("authorization: Bearer {token}")],
+    ] {
+        raw(get("/private/x", "HTTP/1.1", &fields)).await.assert_error(&fields[1], 400, "invalid_request");
+    }
+    let three = [0, 1, 2].map(|_| format!("Authorization: Bearer {token}"));
+    raw(get("/private/x", "HTTP/1.1", &three)).await.assert_error("three fields", 400, "invalid_request");
+
+    // `Connection` names it: a hop-by-hop field, removed before the check.
+    let r = raw(get(
+        "/private/x",
+        "HTTP/1.1",
+        &[format!("Authorization: Bearer {token}"), "Connection: authorization".into()],
+    ))
+    .await;
+    r.assert_error("Connection: authorization", 401, "unauthorized");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"), "{}", r.head);
+
+    // Bytes past ASCII: an invalid token, not a server error.
+    let req =
+        f.req("/private/x").header(AUTHORIZATION, HeaderValue::from_bytes(b"Bearer abc\xff.def").expect("obs-text"));
+    assert_invalid_token(f.send("obs-text", req).await).await;
+    assert_eq!(f.svc.hits(), hits, "a refused request reached the upstream");
+
+    // Routes that forward it get it exactly as sent.
+    let e = echo(f.send("public", f.req("/public/x").header(AUTHORIZATION, "Bearer not-checked-here")).await).await;
+    assert_eq!(e.one("authorization"), "Bearer not-checked-here", "{}", e.0);
+    let r = raw(get("/public/x", "HTTP/1.1", &["authorization: Basic Zm9vOmJhcg==".into()])).await;
+    let e = crate::upstream::Echo(serde_json::from_slice(&r.body).expect("echo"));
+    assert_eq!(e.one("authorization"), "Basic Zm9vOmJhcg==", "{}", e.0);
+    let e = echo(f.get_as("/pass/x", &f.admin).await).await;
+    assert_eq!(e.one("authorization"), format!("Bearer {token}"), "{}", e.0);
+
+    // The API reads it too (a raw request, no `Connection` header).
+    let r = raw(get("/auth/sessions", "HTTP/1.1", &[format!("Authorization: Bearer {token}")])).await;
+    assert_eq!(r.status, Some(200), "GET /auth/sessions: {} {}", r.head, r.text());
+    f.app.stop().await;
+}
+
 #[tokio::test]
 async fn spoofed_identity_and_hop_by_hop_headers_never_reach_the_upstream() {
     let f = fixture().await;
