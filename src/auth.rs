@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 pub use error::AuthError;
 use keys::KeyRing;
-use revocation::RevocationState;
+use revocation::{RevocationState, Seen};
 use token::{TokenError, TokenRules};
 
 /// Why no bearer token could be taken from a request.
@@ -73,6 +73,15 @@ pub fn bearer_value(bytes: &[u8]) -> Result<&[u8], BearerError> {
     Ok(token)
 }
 
+/// While the revocation state is stale, tokens issued before the staleness
+/// window are refused (part of [`Authenticator::check_revocation`]).
+pub fn check_staleness(seen: Seen, iat: i64) -> Result<(), TokenError> {
+    if seen.refuses_as_stale(iat) {
+        return Err(TokenError::Stale);
+    }
+    Ok(())
+}
+
 /// The authenticated caller, as proven by a verified, unrevoked access token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -97,11 +106,15 @@ pub struct Authenticator {
     generation: Arc<AtomicU64>,
     rules: Arc<TokenRules>,
     revocations: RevocationState,
+    /// Shared by clones; unique among authenticators.
+    id: u64,
 }
 
 impl Authenticator {
     pub fn new(keys: KeyRing, rules: TokenRules, revocations: RevocationState) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             keys: Arc::new(ArcSwap::from_pointee(keys)),
             generation: Arc::new(AtomicU64::new(0)),
             rules: Arc::new(rules),
@@ -132,19 +145,24 @@ impl Authenticator {
     /// Revoked sessions and users are refused; while the revocation state is
     /// stale, so is every token issued before the staleness window.
     pub fn check_revocation(&self, session: Uuid, user: Uuid, iat: i64, now: i64) -> Result<(), TokenError> {
+        self.check_revocation_as_of(self.revocations.seen(now), session, user, iat)
+    }
+
+    /// [`Self::check_revocation`], with the state as read before it
+    /// (`seen`): read after the lookups, a refresh that landed in between
+    /// could vouch for a state they did not see.
+    pub fn check_revocation_as_of(&self, seen: Seen, session: Uuid, user: Uuid, iat: i64) -> Result<(), TokenError> {
         if self.revocations.is_revoked(session, user) {
             return Err(TokenError::Revoked);
         }
-        self.check_staleness(iat, now)
+        check_staleness(seen, iat)
     }
 
-    /// While the revocation state is stale, tokens issued before the
-    /// staleness window are refused (part of [`Self::check_revocation`]).
-    pub fn check_staleness(&self, iat: i64, now: i64) -> Result<(), TokenError> {
-        if self.revocations.is_stale(now) && iat < self.revocations.stale_cutoff(now) {
-            return Err(TokenError::Stale);
-        }
-        Ok(())
+    /// Tells this authenticator's state apart from another's (caches keyed
+    /// by its generation and revocation counts, which start at 0 in every
+    /// authenticator).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Verifies `token` (the text after `Bearer `) and returns its principal.

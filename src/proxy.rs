@@ -146,7 +146,7 @@ impl Proxy {
         };
         if is_api(&path) {
             if let Some(value) = authorization {
-                if let Err(e) = restore_authorization(req.headers_mut(), value) {
+                if let Err(e) = restore_authorization(req.headers_mut(), &value) {
                     return self.refuse(Some(req.headers()), e);
                 }
             }
@@ -281,7 +281,7 @@ impl Proxy {
         let consumed = cfg.auth == AuthMode::Required && !cfg.pass_token;
         let authorization = match authorization {
             Some(value) if !consumed || req.headers().contains_key(CONNECTION) => {
-                restore_authorization(req.headers_mut(), value)?;
+                restore_authorization(req.headers_mut(), &value)?;
                 None
             }
             kept => kept,
@@ -500,16 +500,14 @@ fn authority_header(authority: &hyper::http::uri::Authority) -> Option<HeaderVal
     value.ok()
 }
 
-/// `/auth`, `/auth/...` and the JWKS are the gateway's own.
 /// Puts an `Authorization` value kept out of the map back in. Its bytes
 /// passed httparse, which accepts what `HeaderValue` does, so this does not
 /// fail; if it did, the request would be refused, not let through.
-fn restore_authorization(headers: &mut HeaderMap, value: Bytes) -> Result<(), ProxyError> {
-    let value = HeaderValue::from_maybe_shared(value).map_err(|_| ProxyError::BadRequest("invalid header value"))?;
-    headers.append(AUTHORIZATION, value);
-    Ok(())
+fn restore_authorization(headers: &mut HeaderMap, value: &[u8]) -> Result<(), ProxyError> {
+    crate::http1::put_authorization(headers, value).map_err(ProxyError::BadRequest)
 }
 
+/// `/auth`, `/auth/...` and the JWKS are the gateway's own.
 fn is_api(path: &str) -> bool {
     path == "/.well-known/jwks.json" || path == "/auth" || path.starts_with("/auth/")
 }

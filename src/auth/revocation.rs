@@ -40,6 +40,27 @@ use crate::db::{unix_now, Store};
 /// query per poll; inserting a known revocation again is harmless.
 const POLL_OVERLAP_SECS: i64 = 120;
 
+/// The state as one check found it before its lookups ([`RevocationState::seen`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Seen {
+    /// Revocations inserted so far (known ones again included: every poll
+    /// re-reads a window). While the count stays the same, an "unrevoked"
+    /// answer found after reading it stands: any revocation its lookups
+    /// could have missed is counted past it. Entries that expire do not
+    /// count: an expiry cannot revoke anything.
+    pub changes: u64,
+    /// While the state is stale, the oldest `iat` accepted.
+    stale_cutoff: Option<i64>,
+}
+
+impl Seen {
+    /// True when a token issued at `iat` is refused because the state is
+    /// too old to vouch for it.
+    pub fn refuses_as_stale(&self, iat: i64) -> bool {
+        self.stale_cutoff.is_some_and(|cutoff| iat < cutoff)
+    }
+}
+
 #[derive(Clone)]
 pub struct RevocationState {
     /// Looked up on every proxied request: foldhash rather than SipHash
@@ -80,12 +101,7 @@ impl RevocationState {
 
     /// True when the state is older than `auth.revocation_max_staleness`.
     pub fn is_stale(&self, now: i64) -> bool {
-        now - self.last_poll.load(Ordering::Relaxed) > self.max_staleness
-    }
-
-    /// The oldest `iat` accepted while the state is stale.
-    pub fn stale_cutoff(&self, now: i64) -> i64 {
-        now - self.max_staleness
+        now - self.last_poll.load(Ordering::Acquire) > self.max_staleness
     }
 
     pub fn revoke_session(&self, session_id: Uuid) {
@@ -98,16 +114,23 @@ impl RevocationState {
         self.changes.fetch_add(1, Ordering::Release);
     }
 
-    /// How many revocations have been inserted so far (known ones again
-    /// included: every poll re-reads a window). A lookup in [`is_revoked`]
-    /// made after this returned `n` sees every revocation counted in `n`;
-    /// one it may have missed is counted past `n`. So while this still
-    /// returns `n`, an "unrevoked" answer found after reading `n` stands.
-    /// Entries that expire do not count: an expiry cannot revoke anything.
-    ///
-    /// [`is_revoked`]: Self::is_revoked
-    pub fn changes(&self) -> u64 {
-        self.changes.load(Ordering::Acquire)
+    /// What a check reads of the state before its lookups: first when it
+    /// was last refreshed, then how many revocations have been inserted.
+    /// [`Self::load_since`] writes them in the other order (inserts, each
+    /// counted after it is in the set, then the refresh time), so a check
+    /// that finds the state fresh also sees every revocation that refresh
+    /// brought, and a lookup made after this returned sees every
+    /// revocation counted in it.
+    pub fn seen(&self, now: i64) -> Seen {
+        let last_poll = self.last_poll.load(Ordering::Acquire);
+        let changes = self.changes.load(Ordering::Acquire);
+        let stale = now - last_poll > self.max_staleness;
+        Seen { changes, stale_cutoff: stale.then_some(now - self.max_staleness) }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_last_poll(&self, at: i64) {
+        self.last_poll.store(at, Ordering::Release);
     }
 
     /// Two hash lookups; no I/O, no allocation.
@@ -147,7 +170,8 @@ impl RevocationState {
         for u in users {
             self.revoke_user(u);
         }
-        self.last_poll.fetch_max(started, Ordering::Relaxed);
+        // After the inserts: see `seen`.
+        self.last_poll.fetch_max(started, Ordering::Release);
         Ok(n)
     }
 }

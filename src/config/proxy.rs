@@ -167,6 +167,12 @@ pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNa
     for e in &extra {
         if HeaderName::from_bytes(e.as_bytes()).is_err() {
             f.error("reserved", format!("{e:?} is not a valid header name"));
+        } else if GATEWAY_OWNED.contains(&fold_header_name(e).as_str())
+            && !fold_header_name(e).starts_with("x-forwarded-")
+        {
+            // Stripping these would take the token, the host or the framing
+            // from every request before the gateway reads them.
+            f.error("reserved", format!("{e:?} is a header the gateway reads itself"));
         }
     }
     f.finish();

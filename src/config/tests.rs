@@ -95,9 +95,16 @@ fn header_names_may_not_collide() {
         ("[headers]\nrequest_id = \"Host\"", "headers.request_id"),
         ("[headers]\nrequest_id = \"connection\"", "headers.request_id"),
         ("[headers]\nrequest_id = \"x-trace\"\nreserved = [\"X_Trace\"]", "headers.request_id"),
+        // Reserved names are stripped from every request: not the token,
+        // the host or the framing.
+        ("[headers]\nreserved = [\"Authorization\"]", "headers.reserved"),
+        ("[headers]\nreserved = [\"x-internal\", \"content_length\"]", "headers.reserved"),
+        ("[headers]\nreserved = [\"HOST\"]", "headers.reserved"),
     ] {
         let err = parse(text).expect_err(text);
         assert!(err.to_string().contains(field), "{text}: {err}");
     }
     parse("[headers]\nuser_id = \"x-auth-user\"\nrequest_id = \"x-trace-id\"").expect("distinct names are fine");
+    parse("[headers]\nreserved = [\"X-Forwarded-For\", \"x-internal\"]")
+        .expect("a client's X-Forwarded-For may be stripped");
 }

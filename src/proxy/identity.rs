@@ -31,7 +31,7 @@ use moka::Expiry;
 
 use super::headers::IdentityHeaders;
 use crate::auth::token::TokenError;
-use crate::auth::{Authenticator, Principal};
+use crate::auth::{check_staleness, Authenticator, Principal};
 
 /// A verified principal and its header values.
 #[derive(Debug)]
@@ -86,11 +86,13 @@ const RECENT_MAX: usize = 1024;
 
 /// One token a worker thread saw lately.
 struct Recent {
-    /// Which [`IdentityCache`] it came from (tests run several per thread).
+    /// Which [`IdentityCache`] and which [`Authenticator`] it came from
+    /// (tests run several of each per thread).
     cache: u64,
+    auth: u64,
     identity: Arc<Identity>,
     /// The revocation state's change count when this thread last found the
-    /// token's session and user unrevoked ([`crate::auth::revocation::RevocationState::changes`]).
+    /// token's session and user unrevoked ([`crate::auth::revocation::Seen::changes`]).
     unrevoked_at: u64,
 }
 
@@ -122,16 +124,16 @@ impl IdentityCache {
     /// check runs again. Staleness, which depends on the clock rather than
     /// on changes, is checked every time.
     pub fn verify(&self, auth: &Authenticator, token: &[u8]) -> Result<Arc<Identity>, TokenError> {
-        // Both read before verifying or checking: an entry verified while
-        // the ring changes carries the old generation and is never trusted
-        // afterwards, and a revocation made during the check moves `changes`.
+        // Read before verifying or checking: an entry verified while the
+        // ring changes carries the old generation and is never trusted
+        // afterwards; and see `RevocationState::seen`.
         let generation = auth.key_generation();
-        let changes = auth.revocations().changes();
         let now = crate::db::unix_now();
+        let seen = auth.revocations().seen(now);
         let recent = RECENT.with_borrow(|recent| {
             recent
                 .get(token)
-                .filter(|e| e.cache == self.id && e.identity.generation == generation)
+                .filter(|e| e.cache == self.id && e.auth == auth.id() && e.identity.generation == generation)
                 .map(|e| (Arc::clone(&e.identity), e.unrevoked_at))
         });
         let (id, unrevoked_at) = match recent {
@@ -140,10 +142,10 @@ impl IdentityCache {
                 Some(id) => (id, None),
                 None => {
                     let text = std::str::from_utf8(token).map_err(|_| TokenError::Malformed)?;
-                    // Checks revocation itself, after `changes` was read.
+                    // Checks revocation itself, after `seen` was read.
                     let id = Arc::new(Identity::new(auth.verify_bearer(text)?, generation));
                     self.cache.insert(token.into(), Arc::clone(&id));
-                    self.remember(token, &id, changes);
+                    self.remember(auth, token, &id, seen.changes);
                     return Ok(id);
                 }
             },
@@ -153,27 +155,28 @@ impl IdentityCache {
             // moka's expiry is approximate; the token's own exp is not.
             return Err(TokenError::Expired);
         }
-        if unrevoked_at == Some(changes) {
-            auth.check_staleness(p.issued_at, now)?;
+        if unrevoked_at == Some(seen.changes) {
+            check_staleness(seen, p.issued_at)?;
         } else {
-            auth.check_revocation(p.session_id, p.user_id, p.issued_at, now)?;
-            self.remember(token, &id, changes);
+            auth.check_revocation_as_of(seen, p.session_id, p.user_id, p.issued_at)?;
+            self.remember(auth, token, &id, seen.changes);
         }
         Ok(id)
     }
 
     /// Records in this thread's map that `id` was found unrevoked at the
     /// revocation state's change count `changes`.
-    fn remember(&self, token: &[u8], id: &Arc<Identity>, changes: u64) {
+    fn remember(&self, auth: &Authenticator, token: &[u8], id: &Arc<Identity>, changes: u64) {
+        let entry = Recent { cache: self.id, auth: auth.id(), identity: Arc::clone(id), unrevoked_at: changes };
         RECENT.with_borrow_mut(|recent| {
             if let Some(e) = recent.get_mut(token) {
-                *e = Recent { cache: self.id, identity: Arc::clone(id), unrevoked_at: changes };
+                *e = entry;
                 return;
             }
             if recent.len() >= RECENT_MAX {
                 recent.clear();
             }
-            recent.insert(token.into(), Recent { cache: self.id, identity: Arc::clone(id), unrevoked_at: changes });
+            recent.insert(token.into(), entry);
         });
     }
 

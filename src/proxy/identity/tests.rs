@@ -108,6 +108,40 @@ fn a_revocation_reaches_every_threads_map() {
     });
 }
 
+/// The lookups may be skipped; the staleness rule may not: a state that
+/// goes stale without any new revocation still refuses old tokens.
+#[test]
+fn a_state_gone_stale_refuses_old_tokens_without_new_revocations() {
+    let f = fixture();
+    let now = crate::db::unix_now();
+    let old = AccessClaims { iat: now - 100, ..token(&f.keys).1 };
+    let t = sign(&f.keys, &old).expect("sign");
+    f.auth.revocations().set_last_poll(now);
+    f.cache.verify(&f.auth, t.as_bytes()).expect("fresh state: valid");
+    f.cache.verify(&f.auth, t.as_bytes()).expect("fresh state, from the thread's map: valid");
+    // Last refreshed 31 s ago, past the 30 s allowed; nothing revoked since.
+    f.auth.revocations().set_last_poll(now - 31);
+    assert_eq!(f.cache.verify(&f.auth, t.as_bytes()).err(), Some(TokenError::Stale));
+}
+
+/// A thread's note that a token was unrevoked belongs to one
+/// authenticator's state: another's, with its own revocations, checks for
+/// itself even where the change counts happen to match.
+#[test]
+fn one_authenticators_checks_do_not_vouch_for_another() {
+    let f = fixture();
+    let (t, c) = token(&f.keys);
+    let (ring, _) = KeyRing::load_or_generate(f._dir.path()).expect("keys");
+    let revoked = RevocationState::new(Duration::from_secs(905), Duration::from_secs(30));
+    let other = Authenticator::new(ring, TokenRules::new("gateway", "gateway", 5), revoked);
+    f.auth.revocations().revoke_session(Uuid::new_v4());
+    f.cache.verify(&f.auth, t.as_bytes()).expect("valid");
+    f.cache.verify(&f.auth, t.as_bytes()).expect("valid again");
+    // One insertion each: the same change count.
+    other.revocations().revoke_session(c.sid);
+    assert_eq!(f.cache.verify(&other, t.as_bytes()).err(), Some(TokenError::Revoked));
+}
+
 /// Bytes that are not UTF-8 are refused as malformed, not verified.
 #[test]
 fn a_token_that_is_not_text_is_malformed() {
