@@ -314,16 +314,12 @@ pub fn header_map(
     let mut more_authorization = false;
     for f in fields {
         s.observe(f.name.as_bytes(), f.value)?;
-        if authorization_apart && f.name.len() == 13 && f.name.eq_ignore_ascii_case("authorization") {
-            if s.authorization.is_none() && !more_authorization {
-                s.authorization = Some(head.slice_ref(f.value));
-                continue;
-            }
-            more_authorization = true;
-            if let Some(first) = s.authorization.take() {
-                // A second one: both go in the map, in the order sent.
-                put_authorization(&mut map, &first)?;
-            }
+        if authorization_apart
+            && f.name.len() == 13
+            && f.name.eq_ignore_ascii_case("authorization")
+            && keep_apart(&mut s, &mut more_authorization, &mut map, head.slice_ref(f.value))?
+        {
+            continue;
         }
         let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "invalid header name")?;
         let value = HeaderValue::from_maybe_shared(head.slice_ref(f.value)).map_err(|_| "invalid header value")?;
@@ -331,6 +327,24 @@ pub fn header_map(
     }
     s.chunked_only = s.codings == 1 && s.chunked_last;
     Ok((map, s))
+}
+
+/// An `Authorization` field of a request: kept apart (true) if it is the
+/// first, else it goes in the map (false), after the first one if that was
+/// kept apart. Out of line: in [`header_map`]'s loop this made the loop too
+/// large for the optimiser to inline `HeaderMap::append` into it.
+#[inline(never)]
+fn keep_apart(s: &mut Semantics, more: &mut bool, map: &mut HeaderMap, value: Bytes) -> Result<bool, &'static str> {
+    if s.authorization.is_none() && !*more {
+        s.authorization = Some(value);
+        return Ok(true);
+    }
+    *more = true;
+    if let Some(first) = s.authorization.take() {
+        // A second one: both go in the map, in the order sent.
+        put_authorization(map, &first)?;
+    }
+    Ok(false)
 }
 
 /// Adds a kept-apart `Authorization` value to `map` (which, where it is
