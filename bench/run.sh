@@ -4,24 +4,41 @@
 # Contenders: direct to the upstream; nginx proxy_pass with upstream
 # keepalive (when nginx is installed); the gateway on a public route; the
 # gateway with a valid token. The proxy is pinned to CPU 0, the load
-# generator and the upstream to CPU 1. For each contender it prints:
-#   - proxy CPU microseconds per request, from /proc/PID/stat (utime+stime)
-#     before and after a closed-loop run: the figure that stays stable on a
-#     noisy machine; and its ratio to nginx's, taken within each round;
-#   - closed-loop requests/s (wrk, 1 thread, 32 connections);
-#   - open-loop latency p50/p99 at a fixed rate below capacity
-#     (oha -q RATE --latency-correction), when oha is installed.
+# generator and the upstream to CPU 1. Two phases:
+#
+# 1. CPU: proxy CPU microseconds per request, from /proc/PID/stat
+#    (utime+stime) before and after a closed-loop wrk run (1 thread, 32
+#    connections), and the requests/s of that run. The contenders take
+#    short turns (SLICE seconds each) for ROUNDS rounds, in reverse order
+#    every other round. nginx runs twice in each round, before and after
+#    the gateway's turns, and each gateway figure is divided by the mean of
+#    those two: this machine's speed drifts by a third within a minute, and
+#    a ratio of turns seconds apart, bracketed, cancels most of that. The
+#    second nginx turn is also reported against the first, as a control:
+#    its spread is the spread of the measurement itself.
+# 2. Latency: open-loop p50/p99 at a fixed RATE below capacity
+#    (oha -q RATE --latency-correction, 32 connections), when oha is
+#    installed; LAT_ROUNDS rounds of LAT_SECS seconds per contender, in
+#    reverse order every other round. "p99 over direct" is the median of
+#    each round's difference to that round's direct run.
+#
+# Each figure is the median of its rounds; the ratios also show their
+# middle half (25th to 75th percentile).
 #
 # Needs: wrk (apt-get install wrk); optional nginx (apt-get install nginx-light)
-# and oha (cargo install oha). Usage: bench/run.sh [seconds] [rate] [rounds]
+# and oha (cargo install oha).
+# Usage: bench/run.sh [rounds=15] [rate=5000] [slice-seconds=3]
+#        (environment: LAT_ROUNDS=5, LAT_SECS=8)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/common.sh
 source bench/common.sh
 
-SECS=${1:-10}
+ROUNDS=${1:-15}
 RATE=${2:-5000}
-ROUNDS=${3:-3}
+SLICE=${3:-3}
+LAT_ROUNDS=${LAT_ROUNDS:-5}
+LAT_SECS=${LAT_SECS:-8}
 UP=127.0.0.1:18081
 NGINX=127.0.0.1:18082
 GW=127.0.0.1:18080
@@ -92,81 +109,139 @@ TOKEN=$(bench_token "$GW")
 
 nginx_pids() { echo "$NGINX_MASTER $(pgrep -P "$NGINX_MASTER" | tr '\n' ' ')"; }
 
-# measure URL "PIDS to charge" [extra wrk args...]: prints "cpu rps p50 p99"
-# ("-" for what was not measured).
-measure() {
+# cpu_run URL "PIDS to charge" [extra wrk args...]: prints "cpu rps"
+# (cpu "-" when no PIDS are charged).
+cpu_run() {
   local url=$1 pids=$2; shift 2
-  taskset -c 1 wrk -t1 -c32 -d2s "$@" "$url" >/dev/null  # warm-up
-  local before after out reqs rps cpu=- p50=- p99=-
+  local before after out reqs rps cpu=-
   [ -n "$pids" ] && before=$(cpu_ticks $pids)
-  out=$(taskset -c 1 wrk -t1 -c32 -d"${SECS}s" "$@" "$url")
+  out=$(taskset -c 1 wrk -t1 -c32 -d"${SLICE}s" "$@" "$url")
   [ -n "$pids" ] && after=$(cpu_ticks $pids)
   reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   rps=$(awk '/Requests\/sec/ {printf "%d", $2}' <<<"$out")
   if [ -n "$pids" ]; then
-    cpu=$(awk -v t=$((after - before)) -v n="$reqs" -v hz="$TCK" 'BEGIN {printf "%.2f", t * 1e6 / hz / n}')
+    cpu=$(awk -v t=$((after - before)) -v n="$reqs" -v hz="$TCK" 'BEGIN {printf "%.3f", t * 1e6 / hz / n}')
   fi
-  if command -v oha >/dev/null; then
-    read -r p50 p99 < <(taskset -c 1 oha --no-tui -z "${SECS}s" -q "$RATE" --latency-correction -c 32 "$@" "$url" \
-      2>/dev/null | awk 'function ms(v, u) { return u == "secs" ? v * 1000 : (u == "ms" ? v : v / 1000) }
-           /50.00% in/ {p50 = ms($3, $4)} /99.00% in/ {p99 = ms($3, $4)}
-           END {printf "%.3f %.3f", p50, p99}')
-  fi
-  echo "$cpu $rps $p50 $p99"
+  echo "$cpu $rps"
 }
 
-# median of the numbers on stdin ("-" when there are none)
-median() { sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+# latency_run URL [extra args...]: prints "p50 p99" in ms
+latency_run() {
+  local url=$1; shift
+  taskset -c 1 oha --no-tui -z "${LAT_SECS}s" -q "$RATE" --latency-correction -c 32 "$@" "$url" 2>/dev/null |
+    awk 'function ms(v, u) { return u == "secs" ? v * 1000 : (u == "ms" ? v : v / 1000) }
+         /50.00% in/ {p50 = ms($3, $4)} /99.00% in/ {p99 = ms($3, $4)}
+         END {printf "%.3f %.3f", p50, p99}'
+}
 
-# The contenders take turns, round after round, so that a slow spell of
-# the machine falls on all of them; each figure is the median of its rounds.
+# quantile Q: the Q-quantile (0..1, linear between ranks) of the numbers
+# on stdin ("-" when there are none).
+quantile() {
+  sort -g | awk -v q="$1" '{v[NR] = $1}
+    END {if (NR == 0) {print "-"; exit}
+         r = 1 + q * (NR - 1); i = int(r); f = r - i
+         printf "%.3f\n", (i < NR) ? v[i] + f * (v[i + 1] - v[i]) : v[i]}'
+}
+median() { quantile 0.5; }
+
+# The contenders: index, name, URL, PIDs charged, extra wrk/oha arguments.
 NAMES=("direct")
 URLS=("http://$UP/public/x")
 CHARGE=("")
-if [ "$HAVE_NGINX" = 1 ]; then NAMES+=("nginx proxy_pass"); URLS+=("http://$NGINX/public/x"); CHARGE+=("$(nginx_pids)"); fi
+ARGS=("")
+if [ "$HAVE_NGINX" = 1 ]; then
+  NAMES+=("nginx proxy_pass"); URLS+=("http://$NGINX/public/x"); CHARGE+=("$(nginx_pids)"); ARGS+=("")
+fi
 NAMES+=("gateway, public route" "gateway, valid token")
 URLS+=("http://$GW/public/x" "http://$GW/api/x")
 CHARGE+=("$GW_PID" "$GW_PID")
-declare -A RESULTS
-for round in $(seq "$ROUNDS"); do
-  echo "round $round of $ROUNDS" >&2
-  for i in "${!NAMES[@]}"; do
-    if [ "${NAMES[$i]}" = "gateway, valid token" ]; then
-      RESULTS[$i]+="$(measure "${URLS[$i]}" "${CHARGE[$i]}" -H "Authorization: Bearer $TOKEN")"$'\n'
-    else
-      RESULTS[$i]+="$(measure "${URLS[$i]}" "${CHARGE[$i]}")"$'\n'
-    fi
-  done
+ARGS+=("" "Authorization: Bearer $TOKEN")
+# The CPU phase's turn order: nginx again after the gateway's turns.
+ORDER=("${!NAMES[@]}")
+[ "$HAVE_NGINX" = 1 ] && ORDER+=("again")
+
+run_cpu() { # INDEX|again
+  local i=$1
+  [ "$i" = again ] && i=1
+  if [ -n "${ARGS[$i]}" ]; then cpu_run "${URLS[$i]}" "${CHARGE[$i]}" -H "${ARGS[$i]}"; else cpu_run "${URLS[$i]}" "${CHARGE[$i]}"; fi
+}
+
+for i in "${!NAMES[@]}"; do # warm-up: pools, caches, lazy registrations
+  if [ -n "${ARGS[$i]}" ]; then taskset -c 1 wrk -t1 -c32 -d2s -H "${ARGS[$i]}" "${URLS[$i]}" >/dev/null
+  else taskset -c 1 wrk -t1 -c32 -d2s "${URLS[$i]}" >/dev/null; fi
 done
 
-col() { awk -v c="$2" 'NF && $c != "-" {print $c}' <<<"${RESULTS[$1]}" | median; }
-NGINX_CPU=-
-[ "$HAVE_NGINX" = 1 ] && NGINX_CPU=$(col 1 1)
-DIRECT_P99=$(col 0 4)
-echo
-echo "median of $ROUNDS rounds; rate for latency: ${RATE}/s"
-echo
-echo "| contender                  | CPU us/req | x nginx (per round) | req/s (wrk) | p50 ms | p99 ms | p99 over direct |"
-echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-for i in "${!NAMES[@]}"; do
-  cpu=$(col "$i" 1); rps=$(col "$i" 2); p50=$(col "$i" 3); p99=$(col "$i" 4)
-  # The ratio is taken within each round (the two ran seconds apart) and
-  # the median of those is shown: this machine's speed drifts between
-  # rounds by more than the difference being measured.
-  ratio=-
-  if [ "$NGINX_CPU" != - ] && [ "$cpu" != - ]; then
-    ratio=$(paste -d' ' <(awk 'NF {print $1}' <<<"${RESULTS[$i]}") <(awk 'NF {print $1}' <<<"${RESULTS[1]}") |
-      awk '$1 != "-" && $2 != "-" {printf "%.4f\n", $1 / $2}' | median)
-    ratio=$(awk -v r="$ratio" 'BEGIN {printf "%.2f", r}')
+declare -A CPU RPS LAT
+for round in $(seq "$ROUNDS"); do
+  echo "CPU round $round of $ROUNDS" >&2
+  turns=("${ORDER[@]}")
+  if [ $((round % 2)) = 0 ]; then
+    turns=(); for ((k = ${#ORDER[@]} - 1; k >= 0; k--)); do turns+=("${ORDER[$k]}"); done
   fi
-  over=$(awk -v a="$p99" -v b="$DIRECT_P99" 'BEGIN {if (a == "-" || b == "-") print "-"; else printf "%+.3f", a - b}')
-  printf "| %-26s | %10s | %7s | %11s | %6s | %6s | %15s |\n" "${NAMES[$i]}" "$cpu" "$ratio" "$rps" "$p50" "$p99" "$over"
+  for i in "${turns[@]}"; do
+    read -r cpu rps < <(run_cpu "$i")
+    CPU[$i]+="$cpu"$'\n'; RPS[$i]+="$rps"$'\n'
+  done
+done
+if command -v oha >/dev/null; then
+  for round in $(seq "$LAT_ROUNDS"); do
+    echo "latency round $round of $LAT_ROUNDS" >&2
+    turns=("${!NAMES[@]}")
+    if [ $((round % 2)) = 0 ]; then
+      turns=(); for ((k = ${#NAMES[@]} - 1; k >= 0; k--)); do turns+=("$k"); done
+    fi
+    for i in "${turns[@]}"; do
+      if [ -n "${ARGS[$i]}" ]; then LAT[$i]+="$(latency_run "${URLS[$i]}" -H "${ARGS[$i]}")"$'\n'
+      else LAT[$i]+="$(latency_run "${URLS[$i]}")"$'\n'; fi
+    done
+  done
+fi
+
+col() { awk -v c="$2" 'NF && $c != "-" {print $c}' <<<"$1"; }
+# ratios INDEX: this contender's CPU in each round over the mean of the
+# round's two nginx turns (for "again": over the first nginx turn).
+ratios() {
+  if [ "$1" = again ]; then
+    paste -d' ' <(col "${CPU[again]}" 1) <(col "${CPU[1]}" 1) | awk '{printf "%.4f\n", $1 / $2}'
+  else
+    paste -d' ' <(col "${CPU[$1]}" 1) <(col "${CPU[1]}" 1) <(col "${CPU[again]}" 1) |
+      awk '{printf "%.4f\n", 2 * $1 / ($2 + $3)}'
+  fi
+}
+echo
+echo "CPU: median of $ROUNDS rounds of ${SLICE} s turns; latency: median of $LAT_ROUNDS rounds of ${LAT_SECS} s at ${RATE}/s"
+echo
+echo "| contender                  | CPU µs/req | × nginx (per round) | middle half | req/s (wrk) | p50 ms | p99 ms | p99 over direct |"
+echo "| --- | ---: | ---: | :---: | ---: | ---: | ---: | ---: |"
+for i in "${ORDER[@]}"; do
+  if [ "$i" = again ]; then name="nginx, second turn (control)"; else name=${NAMES[$i]}; fi
+  cpu=$(col "${CPU[$i]}" 1 | median); rps=$(col "${RPS[$i]}" 1 | median | awk '{printf "%d", $1}')
+  p50=-; p99=-; over=-
+  if [ "$i" != again ] && [ -n "${LAT[$i]:-}" ]; then
+    p50=$(col "${LAT[$i]}" 1 | median); p99=$(col "${LAT[$i]}" 2 | median)
+    # Within each round, as the CPU ratios: the median of the differences.
+    over=$(paste -d' ' <(col "${LAT[$i]}" 2) <(col "${LAT[0]}" 2) | awk '{printf "%.4f\n", $1 - $2}' | median |
+      awk '{printf "%+.3f", $1}')
+  fi
+  ratio=-; half=-
+  if [ "$HAVE_NGINX" = 1 ] && [ -n "${CHARGE[${i/again/1}]}" ] && [ "$i" != 1 ]; then
+    r=$(ratios "$i")
+    ratio=$(median <<<"$r" | awk '{printf "%.2f", $1}')
+    half="$(quantile 0.25 <<<"$r" | awk '{printf "%.2f", $1}')–$(quantile 0.75 <<<"$r" | awk '{printf "%.2f", $1}')"
+  fi
+  printf "| %-26s | %10s | %7s | %11s | %11s | %6s | %6s | %15s |\n" "$name" "$cpu" "$ratio" "$half" "$rps" "$p50" "$p99" "$over"
 done
 echo
-echo "CPU us/req in each round:"
-for i in "${!NAMES[@]}"; do
-  [ -n "${CHARGE[$i]}" ] && printf "  %-26s %s\n" "${NAMES[$i]}" "$(awk 'NF {printf "%s ", $1}' <<<"${RESULTS[$i]}")"
+echo "CPU µs/req in each round:"
+for i in "${ORDER[@]}"; do
+  if [ "$i" = again ]; then name="nginx, second turn"; else name=${NAMES[$i]}; fi
+  [ -n "${CHARGE[${i/again/1}]}" ] && printf "  %-26s %s\n" "$name" "$(col "${CPU[$i]}" 1 | tr '\n' ' ')"
 done
+if [ -n "${LAT[0]:-}" ]; then
+  echo
+  echo "p99 ms in each latency round:"
+  for i in "${!NAMES[@]}"; do printf "  %-26s %s\n" "${NAMES[$i]}" "$(col "${LAT[$i]}" 2 | tr '\n' ' ')"; done
+fi
 echo
 echo "gateway RSS: idle after start ${IDLE_RSS} kB; per idle keep-alive connection ${CONN_KB} kB;" \
   "after login and the runs $(awk '/VmRSS/ {print $2}' /proc/$GW_PID/status) kB"
