@@ -152,4 +152,4 @@ fn unverified_exp(token: &str) -> Option<i64> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,6 +1,7 @@
 use super::*;
 
-fn claims(now: i64) -> AccessClaims {
+/// Claims for a fresh access token issued at `now` (shared with other tests).
+pub(crate) fn claims(now: i64) -> AccessClaims {
     AccessClaims {
         iss: "gateway".into(),
         aud: "gateway".into(),

@@ -27,20 +27,7 @@ fn fixture() -> Fixture {
 /// A fresh token (issued now, so the never-polled state's staleness rule
 /// does not refuse it) and its claims.
 fn token(keys: &KeyRing) -> (String, AccessClaims) {
-    let now = crate::db::unix_now();
-    let claims = AccessClaims {
-        iss: "gateway".into(),
-        aud: "gateway".into(),
-        sub: Uuid::new_v4(),
-        tid: Uuid::new_v4(),
-        sid: Uuid::new_v4(),
-        jti: Uuid::new_v4(),
-        iat: now,
-        exp: now + 900,
-        nbf: None,
-        roles: vec![],
-        scope: String::new(),
-    };
+    let claims = crate::auth::token::tests::claims(crate::db::unix_now());
     (sign(keys, &claims).expect("sign"), claims)
 }
 
