@@ -348,11 +348,11 @@ fn keep_apart(s: &mut Semantics, more: &mut bool, map: &mut HeaderMap, value: By
 }
 
 /// Adds a kept-apart `Authorization` value to `map` (which, where it is
-/// called, has none yet). Copied, and through `entry` rather than `append`:
-/// another call of either made the optimiser stop inlining them into
-/// [`header_map`]'s loop, which every field of every head goes through
-/// (callgrind: 300 instructions more per request), for a value that is only
-/// put back on its way to a 400, a public route, `pass_token` or the API.
+/// called, has none yet). Copied, and through `entry` rather than `append`,
+/// so that this rare path adds no call site to the functions the optimiser
+/// inlines into [`header_map`]'s loop, which every field of every head goes
+/// through. The value is only put back on its way to a 400, a public route,
+/// `pass_token` or the API.
 #[cold]
 pub fn put_authorization(map: &mut HeaderMap, value: &[u8]) -> Result<(), &'static str> {
     let value = HeaderValue::from_bytes(value).map_err(|_| "invalid header value")?;
