@@ -297,7 +297,8 @@ fn trailers_end(buf: &[u8]) -> Result<Option<usize>, BodyError> {
 /// With `authorization_apart` (requests), a request's only `Authorization`
 /// field is not put in the map but returned in
 /// [`Semantics::authorization`]. Making a `HeaderValue` checks every byte
-/// again, one at a time, after httparse has checked them (httparse accepts
+/// again (about 2.6 instructions a byte in the release build, by callgrind:
+/// the check is not vectorised there) after httparse has (httparse accepts
 /// exactly the bytes `HeaderValue` does: HTAB, 0x20–0x7E, 0x80–0xFF); for a
 /// token of several hundred bytes that was a quarter of what a valid token
 /// costs the proxy over a public request, for a value that is then read once
