@@ -172,6 +172,7 @@ for i in "${!NAMES[@]}"; do # warm-up: pools, caches, lazy registrations
 done
 
 declare -A CPU RPS LAT
+for i in "${ORDER[@]}"; do CPU[$i]=""; RPS[$i]=""; LAT[$i]=""; done
 for round in $(seq "$ROUNDS"); do
   echo "CPU round $round of $ROUNDS" >&2
   turns=("${ORDER[@]}")
@@ -191,8 +192,9 @@ if command -v oha >/dev/null; then
       turns=(); for ((k = ${#NAMES[@]} - 1; k >= 0; k--)); do turns+=("$k"); done
     fi
     for i in "${turns[@]}"; do
-      if [ -n "${ARGS[$i]}" ]; then LAT[$i]+="$(latency_run "${URLS[$i]}" -H "${ARGS[$i]}")"$'\n'
-      else LAT[$i]+="$(latency_run "${URLS[$i]}")"$'\n'; fi
+      if [ -n "${ARGS[$i]}" ]; then lat=$(latency_run "${URLS[$i]}" -H "${ARGS[$i]}"); else lat=$(latency_run "${URLS[$i]}"); fi
+      LAT[$i]+="$lat"$'\n'
+      echo "  ${NAMES[$i]}: p50 p99 $lat" >&2
     done
   done
 fi
@@ -224,7 +226,7 @@ for i in "${ORDER[@]}"; do
       awk '{printf "%+.3f", $1}')
   fi
   ratio=-; half=-
-  if [ "$HAVE_NGINX" = 1 ] && [ -n "${CHARGE[${i/again/1}]}" ] && [ "$i" != 1 ]; then
+  if [ "$HAVE_NGINX" = 1 ] && [ "$ROUNDS" -gt 0 ] && [ -n "${CHARGE[${i/again/1}]}" ] && [ "$i" != 1 ]; then
     r=$(ratios "$i")
     ratio=$(median <<<"$r" | awk '{printf "%.2f", $1}')
     half="$(quantile 0.25 <<<"$r" | awk '{printf "%.2f", $1}')–$(quantile 0.75 <<<"$r" | awk '{printf "%.2f", $1}')"
@@ -235,7 +237,7 @@ echo
 echo "CPU µs/req in each round:"
 for i in "${ORDER[@]}"; do
   if [ "$i" = again ]; then name="nginx, second turn"; else name=${NAMES[$i]}; fi
-  [ -n "${CHARGE[${i/again/1}]}" ] && printf "  %-26s %s\n" "$name" "$(col "${CPU[$i]}" 1 | tr '\n' ' ')"
+  [ -n "${CHARGE[${i/again/1}]}" ] && [ "$ROUNDS" -gt 0 ] && printf "  %-26s %s\n" "$name" "$(col "${CPU[$i]}" 1 | tr '\n' ' ')"
 done
 if [ -n "${LAT[0]:-}" ]; then
   echo
