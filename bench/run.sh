@@ -20,7 +20,11 @@
 #    (oha -q RATE --latency-correction, 32 connections), when oha is
 #    installed; LAT_ROUNDS rounds of LAT_SECS seconds per contender, in
 #    reverse order every other round. "p99 over direct" is the median of
-#    each round's difference to that round's direct run.
+#    each round's difference to that round's direct run. Beside each
+#    proxy's p99 the script prints how long the proxy was ready to run but
+#    kept waiting for its CPU (schedstat), which is the machine's share of
+#    that tail: on a VM, other guests' processes and non-preemptible kernel
+#    threads (kdamond, here) land on the lightly loaded proxy core.
 #
 # Each figure is the median of its rounds; the ratios also show their
 # middle half (25th to 75th percentile).
@@ -52,6 +56,9 @@ cargo build --release --quiet --bin gateway --example bench_upstream
 BIN=target/release/gateway
 TCK=$(getconf CLK_TCK)
 
+# run_queue_ns PIDS...: nanoseconds the threads of PIDS have spent ready to
+# run but waiting for a CPU (schedstat's second field), in total.
+run_queue_ns() { local p; for p in "$@"; do cat /proc/"$p"/task/*/schedstat; done | awk '{t += $2} END {printf "%d", t}'; }
 cpu_ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 
 # The upstream: nginx `return 200` if available, else a small hyper server.
@@ -192,9 +199,14 @@ if command -v oha >/dev/null; then
       turns=(); for ((k = ${#NAMES[@]} - 1; k >= 0; k--)); do turns+=("$k"); done
     fi
     for i in "${turns[@]}"; do
+      # The proxy's time spent ready but kept off its CPU (by other
+      # processes or kernel threads) in this turn: the machine's share of
+      # its tail, shown beside it.
+      waited=-; [ -n "${CHARGE[$i]}" ] && waited=$(run_queue_ns ${CHARGE[$i]})
       if [ -n "${ARGS[$i]}" ]; then lat=$(latency_run "${URLS[$i]}" -H "${ARGS[$i]}"); else lat=$(latency_run "${URLS[$i]}"); fi
-      LAT[$i]+="$lat"$'\n'
-      echo "  ${NAMES[$i]}: p50 p99 $lat" >&2
+      [ -n "${CHARGE[$i]}" ] && waited=$(awk -v a="$waited" -v b="$(run_queue_ns ${CHARGE[$i]})" 'BEGIN {printf "%.1f", (b - a) / 1e6}')
+      LAT[$i]+="$lat $waited"$'\n'
+      echo "  ${NAMES[$i]}: p50 p99 $lat, waited for the CPU $waited ms" >&2
     done
   done
 fi
@@ -213,7 +225,7 @@ ratios() {
 echo
 echo "CPU: median of $ROUNDS rounds of ${SLICE} s turns; latency: median of $LAT_ROUNDS rounds of ${LAT_SECS} s at ${RATE}/s"
 echo
-echo "| contender                  | CPU µs/req | × nginx (per round) | middle half | req/s (wrk) | p50 ms | p99 ms | p99 over direct |"
+echo "| contender                  | CPU µs/req | × nginx (per round) | middle half | req/s (wrk) | p50 ms | p99 ms | p99 over direct (middle half) |"
 echo "| --- | ---: | ---: | :---: | ---: | ---: | ---: | ---: |"
 for i in "${ORDER[@]}"; do
   if [ "$i" = again ]; then name="nginx, second turn (control)"; else name=${NAMES[$i]}; fi
@@ -222,8 +234,10 @@ for i in "${ORDER[@]}"; do
   if [ "$i" != again ] && [ -n "${LAT[$i]:-}" ]; then
     p50=$(col "${LAT[$i]}" 1 | median); p99=$(col "${LAT[$i]}" 2 | median)
     # Within each round, as the CPU ratios: the median of the differences.
-    over=$(paste -d' ' <(col "${LAT[$i]}" 2) <(col "${LAT[0]}" 2) | awk '{printf "%.4f\n", $1 - $2}' | median |
-      awk '{printf "%+.3f", $1}')
+    # Its middle half, as for the ratios, shows how far single rounds stray.
+    d=$(paste -d' ' <(col "${LAT[$i]}" 2) <(col "${LAT[0]}" 2) | awk '{printf "%.4f\n", $1 - $2}')
+    over=$(median <<<"$d" | awk '{printf "%+.3f", $1}')
+    [ "$i" != 0 ] && over+=" ($(quantile 0.25 <<<"$d" | awk '{printf "%+.2f", $1}')…$(quantile 0.75 <<<"$d" | awk '{printf "%+.2f", $1}'))"
   fi
   ratio=-; half=-
   if [ "$HAVE_NGINX" = 1 ] && [ "$ROUNDS" -gt 0 ] && [ -n "${CHARGE[${i/again/1}]}" ] && [ "$i" != 1 ]; then
@@ -231,18 +245,20 @@ for i in "${ORDER[@]}"; do
     ratio=$(median <<<"$r" | awk '{printf "%.2f", $1}')
     half="$(quantile 0.25 <<<"$r" | awk '{printf "%.2f", $1}')–$(quantile 0.75 <<<"$r" | awk '{printf "%.2f", $1}')"
   fi
-  printf "| %-26s | %10s | %7s | %11s | %11s | %6s | %6s | %15s |\n" "$name" "$cpu" "$ratio" "$half" "$rps" "$p50" "$p99" "$over"
+  printf "| %-26s | %10s | %7s | %11s | %11s | %6s | %6s | %s |\n" "$name" "$cpu" "$ratio" "$half" "$rps" "$p50" "$p99" "$over"
 done
 echo
-echo "CPU µs/req in each round:"
+[ "$ROUNDS" -gt 0 ] && echo "CPU µs/req in each round:"
 for i in "${ORDER[@]}"; do
   if [ "$i" = again ]; then name="nginx, second turn"; else name=${NAMES[$i]}; fi
   [ -n "${CHARGE[${i/again/1}]}" ] && [ "$ROUNDS" -gt 0 ] && printf "  %-26s %s\n" "$name" "$(col "${CPU[$i]}" 1 | tr '\n' ' ')"
 done
 if [ -n "${LAT[0]:-}" ]; then
   echo
-  echo "p99 ms in each latency round:"
-  for i in "${!NAMES[@]}"; do printf "  %-26s %s\n" "${NAMES[$i]}" "$(col "${LAT[$i]}" 2 | tr '\n' ' ')"; done
+  echo "p99 ms in each latency round (in brackets: ms the proxy was ready to run but kept waiting for its CPU):"
+  for i in "${!NAMES[@]}"; do
+    printf "  %-26s %s\n" "${NAMES[$i]}" "$(awk 'NF {printf "%s%s ", $2, ($3 == "-" ? "" : " (" $3 ")")}' <<<"${LAT[$i]}")"
+  done
 fi
 echo
 echo "gateway RSS: idle after start ${IDLE_RSS} kB; per idle keep-alive connection ${CONN_KB} kB;" \
