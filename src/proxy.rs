@@ -66,19 +66,38 @@ use upstream::{UpstreamBody, UpstreamClient};
 pub struct Conn {
     pub peer: SocketAddr,
     pub https: bool,
-    /// The connection's slot under `server.max_connections` (None in tests
-    /// that drive the service directly).
-    pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+    /// What the connection holds for its life, and its WebSocket tunnel
+    /// after it (None in tests that drive the service directly).
+    pub slot: Option<Arc<Slot>>,
     /// The peer's address as a header value, rendered once per connection
     /// rather than per request (`X-Forwarded-For`).
     pub peer_header: HeaderValue,
 }
 
 impl Conn {
-    pub fn new(peer: SocketAddr, https: bool, slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>) -> Self {
+    pub fn new(peer: SocketAddr, https: bool, slot: Option<Arc<Slot>>) -> Self {
         let peer_header =
             HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Self { peer, https, slot, peer_header }
+    }
+}
+
+/// What a client connection holds while it lives, and hands to its
+/// WebSocket tunnel when it becomes one: its place under
+/// `server.max_connections`, so tunnels count against the limit; and a
+/// watch on its worker's graceful shutdown, so that a shutdown waits for
+/// open tunnels, up to `server.shutdown_grace`, as it waits for requests
+/// in flight. Tunnels still open when the grace ends are closed with the
+/// worker.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _drain: hyper_util::server::graceful::Watcher,
+}
+
+impl Slot {
+    pub fn new(permit: tokio::sync::OwnedSemaphorePermit, drain: hyper_util::server::graceful::Watcher) -> Self {
+        Self { _permit: permit, _drain: drain }
     }
 }
 
@@ -539,7 +558,7 @@ fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
 fn respond(
     mut response: Response<UpstreamBody>,
     client_upgrade: Option<OnUpgrade>,
-    slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+    slot: Option<Arc<Slot>>,
     tunnel_idle_timeout: Duration,
 ) -> Response<Body> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -551,8 +570,9 @@ fn respond(
                 return ProxyError::BadGateway("upgrade").into_response();
             };
             tokio::spawn(async move {
-                // The tunnel keeps the connection's slot until it closes, so
-                // WebSockets count against server.max_connections.
+                // The tunnel keeps the connection's slot until it closes:
+                // it counts against server.max_connections, and a graceful
+                // shutdown waits for it.
                 let _slot = slot;
                 match client.connection().await {
                     Ok(client) => tunnel::splice(client, upstream, tunnel_idle_timeout).await,

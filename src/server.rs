@@ -45,7 +45,7 @@ use crate::config::{ServerConfig, UpstreamSettings};
 use crate::http1;
 use crate::http1::upgrade::{Io, Upgraded};
 use crate::proxy::upstream::UpstreamClient;
-use crate::proxy::{Conn, Proxy};
+use crate::proxy::{Conn, Proxy, Slot};
 
 /// Binds `addr` with `SO_REUSEPORT`, so that every worker can listen on the
 /// same address with a socket of its own. Needs a tokio runtime context; the
@@ -181,8 +181,9 @@ pub async fn serve_public(
             shutdown: shutdown.clone(),
         };
         let tls = tls.clone();
+        let drain = graceful.watcher();
         let task = async move {
-            let slot = Some(Arc::new(permit));
+            let slot = Some(Arc::new(Slot::new(permit, drain)));
             match tls {
                 None => serve_connection(ctx, stream, Conn::new(peer, false, slot), false).await,
                 // Boxed: a TLS handshake is a large future, and inline it

@@ -59,6 +59,8 @@ pub struct TestOptions {
     pub database_extra: String,
     /// Extra lines inside the `[auth]` table, e.g. `revocation_max_staleness = "3s"`.
     pub auth_extra: String,
+    /// `server.shutdown_grace`.
+    pub shutdown_grace: &'static str,
     /// Extra lines inside the `[server]` table, e.g. `trusted_proxies = ["127.0.0.1/32"]`.
     pub server_extra: String,
     /// Appended at the end of the file: `[[routes]]`, `[headers]`, `[upstream]`, `[server.tls]` tables.
@@ -80,6 +82,7 @@ impl Default for TestOptions {
             database_url: None,
             database_extra: String::new(),
             auth_extra: String::new(),
+            shutdown_grace: "5s",
             server_extra: String::new(),
             extra: String::new(),
         }
@@ -107,7 +110,7 @@ pub fn config_toml(opts: &TestOptions) -> String {
     format!(
         r#"[server]
 listen = "127.0.0.1:0"
-shutdown_grace = "5s"
+shutdown_grace = "{shutdown_grace}"
 {server_extra}
 
 [admin]
@@ -145,6 +148,7 @@ parallelism = 1
         database_extra = opts.database_extra,
         keys_dir = toml_string(&opts.keys_dir),
         revocation_poll = opts.revocation_poll,
+        shutdown_grace = opts.shutdown_grace,
         auth_extra = opts.auth_extra,
         access_token_ttl = opts.access_token_ttl,
         refresh_token_ttl = opts.refresh_token_ttl,
@@ -468,6 +472,36 @@ pub struct TestApp {
     shared_keys: Option<Arc<TempDir>>,
 }
 
+/// An app whose shutdown has been sent (see [`TestApp::begin_stop`]).
+pub struct Stopping {
+    handle: JoinHandle<anyhow::Result<()>>,
+    dir: TempDir,
+    database: Option<Arc<PgDatabase>>,
+    shared_keys: Option<Arc<TempDir>>,
+}
+
+impl Stopping {
+    /// Whether `App::run` has returned.
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Waits up to `limit` for the drain, asserts `run` returned Ok, and
+    /// cleans up as [`TestApp::stop`] does.
+    pub async fn finish_within(self, limit: Duration) {
+        let Stopping { handle, dir, database, shared_keys } = self;
+        let joined = tokio::time::timeout(limit, handle)
+            .await
+            .unwrap_or_else(|_| panic!("graceful shutdown did not finish within {limit:?}"));
+        joined.expect("app task did not panic").unwrap_or_else(|e| panic!("App::run returned an error: {e:#}"));
+        drop(dir);
+        drop(shared_keys);
+        if let Some(database) = database.and_then(Arc::into_inner) {
+            database.remove().await;
+        }
+    }
+}
+
 impl TestApp {
     /// Sends shutdown, waits for the graceful drain and asserts `run` returned Ok; then drops
     /// the PostgreSQL database unless another replica still uses it.
@@ -479,6 +513,15 @@ impl TestApp {
         if let Some(database) = database.and_then(Arc::into_inner) {
             database.remove().await;
         }
+    }
+
+    /// Sends shutdown without waiting for the drain: the returned [`Stopping`] does.
+    pub fn begin_stop(self) -> Stopping {
+        let TestApp { dir, client, shutdown, handle, database, shared_keys, .. } = self;
+        drop(client);
+        // An Err here means run() already returned; Stopping::finish_within checks its result.
+        let _ = shutdown.send(());
+        Stopping { handle, dir, database, shared_keys }
     }
 
     /// Stops this app and builds a fresh one from the same config (same db, same keys).

@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::helpers::{
     assert_error, assert_error_in, eventually, parse_tokens, raw_get, raw_request, raw_request_all, route,
-    spawn_app_in, spawn_app_with, TestOptions, PASSWORD,
+    spawn_app_in, spawn_app_with, Stopping, TestOptions, PASSWORD,
 };
 use crate::upstream::{dead_upstream_url, echo, spawn_upstream};
 
@@ -375,6 +375,75 @@ async fn graceful_shutdown_lets_in_flight_requests_finish() {
         .expect("the in-flight request finished")
         .expect("the request task did not panic");
     assert_eq!(e.path(), "/slow/x", "{}", e.0);
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Sends `text` and asserts that the upstream's echo comes back through the tunnel.
+async fn ws_echo(ws: &mut Ws, text: &str) {
+    let message = Message::text(text.to_owned());
+    ws.send(message.clone()).await.unwrap_or_else(|e| panic!("send {text:?}: {e}"));
+    let next = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    match next {
+        Ok(Some(Ok(reply))) => assert_eq!(reply, message),
+        Ok(Some(Err(e))) => panic!("reading the echo of {text:?}: {e}"),
+        Ok(None) => panic!("the tunnel closed before echoing {text:?}"),
+        Err(_) => panic!("no echo of {text:?} within 10 s"),
+    }
+}
+
+/// Opens a WebSocket on the public route "/ws-route" of an app with
+/// `shutdown_grace`, echoes once, then sends the shutdown and waits until
+/// the listener has closed, so that what follows happens during the drain.
+async fn websocket_then_shutdown(shutdown_grace: &'static str) -> (Ws, Stopping) {
+    let svc = spawn_upstream("ws").await;
+    let opts =
+        TestOptions { shutdown_grace, ..TestOptions::with_extra(route("ws", "/ws-route", &[svc.url()], PUBLIC)) };
+    let app = spawn_app_with(opts).await;
+    let addr = app.addr;
+    let url = format!("ws://{addr}/ws-route/x?mode=ws");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("WebSocket handshake via gateway");
+    ws_echo(&mut ws, "before the shutdown").await;
+    let stopping = app.begin_stop();
+    eventually(
+        "the listener closed",
+        Duration::from_secs(10),
+        || async move { TcpStream::connect(addr).await.is_err() },
+    )
+    .await;
+    (ws, stopping)
+}
+
+/// A shutdown waits for open WebSocket tunnels as for requests in flight:
+/// they keep carrying messages, and the drain ends when the last one closes
+/// (well before the grace period).
+#[tokio::test]
+async fn graceful_shutdown_waits_for_open_websocket_tunnels() {
+    let (mut ws, stopping) = websocket_then_shutdown("60s").await;
+    for i in 0..3 {
+        ws_echo(&mut ws, &format!("during the drain {i}")).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!stopping.is_finished(), "the shutdown finished while a tunnel was open");
+    ws.close(None).await.expect("close the WebSocket");
+    drop(ws);
+    stopping.finish_within(Duration::from_secs(20)).await;
+}
+
+/// A tunnel still open when the grace period ends is closed, and the
+/// shutdown completes.
+#[tokio::test]
+async fn graceful_shutdown_closes_tunnels_left_open_at_the_end_of_the_grace() {
+    let (mut ws, stopping) = websocket_then_shutdown("2s").await;
+    ws_echo(&mut ws, "during the drain").await;
+    let end = tokio::time::timeout(Duration::from_secs(20), ws.next())
+        .await
+        .expect("the tunnel was closed when the grace period ended");
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "a message arrived on a tunnel the shutdown should have closed: {end:?}"
+    );
+    stopping.finish_within(Duration::from_secs(20)).await;
 }
 
 /// A request-smuggling classic: a Content-Length that covers a second,
