@@ -93,11 +93,31 @@ impl Conn {
 pub struct Slot {
     _permit: tokio::sync::OwnedSemaphorePermit,
     _drain: hyper_util::server::graceful::Watcher,
+    _open: Open,
 }
 
 impl Slot {
     pub fn new(permit: tokio::sync::OwnedSemaphorePermit, drain: hyper_util::server::graceful::Watcher) -> Self {
-        Self { _permit: permit, _drain: drain }
+        let open = Open::new(metrics::gauge!("gateway_connections_open"));
+        Self { _permit: permit, _drain: drain, _open: open }
+    }
+}
+
+/// One unit of a gauge of open things, given back when dropped, so that a
+/// task cancelled at shutdown still counts itself out.
+#[derive(Debug)]
+struct Open(metrics::Gauge);
+
+impl Open {
+    fn new(gauge: metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 
@@ -426,7 +446,13 @@ impl Proxy {
                         upstream_error(&cfg.name, "upgrade");
                         return Err(ProxyError::BadGateway("upgrade"));
                     }
-                    return Ok(respond(response, client_upgrade, conn.slot.clone(), self.tunnel_idle_timeout));
+                    return Ok(respond(
+                        response,
+                        client_upgrade,
+                        conn.slot.clone(),
+                        &cfg.name,
+                        self.tunnel_idle_timeout,
+                    ));
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     upstream_error(&cfg.name, "connect");
@@ -559,6 +585,7 @@ fn respond(
     mut response: Response<UpstreamBody>,
     client_upgrade: Option<OnUpgrade>,
     slot: Option<Arc<Slot>>,
+    route: &str,
     tunnel_idle_timeout: Duration,
 ) -> Response<Body> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -569,13 +596,18 @@ fn respond(
                 // built, so the client must not be told it switched.
                 return ProxyError::BadGateway("upgrade").into_response();
             };
+            let route = route.to_owned();
             tokio::spawn(async move {
                 // The tunnel keeps the connection's slot until it closes:
                 // it counts against server.max_connections, and a graceful
                 // shutdown waits for it.
                 let _slot = slot;
                 match client.connection().await {
-                    Ok(client) => tunnel::splice(client, upstream, tunnel_idle_timeout).await,
+                    Ok(client) => {
+                        metrics::counter!("gateway_websocket_tunnels_total", "route" => route.clone()).increment(1);
+                        let _open = Open::new(metrics::gauge!("gateway_websocket_tunnels_open", "route" => route));
+                        tunnel::splice(client, upstream, tunnel_idle_timeout).await;
+                    }
                     Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
                 }
             });

@@ -414,6 +414,37 @@ async fn websocket_then_shutdown(shutdown_grace: &'static str) -> (Ws, Stopping)
     (ws, stopping)
 }
 
+/// Open tunnels are counted while they last, by route (the route name is
+/// this test's own: the metrics recorder is shared by the whole test binary).
+#[tokio::test]
+async fn open_websocket_tunnels_are_counted() {
+    let svc = spawn_upstream("ws").await;
+    let app = spawn_app_with(TestOptions::with_extra(route("ws-gauge", "/ws-route", &[svc.url()], PUBLIC))).await;
+    let url = format!("ws://{}/ws-route/x?mode=ws", app.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("WebSocket handshake via gateway");
+    ws_echo(&mut ws, "counted").await;
+    let metrics = app.metrics().await;
+    for line in [
+        "gateway_websocket_tunnels_open{route=\"ws-gauge\"} 1",
+        "gateway_websocket_tunnels_total{route=\"ws-gauge\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "expected {line:?} in:\n{metrics}");
+    }
+    assert!(
+        metrics.lines().any(|l| l.starts_with("gateway_connections_open ")),
+        "no gateway_connections_open in:\n{metrics}"
+    );
+
+    ws.close(None).await.expect("close the WebSocket");
+    drop(ws);
+    let running = &app;
+    eventually("the closed tunnel is counted out", Duration::from_secs(10), || async move {
+        running.metrics().await.lines().any(|l| l == "gateway_websocket_tunnels_open{route=\"ws-gauge\"} 0")
+    })
+    .await;
+    app.stop().await;
+}
+
 /// A shutdown waits for open WebSocket tunnels as for requests in flight:
 /// they keep carrying messages, and the drain ends when the last one closes
 /// (well before the grace period).
