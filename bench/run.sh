@@ -58,7 +58,12 @@ TCK=$(getconf CLK_TCK)
 
 # run_queue_ns PIDS...: nanoseconds the threads of PIDS have spent ready to
 # run but waiting for a CPU (schedstat's second field), in total.
-run_queue_ns() { local p; for p in "$@"; do cat /proc/"$p"/task/*/schedstat; done | awk '{t += $2} END {printf "%d", t}'; }
+# (A thread may exit between the glob and the read, and a kernel without
+# schedstat has no such file: neither may end the run.)
+run_queue_ns() {
+  local p; for p in "$@"; do cat /proc/"$p"/task/*/schedstat 2>/dev/null || true; done |
+    awk '{t += $2} END {printf "%.0f", t}'
+}
 cpu_ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 
 # The upstream: nginx `return 200` if available, else a small hyper server.
@@ -229,7 +234,7 @@ echo "| contender                  | CPU µs/req | × nginx (per round) | middle
 echo "| --- | ---: | ---: | :---: | ---: | ---: | ---: | ---: |"
 for i in "${ORDER[@]}"; do
   if [ "$i" = again ]; then name="nginx, second turn (control)"; else name=${NAMES[$i]}; fi
-  cpu=$(col "${CPU[$i]}" 1 | median); rps=$(col "${RPS[$i]}" 1 | median | awk '{printf "%d", $1}')
+  cpu=$(col "${CPU[$i]}" 1 | median); rps=$(col "${RPS[$i]}" 1 | median | awk '{print ($1 == "-") ? "-" : sprintf("%d", $1)}')
   p50=-; p99=-; over=-
   if [ "$i" != again ] && [ -n "${LAT[$i]:-}" ]; then
     p50=$(col "${LAT[$i]}" 1 | median); p99=$(col "${LAT[$i]}" 2 | median)

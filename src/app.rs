@@ -9,7 +9,7 @@
 use std::future::IntoFuture as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
@@ -129,8 +129,11 @@ impl App {
     }
 
     /// Serves until `shutdown` resolves, then drains and returns. Draining
-    /// is bounded by `server.shutdown_grace`: whatever is still running then
-    /// (a stuck admin connection, a query on a dead database) is abandoned.
+    /// is bounded by one deadline, `server.shutdown_grace` after the stop:
+    /// requests and WebSocket tunnels still open then are closed, and
+    /// whatever else is still running (a stuck admin connection, a query on
+    /// a dead database) is abandoned. Closing the database pool gets at
+    /// least a second of its own, even when the workers used the whole grace.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = {
@@ -165,8 +168,11 @@ impl App {
                 return Err(e.context("starting the public listener's workers"));
             }
         };
+        let stopped_at = Arc::new(std::sync::OnceLock::new());
+        let mark = Arc::clone(&stopped_at);
         tokio::spawn(async move {
             shutdown.await;
+            let _ = mark.set(Instant::now());
             let _ = stop_tx.send(true);
         });
         tracing::info!(public = %addr, admin = %admin_addr, workers = threads.len(), "gateway listening");
@@ -215,8 +221,12 @@ impl App {
             store.close().await;
             admin
         };
-        let grace = self.config.server.shutdown_grace.max(Duration::from_secs(1));
-        let admin = match tokio::time::timeout(grace, rest).await {
+        // The workers drained within their grace; the rest shares the same
+        // deadline (background tasks and the admin listener have been
+        // stopping since the stop, alongside the workers).
+        let grace = self.config.server.shutdown_grace;
+        let left = stopped_at.get().map_or(grace, |at| (*at + grace).saturating_duration_since(Instant::now()));
+        let admin = match tokio::time::timeout(left.max(Duration::from_secs(1)), rest).await {
             Ok(admin) => admin,
             Err(_) => {
                 tracing::warn!("background tasks did not stop within the grace period; abandoning them");
@@ -253,7 +263,7 @@ async fn maintain(
 ) {
     tokio::pin!(shutdown);
     let retention = secs(lockout.max(Duration::from_secs(86_400)));
-    let mut last_purge: Option<std::time::Instant> = None;
+    let mut last_purge: Option<Instant> = None;
     loop {
         tokio::select! {
             () = &mut shutdown => return,
@@ -263,7 +273,7 @@ async fn maintain(
             tracing::warn!(error = %e, "tenant directory refresh failed");
         }
         if last_purge.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
-            last_purge = Some(std::time::Instant::now());
+            last_purge = Some(Instant::now());
             match store.purge_login_attempts(unix_now() - retention).await {
                 Ok(n) if n > 0 => tracing::info!(deleted = n, "purged idle lockout counters"),
                 Ok(_) => {}

@@ -91,15 +91,17 @@ impl Conn {
 /// worker.
 #[derive(Debug)]
 pub struct Slot {
+    // Fields drop in order: counted out before the permit is given back,
+    // so the gauge never shows more than `server.max_connections`.
+    _open: Open,
     _permit: tokio::sync::OwnedSemaphorePermit,
     _drain: hyper_util::server::graceful::Watcher,
-    _open: Open,
 }
 
 impl Slot {
     pub fn new(permit: tokio::sync::OwnedSemaphorePermit, drain: hyper_util::server::graceful::Watcher) -> Self {
         let open = Open::new(metrics::gauge!("gateway_connections_open"));
-        Self { _permit: permit, _drain: drain, _open: open }
+        Self { _open: open, _permit: permit, _drain: drain }
     }
 }
 

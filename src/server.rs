@@ -100,6 +100,9 @@ pub fn spawn_workers(
                 Arc::clone(&shared.slots),
                 shutdown,
             ));
+            // Tasks still running (tunnels past the grace) are dropped; a
+            // blocking DNS lookup is not waited for past a second.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
         });
         match handle {
             Ok(h) => handles.push(h),
@@ -113,7 +116,8 @@ pub fn spawn_workers(
 }
 
 /// Serves one listening socket until `shutdown` turns true, then stops
-/// accepting and waits up to `shutdown_grace` for open requests.
+/// accepting and waits up to `shutdown_grace` for open requests and
+/// WebSocket tunnels.
 pub async fn serve_public(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,

@@ -213,7 +213,9 @@ async fn websocket_is_proxied_with_identity() {
         assert_eq!(reply, message);
     }
     // Closing may race the peer's close; either way the session is over.
+    // Dropped, so that the tunnel ends now rather than at the shutdown's grace.
     let _ = ws.close(None).await;
+    drop(ws);
 
     let seen = svc.last();
     assert_eq!(seen.method, "GET");
@@ -395,7 +397,8 @@ async fn ws_echo(ws: &mut Ws, text: &str) {
 /// Opens a WebSocket on the public route "/ws-route" of an app with
 /// `shutdown_grace`, echoes once, then sends the shutdown and waits until
 /// the listener has closed, so that what follows happens during the drain.
-async fn websocket_then_shutdown(shutdown_grace: &'static str) -> (Ws, Stopping) {
+/// Also returns when the shutdown was sent.
+async fn websocket_then_shutdown(shutdown_grace: &'static str) -> (Ws, Stopping, Instant) {
     let svc = spawn_upstream("ws").await;
     let opts =
         TestOptions { shutdown_grace, ..TestOptions::with_extra(route("ws", "/ws-route", &[svc.url()], PUBLIC)) };
@@ -404,6 +407,7 @@ async fn websocket_then_shutdown(shutdown_grace: &'static str) -> (Ws, Stopping)
     let url = format!("ws://{addr}/ws-route/x?mode=ws");
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("WebSocket handshake via gateway");
     ws_echo(&mut ws, "before the shutdown").await;
+    let sent = Instant::now();
     let stopping = app.begin_stop();
     eventually(
         "the listener closed",
@@ -411,7 +415,7 @@ async fn websocket_then_shutdown(shutdown_grace: &'static str) -> (Ws, Stopping)
         || async move { TcpStream::connect(addr).await.is_err() },
     )
     .await;
-    (ws, stopping)
+    (ws, stopping, sent)
 }
 
 /// Open tunnels are counted while they last, by route (the route name is
@@ -450,7 +454,7 @@ async fn open_websocket_tunnels_are_counted() {
 /// (well before the grace period).
 #[tokio::test]
 async fn graceful_shutdown_waits_for_open_websocket_tunnels() {
-    let (mut ws, stopping) = websocket_then_shutdown("60s").await;
+    let (mut ws, stopping, _) = websocket_then_shutdown("60s").await;
     for i in 0..3 {
         ws_echo(&mut ws, &format!("during the drain {i}")).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -465,15 +469,18 @@ async fn graceful_shutdown_waits_for_open_websocket_tunnels() {
 /// shutdown completes.
 #[tokio::test]
 async fn graceful_shutdown_closes_tunnels_left_open_at_the_end_of_the_grace() {
-    let (mut ws, stopping) = websocket_then_shutdown("2s").await;
+    let grace = Duration::from_secs(5);
+    let (mut ws, stopping, sent) = websocket_then_shutdown("5s").await;
     ws_echo(&mut ws, "during the drain").await;
-    let end = tokio::time::timeout(Duration::from_secs(20), ws.next())
+    let end = tokio::time::timeout(Duration::from_secs(30), ws.next())
         .await
         .expect("the tunnel was closed when the grace period ended");
     assert!(
         !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
         "a message arrived on a tunnel the shutdown should have closed: {end:?}"
     );
+    // Not before: the grace started after the shutdown was sent.
+    assert!(sent.elapsed() >= grace, "the tunnel was closed {:?} after the shutdown, before its grace", sent.elapsed());
     stopping.finish_within(Duration::from_secs(20)).await;
 }
 
