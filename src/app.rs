@@ -133,7 +133,8 @@ impl App {
     /// requests and WebSocket tunnels still open then are closed, and
     /// whatever else is still running (a stuck admin connection, a query on
     /// a dead database) is abandoned. Closing the database pool gets at
-    /// least a second of its own, even when the workers used the whole grace.
+    /// least a second of its own, even when the workers used the whole grace
+    /// (and each worker may take a second more for a blocking DNS lookup).
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = {
