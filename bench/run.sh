@@ -183,14 +183,18 @@ for i in "${!NAMES[@]}"; do # warm-up: pools, caches, lazy registrations
   else taskset -c 1 wrk -t1 -c32 -d2s "${URLS[$i]}" >/dev/null; fi
 done
 
+# turn_order ROUND ITEMS...: the items, one per line, in reverse order in
+# even rounds (so that no contender always follows the same one).
+turn_order() {
+  local round=$1 k; shift
+  if [ $((round % 2)) = 0 ]; then for ((k = $#; k >= 1; k--)); do echo "${!k}"; done; else printf '%s\n' "$@"; fi
+}
+
 declare -A CPU RPS LAT
 for i in "${ORDER[@]}"; do CPU[$i]=""; RPS[$i]=""; LAT[$i]=""; done
 for round in $(seq "$ROUNDS"); do
   echo "CPU round $round of $ROUNDS" >&2
-  turns=("${ORDER[@]}")
-  if [ $((round % 2)) = 0 ]; then
-    turns=(); for ((k = ${#ORDER[@]} - 1; k >= 0; k--)); do turns+=("${ORDER[$k]}"); done
-  fi
+  mapfile -t turns < <(turn_order "$round" "${ORDER[@]}")
   for i in "${turns[@]}"; do
     read -r cpu rps < <(run_cpu "$i")
     CPU[$i]+="$cpu"$'\n'; RPS[$i]+="$rps"$'\n'
@@ -199,10 +203,7 @@ done
 if command -v oha >/dev/null; then
   for round in $(seq "$LAT_ROUNDS"); do
     echo "latency round $round of $LAT_ROUNDS" >&2
-    turns=("${!NAMES[@]}")
-    if [ $((round % 2)) = 0 ]; then
-      turns=(); for ((k = ${#NAMES[@]} - 1; k >= 0; k--)); do turns+=("$k"); done
-    fi
+    mapfile -t turns < <(turn_order "$round" "${!NAMES[@]}")
     for i in "${turns[@]}"; do
       # The proxy's time spent ready but kept off its CPU (by other
       # processes or kernel threads) in this turn: the machine's share of

@@ -426,8 +426,14 @@ async fn shut_down(client: Client, shutdown: oneshot::Sender<()>, handle: JoinHa
     drop(client);
     // An Err here means run() already returned; its result is checked below.
     let _ = shutdown.send(());
-    let joined =
-        tokio::time::timeout(Duration::from_secs(10), handle).await.expect("graceful shutdown finished within 10 s");
+    join_run(handle, Duration::from_secs(10)).await;
+}
+
+/// Waits up to `limit` for `App::run` to return, and asserts it returned Ok.
+async fn join_run(handle: JoinHandle<anyhow::Result<()>>, limit: Duration) {
+    let joined = tokio::time::timeout(limit, handle)
+        .await
+        .unwrap_or_else(|_| panic!("graceful shutdown did not finish within {limit:?}"));
     joined.expect("app task did not panic").unwrap_or_else(|e| panic!("App::run returned an error: {e:#}"));
 }
 
@@ -490,10 +496,7 @@ impl Stopping {
     /// cleans up as [`TestApp::stop`] does.
     pub async fn finish_within(self, limit: Duration) {
         let Stopping { handle, dir, database, shared_keys } = self;
-        let joined = tokio::time::timeout(limit, handle)
-            .await
-            .unwrap_or_else(|_| panic!("graceful shutdown did not finish within {limit:?}"));
-        joined.expect("app task did not panic").unwrap_or_else(|e| panic!("App::run returned an error: {e:#}"));
+        join_run(handle, limit).await;
         drop(dir);
         drop(shared_keys);
         if let Some(database) = database.and_then(Arc::into_inner) {
@@ -506,18 +509,13 @@ impl TestApp {
     /// Sends shutdown, waits for the graceful drain and asserts `run` returned Ok; then drops
     /// the PostgreSQL database unless another replica still uses it.
     pub async fn stop(self) {
-        let TestApp { dir, client, shutdown, handle, database, shared_keys, .. } = self;
-        shut_down(client, shutdown, handle).await;
-        drop(dir);
-        drop(shared_keys);
-        if let Some(database) = database.and_then(Arc::into_inner) {
-            database.remove().await;
-        }
+        self.begin_stop().finish_within(Duration::from_secs(10)).await;
     }
 
     /// Sends shutdown without waiting for the drain: the returned [`Stopping`] does.
     pub fn begin_stop(self) -> Stopping {
         let TestApp { dir, client, shutdown, handle, database, shared_keys, .. } = self;
+        // Close our pooled keep-alive connections first so the drain has nothing to wait for.
         drop(client);
         // An Err here means run() already returned; Stopping::finish_within checks its result.
         let _ = shutdown.send(());

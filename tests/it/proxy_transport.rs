@@ -189,6 +189,20 @@ async fn dead_upstream_is_skipped_for_idempotent_requests() {
     app.stop().await;
 }
 
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Sends `message` and asserts that the upstream's echo comes back through the tunnel.
+async fn ws_echo(ws: &mut Ws, message: Message) {
+    ws.send(message.clone()).await.unwrap_or_else(|e| panic!("send {message:?}: {e}"));
+    let next = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    match next {
+        Ok(Some(Ok(reply))) => assert_eq!(reply, message),
+        Ok(Some(Err(e))) => panic!("reading the echo of {message:?}: {e}"),
+        Ok(None) => panic!("the tunnel closed before echoing {message:?}"),
+        Err(_) => panic!("no echo of {message:?} within 10 s"),
+    }
+}
+
 #[tokio::test]
 async fn websocket_is_proxied_with_identity() {
     let svc = spawn_upstream("ws").await;
@@ -204,13 +218,7 @@ async fn websocket_is_proxied_with_identity() {
     assert_eq!(response.status().as_u16(), 101);
 
     for message in [Message::text("hello through the gateway"), Message::binary(vec![0_u8, 1, 2, 254, 255])] {
-        ws.send(message.clone()).await.expect("send a WebSocket message");
-        let reply = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("echo within 10 s")
-            .expect("the WebSocket is still open")
-            .expect("a WebSocket message");
-        assert_eq!(reply, message);
+        ws_echo(&mut ws, message).await;
     }
     // Closing may race the peer's close; either way the session is over.
     // Dropped, so that the tunnel ends now rather than at the shutdown's grace.
@@ -243,14 +251,7 @@ async fn an_idle_websocket_tunnel_is_closed() {
 
     // Busy for three times the limit: the tunnel stays open.
     for i in 0..12 {
-        let message = Message::text(format!("ping {i}"));
-        ws.send(message.clone()).await.expect("send while busy");
-        let reply = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("echo within 10 s")
-            .expect("the tunnel is still open")
-            .expect("a WebSocket message");
-        assert_eq!(reply, message);
+        ws_echo(&mut ws, Message::text(format!("ping {i}"))).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -379,21 +380,6 @@ async fn graceful_shutdown_lets_in_flight_requests_finish() {
     assert_eq!(e.path(), "/slow/x", "{}", e.0);
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
-
-/// Sends `text` and asserts that the upstream's echo comes back through the tunnel.
-async fn ws_echo(ws: &mut Ws, text: &str) {
-    let message = Message::text(text.to_owned());
-    ws.send(message.clone()).await.unwrap_or_else(|e| panic!("send {text:?}: {e}"));
-    let next = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
-    match next {
-        Ok(Some(Ok(reply))) => assert_eq!(reply, message),
-        Ok(Some(Err(e))) => panic!("reading the echo of {text:?}: {e}"),
-        Ok(None) => panic!("the tunnel closed before echoing {text:?}"),
-        Err(_) => panic!("no echo of {text:?} within 10 s"),
-    }
-}
-
 /// Opens a WebSocket on the public route "/ws-route" of an app with
 /// `shutdown_grace`, echoes once, then sends the shutdown and waits until
 /// the listener has closed, so that what follows happens during the drain.
@@ -406,7 +392,7 @@ async fn websocket_then_shutdown(shutdown_grace: &'static str) -> (Ws, Stopping,
     let addr = app.addr;
     let url = format!("ws://{addr}/ws-route/x?mode=ws");
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("WebSocket handshake via gateway");
-    ws_echo(&mut ws, "before the shutdown").await;
+    ws_echo(&mut ws, Message::text("before the shutdown")).await;
     let sent = Instant::now();
     let stopping = app.begin_stop();
     eventually(
@@ -426,7 +412,7 @@ async fn open_websocket_tunnels_are_counted() {
     let app = spawn_app_with(TestOptions::with_extra(route("ws-gauge", "/ws-route", &[svc.url()], PUBLIC))).await;
     let url = format!("ws://{}/ws-route/x?mode=ws", app.addr);
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("WebSocket handshake via gateway");
-    ws_echo(&mut ws, "counted").await;
+    ws_echo(&mut ws, Message::text("counted")).await;
     let metrics = app.metrics().await;
     for line in [
         "gateway_websocket_tunnels_open{route=\"ws-gauge\"} 1",
@@ -456,7 +442,7 @@ async fn open_websocket_tunnels_are_counted() {
 async fn graceful_shutdown_waits_for_open_websocket_tunnels() {
     let (mut ws, stopping, _) = websocket_then_shutdown("60s").await;
     for i in 0..3 {
-        ws_echo(&mut ws, &format!("during the drain {i}")).await;
+        ws_echo(&mut ws, Message::text(format!("during the drain {i}"))).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(!stopping.is_finished(), "the shutdown finished while a tunnel was open");
@@ -471,7 +457,7 @@ async fn graceful_shutdown_waits_for_open_websocket_tunnels() {
 async fn graceful_shutdown_closes_tunnels_left_open_at_the_end_of_the_grace() {
     let grace = Duration::from_secs(5);
     let (mut ws, stopping, sent) = websocket_then_shutdown("5s").await;
-    ws_echo(&mut ws, "during the drain").await;
+    ws_echo(&mut ws, Message::text("during the drain")).await;
     let end = tokio::time::timeout(Duration::from_secs(30), ws.next())
         .await
         .expect("the tunnel was closed when the grace period ended");
