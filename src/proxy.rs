@@ -387,6 +387,9 @@ impl Proxy {
         let retryable = is_idempotent(&parts.method) && body.is_end_stream() && !upgrade && cfg.upstreams.len() > 1;
         let mut body = Some(body);
         let mut index = route.pick();
+        // The route's timeout bounds the whole wait for the answer's head,
+        // from the first attempt: a retry does not start a new one.
+        let mut deadline = None;
         for attempt in 0..2 {
             outcome.upstream = Some(index);
             let upstream_body = match body.take() {
@@ -427,12 +430,13 @@ impl Proxy {
             // Pinned where it is made: the exchange is the larger part of
             // the request's future, and every move of it is a copy.
             let send = std::pin::pin!(self.client.send(target, &target_path, extra, upstream_req, sent));
+            let deadline = tokio::time::Instant::from_std(*deadline.get_or_insert(sent + cfg.timeout));
             let result = match timer.as_mut() {
                 Some(timer) => {
-                    timer.as_mut().reset(tokio::time::Instant::from_std(sent + cfg.timeout));
+                    timer.as_mut().reset(deadline);
                     before(timer.as_mut(), send).await
                 }
-                None => tokio::time::timeout(cfg.timeout, send).await.map_err(|_| Elapsed),
+                None => tokio::time::timeout_at(deadline, send).await.map_err(|_| Elapsed),
             };
             let answered = Instant::now();
             outcome.answered = Some(answered);

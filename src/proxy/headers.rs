@@ -201,23 +201,26 @@ pub fn set_forwarded(
     https: bool,
     host: Option<&HeaderValue>,
 ) -> Option<Forwarded> {
+    // Every other spelling goes either way (`X_Forwarded_For` is
+    // `HTTP_X_FORWARDED_FOR` to CGI-style servers too, and a trusted proxy
+    // in front may pass it on untouched); from an untrusted peer the
+    // canonical names go as well. One pass over the names (usually none of
+    // these is there), then a removal only for what is.
+    let sent: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            matches!(k.len(), 15..=17)
+                && [X_FORWARDED_FOR.as_str(), X_FORWARDED_PROTO.as_str(), X_FORWARDED_HOST.as_str()]
+                    .iter()
+                    .any(|f| folded_eq(k, f) && (!trusted || k != *f))
+        })
+        .cloned()
+        .collect();
+    for name in &sent {
+        headers.remove(name);
+    }
     if !trusted {
-        // One pass over the names (usually none of these is there), then a
-        // removal only for what is: in any spelling (`X_Forwarded_For` is
-        // `HTTP_X_FORWARDED_FOR` to CGI-style servers too).
-        let sent: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| {
-                matches!(k.as_str().len(), 15..=17)
-                    && ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"]
-                        .iter()
-                        .any(|f| folded_eq(k.as_str(), f))
-            })
-            .cloned()
-            .collect();
-        for name in &sent {
-            headers.remove(name);
-        }
         return Some(Forwarded { for_peer: peer.clone(), https, host: host.cloned() });
     }
     let previous: Vec<&[u8]> = headers.get_all(&X_FORWARDED_FOR).iter().map(HeaderValue::as_bytes).collect();

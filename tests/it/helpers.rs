@@ -771,6 +771,34 @@ pub fn route(name: &str, prefix: &str, upstreams: &[String], lines: &str) -> Str
     format!("\n[[routes]]\nname = \"{name}\"\nprefix = \"{prefix}\"\nupstreams = [{}]\n{lines}\n", list.join(", "))
 }
 
+/// The sum of the samples of metric `name` (a Prometheus exposition in
+/// `metrics`) whose labels include every pair of `labels`; 0 when there
+/// is none. The registry is the process's, shared by tests running at
+/// once: give the labels something of the test's own (a route name).
+pub fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            let set = match rest.strip_prefix('{') {
+                Some(set) => set.strip_suffix('}')?,
+                None if rest.is_empty() => "",
+                None => return None,
+            };
+            let has = |k: &str, v: &str| {
+                set.split(',')
+                    .any(|p| p.strip_prefix(k).and_then(|p| p.strip_prefix("=\"")?.strip_suffix('"')) == Some(v))
+            };
+            if labels.iter().all(|(k, v)| has(k, v)) {
+                value.parse::<f64>().ok()
+            } else {
+                None
+            }
+        })
+        .sum()
+}
+
 /// Polls `check` every 50 ms until it returns true; panics after `cap`.
 pub async fn eventually<F, Fut>(what: &str, cap: Duration, mut check: F)
 where

@@ -408,6 +408,18 @@ async fn missing_or_invalid_tokens_are_401_and_never_forwarded() {
             .header(AUTHORIZATION, format!("Bearer {second}"));
         assert_error_in(case, f.send(case, req).await, StatusCode::BAD_REQUEST, "invalid_request").await;
     }
+    // A valid token anywhere but the Authorization header counts for
+    // nothing: query parameters, cookies, other headers.
+    let token = &f.admin.access_token;
+    for (case, req) in [
+        ("?access_token=", f.req(&format!("/private/x?access_token={token}"))),
+        ("?token=", f.req(&format!("/private/x?token={token}"))),
+        ("cookie", f.req("/private/x").header("cookie", format!("access_token={token}; token={token}"))),
+        ("X-Access-Token", f.req("/private/x").header("x-access-token", token.as_str())),
+        ("Proxy-Authorization", f.req("/private/x").header("proxy-authorization", format!("Bearer {token}"))),
+    ] {
+        assert_missing_token(case, f.send(case, req).await).await;
+    }
     assert_eq!(f.svc.hits(), 0, "a request without a valid token reached the upstream");
 
     // Positive control: the genuine token goes through.
@@ -585,13 +597,29 @@ async fn forwarded_for_is_extended_for_trusted_proxies() {
         (Some("5.6.7.8, 1.2.3.4"), "5.6.7.8, 1.2.3.4, 127.0.0.1"),
         (None, "127.0.0.1"),
     ] {
-        let mut req = f.req("/private/x").bearer_auth(&f.admin.access_token);
+        // Other spellings never pass, even from a trusted proxy: to a
+        // CGI-style backend `X_Forwarded_For` is the same variable.
+        let mut req = f.req("/private/x").bearer_auth(&f.admin.access_token).header("X_Forwarded_For", "6.6.6.6");
         if let Some(sent) = sent {
             req = req.header("X-Forwarded-For", sent);
         }
         let e = echo(f.send(want, req).await).await;
         assert_eq!(e.one("x-forwarded-for"), want, "sent {sent:?}: {}", e.0);
+        assert!(!e.has("x_forwarded_for"), "{}", e.0);
+        // Without a Proto from the proxy, the gateway sets Proto and Host.
+        assert_eq!(e.one("x-forwarded-proto"), "http", "{}", e.0);
+        assert_eq!(e.one("x-forwarded-host"), f.app.addr.to_string(), "{}", e.0);
     }
+    // A trusted proxy's Proto and Host are passed on as it sent them.
+    let req = f
+        .req("/public/x")
+        .header("X-Forwarded-Proto", "https")
+        .header("X-Forwarded-Host", "shop.example.com")
+        .header("X-Forwarded-For", "1.2.3.4");
+    let e = echo(f.send("trusted proto", req).await).await;
+    assert_eq!(e.one("x-forwarded-proto"), "https", "{}", e.0);
+    assert_eq!(e.one("x-forwarded-host"), "shop.example.com", "{}", e.0);
+    assert_eq!(e.one("x-forwarded-for"), "1.2.3.4, 127.0.0.1", "{}", e.0);
     f.app.stop().await;
 }
 

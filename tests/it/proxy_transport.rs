@@ -2,6 +2,7 @@
 //! (502, 504), round-robin and fail-over, WebSocket, TLS + HTTP/2, graceful shutdown,
 //! malformed requests on raw sockets, and the metrics of all that.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,10 +18,10 @@ use tokio_tungstenite::tungstenite::http::{header::AUTHORIZATION, HeaderValue};
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::helpers::{
-    assert_error, assert_error_in, eventually, parse_tokens, raw_get, raw_request, raw_request_all, route,
+    assert_error, assert_error_in, eventually, metric, parse_tokens, raw_get, raw_request, raw_request_all, route,
     spawn_app_in, spawn_app_with, Stopping, TestOptions, PASSWORD,
 };
-use crate::upstream::{dead_upstream_url, echo, spawn_upstream};
+use crate::upstream::{dead_upstream_url, echo, hanging_upstream_url, spawn_upstream};
 
 const EMAIL: &str = "me@example.com";
 const KIB: usize = 1024;
@@ -186,6 +187,74 @@ async fn dead_upstream_is_skipped_for_idempotent_requests() {
         assert_eq!(e.upstream(), "live", "GET /fo/{i}");
     }
     assert_eq!(live.hits(), 10);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn only_idempotent_requests_are_retried_and_refusing_upstreams_cool_down() {
+    let live = spawn_upstream("live").await;
+    // Round-robin starts at the first upstream: the dead one.
+    let extra = [
+        route("no-retry", "/no-retry", &[dead_upstream_url(), live.url()], PUBLIC),
+        route("retry", "/retry", &[dead_upstream_url(), live.url()], PUBLIC),
+    ]
+    .concat();
+    let app = spawn_app_with(TestOptions::with_extra(extra)).await;
+    let client = Client::new();
+
+    // A POST is never sent twice: the dead upstream's refusal is the answer.
+    let resp = client.post(app.url("/no-retry/x")).body("an order").send().await.expect("POST");
+    assert_error_in("POST to a dead upstream", resp, StatusCode::BAD_GATEWAY, "bad_gateway").await;
+    assert_eq!(live.hits(), 0, "a POST was retried on the next upstream");
+
+    // A bodiless DELETE is idempotent: retried once, on the live one.
+    let resp = client.delete(app.url("/retry/x")).send().await.expect("DELETE");
+    let e = echo(resp).await;
+    assert_eq!((e.method(), e.upstream()), ("DELETE", "live"), "{}", e.0);
+    assert_eq!(live.hits(), 1);
+
+    // The dead upstream now cools down: the next requests skip it without
+    // trying it again (every other one would otherwise start there).
+    for i in 0..10 {
+        let e = echo(app.get(&format!("/retry/{i}")).await).await;
+        assert_eq!(e.upstream(), "live", "GET /retry/{i}");
+    }
+    let metrics = app.metrics().await;
+    let refused = metric(&metrics, "gateway_upstream_errors_total", &[("route", "retry"), ("kind", "connect")]);
+    assert_eq!(refused, 1.0, "the cooling upstream was tried again:\n{metrics}");
+    let refused = metric(&metrics, "gateway_upstream_errors_total", &[("route", "no-retry"), ("kind", "connect")]);
+    assert_eq!(refused, 1.0, "{metrics}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_retry_does_not_extend_the_route_timeout() {
+    let slow = spawn_upstream("slow").await;
+    // The first upstream never completes a handshake: the connect times out
+    // after 2 s and the GET is retried on the second, which answers 2 s
+    // later. The route's 3 s started with the first attempt, so that is
+    // too late (a deadline restarted for the retry would have let it pass).
+    let opts = TestOptions {
+        extra: format!(
+            "{}\n[upstream]\nconnect_timeout = \"2s\"\n",
+            route(
+                "deadline",
+                "/deadline",
+                &[hanging_upstream_url(), slow.url()],
+                "auth = \"public\"\ntimeout = \"3s\""
+            )
+        ),
+        ..TestOptions::default()
+    };
+    let app = spawn_app_with(opts).await;
+    let resp = app.get("/deadline/x?mode=slow&ms=2000").await;
+    assert_error(resp, StatusCode::GATEWAY_TIMEOUT, "gateway_timeout").await;
+    assert_eq!(slow.hits(), 1, "the request was not retried on the second upstream");
+    let metrics = app.metrics().await;
+    for kind in ["connect", "timeout"] {
+        let n = metric(&metrics, "gateway_upstream_errors_total", &[("route", "deadline"), ("kind", kind)]);
+        assert_eq!(n, 1.0, "{kind} errors:\n{metrics}");
+    }
     app.stop().await;
 }
 
@@ -511,6 +580,18 @@ async fn content_length_with_transfer_encoding_is_refused_and_cannot_smuggle() {
     app.stop().await;
 }
 
+/// Writes `request`, reads until the gateway closes the connection (a
+/// panic past 5 s) and returns everything read.
+async fn read_until_closed(addr: SocketAddr, request: &[u8], case: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect to the gateway");
+    // The gateway may answer (and close) before reading everything.
+    let _ = stream.write_all(request).await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "{case}: the connection was still open after 5 s: {}", String::from_utf8_lossy(&buf));
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 #[tokio::test]
 async fn malformed_requests_are_refused_and_the_gateway_keeps_serving() {
     let svc = spawn_upstream("raw").await;
@@ -527,6 +608,13 @@ async fn malformed_requests_are_refused_and_the_gateway_keeps_serving() {
         ("20 KiB header over the 16 KiB limit", big_header.as_bytes(), Some(431)),
     ];
     for (case, request, want) in cases {
+        // A valid request pipelined behind the bad one: the gateway must
+        // answer the bad one, close, and never serve the second.
+        let mut pipelined = request.to_vec();
+        pipelined.extend_from_slice(b"GET /raw/after HTTP/1.1\r\nHost: x\r\n\r\n");
+        let all = read_until_closed(app.addr, &pipelined, case).await;
+        assert_eq!(all.matches("HTTP/1.1 ").count(), 1, "{case}: one answer, then the close: {all}");
+        assert!(!svc.seen().iter().any(|s| s.path == "/raw/after"), "{case}: the pipelined request was served");
         let resp = raw_request(app.addr, request).await;
         match want {
             // Refused with a JSON error code, like every other refusal.

@@ -153,6 +153,20 @@ pub fn dead_upstream_url() -> String {
     format!("http://{addr}")
 }
 
+/// The URL of a port whose listener never completes another handshake:
+/// its accept queue (backlog 0) is full with one connection nobody
+/// accepts, so the kernel drops further SYNs and a connect times out.
+/// Both sockets live as long as the test process.
+pub fn hanging_upstream_url() -> String {
+    let socket = tokio::net::TcpSocket::new_v4().expect("create a socket");
+    socket.bind("127.0.0.1:0".parse().expect("address")).expect("bind a throwaway port");
+    let addr = socket.local_addr().expect("throwaway port address");
+    let listener = socket.listen(0).expect("listen with backlog 0");
+    let filler = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).expect("fill the accept queue");
+    std::mem::forget((listener, filler));
+    format!("http://{addr}")
+}
+
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {

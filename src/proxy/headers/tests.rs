@@ -103,10 +103,19 @@ fn forwarded_headers_replace_unless_trusted() {
             ("x-forwarded-host", b"api.example.com")
         ]
     );
-    let mut h = map(&[("x-forwarded-for", "1.2.3.4")]);
+    // From a trusted proxy the canonical chain is extended, and every
+    // other spelling still goes (a proxy in front may pass those on).
+    let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x_forwarded_for", "6.6.6.6"), ("x.forwarded.proto", "ftp")]);
     assert!(set_forwarded(&mut h, &peer, true, false, None).is_none());
     assert_eq!(h.get("x-forwarded-for").map(|v| v.as_bytes()), Some(&b"1.2.3.4, 10.0.0.9"[..]));
     assert_eq!(h.get("x-forwarded-proto").map(|v| v.as_bytes()), Some(&b"http"[..]));
+    assert_eq!(h.len(), 2, "other spellings survived from a trusted proxy: {h:?}");
+    // A trusted proxy's Proto and Host are kept as sent.
+    let mut h = map(&[("x-forwarded-proto", "https"), ("x-forwarded-host", "shop.example.com")]);
+    assert!(set_forwarded(&mut h, &peer, true, false, Some(&host)).is_none());
+    assert_eq!(h.get("x-forwarded-proto").map(|v| v.as_bytes()), Some(&b"https"[..]));
+    assert_eq!(h.get("x-forwarded-host").map(|v| v.as_bytes()), Some(&b"shop.example.com"[..]));
+    assert_eq!(h.get("x-forwarded-for").map(|v| v.as_bytes()), Some(&b"10.0.0.9"[..]));
 }
 
 #[test]
