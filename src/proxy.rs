@@ -143,6 +143,16 @@ pub struct Proxy {
     pub api_runtime: tokio::runtime::Handle,
 }
 
+/// What an access line says besides the request id, status and duration.
+#[derive(Clone, Copy)]
+struct Access<'a> {
+    route: &'a str,
+    method: Option<&'a Method>,
+    path: &'a str,
+    user: Option<uuid::Uuid>,
+    upstream: Option<&'a crate::config::UpstreamTarget>,
+}
+
 /// What the access log and metrics record about one request.
 struct Outcome {
     route: Option<Arc<Route>>,
@@ -183,15 +193,22 @@ impl Proxy {
         let uri = req.uri().clone();
         let path = match path::normalize(uri.path()) {
             Ok(p) => p,
-            Err(e) => return self.refuse(Some(req.headers()), ProxyError::BadPath(e)),
+            Err(e) => return self.refuse(Some(&req), ProxyError::BadPath(e)),
         };
         if is_api(&path) {
             if let Some(value) = authorization {
                 if let Err(e) = restore_authorization(req.headers_mut(), &value) {
-                    return self.refuse(Some(req.headers()), e);
+                    return self.refuse(Some(&req), e);
                 }
             }
-            return self.serve_api(req, &path, conn).await;
+            let table = self.routes.load();
+            let request_id = headers::request_id(req.headers(), &table.headers.request_id);
+            let method = req.method().clone();
+            let mut response = self.serve_api(req, &path, conn).await;
+            let line = Access { route: "gateway", method: Some(&method), path: &path, user: None, upstream: None };
+            self.access(&request_id, line, response.status(), started.elapsed());
+            response.headers_mut().insert(table.headers.request_id.clone(), request_id);
+            return response;
         }
 
         let table = self.routes.load_full();
@@ -229,36 +246,54 @@ impl Proxy {
                     .record(elapsed.as_secs_f64());
             }
         }
+        let upstream = outcome.route.as_ref().zip(outcome.upstream).map(|(r, i)| r.upstream(i));
+        let line = Access { route: route_name, method: Some(&method), path: &path, user: outcome.user, upstream };
+        self.access(&request_id, line, status, elapsed);
+        response.headers_mut().insert(table.headers.request_id.clone(), request_id);
+        response
+    }
+
+    /// Writes the request's access line (target `gateway::access`) when
+    /// `log.access` is on. Never a header, a query or a body: the fields
+    /// below are all there is, so no token can reach the log this way.
+    fn access(&self, request_id: &HeaderValue, line: Access<'_>, status: StatusCode, elapsed: Duration) {
         if self.access_log && tracing::enabled!(target: "gateway::access", tracing::Level::INFO) {
-            let upstream = outcome.route.as_ref().zip(outcome.upstream).map(|(r, i)| r.upstream(i).to_string());
             tracing::info!(
                 target: "gateway::access",
                 request_id = request_id.to_str().unwrap_or("-"),
-                route = route_name,
-                method = %method,
-                path = %path,
+                route = line.route,
+                method = line.method.map_or("-", Method::as_str),
+                path = line.path,
                 status = status.as_u16(),
-                duration_us = elapsed.as_micros() as u64,
-                user_id = outcome.user.map(|u| u.to_string()),
-                upstream,
+                duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+                user_id = line.user.map(|u| u.to_string()),
+                upstream = line.upstream.map(ToString::to_string),
             );
         }
-        response.headers_mut().insert(table.headers.request_id.clone(), request_id);
-        response
     }
 
     /// Answers a request refused before any route was chosen (a bad path;
     /// or, from [`crate::http1::server`], a head that could not be parsed or
     /// whose framing is refused, such as both `Content-Length` and
-    /// `Transfer-Encoding`): the error, the request id, and a count under
-    /// `route="none"`.
-    pub fn refuse(&self, headers: Option<&HeaderMap>, error: ProxyError) -> Response<Body> {
+    /// `Transfer-Encoding`): the error, the request id, a count under
+    /// `route="none"` and an access line. Its path there is the one sent
+    /// (which could not be normalised), without the query.
+    pub fn refuse<B>(&self, request: Option<&Request<B>>, error: ProxyError) -> Response<Body> {
         let table = self.routes.load();
-        let id = headers::request_id(headers.unwrap_or(&HeaderMap::new()), &table.headers.request_id);
+        let empty = HeaderMap::new();
+        let id = headers::request_id(request.map_or(&empty, Request::headers), &table.headers.request_id);
         let mut response = error.into_response();
+        let status = response.status();
+        metrics::counter!("gateway_requests_total", "route" => "none", "status" => status_label(status)).increment(1);
+        let line = Access {
+            route: "none",
+            method: request.map(Request::method),
+            path: request.map_or("-", |r| r.uri().path()),
+            user: None,
+            upstream: None,
+        };
+        self.access(&id, line, status, Duration::ZERO);
         response.headers_mut().insert(table.headers.request_id.clone(), id);
-        let status = status_label(response.status());
-        metrics::counter!("gateway_requests_total", "route" => "none", "status" => status).increment(1);
         response
     }
 

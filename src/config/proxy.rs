@@ -11,7 +11,7 @@ use hyper::http::uri::{Authority, Scheme};
 use hyper::Uri;
 
 use super::reader::{Errors, Fields};
-use crate::auth::service::validate_name;
+use crate::auth::service::{is_slug, validate_name};
 
 /// Routes and header settings, swapped atomically on reload.
 #[derive(Debug, Clone)]
@@ -213,6 +213,10 @@ pub(super) fn build_routes(tables: Vec<toml::Table>, errors: &mut Errors) -> Vec
     routes
 }
 
+/// `none`: requests refused before routing, or matching no route;
+/// `gateway`: the gateway's own API (`/auth/*`, the JWKS).
+pub const RESERVED_ROUTE_NAMES: [&str; 2] = ["none", "gateway"];
+
 fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
     let name = f.string("name");
     match &name {
@@ -221,6 +225,10 @@ fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
             if n.is_empty() || n.len() > 64 || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
         {
             f.error("name", format!("{n:?} must be 1-64 of A-Z a-z 0-9 - _ ."));
+        }
+        // The labels of what no route serves, in metrics and the access log.
+        Some(n) if RESERVED_ROUTE_NAMES.contains(&n.as_str()) => {
+            f.error("name", format!("{n:?} is reserved (requests no route serves are labelled so)"));
         }
         Some(_) => {}
     }
@@ -276,12 +284,16 @@ fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
     let roles = f.string_list("roles");
     let scopes = f.string_list("scopes");
     let tenants = f.string_list("tenants");
-    for (key, list) in [("roles", &roles), ("scopes", &scopes), ("tenants", &tenants)] {
+    for (key, list) in [("roles", &roles), ("scopes", &scopes)] {
         for item in list {
             if let Err(e) = validate_name(item) {
                 f.error(key, e);
             }
         }
+    }
+    // A slug no tenant can have would make the route refuse everyone.
+    for slug in tenants.iter().filter(|t| !is_slug(t)) {
+        f.error("tenants", format!("{slug:?} is not a tenant slug (1-64 of a-z 0-9 -)"));
     }
     if auth == AuthMode::Public && !(roles.is_empty() && scopes.is_empty() && tenants.is_empty()) {
         f.error("auth", "a public route cannot require roles, scopes or tenants");

@@ -108,3 +108,55 @@ fn header_names_may_not_collide() {
     parse("[headers]\nreserved = [\"X-Forwarded-For\", \"x-internal\"]")
         .expect("a client's X-Forwarded-For may be stripped");
 }
+
+#[test]
+fn every_route_problem_is_reported_at_once() {
+    let err = parse(
+        r#"
+        [[routes]]
+        name = "none"
+        prefix = "no-slash"
+        upstreams = ["not a url"]
+        [[routes]]
+        name = "gateway"
+        prefix = "/a"
+        upstreams = ["ftp://10.0.0.1"]
+        roles = ["has space"]
+        scopes = [""]
+        tenants = ["Bad/Slug"]
+        auth = "sometimes"
+        [[routes]]
+        name = "ok"
+        prefix = "/b"
+        upstreams = ["http://10.0.0.1:80"]
+        [[routes]]
+        name = "ok"
+        prefix = "/c"
+        upstreams = ["http://10.0.0.1:80"]
+        [[routes]]
+        name = "public-policy"
+        prefix = "/d"
+        upstreams = ["http://10.0.0.1:80"]
+        auth = "public"
+        roles = ["admin"]
+        "#,
+    )
+    .expect_err("invalid");
+    let text = err.to_string();
+    for field in [
+        "routes[0].name",
+        "routes[0].prefix",
+        "routes[0].upstreams",
+        "routes[1].name",
+        "routes[1].upstreams",
+        "routes[1].roles",
+        "routes[1].scopes",
+        "routes[1].tenants",
+        "routes[1].auth",
+        "routes[3].name",
+        "routes[4]",
+    ] {
+        assert!(text.contains(field), "{field} missing from {text}");
+    }
+    assert!(text.contains("reserved"), "{text}");
+}

@@ -211,7 +211,7 @@ pub async fn serve<I: Io>(
                     HeadError::Refused(request, error) => (Some(*request), error),
                 };
                 tracing::debug!(peer = %conn.peer, error = %error, "refused a request head");
-                let response = proxy.refuse(request.as_ref().map(Request::headers), error);
+                let response = proxy.refuse(request.as_ref(), error);
                 let _ = write_response(&shared, response, false, Version::HTTP_11, false).await;
                 linger(&shared).await;
                 return Served::Done;

@@ -19,6 +19,7 @@ mod auth_basics;
 mod auth_flow;
 mod http1_conformance;
 mod lockout;
+mod process;
 mod proxy_identity;
 mod proxy_pool;
 mod proxy_reload;

@@ -1,0 +1,332 @@
+//! The real binary, as operators run it: `gateway serve` in a child process
+//! with JSON logs, driven by signals. What only a process of its own can
+//! show: the log lines it writes (the access log, and that no secret is in
+//! any of them) and SIGHUP, neither of which an in-process app can observe
+//! without sharing them with the tests running beside it.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+use crate::helpers::{
+    assert_error, config_toml, eventually, metric, raw_get, raw_request, route, run_cli, TestOptions, PASSWORD,
+};
+use crate::upstream::{echo, spawn_upstream};
+
+const EMAIL: &str = "operator@example.com";
+
+/// A `gateway serve` child process and the lines it has logged so far.
+struct Process {
+    child: Child,
+    dir: TempDir,
+    config: PathBuf,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Process {
+    /// Writes the config (`opts`, JSON logs) into a fresh directory, creates
+    /// the user [`EMAIL`], starts the binary and waits for it to listen.
+    async fn start(opts: &TestOptions) -> Process {
+        let dir = tempfile::tempdir().expect("create temp dir");
+        let config = dir.path().join("gateway.toml");
+        std::fs::write(&config, process_config(opts, "")).expect("write gateway.toml");
+        let args = ["user", "create", "--tenant", "default", "--email", EMAIL, "--password-stdin"];
+        run_cli(&config, &args, &format!("{PASSWORD}\n")).await.expect("user create");
+
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .current_dir(dir.path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the gateway binary");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("log lines lock").push(line);
+            }
+        });
+        let mut process = Process {
+            child,
+            dir,
+            config,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            admin: SocketAddr::from(([0, 0, 0, 0], 0)),
+            lines,
+            reader,
+        };
+        let listening =
+            process.wait_for_log("the gateway to listen", |l| l["fields"]["message"] == "gateway listening").await;
+        let field = |name: &str| -> SocketAddr {
+            let text = listening["fields"][name].as_str().unwrap_or_else(|| panic!("no {name} address in {listening}"));
+            text.parse().unwrap_or_else(|e| panic!("{name} address {text:?}: {e}"))
+        };
+        process.addr = field("public");
+        process.admin = field("admin");
+        process
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The log lines so far, parsed (a line that is not JSON fails the test).
+    fn logs(&self) -> Vec<Value> {
+        let lines = self.lines.lock().expect("log lines lock");
+        lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a log line is not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    /// Waits (10 s at most) for a log line matching `pred` and returns it.
+    async fn wait_for_log(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        for _ in 0..200 {
+            if let Some(line) = self.logs().into_iter().find(&pred) {
+                return line;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "no log line for {what} within 10 s; logged:\n{}",
+            self.lines.lock().expect("log lines lock").join("\n")
+        );
+    }
+
+    fn signal(&self, name: &str) {
+        let status =
+            Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status().expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    async fn metrics(&self) -> String {
+        let resp = reqwest::get(format!("http://{}/metrics", self.admin)).await.expect("GET /metrics");
+        resp.text().await.expect("metrics body")
+    }
+
+    /// SIGTERM, then waits for the exit (15 s at most) and the last lines;
+    /// returns everything logged, unparsed.
+    async fn stop(self) -> String {
+        self.signal("TERM");
+        let mut child = self.child;
+        let status = tokio::task::spawn_blocking(move || {
+            for _ in 0..300 {
+                if let Some(status) = child.try_wait().expect("poll the child") {
+                    return Some(status);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            None
+        })
+        .await
+        .expect("wait task");
+        assert!(status.is_some_and(|s| s.success()), "the gateway did not exit cleanly on SIGTERM: {status:?}");
+        self.reader.join().expect("the log reader ended");
+        drop(self.dir);
+        let lines = self.lines.lock().expect("log lines lock");
+        lines.join("\n")
+    }
+}
+
+/// The test config with JSON logs, plus `extra` tables (routes).
+fn process_config(opts: &TestOptions, extra: &str) -> String {
+    format!("{}\n[log]\nformat = \"json\"\n{extra}", config_toml(opts))
+}
+
+/// The access lines logged so far.
+fn access_lines(logs: &[Value]) -> Vec<Value> {
+    logs.iter().filter(|l| l["target"] == "gateway::access").map(|l| l["fields"].clone()).collect()
+}
+
+async fn login(client: &Client, p: &Process) -> Value {
+    let resp = client
+        .post(p.url("/auth/login"))
+        .json(&json!({"email": EMAIL, "password": PASSWORD}))
+        .send()
+        .await
+        .expect("POST /auth/login");
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.json().await.expect("login JSON")
+}
+
+fn header(resp: &reqwest::Response, name: &str) -> String {
+    let value = resp.headers().get(name).unwrap_or_else(|| panic!("no {name} on the response"));
+    value.to_str().expect("ASCII header").to_owned()
+}
+
+#[tokio::test]
+async fn the_access_log_has_a_line_per_request_and_no_secret_anywhere_in_the_logs() {
+    let svc = spawn_upstream("logged").await;
+    let routes =
+        [route("private", "/private", &[svc.url()], ""), route("open", "/open", &[svc.url()], "auth = \"public\"")];
+    let opts = TestOptions::with_extra(routes.concat());
+    let p = Process::start(&opts).await;
+    let client = Client::new();
+    let tokens = login(&client, &p).await;
+    let access = tokens["access_token"].as_str().expect("access token").to_owned();
+    let refresh = tokens["refresh_token"].as_str().expect("refresh token").to_owned();
+
+    // A proxied request with a token, and a token in the query as well.
+    let resp = client
+        .get(p.url(&format!("/private/x?access_token={access}&page=2")))
+        .bearer_auth(&access)
+        .send()
+        .await
+        .expect("GET /private/x");
+    let ok_id = header(&resp, "x-request-id");
+    let user_id = echo(resp).await.one("x-user-id").to_owned();
+    // Refused: no token; a refresh token as a bearer; a path that climbs out.
+    let resp = client.get(p.url("/private/y")).send().await.expect("GET without a token");
+    let missing_id = header(&resp, "x-request-id");
+    assert_error(resp, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    let resp = client.get(p.url("/private/y")).bearer_auth(&refresh).send().await.expect("GET with a refresh token");
+    assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_token").await;
+    let bad_path = raw_get(p.addr, "/open/..%2f..%2fetc", "gateway.test", &["X-Request-Id: bad-path-1"]).await;
+    bad_path.assert_error("climbing path", 400, "invalid_request");
+    // A head that cannot be parsed at all.
+    let garbage = raw_request(p.addr, b"GET /open/x HTTP/1.1\r\nHost: x\r\nNoColonHere\r\n\r\n").await;
+    assert_eq!(garbage.status, Some(400), "head: {}", garbage.head);
+    // The gateway's own API, with the refresh token in the body.
+    let resp = client
+        .post(p.url("/auth/refresh"))
+        .json(&json!({"refresh_token": refresh}))
+        .send()
+        .await
+        .expect("POST /auth/refresh");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let rotated: Value = resp.json().await.expect("refresh JSON");
+
+    let lines = access_lines(&p.logs());
+    let find = |pred: &dyn Fn(&Value) -> bool, what: &str| -> Value {
+        let found: Vec<&Value> = lines.iter().filter(|l| pred(l)).collect();
+        assert_eq!(found.len(), 1, "one access line for {what}; access lines: {lines:#?}");
+        found[0].clone()
+    };
+    let ok = find(&|l| l["request_id"] == ok_id.as_str(), "the proxied request");
+    assert_eq!(ok["route"], "private", "{ok}");
+    assert_eq!(ok["method"], "GET", "{ok}");
+    assert_eq!(ok["path"], "/private/x", "the path without its query: {ok}");
+    assert_eq!(ok["status"], 200, "{ok}");
+    assert_eq!(ok["user_id"], user_id.as_str(), "{ok}");
+    assert_eq!(ok["upstream"], svc.url().as_str(), "{ok}");
+    assert!(ok["duration_us"].is_u64(), "{ok}");
+
+    let missing = find(&|l| l["request_id"] == missing_id.as_str(), "the request without a token");
+    assert_eq!((missing["route"].as_str(), missing["status"].as_u64()), (Some("private"), Some(401)), "{missing}");
+    assert!(missing.get("user_id").is_none(), "{missing}");
+    assert!(missing.get("upstream").is_none(), "nothing was sent upstream: {missing}");
+
+    let climbing = find(&|l| l["request_id"] == "bad-path-1", "the climbing path");
+    assert_eq!(climbing["route"], "none", "{climbing}");
+    assert_eq!(climbing["status"], 400, "{climbing}");
+    assert_eq!(climbing["path"], "/open/..%2f..%2fetc", "the path as sent: {climbing}");
+    find(&|l| l["route"] == "none" && l["method"] == "-" && l["path"] == "-", "the unparsable head");
+    let api = find(&|l| l["path"] == "/auth/refresh", "the refresh");
+    assert_eq!((api["route"].as_str(), api["status"].as_u64()), (Some("gateway"), Some(200)), "{api}");
+    find(&|l| l["path"] == "/auth/login", "the login");
+    assert_eq!(lines.len(), 7, "one line per request: {lines:#?}");
+
+    let all = p.stop().await;
+    let new_access = rotated["access_token"].as_str().expect("rotated access token");
+    let new_refresh = rotated["refresh_token"].as_str().expect("rotated refresh token");
+    let signature = access.rsplit('.').next().expect("a JWT has a signature");
+    for (what, secret) in [
+        ("the access token", access.as_str()),
+        ("the access token's signature", signature),
+        ("the refresh token", refresh.as_str()),
+        ("the rotated access token", new_access),
+        ("the rotated refresh token", new_refresh),
+        ("the password", PASSWORD),
+    ] {
+        assert!(!all.contains(secret), "{what} was logged:\n{all}");
+    }
+}
+
+/// Rewrites `path` with `text` padded by a comment to `len` bytes, and
+/// puts its modification time back: the file watcher (which compares
+/// time and size) cannot tell it changed, so only a SIGHUP reloads it.
+fn rewrite_unseen(path: &Path, text: &str, len: usize) {
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).expect("config mtime");
+    let mut padded = format!("{text}\n#");
+    assert!(padded.len() < len, "the padded original must be longer than the new text");
+    padded.push_str(&"-".repeat(len - padded.len() - 1));
+    padded.push('\n');
+    // Written aside and renamed over the config, so that no poll sees it
+    // half-written or with its new time.
+    let aside = path.with_extension("new");
+    std::fs::write(&aside, &padded).expect("write the new config");
+    let file = std::fs::File::options().write(true).open(&aside).expect("open the new config");
+    file.set_modified(modified).expect("give the new config the old mtime");
+    drop(file);
+    std::fs::rename(&aside, path).expect("rename the new config over the old");
+}
+
+#[tokio::test]
+async fn sighup_reloads_routes_and_the_watcher_refuses_an_invalid_file() {
+    let svc = spawn_upstream("hup").await;
+    let first = route("first", "/first", &[svc.url()], "auth = \"public\"");
+    let second = route("second", "/second", &[svc.url()], "auth = \"public\"");
+    // Padding, so that the file with the second route has the same size.
+    let opts = TestOptions::with_extra(format!("{first}\n#{}\n", "-".repeat(second.len() + 64)));
+    let p = Process::start(&opts).await;
+    let original_len = std::fs::metadata(&p.config).expect("config size").len();
+    let client = Client::new();
+    echo(client.get(p.url("/first/x")).send().await.expect("GET /first")).await;
+
+    let with_second = process_config(&TestOptions::with_extra(format!("{first}{second}")), "");
+    rewrite_unseen(&p.config, &with_second, usize::try_from(original_len).expect("small file"));
+    // Control: past the watcher's second, nothing has changed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let resp = client.get(p.url("/second/x")).send().await.expect("GET /second");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND, "the watcher saw a change it should not have");
+
+    p.signal("HUP");
+    eventually("SIGHUP reloads the routes", Duration::from_secs(10), || {
+        let client = client.clone();
+        let url = p.url("/second/x");
+        async move { client.get(url).send().await.is_ok_and(|r| r.status() == StatusCode::OK) }
+    })
+    .await;
+    p.wait_for_log("the SIGHUP", |l| l["fields"]["message"] == "SIGHUP: reloading configuration and keys").await;
+
+    // An invalid file, seen by the watcher (no signal): refused with every
+    // error named, and both routes keep serving.
+    let bad = [
+        route("bad-prefix", "no-slash", &[svc.url()], "auth = \"public\""),
+        route("bad-upstream", "/bad", &["not a url".to_owned()], "auth = \"public\""),
+    ];
+    std::fs::write(&p.config, process_config(&TestOptions::with_extra(bad.concat()), "")).expect("write a bad config");
+    let refused = p
+        .wait_for_log("the refused reload", |l| {
+            l["fields"]["message"] == "configuration reload refused; keeping the running routes"
+        })
+        .await;
+    let error = refused["fields"]["error"].as_str().expect("the reload error");
+    for field in ["routes[0].prefix", "routes[1].upstreams"] {
+        assert!(error.contains(field), "the error does not name {field}: {error}");
+    }
+    for path in ["/first/x", "/second/x"] {
+        echo(client.get(p.url(path)).send().await.expect("GET after a refused reload")).await;
+    }
+    let metrics = p.metrics().await;
+    assert_eq!(metric(&metrics, "gateway_config_reloads_total", &[("result", "ok")]), 1.0, "{metrics}");
+    assert_eq!(metric(&metrics, "gateway_config_reloads_total", &[("result", "error")]), 1.0, "{metrics}");
+    p.stop().await;
+}
