@@ -243,6 +243,19 @@ async fn the_access_log_has_a_line_per_request_and_no_secret_anywhere_in_the_log
     find(&|l| l["path"] == "/auth/login", "the login");
     assert_eq!(lines.len(), 7, "one line per request: {lines:#?}");
 
+    // The same requests in the metrics (this process's own registry, so
+    // the counts are exact).
+    let metrics = p.metrics().await;
+    let m = |name: &str, labels: &[(&str, &str)]| metric(&metrics, name, labels);
+    assert_eq!(m("gateway_requests_total", &[("route", "private"), ("status", "200")]), 1.0, "{metrics}");
+    assert_eq!(m("gateway_requests_total", &[("route", "private"), ("status", "401")]), 2.0, "{metrics}");
+    assert_eq!(m("gateway_requests_total", &[("route", "none"), ("status", "400")]), 2.0, "{metrics}");
+    assert_eq!(m("gateway_request_duration_seconds_count", &[("route", "private")]), 3.0, "{metrics}");
+    assert_eq!(m("gateway_upstream_duration_seconds_count", &[("route", "private")]), 1.0, "{metrics}");
+    assert_eq!(m("gateway_auth_failures_total", &[("reason", "missing")]), 1.0, "{metrics}");
+    assert_eq!(m("gateway_auth_failures_total", &[("reason", "malformed")]), 1.0, "a refresh token: {metrics}");
+    assert_eq!(m("gateway_auth_failures_total", &[]), 2.0, "{metrics}");
+
     let all = p.stop().await;
     let new_access = rotated["access_token"].as_str().expect("rotated access token");
     let new_refresh = rotated["refresh_token"].as_str().expect("rotated refresh token");

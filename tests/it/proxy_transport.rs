@@ -3,12 +3,15 @@
 //! malformed requests on raw sockets, and the metrics of all that.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{SinkExt as _, StreamExt as _};
 use reqwest::header::{HeaderMap, COOKIE};
 use reqwest::{Body, Certificate, Client, StatusCode, Version};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -21,7 +24,7 @@ use crate::helpers::{
     assert_error, assert_error_in, eventually, metric, parse_tokens, raw_get, raw_request, raw_request_all, route,
     spawn_app_in, spawn_app_with, Stopping, TestOptions, PASSWORD,
 };
-use crate::upstream::{dead_upstream_url, echo, hanging_upstream_url, spawn_upstream};
+use crate::upstream::{dead_upstream_url, echo, hanging_upstream_url, spawn_tls_upstream, spawn_upstream, Echo};
 
 const EMAIL: &str = "me@example.com";
 const KIB: usize = 1024;
@@ -112,13 +115,11 @@ async fn responses_are_streamed_not_buffered() {
 #[tokio::test]
 async fn body_over_max_body_is_413() {
     let svc = spawn_upstream("small").await;
-    let app = spawn_app_with(TestOptions::with_extra(route(
-        "small",
-        "/small",
-        &[svc.url()],
-        &public_lines("max_body = \"1KiB\""),
-    )))
-    .await;
+    let routes = [
+        route("small", "/small", &[svc.url()], &public_lines("max_body = \"1KiB\"")),
+        route("default", "/default", &[svc.url()], PUBLIC),
+    ];
+    let app = spawn_app_with(TestOptions::with_extra(routes.concat())).await;
     let resp = app.client.post(app.url("/small/x")).body(vec![b'a'; 4 * KIB]).send().await.expect("POST 4 KiB");
     assert_error(resp, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
     assert_eq!(svc.hits(), 0, "a body over max_body reached the upstream");
@@ -126,6 +127,14 @@ async fn body_over_max_body_is_413() {
     // At the limit: accepted.
     let resp = app.client.post(app.url("/small/x")).body(vec![b'a'; KIB]).send().await.expect("POST 1 KiB");
     assert_eq!(echo(resp).await.body_len(), KIB as u64);
+
+    // A route without `max_body` takes 10 MiB and no more (refused on its
+    // Content-Length, before a byte of the body is read).
+    let resp = raw_request(app.addr, b"POST /default/x HTTP/1.1\r\nHost: x\r\nContent-Length: 10485761\r\n\r\n").await;
+    resp.assert_error("10 MiB + 1 on a default route", 413, "payload_too_large");
+    let resp =
+        app.client.post(app.url("/default/x")).body(vec![b'a'; 10 * KIB * KIB]).send().await.expect("POST 10 MiB");
+    assert_eq!(echo(resp).await.body_len(), 10 * KIB as u64 * KIB as u64);
 
     // Without Content-Length the limit still holds.
     let chunks = futures::stream::iter((0..4).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'a'; KIB]))));
@@ -255,6 +264,35 @@ async fn a_retry_does_not_extend_the_route_timeout() {
         let n = metric(&metrics, "gateway_upstream_errors_total", &[("route", "deadline"), ("kind", kind)]);
         assert_eq!(n, 1.0, "{kind} errors:\n{metrics}");
     }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_with_the_ca_file() {
+    let rcgen::CertifiedKey { cert, key_pair } =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("generate a self-signed certificate");
+    let cert_pem = cert.pem();
+    let svc = spawn_tls_upstream("secure", &cert_pem, &key_pair.serialize_pem()).await;
+    let url = format!("https://{}", svc.addr);
+
+    // Trusted through `upstream.ca_file`: proxied over TLS.
+    let dir = tempfile::tempdir().expect("create temp dir");
+    std::fs::write(dir.path().join("ca.pem"), &cert_pem).expect("write ca.pem");
+    let extra = route("secure", "/secure", std::slice::from_ref(&url), PUBLIC) + "\n[upstream]\nca_file = \"ca.pem\"\n";
+    let app = spawn_app_in(dir, TestOptions::with_extra(extra)).await;
+    let e = echo(app.get("/secure/x?q=1").await).await;
+    assert_eq!((e.upstream(), e.path(), e.query()), ("secure", "/secure/x", Some("q=1")), "{}", e.0);
+    assert_eq!(svc.hits(), 1);
+    app.stop().await;
+
+    // Without it the certificate is not trusted: 502, counted as a
+    // connection failure, and no request reaches the upstream.
+    let app = spawn_app_with(TestOptions::with_extra(route("untrusted", "/untrusted", &[url], PUBLIC))).await;
+    assert_error(app.get("/untrusted/x").await, StatusCode::BAD_GATEWAY, "bad_gateway").await;
+    assert_eq!(svc.hits(), 1, "a request went to an upstream whose certificate is not trusted");
+    let metrics = app.metrics().await;
+    let refused = metric(&metrics, "gateway_upstream_errors_total", &[("route", "untrusted"), ("kind", "connect")]);
+    assert_eq!(refused, 1.0, "{metrics}");
     app.stop().await;
 }
 
@@ -401,15 +439,63 @@ async fn tls_with_http2() {
     assert_eq!(resp.version(), Version::HTTP_2, "ALPN should pick h2");
     let tokens = parse_tokens(resp, "login over TLS").await;
 
-    // Proxied over TLS + h2; the upstream hears it was https.
-    let resp =
-        client.get(format!("{base}/tls/x?q=1")).bearer_auth(&tokens.access_token).send().await.expect("GET /tls/x");
+    // Proxied over TLS + h2; the upstream hears it was https. Identity
+    // fields a client sends over h2, in any spelling, are stripped as over
+    // HTTP/1.1.
+    let resp = client
+        .get(format!("{base}/tls/x?q=1"))
+        .bearer_auth(&tokens.access_token)
+        .header("x-user-id", "evil")
+        .header("x_user_id", "evil")
+        .header("x.tenant.id", "evil")
+        .send()
+        .await
+        .expect("GET /tls/x");
     assert_eq!(resp.version(), Version::HTTP_2, "ALPN should pick h2");
     let e = echo(resp).await;
     assert_eq!(e.path(), "/tls/x", "{}", e.0);
     assert_eq!(e.query(), Some("q=1"), "{}", e.0);
     assert_eq!(e.one("x-forwarded-proto"), "https", "{}", e.0);
     assert_eq!(e.one("x-user-id"), user_id, "{}", e.0);
+    assert!(!e.has("x_user_id") && !e.has("x.tenant.id"), "{}", e.0);
+    assert!(!e.0.to_string().contains("evil"), "{}", e.0);
+
+    // HTTP/1.1 (ALPN http/1.1) over TLS 1.2 and over TLS 1.3.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("parse the cert")).expect("a root");
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[version])
+                .expect("TLS version")
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = TcpStream::connect(app.addr).await.expect("connect");
+        let name = ServerName::try_from("localhost").expect("server name");
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap_or_else(|e| panic!("{:?} handshake: {e}", version.version));
+        let session = tls.get_ref().1;
+        assert_eq!(session.protocol_version(), Some(version.version));
+        assert_eq!(session.alpn_protocol(), Some(&b"http/1.1"[..]), "{:?}", version.version);
+        let request = format!(
+            "GET /tls/h1 HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            tokens.access_token
+        );
+        tls.write_all(request.as_bytes()).await.expect("write the request");
+        let mut buf = Vec::new();
+        // The end may come without a TLS close_notify: what was read counts.
+        let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut buf)).await;
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("HTTP/1.1 200 "), "{:?}: {text}", version.version);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+        let e = Echo(serde_json::from_str(body).unwrap_or_else(|err| panic!("echo JSON ({err}): {text}")));
+        assert_eq!(e.path(), "/tls/h1", "{}", e.0);
+        assert_eq!(e.one("x-forwarded-proto"), "https", "{}", e.0);
+        assert_eq!(e.one("x-user-id"), user_id, "{}", e.0);
+    }
 
     // Errors over h2 are the same JSON.
     let resp = client.get(format!("{base}/tls/x")).send().await.expect("GET /tls/x without a token");
@@ -728,10 +814,80 @@ async fn connections_that_send_no_request_head_are_closed() {
             assert!(received.is_empty(), "{case}: got {:?}", String::from_utf8_lossy(&received));
         }
     }
+    // A head dripped one byte every 100 ms: the deadline is for the whole
+    // head, so new bytes do not extend it (the drip would take 20 s).
+    let (mut reader, mut writer) = TcpStream::connect(app.addr).await.expect("connect to the gateway").into_split();
+    let drip = tokio::spawn(async move {
+        let head = format!("GET /raw/drip HTTP/1.1\r\nHost: gateway.test\r\nX-Drip: {}\r\n\r\n", "a".repeat(200));
+        for byte in head.as_bytes() {
+            if writer.write_all(std::slice::from_ref(byte)).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), reader.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "a dripping head kept its connection 5 s with header_read_timeout = 500ms");
+    drip.abort();
     assert_eq!(svc.hits(), 0, "an incomplete request reached the upstream");
+
+    // An idle keep-alive connection is closed after its answer, too.
+    let mut stream = TcpStream::connect(app.addr).await.expect("connect to the gateway");
+    stream.write_all(b"GET /raw/kept HTTP/1.1\r\nHost: gateway.test\r\n\r\n").await.expect("write");
+    let mut received = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut received)).await;
+    assert!(closed.is_ok(), "an idle keep-alive connection was still open after 5 s");
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 200 "), "the request before the idle wait: {text}");
+    assert_eq!(svc.hits(), 1);
     // Still serving.
     let e = echo(app.get("/raw/ok").await).await;
     assert_eq!(e.path(), "/raw/ok");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn connections_past_max_connections_are_closed_at_once() {
+    let svc = spawn_upstream("raw").await;
+    let opts = TestOptions {
+        server_extra: "max_connections = 2".to_owned(),
+        extra: route("limited", "/limited", &[svc.url()], PUBLIC),
+        ..TestOptions::default()
+    };
+    let app = spawn_app_with(opts).await;
+    let before = metric(&app.metrics().await, "gateway_connections_refused_total", &[]);
+    // Two keep-alive connections, each answered once and held open.
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let mut stream = TcpStream::connect(app.addr).await.expect("connect to the gateway");
+        stream.write_all(format!("GET /limited/{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.expect("write");
+        let mut buf = vec![0_u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("an answer")
+            .expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200 "), "connection {i}: {}", String::from_utf8_lossy(&buf[..n]));
+        held.push(stream);
+    }
+    // A third is closed without an answer.
+    let mut third = TcpStream::connect(app.addr).await.expect("the kernel still accepts");
+    let _ = third.write_all(b"GET /limited/3 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut received = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut received)).await;
+    assert!(closed.is_ok(), "the connection over the limit was kept open");
+    assert!(received.is_empty(), "the connection over the limit was answered: {}", String::from_utf8_lossy(&received));
+    assert_eq!(svc.hits(), 2);
+    // The metric is process-wide; this test's refusal is at least one.
+    let after = metric(&app.metrics().await, "gateway_connections_refused_total", &[]);
+    assert!(after > before, "refusals not counted: {before} -> {after}");
+    // A slot given back is free again.
+    drop(held.pop());
+    eventually("a freed slot serves again", Duration::from_secs(10), || async {
+        app.client.get(app.url("/limited/again")).send().await.is_ok_and(|r| r.status() == StatusCode::OK)
+    })
+    .await;
+    drop(held);
     app.stop().await;
 }
 

@@ -138,7 +138,34 @@ pub async fn spawn_upstream(name: &str) -> Upstream {
         connections: AtomicUsize::new(0),
         seen: Mutex::new(Vec::new()),
     });
-    let task = tokio::spawn(accept_loop(listener, Arc::clone(&state)));
+    let task = tokio::spawn(accept_loop(listener, Arc::clone(&state), None));
+    Upstream { addr, state, task }
+}
+
+/// Like [`spawn_upstream`], serving HTTPS (HTTP/1.1) with `cert_pem` and
+/// `key_pem`; [`Upstream::url`] stays `http://`, so build the `https://`
+/// URL from [`Upstream::addr`].
+pub async fn spawn_tls_upstream(name: &str, cert_pem: &str, key_pem: &str) -> Upstream {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("parse the upstream's certificate");
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("parse the upstream's key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .expect("the upstream's certificate and key");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the upstream listener");
+    let addr = listener.local_addr().expect("upstream listener address");
+    let state = Arc::new(State {
+        name: name.to_owned(),
+        hits: AtomicUsize::new(0),
+        connections: AtomicUsize::new(0),
+        seen: Mutex::new(Vec::new()),
+    });
+    let task = tokio::spawn(accept_loop(listener, Arc::clone(&state), Some(acceptor)));
     Upstream { addr, state, task }
 }
 
@@ -167,7 +194,7 @@ pub fn hanging_upstream_url() -> String {
     format!("http://{addr}")
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+async fn accept_loop(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustls::TlsAcceptor>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -176,13 +203,25 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
         let _ = stream.set_nodelay(true);
         state.connections.fetch_add(1, Ordering::SeqCst);
         let state = Arc::clone(&state);
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
                 async move { Ok::<_, Infallible>(handle(state, req).await) }
             });
-            // Errors here are clients (the gateway) going away; nothing to do.
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades().await;
+            // Errors here are clients (the gateway) going away, or failed
+            // handshakes; nothing to do.
+            let http = http1::Builder::new();
+            match tls {
+                None => {
+                    let _ = http.serve_connection(TokioIo::new(stream), service).with_upgrades().await;
+                }
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                    }
+                }
+            }
         });
     }
 }
