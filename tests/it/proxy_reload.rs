@@ -30,11 +30,23 @@ async fn reload_swaps_in_the_new_routes() {
     assert_eq!(e.path(), "/second/x", "{}", e.0);
     assert_eq!(echo(app.get("/first/x").await).await.upstream(), "first");
 
-    // Remove one; move a prefix to another upstream.
+    // Remove one; move a prefix to another upstream, while a request on
+    // the old route is in flight: it finishes where it started.
+    let hits = first.hits();
+    let client = app.client.clone();
+    let slow = tokio::spawn(client.get(app.url("/first/slow?mode=slow&ms=1500")).send());
+    let (first_ref, before) = (&first, hits);
+    eventually("the slow request reached the first upstream", Duration::from_secs(10), || async move {
+        first_ref.hits() > before
+    })
+    .await;
     let moved = route("second", "/first", &[second.url()], PUBLIC);
     app.rewrite_config(&moved);
     let n = app.reloader.reload().unwrap_or_else(|e| panic!("reloading a valid config failed: {e}"));
     assert_eq!(n, 1);
+    let in_flight = slow.await.expect("the request task").expect("the in-flight request");
+    let e = echo(in_flight).await;
+    assert_eq!((e.upstream(), e.path()), ("first", "/first/slow"), "{}", e.0);
     assert_error(app.get("/second/x").await, StatusCode::NOT_FOUND, "not_found").await;
     assert_eq!(echo(app.get("/first/x").await).await.upstream(), "second");
 

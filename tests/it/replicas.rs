@@ -362,6 +362,11 @@ async fn a_replica_cut_off_from_the_database_serves_valid_tokens_fails_closed_an
     // Valid tokens keep flowing: the proxy path does no database I/O.
     let e = echo(c.get_authed("/svc/x", &tokens.access_token).await).await;
     assert_eq!(e.path(), "/svc/x", "{}", e.0);
+    // Also one C has never seen (issued by A after the cut): verified with
+    // the shared keys alone.
+    let fresh = a.login_ok(EMAIL, PASSWORD, None).await;
+    let e = echo(c.get_authed("/svc/fresh", &fresh.access_token).await).await;
+    assert_eq!(e.one("x-session-id"), jwt_part(&fresh.access_token, 1)["sid"].as_str().expect("sid"), "{}", e.0);
     // What needs the database answers 503 promptly instead of hanging.
     let limit = Duration::from_secs(10);
     let resp = tokio::time::timeout(limit, c.login(EMAIL, PASSWORD, None)).await.expect("login answered within 10 s");
