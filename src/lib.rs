@@ -59,3 +59,5 @@ pub mod http1;
 pub mod observability;
 pub mod proxy;
 pub mod server;
+#[cfg(test)]
+mod testrand;

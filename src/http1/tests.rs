@@ -144,3 +144,34 @@ fn the_rest_of_a_body_is_found_in_the_buffer_without_consuming_it() {
     assert!(!Decoder::new(Framing::Chunked).rest_is_in(b"zz\r\n"));
     assert!(Decoder::new(Framing::Empty).rest_is_in(b""));
 }
+
+/// Chunked bodies with random bytes overwritten, dropped or added, fed
+/// whole and in small pieces: each is decoded or refused, the same either
+/// way, and nothing panics.
+#[test]
+fn mangled_chunked_bodies_decode_or_fail_alike() {
+    const BODY: &[u8] = b"5;ext=1\r\nhello\r\n1a\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-Trailer: t\r\n\r\n";
+    const BYTES: &[u8] = b"\r\n ;=0123456789abcdefABCDEFxX\t\0\x80\xff";
+    let mut rand = crate::testrand::Rand::new(0xD1B5_4A32_D192_ED03);
+    for _ in 0..20_000 {
+        let mut input = BODY.to_vec();
+        for _ in 0..=rand.below(3) {
+            let at = rand.below(input.len());
+            match rand.below(3) {
+                0 => input[at] = *rand.pick(BYTES),
+                1 => {
+                    input.remove(at);
+                }
+                _ => input.insert(at, *rand.pick(BYTES)),
+            }
+        }
+        let whole = decode(Framing::Chunked, &input, input.len());
+        let step = 1 + rand.below(7);
+        assert_eq!(
+            decode(Framing::Chunked, &input, step),
+            whole,
+            "{:?} fed {step} bytes at a time",
+            String::from_utf8_lossy(&input)
+        );
+    }
+}

@@ -176,4 +176,31 @@ mod tests {
             assert_eq!(normalize(raw), Err(want), "{raw}");
         }
     }
+
+    /// Random paths built from the pieces that matter (dots, slashes,
+    /// escapes): whatever is accepted is absolute, has no empty or dot
+    /// segment and is its own normal form, so what the policy judged is
+    /// what the upstream gets; nothing panics.
+    #[test]
+    fn random_paths_normalise_to_fixed_points() {
+        const PIECES: [&str; 18] = [
+            "/", "/", ".", "..", "%2e", "%2E", "%2f", "%5c", "%", "a", "%41", "%7e", "~", ";", "%00", "\\", "%zz",
+            "%25",
+        ];
+        let mut rand = crate::testrand::Rand::new(0x9E37_79B9_7F4A_7C15);
+        let mut accepted = 0;
+        for _ in 0..50_000 {
+            let mut raw = String::from("/");
+            for _ in 0..rand.below(12) {
+                let piece: &&str = rand.pick(&PIECES);
+                raw.push_str(piece);
+            }
+            let Ok(path) = normalize(&raw) else { continue };
+            accepted += 1;
+            assert!(path.starts_with('/') && !path.contains("//"), "{raw} -> {path}");
+            assert!(path.split('/').all(|s| s != "." && s != ".."), "{raw} -> {path}");
+            assert_eq!(normalize(&path).as_deref(), Ok(&*path), "not a fixed point: {raw} -> {path}");
+        }
+        assert!(accepted > 5_000, "too few paths accepted ({accepted}) for the check to mean much");
+    }
 }
