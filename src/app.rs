@@ -101,6 +101,7 @@ impl App {
         };
         let reloader = Reloader {
             path: config.path.clone(),
+            stamp: config.stamp,
             keys_dir: config.auth.keys_dir.clone(),
             routes,
             authenticator,
@@ -196,7 +197,7 @@ impl App {
                 auth.lockout_duration,
                 stopped(),
             )),
-            tokio::spawn(self.reloader.clone().watch(Duration::from_secs(1), stopped())),
+            tokio::spawn(self.reloader.clone().watch(self.config.server.config_poll, stopped())),
             tokio::spawn(upkeep(self.metrics.clone(), stopped())),
         ];
         if let crate::config::DatabaseUrl::Postgres(url) = &self.config.database.url {

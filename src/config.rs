@@ -22,6 +22,9 @@ use reader::{Errors, Fields};
 pub struct Config {
     /// The file this was read from (reloads read it again).
     pub path: PathBuf,
+    /// The file as it was just before it was read (the file watcher's
+    /// starting point); `None` when parsed from text.
+    pub stamp: Option<FileStamp>,
     pub server: ServerConfig,
     pub admin: AdminConfig,
     pub database: DatabaseConfig,
@@ -54,6 +57,9 @@ pub struct ServerConfig {
     pub workers: usize,
     /// A WebSocket tunnel with no byte either way for this long is closed.
     pub tunnel_idle_timeout: Duration,
+    /// How often the config file is checked for changes; zero: never (only
+    /// SIGHUP reloads).
+    pub config_poll: Duration,
 }
 
 /// Certificate chain and private key (PEM) for the public listener.
@@ -131,7 +137,8 @@ pub struct Argon2Config {
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     pub format: LogFormat,
-    /// One line per proxied request (target `gateway::access`).
+    /// One line per request the gateway answers: proxied, refused, or its
+    /// own API (target `gateway::access`).
     pub access: bool,
 }
 
@@ -159,9 +166,13 @@ pub const MAX_PASSWORD_BYTES: usize = 1024;
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        // Taken before the read: a write after it is a change still to see.
+        let stamp = FileStamp::of(path);
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::parse(&text, path)
+        let mut config = Self::parse(&text, path)?;
+        config.stamp = stamp;
+        Ok(config)
     }
 
     /// Validates `text` as if it had been read from `path`.
@@ -177,6 +188,33 @@ impl Config {
             Some(config) if errors.0.is_empty() => Ok(config),
             _ => Err(ConfigError::Invalid { path: path.to_owned(), problems: errors.0 }),
         }
+    }
+}
+
+/// What tells one version of a file from another without reading it:
+/// modification time, size, inode and status-change time. A file renamed
+/// over the old one has a new inode and ctime even when a copy kept the
+/// old modification time and size (`cp -p`, `rsync -t`), and nothing but
+/// the kernel sets ctime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    modified: std::time::SystemTime,
+    len: u64,
+    inode: u64,
+    changed: (i64, i64),
+}
+
+impl FileStamp {
+    /// The stamp of the file at `path` now; `None` when it cannot be read.
+    pub fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            modified: meta.modified().ok()?,
+            len: meta.len(),
+            inode: meta.ino(),
+            changed: (meta.ctime(), meta.ctime_nsec()),
+        })
     }
 }
 
@@ -239,6 +277,7 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
 
     Some(Config {
         path: path.to_owned(),
+        stamp: None,
         server: server?,
         admin: admin?,
         database: database?,
@@ -269,6 +308,10 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<
     let max_connections = f.int_or("max_connections", 10_000, 1, 10_000_000) as usize;
     let shutdown_grace = f.duration_or("shutdown_grace", "30s", Duration::ZERO);
     let tunnel_idle_timeout = f.duration_or("tunnel_idle_timeout", "10m", Duration::from_millis(10));
+    let config_poll = f.duration_or("config_poll", "1s", Duration::ZERO);
+    if !config_poll.is_zero() && config_poll < Duration::from_millis(100) {
+        f.error("config_poll", "must be 0 (off) or at least 100ms");
+    }
     let workers = match f.int_or("workers", 0, 0, 1024) {
         0 => std::thread::available_parallelism().map(usize::from).unwrap_or(1),
         n => n as usize,
@@ -303,6 +346,7 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<
         shutdown_grace,
         workers,
         tunnel_idle_timeout,
+        config_poll,
     })
 }
 

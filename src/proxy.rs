@@ -201,13 +201,15 @@ impl Proxy {
                     return self.refuse(Some(&req), e);
                 }
             }
-            let table = self.routes.load();
-            let request_id = headers::request_id(req.headers(), &table.headers.request_id);
+            // The header's name, not the table: no arc-swap guard is held
+            // across the API's database work.
+            let id_name = self.routes.load().headers.request_id.clone();
+            let request_id = headers::request_id(req.headers(), &id_name);
             let method = req.method().clone();
             let mut response = self.serve_api(req, &path, conn).await;
             let line = Access { route: "gateway", method: Some(&method), path: &path, user: None, upstream: None };
             self.access(&request_id, line, response.status(), started.elapsed());
-            response.headers_mut().insert(table.headers.request_id.clone(), request_id);
+            response.headers_mut().insert(id_name, request_id);
             return response;
         }
 

@@ -213,8 +213,9 @@ pub(super) fn build_routes(tables: Vec<toml::Table>, errors: &mut Errors) -> Vec
     routes
 }
 
-/// `none`: requests refused before routing, or matching no route;
-/// `gateway`: the gateway's own API (`/auth/*`, the JWKS).
+/// `none`: requests refused before routing, or matching no route (metrics
+/// and the access log); `gateway`: the gateway's own API (`/auth/*`, the
+/// JWKS; the access log, as its metrics have names of their own).
 pub const RESERVED_ROUTE_NAMES: [&str; 2] = ["none", "gateway"];
 
 fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
@@ -226,7 +227,8 @@ fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
         {
             f.error("name", format!("{n:?} must be 1-64 of A-Z a-z 0-9 - _ ."));
         }
-        // The labels of what no route serves, in metrics and the access log.
+        // Labels of what no route serves: "none" in metrics and the access
+        // log, "gateway" (the gateway's own API) in the access log.
         Some(n) if RESERVED_ROUTE_NAMES.contains(&n.as_str()) => {
             f.error("name", format!("{n:?} is reserved (requests no route serves are labelled so)"));
         }

@@ -4,33 +4,38 @@
 //! new route table swapped in, atomically (arc-swap): requests in flight
 //! finish on the table they started with. An invalid file changes nothing and
 //! every error is logged. Triggers: SIGHUP (which also reloads the key ring)
-//! and a change of the file's modification time or size, polled every second.
-//! Listeners, the database and timeouts of the server itself need a restart.
+//! and a change of the file ([`FileStamp`]: modification time, size, inode,
+//! status-change time), polled every `server.config_poll` (1 s; 0 turns
+//! polling off). Listeners, the database and timeouts of the server itself
+//! need a restart.
 //!
 //! Why a change must hold still for a whole poll before it is read: an
 //! editor or `cat >` writes the file in pieces, and a file cut short is
 //! often still valid (every key has a default, an empty file included).
 //! Read mid-write, it could drop routes or, worse, keep a route whose
-//! `roles` line had not been written yet. A file seen with the same time
-//! and size on two polls a second apart is one the writer has finished
-//! with. (Writing a new file and renaming it over the old is safest, and
-//! SIGHUP reads the file at once.)
+//! `roles` line had not been written yet. A file with the same stamp on two
+//! polls a poll apart is one the writer has finished with. (Writing a new
+//! file and renaming it over the old is safest, and SIGHUP reads the file
+//! at once.) The stamp is taken before the file is read, so a write racing
+//! a read is seen as a change on the next poll.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
 use crate::auth::keys::KeyRing;
 use crate::auth::Authenticator;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, FileStamp};
 use crate::proxy::identity::IdentityCache;
 use crate::proxy::router::RouteTable;
 
 #[derive(Clone)]
 pub struct Reloader {
     pub(crate) path: PathBuf,
+    /// The file as it was when the running config was read.
+    pub(crate) stamp: Option<FileStamp>,
     pub(crate) keys_dir: PathBuf,
     pub(crate) routes: Arc<ArcSwap<RouteTable>>,
     pub(crate) authenticator: Authenticator,
@@ -69,16 +74,19 @@ impl Reloader {
         }
     }
 
-    fn stamp(&self) -> Stamp {
-        let meta = std::fs::metadata(&self.path).ok()?;
-        Some((meta.modified().ok()?, meta.len()))
-    }
-
-    /// Reloads on SIGHUP and on file changes until `shutdown` resolves.
+    /// Reloads on SIGHUP, and on file changes every `every` (never when
+    /// zero), until `shutdown` resolves.
     pub async fn watch(self, every: Duration, shutdown: impl std::future::Future<Output = ()>) {
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let mut seen = Settled::new(self.stamp());
-        let mut ticker = tokio::time::interval(every);
+        let mut seen = Settled::new(self.stamp);
+        let mut ticker = (!every.is_zero()).then(|| {
+            let mut ticker = tokio::time::interval(every);
+            // After a stall, the next poll comes a whole period later, not at
+            // once: two polls microseconds apart would agree on a file that
+            // is still being written.
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker
+        });
         tokio::pin!(shutdown);
         loop {
             let hup = async {
@@ -89,82 +97,138 @@ impl Reloader {
                     None => std::future::pending::<()>().await,
                 }
             };
+            let tick = async {
+                match ticker.as_mut() {
+                    Some(t) => {
+                        t.tick().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
                 () = &mut shutdown => return,
                 () = hup => {
                     tracing::info!("SIGHUP: reloading configuration and keys");
+                    let before = FileStamp::of(&self.path);
                     let _ = self.reload();
                     self.reload_keys();
-                    seen = Settled::new(self.stamp());
+                    seen = Settled::new(before);
                 }
-                _ = ticker.tick() => {
-                    if seen.changed(self.stamp()) {
+                () = tick => match seen.changed(FileStamp::of(&self.path)) {
+                    Poll::Read => {
                         let _ = self.reload();
                     }
-                }
+                    Poll::Unsettled(UNSETTLED_WARNING) => tracing::warn!(
+                        path = %self.path.display(),
+                        polls = UNSETTLED_WARNING,
+                        "the config file has changed on every poll; it is read once it holds still, or on SIGHUP"
+                    ),
+                    Poll::Unchanged | Poll::Unsettled(_) => {}
+                },
             }
         }
     }
 }
 
-/// The file's (modification time, size), as of one poll.
-type Stamp = Option<(SystemTime, u64)>;
+/// After this many polls that each saw a new stamp, a warning says why
+/// the file is not being read.
+const UNSETTLED_WARNING: u32 = 10;
+
+/// What one poll of the file decided.
+#[derive(Debug, PartialEq, Eq)]
+enum Poll {
+    /// As last read (or missing: a file being replaced is not read).
+    Unchanged,
+    /// Changed, and not yet the same on two polls; the number of polls in
+    /// a row that have seen it so.
+    Unsettled(u32),
+    /// Changed and then held still for a whole poll: read it.
+    Read,
+}
 
 /// Tells when the file has changed and then held still for a whole poll.
 struct Settled {
     /// The stamp of the file last read.
-    read: Stamp,
+    read: Option<FileStamp>,
     /// A new stamp seen on the previous poll, not read yet.
-    pending: Stamp,
+    pending: Option<FileStamp>,
+    /// Polls in a row that saw a new, unsettled stamp.
+    moving: u32,
 }
 
 impl Settled {
-    fn new(read: Stamp) -> Self {
-        Self { read, pending: None }
+    fn new(read: Option<FileStamp>) -> Self {
+        Self { read, pending: None, moving: 0 }
     }
 
     /// Given this poll's stamp: whether to read the file now.
-    fn changed(&mut self, now: Stamp) -> bool {
+    fn changed(&mut self, now: Option<FileStamp>) -> Poll {
         if now.is_none() || now == self.read {
             self.pending = None;
-            false
+            self.moving = 0;
+            Poll::Unchanged
         } else if now == self.pending {
             self.read = now;
             self.pending = None;
-            true
+            self.moving = 0;
+            Poll::Read
         } else {
             self.pending = now;
-            false
+            self.moving = self.moving.saturating_add(1);
+            Poll::Unsettled(self.moving)
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime};
+    use std::path::Path;
 
-    use super::{Settled, Stamp};
+    use super::{FileStamp, Poll, Settled};
 
-    fn at(secs: u64, len: u64) -> Stamp {
-        Some((SystemTime::UNIX_EPOCH + Duration::from_secs(secs), len))
+    /// Stamps of a scratch file written with `len` bytes, one per call.
+    fn stamp(path: &Path, len: usize) -> Option<FileStamp> {
+        std::fs::write(path, vec![b'#'; len]).expect("write the scratch file");
+        FileStamp::of(path)
     }
 
     #[test]
     fn a_change_is_read_once_it_has_held_still_for_a_poll() {
-        let mut seen = Settled::new(at(1, 100));
-        assert!(!seen.changed(at(1, 100)), "unchanged");
-        assert!(!seen.changed(at(2, 40)), "new: maybe still being written");
-        assert!(!seen.changed(at(3, 90)), "still moving");
-        assert!(seen.changed(at(3, 90)), "held still for a poll");
-        assert!(!seen.changed(at(3, 90)), "read already");
-        // Changed back before it settled: nothing to read.
-        assert!(!seen.changed(at(4, 10)));
-        assert!(!seen.changed(at(3, 90)));
-        // A file that disappears (being replaced) is not read.
-        assert!(!seen.changed(None));
-        assert!(!seen.changed(at(5, 90)));
-        assert!(!seen.changed(None));
-        assert!(!seen.changed(at(5, 90)), "the missing poll reset the wait");
-        assert!(seen.changed(at(5, 90)));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("gateway.toml");
+        let first = stamp(&path, 100);
+        let mut seen = Settled::new(first);
+        assert_eq!(seen.changed(first), Poll::Unchanged);
+        let partial = stamp(&path, 40);
+        assert_eq!(seen.changed(partial), Poll::Unsettled(1), "new: maybe still being written");
+        let whole = stamp(&path, 90);
+        assert_eq!(seen.changed(whole), Poll::Unsettled(2), "still moving");
+        assert_eq!(seen.changed(whole), Poll::Read, "held still for a poll");
+        assert_eq!(seen.changed(whole), Poll::Unchanged, "read already");
+        // A file that disappears (being replaced) is not read, and resets the wait.
+        let next = stamp(&path, 10);
+        assert_eq!(seen.changed(next), Poll::Unsettled(1));
+        assert_eq!(seen.changed(None), Poll::Unchanged);
+        assert_eq!(seen.changed(next), Poll::Unsettled(1));
+        assert_eq!(seen.changed(next), Poll::Read);
+    }
+
+    #[test]
+    fn a_copy_renamed_over_the_file_is_a_change_even_with_the_same_time_and_size() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("gateway.toml");
+        let old = stamp(&path, 64);
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).expect("mtime");
+        let aside = dir.path().join("gateway.toml.new");
+        std::fs::write(&aside, vec![b'-'; 64]).expect("write the copy");
+        let file = std::fs::File::options().write(true).open(&aside).expect("open the copy");
+        file.set_modified(modified).expect("keep the old mtime (cp -p)");
+        drop(file);
+        std::fs::rename(&aside, &path).expect("rename over");
+        let new = FileStamp::of(&path);
+        assert_ne!(new, old, "a new file with the old time and size looked unchanged");
+        let mut seen = Settled::new(old);
+        assert_eq!(seen.changed(new), Poll::Unsettled(1));
+        assert_eq!(seen.changed(new), Poll::Read);
     }
 }

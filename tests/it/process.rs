@@ -25,18 +25,31 @@ const EMAIL: &str = "operator@example.com";
 /// A `gateway serve` child process and the lines it has logged so far.
 struct Process {
     child: Child,
-    dir: TempDir,
+    _dir: TempDir,
     config: PathBuf,
     addr: SocketAddr,
     admin: SocketAddr,
     lines: Arc<Mutex<Vec<String>>>,
-    reader: std::thread::JoinHandle<()>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A test that fails before [`Process::stop`] leaves no gateway running.
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Process {
     /// Writes the config (`opts`, JSON logs) into a fresh directory, creates
     /// the user [`EMAIL`], starts the binary and waits for it to listen.
     async fn start(opts: &TestOptions) -> Process {
+        Self::start_logging(opts, "info").await
+    }
+
+    /// [`Process::start`] with `RUST_LOG=level`.
+    async fn start_logging(opts: &TestOptions, level: &str) -> Process {
         let dir = tempfile::tempdir().expect("create temp dir");
         let config = dir.path().join("gateway.toml");
         std::fs::write(&config, process_config(opts, "")).expect("write gateway.toml");
@@ -48,7 +61,7 @@ impl Process {
             .arg(&config)
             .arg("serve")
             .current_dir(dir.path())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -64,12 +77,12 @@ impl Process {
         });
         let mut process = Process {
             child,
-            dir,
+            _dir: dir,
             config,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             admin: SocketAddr::from(([0, 0, 0, 0], 0)),
             lines,
-            reader,
+            reader: Some(reader),
         };
         let listening =
             process.wait_for_log("the gateway to listen", |l| l["fields"]["message"] == "gateway listening").await;
@@ -122,24 +135,20 @@ impl Process {
 
     /// SIGTERM, then waits for the exit (15 s at most) and the last lines;
     /// returns everything logged, unparsed.
-    async fn stop(self) -> String {
+    async fn stop(mut self) -> String {
         self.signal("TERM");
-        let mut child = self.child;
-        let status = tokio::task::spawn_blocking(move || {
-            for _ in 0..300 {
-                if let Some(status) = child.try_wait().expect("poll the child") {
-                    return Some(status);
-                }
-                std::thread::sleep(Duration::from_millis(50));
+        let mut status = None;
+        for _ in 0..300 {
+            status = self.child.try_wait().expect("poll the child");
+            if status.is_some() {
+                break;
             }
-            let _ = child.kill();
-            None
-        })
-        .await
-        .expect("wait task");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert!(status.is_some_and(|s| s.success()), "the gateway did not exit cleanly on SIGTERM: {status:?}");
-        self.reader.join().expect("the log reader ended");
-        drop(self.dir);
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("the log reader ended");
+        }
         let lines = self.lines.lock().expect("log lines lock");
         lines.join("\n")
     }
@@ -177,7 +186,8 @@ async fn the_access_log_has_a_line_per_request_and_no_secret_anywhere_in_the_log
     let routes =
         [route("private", "/private", &[svc.url()], ""), route("open", "/open", &[svc.url()], "auth = \"public\"")];
     let opts = TestOptions::with_extra(routes.concat());
-    let p = Process::start(&opts).await;
+    // At debug level, so that "no secret" covers what an operator can turn on.
+    let p = Process::start_logging(&opts, "debug").await;
     let client = Client::new();
     let tokens = login(&client, &p).await;
     let access = tokens["access_token"].as_str().expect("access token").to_owned();
@@ -213,7 +223,16 @@ async fn the_access_log_has_a_line_per_request_and_no_secret_anywhere_in_the_log
     assert_eq!(resp.status(), StatusCode::OK);
     let rotated: Value = resp.json().await.expect("refresh JSON");
 
-    let lines = access_lines(&p.logs());
+    // Each line is written before its answer, but read from the pipe by
+    // another thread: wait for all seven.
+    let mut lines = Vec::new();
+    for _ in 0..200 {
+        lines = access_lines(&p.logs());
+        if lines.len() >= 7 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let find = |pred: &dyn Fn(&Value) -> bool, what: &str| -> Value {
         let found: Vec<&Value> = lines.iter().filter(|l| pred(l)).collect();
         assert_eq!(found.len(), 1, "one access line for {what}; access lines: {lines:#?}");
@@ -272,43 +291,41 @@ async fn the_access_log_has_a_line_per_request_and_no_secret_anywhere_in_the_log
     }
 }
 
-/// Rewrites `path` with `text` padded by a comment to `len` bytes, and
-/// puts its modification time back: the file watcher (which compares
-/// time and size) cannot tell it changed, so only a SIGHUP reloads it.
-fn rewrite_unseen(path: &Path, text: &str, len: usize) {
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).expect("config mtime");
-    let mut padded = format!("{text}\n#");
-    assert!(padded.len() < len, "the padded original must be longer than the new text");
-    padded.push_str(&"-".repeat(len - padded.len() - 1));
-    padded.push('\n');
-    // Written aside and renamed over the config, so that no poll sees it
-    // half-written or with its new time.
+/// Writes `text` beside `path` and renames it over: no poll can see the
+/// file half-written.
+fn replace_file(path: &Path, text: &str) {
     let aside = path.with_extension("new");
-    std::fs::write(&aside, &padded).expect("write the new config");
-    let file = std::fs::File::options().write(true).open(&aside).expect("open the new config");
-    file.set_modified(modified).expect("give the new config the old mtime");
-    drop(file);
+    std::fs::write(&aside, text).expect("write the new config");
     std::fs::rename(&aside, path).expect("rename the new config over the old");
 }
 
 #[tokio::test]
-async fn sighup_reloads_routes_and_the_watcher_refuses_an_invalid_file() {
+async fn sighup_reloads_routes_and_keys_and_refuses_an_invalid_file() {
     let svc = spawn_upstream("hup").await;
     let first = route("first", "/first", &[svc.url()], "auth = \"public\"");
     let second = route("second", "/second", &[svc.url()], "auth = \"public\"");
-    // Padding, so that the file with the second route has the same size.
-    let opts = TestOptions::with_extra(format!("{first}\n#{}\n", "-".repeat(second.len() + 64)));
-    let p = Process::start(&opts).await;
-    let original_len = std::fs::metadata(&p.config).expect("config size").len();
+    // No polling: only the signal can reload.
+    let no_poll = |extra: String| TestOptions {
+        server_extra: "config_poll = \"0s\"".to_owned(),
+        ..TestOptions::with_extra(extra)
+    };
+    let p = Process::start(&no_poll(first.clone())).await;
     let client = Client::new();
     echo(client.get(p.url("/first/x")).send().await.expect("GET /first")).await;
+    let keys = |client: Client, url: String| async move {
+        let jwks: Value = client.get(url).send().await.expect("GET the JWKS").json().await.expect("JWKS JSON");
+        jwks["keys"].as_array().map_or(0, Vec::len)
+    };
+    let jwks_url = p.url("/.well-known/jwks.json");
+    assert_eq!(keys(client.clone(), jwks_url.clone()).await, 1);
 
-    let with_second = process_config(&TestOptions::with_extra(format!("{first}{second}")), "");
-    rewrite_unseen(&p.config, &with_second, usize::try_from(original_len).expect("small file"));
-    // Control: past the watcher's second, nothing has changed.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    replace_file(&p.config, &process_config(&no_poll(format!("{first}{second}")), ""));
+    run_cli(&p.config, &["keys", "generate"], "").await.expect("keys generate");
+    // Control: with polling off, nothing changes by itself.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let resp = client.get(p.url("/second/x")).send().await.expect("GET /second");
-    assert_eq!(resp.status(), StatusCode::NOT_FOUND, "the watcher saw a change it should not have");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND, "a reload happened without a signal");
+    assert_eq!(keys(client.clone(), jwks_url.clone()).await, 1, "keys reloaded without a signal");
 
     p.signal("HUP");
     eventually("SIGHUP reloads the routes", Duration::from_secs(10), || {
@@ -318,23 +335,51 @@ async fn sighup_reloads_routes_and_the_watcher_refuses_an_invalid_file() {
     })
     .await;
     p.wait_for_log("the SIGHUP", |l| l["fields"]["message"] == "SIGHUP: reloading configuration and keys").await;
+    p.wait_for_log("the key reload", |l| l["fields"]["message"] == "signing keys reloaded").await;
+    assert_eq!(keys(client.clone(), jwks_url.clone()).await, 2, "the new key is published");
 
-    // An invalid file, seen by the watcher (no signal): refused with every
-    // error named, and both routes keep serving.
+    // An invalid file: refused with every error named, and both routes keep serving.
     let bad = [
         route("bad-prefix", "no-slash", &[svc.url()], "auth = \"public\""),
         route("bad-upstream", "/bad", &["not a url".to_owned()], "auth = \"public\""),
     ];
-    std::fs::write(&p.config, process_config(&TestOptions::with_extra(bad.concat()), "")).expect("write a bad config");
-    let refused = p
-        .wait_for_log("the refused reload", |l| {
-            l["fields"]["message"] == "configuration reload refused; keeping the running routes"
-        })
-        .await;
+    replace_file(&p.config, &process_config(&no_poll(bad.concat()), ""));
+    p.signal("HUP");
+    let refused = p.wait_for_log("the refused reload", is_refusal).await;
     let error = refused["fields"]["error"].as_str().expect("the reload error");
     for field in ["routes[0].prefix", "routes[1].upstreams"] {
         assert!(error.contains(field), "the error does not name {field}: {error}");
     }
+    for path in ["/first/x", "/second/x"] {
+        echo(client.get(p.url(path)).send().await.expect("GET after a refused reload")).await;
+    }
+    let metrics = p.metrics().await;
+    assert_eq!(metric(&metrics, "gateway_config_reloads_total", &[("result", "ok")]), 1.0, "{metrics}");
+    assert_eq!(metric(&metrics, "gateway_config_reloads_total", &[("result", "error")]), 1.0, "{metrics}");
+    p.stop().await;
+}
+
+fn is_refusal(line: &Value) -> bool {
+    line["fields"]["message"] == "configuration reload refused; keeping the running routes"
+}
+
+#[tokio::test]
+async fn the_watcher_picks_up_a_valid_file_and_refuses_an_invalid_one() {
+    let svc = spawn_upstream("watched").await;
+    let first = route("first", "/first", &[svc.url()], "auth = \"public\"");
+    let second = route("second", "/second", &[svc.url()], "auth = \"public\"");
+    let p = Process::start(&TestOptions::with_extra(first.clone())).await;
+    let client = Client::new();
+    replace_file(&p.config, &process_config(&TestOptions::with_extra(format!("{first}{second}")), ""));
+    eventually("the watcher loads the new route", Duration::from_secs(10), || {
+        let client = client.clone();
+        let url = p.url("/second/x");
+        async move { client.get(url).send().await.is_ok_and(|r| r.status() == StatusCode::OK) }
+    })
+    .await;
+    replace_file(&p.config, "[server\n");
+    let refused = p.wait_for_log("the watcher's refused reload", is_refusal).await;
+    assert!(refused["fields"]["error"].as_str().is_some_and(|e| e.contains("gateway.toml")), "{refused}");
     for path in ["/first/x", "/second/x"] {
         echo(client.get(p.url(path)).send().await.expect("GET after a refused reload")).await;
     }

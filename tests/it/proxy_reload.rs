@@ -34,7 +34,7 @@ async fn reload_swaps_in_the_new_routes() {
     // the old route is in flight: it finishes where it started.
     let hits = first.hits();
     let client = app.client.clone();
-    let slow = tokio::spawn(client.get(app.url("/first/slow?mode=slow&ms=1500")).send());
+    let slow = tokio::spawn(client.get(app.url("/first/slow?mode=slow&ms=5000")).send());
     let (first_ref, before) = (&first, hits);
     eventually("the slow request reached the first upstream", Duration::from_secs(10), || async move {
         first_ref.hits() > before
@@ -42,6 +42,7 @@ async fn reload_swaps_in_the_new_routes() {
     .await;
     let moved = route("second", "/first", &[second.url()], PUBLIC);
     app.rewrite_config(&moved);
+    assert!(!slow.is_finished(), "the slow request ended before the reload: nothing was in flight");
     let n = app.reloader.reload().unwrap_or_else(|e| panic!("reloading a valid config failed: {e}"));
     assert_eq!(n, 1);
     let in_flight = slow.await.expect("the request task").expect("the in-flight request");

@@ -206,6 +206,8 @@ async fn only_idempotent_requests_are_retried_and_refusing_upstreams_cool_down()
     let extra = [
         route("no-retry", "/no-retry", &[dead_upstream_url(), live.url()], PUBLIC),
         route("retry", "/retry", &[dead_upstream_url(), live.url()], PUBLIC),
+        // Longer than the test, however slow the machine.
+        "\n[upstream]\ncooldown = \"10m\"\n".to_owned(),
     ]
     .concat();
     let app = spawn_app_with(TestOptions::with_extra(extra)).await;
@@ -240,23 +242,24 @@ async fn only_idempotent_requests_are_retried_and_refusing_upstreams_cool_down()
 async fn a_retry_does_not_extend_the_route_timeout() {
     let slow = spawn_upstream("slow").await;
     // The first upstream never completes a handshake: the connect times out
-    // after 2 s and the GET is retried on the second, which answers 2 s
-    // later. The route's 3 s started with the first attempt, so that is
-    // too late (a deadline restarted for the retry would have let it pass).
+    // after 4 s and the GET is retried on the second, which answers 4 s
+    // later. The route's 6 s started with the first attempt, so that is
+    // too late (a deadline restarted for the retry would have let it pass
+    // at 8 s). Each margin is 2 s, for a loaded machine.
     let opts = TestOptions {
         extra: format!(
-            "{}\n[upstream]\nconnect_timeout = \"2s\"\n",
+            "{}\n[upstream]\nconnect_timeout = \"4s\"\n",
             route(
                 "deadline",
                 "/deadline",
                 &[hanging_upstream_url(), slow.url()],
-                "auth = \"public\"\ntimeout = \"3s\""
+                "auth = \"public\"\ntimeout = \"6s\""
             )
         ),
         ..TestOptions::default()
     };
     let app = spawn_app_with(opts).await;
-    let resp = app.get("/deadline/x?mode=slow&ms=2000").await;
+    let resp = app.get("/deadline/x?mode=slow&ms=4000").await;
     assert_error(resp, StatusCode::GATEWAY_TIMEOUT, "gateway_timeout").await;
     assert_eq!(slow.hits(), 1, "the request was not retried on the second upstream");
     let metrics = app.metrics().await;
