@@ -25,4 +25,19 @@ impl Rand {
     pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len())]
     }
+
+    /// Makes 1 to `max_edits` random edits to `input` (not empty): a byte
+    /// overwritten, dropped or added, the new ones drawn from `alphabet`.
+    pub fn mangle(&mut self, input: &mut Vec<u8>, alphabet: &[u8], max_edits: usize) {
+        for _ in 0..=self.below(max_edits) {
+            let at = self.below(input.len().max(1));
+            match self.below(3) {
+                0 if at < input.len() => input[at] = *self.pick(alphabet),
+                1 if at < input.len() => {
+                    input.remove(at);
+                }
+                _ => input.insert(at.min(input.len()), *self.pick(alphabet)),
+            }
+        }
+    }
 }

@@ -773,16 +773,7 @@ mod tests {
                 (0..rand.below(200)).map(|_| *rand.pick(BYTES)).chain(*b"\r\n\r\n").collect()
             } else {
                 let mut input = HEAD.to_vec();
-                for _ in 0..=rand.below(4) {
-                    let at = rand.below(input.len());
-                    match rand.below(3) {
-                        0 => input[at] = *rand.pick(BYTES),
-                        1 => {
-                            input.remove(at);
-                        }
-                        _ => input.insert(at, *rand.pick(BYTES)),
-                    }
-                }
+                rand.mangle(&mut input, BYTES, 4);
                 input
             };
             let mut buf = BytesMut::from(&input[..]);

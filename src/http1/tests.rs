@@ -155,16 +155,7 @@ fn mangled_chunked_bodies_decode_or_fail_alike() {
     let mut rand = crate::testrand::Rand::new(0xD1B5_4A32_D192_ED03);
     for _ in 0..20_000 {
         let mut input = BODY.to_vec();
-        for _ in 0..=rand.below(3) {
-            let at = rand.below(input.len());
-            match rand.below(3) {
-                0 => input[at] = *rand.pick(BYTES),
-                1 => {
-                    input.remove(at);
-                }
-                _ => input.insert(at, *rand.pick(BYTES)),
-            }
-        }
+        rand.mangle(&mut input, BYTES, 3);
         let whole = decode(Framing::Chunked, &input, input.len());
         let step = 1 + rand.below(7);
         assert_eq!(

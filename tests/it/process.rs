@@ -328,12 +328,7 @@ async fn sighup_reloads_routes_and_keys_and_refuses_an_invalid_file() {
     assert_eq!(keys(client.clone(), jwks_url.clone()).await, 1, "keys reloaded without a signal");
 
     p.signal("HUP");
-    eventually("SIGHUP reloads the routes", Duration::from_secs(10), || {
-        let client = client.clone();
-        let url = p.url("/second/x");
-        async move { client.get(url).send().await.is_ok_and(|r| r.status() == StatusCode::OK) }
-    })
-    .await;
+    second_route_serves(&p, &client, "SIGHUP reloads the routes").await;
     p.wait_for_log("the SIGHUP", |l| l["fields"]["message"] == "SIGHUP: reloading configuration and keys").await;
     p.wait_for_log("the key reload", |l| l["fields"]["message"] == "signing keys reloaded").await;
     assert_eq!(keys(client.clone(), jwks_url.clone()).await, 2, "the new key is published");
@@ -350,13 +345,29 @@ async fn sighup_reloads_routes_and_keys_and_refuses_an_invalid_file() {
     for field in ["routes[0].prefix", "routes[1].upstreams"] {
         assert!(error.contains(field), "the error does not name {field}: {error}");
     }
+    one_reload_and_one_refusal(&p, &client).await;
+    p.stop().await;
+}
+
+/// Waits (10 s at most) until `/second/x` is served.
+async fn second_route_serves(p: &Process, client: &Client, what: &str) {
+    eventually(what, Duration::from_secs(10), || {
+        let client = client.clone();
+        let url = p.url("/second/x");
+        async move { client.get(url).send().await.is_ok_and(|r| r.status() == StatusCode::OK) }
+    })
+    .await;
+}
+
+/// After one reload and one refused file: both routes still serve, and
+/// the metrics count one of each.
+async fn one_reload_and_one_refusal(p: &Process, client: &Client) {
     for path in ["/first/x", "/second/x"] {
         echo(client.get(p.url(path)).send().await.expect("GET after a refused reload")).await;
     }
     let metrics = p.metrics().await;
     assert_eq!(metric(&metrics, "gateway_config_reloads_total", &[("result", "ok")]), 1.0, "{metrics}");
     assert_eq!(metric(&metrics, "gateway_config_reloads_total", &[("result", "error")]), 1.0, "{metrics}");
-    p.stop().await;
 }
 
 fn is_refusal(line: &Value) -> bool {
@@ -371,20 +382,10 @@ async fn the_watcher_picks_up_a_valid_file_and_refuses_an_invalid_one() {
     let p = Process::start(&TestOptions::with_extra(first.clone())).await;
     let client = Client::new();
     replace_file(&p.config, &process_config(&TestOptions::with_extra(format!("{first}{second}")), ""));
-    eventually("the watcher loads the new route", Duration::from_secs(10), || {
-        let client = client.clone();
-        let url = p.url("/second/x");
-        async move { client.get(url).send().await.is_ok_and(|r| r.status() == StatusCode::OK) }
-    })
-    .await;
+    second_route_serves(&p, &client, "the watcher loads the new route").await;
     replace_file(&p.config, "[server\n");
     let refused = p.wait_for_log("the watcher's refused reload", is_refusal).await;
     assert!(refused["fields"]["error"].as_str().is_some_and(|e| e.contains("gateway.toml")), "{refused}");
-    for path in ["/first/x", "/second/x"] {
-        echo(client.get(p.url(path)).send().await.expect("GET after a refused reload")).await;
-    }
-    let metrics = p.metrics().await;
-    assert_eq!(metric(&metrics, "gateway_config_reloads_total", &[("result", "ok")]), 1.0, "{metrics}");
-    assert_eq!(metric(&metrics, "gateway_config_reloads_total", &[("result", "error")]), 1.0, "{metrics}");
+    one_reload_and_one_refusal(&p, &client).await;
     p.stop().await;
 }

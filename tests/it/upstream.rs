@@ -130,6 +130,10 @@ impl Drop for Upstream {
 
 /// Starts an upstream called `name` (echoed as `"upstream"`) on 127.0.0.1:0.
 pub async fn spawn_upstream(name: &str) -> Upstream {
+    spawn(name, None).await
+}
+
+async fn spawn(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the upstream listener");
     let addr = listener.local_addr().expect("upstream listener address");
     let state = Arc::new(State {
@@ -138,7 +142,7 @@ pub async fn spawn_upstream(name: &str) -> Upstream {
         connections: AtomicUsize::new(0),
         seen: Mutex::new(Vec::new()),
     });
-    let task = tokio::spawn(accept_loop(listener, Arc::clone(&state), None));
+    let task = tokio::spawn(accept_loop(listener, Arc::clone(&state), tls));
     Upstream { addr, state, task }
 }
 
@@ -156,17 +160,7 @@ pub async fn spawn_tls_upstream(name: &str, cert_pem: &str, key_pem: &str) -> Up
         .with_no_client_auth()
         .with_single_cert(vec![cert], key)
         .expect("the upstream's certificate and key");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the upstream listener");
-    let addr = listener.local_addr().expect("upstream listener address");
-    let state = Arc::new(State {
-        name: name.to_owned(),
-        hits: AtomicUsize::new(0),
-        connections: AtomicUsize::new(0),
-        seen: Mutex::new(Vec::new()),
-    });
-    let task = tokio::spawn(accept_loop(listener, Arc::clone(&state), Some(acceptor)));
-    Upstream { addr, state, task }
+    spawn(name, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
 }
 
 /// A URL on which nothing listens: a port bound but never listened on, and
