@@ -4,7 +4,9 @@
 # Contenders: direct to the upstream; nginx proxy_pass with upstream
 # keepalive (when nginx is installed); the gateway on a public route; the
 # gateway with a valid token. The proxy is pinned to CPU 0, the load
-# generator and the upstream to CPU 1. Two phases:
+# generator and the upstream to CPU 1 (UPSTREAM_CPU=0 moves the upstream
+# beside the proxy: then the direct path crosses between the CPUs as often
+# as the proxied one, and the added latency is the proxy's own). Two phases:
 #
 # 1. CPU: proxy CPU microseconds per request, from /proc/PID/stat
 #    (utime+stime) before and after a closed-loop wrk run (1 thread, 32
@@ -32,7 +34,9 @@
 # Needs: wrk (apt-get install wrk); optional nginx (apt-get install nginx-light)
 # and oha (cargo install oha).
 # Usage: bench/run.sh [rounds=15] [rate=5000] [slice-seconds=3]
-#        (environment: LAT_ROUNDS=5, LAT_SECS=8)
+#        (environment: LAT_ROUNDS=5, LAT_SECS=8, UPSTREAM_CPU=1: the upstream's
+#        CPU; 0 puts it beside the proxy, so that the direct path crosses
+#        between the CPUs as often as the proxied one does)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/common.sh
@@ -43,6 +47,7 @@ RATE=${2:-5000}
 SLICE=${3:-3}
 LAT_ROUNDS=${LAT_ROUNDS:-5}
 LAT_SECS=${LAT_SECS:-8}
+UPSTREAM_CPU=${UPSTREAM_CPU:-1}
 UP=127.0.0.1:18081
 NGINX=127.0.0.1:18082
 GW=127.0.0.1:18080
@@ -87,11 +92,11 @@ if command -v nginx >/dev/null; then
   nginx_conf upstream "server { listen $UP; location / { return 200 \"ok\\n\"; } }"
   nginx_conf proxy "upstream backend { server $UP; keepalive 64; }
   server { listen $NGINX; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
-  taskset -c 1 nginx -c "$WORK/upstream/nginx.conf" -g 'daemon off;' & PIDS+=($!)
+  taskset -c "$UPSTREAM_CPU" nginx -c "$WORK/upstream/nginx.conf" -g 'daemon off;' & PIDS+=($!)
   taskset -c 0 nginx -c "$WORK/proxy/nginx.conf" -g 'daemon off;' & NGINX_MASTER=$!; PIDS+=($NGINX_MASTER)
   HAVE_NGINX=1
 else
-  taskset -c 1 target/release/examples/bench_upstream "$UP" & PIDS+=($!)
+  taskset -c "$UPSTREAM_CPU" target/release/examples/bench_upstream "$UP" & PIDS+=($!)
   HAVE_NGINX=0
 fi
 wait_port "$UP"
