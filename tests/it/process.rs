@@ -221,6 +221,8 @@ async fn the_access_log_has_a_line_per_request_and_no_secret_anywhere_in_the_log
         .await
         .expect("POST /auth/refresh");
     assert_eq!(resp.status(), StatusCode::OK);
+    // The API's answers carry the request id too, as its access line does.
+    let api_id = header(&resp, "x-request-id");
     let rotated: Value = resp.json().await.expect("refresh JSON");
 
     // Each line is written before its answer, but read from the pipe by
@@ -259,6 +261,7 @@ async fn the_access_log_has_a_line_per_request_and_no_secret_anywhere_in_the_log
     find(&|l| l["route"] == "none" && l["method"] == "-" && l["path"] == "-", "the unparsable head");
     let api = find(&|l| l["path"] == "/auth/refresh", "the refresh");
     assert_eq!((api["route"].as_str(), api["status"].as_u64()), (Some("gateway"), Some(200)), "{api}");
+    assert_eq!(api["request_id"], api_id.as_str(), "{api}");
     find(&|l| l["path"] == "/auth/login", "the login");
     assert_eq!(lines.len(), 7, "one line per request: {lines:#?}");
 
