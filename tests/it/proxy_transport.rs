@@ -763,16 +763,7 @@ async fn metrics_count_proxied_requests() {
     assert!(requests("none"), "404s are not counted under route=\"none\":\n{metrics}");
 
     // Refused before routing (a path that climbs above the root): counted too.
-    let refused = |metrics: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| {
-                l.starts_with("gateway_requests_total{") && l.contains("route=\"none\"") && l.contains("status=\"400\"")
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let refused = |metrics: &str| metric(metrics, "gateway_requests_total", &[("route", "none"), ("status", "400")]);
     let before = refused(&metrics);
     let resp = raw_get(app.addr, "/probe/../../etc", "x", &[]).await;
     assert_eq!(resp.status, Some(400), "head: {:?}", resp.head);
