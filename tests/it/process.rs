@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -126,6 +127,27 @@ impl Process {
         let status =
             Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status().expect("run kill");
         assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// The process's peak resident set size in bytes (`VmHWM`).
+    fn peak_rss(&self) -> usize {
+        let path = format!("/proc/{}/status", self.child.id());
+        let status = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("no VmHWM in {path}:\n{status}"));
+        kib * 1024
+    }
+
+    /// Resets the peak resident set size to the current one (Linux ≥ 4.0)
+    /// and returns it.
+    fn reset_peak_rss(&self) -> usize {
+        let path = format!("/proc/{}/clear_refs", self.child.id());
+        std::fs::write(&path, "5").unwrap_or_else(|e| panic!("write {path}: {e}"));
+        self.peak_rss()
     }
 
     async fn metrics(&self) -> String {
@@ -391,4 +413,62 @@ async fn the_watcher_picks_up_a_valid_file_and_refuses_an_invalid_one() {
     assert!(refused["fields"]["error"].as_str().is_some_and(|e| e.contains("gateway.toml")), "{refused}");
     one_reload_and_one_refusal(&p, &client).await;
     p.stop().await;
+}
+
+/// How far the gateway's peak RSS may rise while carrying a body many times
+/// larger. A proxy holding the body whole would rise by the body's size.
+const FLAT: usize = 4 * MIB;
+const MIB: usize = 1024 * 1024;
+
+/// Streaming means flat memory: a 20 MiB response to a client that reads
+/// slowly, and a 16 MiB upload to an upstream that reads slowly, leave the
+/// gateway's peak RSS within [`FLAT`] of where it was (measured: under
+/// 1 MiB). The slow reader on the far side makes the gateway the one that
+/// would have to hold the bytes, if it held them.
+#[tokio::test]
+async fn bodies_stream_through_the_process_with_flat_memory() {
+    let svc = spawn_upstream("flat").await;
+    let lines = "auth = \"public\"\nmax_body = \"64MiB\"";
+    let p = Process::start(&TestOptions::with_extra(route("files", "/files", &[svc.url()], lines))).await;
+    let client = Client::new();
+    // The same paths once with small bodies first, so that buffers, the
+    // upstream pool and allocator arenas exist before measuring.
+    slow_download(&client, &p, MIB).await;
+    upload(&client, &p, MIB, 0).await;
+
+    let before = p.reset_peak_rss();
+    slow_download(&client, &p, 20 * MIB).await;
+    let grown = p.peak_rss().saturating_sub(before);
+    assert!(grown < FLAT, "a 20 MiB response raised the gateway's peak RSS by {grown} bytes (from {before})");
+
+    let before = p.reset_peak_rss();
+    upload(&client, &p, 16 * MIB, 30).await;
+    let grown = p.peak_rss().saturating_sub(before);
+    assert!(grown < FLAT, "a 16 MiB upload raised the gateway's peak RSS by {grown} bytes (from {before})");
+    p.stop().await;
+}
+
+/// Downloads `total` bytes through the gateway, resting 20 ms after each MiB.
+async fn slow_download(client: &Client, p: &Process, total: usize) {
+    let url = p.url(&format!("/files/big?mode=big&bytes={total}"));
+    let resp = client.get(url).send().await.expect("GET a big response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut stream = resp.bytes_stream();
+    let mut received = 0_usize;
+    while let Some(chunk) = stream.next().await {
+        let before = received;
+        received += chunk.expect("response body chunk").len();
+        if before / MIB != received / MIB {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(received, total, "the response arrived incomplete");
+}
+
+/// Uploads `total` bytes through the gateway to an upstream resting
+/// `pause_ms` after each MiB.
+async fn upload(client: &Client, p: &Process, total: usize, pause_ms: u64) {
+    let url = p.url(&format!("/files/up?pause_ms={pause_ms}"));
+    let resp = client.post(url).body(vec![b'u'; total]).send().await.expect("POST a big body");
+    assert_eq!(echo(resp).await.body_len(), total as u64, "the upload arrived incomplete");
 }

@@ -16,6 +16,7 @@
 //! - `mode=close`: the echo, with `Connection: close` (the connection ends after it).
 //! - `mode=ws`: WebSocket echo (answers 101 when the request asks for `Upgrade: websocket`,
 //!   else 400): every text and binary message is sent back.
+//! - `pause_ms=P` (any mode that reads the body): a slow reader, resting P ms after each MiB.
 //!
 //! Every request (WebSocket handshakes included) is counted in [`Upstream::hits`] as soon as
 //! its head arrives, and its method, path+query and headers are recorded ([`Upstream::last`]).
@@ -273,11 +274,17 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<RespB
     let mut body = req.into_body();
     let mut body_len: u64 = 0;
     let mut body_error = false;
+    // `pause_ms`: a slow reader, resting that long after each MiB it reads.
+    let pause = Duration::from_millis(num(query, "pause_ms", 0));
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(frame) => {
                 if let Some(data) = frame.data_ref() {
+                    let before = body_len;
                     body_len += data.len() as u64;
+                    if !pause.is_zero() && before >> 20 != body_len >> 20 {
+                        tokio::time::sleep(pause).await;
+                    }
                 }
             }
             Err(_) => {
