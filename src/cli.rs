@@ -16,6 +16,7 @@ use crate::auth::service::{rfc3339, Accounts};
 use crate::auth::AuthError;
 use crate::config::Config;
 use crate::db::audit::NewAuditEvent;
+use crate::db::users::User;
 use crate::db::{Store, StoreError};
 
 #[derive(Debug, Parser)]
@@ -99,6 +100,44 @@ pub enum UserCommand {
         tenant: String,
         #[arg(long)]
         email: String,
+    },
+    /// Add roles and scopes to a user. Live tokens keep their claims; the
+    /// user's next login or refresh carries the new ones.
+    Grant {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        email: String,
+        /// A role to add (repeatable).
+        #[arg(long = "role", required_unless_present = "scopes")]
+        roles: Vec<String>,
+        /// A scope to add (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+    },
+    /// Remove roles and scopes from a user and revoke every session, so that
+    /// no live token still carries them; the user logs in again.
+    Revoke {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        email: String,
+        /// A role to remove (repeatable).
+        #[arg(long = "role", required_unless_present = "scopes")]
+        roles: Vec<String>,
+        /// A scope to remove (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+    },
+    /// Set a user's password and revoke every session.
+    SetPassword {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        email: String,
+        /// Read the password from the first line of standard input instead of prompting.
+        #[arg(long)]
+        password_stdin: bool,
     },
 }
 
@@ -267,7 +306,41 @@ async fn user_command(
             writeln!(out, "disabled {email}; {} session(s) revoked", revoked.len())?;
             Ok(())
         }
+        UserCommand::Grant { tenant, email, roles, scopes } => {
+            let tenant_id = find_tenant(store, &tenant).await?;
+            let (user, added) =
+                accounts.grant(tenant_id, &email, &roles, &scopes).await.map_err(|e| cli_error(e, &email))?;
+            if added {
+                writeln!(out, "{}; live tokens keep their claims until the next login or refresh", access(&user))?;
+            } else {
+                writeln!(out, "{}; already held, nothing changed", access(&user))?;
+            }
+            Ok(())
+        }
+        UserCommand::Revoke { tenant, email, roles, scopes } => {
+            let tenant_id = find_tenant(store, &tenant).await?;
+            let (user, revoked) =
+                accounts.revoke(tenant_id, &email, &roles, &scopes).await.map_err(|e| cli_error(e, &email))?;
+            match revoked {
+                Some(revoked) => writeln!(out, "{}; {} session(s) revoked", access(&user), revoked.len())?,
+                None => writeln!(out, "{}; none of them was held, nothing changed", access(&user))?,
+            }
+            Ok(())
+        }
+        UserCommand::SetPassword { tenant, email, password_stdin } => {
+            let tenant_id = find_tenant(store, &tenant).await?;
+            let password = if password_stdin { read_stdin_password(input)? } else { prompt_password()? };
+            let revoked =
+                accounts.reset_password(tenant_id, &email, &password).await.map_err(|e| cli_error(e, &email))?;
+            writeln!(out, "password of {email} set; {} session(s) revoked", revoked.len())?;
+            Ok(())
+        }
     }
+}
+
+/// `EMAIL: roles=a,b scopes=c`, as `user list` shows them.
+fn access(user: &User) -> String {
+    format!("{}: roles={} scopes={}", user.email, user.roles.join(","), user.scopes.join(","))
 }
 
 fn cli_error(e: AuthError, email: &str) -> anyhow::Error {

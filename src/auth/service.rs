@@ -16,7 +16,7 @@ use crate::config::{AuthConfig, MAX_PASSWORD_BYTES};
 use crate::db::audit::NewAuditEvent;
 use crate::db::login_attempts::Attempt;
 use crate::db::sessions::{ClientInfo, RefreshHash, Rotation};
-use crate::db::users::{NewUser, User};
+use crate::db::users::{Access, NewUser, User};
 use crate::db::{secs, unix_now, Store, StoreError};
 
 /// Where a request came from, for audit events and session listings.
@@ -497,6 +497,14 @@ fn check_password_size(password: &SecretString) -> Result<(), String> {
     Ok(())
 }
 
+/// Role and scope names as [`validate_name`] wants them.
+fn validate_names(roles: &[String], scopes: &[String]) -> Result<(), AuthError> {
+    for name in roles.iter().chain(scopes) {
+        validate_name(name).map_err(AuthError::InvalidRequest)?;
+    }
+    Ok(())
+}
+
 /// Account administration shared by the API (register, password change) and
 /// the CLI, which has no key ring and serves no tokens.
 #[derive(Clone)]
@@ -528,9 +536,7 @@ impl Accounts {
         let email = normalize_email(email);
         validate_email(&email).map_err(AuthError::InvalidRequest)?;
         self.check_password_strength(password)?;
-        for name in roles.iter().chain(scopes) {
-            validate_name(name).map_err(AuthError::InvalidRequest)?;
-        }
+        validate_names(roles, scopes)?;
         let hash = self.hasher.hash(password).await?;
         let user = self
             .store
@@ -561,6 +567,126 @@ impl Accounts {
         let revoked = self.store.disable_user(tenant_id, user.id).await?.ok_or(AuthError::NotFound)?;
         self.audit(NewAuditEvent {
             event: "user_disabled",
+            tenant_id: Some(tenant_id),
+            user_id: Some(user.id),
+            email: Some(&email),
+            detail: Some(serde_json::json!({ "sessions_revoked": revoked.len() })),
+            ..Default::default()
+        })
+        .await;
+        Ok(revoked)
+    }
+
+    /// Adds roles and scopes to a user (the CLI's `user grant`); returns
+    /// the user as it now is, and whether anything was added. Live tokens
+    /// keep their claims: the new ones arrive with the next login or
+    /// refresh, which read the user again.
+    pub async fn grant(
+        &self,
+        tenant_id: Uuid,
+        email: &str,
+        roles: &[String],
+        scopes: &[String],
+    ) -> Result<(User, bool), AuthError> {
+        validate_names(roles, scopes)?;
+        let add = |held: &[String], more: &[String]| {
+            let mut all = held.to_vec();
+            for name in more {
+                if !all.contains(name) {
+                    all.push(name.clone());
+                }
+            }
+            all
+        };
+        let change = |u: &User| (add(&u.roles, roles), add(&u.scopes, scopes));
+        let (user, changed) = self.change_access(tenant_id, email, "access_granted", None, change).await?;
+        Ok((user, changed.is_some()))
+    }
+
+    /// Removes roles and scopes from a user and revokes every session, so
+    /// that no live token still carries them (the CLI's `user revoke`):
+    /// running gateways refuse those tokens within `auth.revocation_poll`,
+    /// as after a logout. Returns the user as it now is and the sessions
+    /// revoked, or `None` (nothing written, nothing revoked) when the user
+    /// held none of them.
+    pub async fn revoke(
+        &self,
+        tenant_id: Uuid,
+        email: &str,
+        roles: &[String],
+        scopes: &[String],
+    ) -> Result<(User, Option<Vec<Uuid>>), AuthError> {
+        validate_names(roles, scopes)?;
+        let keep = |held: &[String], gone: &[String]| held.iter().filter(|n| !gone.contains(n)).cloned().collect();
+        let change = |u: &User| (keep(&u.roles, roles), keep(&u.scopes, scopes));
+        self.change_access(tenant_id, email, "access_revoked", Some("access_revoked"), change).await
+    }
+
+    /// Reads the user, computes its new roles and scopes with `change`, and
+    /// writes them only if nothing changed them meanwhile (three tries).
+    /// With `revoke`, every session is revoked in the same transaction.
+    /// Audits `event` with what was added or removed. A change that changes
+    /// nothing writes, revokes and audits nothing, and returns `None`.
+    async fn change_access(
+        &self,
+        tenant_id: Uuid,
+        email: &str,
+        event: &str,
+        revoke: Option<&str>,
+        change: impl Fn(&User) -> (Vec<String>, Vec<String>),
+    ) -> Result<(User, Option<Vec<Uuid>>), AuthError> {
+        let email = normalize_email(email);
+        for _ in 0..3 {
+            let mut user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
+            let (roles, scopes) = change(&user);
+            if roles == user.roles && scopes == user.scopes {
+                return Ok((user, None));
+            }
+            let old = Access { roles: &user.roles, scopes: &user.scopes };
+            let new = Access { roles: &roles, scopes: &scopes };
+            let Some(revoked) = self.store.update_access(tenant_id, user.id, &old, &new, revoke).await? else {
+                continue;
+            };
+            let diff = |a: &[String], b: &[String]| a.iter().filter(|n| !b.contains(n)).cloned().collect::<Vec<_>>();
+            let detail = serde_json::json!({
+                "roles_added": diff(&roles, &user.roles),
+                "roles_removed": diff(&user.roles, &roles),
+                "scopes_added": diff(&scopes, &user.scopes),
+                "scopes_removed": diff(&user.scopes, &scopes),
+                "sessions_revoked": revoked.len(),
+            });
+            self.audit(NewAuditEvent {
+                event,
+                tenant_id: Some(tenant_id),
+                user_id: Some(user.id),
+                email: Some(&email),
+                detail: Some(detail),
+                ..Default::default()
+            })
+            .await;
+            user.roles = roles;
+            user.scopes = scopes;
+            return Ok((user, Some(revoked)));
+        }
+        Err(AuthError::InvalidRequest(format!("email: {email:?} kept changing during the update; run it again")))
+    }
+
+    /// Sets a user's password (the CLI's `user set-password`) and revokes
+    /// every session, as a reset after a compromise needs. Returns the
+    /// sessions revoked.
+    pub async fn reset_password(
+        &self,
+        tenant_id: Uuid,
+        email: &str,
+        password: &SecretString,
+    ) -> Result<Vec<Uuid>, AuthError> {
+        let email = normalize_email(email);
+        self.check_password_strength(password)?;
+        let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
+        let hash = self.hasher.hash(password).await?;
+        let revoked = self.store.reset_password(tenant_id, user.id, &hash).await?.ok_or(AuthError::NotFound)?;
+        self.audit(NewAuditEvent {
+            event: "password_reset",
             tenant_id: Some(tenant_id),
             user_id: Some(user.id),
             email: Some(&email),

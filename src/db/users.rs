@@ -40,6 +40,12 @@ pub struct NewUser<'a> {
     pub scopes: &'a [String],
 }
 
+/// A user's roles and scopes.
+pub struct Access<'a> {
+    pub roles: &'a [String],
+    pub scopes: &'a [String],
+}
+
 type Row = (Uuid, Uuid, String, String, String, String, bool, i64);
 
 const SELECT: &str = "SELECT id, tenant_id, email, password_hash, roles, scopes, disabled, created_at FROM users";
@@ -123,17 +129,74 @@ impl Store {
     /// Disables the user and revokes every open session in one transaction;
     /// returns the revoked session ids, or `None` for an unknown user.
     pub async fn disable_user(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Option<Vec<Uuid>>> {
+        let sql = "UPDATE users SET disabled = TRUE, updated_at = $3 WHERE tenant_id = $1 AND id = $2";
+        self.update_and_revoke(tenant_id, user_id, sql, &[], "user_disabled").await
+    }
+
+    /// Sets roles and scopes to `new` if they are still `old` (what the
+    /// caller read: a concurrent change is not overwritten), and with
+    /// `revoke` also revokes every open session, in one transaction.
+    /// Returns the revoked session ids, or `None` when the user changed
+    /// meanwhile or is gone.
+    pub async fn update_access(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        old: &Access<'_>,
+        new: &Access<'_>,
+        revoke: Option<&str>,
+    ) -> StoreResult<Option<Vec<Uuid>>> {
+        let sql = "UPDATE users SET roles = $4, scopes = $5, updated_at = $3
+                   WHERE tenant_id = $1 AND id = $2 AND roles = $6 AND scopes = $7";
+        let args = [new.roles.join(" "), new.scopes.join(" "), old.roles.join(" "), old.scopes.join(" ")];
+        match revoke {
+            Some(reason) => self.update_and_revoke(tenant_id, user_id, sql, &args, reason).await,
+            None => {
+                let done = on_pool!(self, |p| {
+                    let mut query = sqlx::query(sql).bind(tenant_id).bind(user_id).bind(unix_now());
+                    for arg in &args {
+                        query = query.bind(arg);
+                    }
+                    query.execute(p).await.map(|done| done.rows_affected())
+                })?;
+                Ok((done == 1).then(Vec::new))
+            }
+        }
+    }
+
+    /// Replaces the password hash and revokes every open session in one
+    /// transaction; `None` for an unknown user.
+    pub async fn reset_password(&self, tenant_id: Uuid, user_id: Uuid, hash: &str) -> StoreResult<Option<Vec<Uuid>>> {
+        let sql = "UPDATE users SET password_hash = $4, updated_at = $3 WHERE tenant_id = $1 AND id = $2";
+        self.update_and_revoke(tenant_id, user_id, sql, &[hash.to_owned()], "password_reset").await
+    }
+
+    /// Runs `update` (bound to tenant id, user id, now, then `args`) and, if
+    /// it changed the user's row, revokes every open session with `reason`,
+    /// in one transaction. Returns the revoked ids, or `None` when the
+    /// update matched no row (nothing is revoked then).
+    async fn update_and_revoke(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        update: &str,
+        args: &[String],
+        reason: &str,
+    ) -> StoreResult<Option<Vec<Uuid>>> {
         let now = unix_now();
-        let disable = "UPDATE users SET disabled = TRUE, updated_at = $3 WHERE tenant_id = $1 AND id = $2";
-        let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = 'user_disabled'
+        let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = $4
                       WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL RETURNING id";
         let ids: Option<Vec<(Uuid,)>> = on_pool!(self, |p| {
             let mut tx = p.begin().await?;
-            let done = sqlx::query(disable).bind(tenant_id).bind(user_id).bind(now).execute(&mut *tx).await?;
-            if done.rows_affected() == 0 {
+            let mut query = sqlx::query(update).bind(tenant_id).bind(user_id).bind(now);
+            for arg in args {
+                query = query.bind(arg);
+            }
+            if query.execute(&mut *tx).await?.rows_affected() == 0 {
                 None
             } else {
-                let ids = sqlx::query_as(revoke).bind(tenant_id).bind(user_id).bind(now).fetch_all(&mut *tx).await?;
+                let revoked = sqlx::query_as(revoke).bind(tenant_id).bind(user_id).bind(now).bind(reason);
+                let ids = revoked.fetch_all(&mut *tx).await?;
                 tx.commit().await?;
                 Some(ids)
             }

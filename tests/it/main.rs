@@ -28,3 +28,4 @@ mod proxy_transport;
 mod refresh_flow;
 mod replicas;
 mod token_attacks;
+mod user_admin;
