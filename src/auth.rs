@@ -152,7 +152,7 @@ impl Authenticator {
     /// (`seen`): read after the lookups, a refresh that landed in between
     /// could vouch for a state they did not see.
     pub fn check_revocation_as_of(&self, seen: Seen, session: Uuid, user: Uuid, iat: i64) -> Result<(), TokenError> {
-        if self.revocations.is_revoked(session, user) {
+        if self.revocations.is_revoked(session, user, iat) {
             return Err(TokenError::Revoked);
         }
         check_staleness(seen, iat)

@@ -101,6 +101,14 @@ pub enum UserCommand {
         #[arg(long)]
         email: String,
     },
+    /// Enable a disabled user. The sessions the disable revoked stay
+    /// revoked: the user logs in again.
+    Enable {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        email: String,
+    },
     /// Add roles and scopes to a user. Live tokens keep their claims; the
     /// user's next login or refresh carries the new ones.
     Grant {
@@ -304,6 +312,12 @@ async fn user_command(
             let tenant_id = find_tenant(store, &tenant).await?;
             let revoked = accounts.disable_user(tenant_id, &email).await.map_err(|e| cli_error(e, &email))?;
             writeln!(out, "disabled {email}; {} session(s) revoked", revoked.len())?;
+            Ok(())
+        }
+        UserCommand::Enable { tenant, email } => {
+            let tenant_id = find_tenant(store, &tenant).await?;
+            accounts.enable_user(tenant_id, &email).await.map_err(|e| cli_error(e, &email))?;
+            writeln!(out, "enabled {email}; the sessions revoked by the disable stay revoked")?;
             Ok(())
         }
         UserCommand::Grant { tenant, email, roles, scopes } => {

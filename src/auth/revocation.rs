@@ -1,7 +1,11 @@
 //! The revocation state every token check consults, without database I/O.
 //!
 //! It holds the sessions revoked, and the users disabled, while an access
-//! token minted before the revocation could still be alive. That bound is
+//! token minted before the revocation could still be alive. A disabled user
+//! is held with the time of the disable, and refuses the tokens issued at
+//! or before it: tokens minted after a `user enable` are honoured at once,
+//! while every token from before the disable stays refused (its session was
+//! revoked too; this is the second lock). That bound is
 //! `access_token_ttl + leeway`, so each entry carries exactly that
 //! time-to-live and the state stays as small as the revocation rate allows.
 //! moka's concurrent cache gives lock-free reads and expiry for free; there
@@ -66,7 +70,8 @@ pub struct RevocationState {
     /// Looked up on every proxied request: foldhash rather than SipHash
     /// (the ids come from our database, not from clients).
     sessions: Cache<Uuid, (), foldhash::fast::RandomState>,
-    users: Cache<Uuid, (), foldhash::fast::RandomState>,
+    /// User id → unix time of the disable (the latest one known).
+    users: Cache<Uuid, i64, foldhash::fast::RandomState>,
     /// Unix time of the last successful refresh from the database.
     last_poll: Arc<AtomicI64>,
     max_staleness: i64,
@@ -109,8 +114,11 @@ impl RevocationState {
         self.changes.fetch_add(1, Ordering::Release);
     }
 
-    pub fn revoke_user(&self, user_id: Uuid) {
-        self.users.insert(user_id, ());
+    /// Refuses the user's tokens issued at or before `disabled_at` (unix
+    /// seconds). A later disable moves the time forward; an older one (a
+    /// poll re-reading its window) never moves it back.
+    pub fn revoke_user(&self, user_id: Uuid, disabled_at: i64) {
+        self.users.entry(user_id).and_upsert_with(|old| old.map_or(disabled_at, |o| disabled_at.max(*o.value())));
         self.changes.fetch_add(1, Ordering::Release);
     }
 
@@ -133,9 +141,10 @@ impl RevocationState {
         self.last_poll.store(at, Ordering::Release);
     }
 
-    /// Two hash lookups; no I/O, no allocation.
-    pub fn is_revoked(&self, session_id: Uuid, user_id: Uuid) -> bool {
-        self.sessions.contains_key(&session_id) || self.users.contains_key(&user_id)
+    /// Two hash lookups; no I/O, no allocation. `iat` is the token's.
+    pub fn is_revoked(&self, session_id: Uuid, user_id: Uuid, iat: i64) -> bool {
+        self.sessions.contains_key(&session_id)
+            || self.users.get(&user_id).is_some_and(|disabled_at| iat <= disabled_at)
     }
 
     /// Approximate number of entries (for metrics).
@@ -167,8 +176,8 @@ impl RevocationState {
         for s in sessions {
             self.revoke_session(s);
         }
-        for u in users {
-            self.revoke_user(u);
+        for (u, disabled_at) in users {
+            self.revoke_user(u, disabled_at);
         }
         // After the inserts: see `seen`.
         self.last_poll.fetch_max(started, Ordering::Release);
@@ -294,7 +303,9 @@ fn apply(state: &RevocationState, payload: &str) {
     };
     match notice.kind.as_str() {
         "session" => state.revoke_session(notice.id),
-        "user" => state.revoke_user(notice.id),
+        // The disable's second: tokens issued in it are refused.
+        #[allow(clippy::cast_possible_truncation, reason = "epoch seconds fit an i64")]
+        "user" => state.revoke_user(notice.id, notice.at.floor() as i64),
         _ => return,
     }
     let now = std::time::SystemTime::now()
@@ -302,4 +313,28 @@ fn apply(state: &RevocationState, payload: &str) {
         .map(|d| d.as_secs_f64())
         .unwrap_or(notice.at);
     metrics::gauge!("gateway_revocation_lag_seconds").set((now - notice.at).max(0.0));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disabled_user_refuses_tokens_issued_up_to_the_latest_disable() {
+        let state = RevocationState::new(Duration::from_secs(900), Duration::from_secs(30));
+        let (user, session) = (Uuid::new_v4(), Uuid::new_v4());
+        assert!(!state.is_revoked(session, user, 1_000));
+        state.revoke_user(user, 1_000);
+        assert!(state.is_revoked(session, user, 999));
+        assert!(state.is_revoked(session, user, 1_000), "a token of the disable's second is refused");
+        assert!(!state.is_revoked(session, user, 1_001), "a token issued after the disable is honoured");
+        // An older disable (a poll re-reading its window) does not move it back.
+        state.revoke_user(user, 900);
+        assert!(state.is_revoked(session, user, 1_000));
+        state.revoke_user(user, 2_000);
+        assert!(state.is_revoked(session, user, 1_500), "a later disable moves it forward");
+        assert!(!state.is_revoked(session, Uuid::new_v4(), 0), "other users are untouched");
+        state.revoke_session(session);
+        assert!(state.is_revoked(session, Uuid::new_v4(), i64::MAX), "a revoked session refuses every token");
+    }
 }

@@ -140,7 +140,10 @@ impl AuthService {
                 if let Some(hash) = rehash {
                     self.store.set_password_hash(user.tenant_id, user.id, hash).await?;
                 }
-                let pair = self.open_session(user, client, unix_now()).await?;
+                let verified = rehash.as_deref().unwrap_or(&user.password_hash);
+                let Some(pair) = self.open_session(user, verified, client).await? else {
+                    return Err(self.changed_during_login(user, &email, client).await);
+                };
                 metrics::counter!("gateway_logins_total", "result" => "success").increment(1);
                 self.audit(NewAuditEvent {
                     event: "login_succeeded",
@@ -181,21 +184,54 @@ impl AuthService {
         Err(AuthError::InvalidCredentials)
     }
 
-    async fn open_session(&self, user: &User, client: &ClientContext, now: i64) -> Result<TokenPair, AuthError> {
-        let (refresh_token, hash) = refresh::generate().map_err(|e| AuthError::Unexpected(anyhow::anyhow!("{e}")))?;
-        let expires_at = now + secs(self.config.refresh_token_ttl);
+    /// Opens a session for `user`, whose password was just verified against
+    /// `verified` (a hash), and mints its tokens; `None` when the user's row
+    /// changed since it was read (see [`Store::create_session`]). A change
+    /// of roles or scopes alone is retried once with the row as it now is.
+    async fn open_session(
+        &self,
+        user: &User,
+        verified: &str,
+        client: &ClientContext,
+    ) -> Result<Option<TokenPair>, AuthError> {
         let ip = client.ip.to_string();
-        let session_id = self
-            .store
-            .create_session(
-                user.tenant_id,
-                user.id,
-                ClientInfo { ip: Some(&ip), user_agent: client.user_agent.as_deref() },
-                RefreshHash { hash: &hash, expires_at },
-                now,
-            )
-            .await?;
-        self.token_pair(user, session_id, refresh_token, now)
+        let mut user = std::borrow::Cow::Borrowed(user);
+        for _ in 0..2 {
+            let (refresh_token, hash) =
+                refresh::generate().map_err(|e| AuthError::Unexpected(anyhow::anyhow!("{e}")))?;
+            let now = unix_now();
+            let expires_at = now + secs(self.config.refresh_token_ttl);
+            let info = ClientInfo { ip: Some(&ip), user_agent: client.user_agent.as_deref() };
+            let opened =
+                self.store.create_session(&user, verified, info, RefreshHash { hash: &hash, expires_at }, now).await?;
+            if let Some(session_id) = opened {
+                return self.token_pair(&user, session_id, refresh_token, now).map(Some);
+            }
+            match self.store.user_by_id(user.tenant_id, user.id).await? {
+                Some(now) if !now.disabled && now.password_hash == verified => user = std::borrow::Cow::Owned(now),
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    /// The refusal of a login whose password was right but whose user was
+    /// disabled, or had its password reset, while the login ran (audited as
+    /// `user_changed`): the same answer as any other failed login.
+    async fn changed_during_login(&self, user: &User, email: &str, client: &ClientContext) -> AuthError {
+        metrics::counter!("gateway_logins_total", "result" => "failure").increment(1);
+        let ip = client.ip.to_string();
+        self.audit(NewAuditEvent {
+            event: "login_failed",
+            tenant_id: Some(user.tenant_id),
+            user_id: Some(user.id),
+            email: Some(email),
+            ip: Some(&ip),
+            user_agent: client.user_agent.as_deref(),
+            detail: Some(serde_json::json!({ "reason": "user_changed" })),
+        })
+        .await;
+        AuthError::InvalidCredentials
     }
 
     fn token_pair(
@@ -575,6 +611,26 @@ impl Accounts {
         })
         .await;
         Ok(revoked)
+    }
+
+    /// Enables a disabled user (the CLI's `user enable`). Its old sessions
+    /// stay revoked, so it logs in again; running gateways accept the
+    /// tokens issued after the second of the disable, and refuse the rest.
+    pub async fn enable_user(&self, tenant_id: Uuid, email: &str) -> Result<(), AuthError> {
+        let email = normalize_email(email);
+        let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
+        if !self.store.enable_user(tenant_id, user.id).await? {
+            return Err(AuthError::InvalidRequest(format!("email: {email:?} is not disabled")));
+        }
+        self.audit(NewAuditEvent {
+            event: "user_enabled",
+            tenant_id: Some(tenant_id),
+            user_id: Some(user.id),
+            email: Some(&email),
+            ..Default::default()
+        })
+        .await;
+        Ok(())
     }
 
     /// Adds roles and scopes to a user (the CLI's `user grant`); returns

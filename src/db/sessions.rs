@@ -9,7 +9,8 @@
 
 use uuid::Uuid;
 
-use super::{on_pool, Store, StoreResult};
+use super::users::User;
+use super::{on_pool, Pool, Store, StoreResult};
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Session {
@@ -68,22 +69,41 @@ const LIVE_SESSION: &str = "
 const TOUCH_SESSION: &str = "UPDATE sessions SET last_used_at = $3 WHERE tenant_id = $1 AND id = $2";
 
 impl Store {
-    /// Opens a session with its first refresh token.
+    /// Opens a session for `user` with its first refresh token, if the
+    /// user's row is still as the login read it (enabled, same roles,
+    /// scopes and `password_hash`, the hash the password was verified
+    /// against); `None` when it changed meanwhile, and nothing is written.
+    ///
+    /// This closes the race between a login and a `user disable`, `user
+    /// revoke` or `user set-password`: those revoke the user's sessions, and
+    /// a session inserted while they ran would escape them. The check comes
+    /// after the insert, in the same transaction: on SQLite the insert holds
+    /// the write lock, so no change can commit in between; on PostgreSQL the
+    /// check takes a share lock on the user's row, so a change that already
+    /// holds it is waited for and then seen, and one that comes later waits
+    /// for this commit and then revokes the new session with the others.
     pub async fn create_session(
         &self,
-        tenant_id: Uuid,
-        user_id: Uuid,
+        user: &User,
+        password_hash: &str,
         client: ClientInfo<'_>,
         refresh: RefreshHash<'_>,
         now: i64,
-    ) -> StoreResult<Uuid> {
+    ) -> StoreResult<Option<Uuid>> {
+        const CHECK: &str = "SELECT id FROM users WHERE tenant_id = $1 AND id = $2 AND NOT disabled
+                             AND roles = $3 AND scopes = $4 AND password_hash = $5";
+        let check = match self.pool() {
+            Pool::Sqlite(_) => CHECK.to_owned(),
+            Pool::Postgres(_) => format!("{CHECK} FOR SHARE"),
+        };
+        let (tenant_id, roles, scopes) = (user.tenant_id, user.roles.join(" "), user.scopes.join(" "));
         let session_id = Uuid::new_v4();
-        on_pool!(self, |p| {
+        let opened = on_pool!(self, |p| {
             let mut tx = p.begin().await?;
             sqlx::query(INSERT_SESSION)
                 .bind(session_id)
                 .bind(tenant_id)
-                .bind(user_id)
+                .bind(user.id)
                 .bind(now)
                 .bind(client.ip)
                 .bind(client.user_agent)
@@ -99,9 +119,22 @@ impl Store {
                 .bind(refresh.expires_at)
                 .execute(&mut *tx)
                 .await?;
-            tx.commit().await?;
+            let unchanged: Option<(Uuid,)> = sqlx::query_as(&check)
+                .bind(tenant_id)
+                .bind(user.id)
+                .bind(&roles)
+                .bind(&scopes)
+                .bind(password_hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if unchanged.is_some() {
+                tx.commit().await?;
+            } else {
+                tx.rollback().await?;
+            }
+            unchanged.is_some()
         });
-        Ok(session_id)
+        Ok(opened.then_some(session_id))
     }
 
     /// Spends `presented` and stores `next` in its place, or reports reuse.

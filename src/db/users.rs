@@ -204,10 +204,25 @@ impl Store {
         Ok(ids.map(|ids| ids.into_iter().map(|(id,)| id).collect()))
     }
 
-    /// Users disabled at or after `since` (for the revocation poller).
-    pub async fn users_disabled_since(&self, since: i64) -> StoreResult<Vec<Uuid>> {
-        let sql = "SELECT id FROM users WHERE disabled AND updated_at >= $1";
-        let rows: Vec<(Uuid,)> = on_pool!(self, |p| sqlx::query_as(sql).bind(since).fetch_all(p).await)?;
-        Ok(rows.into_iter().map(|(id,)| id).collect())
+    /// Enables a disabled user; false when the user is unknown or was not
+    /// disabled. Sessions revoked by the disable stay revoked.
+    pub async fn enable_user(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<bool> {
+        let sql = "UPDATE users SET disabled = FALSE, updated_at = $3 WHERE tenant_id = $1 AND id = $2 AND disabled";
+        let done = on_pool!(self, |p| sqlx::query(sql)
+            .bind(tenant_id)
+            .bind(user_id)
+            .bind(unix_now())
+            .execute(p)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(done == 1)
+    }
+
+    /// Users disabled and last changed at or after `since`, with that time
+    /// (for the revocation poller): a row of a disabled user changes only by
+    /// the disable or by later edits, so the time is the disable's or later.
+    pub async fn users_disabled_since(&self, since: i64) -> StoreResult<Vec<(Uuid, i64)>> {
+        let sql = "SELECT id, updated_at FROM users WHERE disabled AND updated_at >= $1";
+        Ok(on_pool!(self, |p| sqlx::query_as(sql).bind(since).fetch_all(p).await)?)
     }
 }

@@ -1,13 +1,19 @@
 //! The operator's account commands against a running gateway: `user grant`,
-//! `user revoke` and `user set-password`, and what each does to live tokens.
+//! `user revoke`, `user set-password`, `user enable`, and what each does to
+//! live tokens; and a login racing such a change.
 
 use std::time::Duration;
 
+use gateway::config::Config;
+use gateway::db::{unix_now, Pool, Store};
 use reqwest::StatusCode;
+use serde_json::json;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 use crate::helpers::{
-    assert_error, assert_invalid_token, both_backends, eventually, jwt_part, route, spawn_app_with, TestApp,
-    TestOptions, PASSWORD,
+    assert_error, assert_invalid_token, backend, both_backends, eventually, jwt_part, parse_tokens, route,
+    spawn_app_with, Backend, TestApp, TestOptions, PASSWORD,
 };
 use crate::upstream::{echo, spawn_upstream};
 
@@ -33,6 +39,46 @@ async fn refused_soon(app: &TestApp, access: &str, what: &str) {
     })
     .await;
     assert_invalid_token(app.get_authed("/admin/x", access).await).await;
+}
+
+/// Runs `update` (with [`EMAIL`] as `$1`) in a transaction of its own,
+/// the way the CLI changes a user, and commits it `hold` later. Returns
+/// once the update has run (the row is locked) with the committing task.
+async fn hold_update(app: &TestApp, update: &'static str, hold: Duration) -> JoinHandle<()> {
+    let config = Config::load(&app.config_path).expect("load the app's config");
+    let store = Store::connect(&config.database).await.expect("open the app's database");
+    let (ran, ran_rx) = oneshot::channel();
+    macro_rules! hold {
+        ($pool:expr) => {{
+            let mut tx = $pool.begin().await.expect("begin");
+            sqlx::query(update).bind(EMAIL).execute(&mut *tx).await.expect("the held update");
+            let _ = ran.send(());
+            tokio::time::sleep(hold).await;
+            tx.commit().await.expect("commit the held update");
+        }};
+    }
+    let task = tokio::spawn(async move {
+        match store.pool() {
+            Pool::Sqlite(p) => hold!(p),
+            Pool::Postgres(p) => hold!(p),
+        }
+        store.close().await;
+    });
+    ran_rx.await.expect("the held update ran");
+    task
+}
+
+/// A login of [`EMAIL`] started while `update` is held uncommitted: it must
+/// wait for the change and then honour it, never open a session the change
+/// could not see. Returns the login's answer.
+async fn login_during(app: &TestApp, update: &'static str) -> reqwest::Response {
+    let held = hold_update(app, update, Duration::from_millis(1500)).await;
+    let request = app.client.post(app.url("/auth/login")).json(&json!({"email": EMAIL, "password": PASSWORD}));
+    let login = tokio::spawn(request.send());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!login.is_finished(), "the login answered before the change it raced was committed");
+    held.await.expect("the held update committed");
+    login.await.expect("the login task").expect("POST /auth/login")
 }
 
 both_backends! {
@@ -131,6 +177,66 @@ both_backends! {
         let list = app.cli(&["user", "list", "--tenant", "default"], "").await.expect("user list");
         assert!(list.contains("roles=admin scopes="), "{list}");
         app.login_ok(EMAIL, PASSWORD, None).await;
+        app.stop().await;
+    }
+    #[tokio::test]
+    async fn enable_lets_a_disabled_user_back_in_with_new_tokens_only() {
+        let svc = spawn_upstream("admin").await;
+        let app = spawn_app_with(TestOptions::with_extra(route("admin", "/admin", &[svc.url()], ""))).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        let old = app.login_ok(EMAIL, PASSWORD, None).await;
+        let err = user(&app, "enable", &[], "").await.expect_err("enabling an enabled user");
+        assert!(format!("{err:#}").contains("is not disabled"), "{err:#}");
+
+        user_ok(&app, "disable", &[], "").await;
+        let disabled_at = unix_now();
+        refused_soon(&app, &old.access_token, "the disabled user's token is refused").await;
+        let out = user_ok(&app, "enable", &[], "").await;
+        assert!(out.contains("enabled"), "{out}");
+
+        // Tokens are refused up to the second of the disable: log in after it.
+        while unix_now() <= disabled_at {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let fresh = app.login_ok(EMAIL, PASSWORD, None).await;
+        echo(app.get_authed("/admin/x", &fresh.access_token).await).await;
+        app.me_ok(&fresh.access_token).await;
+        // What the disable revoked stays revoked.
+        assert_invalid_token(app.get_authed("/admin/x", &old.access_token).await).await;
+        assert_error(app.refresh(&old.refresh_token).await, StatusCode::UNAUTHORIZED, "invalid_grant").await;
+        let audit = app.cli(&["audit", "list", "--tenant", "default"], "").await.expect("audit list");
+        assert!(audit.contains("user_enabled"), "{audit}");
+        app.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_login_racing_a_disable_waits_for_it_and_is_refused() {
+        let app = spawn_app_with(TestOptions::default()).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        let disable = "UPDATE users SET disabled = TRUE, updated_at = updated_at + 1 WHERE email = $1";
+        let resp = login_during(&app, disable).await;
+        assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        let audit = app.cli(&["audit", "list", "--tenant", "default"], "").await.expect("audit list");
+        // PostgreSQL lets the login read the user before the change commits,
+        // so it is caught at the session's insert; SQLite's write lock holds
+        // the login back before it reads the user.
+        let reason = match backend() {
+            Backend::Postgres => "user_changed",
+            Backend::Sqlite => "user_disabled",
+        };
+        assert!(audit.contains(&format!(r#""reason":"{reason}""#)), "{audit}");
+        app.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_login_racing_a_role_removal_gets_the_new_roles() {
+        let app = spawn_app_with(TestOptions::default()).await;
+        app.create_user("default", EMAIL, PASSWORD, &["admin"], &["read"]).await;
+        let resp = login_during(&app, "UPDATE users SET roles = '' WHERE email = $1").await;
+        let tokens = parse_tokens(resp, "login").await;
+        let claims = jwt_part(&tokens.access_token, 1);
+        assert_eq!(claims["roles"], json!([]), "the token carries a role removed during the login: {claims}");
+        assert_eq!(claims["scope"], "read", "{claims}");
         app.stop().await;
     }
 }

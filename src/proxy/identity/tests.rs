@@ -50,8 +50,18 @@ fn a_user_disabled_after_cached_checks_is_refused_at_once() {
     let (t, c) = token(&f.keys);
     f.cache.verify(&f.auth, t.as_bytes()).expect("valid");
     f.cache.verify(&f.auth, t.as_bytes()).expect("valid");
-    f.auth.revocations().revoke_user(c.sub);
+    f.auth.revocations().revoke_user(c.sub, c.iat);
     assert_eq!(f.cache.verify(&f.auth, t.as_bytes()).err(), Some(TokenError::Revoked));
+}
+
+#[test]
+fn a_token_issued_after_the_users_disable_is_honoured() {
+    let f = fixture();
+    let (t, c) = token(&f.keys);
+    f.auth.revocations().revoke_user(c.sub, c.iat - 1);
+    f.cache.verify(&f.auth, t.as_bytes()).expect("issued after the disable (then an enable)");
+    f.auth.revocations().revoke_user(c.sub, c.iat);
+    assert_eq!(f.cache.verify(&f.auth, t.as_bytes()).err(), Some(TokenError::Revoked), "disabled again");
 }
 
 #[test]
@@ -60,7 +70,7 @@ fn other_revocations_leave_a_token_valid() {
     let (t, _) = token(&f.keys);
     f.cache.verify(&f.auth, t.as_bytes()).expect("valid");
     f.auth.revocations().revoke_session(Uuid::new_v4());
-    f.auth.revocations().revoke_user(Uuid::new_v4());
+    f.auth.revocations().revoke_user(Uuid::new_v4(), i64::MAX);
     f.cache.verify(&f.auth, t.as_bytes()).expect("still valid after others' revocations");
     f.cache.verify(&f.auth, t.as_bytes()).expect("and after the recheck");
 }
