@@ -57,7 +57,7 @@ fn bench(c: &mut Criterion) {
         scope: "orders:read orders:write".into(),
     };
     let token = sign(&keys, &claims).expect("sign");
-    let revocations = RevocationState::new(Duration::from_secs(905), Duration::from_secs(30));
+    let revocations = RevocationState::new(Duration::from_secs(905), Duration::from_secs(30), Duration::from_secs(5));
     // A realistic revocation state: some thousands of revoked sessions.
     for _ in 0..5_000 {
         revocations.revoke_session(Uuid::new_v4());

@@ -68,7 +68,7 @@ impl App {
         }
         let hasher = PasswordHasher::new(config.auth.argon2)?;
         let horizon = config.auth.access_token_ttl + config.auth.leeway;
-        let revocations = RevocationState::new(horizon, config.auth.revocation_max_staleness);
+        let revocations = RevocationState::new(horizon, config.auth.revocation_max_staleness, config.auth.leeway);
         // Revocations from before a restart still bind the tokens they target.
         // Without the database the state starts stale (fail closed) and the
         // poll fills it in once the database answers.

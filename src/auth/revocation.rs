@@ -2,10 +2,12 @@
 //!
 //! It holds the sessions revoked, and the users disabled, while an access
 //! token minted before the revocation could still be alive. A disabled user
-//! is held with the time of the disable, and refuses the tokens issued at
-//! or before it: tokens minted after a `user enable` are honoured at once,
-//! while every token from before the disable stays refused (its session was
-//! revoked too; this is the second lock). That bound is
+//! is held with the time of the disable and refuses every token issued up
+//! to `auth.leeway` after it (the disable is stamped by its writer's clock
+//! or the database's, the token by a gateway's, and those may disagree by
+//! that much). This is a second lock: the disable also revoked the user's
+//! sessions. After a `user enable`, tokens from a login past that margin
+//! are honoured. That bound is
 //! `access_token_ttl + leeway`, so each entry carries exactly that
 //! time-to-live and the state stays as small as the revocation rate allows.
 //! moka's concurrent cache gives lock-free reads and expiry for free; there
@@ -72,6 +74,8 @@ pub struct RevocationState {
     sessions: Cache<Uuid, (), foldhash::fast::RandomState>,
     /// User id → unix time of the disable (the latest one known).
     users: Cache<Uuid, i64, foldhash::fast::RandomState>,
+    /// `auth.leeway` in seconds: how far clocks may disagree.
+    skew: i64,
     /// Unix time of the last successful refresh from the database.
     last_poll: Arc<AtomicI64>,
     max_staleness: i64,
@@ -90,8 +94,10 @@ impl std::fmt::Debug for RevocationState {
 }
 
 impl RevocationState {
-    /// `horizon` = access_token_ttl + leeway: the longest a token can live.
-    pub fn new(horizon: Duration, max_staleness: Duration) -> Self {
+    /// `horizon` = access_token_ttl + leeway: the longest a token can live;
+    /// `skew` = leeway: how far the clocks that stamp disables and tokens
+    /// may disagree.
+    pub fn new(horizon: Duration, max_staleness: Duration, skew: Duration) -> Self {
         Self {
             sessions: Cache::builder().time_to_live(horizon).build_with_hasher(Default::default()),
             users: Cache::builder().time_to_live(horizon).build_with_hasher(Default::default()),
@@ -99,6 +105,7 @@ impl RevocationState {
             last_poll: Arc::new(AtomicI64::new(0)),
             max_staleness: crate::db::secs(max_staleness),
             horizon: crate::db::secs(horizon),
+            skew: crate::db::secs(skew),
             listening: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             changes: Arc::new(AtomicU64::new(0)),
         }
@@ -114,9 +121,9 @@ impl RevocationState {
         self.changes.fetch_add(1, Ordering::Release);
     }
 
-    /// Refuses the user's tokens issued at or before `disabled_at` (unix
-    /// seconds). A later disable moves the time forward; an older one (a
-    /// poll re-reading its window) never moves it back.
+    /// Refuses the user's tokens issued up to `skew` after `disabled_at`
+    /// (unix seconds). A later disable moves the time forward; an older one
+    /// (a poll re-reading its window) never moves it back.
     pub fn revoke_user(&self, user_id: Uuid, disabled_at: i64) {
         self.users.entry(user_id).and_upsert_with(|old| old.map_or(disabled_at, |o| disabled_at.max(*o.value())));
         self.changes.fetch_add(1, Ordering::Release);
@@ -144,7 +151,7 @@ impl RevocationState {
     /// Two hash lookups; no I/O, no allocation. `iat` is the token's.
     pub fn is_revoked(&self, session_id: Uuid, user_id: Uuid, iat: i64) -> bool {
         self.sessions.contains_key(&session_id)
-            || self.users.get(&user_id).is_some_and(|disabled_at| iat <= disabled_at)
+            || self.users.get(&user_id).is_some_and(|disabled_at| iat <= disabled_at.saturating_add(self.skew))
     }
 
     /// Approximate number of entries (for metrics).
@@ -320,19 +327,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_disabled_user_refuses_tokens_issued_up_to_the_latest_disable() {
-        let state = RevocationState::new(Duration::from_secs(900), Duration::from_secs(30));
+    fn a_disabled_user_refuses_tokens_issued_up_to_the_latest_disable_and_the_skew() {
+        let state = RevocationState::new(Duration::from_secs(900), Duration::from_secs(30), Duration::from_secs(5));
         let (user, session) = (Uuid::new_v4(), Uuid::new_v4());
         assert!(!state.is_revoked(session, user, 1_000));
         state.revoke_user(user, 1_000);
         assert!(state.is_revoked(session, user, 999));
-        assert!(state.is_revoked(session, user, 1_000), "a token of the disable's second is refused");
-        assert!(!state.is_revoked(session, user, 1_001), "a token issued after the disable is honoured");
+        assert!(state.is_revoked(session, user, 1_005), "a token within the skew after the disable is refused");
+        assert!(!state.is_revoked(session, user, 1_006), "a token issued past it is honoured");
         // An older disable (a poll re-reading its window) does not move it back.
         state.revoke_user(user, 900);
-        assert!(state.is_revoked(session, user, 1_000));
+        assert!(state.is_revoked(session, user, 1_005));
         state.revoke_user(user, 2_000);
         assert!(state.is_revoked(session, user, 1_500), "a later disable moves it forward");
+        assert!(!state.is_revoked(session, user, 2_006));
         assert!(!state.is_revoked(session, Uuid::new_v4(), 0), "other users are untouched");
         state.revoke_session(session);
         assert!(state.is_revoked(session, Uuid::new_v4(), i64::MAX), "a revoked session refuses every token");

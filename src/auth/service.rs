@@ -137,10 +137,15 @@ impl AuthService {
         let failure = match (&user, &verdict) {
             (Some(user), Verdict::Right { rehash }) if !user.disabled => {
                 self.store.clear_login_attempts(&slug, &email).await?;
+                // The hash the password was verified against, or its upgrade
+                // if that is stored; a password set meanwhile is kept, and
+                // then the session below is not opened.
+                let mut verified = user.password_hash.as_str();
                 if let Some(hash) = rehash {
-                    self.store.set_password_hash(user.tenant_id, user.id, hash).await?;
+                    if self.store.replace_password_hash(user.tenant_id, user.id, verified, hash).await? {
+                        verified = hash;
+                    }
                 }
-                let verified = rehash.as_deref().unwrap_or(&user.password_hash);
                 let Some(pair) = self.open_session(user, verified, client).await? else {
                     return Err(self.changed_during_login(user, &email, client).await);
                 };
@@ -435,7 +440,13 @@ impl AuthService {
             }
         }
         let hash = self.hasher.hash(new).await?;
-        self.store.set_password_hash(who.tenant_id, who.user_id, &hash).await?;
+        // Only over the password just verified: one set meanwhile (a reset
+        // after a compromise) is not overwritten.
+        if !self.store.replace_password_hash(who.tenant_id, who.user_id, &user.password_hash, &hash).await? {
+            let detail = serde_json::json!({ "reason": "changed_meanwhile" });
+            self.audit_principal("password_change_failed", who, client, Some(detail)).await;
+            return Err(AuthError::InvalidCredentials);
+        }
         let revoked = self
             .store
             .revoke_user_sessions(who.tenant_id, who.user_id, Some(who.session_id), "password_changed", unix_now())

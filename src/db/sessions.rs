@@ -10,7 +10,7 @@
 use uuid::Uuid;
 
 use super::users::User;
-use super::{on_pool, Pool, Store, StoreResult};
+use super::{on_pool, split_list, Pool, Store, StoreResult};
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Session {
@@ -90,13 +90,15 @@ impl Store {
         refresh: RefreshHash<'_>,
         now: i64,
     ) -> StoreResult<Option<Uuid>> {
-        const CHECK: &str = "SELECT id FROM users WHERE tenant_id = $1 AND id = $2 AND NOT disabled
-                             AND roles = $3 AND scopes = $4 AND password_hash = $5";
+        const CHECK: &str = "SELECT disabled, roles, scopes, password_hash FROM users WHERE tenant_id = $1 AND id = $2";
         let check = match self.pool() {
             Pool::Sqlite(_) => CHECK.to_owned(),
             Pool::Postgres(_) => format!("{CHECK} FOR SHARE"),
         };
-        let (tenant_id, roles, scopes) = (user.tenant_id, user.roles.join(" "), user.scopes.join(" "));
+        let unchanged = |(disabled, roles, scopes, hash): (bool, String, String, String)| {
+            !disabled && split_list(&roles) == user.roles && split_list(&scopes) == user.scopes && hash == password_hash
+        };
+        let tenant_id = user.tenant_id;
         let session_id = Uuid::new_v4();
         let opened = on_pool!(self, |p| {
             let mut tx = p.begin().await?;
@@ -119,20 +121,14 @@ impl Store {
                 .bind(refresh.expires_at)
                 .execute(&mut *tx)
                 .await?;
-            let unchanged: Option<(Uuid,)> = sqlx::query_as(&check)
-                .bind(tenant_id)
-                .bind(user.id)
-                .bind(&roles)
-                .bind(&scopes)
-                .bind(password_hash)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if unchanged.is_some() {
+            let row = sqlx::query_as(&check).bind(tenant_id).bind(user.id).fetch_optional(&mut *tx).await?;
+            let opened = row.is_some_and(unchanged);
+            if opened {
                 tx.commit().await?;
             } else {
                 tx.rollback().await?;
             }
-            unchanged.is_some()
+            opened
         });
         Ok(opened.then_some(session_id))
     }

@@ -113,17 +113,29 @@ impl Store {
         Ok(rows.into_iter().map(from_row).collect())
     }
 
-    pub async fn set_password_hash(&self, tenant_id: Uuid, user_id: Uuid, hash: &str) -> StoreResult<()> {
-        let sql = "UPDATE users SET password_hash = $3, updated_at = $4 WHERE tenant_id = $1 AND id = $2";
-        on_pool!(self, |p| sqlx::query(sql)
+    /// Replaces the hash only if it is still `old`, the one the caller
+    /// verified a password against (a login upgrading it, a password
+    /// change): a password set meanwhile is never overwritten. Returns
+    /// whether it did.
+    pub async fn replace_password_hash(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        old: &str,
+        new: &str,
+    ) -> StoreResult<bool> {
+        let sql = "UPDATE users SET password_hash = $4, updated_at = $5
+                   WHERE tenant_id = $1 AND id = $2 AND password_hash = $3";
+        let done = on_pool!(self, |p| sqlx::query(sql)
             .bind(tenant_id)
             .bind(user_id)
-            .bind(hash)
+            .bind(old)
+            .bind(new)
             .bind(unix_now())
             .execute(p)
             .await
-            .map(drop))?;
-        Ok(())
+            .map(|done| done.rows_affected()))?;
+        Ok(done == 1)
     }
 
     /// Disables the user and revokes every open session in one transaction;
@@ -220,7 +232,9 @@ impl Store {
 
     /// Users disabled and last changed at or after `since`, with that time
     /// (for the revocation poller): a row of a disabled user changes only by
-    /// the disable or by later edits, so the time is the disable's or later.
+    /// the disable or by later edits, so the time is the disable's or later
+    /// (or, from a writer whose clock runs behind, earlier: the state keeps
+    /// the latest time it has seen for a user, so that does not matter).
     pub async fn users_disabled_since(&self, since: i64) -> StoreResult<Vec<(Uuid, i64)>> {
         let sql = "SELECT id, updated_at FROM users WHERE disabled AND updated_at >= $1";
         Ok(on_pool!(self, |p| sqlx::query_as(sql).bind(since).fetch_all(p).await)?)

@@ -5,6 +5,8 @@
 use std::time::Duration;
 
 use gateway::config::Config;
+use gateway::db::sessions::{ClientInfo, RefreshHash};
+use gateway::db::users::User;
 use gateway::db::{unix_now, Pool, Store};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -41,12 +43,17 @@ async fn refused_soon(app: &TestApp, access: &str, what: &str) {
     assert_invalid_token(app.get_authed("/admin/x", access).await).await;
 }
 
+/// The app's database, opened as the CLI opens it.
+async fn open_store(app: &TestApp) -> Store {
+    let config = Config::load(&app.config_path).expect("load the app's config");
+    Store::connect(&config.database).await.expect("open the app's database")
+}
+
 /// Runs `update` (with [`EMAIL`] as `$1`) in a transaction of its own,
 /// the way the CLI changes a user, and commits it `hold` later. Returns
 /// once the update has run (the row is locked) with the committing task.
 async fn hold_update(app: &TestApp, update: &'static str, hold: Duration) -> JoinHandle<()> {
-    let config = Config::load(&app.config_path).expect("load the app's config");
-    let store = Store::connect(&config.database).await.expect("open the app's database");
+    let store = open_store(app).await;
     let (ran, ran_rx) = oneshot::channel();
     macro_rules! hold {
         ($pool:expr) => {{
@@ -72,7 +79,7 @@ async fn hold_update(app: &TestApp, update: &'static str, hold: Duration) -> Joi
 /// wait for the change and then honour it, never open a session the change
 /// could not see. Returns the login's answer.
 async fn login_during(app: &TestApp, update: &'static str) -> reqwest::Response {
-    let held = hold_update(app, update, Duration::from_millis(1500)).await;
+    let held = hold_update(app, update, Duration::from_secs(3)).await;
     let request = app.client.post(app.url("/auth/login")).json(&json!({"email": EMAIL, "password": PASSWORD}));
     let login = tokio::spawn(request.send());
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -137,10 +144,12 @@ both_backends! {
         assert!(format!("{err:#}").starts_with("password:"), "{err:#}");
         let err = user(&app, "set-password", &["--password-stdin"], "\n").await.expect_err("empty password");
         assert!(format!("{err:#}").starts_with("password:"), "{err:#}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
         app.me_ok(&first.access_token).await;
+        app.login_ok(EMAIL, PASSWORD, None).await;
 
         let out = user_ok(&app, "set-password", &["--password-stdin"], &format!("{NEW_PASSWORD}\n")).await;
-        assert!(out.contains("2 session(s) revoked"), "{out}");
+        assert!(out.contains("3 session(s) revoked"), "{out}");
         refused_soon(&app, &first.access_token, "a token from before the reset is refused").await;
         refused_soon(&app, &second.access_token, "every session ends at a reset").await;
         assert_error(app.refresh(&second.refresh_token).await, StatusCode::UNAUTHORIZED, "invalid_grant").await;
@@ -194,8 +203,10 @@ both_backends! {
         let out = user_ok(&app, "enable", &[], "").await;
         assert!(out.contains("enabled"), "{out}");
 
-        // Tokens are refused up to the second of the disable: log in after it.
-        while unix_now() <= disabled_at {
+        // Tokens are refused up to `auth.leeway` after the disable: log in past it.
+        let leeway = humantime::parse_duration(app.opts.leeway).expect("the test's leeway");
+        let leeway = i64::try_from(leeway.as_secs()).expect("a small leeway");
+        while unix_now() <= disabled_at + leeway {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let fresh = app.login_ok(EMAIL, PASSWORD, None).await;
@@ -237,6 +248,41 @@ both_backends! {
         let claims = jwt_part(&tokens.access_token, 1);
         assert_eq!(claims["roles"], json!([]), "the token carries a role removed during the login: {claims}");
         assert_eq!(claims["scope"], "read", "{claims}");
+        app.stop().await;
+    }
+    #[tokio::test]
+    async fn a_session_is_not_opened_for_a_user_changed_since_it_was_read() {
+        let app = spawn_app_with(TestOptions::default()).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        let store = open_store(&app).await;
+        let tenant = store.tenant_by_slug("default").await.expect("read the tenant").expect("the default tenant");
+        let read = || async { store.user_by_email(tenant.id, EMAIL).await.expect("read the user").expect("the user") };
+        let open = |user: User| {
+            let store = store.clone();
+            async move {
+                let token_hash = uuid::Uuid::new_v4();
+                let refresh = RefreshHash { hash: token_hash.as_bytes(), expires_at: unix_now() + 60 };
+                let hash = user.password_hash.clone();
+                store.create_session(&user, &hash, ClientInfo::default(), refresh, unix_now()).await.expect("insert")
+            }
+        };
+        assert!(open(read().await).await.is_some(), "an unchanged user gets a session");
+
+        let before = read().await;
+        user_ok(&app, "grant", &["--role", "admin"], "").await;
+        assert!(open(before).await.is_none(), "a session for roles read before a grant");
+        let before = read().await;
+        user_ok(&app, "set-password", &["--password-stdin"], &format!("{NEW_PASSWORD}\n")).await;
+        let stale = before.password_hash.clone();
+        assert!(open(before).await.is_none(), "a session for a password hash read before a reset");
+        let upgraded = store.replace_password_hash(tenant.id, read().await.id, &stale, "$argon2id$stale").await;
+        assert!(!upgraded.expect("update"), "a hash verified before a reset overwrote the new one");
+        let before = read().await;
+        user_ok(&app, "disable", &[], "").await;
+        assert!(open(before).await.is_none(), "a session for a user disabled since it was read");
+        let sessions = store.active_sessions(tenant.id, read().await.id).await.expect("list sessions");
+        assert!(sessions.is_empty(), "refused sessions were written, or the reset left one open: {sessions:?}");
+        store.close().await;
         app.stop().await;
     }
 }

@@ -19,7 +19,7 @@ fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let (keys, _) = KeyRing::load_or_generate(dir.path()).expect("keys");
     let (ring, _) = KeyRing::load_or_generate(dir.path()).expect("keys again");
-    let revocations = RevocationState::new(Duration::from_secs(905), Duration::from_secs(30));
+    let revocations = RevocationState::new(Duration::from_secs(905), Duration::from_secs(30), Duration::from_secs(5));
     let auth = Authenticator::new(ring, TokenRules::new("gateway", "gateway", 5), revocations);
     Fixture { _dir: dir, keys, auth, cache: IdentityCache::new(1000, Duration::from_secs(5)) }
 }
@@ -58,9 +58,9 @@ fn a_user_disabled_after_cached_checks_is_refused_at_once() {
 fn a_token_issued_after_the_users_disable_is_honoured() {
     let f = fixture();
     let (t, c) = token(&f.keys);
-    f.auth.revocations().revoke_user(c.sub, c.iat - 1);
-    f.cache.verify(&f.auth, t.as_bytes()).expect("issued after the disable (then an enable)");
-    f.auth.revocations().revoke_user(c.sub, c.iat);
+    f.auth.revocations().revoke_user(c.sub, c.iat - 6);
+    f.cache.verify(&f.auth, t.as_bytes()).expect("issued past the disable and the 5 s skew (then an enable)");
+    f.auth.revocations().revoke_user(c.sub, c.iat - 5);
     assert_eq!(f.cache.verify(&f.auth, t.as_bytes()).err(), Some(TokenError::Revoked), "disabled again");
 }
 
@@ -129,7 +129,7 @@ fn one_authenticators_checks_do_not_vouch_for_another() {
     let f = fixture();
     let (t, c) = token(&f.keys);
     let (ring, _) = KeyRing::load_or_generate(f._dir.path()).expect("keys");
-    let revoked = RevocationState::new(Duration::from_secs(905), Duration::from_secs(30));
+    let revoked = RevocationState::new(Duration::from_secs(905), Duration::from_secs(30), Duration::from_secs(5));
     let other = Authenticator::new(ring, TokenRules::new("gateway", "gateway", 5), revoked);
     f.auth.revocations().revoke_session(Uuid::new_v4());
     f.cache.verify(&f.auth, t.as_bytes()).expect("valid");
