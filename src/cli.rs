@@ -6,7 +6,7 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
 
 use crate::app::{shutdown_signal, App};
@@ -111,32 +111,10 @@ pub enum UserCommand {
     },
     /// Add roles and scopes to a user. Live tokens keep their claims; the
     /// user's next login or refresh carries the new ones.
-    Grant {
-        #[arg(long)]
-        tenant: String,
-        #[arg(long)]
-        email: String,
-        /// A role to add (repeatable).
-        #[arg(long = "role", required_unless_present = "scopes")]
-        roles: Vec<String>,
-        /// A scope to add (repeatable).
-        #[arg(long = "scope")]
-        scopes: Vec<String>,
-    },
+    Grant(AccessArgs),
     /// Remove roles and scopes from a user and revoke every session, so that
     /// no live token still carries them; the user logs in again.
-    Revoke {
-        #[arg(long)]
-        tenant: String,
-        #[arg(long)]
-        email: String,
-        /// A role to remove (repeatable).
-        #[arg(long = "role", required_unless_present = "scopes")]
-        roles: Vec<String>,
-        /// A scope to remove (repeatable).
-        #[arg(long = "scope")]
-        scopes: Vec<String>,
-    },
+    Revoke(AccessArgs),
     /// Set a user's password and revoke every session.
     SetPassword {
         #[arg(long)]
@@ -147,6 +125,22 @@ pub enum UserCommand {
         #[arg(long)]
         password_stdin: bool,
     },
+}
+
+/// The user and the roles and scopes that `user grant` adds and `user
+/// revoke` removes.
+#[derive(Debug, Args)]
+pub struct AccessArgs {
+    #[arg(long)]
+    tenant: String,
+    #[arg(long)]
+    email: String,
+    /// A role (repeatable).
+    #[arg(long = "role", required_unless_present = "scopes")]
+    roles: Vec<String>,
+    /// A scope (repeatable).
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -320,7 +314,7 @@ async fn user_command(
             writeln!(out, "enabled {email}; the sessions revoked by the disable stay revoked")?;
             Ok(())
         }
-        UserCommand::Grant { tenant, email, roles, scopes } => {
+        UserCommand::Grant(AccessArgs { tenant, email, roles, scopes }) => {
             let tenant_id = find_tenant(store, &tenant).await?;
             let (user, added) =
                 accounts.grant(tenant_id, &email, &roles, &scopes).await.map_err(|e| cli_error(e, &email))?;
@@ -331,7 +325,7 @@ async fn user_command(
             }
             Ok(())
         }
-        UserCommand::Revoke { tenant, email, roles, scopes } => {
+        UserCommand::Revoke(AccessArgs { tenant, email, roles, scopes }) => {
             let tenant_id = find_tenant(store, &tenant).await?;
             let (user, revoked) =
                 accounts.revoke(tenant_id, &email, &roles, &scopes).await.map_err(|e| cli_error(e, &email))?;

@@ -568,6 +568,19 @@ impl Accounts {
         }
     }
 
+    /// Audits an operator's change to a user (no client address: the CLI).
+    async fn audit_change(&self, event: &str, user: &User, detail: Option<serde_json::Value>) {
+        let event = NewAuditEvent {
+            event,
+            tenant_id: Some(user.tenant_id),
+            user_id: Some(user.id),
+            email: Some(&user.email),
+            detail,
+            ..Default::default()
+        };
+        self.audit(event).await;
+    }
+
     /// Creates a user after validating email, password, roles and scopes.
     #[allow(clippy::too_many_arguments, reason = "one call site per entry point; a struct would only rename them")]
     pub async fn create_user(
@@ -612,35 +625,21 @@ impl Accounts {
         let email = normalize_email(email);
         let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
         let revoked = self.store.disable_user(tenant_id, user.id).await?.ok_or(AuthError::NotFound)?;
-        self.audit(NewAuditEvent {
-            event: "user_disabled",
-            tenant_id: Some(tenant_id),
-            user_id: Some(user.id),
-            email: Some(&email),
-            detail: Some(serde_json::json!({ "sessions_revoked": revoked.len() })),
-            ..Default::default()
-        })
-        .await;
+        self.audit_change("user_disabled", &user, Some(serde_json::json!({ "sessions_revoked": revoked.len() }))).await;
         Ok(revoked)
     }
 
     /// Enables a disabled user (the CLI's `user enable`). Its old sessions
     /// stay revoked, so it logs in again; running gateways accept the
-    /// tokens issued after the second of the disable, and refuse the rest.
+    /// tokens issued more than `auth.leeway` after the disable, and refuse
+    /// the rest.
     pub async fn enable_user(&self, tenant_id: Uuid, email: &str) -> Result<(), AuthError> {
         let email = normalize_email(email);
         let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
         if !self.store.enable_user(tenant_id, user.id).await? {
             return Err(AuthError::InvalidRequest(format!("email: {email:?} is not disabled")));
         }
-        self.audit(NewAuditEvent {
-            event: "user_enabled",
-            tenant_id: Some(tenant_id),
-            user_id: Some(user.id),
-            email: Some(&email),
-            ..Default::default()
-        })
-        .await;
+        self.audit_change("user_enabled", &user, None).await;
         Ok(())
     }
 
@@ -722,15 +721,7 @@ impl Accounts {
                 "scopes_removed": diff(&user.scopes, &scopes),
                 "sessions_revoked": revoked.len(),
             });
-            self.audit(NewAuditEvent {
-                event,
-                tenant_id: Some(tenant_id),
-                user_id: Some(user.id),
-                email: Some(&email),
-                detail: Some(detail),
-                ..Default::default()
-            })
-            .await;
+            self.audit_change(event, &user, Some(detail)).await;
             user.roles = roles;
             user.scopes = scopes;
             return Ok((user, Some(revoked)));
@@ -752,15 +743,8 @@ impl Accounts {
         let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
         let hash = self.hasher.hash(password).await?;
         let revoked = self.store.reset_password(tenant_id, user.id, &hash).await?.ok_or(AuthError::NotFound)?;
-        self.audit(NewAuditEvent {
-            event: "password_reset",
-            tenant_id: Some(tenant_id),
-            user_id: Some(user.id),
-            email: Some(&email),
-            detail: Some(serde_json::json!({ "sessions_revoked": revoked.len() })),
-            ..Default::default()
-        })
-        .await;
+        self.audit_change("password_reset", &user, Some(serde_json::json!({ "sessions_revoked": revoked.len() })))
+            .await;
         Ok(revoked)
     }
 
