@@ -159,7 +159,6 @@ impl App {
         let workers = Arc::new(crate::server::Workers {
             slots: Arc::new(tokio::sync::Semaphore::new(self.config.server.max_connections)),
             proxy: self.proxy,
-            upstream: self.config.upstream.clone(),
             tls: self.tls,
             settings: self.config.server.clone(),
         });

@@ -41,10 +41,9 @@ use tokio_rustls::TlsAcceptor;
 pub use reload::Reloader;
 
 use crate::body::Body;
-use crate::config::{ServerConfig, UpstreamSettings};
+use crate::config::ServerConfig;
 use crate::http1;
 use crate::http1::upgrade::{Io, Upgraded};
-use crate::proxy::upstream::UpstreamClient;
 use crate::proxy::{Conn, Proxy, Slot};
 
 /// Binds `addr` with `SO_REUSEPORT`, so that every worker can listen on the
@@ -61,7 +60,6 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
 /// What every worker shares.
 pub struct Workers {
     pub proxy: Proxy,
-    pub upstream: UpstreamSettings,
     pub tls: Option<TlsAcceptor>,
     pub settings: ServerConfig,
     pub slots: Arc<Semaphore>,
@@ -84,7 +82,7 @@ pub fn spawn_workers(
         };
         // Each worker pools its own upstream connections, so a proxied
         // request and its upstream connection live on one thread.
-        let proxy = Arc::new(Proxy { client: UpstreamClient::new(&shared.upstream)?, ..shared.proxy.clone() });
+        let proxy = Arc::new(Proxy { client: shared.proxy.client.with_own_pool(), ..shared.proxy.clone() });
         prepared.push((runtime, listener, proxy));
     }
     let mut handles = Vec::with_capacity(prepared.len());

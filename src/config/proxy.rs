@@ -358,6 +358,9 @@ pub struct UpstreamSettings {
     pub cooldown: Duration,
     /// Extra CA certificates (PEM) trusted for https upstreams.
     pub ca_file: Option<std::path::PathBuf>,
+    /// Also trust the platform's store (`/etc/ssl/certs`, or what
+    /// `SSL_CERT_FILE` / `SSL_CERT_DIR` name), besides the webpki roots.
+    pub platform_roots: bool,
 }
 
 pub(super) fn build_upstream(table: toml::Table, base: &Path, errors: &mut Errors) -> UpstreamSettings {
@@ -368,6 +371,7 @@ pub(super) fn build_upstream(table: toml::Table, base: &Path, errors: &mut Error
         pool_max_idle_per_host: f.int_or("pool_max_idle_per_host", 64, 0, 100_000) as usize,
         cooldown: f.duration_or("cooldown", "5s", Duration::ZERO),
         ca_file: f.string("ca_file").map(|p| super::resolve(base, &p)),
+        platform_roots: f.bool_or("platform_roots", true),
     };
     f.finish();
     s

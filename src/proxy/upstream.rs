@@ -158,10 +158,29 @@ fn invalid(what: &'static str) -> UpstreamError {
     UpstreamError::Request(io::Error::new(io::ErrorKind::InvalidData, what))
 }
 
+/// Adds the platform's trust store (where an operator installs a private
+/// CA with `update-ca-certificates`) to `roots`. A store that cannot be
+/// read, or a certificate in it that does not parse, is logged and left
+/// out: it only means fewer roots to trust.
+fn add_platform_roots(roots: &mut rustls::RootCertStore) {
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!(error = %e, "reading the platform's trust store for https upstreams");
+    }
+    let (added, ignored) = roots.add_parsable_certificates(found.certs);
+    if ignored > 0 {
+        tracing::warn!(added, ignored, "certificates in the platform's trust store that do not parse are not trusted");
+    }
+    tracing::debug!(added, "platform trust store loaded for https upstreams");
+}
+
 impl UpstreamClient {
     pub fn new(settings: &UpstreamSettings) -> anyhow::Result<Self> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if settings.platform_roots {
+            add_platform_roots(&mut roots);
+        }
         if let Some(path) = &settings.ca_file {
             for cert in CertificateDer::pem_file_iter(path).with_context(|| format!("reading {}", path.display()))? {
                 let cert = cert.with_context(|| format!("parsing {}", path.display()))?;
@@ -183,6 +202,21 @@ impl UpstreamClient {
                 idle: Mutex::new(HashMap::default()),
             }),
         })
+    }
+
+    /// A client with the same settings and trust roots (built once: a few
+    /// hundred certificates), and an empty pool of its own, for a worker.
+    pub fn with_own_pool(&self) -> Self {
+        let p = &self.pool;
+        Self {
+            pool: Arc::new(Pool {
+                tls: p.tls.clone(),
+                connect_timeout: p.connect_timeout,
+                idle_timeout: p.idle_timeout,
+                max_idle: p.max_idle,
+                idle: Mutex::new(HashMap::default()),
+            }),
+        }
     }
 
     /// Sends `request` (with its `Host` set) to `target`, for `origin` (its

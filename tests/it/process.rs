@@ -19,7 +19,7 @@ use tempfile::TempDir;
 use crate::helpers::{
     assert_error, config_toml, eventually, metric, raw_get, raw_request, route, run_cli, TestOptions, PASSWORD,
 };
-use crate::upstream::{echo, spawn_upstream};
+use crate::upstream::{echo, spawn_tls_upstream, spawn_upstream};
 
 const EMAIL: &str = "operator@example.com";
 
@@ -51,6 +51,11 @@ impl Process {
 
     /// [`Process::start`] with `RUST_LOG=level`.
     async fn start_logging(opts: &TestOptions, level: &str) -> Process {
+        Self::start_with_env(opts, level, &[]).await
+    }
+
+    /// [`Process::start_logging`] with more environment variables.
+    async fn start_with_env(opts: &TestOptions, level: &str, env: &[(&str, &Path)]) -> Process {
         let dir = tempfile::tempdir().expect("create temp dir");
         let config = dir.path().join("gateway.toml");
         std::fs::write(&config, process_config(opts, "")).expect("write gateway.toml");
@@ -63,6 +68,7 @@ impl Process {
             .arg("serve")
             .current_dir(dir.path())
             .env("RUST_LOG", level)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -471,4 +477,34 @@ async fn upload(client: &Client, p: &Process, total: usize, pause_ms: u64) {
     let url = p.url(&format!("/files/up?pause_ms={pause_ms}"));
     let resp = client.post(url).body(vec![b'u'; total]).send().await.expect("POST a big body");
     assert_eq!(echo(resp).await.body_len(), total as u64, "the upload arrived incomplete");
+}
+
+/// `upstream.platform_roots`: a CA in the platform's trust store (here the
+/// bundle `SSL_CERT_FILE` names, as `update-ca-certificates` writes one) is
+/// trusted for https upstreams without `ca_file`, unless `platform_roots =
+/// false`. A process of its own, because the store is read from the
+/// environment.
+#[tokio::test]
+async fn https_upstreams_trust_the_platform_store_unless_told_not_to() {
+    let rcgen::CertifiedKey { cert, key_pair } =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("generate a self-signed certificate");
+    let svc = spawn_tls_upstream("platform", &cert.pem(), &key_pair.serialize_pem()).await;
+    let store = tempfile::tempdir().expect("create temp dir");
+    let bundle = store.path().join("ca-certificates.crt");
+    std::fs::write(&bundle, cert.pem()).expect("write the bundle");
+    let env = [("SSL_CERT_FILE", bundle.as_path()), ("SSL_CERT_DIR", store.path())];
+    let secure = route("secure", "/secure", &[format!("https://{}", svc.addr)], "auth = \"public\"");
+    let client = Client::new();
+
+    let p = Process::start_with_env(&TestOptions::with_extra(secure.clone()), "info", &env).await;
+    let e = echo(client.get(p.url("/secure/x")).send().await.expect("GET /secure/x")).await;
+    assert_eq!(e.upstream(), "platform", "{}", e.0);
+    p.stop().await;
+
+    let opts = TestOptions::with_extra(format!("{secure}\n[upstream]\nplatform_roots = false\n"));
+    let p = Process::start_with_env(&opts, "info", &env).await;
+    let resp = client.get(p.url("/secure/x")).send().await.expect("GET /secure/x");
+    assert_error(resp, StatusCode::BAD_GATEWAY, "bad_gateway").await;
+    assert_eq!(svc.hits(), 1, "a request reached an upstream whose CA is not trusted");
+    p.stop().await;
 }
