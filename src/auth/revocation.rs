@@ -1,15 +1,17 @@
 //! The revocation state every token check consults, without database I/O.
 //!
 //! It holds the sessions revoked, and the users disabled, while an access
-//! token minted before the revocation could still be alive. A disabled user
-//! is held with the time of the disable and refuses every token issued up
-//! to `auth.leeway` after it (the disable is stamped by its writer's clock
-//! or the database's, the token by a gateway's, and those may disagree by
-//! that much). This is a second lock: the disable also revoked the user's
-//! sessions. After a `user enable`, tokens from a login past that margin
-//! are honoured. That bound is
+//! token minted before the revocation could still be alive. That bound is
 //! `access_token_ttl + leeway`, so each entry carries exactly that
 //! time-to-live and the state stays as small as the revocation rate allows.
+//!
+//! A disabled user is held with the time of the disable and refuses every
+//! token issued up to `auth.leeway` after it (the disable is stamped by its
+//! writer's clock or the database's, the token by a gateway's, and those
+//! may disagree by that much). This is a second lock: the disable also
+//! revoked the user's sessions. After a `user enable`, tokens from a login
+//! past that margin are honoured.
+//!
 //! moka's concurrent cache gives lock-free reads and expiry for free; there
 //! is deliberately no size cap, because evicting a live revocation would
 //! silently honour a revoked token (fail open).
@@ -310,7 +312,7 @@ fn apply(state: &RevocationState, payload: &str) {
     };
     match notice.kind.as_str() {
         "session" => state.revoke_session(notice.id),
-        // The disable's second: tokens issued in it are refused.
+        // The disable's second; `is_revoked` adds the skew.
         #[allow(clippy::cast_possible_truncation, reason = "epoch seconds fit an i64")]
         "user" => state.revoke_user(notice.id, notice.at.floor() as i64),
         _ => return,

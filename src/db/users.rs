@@ -142,7 +142,7 @@ impl Store {
     /// returns the revoked session ids, or `None` for an unknown user.
     pub async fn disable_user(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Option<Vec<Uuid>>> {
         let sql = "UPDATE users SET disabled = TRUE, updated_at = $3 WHERE tenant_id = $1 AND id = $2";
-        self.update_and_revoke(tenant_id, user_id, sql, &[], "user_disabled").await
+        self.update_and_revoke(tenant_id, user_id, sql, &[], Some("user_disabled")).await
     }
 
     /// Sets roles and scopes to `new` if they are still `old` (what the
@@ -161,43 +161,31 @@ impl Store {
         let sql = "UPDATE users SET roles = $4, scopes = $5, updated_at = $3
                    WHERE tenant_id = $1 AND id = $2 AND roles = $6 AND scopes = $7";
         let args = [new.roles.join(" "), new.scopes.join(" "), old.roles.join(" "), old.scopes.join(" ")];
-        match revoke {
-            Some(reason) => self.update_and_revoke(tenant_id, user_id, sql, &args, reason).await,
-            None => {
-                let done = on_pool!(self, |p| {
-                    let mut query = sqlx::query(sql).bind(tenant_id).bind(user_id).bind(unix_now());
-                    for arg in &args {
-                        query = query.bind(arg);
-                    }
-                    query.execute(p).await.map(|done| done.rows_affected())
-                })?;
-                Ok((done == 1).then(Vec::new))
-            }
-        }
+        self.update_and_revoke(tenant_id, user_id, sql, &args, revoke).await
     }
 
     /// Replaces the password hash and revokes every open session in one
     /// transaction; `None` for an unknown user.
     pub async fn reset_password(&self, tenant_id: Uuid, user_id: Uuid, hash: &str) -> StoreResult<Option<Vec<Uuid>>> {
         let sql = "UPDATE users SET password_hash = $4, updated_at = $3 WHERE tenant_id = $1 AND id = $2";
-        self.update_and_revoke(tenant_id, user_id, sql, &[hash.to_owned()], "password_reset").await
+        self.update_and_revoke(tenant_id, user_id, sql, &[hash.to_owned()], Some("password_reset")).await
     }
 
     /// Runs `update` (bound to tenant id, user id, now, then `args`) and, if
-    /// it changed the user's row, revokes every open session with `reason`,
-    /// in one transaction. Returns the revoked ids, or `None` when the
-    /// update matched no row (nothing is revoked then).
+    /// it changed the user's row and `revoke` names a reason, revokes every
+    /// open session with it, in one transaction. Returns the revoked ids
+    /// (none without a reason), or `None` when the update matched no row.
     async fn update_and_revoke(
         &self,
         tenant_id: Uuid,
         user_id: Uuid,
         update: &str,
         args: &[String],
-        reason: &str,
+        revoke: Option<&str>,
     ) -> StoreResult<Option<Vec<Uuid>>> {
         let now = unix_now();
-        let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = $4
-                      WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL RETURNING id";
+        let revoke_sql = "UPDATE sessions SET revoked_at = $3, revoke_reason = $4
+                          WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL RETURNING id";
         let ids: Option<Vec<(Uuid,)>> = on_pool!(self, |p| {
             let mut tx = p.begin().await?;
             let mut query = sqlx::query(update).bind(tenant_id).bind(user_id).bind(now);
@@ -207,8 +195,13 @@ impl Store {
             if query.execute(&mut *tx).await?.rows_affected() == 0 {
                 None
             } else {
-                let revoked = sqlx::query_as(revoke).bind(tenant_id).bind(user_id).bind(now).bind(reason);
-                let ids = revoked.fetch_all(&mut *tx).await?;
+                let ids = match revoke {
+                    Some(reason) => {
+                        let revoked = sqlx::query_as(revoke_sql).bind(tenant_id).bind(user_id).bind(now).bind(reason);
+                        revoked.fetch_all(&mut *tx).await?
+                    }
+                    None => Vec::new(),
+                };
                 tx.commit().await?;
                 Some(ids)
             }
