@@ -11,7 +11,8 @@
 //!    spelling of a reserved identity header ([`headers`]) — before anything
 //!    is added, on public and required routes alike.
 //! 4. **Authenticate** (required routes): the bearer token, verified through
-//!    the cache in [`identity`] and always checked against revocation.
+//!    the cache in [`identity`] and always checked against revocation. A
+//!    CORS preflight skips this step where the route says `cors_preflight`.
 //! 5. **Authorise** against the route's tenants, roles and scopes ([`policy`]).
 //! 6. **Inject** identity, request id and `X-Forwarded-*`.
 //! 7. **Forward** through the pooled client ([`upstream`]), streaming both
@@ -44,7 +45,7 @@ use axum::extract::ConnectInfo;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Body as _;
-use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONNECTION, HOST};
+use hyper::header::{HeaderMap, HeaderValue, ACCESS_CONTROL_REQUEST_METHOD, AUTHORIZATION, CONNECTION, HOST, ORIGIN};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use ipnet::IpNet;
 use tokio::time::Sleep;
@@ -373,6 +374,15 @@ impl Proxy {
         // Authenticate and authorise.
         let identity: Option<Arc<Identity>> = match cfg.auth {
             AuthMode::Public => None,
+            // A browser sends a preflight without credentials (Fetch
+            // standard, CORS-preflight fetch), so a required route would
+            // refuse every one: where the route allows it, the backend
+            // answers it with its own CORS policy. It goes as a public
+            // request would, with no identity and no credential.
+            AuthMode::Required if cfg.cors_preflight && !upgrade && is_cors_preflight(&req) => {
+                req.headers_mut().remove(AUTHORIZATION);
+                None
+            }
             AuthMode::Required => {
                 let id = self.authenticate(req.headers(), authorization.as_deref())?;
                 outcome.user = Some(id.principal.user_id);
@@ -598,6 +608,17 @@ fn restore_authorization(headers: &mut HeaderMap, value: &[u8]) -> Result<(), Pr
 /// `/auth`, `/auth/...` and the JWKS are the gateway's own.
 fn is_api(path: &str) -> bool {
     path == "/.well-known/jwks.json" || path == "/auth" || path.starts_with("/auth/")
+}
+
+/// A CORS preflight as a browser sends it: `OPTIONS`, `Origin` and
+/// `Access-Control-Request-Method`, and no body. Anything else is judged
+/// like any other request.
+fn is_cors_preflight(req: &Request<Body>) -> bool {
+    let h = req.headers();
+    req.method() == Method::OPTIONS
+        && h.contains_key(ORIGIN)
+        && h.contains_key(ACCESS_CONTROL_REQUEST_METHOD)
+        && req.body().is_end_stream()
 }
 
 fn is_idempotent(method: &Method) -> bool {

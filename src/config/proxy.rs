@@ -54,6 +54,10 @@ pub struct RouteConfig {
     /// Whether the client's `Authorization` header is forwarded on required
     /// routes (default: removed, so backends never see bearer tokens).
     pub pass_token: bool,
+    /// Whether a CORS preflight (a bodiless `OPTIONS` with `Origin` and
+    /// `Access-Control-Request-Method`) is forwarded without a token on a
+    /// required route, for the backend to answer with its CORS policy.
+    pub cors_preflight: bool,
 }
 
 /// One upstream base URL.
@@ -306,6 +310,7 @@ fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
     let max_body = f.size_or("max_body", 10 << 20);
     let websocket = f.bool_or("websocket", true);
     let pass_token = f.bool_or("pass_token", false);
+    let cors_preflight = f.bool_or("cors_preflight", false);
     Some(RouteConfig {
         name: name?,
         prefix: prefix?,
@@ -321,6 +326,7 @@ fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
         max_body,
         websocket,
         pass_token,
+        cors_preflight,
     })
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ed25519_dalek::pkcs8::EncodePrivateKey as _;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use reqwest::header::{HeaderValue, AUTHORIZATION, HOST, WWW_AUTHENTICATE};
-use reqwest::{RequestBuilder, Response, StatusCode};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::{json, Value};
 
 use crate::helpers::{
@@ -147,6 +147,68 @@ async fn pass_token_forwards_the_authorization_header() {
     let e = echo(f.get_as("/private/x", &f.admin).await).await;
     assert!(!e.has("authorization"), "pass_token defaults to false: {}", e.0);
     f.app.stop().await;
+}
+
+/// A browser sends a CORS preflight without credentials. A required route
+/// with `cors_preflight = true` forwards it for the backend to answer, with
+/// no identity and no credential, whatever the client adds; anything short of
+/// a preflight on that route, and a preflight on a route without the option,
+/// still needs a token and never reaches the upstream without one.
+#[tokio::test]
+async fn cors_preflights_pass_without_a_token_only_where_the_route_allows() {
+    let svc = spawn_upstream("svc").await;
+    let u = [svc.url()];
+    let extra = [
+        route("cors", "/cors", &u, "cors_preflight = true\nroles = [\"admin\"]"),
+        route("cors-pass", "/cors-pass", &u, "cors_preflight = true\npass_token = true"),
+        route("strict", "/strict", &u, ""),
+    ]
+    .concat();
+    let app = spawn_app_with(TestOptions::with_extra(extra)).await;
+    let origin = "https://app.example.com";
+    let preflight = |path: &str| {
+        app.client
+            .request(Method::OPTIONS, app.url(path))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "DELETE")
+            .header("Access-Control-Request-Headers", "authorization")
+    };
+
+    for path in ["/cors/orders/7", "/cors-pass/orders/7"] {
+        let req = preflight(path)
+            .header(AUTHORIZATION, "Bearer forged")
+            .header("X-User-Id", "evil")
+            .header("X_User_Roles", "admin");
+        let e = echo(req.send().await.unwrap_or_else(|err| panic!("{path}: {err}"))).await;
+        assert_eq!(e.method(), "OPTIONS", "{path}: {}", e.0);
+        assert_eq!(e.path(), path, "{path}: {}", e.0);
+        assert_eq!(e.one("origin"), origin, "{path}: {}", e.0);
+        assert_eq!(e.one("access-control-request-method"), "DELETE", "{path}: {}", e.0);
+        for (name, _) in e.pairs() {
+            let folded = fold(name);
+            assert!(!IDENTITY.contains(&folded.as_str()), "{path}: {name} reached the upstream: {}", e.0);
+            assert_ne!(folded, "authorization", "{path}: a credential went with a preflight: {}", e.0);
+        }
+    }
+    assert_eq!(svc.hits(), 2);
+
+    let options = |path: &str| app.client.request(Method::OPTIONS, app.url(path));
+    let cases = [
+        (
+            "GET",
+            app.client.get(app.url("/cors/x")).header("Origin", origin).header("Access-Control-Request-Method", "GET"),
+        ),
+        ("OPTIONS without Access-Control-Request-Method", options("/cors/x").header("Origin", origin)),
+        ("OPTIONS without Origin", options("/cors/x").header("Access-Control-Request-Method", "GET")),
+        ("a preflight with a body", preflight("/cors/x").body("x")),
+        ("a preflight whose Origin Connection nominates", preflight("/cors/x").header("Connection", "Origin")),
+        ("a preflight on a route without cors_preflight", preflight("/strict/x")),
+    ];
+    for (case, req) in cases {
+        assert_missing_token(case, req.send().await.unwrap_or_else(|e| panic!("{case}: {e}"))).await;
+    }
+    assert_eq!(svc.hits(), 2, "a request that is not an allowed preflight reached the upstream without a token");
+    app.stop().await;
 }
 
 /// The HTTP/1 parser keeps a lone `Authorization` value out of the header
