@@ -2,22 +2,24 @@
 //!
 //! Handlers are thin: extract, call the flow in [`crate::auth::service`],
 //! serialise. Layers, outermost first: request metrics (so every answer,
-//! errors included, is counted), `Cache-Control: no-store` (every answer here
-//! is personal or a credential), then the 16 KiB body limit.
+//! errors included, is counted), CORS when `auth.cors_origins` names any,
+//! `Cache-Control: no-store` (every answer here is personal or a
+//! credential), then the 16 KiB body limit.
 
 pub mod error;
 pub mod extract;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use secrecy::SecretString;
 use serde::Deserialize;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::service::AuthService;
 use error::ApiError;
@@ -26,9 +28,11 @@ use extract::{Authenticated, Client, JsonBody};
 /// Largest request body accepted on `/auth/*`.
 pub const MAX_AUTH_BODY: usize = 16 * 1024;
 
-/// The `/auth` and JWKS routes.
-pub fn router(service: AuthService) -> Router {
-    Router::new()
+/// The `/auth` and JWKS routes. `cors_origins` (`auth.cors_origins`, already
+/// validated) lets browser apps on those origins call them, and read the
+/// request id the gateway adds (`request_id`, its name at start): see [`cors`].
+pub fn router(service: AuthService, cors_origins: &[String], request_id: &HeaderName) -> Router {
+    let api = Router::new()
         .route("/auth/login", post(login))
         .route("/auth/refresh", post(refresh))
         .route("/auth/logout", post(logout))
@@ -42,9 +46,39 @@ pub fn router(service: AuthService) -> Router {
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_AUTH_BODY))
-        .layer(middleware::from_fn(no_store))
-        .layer(middleware::from_fn(track))
-        .with_state(service)
+        .layer(middleware::from_fn(no_store));
+    let api = match cors(cors_origins, request_id) {
+        Some(layer) => api.layer(layer),
+        None => api,
+    };
+    api.layer(middleware::from_fn(track)).with_state(service)
+}
+
+/// CORS for browser apps served from another origin, or `None` when no
+/// origin is configured (then no CORS header is ever sent and browsers keep
+/// cross-origin scripts out).
+///
+/// No credentials mode: the API takes tokens in the `Authorization` header
+/// and JSON bodies, never from cookies, so a browser holds nothing that a
+/// foreign page could spend, and `Access-Control-Allow-Credentials` is never
+/// sent. Preflights (`OPTIONS`) are answered here, before any handler, so
+/// they count against no rate limit.
+fn cors(origins: &[String], request_id: &HeaderName) -> Option<CorsLayer> {
+    let allow = if origins.is_empty() {
+        return None;
+    } else if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .expose_headers([header::RETRY_AFTER, header::WWW_AUTHENTICATE, request_id.clone()])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 async fn no_store(req: Request, next: Next) -> Response {

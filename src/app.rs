@@ -88,7 +88,7 @@ impl App {
         let tls = config.server.tls.as_ref().map(crate::server::tls::acceptor).transpose()?;
         let proxy = Proxy {
             routes: Arc::clone(&routes),
-            api: crate::api::router(service.clone()),
+            api: crate::api::router(service.clone(), &config.auth.cors_origins, &config.proxy.headers.request_id),
             authenticator: authenticator.clone(),
             identities: identities.clone(),
             tenants,

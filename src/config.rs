@@ -123,6 +123,10 @@ pub struct AuthConfig {
     pub revocation_max_staleness: Duration,
     /// Requests per minute per client IP on `/auth/login` and `/auth/refresh`; 0 disables.
     pub rate_limit_per_minute: u32,
+    /// Browser origins (`scheme://host[:port]`, lower-case) allowed to call
+    /// `/auth/*` and the JWKS from another origin; `*` alone for any; empty
+    /// for none (no CORS headers at all).
+    pub cors_origins: Vec<String>,
     pub argon2: Argon2Config,
 }
 
@@ -380,6 +384,16 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
         );
     }
     let rate_limit_per_minute = f.int_or("rate_limit_per_minute", 60, 0, 1_000_000) as u32;
+    let mut cors_origins = Vec::new();
+    for origin in f.string_list("cors_origins") {
+        match parse_origin(&origin) {
+            Ok(o) => cors_origins.push(o),
+            Err(e) => f.error("cors_origins", e),
+        }
+    }
+    if cors_origins.len() > 1 && cors_origins.iter().any(|o| o == "*") {
+        f.error("cors_origins", "\"*\" allows every origin and cannot be listed with others");
+    }
     let argon2_t = f.table("argon2");
     f.finish();
 
@@ -408,7 +422,29 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
         revocation_poll,
         revocation_max_staleness,
         rate_limit_per_minute,
+        cors_origins,
         argon2,
+    }
+}
+
+/// An origin as a browser sends it in `Origin`: `http(s)://host[:port]`,
+/// no path, no trailing `/`, lower-cased as browsers serialise it (the
+/// header is compared byte for byte); or `*`.
+fn parse_origin(text: &str) -> Result<String, String> {
+    if text == "*" {
+        return Ok(text.to_owned());
+    }
+    let lower = text.to_ascii_lowercase();
+    let authority = lower.strip_prefix("https://").or_else(|| lower.strip_prefix("http://"));
+    match authority {
+        Some(a)
+            if !a.is_empty()
+                && !a.contains(['/', '?', '#', '@'])
+                && a.parse::<hyper::http::uri::Authority>().is_ok() =>
+        {
+            Ok(lower)
+        }
+        _ => Err(format!("{text:?} is not an origin: http(s)://host[:port], without a path or a trailing /")),
     }
 }
 

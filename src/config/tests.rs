@@ -160,3 +160,33 @@ fn every_route_problem_is_reported_at_once() {
     }
     assert!(text.contains("reserved"), "{text}");
 }
+
+#[test]
+fn cors_origins_are_origins_as_browsers_send_them() {
+    let c = parse(
+        r#"
+        [auth]
+        cors_origins = ["https://App.Example.com", "http://localhost:5173"]
+        "#,
+    )
+    .expect("valid origins");
+    assert_eq!(c.auth.cors_origins, ["https://app.example.com", "http://localhost:5173"]);
+    assert_eq!(parse("[auth]\ncors_origins = [\"*\"]").expect("any origin").auth.cors_origins, ["*"]);
+    assert!(parse("").expect("defaults").auth.cors_origins.is_empty(), "no CORS unless configured");
+
+    for bad in [
+        "https://app.example.com/",
+        "https://app.example.com/login",
+        "app.example.com",
+        "ftp://app.example.com",
+        "https://",
+        "https://user@app.example.com",
+        "https://app.example.com?x=1",
+        "null",
+    ] {
+        let err = parse(&format!("[auth]\ncors_origins = [{bad:?}]")).expect_err(bad).to_string();
+        assert!(err.contains("auth.cors_origins") && err.contains(bad), "{bad}: {err}");
+    }
+    let err = parse("[auth]\ncors_origins = [\"*\", \"https://a.example\"]").expect_err("* with others").to_string();
+    assert!(err.contains("auth.cors_origins"), "{err}");
+}

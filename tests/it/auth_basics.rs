@@ -5,13 +5,13 @@ use std::collections::BTreeSet;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
-use reqwest::header::CONTENT_TYPE;
-use reqwest::StatusCode;
+use reqwest::header::{CONTENT_TYPE, ORIGIN};
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::helpers::{
     assert_error, assert_error_in, assert_status, both_backends, expect_json, jwt_part, parse_uuid, spawn_app,
-    OTHER_PASSWORD, PASSWORD, WRONG_PASSWORD,
+    spawn_app_with, TestApp, TestOptions, OTHER_PASSWORD, PASSWORD, WRONG_PASSWORD,
 };
 
 const EMAIL: &str = "me@example.com";
@@ -309,4 +309,64 @@ both_backends! {
         assert_eq!(resp.status(), StatusCode::NOT_FOUND);
         app.stop().await;
     }
+}
+
+/// Browser apps on the origins in `auth.cors_origins` may call the API from
+/// another origin: preflights are answered, answers name the origin and let
+/// scripts read the request id. Other origins get no CORS header, no answer
+/// ever allows credentials, and without the setting nothing changes.
+#[tokio::test]
+async fn cors_is_granted_only_to_the_configured_origins() {
+    const APP: &str = "https://app.example.com";
+    let opts = TestOptions { auth_extra: format!("cors_origins = [{APP:?}]"), ..TestOptions::default() };
+    let app = spawn_app_with(opts).await;
+    app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+    let preflight = |app: &TestApp, origin: &str| {
+        app.client
+            .request(Method::OPTIONS, app.url("/auth/login"))
+            .header(ORIGIN, origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header("Access-Control-Request-Headers", "content-type")
+    };
+    let header = |resp: &reqwest::Response, name: &str| {
+        resp.headers().get(name).map(|v| v.to_str().expect("ASCII").to_ascii_lowercase())
+    };
+    let login = |app: &TestApp, origin: &str| {
+        app.client
+            .post(app.url("/auth/login"))
+            .header(ORIGIN, origin)
+            .json(&json!({"email": EMAIL, "password": PASSWORD}))
+    };
+
+    let resp = preflight(&app, APP).send().await.expect("preflight");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "access-control-allow-origin").as_deref(), Some(APP));
+    let methods = header(&resp, "access-control-allow-methods").expect("allowed methods");
+    assert!(methods.contains("post") && methods.contains("get") && methods.contains("delete"), "{methods}");
+    let headers = header(&resp, "access-control-allow-headers").expect("allowed headers");
+    assert!(headers.contains("content-type") && headers.contains("authorization"), "{headers}");
+    assert_eq!(header(&resp, "access-control-allow-credentials"), None);
+
+    let resp = login(&app, APP).send().await.expect("login");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "access-control-allow-origin").as_deref(), Some(APP));
+    let exposed = header(&resp, "access-control-expose-headers").expect("exposed headers");
+    assert!(exposed.contains("x-request-id") && exposed.contains("retry-after"), "{exposed}");
+    assert!(resp.headers().contains_key("x-request-id"));
+    assert_eq!(header(&resp, "access-control-allow-credentials"), None);
+
+    for resp in [preflight(&app, "https://evil.example").send().await, login(&app, "https://evil.example").send().await]
+    {
+        let resp = resp.expect("a request from another origin");
+        assert_eq!(header(&resp, "access-control-allow-origin"), None, "another origin was allowed");
+    }
+    app.stop().await;
+
+    // Without `cors_origins`, a preflight is a method the route lacks, and no
+    // answer carries a CORS header.
+    let app = spawn_app().await;
+    let resp = preflight(&app, APP).send().await.expect("preflight");
+    assert_eq!(header(&resp, "access-control-allow-origin"), None);
+    assert_error(resp, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    app.stop().await;
 }
