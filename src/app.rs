@@ -97,6 +97,7 @@ impl App {
             tunnel_idle_timeout: config.server.tunnel_idle_timeout,
             trusted_proxies: config.server.trusted_proxies.clone(),
             access_log: config.log.access,
+            cors: crate::proxy::cors::ErrorCors::new(&config.auth.cors_origins),
             api_runtime: tokio::runtime::Handle::current(),
         };
         let reloader = Reloader {

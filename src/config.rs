@@ -428,23 +428,37 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
 }
 
 /// An origin as a browser sends it in `Origin`: `http(s)://host[:port]`,
-/// no path, no trailing `/`, lower-cased as browsers serialise it (the
-/// header is compared byte for byte); or `*`.
+/// no path, no trailing `/`, lower-cased as browsers serialise it, without
+/// the scheme's default port (the header is compared byte for byte, so any
+/// other spelling would never match); or `*` alone. No wildcard inside.
 fn parse_origin(text: &str) -> Result<String, String> {
     if text == "*" {
         return Ok(text.to_owned());
     }
+    let bad = |why: &str| format!("{text:?} is not an origin: {why}");
     let lower = text.to_ascii_lowercase();
-    let authority = lower.strip_prefix("https://").or_else(|| lower.strip_prefix("http://"));
-    match authority {
-        Some(a)
-            if !a.is_empty()
-                && !a.contains(['/', '?', '#', '@'])
-                && a.parse::<hyper::http::uri::Authority>().is_ok() =>
-        {
-            Ok(lower)
+    let (authority, default_port) = if let Some(a) = lower.strip_prefix("https://") {
+        (a, "443")
+    } else if let Some(a) = lower.strip_prefix("http://") {
+        (a, "80")
+    } else {
+        return Err(bad("needs http:// or https://"));
+    };
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@', '*']) {
+        return Err(bad("http(s)://host[:port], without a path, a trailing / or a wildcard"));
+    }
+    // The port, if any, follows the last ':' outside an IPv6 literal.
+    if let Some((_, port)) = authority.rsplit_once(':').filter(|(_, p)| !p.contains(']')) {
+        if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad("the port must be a number"));
         }
-        _ => Err(format!("{text:?} is not an origin: http(s)://host[:port], without a path or a trailing /")),
+        if port == default_port {
+            return Err(bad("browsers leave the scheme's default port out; so must this"));
+        }
+    }
+    match authority.parse::<hyper::http::uri::Authority>() {
+        Ok(_) => Ok(lower),
+        Err(_) => Err(bad("the host is not valid")),
     }
 }
 

@@ -23,6 +23,7 @@
 //!
 //! Steps 1–6 do no database I/O and no blocking work.
 
+pub mod cors;
 pub mod error;
 pub mod headers;
 pub mod identity;
@@ -140,6 +141,8 @@ pub struct Proxy {
     pub tunnel_idle_timeout: Duration,
     pub trusted_proxies: Vec<IpNet>,
     pub access_log: bool,
+    /// CORS on the gateway's own answers on routes (`auth.cors_origins`).
+    pub cors: cors::ErrorCors,
     /// The main runtime, which owns the database pool: the API runs there.
     pub api_runtime: tokio::runtime::Handle,
 }
@@ -217,6 +220,8 @@ impl Proxy {
         let table = self.routes.load_full();
         let request_id = headers::request_id(req.headers(), &table.headers.request_id);
         let method = req.method().clone();
+        // Kept only where an answer of the gateway's own may need it.
+        let origin = if self.cors.is_off() { None } else { req.headers().get(ORIGIN).cloned() };
         let mut outcome = Outcome { route: None, user: None, upstream: None, answered: None };
         let result = self.forward(&table, req, authorization, &path, conn, &request_id, &mut outcome, timer).await;
         let mut response = result.unwrap_or_else(|e| {
@@ -229,7 +234,9 @@ impl Proxy {
                 }
                 _ => {}
             }
-            e.into_response()
+            let mut response = e.into_response();
+            self.cors.apply(origin.as_ref(), &table.headers.request_id, &mut response);
+            response
         });
 
         let status = response.status();
@@ -286,6 +293,8 @@ impl Proxy {
         let empty = HeaderMap::new();
         let id = headers::request_id(request.map_or(&empty, Request::headers), &table.headers.request_id);
         let mut response = error.into_response();
+        let origin = request.and_then(|r| r.headers().get(ORIGIN));
+        self.cors.apply(origin, &table.headers.request_id, &mut response);
         let status = response.status();
         metrics::counter!("gateway_requests_total", "route" => "none", "status" => status_label(status)).increment(1);
         let line = Access {
@@ -377,10 +386,11 @@ impl Proxy {
             // A browser sends a preflight without credentials (Fetch
             // standard, CORS-preflight fetch), so a required route would
             // refuse every one: where the route allows it, the backend
-            // answers it with its own CORS policy. It goes as a public
-            // request would, with no identity and no credential.
+            // answers it with its own CORS policy. Only what a preflight
+            // is made of goes along: no identity, no credential, nothing
+            // a handler that ignores the method could act on.
             AuthMode::Required if cfg.cors_preflight && !upgrade && is_cors_preflight(&req) => {
-                req.headers_mut().remove(AUTHORIZATION);
+                headers::keep_preflight_fields(req.headers_mut());
                 None
             }
             AuthMode::Required => {
@@ -611,8 +621,9 @@ fn is_api(path: &str) -> bool {
 }
 
 /// A CORS preflight as a browser sends it: `OPTIONS`, `Origin` and
-/// `Access-Control-Request-Method`, and no body. Anything else is judged
-/// like any other request.
+/// `Access-Control-Request-Method`, and no body (known before any of it is
+/// read: an empty chunked body does not count). Anything else is judged like
+/// any other request.
 fn is_cors_preflight(req: &Request<Body>) -> bool {
     let h = req.headers();
     req.method() == Method::OPTIONS

@@ -311,6 +311,9 @@ fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
     let websocket = f.bool_or("websocket", true);
     let pass_token = f.bool_or("pass_token", false);
     let cors_preflight = f.bool_or("cors_preflight", false);
+    if cors_preflight && auth == AuthMode::Public {
+        f.error("cors_preflight", "only for required routes: a public route forwards preflights anyway");
+    }
     Some(RouteConfig {
         name: name?,
         prefix: prefix?,

@@ -166,11 +166,14 @@ fn cors_origins_are_origins_as_browsers_send_them() {
     let c = parse(
         r#"
         [auth]
-        cors_origins = ["https://App.Example.com", "http://localhost:5173"]
+        cors_origins = ["https://App.Example.com", "http://localhost:5173", "http://[::1]:8080", "http://app.example.com:443"]
         "#,
     )
     .expect("valid origins");
-    assert_eq!(c.auth.cors_origins, ["https://app.example.com", "http://localhost:5173"]);
+    assert_eq!(
+        c.auth.cors_origins,
+        ["https://app.example.com", "http://localhost:5173", "http://[::1]:8080", "http://app.example.com:443"]
+    );
     assert_eq!(parse("[auth]\ncors_origins = [\"*\"]").expect("any origin").auth.cors_origins, ["*"]);
     assert!(parse("").expect("defaults").auth.cors_origins.is_empty(), "no CORS unless configured");
 
@@ -183,10 +186,30 @@ fn cors_origins_are_origins_as_browsers_send_them() {
         "https://user@app.example.com",
         "https://app.example.com?x=1",
         "null",
+        "https://*.example.com",
+        "https://app.example.com:443",
+        "http://app.example.com:80",
+        "https://app.example.com:",
+        "https://app.example.com:x1",
     ] {
         let err = parse(&format!("[auth]\ncors_origins = [{bad:?}]")).expect_err(bad).to_string();
         assert!(err.contains("auth.cors_origins") && err.contains(bad), "{bad}: {err}");
     }
     let err = parse("[auth]\ncors_origins = [\"*\", \"https://a.example\"]").expect_err("* with others").to_string();
     assert!(err.contains("auth.cors_origins"), "{err}");
+}
+
+#[test]
+fn cors_preflight_is_for_required_routes() {
+    let route = |auth: &str| {
+        format!("[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstreams = [\"http://10.0.0.1:80\"]\nauth = {auth:?}\ncors_preflight = true")
+    };
+    let c = parse(&route("required")).expect("a required route may forward preflights");
+    assert!(c.proxy.routes[0].cors_preflight);
+    let err = parse(&route("public")).expect_err("public").to_string();
+    assert!(err.contains("routes[0].cors_preflight"), "{err}");
+    assert!(
+        !parse(&route("required").replace("cors_preflight = true", "")).expect("default").proxy.routes[0]
+            .cors_preflight
+    );
 }

@@ -244,5 +244,34 @@ pub fn set_forwarded(
     None
 }
 
+/// Reduces a CORS preflight forwarded without a token to what a browser
+/// puts in one: `Origin`, the `Access-Control-Request-*` fields, and the
+/// fields that describe the hop (`Host`, the canonical `X-Forwarded-*`,
+/// which [`set_forwarded`] then judges as for any request) and the client
+/// (`User-Agent`). Everything else goes, credentials (`Authorization`,
+/// `Cookie`) first: browsers send none on a preflight, so anything more was
+/// not sent by one.
+pub fn keep_preflight_fields(headers: &mut HeaderMap) {
+    let kept = std::mem::take(headers);
+    let mut name = None;
+    for (key, value) in kept {
+        // `None` repeats the previous name (the map's iteration order).
+        if key.is_some() {
+            name = key;
+        }
+        let Some(n) = &name else { continue };
+        let keep = *n == header::ORIGIN
+            || *n == header::HOST
+            || *n == header::USER_AGENT
+            || *n == X_FORWARDED_FOR
+            || *n == X_FORWARDED_PROTO
+            || *n == X_FORWARDED_HOST
+            || n.as_str().starts_with("access-control-request-");
+        if keep {
+            headers.append(n.clone(), value);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

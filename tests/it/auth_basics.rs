@@ -358,8 +358,17 @@ async fn cors_is_granted_only_to_the_configured_origins() {
     for resp in [preflight(&app, "https://evil.example").send().await, login(&app, "https://evil.example").send().await]
     {
         let resp = resp.expect("a request from another origin");
+        assert_eq!(resp.status(), StatusCode::OK, "answered, but not readable by the other origin's scripts");
         assert_eq!(header(&resp, "access-control-allow-origin"), None, "another origin was allowed");
     }
+    app.stop().await;
+
+    // `*`: any origin, still never with credentials.
+    let opts = TestOptions { auth_extra: "cors_origins = [\"*\"]".to_owned(), ..TestOptions::default() };
+    let app = spawn_app_with(opts).await;
+    let resp = preflight(&app, "https://anyone.example").send().await.expect("preflight");
+    assert_eq!(header(&resp, "access-control-allow-origin").as_deref(), Some("*"));
+    assert_eq!(header(&resp, "access-control-allow-credentials"), None);
     app.stop().await;
 
     // Without `cors_origins`, a preflight is a method the route lacks, and no

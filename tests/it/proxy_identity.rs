@@ -13,8 +13,8 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_error, assert_error_in, assert_invalid_token, assert_status, eventually, jwt_part, parse_uuid, route,
-    spawn_app_with, TestApp, TestOptions, Tokens, PASSWORD,
+    assert_error, assert_error_in, assert_invalid_token, assert_status, eventually, jwt_part, parse_uuid, raw_request,
+    route, spawn_app_with, TestApp, TestOptions, Tokens, PASSWORD,
 };
 use crate::upstream::{echo, spawn_upstream, Upstream};
 
@@ -151,9 +151,11 @@ async fn pass_token_forwards_the_authorization_header() {
 
 /// A browser sends a CORS preflight without credentials. A required route
 /// with `cors_preflight = true` forwards it for the backend to answer, with
-/// no identity and no credential, whatever the client adds; anything short of
-/// a preflight on that route, and a preflight on a route without the option,
-/// still needs a token and never reaches the upstream without one.
+/// nothing but what a preflight is made of: no identity, no credential,
+/// whatever the client adds; over HTTP/1.1 and HTTP/2. Anything short of a
+/// preflight on that route (a body, even an empty chunked one; an upgrade),
+/// and a preflight on a route without the option, still needs a token and
+/// never reaches the upstream without one.
 #[tokio::test]
 async fn cors_preflights_pass_without_a_token_only_where_the_route_allows() {
     let svc = spawn_upstream("svc").await;
@@ -166,17 +168,21 @@ async fn cors_preflights_pass_without_a_token_only_where_the_route_allows() {
     .concat();
     let app = spawn_app_with(TestOptions::with_extra(extra)).await;
     let origin = "https://app.example.com";
-    let preflight = |path: &str| {
-        app.client
+    let h2 = reqwest::Client::builder().no_proxy().http2_prior_knowledge().build().expect("an HTTP/2 client");
+    let preflight_with = |client: &reqwest::Client, path: &str| {
+        client
             .request(Method::OPTIONS, app.url(path))
             .header("Origin", origin)
             .header("Access-Control-Request-Method", "DELETE")
             .header("Access-Control-Request-Headers", "authorization")
     };
+    let preflight = |path: &str| preflight_with(&app.client, path);
 
-    for path in ["/cors/orders/7", "/cors-pass/orders/7"] {
-        let req = preflight(path)
+    for (path, client) in [("/cors/orders/7", &app.client), ("/cors-pass/orders/7", &app.client), ("/cors/h2", &h2)] {
+        let req = preflight_with(client, path)
             .header(AUTHORIZATION, "Bearer forged")
+            .header("Cookie", "session=stolen")
+            .header("X-Api-Key", "k")
             .header("X-User-Id", "evil")
             .header("X_User_Roles", "admin");
         let e = echo(req.send().await.unwrap_or_else(|err| panic!("{path}: {err}"))).await;
@@ -184,13 +190,18 @@ async fn cors_preflights_pass_without_a_token_only_where_the_route_allows() {
         assert_eq!(e.path(), path, "{path}: {}", e.0);
         assert_eq!(e.one("origin"), origin, "{path}: {}", e.0);
         assert_eq!(e.one("access-control-request-method"), "DELETE", "{path}: {}", e.0);
+        assert_eq!(e.one("access-control-request-headers"), "authorization", "{path}: {}", e.0);
         for (name, _) in e.pairs() {
             let folded = fold(name);
             assert!(!IDENTITY.contains(&folded.as_str()), "{path}: {name} reached the upstream: {}", e.0);
-            assert_ne!(folded, "authorization", "{path}: a credential went with a preflight: {}", e.0);
+            assert!(
+                !["authorization", "cookie", "x-api-key"].contains(&folded.as_str()),
+                "{path}: {name} went with a preflight: {}",
+                e.0
+            );
         }
     }
-    assert_eq!(svc.hits(), 2);
+    assert_eq!(svc.hits(), 3);
 
     let options = |path: &str| app.client.request(Method::OPTIONS, app.url(path));
     let cases = [
@@ -207,7 +218,71 @@ async fn cors_preflights_pass_without_a_token_only_where_the_route_allows() {
     for (case, req) in cases {
         assert_missing_token(case, req.send().await.unwrap_or_else(|e| panic!("{case}: {e}"))).await;
     }
-    assert_eq!(svc.hits(), 2, "a request that is not an allowed preflight reached the upstream without a token");
+    // Raw, for what an HTTP client library would not send: an empty chunked
+    // body, and a WebSocket upgrade dressed as a preflight (the route allows
+    // WebSockets, so only the preflight rule stands between it and a tunnel).
+    let head =
+        format!("OPTIONS /cors/x HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: GET\r\n");
+    let raw_cases = [
+        ("an empty chunked body", format!("{head}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")),
+        (
+            "an upgrade",
+            format!(
+                "{head}Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            ),
+        ),
+    ];
+    for (case, request) in raw_cases {
+        let resp = raw_request(app.addr, request.as_bytes()).await;
+        assert_eq!(resp.status, Some(401), "{case}: {}", resp.head);
+    }
+    assert_eq!(svc.hits(), 3, "a request that is not an allowed preflight reached the upstream without a token");
+    app.stop().await;
+}
+
+/// With `auth.cors_origins`, the answers the gateway makes itself on routes
+/// (a 401 above all: the app must see it to refresh its token) can be read
+/// by scripts from those origins, and only from those.
+#[tokio::test]
+async fn the_gateways_own_answers_on_routes_carry_cors_for_listed_origins() {
+    let svc = spawn_upstream("svc").await;
+    const APP: &str = "https://app.example.com";
+    let opts = TestOptions {
+        auth_extra: format!("cors_origins = [{APP:?}]"),
+        extra: route("private", "/private", &[svc.url()], "roles = [\"admin\"]"),
+        ..TestOptions::default()
+    };
+    let app = spawn_app_with(opts).await;
+    app.create_user("default", NOBODY, PASSWORD, &[], &[]).await;
+    let nobody = app.login_ok(NOBODY, PASSWORD, None).await;
+    let field = |resp: &Response, name: &str| resp.headers().get(name).map(|v| v.to_str().expect("ASCII").to_owned());
+
+    let cases = [
+        ("no token", app.client.get(app.url("/private/x")), StatusCode::UNAUTHORIZED),
+        ("a bad token", app.client.get(app.url("/private/x")).bearer_auth("not-a-jwt"), StatusCode::UNAUTHORIZED),
+        ("no role", app.client.get(app.url("/private/x")).bearer_auth(&nobody.access_token), StatusCode::FORBIDDEN),
+        ("no route", app.client.get(app.url("/nowhere")), StatusCode::NOT_FOUND),
+        ("a bad path", app.client.get(app.url("/private/a%2fb")), StatusCode::BAD_REQUEST),
+    ];
+    for (case, req, status) in cases {
+        for (origin, allowed) in [(APP, true), ("https://evil.example", false)] {
+            let req = req.try_clone().expect("a bodiless request").header("Origin", origin);
+            let resp = req.send().await.unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert_eq!(resp.status(), status, "{case}");
+            let allow = field(&resp, "access-control-allow-origin");
+            if allowed {
+                assert_eq!(allow.as_deref(), Some(APP), "{case}");
+                let exposed = field(&resp, "access-control-expose-headers").unwrap_or_default();
+                assert!(exposed.contains("www-authenticate") && exposed.contains("x-request-id"), "{case}: {exposed}");
+            } else {
+                assert_eq!(allow, None, "{case}: another origin may read the answer");
+            }
+            assert_eq!(field(&resp, "vary").as_deref(), Some("origin"), "{case}");
+            assert_eq!(field(&resp, "access-control-allow-credentials"), None, "{case}");
+        }
+    }
+    assert_eq!(svc.hits(), 0);
     app.stop().await;
 }
 
@@ -222,7 +297,7 @@ async fn the_authorization_field_is_judged_as_sent_in_every_form() {
     let token = &f.admin.access_token;
     let raw = |head: String| {
         let addr = f.app.addr;
-        async move { crate::helpers::raw_request(addr, head.as_bytes()).await }
+        async move { raw_request(addr, head.as_bytes()).await }
     };
     let get = |path: &str, version: &str, fields: &[String]| {
         let mut head = format!("GET {path} {version}\r\nHost: gw\r\n");

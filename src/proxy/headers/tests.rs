@@ -162,3 +162,35 @@ fn generated_request_ids_are_distinct_version_4_uuids() {
         assert_eq!(parsed.get_version_num(), 4, "{id}");
     }
 }
+
+#[test]
+fn a_forwarded_preflight_keeps_only_what_a_browser_sends() {
+    let mut h = map(&[
+        ("host", "api.example.com"),
+        ("origin", "https://app.example.com"),
+        ("access-control-request-method", "PUT"),
+        ("access-control-request-headers", "authorization"),
+        ("access-control-request-headers", "content-type"),
+        ("user-agent", "browser"),
+        ("x-forwarded-for", "10.0.0.1"),
+        ("authorization", "Bearer forged"),
+        ("cookie", "session=1"),
+        ("x-api-key", "k"),
+        ("content-type", "application/json"),
+        ("x_forwarded_for", "10.9.9.9"),
+    ]);
+    keep_preflight_fields(&mut h);
+    let mut kept: Vec<(String, String)> =
+        h.iter().map(|(k, v)| (k.as_str().to_owned(), v.to_str().expect("ASCII").to_owned())).collect();
+    kept.sort();
+    let expected = [
+        ("access-control-request-headers", "authorization"),
+        ("access-control-request-headers", "content-type"),
+        ("access-control-request-method", "PUT"),
+        ("host", "api.example.com"),
+        ("origin", "https://app.example.com"),
+        ("user-agent", "browser"),
+        ("x-forwarded-for", "10.0.0.1"),
+    ];
+    assert_eq!(kept, expected.map(|(k, v)| (k.to_owned(), v.to_owned())));
+}
