@@ -85,7 +85,8 @@ impl App {
         }
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::new(config.proxy.clone())));
         let identities = IdentityCache::new(IDENTITY_CACHE_CAPACITY, config.auth.leeway);
-        let tls = config.server.tls.as_ref().map(crate::server::tls::acceptor).transpose()?;
+        let cert = config.server.tls.as_ref().map(crate::server::tls::ServerCert::load).transpose()?;
+        let tls = cert.clone().map(crate::server::tls::acceptor).transpose()?;
         let proxy = Proxy {
             routes: Arc::clone(&routes),
             api: crate::api::router(service.clone(), &config.auth.cors_origins, &config.proxy.headers.request_id),
@@ -107,6 +108,7 @@ impl App {
             routes,
             authenticator,
             identities,
+            tls: cert,
         };
 
         let public = crate::server::bind_reuseport(config.server.listen)

@@ -1,4 +1,5 @@
-//! Hot reload of routes, header settings and signing keys.
+//! Hot reload of routes, header settings, signing keys and the TLS
+//! certificate.
 //!
 //! A reload reads and validates the whole file; only when it is valid is the
 //! new route table swapped in, atomically (arc-swap): requests in flight
@@ -6,8 +7,10 @@
 //! every error is logged. Triggers: SIGHUP (which also reloads the key ring)
 //! and a change of the file ([`FileStamp`]: modification time, size, inode,
 //! status-change time), polled every `server.config_poll` (1 s; 0 turns
-//! polling off). Listeners, the database and timeouts of the server itself
-//! need a restart.
+//! polling off). The listener's certificate and key ([`ServerCert`]) are
+//! read again on SIGHUP and when either file changes, by the same rule.
+//! Listeners, the database and timeouts of the server itself need a
+//! restart.
 //!
 //! Why a change must hold still for a whole poll before it is read: an
 //! editor or `cat >` writes the file in pieces, and a file cut short is
@@ -30,6 +33,7 @@ use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError, FileStamp};
 use crate::proxy::identity::IdentityCache;
 use crate::proxy::router::RouteTable;
+use crate::server::tls::ServerCert;
 
 #[derive(Clone)]
 pub struct Reloader {
@@ -40,6 +44,8 @@ pub struct Reloader {
     pub(crate) routes: Arc<ArcSwap<RouteTable>>,
     pub(crate) authenticator: Authenticator,
     pub(crate) identities: IdentityCache,
+    /// The listener's certificate, when it terminates TLS.
+    pub(crate) tls: Option<Arc<ServerCert>>,
 }
 
 impl Reloader {
@@ -79,6 +85,7 @@ impl Reloader {
     pub async fn watch(self, every: Duration, shutdown: impl std::future::Future<Output = ()>) {
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut seen = Settled::new(self.stamp);
+        let mut cert_seen = self.tls.as_ref().map(|t| CertFiles::new(t));
         let mut ticker = (!every.is_zero()).then(|| {
             let mut ticker = tokio::time::interval(every);
             // After a stall, the next poll comes a whole period later, not at
@@ -113,20 +120,56 @@ impl Reloader {
                     let _ = self.reload();
                     self.reload_keys();
                     seen = Settled::new(before);
-                }
-                () = tick => match seen.changed(FileStamp::of(&self.path)) {
-                    Poll::Read => {
-                        let _ = self.reload();
+                    if let Some(tls) = &self.tls {
+                        let before = CertFiles::new(tls);
+                        let _ = tls.reload();
+                        cert_seen = Some(before);
                     }
-                    Poll::Unsettled(UNSETTLED_WARNING) => tracing::warn!(
-                        path = %self.path.display(),
-                        polls = UNSETTLED_WARNING,
-                        "the config file has changed on every poll; it is read once it holds still, or on SIGHUP"
-                    ),
-                    Poll::Unchanged | Poll::Unsettled(_) => {}
-                },
+                }
+                () = tick => {
+                    match seen.changed(FileStamp::of(&self.path)) {
+                        Poll::Read => {
+                            let _ = self.reload();
+                        }
+                        Poll::Unsettled(UNSETTLED_WARNING) => tracing::warn!(
+                            path = %self.path.display(),
+                            polls = UNSETTLED_WARNING,
+                            "the config file has changed on every poll; it is read once it holds still, or on SIGHUP"
+                        ),
+                        Poll::Unchanged | Poll::Unsettled(_) => {}
+                    }
+                    if let (Some(tls), Some(files)) = (&self.tls, cert_seen.as_mut()) {
+                        if files.changed(tls) {
+                            let _ = tls.reload();
+                        }
+                    }
+                }
             }
         }
+    }
+}
+
+/// The certificate and key files, each watched like the config file: when
+/// either has changed and held still, the pair is read again (a pair that
+/// does not match yet, halfway through a renewal, is refused and read again
+/// when the other file settles).
+struct CertFiles {
+    cert: Settled,
+    key: Settled,
+}
+
+impl CertFiles {
+    fn new(tls: &ServerCert) -> Self {
+        let files = tls.files();
+        Self { cert: Settled::new(FileStamp::of(&files.cert)), key: Settled::new(FileStamp::of(&files.key)) }
+    }
+
+    /// Given this poll: whether to read the pair now.
+    fn changed(&mut self, tls: &ServerCert) -> bool {
+        let files = tls.files();
+        let cert = self.cert.changed(FileStamp::of(&files.cert));
+        let key = self.key.changed(FileStamp::of(&files.key));
+        cert == Poll::Read || key == Poll::Read
     }
 }
 

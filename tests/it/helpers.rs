@@ -20,6 +20,7 @@ use gateway::config::Config;
 use gateway::server::Reloader;
 use reqwest::header::{RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Client, Response, StatusCode};
+use rustls::pki_types::ServerName;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::Connection as _;
@@ -1000,3 +1001,17 @@ macro_rules! both_backends {
     };
 }
 pub(crate) use both_backends;
+
+/// The certificate the listener presents in a fresh handshake (trusting `roots`).
+pub async fn served_certificate(addr: SocketAddr, roots: &rustls::RootCertStore) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("localhost").expect("server name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.expect("handshake");
+    let chain = tls.get_ref().1.peer_certificates().expect("the server sent its certificate");
+    chain[0].to_vec()
+}

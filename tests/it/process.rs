@@ -17,7 +17,8 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 
 use crate::helpers::{
-    assert_error, config_toml, eventually, metric, raw_get, raw_request, route, run_cli, TestOptions, PASSWORD,
+    assert_error, config_toml, eventually, metric, raw_get, raw_request, route, run_cli, served_certificate,
+    TestOptions, PASSWORD,
 };
 use crate::upstream::{echo, spawn_tls_upstream, spawn_upstream};
 
@@ -377,6 +378,41 @@ async fn sighup_reloads_routes_and_keys_and_refuses_an_invalid_file() {
         assert!(error.contains(field), "the error does not name {field}: {error}");
     }
     one_reload_and_one_refusal(&p, &client).await;
+    p.stop().await;
+}
+
+/// SIGHUP reads the listener's certificate and key again: with polling
+/// off, a renewed pair is served only after the signal.
+#[tokio::test]
+async fn sighup_reloads_the_tls_certificate() {
+    let certs = tempfile::tempdir().expect("create temp dir");
+    let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let pair = || rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("a self-signed certificate");
+    let (old, new) = (pair(), pair());
+    let write = |c: &rcgen::CertifiedKey| {
+        std::fs::write(&cert_path, c.cert.pem()).expect("write cert.pem");
+        std::fs::write(&key_path, c.key_pair.serialize_pem()).expect("write key.pem");
+    };
+    write(&old);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in [&old, &new] {
+        roots.add(c.cert.der().clone()).expect("a root");
+    }
+    let opts = TestOptions {
+        server_extra: "config_poll = \"0s\"".to_owned(),
+        extra: format!("\n[server.tls]\ncert = {:?}\nkey = {:?}\n", cert_path.display(), key_path.display()),
+        ..TestOptions::default()
+    };
+    let p = Process::start(&opts).await;
+    assert_eq!(served_certificate(p.addr, &roots).await, old.cert.der().to_vec());
+
+    write(&new);
+    // Control: with polling off, nothing changes by itself.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(served_certificate(p.addr, &roots).await, old.cert.der().to_vec(), "reloaded without a signal");
+    p.signal("HUP");
+    p.wait_for_log("the certificate reload", |l| l["fields"]["message"] == "TLS certificate reloaded").await;
+    assert_eq!(served_certificate(p.addr, &roots).await, new.cert.der().to_vec());
     p.stop().await;
 }
 

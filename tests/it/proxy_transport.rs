@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::helpers::{
     assert_error, assert_error_in, eventually, metric, parse_tokens, raw_get, raw_request, raw_request_all, route,
-    spawn_app_in, spawn_app_with, Stopping, TestOptions, PASSWORD,
+    served_certificate, spawn_app_in, spawn_app_with, Stopping, TestOptions, PASSWORD,
 };
 use crate::upstream::{dead_upstream_url, echo, hanging_upstream_url, spawn_tls_upstream, spawn_upstream, Echo};
 
@@ -508,6 +508,55 @@ async fn tls_with_http2() {
     let plain = app.client.get(app.url("/tls/x")).send().await;
     assert!(plain.is_err(), "plain HTTP was answered on the TLS listener: {plain:?}");
     drop(client);
+    app.stop().await;
+}
+
+/// A renewed certificate is served without a restart: the gateway notices
+/// the files change, as it does `gateway.toml`, and new handshakes get the
+/// new pair. A pair that does not match (a renewal caught halfway: the new
+/// certificate, the old key) or does not parse is refused, counted, and the
+/// running pair stays.
+#[tokio::test]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let pair = || rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("a self-signed certificate");
+    let (old, new) = (pair(), pair());
+    std::fs::write(&cert_path, old.cert.pem()).expect("write cert.pem");
+    std::fs::write(&key_path, old.key_pair.serialize_pem()).expect("write key.pem");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in [&old, &new] {
+        roots.add(c.cert.der().clone()).expect("a root");
+    }
+
+    let opts = TestOptions {
+        server_extra: "config_poll = \"100ms\"".to_owned(),
+        extra: "\n[server.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n".to_owned(),
+        ..TestOptions::default()
+    };
+    let app = spawn_app_in(dir, opts).await;
+    let errors = || async { metric(&app.metrics().await, "gateway_tls_reloads_total", &[("result", "error")]) };
+    assert_eq!(served_certificate(app.addr, &roots).await, old.cert.der().to_vec());
+
+    // Halfway: the new certificate beside the old key. Refused; the old pair stays.
+    let before = errors().await;
+    std::fs::write(&cert_path, new.cert.pem()).expect("write the new cert.pem");
+    eventually("the mismatched pair refused", Duration::from_secs(10), || async { errors().await > before }).await;
+    assert_eq!(served_certificate(app.addr, &roots).await, old.cert.der().to_vec(), "a mismatched pair was served");
+
+    // The key follows: the new pair is served from the next handshake.
+    std::fs::write(&key_path, new.key_pair.serialize_pem()).expect("write the new key.pem");
+    eventually("the new certificate served", Duration::from_secs(10), || async {
+        served_certificate(app.addr, &roots).await == new.cert.der().to_vec()
+    })
+    .await;
+
+    // A file that does not parse changes nothing.
+    let before = errors().await;
+    std::fs::write(&cert_path, "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+        .expect("write a broken cert.pem");
+    eventually("the broken file refused", Duration::from_secs(10), || async { errors().await > before }).await;
+    assert_eq!(served_certificate(app.addr, &roots).await, new.cert.der().to_vec());
     app.stop().await;
 }
 
