@@ -449,8 +449,9 @@ fn parse_origin(text: &str) -> Result<String, String> {
     }
     // The port, if any, follows the last ':' outside an IPv6 literal.
     if let Some((_, port)) = authority.rsplit_once(':').filter(|(_, p)| !p.contains(']')) {
-        if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(bad("the port must be a number"));
+        // As a browser writes it: 1-65535, no leading zero.
+        if port.starts_with('0') || !port.parse::<u16>().is_ok_and(|p| p > 0) {
+            return Err(bad("the port must be a number from 1 to 65535, without leading zeros"));
         }
         if port == default_port {
             return Err(bad("browsers leave the scheme's default port out; so must this"));

@@ -191,6 +191,8 @@ fn cors_origins_are_origins_as_browsers_send_them() {
         "http://app.example.com:80",
         "https://app.example.com:",
         "https://app.example.com:x1",
+        "https://app.example.com:0443",
+        "https://app.example.com:99999",
     ] {
         let err = parse(&format!("[auth]\ncors_origins = [{bad:?}]")).expect_err(bad).to_string();
         assert!(err.contains("auth.cors_origins") && err.contains(bad), "{bad}: {err}");
@@ -212,4 +214,16 @@ fn cors_preflight_is_for_required_routes() {
         !parse(&route("required").replace("cors_preflight = true", "")).expect("default").proxy.routes[0]
             .cors_preflight
     );
+}
+
+#[test]
+fn an_upstream_client_certificate_needs_its_key_and_the_key_its_certificate() {
+    let c = parse("[upstream]\nclient_cert = \"c.pem\"\nclient_key = \"k.pem\"").expect("both");
+    let (cert, key) = c.upstream.client_cert.expect("a client certificate");
+    assert_eq!((cert.as_path(), key.as_path()), (Path::new("/etc/gateway/c.pem"), Path::new("/etc/gateway/k.pem")));
+    assert!(parse("").expect("defaults").upstream.client_cert.is_none());
+    let err = parse("[upstream]\nclient_cert = \"c.pem\"").expect_err("no key").to_string();
+    assert!(err.contains("upstream.client_key"), "{err}");
+    let err = parse("[upstream]\nclient_key = \"k.pem\"").expect_err("no cert").to_string();
+    assert!(err.contains("upstream.client_cert"), "{err}");
 }

@@ -244,13 +244,15 @@ pub fn set_forwarded(
     None
 }
 
-/// Reduces a CORS preflight forwarded without a token to what a browser
-/// puts in one: `Origin`, the `Access-Control-Request-*` fields, and the
-/// fields that describe the hop (`Host`, the canonical `X-Forwarded-*`,
-/// which [`set_forwarded`] then judges as for any request) and the client
-/// (`User-Agent`). Everything else goes, credentials (`Authorization`,
-/// `Cookie`) first: browsers send none on a preflight, so anything more was
-/// not sent by one.
+/// Reduces a CORS preflight forwarded without a token to the fields a
+/// backend needs to answer it: `Origin`, the `Access-Control-Request-*` and
+/// `Sec-Fetch-*` fields, and those that describe the hop (`Host`, the
+/// canonical `X-Forwarded-*`, which [`set_forwarded`] then judges as for
+/// any request) and the client (`User-Agent`). Everything else goes:
+/// credentials first (`Authorization`, `Cookie`: browsers send none on a
+/// preflight, so one here was not sent by a browser's preflight), and also
+/// what a browser does send but a preflight's answer should not depend on
+/// (`Accept`, `Accept-Language`, `Referer`).
 pub fn keep_preflight_fields(headers: &mut HeaderMap) {
     let kept = std::mem::take(headers);
     let mut name = None;
@@ -266,7 +268,8 @@ pub fn keep_preflight_fields(headers: &mut HeaderMap) {
             || *n == X_FORWARDED_FOR
             || *n == X_FORWARDED_PROTO
             || *n == X_FORWARDED_HOST
-            || n.as_str().starts_with("access-control-request-");
+            || n.as_str().starts_with("access-control-request-")
+            || n.as_str().starts_with("sec-fetch-");
         if keep {
             headers.append(n.clone(), value);
         }

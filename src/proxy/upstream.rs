@@ -32,6 +32,12 @@
 //!   is retried here;
 //! - at most `pool_max_idle_per_host` idle connections per upstream.
 //!
+//! https upstreams are verified against the webpki roots, the platform's
+//! store (`upstream.platform_roots`) and `upstream.ca_file`; where an
+//! upstream asks for a client certificate, the gateway presents
+//! `upstream.client_cert` (mutual TLS), so a backend can accept no
+//! connection that did not come from the gateway.
+//!
 //! TCP_NODELAY is set on every connection: the request and response pairs
 //! are small, and Nagle's algorithm would hold them back. `connect_timeout`
 //! bounds the name lookup and the TCP connect (shared between the resolved
@@ -187,11 +193,19 @@ impl UpstreamClient {
                 roots.add(cert).with_context(|| format!("adding a CA from {}", path.display()))?;
             }
         }
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .context("TLS versions")?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let mut tls = match &settings.client_cert {
+            Some((cert, key)) => {
+                let (certs, key) = crate::server::tls::read_pem_pair(cert, key, "upstream.client")?;
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .context("upstream.client_cert and client_key do not match or are unsupported")?
+            }
+            None => builder.with_no_client_auth(),
+        };
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
             pool: Arc::new(Pool {
@@ -894,5 +908,34 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UpstreamClient;
+    use crate::config::Config;
+
+    /// The gateway's client certificate is checked at start: a key that is
+    /// not the certificate's is refused with the settings named, not found
+    /// out at the first handshake.
+    #[test]
+    fn a_client_certificate_with_the_wrong_key_is_refused_at_start() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let one = rcgen::generate_simple_self_signed(vec!["gateway".to_owned()]).expect("a certificate");
+        let other = rcgen::generate_simple_self_signed(vec!["gateway".to_owned()]).expect("a certificate");
+        std::fs::write(dir.path().join("client.pem"), one.cert.pem()).expect("write client.pem");
+        std::fs::write(dir.path().join("right.key"), one.key_pair.serialize_pem()).expect("write right.key");
+        std::fs::write(dir.path().join("wrong.key"), other.key_pair.serialize_pem()).expect("write wrong.key");
+        let settings = |key: &str| {
+            let text =
+                format!("[upstream]\nclient_cert = \"client.pem\"\nclient_key = {key:?}\nplatform_roots = false");
+            Config::parse(&text, &dir.path().join("gateway.toml")).expect("valid settings").upstream
+        };
+        assert!(UpstreamClient::new(&settings("right.key")).is_ok());
+        let err = UpstreamClient::new(&settings("wrong.key")).err().expect("a mismatched pair is refused");
+        assert!(format!("{err:#}").contains("upstream.client_cert and client_key do not match"), "{err:#}");
+        let err = UpstreamClient::new(&settings("missing.key")).err().expect("a missing key is refused");
+        assert!(format!("{err:#}").contains("upstream.client_key"), "{err:#}");
     }
 }

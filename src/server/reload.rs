@@ -85,7 +85,7 @@ impl Reloader {
     pub async fn watch(self, every: Duration, shutdown: impl std::future::Future<Output = ()>) {
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut seen = Settled::new(self.stamp);
-        let mut cert_seen = self.tls.as_ref().map(|t| CertFiles::new(t));
+        let mut cert_seen = self.tls.as_ref().map(|t| CertFiles::since(t.loaded_stamps()));
         let mut ticker = (!every.is_zero()).then(|| {
             let mut ticker = tokio::time::interval(every);
             // After a stall, the next poll comes a whole period later, not at
@@ -121,7 +121,7 @@ impl Reloader {
                     self.reload_keys();
                     seen = Settled::new(before);
                     if let Some(tls) = &self.tls {
-                        let before = CertFiles::new(tls);
+                        let before = CertFiles::now(tls);
                         let _ = tls.reload();
                         cert_seen = Some(before);
                     }
@@ -149,19 +149,29 @@ impl Reloader {
     }
 }
 
-/// The certificate and key files, each watched like the config file: when
-/// either has changed and held still, the pair is read again (a pair that
-/// does not match yet, halfway through a renewal, is refused and read again
-/// when the other file settles).
+/// The certificate and key files, each watched like the config file. The
+/// pair is read again once a change has held still and neither file is
+/// still moving: a renewal that writes the key first and the chain slowly
+/// is not read with the chain cut short (a leaf without its intermediates
+/// would still match the key). A pair that does not match yet is refused
+/// and read again when the other file settles.
 struct CertFiles {
     cert: Settled,
     key: Settled,
+    /// A settled change not read yet, because the other file was moving.
+    due: bool,
 }
 
 impl CertFiles {
-    fn new(tls: &ServerCert) -> Self {
+    /// Watching from the given stamps (taken before the pair was read).
+    fn since((cert, key): (Option<FileStamp>, Option<FileStamp>)) -> Self {
+        Self { cert: Settled::new(cert), key: Settled::new(key), due: false }
+    }
+
+    /// Watching from now, for a read about to happen (SIGHUP).
+    fn now(tls: &ServerCert) -> Self {
         let files = tls.files();
-        Self { cert: Settled::new(FileStamp::of(&files.cert)), key: Settled::new(FileStamp::of(&files.key)) }
+        Self::since((FileStamp::of(&files.cert), FileStamp::of(&files.key)))
     }
 
     /// Given this poll: whether to read the pair now.
@@ -169,7 +179,13 @@ impl CertFiles {
         let files = tls.files();
         let cert = self.cert.changed(FileStamp::of(&files.cert));
         let key = self.key.changed(FileStamp::of(&files.key));
-        cert == Poll::Read || key == Poll::Read
+        self.due |= cert == Poll::Read || key == Poll::Read;
+        let moving = matches!(cert, Poll::Unsettled(_)) || matches!(key, Poll::Unsettled(_));
+        let read = self.due && !moving;
+        if read {
+            self.due = false;
+        }
+        read
     }
 }
 
@@ -227,7 +243,9 @@ impl Settled {
 mod tests {
     use std::path::Path;
 
-    use super::{FileStamp, Poll, Settled};
+    use super::{CertFiles, FileStamp, Poll, Settled};
+    use crate::config::TlsConfig;
+    use crate::server::tls::ServerCert;
 
     /// Stamps of a scratch file written with `len` bytes, one per call.
     fn stamp(path: &Path, len: usize) -> Option<FileStamp> {
@@ -273,5 +291,52 @@ mod tests {
         let mut seen = Settled::new(old);
         assert_eq!(seen.changed(new), Poll::Unsettled(1));
         assert_eq!(seen.changed(new), Poll::Read);
+    }
+
+    /// A self-signed pair for "localhost", as PEM (certificate, key).
+    fn pair() -> (String, String) {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("a certificate");
+        (c.cert.pem(), c.key_pair.serialize_pem())
+    }
+
+    #[test]
+    fn a_certificate_pair_is_read_once_both_files_hold_still() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let files = TlsConfig { cert: dir.path().join("cert.pem"), key: dir.path().join("key.pem") };
+        let (cert, key) = pair();
+        std::fs::write(&files.cert, cert).expect("write cert");
+        std::fs::write(&files.key, key).expect("write key");
+        let tls = ServerCert::load(&files).expect("a valid pair");
+        let mut seen = CertFiles::since(tls.loaded_stamps());
+        assert!(!seen.changed(&tls), "nothing changed");
+
+        // A renewal writing the key first and the chain in two steps: read
+        // only after the chain, too, has held still.
+        let (cert, key) = pair();
+        std::fs::write(&files.key, key).expect("write the new key");
+        assert!(!seen.changed(&tls), "the key may still be moving");
+        std::fs::write(&files.cert, &cert[..cert.len() / 2]).expect("write half the chain");
+        assert!(!seen.changed(&tls), "the key held still, but the chain is moving");
+        std::fs::write(&files.cert, &cert).expect("write the whole chain");
+        assert!(!seen.changed(&tls), "the chain is still moving");
+        assert!(seen.changed(&tls), "both held still: read");
+        assert!(!seen.changed(&tls), "read already");
+    }
+
+    #[test]
+    fn a_renewal_between_the_first_read_and_the_watcher_is_seen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let files = TlsConfig { cert: dir.path().join("cert.pem"), key: dir.path().join("key.pem") };
+        let (cert, key) = pair();
+        std::fs::write(&files.cert, cert).expect("write cert");
+        std::fs::write(&files.key, key).expect("write key");
+        let tls = ServerCert::load(&files).expect("a valid pair");
+        let (cert, key) = pair();
+        std::fs::write(&files.cert, cert).expect("write the new cert");
+        std::fs::write(&files.key, key).expect("write the new key");
+        // The watcher starts only now, from the stamps taken at the read.
+        let mut seen = CertFiles::since(tls.loaded_stamps());
+        assert!(!seen.changed(&tls), "changed: wait for a poll");
+        assert!(seen.changed(&tls), "the renewal is read");
     }
 }

@@ -20,7 +20,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::TlsConfig;
+use crate::config::{FileStamp, TlsConfig};
 
 /// The listener's certificate chain and key, swapped whole on reload.
 #[derive(Debug)]
@@ -28,14 +28,18 @@ pub struct ServerCert {
     files: TlsConfig,
     provider: Arc<CryptoProvider>,
     current: ArcSwap<CertifiedKey>,
+    /// The files' stamps taken just before they were first read, so that a
+    /// renewal landing between that read and the watcher's start is seen.
+    loaded: (Option<FileStamp>, Option<FileStamp>),
 }
 
 impl ServerCert {
     /// Reads the pair named by `server.tls`; an error names the file at fault.
     pub fn load(files: &TlsConfig) -> anyhow::Result<Arc<Self>> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let loaded = (FileStamp::of(&files.cert), FileStamp::of(&files.key));
         let pair = read_pair(files, &provider)?;
-        Ok(Arc::new(Self { files: files.clone(), provider, current: ArcSwap::from_pointee(pair) }))
+        Ok(Arc::new(Self { files: files.clone(), provider, current: ArcSwap::from_pointee(pair), loaded }))
     }
 
     /// Reads the pair again and serves it from the next handshake on; on
@@ -56,6 +60,11 @@ impl ServerCert {
     /// The two files, for the reloader to watch.
     pub fn files(&self) -> &TlsConfig {
         &self.files
+    }
+
+    /// The stamps of the certificate and key files taken before the first read.
+    pub fn loaded_stamps(&self) -> (Option<FileStamp>, Option<FileStamp>) {
+        self.loaded
     }
 
     /// The end-entity certificate being served now.
@@ -82,18 +91,26 @@ pub fn acceptor(cert: Arc<ServerCert>) -> anyhow::Result<TlsAcceptor> {
 }
 
 fn read_pair(files: &TlsConfig, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
-    let certs = load_certs(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .with_context(|| format!("server.tls.key: reading a private key from {}", files.key.display()))?;
+    let (certs, key) = read_pem_pair(&files.cert, &files.key, "server.tls")?;
     CertifiedKey::from_der(certs, key, provider)
         .context("server.tls: the certificate and key do not match or are unsupported")
 }
 
-fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("server.tls.cert: reading {}", path.display()))?
+/// A certificate chain and a private key from PEM files; errors name the
+/// file and the setting (`{setting}.cert`/`.key`, or `_cert`/`_key` where
+/// `setting` ends in `client`).
+pub(crate) fn read_pem_pair(
+    cert: &Path,
+    key: &Path,
+    setting: &str,
+) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let sep = if setting.ends_with("client") { "_" } else { "." };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("{setting}{sep}cert: reading {}", cert.display()))?
         .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("server.tls.cert: parsing {}", path.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "server.tls.cert: no certificate in {}", path.display());
-    Ok(certs)
+        .with_context(|| format!("{setting}{sep}cert: parsing {}", cert.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "{setting}{sep}cert: no certificate in {}", cert.display());
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("{setting}{sep}key: reading a private key from {}", key.display()))?;
+    Ok((certs, key))
 }

@@ -16,7 +16,7 @@ use crate::helpers::{
     assert_error, assert_error_in, assert_invalid_token, assert_status, eventually, jwt_part, parse_uuid, raw_request,
     route, spawn_app_with, TestApp, TestOptions, Tokens, PASSWORD,
 };
-use crate::upstream::{echo, spawn_upstream, Upstream};
+use crate::upstream::{dead_upstream_url, echo, spawn_upstream, Upstream};
 
 const ADMIN: &str = "admin@example.com";
 const READER: &str = "reader@example.com";
@@ -248,11 +248,13 @@ async fn cors_preflights_pass_without_a_token_only_where_the_route_allows() {
 async fn the_gateways_own_answers_on_routes_carry_cors_for_listed_origins() {
     let svc = spawn_upstream("svc").await;
     const APP: &str = "https://app.example.com";
-    let opts = TestOptions {
-        auth_extra: format!("cors_origins = [{APP:?}]"),
-        extra: route("private", "/private", &[svc.url()], "roles = [\"admin\"]"),
-        ..TestOptions::default()
-    };
+    let extra = [
+        route("private", "/private", &[svc.url()], "roles = [\"admin\"]"),
+        route("small", "/small", &[svc.url()], "auth = \"public\"\nmax_body = 4"),
+        route("dead", "/dead", &[dead_upstream_url()], "auth = \"public\""),
+    ]
+    .concat();
+    let opts = TestOptions { auth_extra: format!("cors_origins = [{APP:?}]"), extra, ..TestOptions::default() };
     let app = spawn_app_with(opts).await;
     app.create_user("default", NOBODY, PASSWORD, &[], &[]).await;
     let nobody = app.login_ok(NOBODY, PASSWORD, None).await;
@@ -264,10 +266,12 @@ async fn the_gateways_own_answers_on_routes_carry_cors_for_listed_origins() {
         ("no role", app.client.get(app.url("/private/x")).bearer_auth(&nobody.access_token), StatusCode::FORBIDDEN),
         ("no route", app.client.get(app.url("/nowhere")), StatusCode::NOT_FOUND),
         ("a bad path", app.client.get(app.url("/private/a%2fb")), StatusCode::BAD_REQUEST),
+        ("a body too large", app.client.post(app.url("/small/x")).body("0123456789"), StatusCode::PAYLOAD_TOO_LARGE),
+        ("an upstream that refuses", app.client.get(app.url("/dead/x")), StatusCode::BAD_GATEWAY),
     ];
     for (case, req, status) in cases {
         for (origin, allowed) in [(APP, true), ("https://evil.example", false)] {
-            let req = req.try_clone().expect("a bodiless request").header("Origin", origin);
+            let req = req.try_clone().expect("a request with a fixed body").header("Origin", origin);
             let resp = req.send().await.unwrap_or_else(|e| panic!("{case}: {e}"));
             assert_eq!(resp.status(), status, "{case}");
             let allow = field(&resp, "access-control-allow-origin");

@@ -24,7 +24,9 @@ use crate::helpers::{
     assert_error, assert_error_in, eventually, metric, parse_tokens, raw_get, raw_request, raw_request_all, route,
     served_certificate, spawn_app_in, spawn_app_with, Stopping, TestOptions, PASSWORD,
 };
-use crate::upstream::{dead_upstream_url, echo, hanging_upstream_url, spawn_tls_upstream, spawn_upstream, Echo};
+use crate::upstream::{
+    dead_upstream_url, echo, hanging_upstream_url, spawn_mtls_upstream, spawn_tls_upstream, spawn_upstream, Echo,
+};
 
 const EMAIL: &str = "me@example.com";
 const KIB: usize = 1024;
@@ -297,6 +299,47 @@ async fn https_upstreams_are_verified_with_the_ca_file() {
     let refused = metric(&metrics, "gateway_upstream_errors_total", &[("route", "untrusted"), ("kind", "connect")]);
     assert_eq!(refused, 1.0, "{metrics}");
     app.stop().await;
+}
+
+/// Mutual TLS: an upstream that asks for a client certificate gets the
+/// gateway's (`upstream.client_cert`, `client_key`), so a backend can refuse
+/// every connection that does not come from the gateway. Without it the
+/// handshake fails: 502, and nothing reaches the upstream.
+#[tokio::test]
+async fn https_upstreams_can_demand_the_gateways_client_certificate() {
+    let server = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("the upstream's certificate");
+    let client = rcgen::generate_simple_self_signed(vec!["gateway".to_owned()]).expect("the gateway's certificate");
+    let stranger = rcgen::generate_simple_self_signed(vec!["gateway".to_owned()]).expect("another certificate");
+    let svc =
+        spawn_mtls_upstream("mtls", &server.cert.pem(), &server.key_pair.serialize_pem(), &client.cert.pem()).await;
+    let url = format!("https://{}", svc.addr);
+    let app_with = |pair: Option<&rcgen::CertifiedKey>| {
+        let dir = tempfile::tempdir().expect("create temp dir");
+        std::fs::write(dir.path().join("ca.pem"), server.cert.pem()).expect("write ca.pem");
+        let mut upstream = "\n[upstream]\nca_file = \"ca.pem\"\n".to_owned();
+        if let Some(pair) = pair {
+            std::fs::write(dir.path().join("client.pem"), pair.cert.pem()).expect("write client.pem");
+            std::fs::write(dir.path().join("client.key"), pair.key_pair.serialize_pem()).expect("write client.key");
+            upstream.push_str("client_cert = \"client.pem\"\nclient_key = \"client.key\"\n");
+        }
+        let extra = route("mtls", "/mtls", std::slice::from_ref(&url), PUBLIC) + &upstream;
+        spawn_app_in(dir, TestOptions::with_extra(extra))
+    };
+
+    let app = app_with(Some(&client)).await;
+    let e = echo(app.get("/mtls/x").await).await;
+    assert_eq!((e.upstream(), e.path()), ("mtls", "/mtls/x"), "{}", e.0);
+    assert_eq!(svc.hits(), 1);
+    app.stop().await;
+
+    for (case, pair) in
+        [("no client certificate", None), ("a certificate the upstream does not trust", Some(&stranger))]
+    {
+        let app = app_with(pair).await;
+        assert_error_in(case, app.get("/mtls/x").await, StatusCode::BAD_GATEWAY, "bad_gateway").await;
+        assert_eq!(svc.hits(), 1, "{case}: a request reached the upstream");
+        app.stop().await;
+    }
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;

@@ -164,6 +164,29 @@ pub async fn spawn_tls_upstream(name: &str, cert_pem: &str, key_pem: &str) -> Up
     spawn(name, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
 }
 
+/// Like [`spawn_tls_upstream`], and asking every client for a certificate
+/// that `client_ca_pem` vouches for (mutual TLS): a handshake without one
+/// fails, and no request is read.
+pub async fn spawn_mtls_upstream(name: &str, cert_pem: &str, key_pem: &str, client_ca_pem: &str) -> Upstream {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("parse the upstream's certificate");
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("parse the upstream's key");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(client_ca_pem.as_bytes()).expect("parse the client CA")).expect("a root");
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+        .build()
+        .expect("a client certificate verifier");
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![cert], key)
+        .expect("the upstream's certificate and key");
+    spawn(name, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+}
+
 /// A URL on which nothing listens: a port bound but never listened on, and
 /// kept bound for the rest of the process so no parallel test can take it
 /// (connections to it are refused).

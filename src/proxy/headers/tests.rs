@@ -172,6 +172,8 @@ fn a_forwarded_preflight_keeps_only_what_a_browser_sends() {
         ("access-control-request-headers", "authorization"),
         ("access-control-request-headers", "content-type"),
         ("user-agent", "browser"),
+        ("sec-fetch-site", "cross-site"),
+        ("referer", "https://app.example.com/page"),
         ("x-forwarded-for", "10.0.0.1"),
         ("authorization", "Bearer forged"),
         ("cookie", "session=1"),
@@ -189,6 +191,7 @@ fn a_forwarded_preflight_keeps_only_what_a_browser_sends() {
         ("access-control-request-method", "PUT"),
         ("host", "api.example.com"),
         ("origin", "https://app.example.com"),
+        ("sec-fetch-site", "cross-site"),
         ("user-agent", "browser"),
         ("x-forwarded-for", "10.0.0.1"),
     ];
