@@ -2,9 +2,9 @@
 //!
 //! Handlers are thin: extract, call the flow in [`crate::auth::service`],
 //! serialise. Layers, outermost first: request metrics (so every answer,
-//! errors included, is counted), CORS when `auth.cors_origins` names any,
-//! `Cache-Control: no-store` (every answer here is personal or a
-//! credential), then the 16 KiB body limit.
+//! errors included, is counted), `Cache-Control: no-store` (every answer
+//! here is personal or a credential), CORS when `auth.cors_origins` names
+//! any (it answers preflights itself), then the 16 KiB body limit.
 
 pub mod error;
 pub mod extract;
@@ -45,13 +45,14 @@ pub fn router(service: AuthService, cors_origins: &[String], request_id: &Header
         .route("/.well-known/jwks.json", get(jwks))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(MAX_AUTH_BODY))
-        .layer(middleware::from_fn(no_store));
+        .layer(DefaultBodyLimit::max(MAX_AUTH_BODY));
+    // Inside `no_store`, so that the preflights it answers are not cached
+    // by anything but the browser's own preflight cache.
     let api = match cors(cors_origins, request_id) {
         Some(layer) => api.layer(layer),
         None => api,
     };
-    api.layer(middleware::from_fn(track)).with_state(service)
+    api.layer(middleware::from_fn(no_store)).layer(middleware::from_fn(track)).with_state(service)
 }
 
 /// CORS for browser apps served from another origin, or `None` when no

@@ -50,6 +50,11 @@ pub struct App {
 impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         let metrics = crate::observability::metrics_handle();
+        // The certificate files first (`config check` does not read them):
+        // a bad one stops the start before the database or the key
+        // directory is touched.
+        let cert = config.server.tls.as_ref().map(crate::server::tls::ServerCert::load).transpose()?;
+        let client = UpstreamClient::new(&config.upstream).context("building the upstream client")?;
         let store = Store::connect(&config.database).await.context("opening the database")?;
         if config.database.auto_migrate {
             store.migrate().await.context("applying migrations")?;
@@ -85,7 +90,6 @@ impl App {
         }
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::new(config.proxy.clone())));
         let identities = IdentityCache::new(IDENTITY_CACHE_CAPACITY, config.auth.leeway);
-        let cert = config.server.tls.as_ref().map(crate::server::tls::ServerCert::load).transpose()?;
         let tls = cert.clone().map(crate::server::tls::acceptor).transpose()?;
         let proxy = Proxy {
             routes: Arc::clone(&routes),
@@ -93,7 +97,7 @@ impl App {
             authenticator: authenticator.clone(),
             identities: identities.clone(),
             tenants,
-            client: UpstreamClient::new(&config.upstream).context("building the upstream client")?,
+            client,
             cooldown: config.upstream.cooldown,
             tunnel_idle_timeout: config.server.tunnel_idle_timeout,
             trusted_proxies: config.server.trusted_proxies.clone(),

@@ -12,14 +12,18 @@
 //!    is added, on public and required routes alike.
 //! 4. **Authenticate** (required routes): the bearer token, verified through
 //!    the cache in [`identity`] and always checked against revocation. A
-//!    CORS preflight skips this step where the route says `cors_preflight`.
+//!    CORS preflight skips this step where the route says `cors_preflight`,
+//!    and goes on cut down to its CORS fields
+//!    ([`headers::keep_preflight_fields`]).
 //! 5. **Authorise** against the route's tenants, roles and scopes ([`policy`]).
 //! 6. **Inject** identity, request id and `X-Forwarded-*`.
 //! 7. **Forward** through the pooled client ([`upstream`]), streaming both
 //!    bodies; round-robin, cool-down and one retry for idempotent requests
 //!    whose connection was refused; 502/504 on failure.
 //! 8. **Respond**: strip hop-by-hop headers (or splice a WebSocket), add the
-//!    request id, count, time and log the request.
+//!    request id (and, on the gateway's own answers, CORS fields for the
+//!    origins of `auth.cors_origins`: [`cors`]), count, time and log the
+//!    request.
 //!
 //! Steps 1–6 do no database I/O and no blocking work.
 

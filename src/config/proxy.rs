@@ -1,7 +1,6 @@
-//! The reloadable part of the configuration: routes and header names.
-//!
-//! These are re-read on SIGHUP or when the file changes; everything else
-//! (listeners, database, keys directory) needs a restart.
+//! The proxy's part of the configuration: routes and header names, which
+//! are re-read on SIGHUP or when the file changes, and the upstream
+//! client's settings (`[upstream]`), which need a restart.
 
 use std::path::Path;
 use std::time::Duration;

@@ -199,7 +199,8 @@ impl UpstreamClient {
             .with_root_certificates(roots);
         let mut tls = match &settings.client_cert {
             Some((cert, key)) => {
-                let (certs, key) = crate::server::tls::read_pem_pair(cert, key, "upstream.client")?;
+                let (certs, key) =
+                    crate::server::tls::read_pem_pair(cert, key, ["upstream.client_cert", "upstream.client_key"])?;
                 builder
                     .with_client_auth_cert(certs, key)
                     .context("upstream.client_cert and client_key do not match or are unsupported")?
@@ -270,7 +271,7 @@ impl UpstreamClient {
                 if reused {
                     continue; // closed under us, and nothing was taken in
                 }
-                return Err(UpstreamError::Request(e));
+                return Err(failure_on_new_connection(e));
             }
             let mut exchange = match body.take() {
                 Some(body) if framing != Framing::Empty => {
@@ -313,6 +314,9 @@ impl UpstreamClient {
                         io::ErrorKind::UnexpectedEof,
                         "the upstream closed the connection without answering",
                     )))
+                }
+                Err(ReadError::Failed(UpstreamError::Request(e))) if !reused => {
+                    return Err(failure_on_new_connection(e));
                 }
                 Err(ReadError::Failed(e)) => return Err(e),
             }
@@ -610,6 +614,21 @@ async fn read_response(
             Err(e) if !answered && is_reset(&e) => return Err(ReadError::Closed),
             Err(e) => return Err(ReadError::Failed(UpstreamError::Request(e))),
         }
+    }
+}
+
+/// A failure on a connection just made: a TLS error there (an alert, most
+/// often) means the handshake failed after all, since in TLS 1.3 a server
+/// refuses the client's certificate only after the client has finished its
+/// side and sent the request, which the server never reads. That is a
+/// connection failure (cool-down, and another upstream for an idempotent
+/// request), whichever TLS version was spoken; anything else is the
+/// request's.
+fn failure_on_new_connection(e: io::Error) -> UpstreamError {
+    if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+        UpstreamError::Tls(e)
+    } else {
+        UpstreamError::Request(e)
     }
 }
 

@@ -7,6 +7,9 @@
 //! open keep theirs. A pair that cannot be read, does not parse or does not
 //! match is refused and the running one stays, so a renewal caught halfway
 //! (a new certificate, the old key) is retried once the key is written too.
+//!
+//! [`read_pem_pair`] also reads the upstream client's certificate
+//! (`upstream.client_cert`, for mutual TLS).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -66,11 +69,6 @@ impl ServerCert {
     pub fn loaded_stamps(&self) -> (Option<FileStamp>, Option<FileStamp>) {
         self.loaded
     }
-
-    /// The end-entity certificate being served now.
-    pub fn current(&self) -> Arc<CertifiedKey> {
-        self.current.load_full()
-    }
 }
 
 impl ResolvesServerCert for ServerCert {
@@ -91,26 +89,24 @@ pub fn acceptor(cert: Arc<ServerCert>) -> anyhow::Result<TlsAcceptor> {
 }
 
 fn read_pair(files: &TlsConfig, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
-    let (certs, key) = read_pem_pair(&files.cert, &files.key, "server.tls")?;
+    let (certs, key) = read_pem_pair(&files.cert, &files.key, ["server.tls.cert", "server.tls.key"])?;
     CertifiedKey::from_der(certs, key, provider)
         .context("server.tls: the certificate and key do not match or are unsupported")
 }
 
 /// A certificate chain and a private key from PEM files; errors name the
-/// file and the setting (`{setting}.cert`/`.key`, or `_cert`/`_key` where
-/// `setting` ends in `client`).
+/// file and its setting (`names`: the certificate's, then the key's).
 pub(crate) fn read_pem_pair(
     cert: &Path,
     key: &Path,
-    setting: &str,
+    [cert_name, key_name]: [&str; 2],
 ) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-    let sep = if setting.ends_with("client") { "_" } else { "." };
     let certs = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("{setting}{sep}cert: reading {}", cert.display()))?
+        .with_context(|| format!("{cert_name}: reading {}", cert.display()))?
         .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{setting}{sep}cert: parsing {}", cert.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "{setting}{sep}cert: no certificate in {}", cert.display());
+        .with_context(|| format!("{cert_name}: parsing {}", cert.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "{cert_name}: no certificate in {}", cert.display());
     let key = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("{setting}{sep}key: reading a private key from {}", key.display()))?;
+        .with_context(|| format!("{key_name}: reading a private key from {}", key.display()))?;
     Ok((certs, key))
 }

@@ -301,6 +301,11 @@ async fn https_upstreams_are_verified_with_the_ca_file() {
     app.stop().await;
 }
 
+/// `gateway_upstream_errors_total{route="mtls",kind}` in `app`'s process.
+async fn upstream_errors(app: &crate::helpers::TestApp, kind: &str) -> f64 {
+    metric(&app.metrics().await, "gateway_upstream_errors_total", &[("route", "mtls"), ("kind", kind)])
+}
+
 /// Mutual TLS: an upstream that asks for a client certificate gets the
 /// gateway's (`upstream.client_cert`, `client_key`), so a backend can refuse
 /// every connection that does not come from the gateway. Without it the
@@ -332,12 +337,19 @@ async fn https_upstreams_can_demand_the_gateways_client_certificate() {
     assert_eq!(svc.hits(), 1);
     app.stop().await;
 
+    // Refused in the handshake (TLS 1.3: after the gateway has sent the
+    // request, which the upstream never reads): a connection failure, as
+    // for TLS 1.2, so the upstream is cooled down like one that refuses.
     for (case, pair) in
         [("no client certificate", None), ("a certificate the upstream does not trust", Some(&stranger))]
     {
         let app = app_with(pair).await;
+        let (connections, errors) = (svc.connections(), upstream_errors(&app, "connect").await);
         assert_error_in(case, app.get("/mtls/x").await, StatusCode::BAD_GATEWAY, "bad_gateway").await;
+        assert_eq!(svc.connections(), connections + 1, "{case}: the upstream saw no handshake");
         assert_eq!(svc.hits(), 1, "{case}: a request reached the upstream");
+        assert_eq!(upstream_errors(&app, "connect").await, errors + 1.0, "{case}: not counted as a connection failure");
+        assert_eq!(upstream_errors(&app, "io").await, 0.0, "{case}");
         app.stop().await;
     }
 }
