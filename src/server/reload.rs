@@ -242,6 +242,7 @@ impl Settled {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+    use std::sync::Arc;
 
     use super::{CertFiles, FileStamp, Poll, Settled};
     use crate::config::TlsConfig;
@@ -299,14 +300,20 @@ mod tests {
         (c.cert.pem(), c.key_pair.serialize_pem())
     }
 
-    #[test]
-    fn a_certificate_pair_is_read_once_both_files_hold_still() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let files = TlsConfig { cert: dir.path().join("cert.pem"), key: dir.path().join("key.pem") };
+    /// A pair written into `dir` and loaded, as at start.
+    fn loaded(dir: &Path) -> (TlsConfig, Arc<ServerCert>) {
+        let files = TlsConfig { cert: dir.join("cert.pem"), key: dir.join("key.pem") };
         let (cert, key) = pair();
         std::fs::write(&files.cert, cert).expect("write cert");
         std::fs::write(&files.key, key).expect("write key");
         let tls = ServerCert::load(&files).expect("a valid pair");
+        (files, tls)
+    }
+
+    #[test]
+    fn a_certificate_pair_is_read_once_both_files_hold_still() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (files, tls) = loaded(dir.path());
         let mut seen = CertFiles::since(tls.loaded_stamps());
         assert!(!seen.changed(&tls), "nothing changed");
 
@@ -326,11 +333,7 @@ mod tests {
     #[test]
     fn a_renewal_between_the_first_read_and_the_watcher_is_seen() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let files = TlsConfig { cert: dir.path().join("cert.pem"), key: dir.path().join("key.pem") };
-        let (cert, key) = pair();
-        std::fs::write(&files.cert, cert).expect("write cert");
-        std::fs::write(&files.key, key).expect("write key");
-        let tls = ServerCert::load(&files).expect("a valid pair");
+        let (files, tls) = loaded(dir.path());
         let (cert, key) = pair();
         std::fs::write(&files.cert, cert).expect("write the new cert");
         std::fs::write(&files.key, key).expect("write the new key");
