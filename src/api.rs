@@ -19,19 +19,20 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use secrecy::SecretString;
 use serde::Deserialize;
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::cors::CorsLayer;
 
 use crate::auth::service::AuthService;
+use crate::proxy::cors::CorsOrigins;
 use error::ApiError;
 use extract::{Authenticated, Client, JsonBody};
 
 /// Largest request body accepted on `/auth/*`.
 pub const MAX_AUTH_BODY: usize = 16 * 1024;
 
-/// The `/auth` and JWKS routes. `cors_origins` (`auth.cors_origins`, already
-/// validated) lets browser apps on those origins call them, and read the
-/// request id the gateway adds (`request_id`, its name at start): see [`cors`].
-pub fn router(service: AuthService, cors_origins: &[String], request_id: &HeaderName) -> Router {
+/// The `/auth` and JWKS routes. `origins` (`auth.cors_origins`) lets browser
+/// apps on those origins call them, and read the request id the gateway
+/// adds (`request_id`, its name at start): see [`cors`].
+pub fn router(service: AuthService, origins: &CorsOrigins, request_id: &HeaderName) -> Router {
     let api = Router::new()
         .route("/auth/login", post(login))
         .route("/auth/refresh", post(refresh))
@@ -48,7 +49,7 @@ pub fn router(service: AuthService, cors_origins: &[String], request_id: &Header
         .layer(DefaultBodyLimit::max(MAX_AUTH_BODY));
     // Inside `no_store`, so that the preflights it answers are not cached
     // by anything but the browser's own preflight cache.
-    let api = match cors(cors_origins, request_id) {
+    let api = match cors(origins, request_id) {
         Some(layer) => api.layer(layer),
         None => api,
     };
@@ -64,17 +65,10 @@ pub fn router(service: AuthService, cors_origins: &[String], request_id: &Header
 /// foreign page could spend, and `Access-Control-Allow-Credentials` is never
 /// sent. Preflights (`OPTIONS`) are answered here, before any handler, so
 /// they count against no rate limit.
-fn cors(origins: &[String], request_id: &HeaderName) -> Option<CorsLayer> {
-    let allow = if origins.is_empty() {
-        return None;
-    } else if origins.iter().any(|o| o == "*") {
-        AllowOrigin::any()
-    } else {
-        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
-    };
+fn cors(origins: &CorsOrigins, request_id: &HeaderName) -> Option<CorsLayer> {
     Some(
         CorsLayer::new()
-            .allow_origin(allow)
+            .allow_origin(origins.allow_origin()?)
             .allow_methods([Method::GET, Method::POST, Method::DELETE])
             .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
             .expose_headers([header::RETRY_AFTER, header::WWW_AUTHENTICATE, request_id.clone()])

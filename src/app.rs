@@ -91,9 +91,10 @@ impl App {
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::new(config.proxy.clone())));
         let identities = IdentityCache::new(IDENTITY_CACHE_CAPACITY, config.auth.leeway);
         let tls = cert.clone().map(crate::server::tls::acceptor).transpose()?;
+        let cors = crate::proxy::cors::CorsOrigins::new(&config.auth.cors_origins);
         let proxy = Proxy {
             routes: Arc::clone(&routes),
-            api: crate::api::router(service.clone(), &config.auth.cors_origins, &config.proxy.headers.request_id),
+            api: crate::api::router(service.clone(), &cors, &config.proxy.headers.request_id),
             authenticator: authenticator.clone(),
             identities: identities.clone(),
             tenants,
@@ -102,7 +103,7 @@ impl App {
             tunnel_idle_timeout: config.server.tunnel_idle_timeout,
             trusted_proxies: config.server.trusted_proxies.clone(),
             access_log: config.log.access,
-            cors: crate::proxy::cors::ErrorCors::new(&config.auth.cors_origins),
+            cors,
             api_runtime: tokio::runtime::Handle::current(),
         };
         let reloader = Reloader {

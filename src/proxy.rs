@@ -146,7 +146,7 @@ pub struct Proxy {
     pub trusted_proxies: Vec<IpNet>,
     pub access_log: bool,
     /// CORS on the gateway's own answers on routes (`auth.cors_origins`).
-    pub cors: cors::ErrorCors,
+    pub cors: cors::CorsOrigins,
     /// The main runtime, which owns the database pool: the API runs there.
     pub api_runtime: tokio::runtime::Handle,
 }

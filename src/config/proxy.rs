@@ -376,23 +376,29 @@ pub struct UpstreamSettings {
 
 pub(super) fn build_upstream(table: toml::Table, base: &Path, errors: &mut Errors) -> UpstreamSettings {
     let mut f = Fields::new("upstream", table, errors);
-    let mut s = UpstreamSettings {
+    let cert = f.string("client_cert").map(|p| super::resolve(base, &p));
+    let key = f.string("client_key").map(|p| super::resolve(base, &p));
+    let client_cert = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (Some(_), None) => {
+            f.error("client_key", "is needed with upstream.client_cert");
+            None
+        }
+        (None, Some(_)) => {
+            f.error("client_cert", "is needed with upstream.client_key");
+            None
+        }
+        (None, None) => None,
+    };
+    let s = UpstreamSettings {
         connect_timeout: f.duration_or("connect_timeout", "5s", Duration::from_millis(1)),
         pool_idle_timeout: f.duration_or("pool_idle_timeout", "30s", Duration::from_millis(1)),
         pool_max_idle_per_host: f.int_or("pool_max_idle_per_host", 64, 0, 100_000) as usize,
         cooldown: f.duration_or("cooldown", "5s", Duration::ZERO),
         ca_file: f.string("ca_file").map(|p| super::resolve(base, &p)),
         platform_roots: f.bool_or("platform_roots", true),
-        client_cert: None,
+        client_cert,
     };
-    let cert = f.string("client_cert").map(|p| super::resolve(base, &p));
-    let key = f.string("client_key").map(|p| super::resolve(base, &p));
-    match (cert, key) {
-        (Some(cert), Some(key)) => s.client_cert = Some((cert, key)),
-        (Some(_), None) => f.error("client_key", "is needed with upstream.client_cert"),
-        (None, Some(_)) => f.error("client_cert", "is needed with upstream.client_key"),
-        (None, None) => {}
-    }
     f.finish();
     s
 }

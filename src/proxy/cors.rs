@@ -6,28 +6,42 @@
 //! 502 or 504 made by the gateway never reached a backend: without these
 //! headers the browser hides it from the app, which then cannot tell an
 //! expired token (refresh and retry) from a network failure. The same
-//! origins as the API's, never credentials mode.
+//! origins, converted once, also drive the API's CORS layer
+//! ([`CorsOrigins::allow_origin`]); never credentials mode.
 
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::Response;
+use tower_http::cors::AllowOrigin;
 
 use crate::body::Body;
 
-/// The origins allowed to read the gateway's own answers; empty for none.
+/// The origins of `auth.cors_origins` as header values; empty for none.
 #[derive(Debug, Clone, Default)]
-pub struct ErrorCors {
+pub struct CorsOrigins {
     any: bool,
     origins: Vec<HeaderValue>,
 }
 
 static ANY: HeaderValue = HeaderValue::from_static("*");
 
-impl ErrorCors {
+impl CorsOrigins {
     /// From `auth.cors_origins`, already validated (`*` alone, or origins).
     pub fn new(origins: &[String]) -> Self {
         Self {
             any: origins.iter().any(|o| o == "*"),
             origins: origins.iter().filter(|o| *o != "*").filter_map(|o| HeaderValue::from_str(o).ok()).collect(),
+        }
+    }
+
+    /// The origins for tower-http's layer on the API, or `None` when no
+    /// origin is allowed (then the API sends no CORS field at all).
+    pub fn allow_origin(&self) -> Option<AllowOrigin> {
+        if self.any {
+            Some(AllowOrigin::any())
+        } else if self.origins.is_empty() {
+            None
+        } else {
+            Some(AllowOrigin::list(self.origins.iter().cloned()))
         }
     }
 
@@ -67,7 +81,7 @@ impl ErrorCors {
 mod tests {
     use super::*;
 
-    fn answer(cors: &ErrorCors, origin: Option<&str>) -> Response<Body> {
+    fn answer(cors: &CorsOrigins, origin: Option<&str>) -> Response<Body> {
         let mut r = Response::new(Body::empty());
         let origin = origin.map(|o| HeaderValue::from_str(o).expect("origin"));
         cors.apply(origin.as_ref(), &HeaderName::from_static("x-request-id"), &mut r);
@@ -80,7 +94,7 @@ mod tests {
 
     #[test]
     fn only_listed_origins_may_read_the_gateways_answers() {
-        let cors = ErrorCors::new(&["https://app.example.com".to_owned()]);
+        let cors = CorsOrigins::new(&["https://app.example.com".to_owned()]);
         let r = answer(&cors, Some("https://app.example.com"));
         assert_eq!(field(&r, "access-control-allow-origin"), Some("https://app.example.com"));
         assert_eq!(field(&r, "access-control-expose-headers"), Some("www-authenticate, retry-after, x-request-id"));
@@ -95,10 +109,10 @@ mod tests {
 
     #[test]
     fn any_origin_is_a_star_and_none_adds_nothing() {
-        let r = answer(&ErrorCors::new(&["*".to_owned()]), Some("https://x.example"));
+        let r = answer(&CorsOrigins::new(&["*".to_owned()]), Some("https://x.example"));
         assert_eq!(field(&r, "access-control-allow-origin"), Some("*"));
         assert_eq!(field(&r, "vary"), None);
-        let off = ErrorCors::new(&[]);
+        let off = CorsOrigins::new(&[]);
         assert!(off.is_off());
         assert!(answer(&off, Some("https://x.example")).headers().is_empty());
     }
