@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::Method;
 use uuid::Uuid;
 
 use gateway::auth::keys::KeyRing;
@@ -86,7 +87,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("request_path_authenticated", |b| {
         b.iter(|| {
             let p = path::normalize(black_box("/api/orders/42")).expect("path");
-            let route = table.find(Some("api.example.com"), &p).expect("route");
+            let route = table.find(Some("api.example.com"), &p, &Method::GET, None).expect("route");
             let mut h = request_headers.clone();
             headers::strip_hop_by_hop(&mut h, false);
             headers::strip_reserved(&mut h, &table.headers);
@@ -100,7 +101,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("request_path_public", |b| {
         b.iter(|| {
             let p = path::normalize(black_box("/public/index.html")).expect("path");
-            let route = table.find(Some("api.example.com"), &p).expect("route");
+            let route = table.find(Some("api.example.com"), &p, &Method::GET, None).expect("route");
             let mut h = request_headers.clone();
             headers::strip_hop_by_hop(&mut h, false);
             headers::strip_reserved(&mut h, &table.headers);

@@ -6,7 +6,8 @@
 //! 1. **Normalise** the path once ([`path`]); a path that could be read two
 //!    ways is a 400. `/auth/*` and the JWKS go to the API router (on the
 //!    normalised path); everything else is proxied.
-//! 2. **Route**: host + longest segment prefix ([`router`]); none → 404.
+//! 2. **Route**: host + longest segment prefix, then method ([`router`]);
+//!    none → 404, a method no route at that prefix takes → 405.
 //! 3. **Strip** hop-by-hop headers, what `Connection` nominates, and every
 //!    spelling of a reserved identity header ([`headers`]) — before anything
 //!    is added, on public and required routes alike.
@@ -63,7 +64,7 @@ use crate::config::AuthMode;
 use crate::http1::upgrade::OnUpgrade;
 use error::ProxyError;
 use identity::{Identity, IdentityCache};
-use router::{Route, RouteTable};
+use router::{Miss, Route, RouteTable};
 use tenants::TenantDirectory;
 use upstream::{UpstreamBody, UpstreamClient};
 
@@ -367,7 +368,18 @@ impl Proxy {
         mut timer: Option<Pin<&mut Sleep>>,
     ) -> Result<Response<Body>, ProxyError> {
         let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().host());
-        let route = table.find(host.map(router::normalize_host), path).cloned().ok_or(ProxyError::NoRoute)?;
+        // Only an `OPTIONS` that looks like a preflight announces a method.
+        let announced = match *req.method() {
+            Method::OPTIONS if is_cors_preflight(&req) => {
+                req.headers().get(ACCESS_CONTROL_REQUEST_METHOD).and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+            }
+            _ => None,
+        };
+        let route = match table.find(host.map(router::normalize_host), path, req.method(), announced.as_ref()) {
+            Ok(route) => Arc::clone(route),
+            Err(Miss::NoRoute) => return Err(ProxyError::NoRoute),
+            Err(Miss::Method(allow)) => return Err(ProxyError::MethodNotAllowed(allow)),
+        };
         outcome.route = Some(Arc::clone(&route));
         let cfg = &route.config;
         let consumed = cfg.auth == AuthMode::Required && !cfg.pass_token;
@@ -393,6 +405,16 @@ impl Proxy {
             // answers it with its own CORS policy. Only what a preflight
             // is made of goes along: no identity, no credential, nothing
             // a handler that ignores the method could act on.
+            // Where the route was chosen for the method a preflight
+            // announced, what remains after the strip must still be one
+            // (its `Origin` or `Access-Control-Request-Method` may have been
+            // nominated by `Connection`): never pass on a method the route
+            // does not list otherwise.
+            _ if !route.takes(req.method()) && (upgrade || !is_cors_preflight(&req)) => {
+                return Err(ProxyError::BadRequest(
+                    "a CORS preflight's Origin and Access-Control-Request-Method cannot be hop-by-hop",
+                ));
+            }
             AuthMode::Required if cfg.cors_preflight && !upgrade && is_cors_preflight(&req) => {
                 headers::keep_preflight_fields(req.headers_mut());
                 None

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::http::uri::{Authority, Scheme};
-use hyper::Uri;
+use hyper::{Method, Uri};
 
 use super::reader::{Errors, Fields};
 use crate::auth::service::{is_slug, validate_name};
@@ -34,6 +34,9 @@ pub struct RouteConfig {
     pub prefix: String,
     /// Lower-case, without port or trailing dot.
     pub host: Option<String>,
+    /// The methods this route serves (empty: all). Routes may share a host
+    /// and prefix when their methods do not overlap.
+    pub methods: Vec<Method>,
     pub upstreams: Vec<UpstreamTarget>,
     pub auth: AuthMode,
     /// The token must hold at least one of these (empty: no requirement).
@@ -205,8 +208,24 @@ pub(super) fn build_routes(tables: Vec<toml::Table>, errors: &mut Errors) -> Vec
         if let Some(route) = build_route(&mut f) {
             if routes.iter().any(|r| r.name == route.name) {
                 f.error("name", format!("{:?} is used by another route", route.name));
-            } else if routes.iter().any(|r| r.prefix == route.prefix && r.host == route.host) {
-                f.error("prefix", format!("{:?} is already routed for this host", route.prefix));
+            } else if let Some(other) = routes.iter().find(|r| {
+                r.prefix == route.prefix && r.host == route.host && methods_overlap(&r.methods, &route.methods)
+            }) {
+                if route.methods.is_empty() {
+                    f.error("prefix", format!("{:?} is already routed for this host", route.prefix));
+                } else {
+                    let shared: Vec<&str> =
+                        route.methods.iter().filter(|m| other.methods.contains(m)).map(Method::as_str).collect();
+                    f.error(
+                        "methods",
+                        format!(
+                            "{} at {:?} is already routed for this host by route {:?}",
+                            shared.join(", "),
+                            route.prefix,
+                            other.name
+                        ),
+                    );
+                }
             } else {
                 routes.push(route);
             }
@@ -214,6 +233,43 @@ pub(super) fn build_routes(tables: Vec<toml::Table>, errors: &mut Errors) -> Vec
         f.finish();
     }
     routes
+}
+
+/// Whether two routes at the same host and prefix would both take some
+/// method. A route without `methods` takes what the others there do not
+/// list, so it overlaps only another such route.
+fn methods_overlap(a: &[Method], b: &[Method]) -> bool {
+    match (a.is_empty(), b.is_empty()) {
+        (true, true) => true,
+        (false, false) => a.iter().any(|m| b.contains(m)),
+        _ => false,
+    }
+}
+
+/// `methods`: absent means every method; a listed one must be written as
+/// sent (methods are case-sensitive, so `get` would never match a `GET`).
+fn build_methods(f: &mut Fields<'_>) -> Vec<Method> {
+    const STANDARD: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+    let present = f.has("methods");
+    let texts = f.string_list("methods");
+    if present && texts.is_empty() {
+        f.error("methods", "lists no method (leave it out for every method)");
+    }
+    let mut methods = Vec::with_capacity(texts.len());
+    for text in &texts {
+        if let Some(s) = STANDARD.iter().find(|s| s.eq_ignore_ascii_case(text) && *s != text) {
+            f.error("methods", format!("{text:?}: methods are case-sensitive (did you mean {s:?}?)"));
+        } else if text == "CONNECT" {
+            f.error("methods", "CONNECT is never proxied");
+        } else {
+            match Method::from_bytes(text.as_bytes()) {
+                Ok(m) if methods.contains(&m) => f.error("methods", format!("{text:?} is listed twice")),
+                Ok(m) => methods.push(m),
+                Err(_) => f.error("methods", format!("{text:?} is not an HTTP method")),
+            }
+        }
+    }
+    methods
 }
 
 /// `none`: requests refused before routing, or matching no route (metrics
@@ -267,6 +323,7 @@ fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
             Some(h)
         }
     });
+    let methods = build_methods(f);
     let upstream_texts = f.string_list("upstreams");
     if upstream_texts.is_empty() {
         f.error("upstreams", "needs at least one URL");
@@ -317,6 +374,7 @@ fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
         name: name?,
         prefix: prefix?,
         host,
+        methods,
         upstreams,
         auth,
         roles,

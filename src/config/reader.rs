@@ -52,6 +52,11 @@ impl<'e> Fields<'e> {
         self.errors.push(&name, msg);
     }
 
+    /// Whether `key` is present (and not yet taken).
+    pub fn has(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
     fn take(&mut self, key: &str) -> Option<Value> {
         self.table.remove(key)
     }

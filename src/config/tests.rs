@@ -1,4 +1,5 @@
 use super::*;
+use hyper::Method;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
     Config::parse(text, Path::new("/etc/gateway/gateway.toml"))
@@ -226,4 +227,38 @@ fn an_upstream_client_certificate_needs_its_key_and_the_key_its_certificate() {
     assert!(err.contains("upstream.client_key"), "{err}");
     let err = parse("[upstream]\nclient_key = \"k.pem\"").expect_err("no cert").to_string();
     assert!(err.contains("upstream.client_cert"), "{err}");
+}
+
+#[test]
+fn routes_may_share_a_prefix_when_their_methods_do_not_overlap() {
+    let route = |name: &str, methods: Option<&str>| {
+        let methods = methods.map_or(String::new(), |m| format!("methods = {m}\n"));
+        format!("[[routes]]\nname = {name:?}\nprefix = \"/r\"\n{methods}upstreams = [\"http://10.0.0.1:80\"]\n")
+    };
+    let c = parse(
+        &[route("read", Some(r#"["GET", "HEAD"]"#)), route("write", Some(r#"["POST"]"#)), route("rest", None)].concat(),
+    )
+    .expect("disjoint methods, and one route for the rest");
+    assert_eq!(c.proxy.routes[0].methods, [Method::GET, Method::HEAD]);
+    assert!(c.proxy.routes[2].methods.is_empty());
+    let c = parse(&route("custom", Some(r#"["PROPFIND"]"#))).expect("any method token");
+    assert_eq!(c.proxy.routes[0].methods[0].as_str(), "PROPFIND");
+
+    let err = parse(&[route("a", Some(r#"["GET", "POST"]"#)), route("b", Some(r#"["PUT", "POST"]"#))].concat())
+        .expect_err("POST twice")
+        .to_string();
+    assert!(err.contains("routes[1].methods") && err.contains("POST") && err.contains("\"a\""), "{err}");
+    let err = parse(&[route("a", None), route("b", None)].concat()).expect_err("both take all").to_string();
+    assert!(err.contains("routes[1].prefix"), "{err}");
+    for (bad, says) in [
+        (r#"[]"#, "no method"),
+        (r#"["get"]"#, "did you mean \"GET\""),
+        (r#"["GET", "GET"]"#, "twice"),
+        (r#"["G T"]"#, "not an HTTP method"),
+        (r#"["CONNECT"]"#, "never proxied"),
+        (r#""GET""#, "array"),
+    ] {
+        let err = parse(&route("r", Some(bad))).expect_err(bad).to_string();
+        assert!(err.contains("routes[0].methods") && err.contains(says), "{bad}: {err}");
+    }
 }

@@ -3,7 +3,7 @@
 //! Client faults are 4xx with a JSON `error` code; upstream faults are 502 or
 //! 504; the body never names internal details.
 
-use hyper::header::{HeaderValue, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, ALLOW, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 
 use super::path::PathError;
@@ -21,6 +21,10 @@ pub enum Fault {
 pub enum ProxyError {
     #[error("no route matches")]
     NoRoute,
+    /// Routes match the path, but none takes the method; the methods they
+    /// take (the `Allow` field).
+    #[error("this path does not take this method")]
+    MethodNotAllowed(String),
     #[error("{0}")]
     BadPath(PathError),
     #[error("{0}")]
@@ -56,6 +60,7 @@ impl ProxyError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "not_found"),
+            ProxyError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ProxyError::BadPath(_) | ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             ProxyError::MissingToken => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ProxyError::InvalidToken(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
@@ -72,6 +77,11 @@ impl ProxyError {
     pub fn into_response(self) -> Response<Body> {
         let (status, code) = self.status_and_code();
         let mut response = json_error(status, code, &self.to_string());
+        if let ProxyError::MethodNotAllowed(allow) = &self {
+            if let Ok(v) = HeaderValue::from_str(allow) {
+                response.headers_mut().insert(ALLOW, v);
+            }
+        }
         let challenge = match self {
             ProxyError::MissingToken => Some("Bearer"),
             ProxyError::InvalidToken(_) => Some("Bearer error=\"invalid_token\""),

@@ -1,18 +1,44 @@
-//! The route table: host + longest segment-aware prefix.
+//! The route table: host + longest segment-aware prefix, then method.
 //!
 //! Built once per config (re)load and swapped atomically; matching is a
 //! linear scan over routes pre-sorted so that the first hit is the answer:
 //! host-specific routes before host-less ones, longer prefixes first. For the
 //! tens of routes a gateway has this beats any index, and allocates nothing.
+//!
+//! Routes may share a host and prefix when their `methods` do not overlap
+//! (config check refuses overlaps). They sort next to each other, those
+//! listing methods before the one (at most) listing none, and the request's
+//! method picks among them; a method none of them takes is a 405 rather than
+//! a fall-through to a shorter prefix, whose policy may be weaker.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use hyper::Method;
+
 use crate::config::{HeaderNames, ProxyConfig, RouteConfig, UpstreamTarget};
 
 /// The statuses whose request counters a route keeps at hand.
 const COMMON_STATUSES: [u16; 16] = [200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 413, 500, 502, 503, 504];
+
+/// Why no route takes a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Miss {
+    /// No route's host and prefix match.
+    NoRoute,
+    /// Routes match the host and prefix, but none takes the method; the
+    /// methods they do take, for `Allow`.
+    Method(String),
+}
+
+impl Route {
+    /// Whether this route serves `method` (a route without `methods`
+    /// serves every one).
+    pub fn takes(&self, method: &Method) -> bool {
+        self.config.methods.is_empty() || self.config.methods.contains(method)
+    }
+}
 
 /// A configured route plus its run-time state (round-robin position and the
 /// cool-down of upstreams that refused connections).
@@ -145,26 +171,62 @@ pub struct RouteTable {
 impl RouteTable {
     pub fn new(config: ProxyConfig) -> Self {
         let mut routes: Vec<Arc<Route>> = config.routes.into_iter().map(|r| Arc::new(Route::new(r))).collect();
+        // Host-specific first, then longer prefixes; routes sharing a host
+        // and prefix next to each other, the one taking every method last.
         routes.sort_by(|a, b| {
-            b.config
-                .host
+            let (a, b) = (&a.config, &b.config);
+            b.host
                 .is_some()
-                .cmp(&a.config.host.is_some())
-                .then(b.config.prefix.len().cmp(&a.config.prefix.len()))
+                .cmp(&a.host.is_some())
+                .then(b.prefix.len().cmp(&a.prefix.len()))
+                .then_with(|| a.host.cmp(&b.host))
+                .then_with(|| a.prefix.cmp(&b.prefix))
+                .then(a.methods.is_empty().cmp(&b.methods.is_empty()))
         });
         Self { routes, headers: config.headers }
     }
 
-    /// The route for `host` (without port; any case) and a normalised path.
-    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
-        self.routes.iter().find(|r| {
-            let host_ok = match (&r.config.host, host) {
-                (None, _) => true,
-                (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
-                (Some(_), None) => false,
-            };
-            host_ok && prefix_matches(&r.config.prefix, path)
-        })
+    /// The route for `host` (without port; any case), a normalised path and
+    /// `method`. `announced` is the method a CORS preflight announces
+    /// (`Access-Control-Request-Method`): an `OPTIONS` no route there lists
+    /// goes to the route that will serve the request it announces, whose
+    /// `cors_preflight` then decides.
+    pub fn find(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        method: &Method,
+        announced: Option<&Method>,
+    ) -> Result<&Arc<Route>, Miss> {
+        let start = self
+            .routes
+            .iter()
+            .position(|r| {
+                let host_ok = match (&r.config.host, host) {
+                    (None, _) => true,
+                    (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
+                    (Some(_), None) => false,
+                };
+                host_ok && prefix_matches(&r.config.prefix, path)
+            })
+            .ok_or(Miss::NoRoute)?;
+        let first = &self.routes[start];
+        // The usual case: the only route at this host and prefix takes
+        // every method.
+        if first.config.methods.is_empty() {
+            return Ok(first);
+        }
+        let group = self.routes[start..]
+            .iter()
+            .take_while(|r| r.config.host == first.config.host && r.config.prefix == first.config.prefix);
+        let listing = |m: &Method| group.clone().find(|r| r.config.methods.contains(m));
+        listing(method)
+            .or_else(|| announced.filter(|_| *method == Method::OPTIONS).and_then(listing))
+            .or_else(|| group.clone().find(|r| r.config.methods.is_empty()))
+            .ok_or_else(|| {
+                let allow: Vec<&str> = group.flat_map(|r| &r.config.methods).map(Method::as_str).collect();
+                Miss::Method(allow.join(", "))
+            })
     }
 
     pub fn len(&self) -> usize {
@@ -234,7 +296,8 @@ mod tests {
     #[test]
     fn longest_segment_prefix_and_host_first() {
         let t = table(ROUTES);
-        let name = |host: Option<&str>, path: &str| t.find(host, path).map(|r| r.config.name.clone());
+        let name =
+            |host: Option<&str>, path: &str| t.find(host, path, &Method::GET, None).ok().map(|r| r.config.name.clone());
         assert_eq!(name(None, "/api/orders/7").as_deref(), Some("orders"));
         assert_eq!(name(None, "/api/orders").as_deref(), Some("orders"));
         assert_eq!(name(None, "/api/ordersx").as_deref(), Some("api"));
@@ -244,9 +307,74 @@ mod tests {
     }
 
     #[test]
+    fn methods_choose_among_routes_sharing_a_prefix() {
+        let t = table(
+            r#"
+            [[routes]]
+            name = "shorter"
+            prefix = "/api"
+            upstreams = ["http://127.0.0.1:1"]
+            auth = "public"
+            [[routes]]
+            name = "write"
+            prefix = "/api/orders"
+            methods = ["POST", "DELETE"]
+            upstreams = ["http://127.0.0.1:2"]
+            [[routes]]
+            name = "read"
+            prefix = "/api/orders"
+            methods = ["GET", "HEAD"]
+            cors_preflight = true
+            upstreams = ["http://127.0.0.1:3"]
+            [[routes]]
+            name = "same-length"
+            prefix = "/api/ordera"
+            upstreams = ["http://127.0.0.1:4"]
+            [[routes]]
+            name = "host-read"
+            host = "a.example"
+            prefix = "/api/orders"
+            methods = ["GET"]
+            upstreams = ["http://127.0.0.1:5"]
+            [[routes]]
+            name = "host-rest"
+            host = "a.example"
+            prefix = "/api/orders"
+            upstreams = ["http://127.0.0.1:6"]
+            "#,
+        );
+        let find = |host: Option<&str>, method: &str, announced: Option<&str>| {
+            let method = Method::from_bytes(method.as_bytes()).expect("method");
+            let announced = announced.map(|m| Method::from_bytes(m.as_bytes()).expect("method"));
+            t.find(host, "/api/orders/7", &method, announced.as_ref()).map(|r| r.config.name.clone())
+        };
+        assert_eq!(find(None, "GET", None).as_deref(), Ok("read"));
+        assert_eq!(find(None, "DELETE", None).as_deref(), Ok("write"));
+        // Not a fall-through to "/api", whose policy is weaker.
+        assert_eq!(find(None, "PUT", None), Err(Miss::Method("POST, DELETE, GET, HEAD".into())));
+        assert_eq!(find(None, "OPTIONS", None), Err(Miss::Method("POST, DELETE, GET, HEAD".into())));
+        // A preflight goes where the request it announces will.
+        assert_eq!(find(None, "OPTIONS", Some("DELETE")).as_deref(), Ok("write"));
+        assert_eq!(find(None, "OPTIONS", Some("GET")).as_deref(), Ok("read"));
+        assert!(find(None, "OPTIONS", Some("PUT")).is_err());
+        // Only an OPTIONS announces anything.
+        assert!(find(None, "PUT", Some("GET")).is_err());
+        // The route without methods takes what the others do not list.
+        assert_eq!(find(Some("a.example"), "GET", None).as_deref(), Ok("host-read"));
+        assert_eq!(find(Some("a.example"), "PUT", None).as_deref(), Ok("host-rest"));
+        assert_eq!(find(Some("a.example"), "OPTIONS", Some("GET")).as_deref(), Ok("host-read"));
+        assert_eq!(find(Some("a.example"), "OPTIONS", Some("PUT")).as_deref(), Ok("host-rest"));
+        assert_eq!(
+            t.find(None, "/api/ordera", &Method::PUT, None).map(|r| r.config.name.clone()).as_deref(),
+            Ok("same-length")
+        );
+        assert_eq!(t.find(None, "/x", &Method::GET, None).map(|r| r.config.name.clone()), Err(Miss::NoRoute));
+    }
+
+    #[test]
     fn strip_prefix_and_base_path() {
         let t = table(ROUTES);
-        let r = t.find(None, "/api/orders/7").expect("route");
+        let r = t.find(None, "/api/orders/7", &Method::GET, None).expect("route");
         assert_eq!(r.upstream_path(0, "/api/orders/7").concat(), "/base/7");
         assert_eq!(r.upstream_path(0, "/api/orders").concat(), "/base/");
     }
@@ -268,7 +396,7 @@ mod tests {
             upstreams = ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"]
             "#,
         );
-        let r = t.find(None, "/").expect("route");
+        let r = t.find(None, "/", &Method::GET, None).expect("route");
         assert_eq!((r.pick(), r.pick(), r.pick(), r.pick()), (0, 1, 2, 0));
         r.cool_down(2, Duration::from_secs(60));
         let picks: Vec<usize> = (0..6).map(|_| r.pick()).collect();

@@ -13,8 +13,8 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_error, assert_error_in, assert_invalid_token, assert_status, eventually, jwt_part, parse_uuid, raw_request,
-    route, spawn_app_with, TestApp, TestOptions, Tokens, PASSWORD,
+    assert_error, assert_error_in, assert_invalid_token, assert_status, eventually, jwt_part, metric, parse_uuid,
+    raw_request, route, spawn_app_with, TestApp, TestOptions, Tokens, PASSWORD,
 };
 use crate::upstream::{dead_upstream_url, echo, spawn_upstream, Upstream};
 
@@ -628,6 +628,106 @@ async fn scopes_are_all_of() {
     }
     assert_eq!(f.svc.hits(), before, "a request lacking scopes reached the upstream");
     f.app.stop().await;
+}
+
+/// Routes sharing a prefix split it by method, each with its own policy: a
+/// reader may GET but not DELETE. A method no route there takes is a 405
+/// naming the methods that are taken, before any token is judged, and never
+/// a fall-through to a shorter prefix with a weaker policy. A CORS preflight
+/// goes to the route that will serve the request it announces, whose
+/// `cors_preflight` decides.
+#[tokio::test]
+async fn methods_split_a_prefix_between_policies() {
+    let reads = spawn_upstream("reads").await;
+    let writes = spawn_upstream("writes").await;
+    let open = spawn_upstream("open").await;
+    let extra = [
+        route(
+            "orders-read",
+            "/orders",
+            &[reads.url()],
+            "methods = [\"GET\", \"HEAD\"]\nscopes = [\"orders:read\"]\ncors_preflight = true",
+        ),
+        route(
+            "orders-write",
+            "/orders",
+            &[writes.url()],
+            "methods = [\"POST\", \"DELETE\"]\nscopes = [\"orders:write\"]",
+        ),
+        route("open", "/open", &[open.url()], "auth = \"public\""),
+        route("open-admin", "/open/admin", &[writes.url()], "methods = [\"DELETE\"]\nroles = [\"admin\"]"),
+    ]
+    .concat();
+    let app = spawn_app_with(TestOptions::with_extra(extra)).await;
+    app.create_user("default", ADMIN, PASSWORD, &["admin"], &["orders:read", "orders:write"]).await;
+    app.create_user("default", READER, PASSWORD, &[], &["orders:read"]).await;
+    let admin = app.login_ok(ADMIN, PASSWORD, None).await.access_token;
+    let reader = app.login_ok(READER, PASSWORD, None).await.access_token;
+    let send = |method: Method, path: &str, token: Option<&str>| {
+        let mut req = app.client.request(method.clone(), app.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let what = format!("{method} {path}");
+        async move { req.send().await.unwrap_or_else(|e| panic!("{what}: {e}")) }
+    };
+
+    let e = echo(send(Method::GET, "/orders/7", Some(&reader)).await).await;
+    assert_eq!((e.upstream(), e.method()), ("reads", "GET"), "{}", e.0);
+    let resp = send(Method::DELETE, "/orders/7", Some(&reader)).await;
+    assert_error(resp, StatusCode::FORBIDDEN, "insufficient_scope").await;
+    assert_eq!(writes.hits(), 0, "a reader's DELETE reached the write upstream");
+    let e = echo(send(Method::DELETE, "/orders/7", Some(&admin)).await).await;
+    assert_eq!((e.upstream(), e.method(), e.path()), ("writes", "DELETE", "/orders/7"), "{}", e.0);
+
+    for (case, method, path, token) in [
+        ("PUT with a token that could write", Method::PUT, "/orders/7", Some(admin.as_str())),
+        ("PUT without a token", Method::PUT, "/orders", None),
+        ("a bare OPTIONS", Method::OPTIONS, "/orders/7", None),
+        ("PATCH", Method::PATCH, "/orders/7", Some(admin.as_str())),
+    ] {
+        let resp = send(method, path, token).await;
+        let allow = resp.headers().get("allow").map(|v| v.to_str().expect("ASCII").to_owned());
+        assert_error_in(case, resp, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+        assert_eq!(allow.as_deref(), Some("GET, HEAD, POST, DELETE"), "{case}: Allow");
+    }
+    // "/open" is public, but "/open/admin" is the longer prefix: a method it
+    // does not take stops there.
+    let resp = send(Method::GET, "/open/admin/users", None).await;
+    assert_error(resp, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    assert_eq!(open.hits(), 0, "a method the longer prefix refuses fell through to the public route");
+    assert_eq!(echo(send(Method::GET, "/open/other", None).await).await.upstream(), "open");
+    let resp = send(Method::DELETE, "/open/admin/users", Some(&reader)).await;
+    assert_error(resp, StatusCode::FORBIDDEN, "forbidden").await;
+
+    let origin = "https://app.example.com";
+    let preflight = |announces: &str| {
+        app.client
+            .request(Method::OPTIONS, app.url("/orders/7"))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", announces)
+    };
+    let (reads_before, writes_before) = (reads.hits(), writes.hits());
+    let e = echo(preflight("GET").send().await.expect("preflight for a GET")).await;
+    assert_eq!((e.upstream(), e.method()), ("reads", "OPTIONS"), "{}", e.0);
+    assert_eq!(e.one("access-control-request-method"), "GET", "{}", e.0);
+    // The write route forwards no preflight without a token.
+    assert_missing_token("a preflight for a DELETE", preflight("DELETE").send().await.expect("send")).await;
+    let resp = preflight("PUT").send().await.expect("send");
+    assert_error(resp, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    // Routed by the method it announces, then not a preflight once its
+    // Connection-nominated Origin is gone: refused, never forwarded.
+    let resp = preflight("GET").header("Connection", "Origin").send().await.expect("send");
+    assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
+    assert_eq!(
+        (reads.hits(), writes.hits()),
+        (reads_before + 1, writes_before),
+        "refused requests reached an upstream"
+    );
+
+    let metrics = app.metrics().await;
+    assert!(metric(&metrics, "gateway_requests_total", &[("route", "none"), ("status", "405")]) >= 6.0, "{metrics}");
+    app.stop().await;
 }
 
 #[tokio::test]
