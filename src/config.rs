@@ -41,10 +41,13 @@ pub struct ServerConfig {
     /// Peers whose `X-Forwarded-*` headers are extended rather than replaced.
     pub trusted_proxies: Vec<IpNet>,
     pub tls: Option<TlsConfig>,
-    /// A client must send its whole request head within this (slowloris).
-    /// The same timer runs while a kept-alive connection waits for its next
-    /// request, so this is also the idle keep-alive timeout.
+    /// A client must send its whole request head within this (slowloris):
+    /// a new connection's first head from the accept, a later one from its
+    /// first byte.
     pub header_read_timeout: Duration,
+    /// How long a connection with no request in flight is kept open for
+    /// the next one (HTTP/1.1 keep-alive; HTTP/2 with no open stream).
+    pub idle_timeout: Duration,
     /// A client that takes no byte of its answer for this long (HTTP/1.1)
     /// is disconnected, freeing its slot and upstream connection.
     pub send_timeout: Duration,
@@ -304,6 +307,7 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<
     }
     let tls_t = f.table("tls");
     let header_read_timeout = f.duration_or("header_read_timeout", "10s", Duration::from_millis(10));
+    let idle_timeout = f.duration_or("idle_timeout", "75s", Duration::from_millis(10));
     let send_timeout = f.duration_or("send_timeout", "60s", Duration::from_millis(10));
     let max_header_bytes = f.size_or("max_header_size", 16 << 10) as usize;
     if !(8 << 10..=1 << 20).contains(&max_header_bytes) {
@@ -344,6 +348,7 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<
         trusted_proxies,
         tls,
         header_read_timeout,
+        idle_timeout,
         send_timeout,
         max_header_bytes: max_header_bytes.clamp(8 << 10, 1 << 20),
         max_connections,

@@ -16,8 +16,9 @@
 //!
 //! Limits, and why they sit here rather than in a layer: the connection cap
 //! refuses a socket before any byte is read; the header read timeout
-//! (slowloris; also the idle keep-alive limit) and the header size (431)
-//! are enforced while a head is read, before the proxy runs; malformed
+//! (slowloris), the idle timeout (a connection with nothing in flight, in
+//! either protocol) and the header size (431) are enforced while a head is
+//! awaited or read, before the proxy runs; malformed
 //! requests are answered 400 and the connection closes. Body limits are per
 //! route, so they live in the proxy.
 
@@ -26,8 +27,9 @@ pub mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use hyper::server::conn::http2;
@@ -132,6 +134,7 @@ pub async fn serve_public(
     let h2 = Arc::new(h2);
     let http1 = http1::server::Settings {
         header_read_timeout: settings.header_read_timeout,
+        idle_timeout: settings.idle_timeout,
         send_timeout: settings.send_timeout,
         max_head_bytes: settings.max_header_bytes,
     };
@@ -241,30 +244,154 @@ async fn serve_connection<I: Io>(ctx: ConnContext, io: I, conn: Conn, h2: bool) 
 }
 
 /// Serves an HTTP/2 connection with hyper. One that has not started a
-/// request within the header read timeout is closed, as HTTP/1.1 ones are.
+/// request within the header read timeout is closed, as HTTP/1.1 ones are;
+/// one with no open stream for `server.idle_timeout` is sent a GOAWAY and
+/// given the header read timeout to go (hyper has no idle timer of its
+/// own, and its keep-alive pings, which any client answers, would keep an
+/// idle connection and its slot forever).
 async fn serve_h2(ctx: ConnContext, io: Upgraded, conn: Conn) {
     let peer = conn.peer;
-    let started = Arc::new(AtomicBool::new(false));
-    let seen = Arc::clone(&started);
+    let streams = Arc::new(Streams::new());
+    let tracked = Arc::clone(&streams);
     let proxy = ctx.proxy;
     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        seen.store(true, Ordering::Relaxed);
+        // Held by the answer's body until hyper is done with it (sent, or
+        // the stream reset), or by this future if it is dropped first.
+        let open = StreamGuard::new(&tracked);
         let proxy = Arc::clone(&proxy);
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(Box::pin(proxy.serve(req.map(Body::new), None, &conn, None)).await) }
+        async move {
+            let response = Box::pin(proxy.serve(req.map(Body::new), None, &conn, None)).await;
+            Ok::<_, Infallible>(response.map(|inner| Body::new(Tracked { inner, _open: open })))
+        }
     });
-    let mut connection = Box::pin(ctx.watcher.watch(ctx.h2.serve_connection(TokioIo::new(io), service)));
-    let result = tokio::select! {
-        result = &mut connection => result,
-        () = tokio::time::sleep(ctx.http1.header_read_timeout) => {
-            if !started.load(Ordering::Relaxed) {
-                tracing::debug!(%peer, "no request within the header read timeout; closing");
-                return;
+    // Held for the connection's life: graceful shutdown waits for it.
+    let _watcher = ctx.watcher;
+    let mut connection = std::pin::pin!(ctx.h2.serve_connection(TokioIo::new(io), service));
+    let (header_read, idle) = (ctx.http1.header_read_timeout, ctx.http1.idle_timeout);
+    let timer = tokio::time::sleep(header_read);
+    tokio::pin!(timer);
+    let mut stop = ctx.shutdown.clone();
+    // A GOAWAY went out (idle, or shutdown); shutdown's grace bounds the rest.
+    let (mut goaway, mut stopping) = (false, false);
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            _ = stop.wait_for(|stop| *stop), if !stopping => {
+                stopping = true;
+                if !goaway {
+                    connection.as_mut().graceful_shutdown();
+                    goaway = true;
+                }
             }
-            connection.await
+            () = &mut timer, if !stopping => {
+                let now = Instant::now();
+                let next = match streams.idle_since() {
+                    // A stream is open: nothing to judge until it ends.
+                    None => now + idle,
+                    Some(None) if !goaway => {
+                        let limit = streams.epoch + header_read;
+                        if now >= limit {
+                            tracing::debug!(%peer, "no request within the header read timeout; closing");
+                            return;
+                        }
+                        limit
+                    }
+                    Some(Some(since)) if !goaway => {
+                        let limit = since + idle;
+                        if now < limit {
+                            limit
+                        } else {
+                            tracing::debug!(%peer, "idle for server.idle_timeout; sending GOAWAY");
+                            connection.as_mut().graceful_shutdown();
+                            goaway = true;
+                            now + header_read
+                        }
+                    }
+                    // The GOAWAY went out a header read timeout ago, nothing
+                    // is open, and the client is still here.
+                    Some(_) => {
+                        tracing::debug!(%peer, "closing after a GOAWAY the client did not act on");
+                        return;
+                    }
+                };
+                timer.as_mut().reset(next.into());
+            }
         }
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection closed with an error");
+    }
+}
+
+/// The open streams of one HTTP/2 connection and when the last one ended:
+/// what its idle timer judges.
+struct Streams {
+    open: AtomicUsize,
+    /// Milliseconds after `epoch` at which the last stream ended; `u64::MAX`
+    /// while none has started.
+    last_end: AtomicU64,
+    epoch: Instant,
+}
+
+impl Streams {
+    fn new() -> Self {
+        Self { open: AtomicUsize::new(0), last_end: AtomicU64::new(u64::MAX), epoch: Instant::now() }
+    }
+
+    /// `None` while a stream is open; else when the last one ended, or
+    /// `Some(None)` if none has started.
+    fn idle_since(&self) -> Option<Option<Instant>> {
+        if self.open.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        match self.last_end.load(Ordering::Acquire) {
+            u64::MAX => Some(None),
+            ms => Some(Some(self.epoch + std::time::Duration::from_millis(ms))),
+        }
+    }
+}
+
+/// One open stream: counted from the request until its answer is done with.
+struct StreamGuard(Arc<Streams>);
+
+impl StreamGuard {
+    fn new(streams: &Arc<Streams>) -> Self {
+        streams.open.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(streams))
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let ms = u64::try_from(self.0.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.0.last_end.store(ms, Ordering::Release);
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An HTTP/2 answer's body, holding its stream's [`StreamGuard`].
+struct Tracked {
+    inner: Body,
+    _open: StreamGuard,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }

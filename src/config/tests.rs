@@ -11,6 +11,10 @@ fn empty_file_gives_documented_defaults() {
     assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
     assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9090");
     assert_eq!(c.database.url, DatabaseUrl::Sqlite("/etc/gateway/gateway.db".into()));
+    assert_eq!(
+        (c.server.header_read_timeout, c.server.idle_timeout),
+        (Duration::from_secs(10), Duration::from_secs(75))
+    );
     assert_eq!(c.auth.access_token_ttl, Duration::from_secs(900));
     assert_eq!(c.auth.refresh_token_ttl, Duration::from_secs(30 * 86400));
     assert_eq!(c.auth.keys_dir, PathBuf::from("/etc/gateway/keys"));

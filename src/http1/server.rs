@@ -11,11 +11,15 @@
 //! scratch buffer and only the bytes read are copied out, and the read
 //! buffer is released between requests.
 //!
-//! Time limits: `header_read_timeout` bounds the wait for each complete
-//! head, counted from the moment the connection is ready for it (so it is
-//! also the idle keep-alive limit, and a connection that never sends a
-//! byte is closed after it). One timer per connection is re-armed only when
-//! it fires, not per request.
+//! Time limits: `header_read_timeout` bounds the first head from the
+//! accept (a connection that never sends a byte is closed after it), and
+//! each later head from its first byte; between requests a kept-alive
+//! connection waits up to `idle_timeout` for that byte. One timer per
+//! connection is re-armed only when it fires, not per request: while a
+//! connection is idle it fires at least every `header_read_timeout`, so a
+//! head that starts during a long idle wait is still held to its own limit.
+//! The time a head started is only taken when it did not arrive whole in
+//! one read.
 //!
 //! After an answer, the connection closes when the client asked for it,
 //! when the gateway is shutting down, or when the request's body was
@@ -62,6 +66,8 @@ const LINGER_BYTES: usize = 1024 * 1024;
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
     pub header_read_timeout: Duration,
+    /// How long a kept-alive connection waits for its next request.
+    pub idle_timeout: Duration,
     /// How long a write may wait for the client to take bytes.
     pub send_timeout: Duration,
     pub max_head_bytes: usize,
@@ -73,6 +79,9 @@ struct Shared<I> {
     decoder: Decoder,
     /// How far the search for the end of the next head has got.
     head_scan: usize,
+    /// When a head that did not arrive whole in one read started (noted
+    /// when its reader first waits for more).
+    head_started: Option<Instant>,
     send_timeout: Duration,
     /// Bytes of the `100 Continue` still to be written before the body is
     /// read (when the client asked for one).
@@ -156,6 +165,7 @@ pub async fn serve<I: Io>(
         rbuf: BytesMut::new(),
         decoder: Decoder::new(Framing::Empty),
         head_scan: 0,
+        head_started: None,
         send_timeout: settings.send_timeout,
         continue_left: 0,
         generation: 0,
@@ -178,7 +188,9 @@ pub async fn serve<I: Io>(
     tokio::pin!(route_timer);
     let mut first = true;
     loop {
-        // Wait for a complete head, at most `timeout` from now.
+        // Wait for a complete head: the first within `timeout` of the
+        // accept; a later one within `idle_timeout` for its first byte, then
+        // `timeout` from that byte.
         let waiting_since = Instant::now();
         let head = loop {
             let idle = lock(&shared).rbuf.is_empty();
@@ -186,12 +198,20 @@ pub async fn serve<I: Io>(
                 biased;
                 head = poll_fn(|cx| poll_head(&shared, cx, settings.max_head_bytes, first)) => break head,
                 () = &mut timer => {
-                    let deadline = waiting_since + timeout;
-                    if Instant::now() >= deadline {
-                        tracing::debug!(peer = %conn.peer, "no complete request head within the header read timeout");
+                    let now = Instant::now();
+                    let deadline = match lock(&shared).head_started {
+                        _ if first => waiting_since + timeout,
+                        Some(started) => started + timeout,
+                        None => waiting_since + settings.idle_timeout,
+                    };
+                    if now >= deadline {
+                        tracing::debug!(
+                            peer = %conn.peer,
+                            "no complete request head within the header read (or idle) timeout"
+                        );
                         return Served::Done;
                     }
-                    timer.as_mut().reset(deadline.into());
+                    timer.as_mut().reset(deadline.min(now + timeout).into());
                 }
                 () = &mut stopping, if idle => return Served::Done,
             }
@@ -368,13 +388,22 @@ fn poll_head<I: Io>(
             match parse_head(&mut g.rbuf, max) {
                 Ok(Some(head)) => {
                     g.head_scan = 0;
+                    g.head_started = None;
                     return Poll::Ready(Ok(Polled::Head(head)));
                 }
                 Ok(None) => {}
                 Err(e) => return Poll::Ready(Ok(Polled::Refused(e))),
             }
         }
-        let n = ready!(poll_read_head(&mut g.io, cx, &mut g.rbuf))?;
+        let n = match poll_read_head(&mut g.io, cx, &mut g.rbuf) {
+            Poll::Ready(n) => n?,
+            Poll::Pending => {
+                if !g.rbuf.is_empty() && g.head_started.is_none() {
+                    g.head_started = Some(Instant::now());
+                }
+                return Poll::Pending;
+            }
+        };
         if n == 0 {
             return Poll::Ready(Ok(Polled::Closed));
         }

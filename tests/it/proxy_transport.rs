@@ -884,7 +884,7 @@ async fn metrics_count_proxied_requests() {
 async fn connections_that_send_no_request_head_are_closed() {
     let svc = spawn_upstream("raw").await;
     let opts = TestOptions {
-        server_extra: "header_read_timeout = \"500ms\"".to_owned(),
+        server_extra: "header_read_timeout = \"500ms\"\nidle_timeout = \"1s\"".to_owned(),
         extra: route("raw", "/raw", &[svc.url()], PUBLIC),
         ..TestOptions::default()
     };
@@ -942,6 +942,121 @@ async fn connections_that_send_no_request_head_are_closed() {
     // Still serving.
     let e = echo(app.get("/raw/ok").await).await;
     assert_eq!(e.path(), "/raw/ok");
+    app.stop().await;
+}
+
+/// Reads until the peer closes (or fails); false if it is still open after `limit`.
+async fn closes_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let mut sink = Vec::new();
+    tokio::time::timeout(limit, async {
+        let mut buf = [0_u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => sink.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Reads one answer's head (the echo's bodies are short and come with it).
+async fn read_answer(stream: &mut TcpStream, what: &str) -> String {
+    let mut buf = vec![0_u8; 16 * 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Between requests a kept-alive HTTP/1.1 connection waits up to
+/// `idle_timeout` for the next one, longer than the header read timeout,
+/// and is closed after it; but a head that starts during that wait must
+/// still arrive within the header read timeout of its first byte.
+#[tokio::test]
+async fn kept_alive_connections_wait_the_idle_timeout_and_heads_still_the_header_timeout() {
+    let svc = spawn_upstream("raw").await;
+    let opts = TestOptions {
+        server_extra: "header_read_timeout = \"300ms\"\nidle_timeout = \"8s\"".to_owned(),
+        extra: route("raw", "/raw", &[svc.url()], PUBLIC),
+        ..TestOptions::default()
+    };
+    let app = spawn_app_with(opts).await;
+    let request = |path: &str| format!("GET /raw/{path} HTTP/1.1\r\nHost: gateway.test\r\n\r\n");
+
+    // Idle for over three header read timeouts, then a second request on
+    // the same connection.
+    let mut stream = TcpStream::connect(app.addr).await.expect("connect to the gateway");
+    stream.write_all(request("one").as_bytes()).await.expect("write");
+    assert!(read_answer(&mut stream, "first").await.starts_with("HTTP/1.1 200 "));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stream.write_all(request("two").as_bytes()).await.expect("the connection is still open");
+    let second = read_answer(&mut stream, "second").await;
+    assert!(second.starts_with("HTTP/1.1 200 "), "after 1 s idle: {second}");
+    assert_eq!(svc.hits(), 2);
+
+    // A head begun during the idle wait and never finished: closed by the
+    // header read timeout, well before the idle timeout would.
+    let mut slow = TcpStream::connect(app.addr).await.expect("connect to the gateway");
+    slow.write_all(request("three").as_bytes()).await.expect("write");
+    assert!(read_answer(&mut slow, "third").await.starts_with("HTTP/1.1 200 "));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    slow.write_all(b"GET /raw/never HTTP/1.1\r\nHost: gateway.test\r\n").await.expect("write half a head");
+    assert!(
+        closes_within(&mut slow, Duration::from_secs(4)).await,
+        "half a head kept its connection 4 s with header_read_timeout = 300ms (idle_timeout = 8s)"
+    );
+
+    // And the first connection, left idle, is closed by the idle timeout.
+    assert!(closes_within(&mut stream, Duration::from_secs(20)).await, "still open 20 s with idle_timeout = 8s");
+    assert_eq!(svc.hits(), 3, "an incomplete head reached the upstream");
+    app.stop().await;
+}
+
+/// An HTTP/2 connection is not kept forever by its keep-alive pings: with no
+/// open stream for `idle_timeout` it gets a GOAWAY and ends. A stream open
+/// for longer than that (a slow upstream) is not cut, and a connection idle
+/// for less is still served.
+#[tokio::test]
+async fn idle_http2_connections_are_sent_away_but_open_streams_are_not_cut() {
+    let svc = spawn_upstream("h2").await;
+    let opts = TestOptions {
+        server_extra: "header_read_timeout = \"500ms\"\nidle_timeout = \"2s\"".to_owned(),
+        extra: route("h2", "/h2", &[svc.url()], PUBLIC),
+        ..TestOptions::default()
+    };
+    let app = spawn_app_with(opts).await;
+    let tcp = TcpStream::connect(app.addr).await.expect("connect to the gateway");
+    let (mut send, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("HTTP/2 handshake");
+    let mut ended = tokio::spawn(connection);
+    let get = |path: &str| {
+        hyper::Request::get(format!("http://{}{path}", app.addr))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .expect("a request")
+    };
+
+    let resp = send.send_request(get("/h2/one")).await.expect("first request");
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop(resp);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let resp = send.send_request(get("/h2/two")).await.expect("a request after 1 s idle");
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop(resp);
+    // Open for 3.5 s, longer than the idle timeout.
+    let started = Instant::now();
+    let resp = send.send_request(get("/h2/slow?mode=slow&ms=3500")).await.expect("a slow request");
+    assert_eq!(resp.status(), StatusCode::OK, "the slow answer");
+    assert!(started.elapsed() >= Duration::from_millis(3500), "the upstream was not slow");
+    drop(resp);
+    assert_eq!(svc.hits(), 3);
+
+    let closed = tokio::time::timeout(Duration::from_secs(20), &mut ended).await;
+    assert!(closed.is_ok(), "an idle HTTP/2 connection was still open 20 s after its last stream (idle_timeout = 2s)");
     app.stop().await;
 }
 
