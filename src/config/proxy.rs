@@ -95,9 +95,11 @@ pub struct HeaderNames {
 
 /// Headers stripped from every request whatever `[headers]` says: the
 /// identity headers, and those upstream frameworks read as the client's
-/// address or the request's "real" path (`Forwarded`, `X-Real-IP`,
-/// `X-Original-URL`, …), which only the gateway may state.
-pub const DEFAULT_RESERVED: [&str; 12] = [
+/// address, the request's "real" path (`Forwarded`, `X-Real-IP`,
+/// `X-Original-URL`, …) or its "real" method (Rack, ASP.NET, Express and
+/// Symfony honour `X-HTTP-Method-Override` on a POST), which only the
+/// gateway may state: a route's `methods` judged the method it saw.
+pub const DEFAULT_RESERVED: [&str; 15] = [
     "x-user-id",
     "x-tenant-id",
     "x-user-roles",
@@ -110,6 +112,9 @@ pub const DEFAULT_RESERVED: [&str; 12] = [
     "x-original-url",
     "x-rewrite-url",
     "x-original-uri",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
 ];
 
 /// Lower-cases and maps `_` and `.` to `-`, the way some servers and CGI
@@ -203,6 +208,7 @@ pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNa
 
 pub(super) fn build_routes(tables: Vec<toml::Table>, errors: &mut Errors) -> Vec<RouteConfig> {
     let mut routes: Vec<RouteConfig> = Vec::with_capacity(tables.len());
+    let mut lone_gets = Vec::new();
     for (i, table) in tables.into_iter().enumerate() {
         let mut f = Fields::new(&format!("routes[{i}]"), table, errors);
         if let Some(route) = build_route(&mut f) {
@@ -227,10 +233,29 @@ pub(super) fn build_routes(tables: Vec<toml::Table>, errors: &mut Errors) -> Vec
                     );
                 }
             } else {
+                if route.methods.contains(&Method::GET) && !route.methods.contains(&Method::HEAD) {
+                    lone_gets.push((i, routes.len()));
+                }
                 routes.push(route);
             }
         }
         f.finish();
+    }
+    // A HEAD runs the GET handler in most frameworks (headers, side
+    // effects): one left to a route without `methods` would be judged by
+    // that route's policy instead of the GET route's.
+    for (i, at) in lone_gets {
+        let get = &routes[at];
+        let rest = routes.iter().find(|r| r.host == get.host && r.prefix == get.prefix && r.methods.is_empty());
+        if let Some(rest) = rest {
+            errors.push(
+                &format!("routes[{i}].methods"),
+                format!(
+                    "lists GET but not HEAD, so a HEAD would go to route {:?} and its policy; list HEAD too",
+                    rest.name
+                ),
+            );
+        }
     }
     routes
 }
@@ -259,6 +284,8 @@ fn build_methods(f: &mut Fields<'_>) -> Vec<Method> {
     for text in &texts {
         if let Some(s) = STANDARD.iter().find(|s| s.eq_ignore_ascii_case(text) && *s != text) {
             f.error("methods", format!("{text:?}: methods are case-sensitive (did you mean {s:?}?)"));
+        } else if text.bytes().any(|b| b.is_ascii_lowercase()) {
+            f.error("methods", format!("{text:?}: requests whose method has lower-case letters are refused"));
         } else if text == "CONNECT" {
             f.error("methods", "CONNECT is never proxied");
         } else {

@@ -260,9 +260,28 @@ fn routes_may_share_a_prefix_when_their_methods_do_not_overlap() {
         (r#"["GET", "GET"]"#, "twice"),
         (r#"["G T"]"#, "not an HTTP method"),
         (r#"["CONNECT"]"#, "never proxied"),
+        (r#"["propfind"]"#, "lower-case"),
         (r#""GET""#, "array"),
     ] {
         let err = parse(&route("r", Some(bad))).expect_err(bad).to_string();
         assert!(err.contains("routes[0].methods") && err.contains(says), "{bad}: {err}");
     }
+}
+
+#[test]
+fn a_get_route_without_head_next_to_a_route_for_every_method_is_refused() {
+    let route = |name: &str, host: &str, methods: Option<&str>| {
+        let methods = methods.map_or(String::new(), |m| format!("methods = {m}\n"));
+        format!("[[routes]]\nname = {name:?}\nprefix = \"/r\"\n{host}{methods}upstreams = [\"http://10.0.0.1:80\"]\n")
+    };
+    let err = parse(&[route("rest", "", None), route("read", "", Some(r#"["GET"]"#))].concat())
+        .expect_err("HEAD would go to the other route")
+        .to_string();
+    assert!(err.contains("routes[1].methods") && err.contains("HEAD") && err.contains("\"rest\""), "{err}");
+    parse(&[route("rest", "", None), route("read", "", Some(r#"["GET", "HEAD"]"#))].concat()).expect("HEAD listed");
+    parse(&[route("head", "", Some(r#"["HEAD"]"#)), route("read", "", Some(r#"["GET"]"#))].concat())
+        .expect("HEAD given to a route of its own on purpose");
+    parse(&route("read", "", Some(r#"["GET"]"#))).expect("alone, a HEAD is a 405");
+    parse(&[route("rest", "host = \"a.example\"\n", None), route("read", "", Some(r#"["GET"]"#))].concat())
+        .expect("a route for every method on another host");
 }

@@ -334,7 +334,7 @@ mod tests {
             name = "host-read"
             host = "a.example"
             prefix = "/api/orders"
-            methods = ["GET"]
+            methods = ["GET", "HEAD"]
             upstreams = ["http://127.0.0.1:5"]
             [[routes]]
             name = "host-rest"
@@ -369,6 +369,26 @@ mod tests {
             Ok("same-length")
         );
         assert_eq!(t.find(None, "/x", &Method::GET, None).map(|r| r.config.name.clone()), Err(Miss::NoRoute));
+        // A host's routes at a prefix stop there: no fall-through to the
+        // host-less routes at the same prefix either.
+        let t = table(
+            r#"
+            [[routes]]
+            name = "any-host"
+            prefix = "/p"
+            upstreams = ["http://127.0.0.1:1"]
+            [[routes]]
+            name = "host-get"
+            host = "a.example"
+            prefix = "/p"
+            methods = ["GET", "HEAD"]
+            upstreams = ["http://127.0.0.1:2"]
+            "#,
+        );
+        let find =
+            |host: Option<&str>, method: Method| t.find(host, "/p", &method, None).map(|r| r.config.name.clone());
+        assert_eq!(find(Some("a.example"), Method::POST), Err(Miss::Method("GET, HEAD".into())));
+        assert_eq!(find(Some("b.example"), Method::POST).as_deref(), Ok("any-host"));
     }
 
     #[test]

@@ -656,6 +656,7 @@ async fn methods_split_a_prefix_between_policies() {
         ),
         route("open", "/open", &[open.url()], "auth = \"public\""),
         route("open-admin", "/open/admin", &[writes.url()], "methods = [\"DELETE\"]\nroles = [\"admin\"]"),
+        route("open-get", "/open-get", &[open.url()], "auth = \"public\"\nmethods = [\"GET\", \"HEAD\"]"),
     ]
     .concat();
     let app = spawn_app_with(TestOptions::with_extra(extra)).await;
@@ -719,6 +720,25 @@ async fn methods_split_a_prefix_between_policies() {
     // Connection-nominated Origin is gone: refused, never forwarded.
     let resp = preflight("GET").header("Connection", "Origin").send().await.expect("send");
     assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
+    // So on a public route, where a preflight needs no token anyway.
+    let resp = app
+        .client
+        .request(Method::OPTIONS, app.url("/open-get/x"))
+        .header("Origin", origin)
+        .header("Access-Control-Request-Method", "GET")
+        .header("Connection", "Access-Control-Request-Method")
+        .send()
+        .await
+        .expect("send");
+    assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
+    // A method with lower-case letters is no method a route judged; a
+    // backend could upper-case it.
+    for path in ["/orders/7", "/open/x"] {
+        let head = format!("delete {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {reader}\r\n\r\n");
+        let resp = raw_request(app.addr, head.as_bytes()).await;
+        assert_eq!(resp.status, Some(400), "delete {path}: {}", resp.head);
+    }
+    assert_eq!(open.hits(), 1, "refused requests reached the public upstream");
     assert_eq!(
         (reads.hits(), writes.hits()),
         (reads_before + 1, writes_before),
@@ -727,6 +747,7 @@ async fn methods_split_a_prefix_between_policies() {
 
     let metrics = app.metrics().await;
     assert!(metric(&metrics, "gateway_requests_total", &[("route", "none"), ("status", "405")]) >= 6.0, "{metrics}");
+    assert!(metric(&metrics, "gateway_requests_total", &[("route", "none"), ("status", "400")]) >= 2.0, "{metrics}");
     app.stop().await;
 }
 
@@ -943,8 +964,9 @@ reserved = ["X-Internal"]
 
 #[tokio::test]
 async fn client_sent_forwarding_and_rewrite_headers_never_reach_the_upstream() {
-    // What frameworks read as the client's address or the request's "real" path; only the
-    // gateway may state those, so they are dropped even from a trusted proxy.
+    // What frameworks read as the client's address or the request's "real" path or method
+    // (which a route's `methods` judged); only the gateway may state those, so they are
+    // dropped even from a trusted proxy.
     let spoofs = [
         ("Forwarded", "for=1.2.3.4;proto=https;host=evil.example"),
         ("Forwarded", "for=5.6.7.8"),
@@ -955,9 +977,21 @@ async fn client_sent_forwarding_and_rewrite_headers_never_reach_the_upstream() {
         ("X-Original-URL", "/admin/users"),
         ("x.original.url", "/admin/users"),
         ("X-Rewrite-URL", "/admin/users"),
+        ("X-HTTP-Method-Override", "DELETE"),
+        ("X_HTTP_Method", "DELETE"),
+        ("X-Method-Override", "DELETE"),
     ];
-    let dropped =
-        ["forwarded", "x-real-ip", "x-forwarded-port", "x-forwarded-prefix", "x-original-url", "x-rewrite-url"];
+    let dropped = [
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ];
     for (peer, server_extra) in [("untrusted peer", ""), ("trusted proxy", "trusted_proxies = [\"127.0.0.1/32\"]")] {
         let f = fixture_with("", server_extra).await;
         for (path, tokens) in [("/private/x", Some(&f.admin)), ("/public/x", None)] {
