@@ -48,7 +48,8 @@ pub struct ServerConfig {
     /// How long a connection with no request in flight is kept open for
     /// the next one (HTTP/1.1 keep-alive; HTTP/2 with no open stream).
     pub idle_timeout: Duration,
-    /// A client that takes no byte of its answer for this long (HTTP/1.1)
+    /// A client that takes no byte of an answer for this long (a write
+    /// that waits, over HTTP/1.1; a shut flow-control window, over HTTP/2)
     /// is disconnected, freeing its slot and upstream connection.
     pub send_timeout: Duration,
     /// Largest request head accepted (431 past it).

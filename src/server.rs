@@ -28,7 +28,7 @@ pub mod tls;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -248,7 +248,9 @@ async fn serve_connection<I: Io>(ctx: ConnContext, io: I, conn: Conn, h2: bool) 
 /// one with no open stream for `server.idle_timeout` is sent a GOAWAY and
 /// given the header read timeout to go (hyper has no idle timer of its
 /// own, and its keep-alive pings, which any client answers, would keep an
-/// idle connection and its slot forever).
+/// idle connection and its slot forever); one that leaves an answer
+/// unsent for `server.send_timeout` (its window shut) is dropped, as an
+/// HTTP/1.1 client that stops reading is.
 async fn serve_h2(ctx: ConnContext, io: Upgraded, conn: Conn) {
     let peer = conn.peer;
     let streams = Arc::new(Streams::new());
@@ -262,14 +264,17 @@ async fn serve_h2(ctx: ConnContext, io: Upgraded, conn: Conn) {
         let conn = conn.clone();
         async move {
             let response = Box::pin(proxy.serve(req.map(Body::new), None, &conn, None)).await;
-            Ok::<_, Infallible>(response.map(|inner| Body::new(Tracked { inner, _open: open })))
+            let stalled = open.answer_started();
+            Ok::<_, Infallible>(response.map(|inner| Body::new(Tracked { inner, stalled, open })))
         }
     });
     // Held for the connection's life: graceful shutdown waits for it.
     let _watcher = ctx.watcher;
     let mut connection = std::pin::pin!(ctx.h2.serve_connection(TokioIo::new(io), service));
-    let (header_read, idle) = (ctx.http1.header_read_timeout, ctx.http1.idle_timeout);
-    let timer = tokio::time::sleep(header_read);
+    let (header_read, idle, send) = (ctx.http1.header_read_timeout, ctx.http1.idle_timeout, ctx.http1.send_timeout);
+    // Fires at least every `idle`: a stream may start and end between two
+    // checks, and its end starts the idle wait.
+    let timer = tokio::time::sleep(header_read.min(idle));
     tokio::pin!(timer);
     let mut stop = ctx.shutdown.clone();
     // A GOAWAY went out (idle, or shutdown); shutdown's grace bounds the rest.
@@ -286,16 +291,21 @@ async fn serve_h2(ctx: ConnContext, io: Upgraded, conn: Conn) {
             }
             () = &mut timer, if !stopping => {
                 let now = Instant::now();
+                if streams.stalled_since().is_some_and(|since| now.duration_since(since) >= send) {
+                    tracing::debug!(%peer, "an HTTP/2 client took no byte of an answer for the send timeout");
+                    return;
+                }
                 let next = match streams.idle_since() {
-                    // A stream is open: nothing to judge until it ends.
-                    None => now + idle,
+                    // A stream is open: only a stalled answer to judge
+                    // until it ends.
+                    None => now + (send / 4).max(std::time::Duration::from_millis(10)).min(idle),
                     Some(None) if !goaway => {
                         let limit = streams.epoch + header_read;
                         if now >= limit {
                             tracing::debug!(%peer, "no request within the header read timeout; closing");
                             return;
                         }
-                        limit
+                        limit.min(now + idle)
                     }
                     Some(Some(since)) if !goaway => {
                         let limit = since + idle;
@@ -332,11 +342,33 @@ struct Streams {
     /// while none has started.
     last_end: AtomicU64,
     epoch: Instant,
+    /// Per answer being sent: milliseconds after `epoch` since which hyper
+    /// has held a frame it could not send (the client's flow-control window
+    /// is shut), `u64::MAX` while it is not waiting on the client.
+    answers: Mutex<Vec<Weak<AtomicU64>>>,
 }
 
 impl Streams {
     fn new() -> Self {
-        Self { open: AtomicUsize::new(0), last_end: AtomicU64::new(u64::MAX), epoch: Instant::now() }
+        Self {
+            open: AtomicUsize::new(0),
+            last_end: AtomicU64::new(u64::MAX),
+            epoch: Instant::now(),
+            answers: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Since when the longest-waiting answer has waited for the client to
+    /// take a byte, if one does.
+    fn stalled_since(&self) -> Option<Instant> {
+        let mut answers = self.answers.lock().unwrap_or_else(PoisonError::into_inner);
+        answers.retain(|a| a.strong_count() > 0);
+        let oldest = answers.iter().filter_map(Weak::upgrade).map(|a| a.load(Ordering::Relaxed)).min()?;
+        (oldest != u64::MAX).then(|| self.epoch + std::time::Duration::from_millis(oldest))
     }
 
     /// `None` while a stream is open; else when the last one ended, or
@@ -360,20 +392,37 @@ impl StreamGuard {
         streams.open.fetch_add(1, Ordering::AcqRel);
         Self(Arc::clone(streams))
     }
+
+    /// Registers the stream's answer with the connection's send-stall watch.
+    fn answer_started(&self) -> Arc<AtomicU64> {
+        let stalled = Arc::new(AtomicU64::new(u64::MAX));
+        self.0.answers.lock().unwrap_or_else(PoisonError::into_inner).push(Arc::downgrade(&stalled));
+        stalled
+    }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        let ms = u64::try_from(self.0.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
-        self.0.last_end.store(ms, Ordering::Release);
+        let ms = self.0.ms(Instant::now());
+        // `fetch_max`: the latest end wins whatever order guards drop in
+        // (`u64::MAX`, none yet, is replaced by the first).
+        let _ = self
+            .0
+            .last_end
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| (last == u64::MAX || last < ms).then_some(ms));
         self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-/// An HTTP/2 answer's body, holding its stream's [`StreamGuard`].
+/// An HTTP/2 answer's body, holding its stream's [`StreamGuard`]. hyper
+/// asks it for the next frame only once the last one fits the client's
+/// flow-control window: a frame handed over and not followed by a request
+/// for the next one is a frame the client will not take.
 struct Tracked {
     inner: Body,
-    _open: StreamGuard,
+    /// See [`Streams::answers`].
+    stalled: Arc<AtomicU64>,
+    open: StreamGuard,
 }
 
 impl hyper::body::Body for Tracked {
@@ -384,7 +433,13 @@ impl hyper::body::Body for Tracked {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        let since = match &polled {
+            std::task::Poll::Ready(Some(Ok(_))) => self.open.0.ms(Instant::now()),
+            _ => u64::MAX,
+        };
+        self.stalled.store(since, Ordering::Relaxed);
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

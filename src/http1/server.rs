@@ -173,6 +173,7 @@ pub async fn serve<I: Io>(
     }));
     let end_body = EndBodyOnDrop(Arc::clone(&shared));
     let timeout = settings.header_read_timeout;
+    let idle_first = settings.idle_timeout < timeout;
     let timer = tokio::time::sleep(timeout);
     tokio::pin!(timer);
     // One wait for the shutdown signal for the connection's whole life: made
@@ -192,6 +193,11 @@ pub async fn serve<I: Io>(
         // accept; a later one within `idle_timeout` for its first byte, then
         // `timeout` from that byte.
         let waiting_since = Instant::now();
+        // The timer is only moved later when it fires: an idle limit
+        // shorter than the one it is set for must pull it earlier.
+        if idle_first && !first && timer.deadline() > (waiting_since + settings.idle_timeout).into() {
+            timer.as_mut().reset((waiting_since + settings.idle_timeout).into());
+        }
         let head = loop {
             let idle = lock(&shared).rbuf.is_empty();
             tokio::select! {

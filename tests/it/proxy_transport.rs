@@ -617,29 +617,33 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
 
 #[tokio::test]
 async fn graceful_shutdown_lets_in_flight_requests_finish() {
-    let svc = spawn_upstream("slow").await;
-    let app = spawn_app_with(TestOptions::with_extra(route("slow", "/slow", &[svc.url()], PUBLIC))).await;
-    let client = Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().expect("build a client");
-    let url = app.url("/slow/x?mode=slow&ms=1500");
-    let in_flight = tokio::spawn(async move {
-        let resp = client.get(url).send().await.expect("the in-flight request got a response");
-        echo(resp).await
-    });
-    let upstream = &svc;
-    eventually(
-        "the slow request reached the upstream",
-        Duration::from_secs(10),
-        || async move { upstream.hits() >= 1 },
-    )
-    .await;
+    for http2 in [false, true] {
+        let svc = spawn_upstream("slow").await;
+        let app = spawn_app_with(TestOptions::with_extra(route("slow", "/slow", &[svc.url()], PUBLIC))).await;
+        let builder = Client::builder().no_proxy().timeout(Duration::from_secs(30));
+        let client = if http2 { builder.http2_prior_knowledge() } else { builder }.build().expect("build a client");
+        let url = app.url("/slow/x?mode=slow&ms=1500");
+        let in_flight = tokio::spawn(async move {
+            let resp = client.get(url).send().await.expect("the in-flight request got a response");
+            assert_eq!(resp.version(), if http2 { Version::HTTP_2 } else { Version::HTTP_11 });
+            echo(resp).await
+        });
+        let upstream = &svc;
+        eventually(
+            "the slow request reached the upstream",
+            Duration::from_secs(10),
+            || async move { upstream.hits() >= 1 },
+        )
+        .await;
 
-    // Shut down while the request is in flight: the drain waits for it.
-    app.stop().await;
-    let e = tokio::time::timeout(Duration::from_secs(10), in_flight)
-        .await
-        .expect("the in-flight request finished")
-        .expect("the request task did not panic");
-    assert_eq!(e.path(), "/slow/x", "{}", e.0);
+        // Shut down while the request is in flight: the drain waits for it.
+        app.stop().await;
+        let e = tokio::time::timeout(Duration::from_secs(10), in_flight)
+            .await
+            .unwrap_or_else(|_| panic!("http2 {http2}: the in-flight request did not finish"))
+            .expect("the request task did not panic");
+        assert_eq!(e.path(), "/slow/x", "http2 {http2}: {}", e.0);
+    }
 }
 
 /// Opens a WebSocket on the public route "/ws-route" of an app with
@@ -1002,23 +1006,91 @@ async fn kept_alive_connections_wait_the_idle_timeout_and_heads_still_the_header
     let mut slow = TcpStream::connect(app.addr).await.expect("connect to the gateway");
     slow.write_all(request("three").as_bytes()).await.expect("write");
     assert!(read_answer(&mut slow, "third").await.starts_with("HTTP/1.1 200 "));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Past several of the timer's re-arms.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     slow.write_all(b"GET /raw/never HTTP/1.1\r\nHost: gateway.test\r\n").await.expect("write half a head");
     assert!(
         closes_within(&mut slow, Duration::from_secs(4)).await,
         "half a head kept its connection 4 s with header_read_timeout = 300ms (idle_timeout = 8s)"
     );
+    // So does a head dripped a byte every 100 ms: its bytes do not move
+    // its start.
+    let mut drip = TcpStream::connect(app.addr).await.expect("connect to the gateway");
+    drip.write_all(request("four").as_bytes()).await.expect("write");
+    assert!(read_answer(&mut drip, "fourth").await.starts_with("HTTP/1.1 200 "));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (mut reader, mut writer) = drip.into_split();
+    let dripping = tokio::spawn(async move {
+        let head = format!("GET /raw/drip HTTP/1.1\r\nHost: gateway.test\r\nX-Drip: {}\r\n\r\n", "a".repeat(200));
+        for byte in head.as_bytes() {
+            if writer.write_all(std::slice::from_ref(byte)).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(4), reader.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "a head dripped after an idle wait kept its connection 4 s (header_read_timeout = 300ms)");
+    dripping.abort();
 
     // And the first connection, left idle, is closed by the idle timeout.
     assert!(closes_within(&mut stream, Duration::from_secs(20)).await, "still open 20 s with idle_timeout = 8s");
-    assert_eq!(svc.hits(), 3, "an incomplete head reached the upstream");
+    assert_eq!(svc.hits(), 4, "an incomplete head reached the upstream");
     app.stop().await;
 }
 
+/// An idle timeout shorter than the header read timeout holds too, over
+/// HTTP/1.1 and HTTP/2.
+#[tokio::test]
+async fn an_idle_timeout_shorter_than_the_header_read_timeout_holds() {
+    let svc = spawn_upstream("raw").await;
+    let opts = TestOptions {
+        server_extra: "header_read_timeout = \"5s\"\nidle_timeout = \"300ms\"".to_owned(),
+        extra: route("raw", "/raw", &[svc.url()], PUBLIC),
+        ..TestOptions::default()
+    };
+    let app = spawn_app_with(opts).await;
+    let mut stream = TcpStream::connect(app.addr).await.expect("connect to the gateway");
+    stream.write_all(b"GET /raw/one HTTP/1.1\r\nHost: gateway.test\r\n\r\n").await.expect("write");
+    assert!(read_answer(&mut stream, "HTTP/1.1").await.starts_with("HTTP/1.1 200 "));
+    assert!(
+        closes_within(&mut stream, Duration::from_secs(3)).await,
+        "HTTP/1.1: idle for 3 s with idle_timeout = 300ms (header_read_timeout = 5s)"
+    );
+
+    let (mut send, mut ended) = h2_connect(app.addr).await;
+    let resp = send.send_request(h2_get(app.addr, "/raw/two")).await.expect("an HTTP/2 request");
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop(resp);
+    let closed = tokio::time::timeout(Duration::from_secs(3), &mut ended).await;
+    assert!(closed.is_ok(), "HTTP/2: idle for 3 s with idle_timeout = 300ms (header_read_timeout = 5s)");
+    assert_eq!(svc.hits(), 2);
+    app.stop().await;
+}
+
+/// An HTTP/2 connection (hyper's client) and the task driving it.
+async fn h2_connect(
+    addr: SocketAddr,
+) -> (hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>, tokio::task::JoinHandle<hyper::Result<()>>)
+{
+    let tcp = TcpStream::connect(addr).await.expect("connect to the gateway");
+    let (send, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("HTTP/2 handshake");
+    (send, tokio::spawn(connection))
+}
+
+fn h2_get(addr: SocketAddr, path: &str) -> hyper::Request<http_body_util::Empty<Bytes>> {
+    hyper::Request::get(format!("http://{addr}{path}")).body(http_body_util::Empty::new()).expect("a request")
+}
+
 /// An HTTP/2 connection is not kept forever by its keep-alive pings: with no
-/// open stream for `idle_timeout` it gets a GOAWAY and ends. A stream open
-/// for longer than that (a slow upstream) is not cut, and a connection idle
-/// for less is still served.
+/// open stream for `idle_timeout` it gets a GOAWAY and ends cleanly. An
+/// answer streaming for longer than that is not cut, a connection idle for
+/// less is still served, and one that never opens a stream is closed after
+/// the header read timeout.
 #[tokio::test]
 async fn idle_http2_connections_are_sent_away_but_open_streams_are_not_cut() {
     let svc = spawn_upstream("h2").await;
@@ -1028,35 +1100,70 @@ async fn idle_http2_connections_are_sent_away_but_open_streams_are_not_cut() {
         ..TestOptions::default()
     };
     let app = spawn_app_with(opts).await;
-    let tcp = TcpStream::connect(app.addr).await.expect("connect to the gateway");
-    let (mut send, connection) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .expect("HTTP/2 handshake");
-    let mut ended = tokio::spawn(connection);
-    let get = |path: &str| {
-        hyper::Request::get(format!("http://{}{path}", app.addr))
-            .body(http_body_util::Empty::<Bytes>::new())
-            .expect("a request")
-    };
+    let (mut send, mut ended) = h2_connect(app.addr).await;
 
-    let resp = send.send_request(get("/h2/one")).await.expect("first request");
+    let resp = send.send_request(h2_get(app.addr, "/h2/one")).await.expect("first request");
     assert_eq!(resp.status(), StatusCode::OK);
     drop(resp);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let resp = send.send_request(get("/h2/two")).await.expect("a request after 1 s idle");
+    let resp = send.send_request(h2_get(app.addr, "/h2/two")).await.expect("a request after 1 s idle");
     assert_eq!(resp.status(), StatusCode::OK);
     drop(resp);
-    // Open for 3.5 s, longer than the idle timeout.
-    let started = Instant::now();
-    let resp = send.send_request(get("/h2/slow?mode=slow&ms=3500")).await.expect("a slow request");
-    assert_eq!(resp.status(), StatusCode::OK, "the slow answer");
-    assert!(started.elapsed() >= Duration::from_millis(3500), "the upstream was not slow");
-    drop(resp);
+    // An answer whose body streams for 3 s, longer than the idle timeout.
+    let resp = send
+        .send_request(h2_get(app.addr, "/h2/stream?mode=stream&chunks=3&delay_ms=1500"))
+        .await
+        .expect("a streaming answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.expect("the whole streamed answer").to_bytes();
+    assert_eq!(&body[..], b"chunk 0\nchunk 1\nchunk 2\n");
     assert_eq!(svc.hits(), 3);
 
     let closed = tokio::time::timeout(Duration::from_secs(20), &mut ended).await;
-    assert!(closed.is_ok(), "an idle HTTP/2 connection was still open 20 s after its last stream (idle_timeout = 2s)");
+    match closed {
+        Ok(Ok(Ok(()))) => {}
+        Ok(other) => panic!("the idle connection ended, but not with a clean GOAWAY: {other:?}"),
+        Err(_) => panic!("an idle HTTP/2 connection was still open 20 s after its last stream (idle_timeout = 2s)"),
+    }
+
+    let (_send, mut silent) = h2_connect(app.addr).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), &mut silent).await;
+    assert!(closed.is_ok(), "an HTTP/2 connection that opened no stream was open 5 s (header_read_timeout = 500ms)");
+    app.stop().await;
+}
+
+/// An HTTP/2 client that stops taking an answer (its flow-control window
+/// stays shut) is disconnected after `send_timeout`, as an HTTP/1.1 one is,
+/// instead of holding its stream, slot and upstream connection for ever;
+/// an answer that is slow because its upstream is slow is not cut.
+#[tokio::test]
+async fn http2_clients_that_stop_reading_are_disconnected_but_slow_upstreams_are_not() {
+    let svc = spawn_upstream("h2").await;
+    let opts = TestOptions {
+        server_extra: "send_timeout = \"1s\"".to_owned(),
+        extra: route("h2", "/h2", &[svc.url()], PUBLIC),
+        ..TestOptions::default()
+    };
+    let app = spawn_app_with(opts).await;
+    // Chunks 1.5 s apart, each longer than the send timeout: all arrive.
+    let (mut send, _connection) = h2_connect(app.addr).await;
+    let resp = send
+        .send_request(h2_get(app.addr, "/h2/stream?mode=stream&chunks=3&delay_ms=1500"))
+        .await
+        .expect("a slow answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.expect("the whole slow answer").to_bytes();
+    assert_eq!(&body[..], b"chunk 0\nchunk 1\nchunk 2\n");
+
+    // 20 MB asked for and never read: the client's window (2 MiB, hyper's
+    // default) shuts, and the gateway hangs up.
+    let (mut send, mut ended) = h2_connect(app.addr).await;
+    let held =
+        send.send_request(h2_get(app.addr, "/h2/big?mode=big&bytes=20000000")).await.expect("the big answer's head");
+    assert_eq!(held.status(), StatusCode::OK);
+    let closed = tokio::time::timeout(Duration::from_secs(15), &mut ended).await;
+    assert!(closed.is_ok(), "a client that took nothing for 15 s (send_timeout = 1s) was still connected");
+    drop(held);
     app.stop().await;
 }
 
