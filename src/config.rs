@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-pub use proxy::{AuthMode, HeaderNames, ProxyConfig, RouteConfig, UpstreamSettings, UpstreamTarget};
+pub use proxy::{fold_header_name, AuthMode, HeaderNames, ProxyConfig, RouteConfig, UpstreamSettings, UpstreamTarget};
 use reader::{Errors, Fields};
 
 /// The whole validated configuration.
@@ -280,7 +280,7 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
     f.finish();
 
     let headers = proxy::build_headers(headers_t, errors);
-    let routes = proxy::build_routes(routes_t, errors);
+    let routes = proxy::build_routes(routes_t, &headers, errors);
     let upstream = proxy::build_upstream(upstream_t, base, errors);
 
     Some(Config {

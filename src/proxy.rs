@@ -244,6 +244,15 @@ impl Proxy {
             response
         });
 
+        if let Some(route) = &outcome.route {
+            let (cfg, h) = (&route.config, response.headers_mut());
+            for name in &cfg.remove_response_headers {
+                h.remove(name);
+            }
+            for (name, value) in &cfg.response_headers {
+                h.insert(name.clone(), value.clone());
+            }
+        }
         let status = response.status();
         let route_name = outcome.route.as_ref().map_or("none", |r| r.config.name.as_str());
         let elapsed = outcome.answered.unwrap_or_else(Instant::now).saturating_duration_since(started);
@@ -432,6 +441,12 @@ impl Proxy {
                 Some(id)
             }
         };
+        // A preflight goes on with its CORS fields alone: a route's own
+        // fields (an upstream credential, say) are for requests it judged.
+        let preflight = identity.is_none() && cfg.auth == AuthMode::Required;
+        if !preflight {
+            headers::set_route_fields(req.headers_mut(), &cfg.request_headers);
+        }
 
         // Inject.
         let client_host = req

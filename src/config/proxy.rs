@@ -60,6 +60,13 @@ pub struct RouteConfig {
     /// `Access-Control-Request-Method`) is forwarded without a token on a
     /// required route, for the backend to answer with its CORS policy.
     pub cors_preflight: bool,
+    /// Set on every request forwarded (a preflight excepted), replacing
+    /// what the client sent under those names.
+    pub request_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Set on every answer of this route, the gateway's own included.
+    pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Removed from the upstream's answers.
+    pub remove_response_headers: Vec<HeaderName>,
 }
 
 /// One upstream base URL.
@@ -206,12 +213,12 @@ pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNa
     HeaderNames { user_id, tenant_id, roles, scopes, session_id, request_id, reserved }
 }
 
-pub(super) fn build_routes(tables: Vec<toml::Table>, errors: &mut Errors) -> Vec<RouteConfig> {
+pub(super) fn build_routes(tables: Vec<toml::Table>, names: &HeaderNames, errors: &mut Errors) -> Vec<RouteConfig> {
     let mut routes: Vec<RouteConfig> = Vec::with_capacity(tables.len());
     let mut lone_gets = Vec::new();
     for (i, table) in tables.into_iter().enumerate() {
         let mut f = Fields::new(&format!("routes[{i}]"), table, errors);
-        if let Some(route) = build_route(&mut f) {
+        if let Some(route) = build_route(&mut f, names) {
             if routes.iter().any(|r| r.name == route.name) {
                 f.error("name", format!("{:?} is used by another route", route.name));
             } else if let Some(other) = routes.iter().find(|r| {
@@ -304,7 +311,48 @@ fn build_methods(f: &mut Fields<'_>) -> Vec<Method> {
 /// JWKS; the access log, as its metrics have names of their own).
 pub const RESERVED_ROUTE_NAMES: [&str; 2] = ["none", "gateway"];
 
-fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
+/// Names a route may not set or remove: those the gateway frames the
+/// message with, sets itself, or strips so that only it can state them.
+const FRAMING: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "content-length",
+    "expect",
+];
+
+/// `request_headers` or `response_headers`: a table of name = value.
+fn header_table(
+    f: &mut Fields<'_>,
+    key: &str,
+    refused: impl Fn(&str) -> Option<&'static str>,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::new();
+    for (name, value) in f.table(key) {
+        let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
+            f.error(key, format!("{name:?} is not a valid header name"));
+            continue;
+        };
+        if let Some(why) = refused(&fold_header_name(&name)) {
+            f.error(key, format!("{name:?} {why}"));
+            continue;
+        }
+        match value.as_str().map(HeaderValue::from_str) {
+            Some(Ok(v)) if !out.iter().any(|(n, _)| *n == header) => out.push((header, v)),
+            Some(Ok(_)) => f.error(key, format!("{name:?} is set twice")),
+            Some(Err(_)) => f.error(key, format!("{name:?}: the value cannot be a header value (control characters)")),
+            None => f.error(key, format!("{name:?}: expected a string, found {}", value.type_str())),
+        }
+    }
+    out
+}
+
+fn build_route(f: &mut Fields<'_>, names: &HeaderNames) -> Option<RouteConfig> {
     let name = f.string("name");
     match &name {
         None => f.error("name", "is required"),
@@ -397,6 +445,42 @@ fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
     if cors_preflight && auth == AuthMode::Public {
         f.error("cors_preflight", "only for required routes: a public route forwards preflights anyway");
     }
+    let request_id = fold_header_name(names.request_id.as_str());
+    let request_headers = header_table(f, "request_headers", |folded| {
+        if FRAMING.contains(&folded) || folded == "host" {
+            Some("frames the request: the gateway sets it")
+        } else if names.reserved.iter().any(|r| r == folded) || folded.starts_with("x-forwarded-") {
+            Some("is reserved: only the gateway states it, from the token or the connection")
+        } else if folded == request_id {
+            Some("is the request id header")
+        } else if folded == "authorization" && pass_token {
+            Some("would replace the token pass_token forwards")
+        } else {
+            None
+        }
+    });
+    let response_headers = header_table(f, "response_headers", |folded| {
+        if FRAMING.contains(&folded) {
+            Some("frames the answer: the gateway sets it")
+        } else if folded == request_id {
+            Some("is the request id header")
+        } else {
+            None
+        }
+    });
+    let mut remove_response_headers = Vec::new();
+    for name in f.string_list("remove_response_headers") {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Err(_) => f.error("remove_response_headers", format!("{name:?} is not a valid header name")),
+            Ok(_) if FRAMING.contains(&fold_header_name(&name).as_str()) => {
+                f.error("remove_response_headers", format!("{name:?} frames the answer: the gateway handles it"));
+            }
+            Ok(_) if fold_header_name(&name) == request_id => {
+                f.error("remove_response_headers", format!("{name:?} is the request id header"));
+            }
+            Ok(h) => remove_response_headers.push(h),
+        }
+    }
     Some(RouteConfig {
         name: name?,
         prefix: prefix?,
@@ -414,6 +498,9 @@ fn build_route(f: &mut Fields<'_>) -> Option<RouteConfig> {
         websocket,
         pass_token,
         cors_preflight,
+        request_headers,
+        response_headers,
+        remove_response_headers,
     })
 }
 

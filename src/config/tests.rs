@@ -285,3 +285,40 @@ fn a_get_route_without_head_next_to_a_route_for_every_method_is_refused() {
     parse(&[route("rest", "host = \"a.example\"\n", None), route("read", "", Some(r#"["GET"]"#))].concat())
         .expect("a route for every method on another host");
 }
+
+#[test]
+fn route_fields_the_gateway_owns_cannot_be_set_or_removed() {
+    let route = |lines: &str| {
+        format!("[headers]\nrequest_id = \"x-trace\"\n[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstreams = [\"http://10.0.0.1:80\"]\n{lines}\n")
+    };
+    let c = parse(&route(
+        "request_headers = { \"X-Api-Version\" = \"2\", \"Authorization\" = \"Basic abc\" }\n\
+         response_headers = { \"Strict-Transport-Security\" = \"max-age=60\" }\n\
+         remove_response_headers = [\"Server\", \"X-Powered-By\"]",
+    ))
+    .expect("ordinary fields");
+    let r = &c.proxy.routes[0];
+    assert_eq!(r.request_headers.len(), 2);
+    assert_eq!(r.response_headers[0].0.as_str(), "strict-transport-security");
+    assert_eq!(r.remove_response_headers.len(), 2);
+    for (lines, field) in [
+        ("request_headers = { \"X-User-Id\" = \"x\" }", "routes[0].request_headers"),
+        ("request_headers = { \"x_tenant_id\" = \"x\" }", "routes[0].request_headers"),
+        ("request_headers = { \"X-HTTP-Method-Override\" = \"x\" }", "routes[0].request_headers"),
+        ("request_headers = { \"Host\" = \"x\" }", "routes[0].request_headers"),
+        ("request_headers = { \"Content-Length\" = \"1\" }", "routes[0].request_headers"),
+        ("request_headers = { \"X-Forwarded-For\" = \"1.2.3.4\" }", "routes[0].request_headers"),
+        ("request_headers = { \"X-Trace\" = \"x\" }", "routes[0].request_headers"),
+        ("request_headers = { \"Authorization\" = \"Basic a\" }\npass_token = true", "routes[0].request_headers"),
+        ("request_headers = { \"X-A\" = \"a\\nb\" }", "routes[0].request_headers"),
+        ("request_headers = { \"bad name\" = \"x\" }", "routes[0].request_headers"),
+        ("request_headers = { \"X-A\" = 1 }", "routes[0].request_headers"),
+        ("response_headers = { \"Transfer-Encoding\" = \"chunked\" }", "routes[0].response_headers"),
+        ("response_headers = { \"X-Trace\" = \"x\" }", "routes[0].response_headers"),
+        ("remove_response_headers = [\"Connection\"]", "routes[0].remove_response_headers"),
+        ("remove_response_headers = [\"x-trace\"]", "routes[0].remove_response_headers"),
+    ] {
+        let err = parse(&route(lines)).expect_err(lines).to_string();
+        assert!(err.contains(field), "{lines}: {err}");
+    }
+}

@@ -111,6 +111,26 @@ pub fn strip_reserved(headers: &mut HeaderMap, names: &HeaderNames) {
     }
 }
 
+/// Sets a route's `request_headers`, first removing every spelling of
+/// their names the client sent (`X_Api_Key` too, which a CGI-style backend
+/// would read as the same field).
+pub fn set_route_fields(headers: &mut HeaderMap, set: &[(HeaderName, HeaderValue)]) {
+    if set.is_empty() {
+        return;
+    }
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| set.iter().any(|(n, _)| folded_eq(k.as_str(), &crate::config::fold_header_name(n.as_str()))))
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(&name);
+    }
+    for (name, value) in set {
+        headers.append(name.clone(), value.clone());
+    }
+}
+
 /// `fold_header_name(name) == folded`, without allocating.
 fn folded_eq(name: &str, folded: &str) -> bool {
     name.len() == folded.len()

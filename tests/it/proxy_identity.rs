@@ -751,6 +751,77 @@ async fn methods_split_a_prefix_between_policies() {
     app.stop().await;
 }
 
+/// A route's `request_headers` replace every spelling the client sent and
+/// reach the upstream on judged requests only (not on a preflight); its
+/// `response_headers` are on every answer of the route, the gateway's own
+/// 401 included; `remove_response_headers` drops the upstream's.
+#[tokio::test]
+async fn routes_set_request_and_response_fields() {
+    let svc = spawn_upstream("svc").await;
+    let u = [svc.url()];
+    let basic = "Basic dXBzdHJlYW06c2VjcmV0";
+    let extra = [
+        route(
+            "static",
+            "/static",
+            &u,
+            &format!(
+                "cors_preflight = true\nremove_response_headers = [\"X-Powered-By\"]\n\
+                 request_headers = {{ \"X-Api-Version\" = \"2\", \"Authorization\" = \"{basic}\" }}\n\
+                 response_headers = {{ \"Strict-Transport-Security\" = \"max-age=31536000\", \"X-Frame-Options\" = \"DENY\" }}"
+            ),
+        ),
+        route("static-public", "/static-public", &u, "auth = \"public\"\nrequest_headers = { \"X-Api-Version\" = \"2\" }"),
+    ]
+    .concat();
+    let app = spawn_app_with(TestOptions::with_extra(extra)).await;
+    let user_id = app.create_user("default", ADMIN, PASSWORD, &[], &[]).await;
+    let token = app.login_ok(ADMIN, PASSWORD, None).await.access_token;
+    let hsts = |resp: &Response| resp.headers().get("strict-transport-security").cloned();
+
+    let resp = app
+        .client
+        .get(app.url("/static/x"))
+        .bearer_auth(&token)
+        .header("X-Api-Version", "9")
+        .header("X_Api_Version", "9")
+        .header("x.api.version", "9")
+        .send()
+        .await
+        .expect("GET /static/x");
+    assert_eq!(hsts(&resp), Some(HeaderValue::from_static("max-age=31536000")));
+    assert_eq!(resp.headers().get("x-frame-options"), Some(&HeaderValue::from_static("DENY")));
+    assert!(resp.headers().get("x-powered-by").is_none(), "the upstream's X-Powered-By was not removed");
+    let e = echo(resp).await;
+    let versions: Vec<(&str, &str)> = e.pairs().into_iter().filter(|(n, _)| fold(n) == "x-api-version").collect();
+    assert_eq!(versions, [("x-api-version", "2")], "{}", e.0);
+    assert_eq!(e.all("authorization"), [basic], "the route's credential replaces the client's token: {}", e.0);
+    assert_eq!(e.one("x-user-id"), user_id, "{}", e.0);
+
+    // The gateway's own answer on the route carries the route's fields too.
+    let resp = app.get("/static/x").await;
+    assert_eq!(hsts(&resp), Some(HeaderValue::from_static("max-age=31536000")));
+    assert_missing_token("no token", resp).await;
+    assert_eq!(svc.hits(), 1);
+
+    // A preflight goes on without the route's credential.
+    let resp = app
+        .client
+        .request(Method::OPTIONS, app.url("/static/x"))
+        .header("Origin", "https://app.example.com")
+        .header("Access-Control-Request-Method", "GET")
+        .send()
+        .await
+        .expect("preflight");
+    let e = echo(resp).await;
+    assert!(!e.has("authorization") && !e.has("x-api-version"), "a preflight carried the route's fields: {}", e.0);
+
+    let e =
+        echo(app.client.get(app.url("/static-public/x")).header("X-Api-Version", "9").send().await.expect("GET")).await;
+    assert_eq!(e.all("x-api-version"), ["2"], "{}", e.0);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn tenants_restrict_routes() {
     let f = fixture().await;

@@ -6,7 +6,7 @@
 //! - no `mode` (default): 200 JSON echo of what the upstream received:
 //!   `{"upstream": name, "method", "path" (path only), "query" (string or null),
 //!   "headers": [[name, value], ...] (all, in order, lower-case names), "body_len"}`.
-//!   The whole request body is read to count it.
+//!   The whole request body is read to count it. The answer carries `X-Powered-By`.
 //! - `mode=slow&ms=N`: reads the body, sleeps N ms, then echoes.
 //! - `mode=stream&chunks=N&delay_ms=D`: 200 `text/plain`, chunked: `chunk 0\n` at once,
 //!   then `chunk 1\n` ... `chunk N-1\n`, each D ms after the previous one.
@@ -359,6 +359,8 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<RespB
                 "body_len": body_len,
             });
             let mut response = full(StatusCode::OK, "application/json", echo.to_string());
+            // What a route's remove_response_headers may drop.
+            response.headers_mut().insert("x-powered-by", HeaderValue::from_static("test-upstream"));
             if other == "close" {
                 // hyper closes the connection after this response.
                 response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
