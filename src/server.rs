@@ -231,7 +231,9 @@ struct ConnContext {
 /// opens with the HTTP/2 preface.
 async fn serve_connection<I: Io>(ctx: ConnContext, io: I, conn: Conn, h2: bool) {
     if h2 {
-        return serve_h2(ctx, Upgraded::new(Box::new(io), Bytes::new()), conn).await;
+        // Boxed: inline, its state (hyper's connection among it) would
+        // size every connection's task, HTTP/1.1 ones included.
+        return Box::pin(serve_h2(ctx, Upgraded::new(Box::new(io), Bytes::new()), conn)).await;
     }
     let proxy = Arc::clone(&ctx.proxy);
     match http1::server::serve(io, conn.clone(), proxy, ctx.http1, ctx.shutdown.clone()).await {
