@@ -201,9 +201,16 @@ impl UpstreamClient {
             Some((cert, key)) => {
                 let (certs, key) =
                     crate::server::tls::read_pem_pair(cert, key, ["upstream.client_cert", "upstream.client_key"])?;
-                builder
+                let leaf = certs[0].clone();
+                let config = builder
                     .with_client_auth_cert(certs, key)
-                    .context("upstream.client_cert and client_key do not match or are unsupported")?
+                    .context("upstream.client_cert and client_key do not match or are unsupported")?;
+                if crate::server::tls::publish_expiry("upstream.client_cert", &leaf)
+                    .is_some_and(|t| t < std::time::SystemTime::now())
+                {
+                    tracing::error!(cert = %cert.display(), "upstream.client_cert has expired: upstreams will refuse it");
+                }
+                config
             }
             None => builder.with_no_client_auth(),
         };

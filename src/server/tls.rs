@@ -10,9 +10,16 @@
 //!
 //! [`read_pem_pair`] also reads the upstream client's certificate
 //! (`upstream.client_cert`, for mutual TLS).
+//!
+//! Expiry: each certificate in use publishes its leaf's `notAfter` as
+//! `gateway_tls_certificate_expiry_timestamp_seconds{cert}` (the setting
+//! that names it), for an alert well before the date; one already expired
+//! is logged at start, and a renewal that is already expired is refused
+//! (the running one stays), as is one that does not parse.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
@@ -42,13 +49,27 @@ impl ServerCert {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let loaded = (FileStamp::of(&files.cert), FileStamp::of(&files.key));
         let pair = read_pair(files, &provider)?;
+        let not_after = publish_expiry(LISTENER, &pair.cert[0]);
+        if not_after.is_some_and(|t| t < SystemTime::now()) {
+            tracing::error!(cert = %files.cert.display(), "server.tls.cert has expired: clients will refuse it");
+        }
         Ok(Arc::new(Self { files: files.clone(), provider, current: ArcSwap::from_pointee(pair), loaded }))
     }
 
     /// Reads the pair again and serves it from the next handshake on; on
     /// any error the running pair stays.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let result = read_pair(&self.files, &self.provider).map(|pair| self.current.store(Arc::new(pair)));
+        let result = read_pair(&self.files, &self.provider).and_then(|pair| {
+            let not_after = not_after(&pair.cert[0]).context("server.tls.cert: reading its expiry date")?;
+            anyhow::ensure!(
+                not_after > SystemTime::now(),
+                "server.tls.cert: the new certificate expired at {}",
+                humantime::format_rfc3339_seconds(not_after)
+            );
+            publish_expiry(LISTENER, &pair.cert[0]);
+            self.current.store(Arc::new(pair));
+            Ok(())
+        });
         let label = if result.is_ok() { "ok" } else { "error" };
         metrics::counter!("gateway_tls_reloads_total", "result" => label).increment(1);
         match &result {
@@ -86,6 +107,33 @@ pub fn acceptor(cert: Arc<ServerCert>) -> anyhow::Result<TlsAcceptor> {
         .with_cert_resolver(cert);
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(server)))
+}
+
+/// The `cert` label of the listener's certificate.
+const LISTENER: &str = "server.tls.cert";
+
+/// When `leaf` stops being valid (its `notAfter`).
+fn not_after(leaf: &CertificateDer<'_>) -> anyhow::Result<SystemTime> {
+    use x509_cert::der::Decode as _;
+    let cert = x509_cert::Certificate::from_der(leaf.as_ref()).context("not an X.509 certificate")?;
+    Ok(SystemTime::UNIX_EPOCH + cert.tbs_certificate.validity.not_after.to_unix_duration())
+}
+
+/// Publishes `leaf`'s expiry under `cert` (the setting naming the file);
+/// a date that cannot be read is logged, not fatal: rustls took the
+/// certificate, and its peers check the date themselves.
+pub(crate) fn publish_expiry(cert: &'static str, leaf: &CertificateDer<'_>) -> Option<SystemTime> {
+    match not_after(leaf) {
+        Ok(t) => {
+            let secs = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+            metrics::gauge!("gateway_tls_certificate_expiry_timestamp_seconds", "cert" => cert).set(secs);
+            Some(t)
+        }
+        Err(e) => {
+            tracing::warn!(cert, error = format!("{e:#}"), "cannot read the certificate's expiry date");
+            None
+        }
+    }
 }
 
 fn read_pair(files: &TlsConfig, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {

@@ -387,8 +387,19 @@ async fn sighup_reloads_routes_and_keys_and_refuses_an_invalid_file() {
 async fn sighup_reloads_the_tls_certificate() {
     let certs = tempfile::tempdir().expect("create temp dir");
     let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    let pair = || rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("a self-signed certificate");
-    let (old, new) = (pair(), pair());
+    // Valid until 1 January of `year`.
+    let pair = |year: i32| {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("certificate parameters");
+        params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+        params.not_after = rcgen::date_time_ymd(year, 1, 1);
+        let key_pair = rcgen::KeyPair::generate().expect("a key pair");
+        let cert = params.self_signed(&key_pair).expect("a self-signed certificate");
+        rcgen::CertifiedKey { cert, key_pair }
+    };
+    let (old, new, expired) = (pair(2031), pair(2032), pair(2020));
+    let expiry = |metrics: &str| {
+        metric(metrics, "gateway_tls_certificate_expiry_timestamp_seconds", &[("cert", "server.tls.cert")])
+    };
     let write = |c: &rcgen::CertifiedKey| {
         std::fs::write(&cert_path, c.cert.pem()).expect("write cert.pem");
         std::fs::write(&key_path, c.key_pair.serialize_pem()).expect("write key.pem");
@@ -405,6 +416,18 @@ async fn sighup_reloads_the_tls_certificate() {
     };
     let p = Process::start(&opts).await;
     assert_eq!(served_certificate(p.addr, &roots).await, old.cert.der().to_vec());
+    assert_eq!(expiry(&p.metrics().await), 1_924_992_000.0, "2031-01-01T00:00:00Z");
+
+    // A renewal that has already expired is refused: the running one stays.
+    write(&expired);
+    p.signal("HUP");
+    p.wait_for_log("the refusal", |l| {
+        l["fields"]["message"] == "TLS certificate reload refused; keeping the running one"
+            && l["fields"]["error"].as_str().is_some_and(|e| e.contains("expired"))
+    })
+    .await;
+    assert_eq!(served_certificate(p.addr, &roots).await, old.cert.der().to_vec(), "an expired renewal was served");
+    assert_eq!(expiry(&p.metrics().await), 1_924_992_000.0);
 
     write(&new);
     // Control: with polling off, nothing changes by itself.
@@ -413,6 +436,7 @@ async fn sighup_reloads_the_tls_certificate() {
     p.signal("HUP");
     p.wait_for_log("the certificate reload", |l| l["fields"]["message"] == "TLS certificate reloaded").await;
     assert_eq!(served_certificate(p.addr, &roots).await, new.cert.der().to_vec());
+    assert_eq!(expiry(&p.metrics().await), 1_956_528_000.0, "2032-01-01T00:00:00Z");
     p.stop().await;
 }
 
