@@ -245,11 +245,8 @@ impl Proxy {
         });
 
         if let Some(route) = &outcome.route {
-            let (cfg, h) = (&route.config, response.headers_mut());
-            for name in &cfg.remove_response_headers {
-                h.remove(name);
-            }
-            for (name, value) in &cfg.response_headers {
+            let h = response.headers_mut();
+            for (name, value) in &route.config.response_headers {
                 h.insert(name.clone(), value.clone());
             }
         }
@@ -471,6 +468,10 @@ impl Proxy {
         let peer = conn.peer.ip();
         let forwarded =
             headers::set_forwarded(h, &conn.peer_header, self.is_trusted(peer), conn.https, client_host.as_ref());
+        // Every client spelling of it went with the reserved names.
+        if let Some(prefix) = &route.forwarded_prefix {
+            h.insert(headers::X_FORWARDED_PREFIX, prefix.clone());
+        }
         // Otherwise the upstream's own Host replaces the client's per
         // attempt, below.
         if let Some(host) = client_host.filter(|_| cfg.preserve_host) {
@@ -547,7 +548,10 @@ impl Proxy {
                     upstream_error(&cfg.name, "timeout");
                     return Err(ProxyError::GatewayTimeout);
                 }
-                Ok(Ok(response)) => {
+                Ok(Ok(mut response)) => {
+                    for name in &cfg.remove_response_headers {
+                        response.headers_mut().remove(name);
+                    }
                     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
                     if switched && !(client_upgrade.is_some() && headers::is_websocket_accept(response.headers())) {
                         upstream_error(&cfg.name, "upgrade");

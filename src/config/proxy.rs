@@ -63,9 +63,10 @@ pub struct RouteConfig {
     /// Set on every request forwarded (a preflight excepted), replacing
     /// what the client sent under those names.
     pub request_headers: Vec<(HeaderName, HeaderValue)>,
-    /// Set on every answer of this route, the gateway's own included.
+    /// Set on every answer to a request this route took, the gateway's own
+    /// (401, 403, 502, ...) included.
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
-    /// Removed from the upstream's answers.
+    /// Removed from the upstream's answers (not from the gateway's own).
     pub remove_response_headers: Vec<HeaderName>,
 }
 
@@ -338,13 +339,18 @@ fn header_table(
             f.error(key, format!("{name:?} is not a valid header name"));
             continue;
         };
-        if let Some(why) = refused(&fold_header_name(&name)) {
+        let folded = fold_header_name(&name);
+        if let Some(why) = refused(&folded) {
             f.error(key, format!("{name:?} {why}"));
             continue;
         }
         match value.as_str().map(HeaderValue::from_str) {
-            Some(Ok(v)) if !out.iter().any(|(n, _)| *n == header) => out.push((header, v)),
-            Some(Ok(_)) => f.error(key, format!("{name:?} is set twice")),
+            Some(Ok(v))
+                if !out.iter().any(|(n, _): &(HeaderName, HeaderValue)| fold_header_name(n.as_str()) == folded) =>
+            {
+                out.push((header, v));
+            }
+            Some(Ok(_)) => f.error(key, format!("{name:?} is set twice (names compare with _ and . as -)")),
             Some(Err(_)) => f.error(key, format!("{name:?}: the value cannot be a header value (control characters)")),
             None => f.error(key, format!("{name:?}: expected a string, found {}", value.type_str())),
         }
@@ -447,7 +453,9 @@ fn build_route(f: &mut Fields<'_>, names: &HeaderNames) -> Option<RouteConfig> {
     }
     let request_id = fold_header_name(names.request_id.as_str());
     let request_headers = header_table(f, "request_headers", |folded| {
-        if FRAMING.contains(&folded) || folded == "host" {
+        if folded.starts_with("sec-websocket-") {
+            Some("belongs to a WebSocket handshake, which only its client and upstream may write")
+        } else if FRAMING.contains(&folded) || folded == "host" {
             Some("frames the request: the gateway sets it")
         } else if names.reserved.iter().any(|r| r == folded) || folded.starts_with("x-forwarded-") {
             Some("is reserved: only the gateway states it, from the token or the connection")
@@ -460,8 +468,14 @@ fn build_route(f: &mut Fields<'_>, names: &HeaderNames) -> Option<RouteConfig> {
         }
     });
     let response_headers = header_table(f, "response_headers", |folded| {
-        if FRAMING.contains(&folded) {
+        if folded.starts_with("sec-websocket-") {
+            Some("belongs to a WebSocket handshake, which only its client and upstream may write")
+        } else if FRAMING.contains(&folded) {
             Some("frames the answer: the gateway sets it")
+        } else if ["vary", "set-cookie", "date", "www-authenticate"].contains(&folded) {
+            // Set, it would replace the upstream's (every cookie, a `Vary`
+            // a cache needs) or the gateway's own (a 401's challenge).
+            Some("would replace values the upstream or the gateway must send")
         } else if folded == request_id {
             Some("is the request id header")
         } else {
@@ -474,6 +488,9 @@ fn build_route(f: &mut Fields<'_>, names: &HeaderNames) -> Option<RouteConfig> {
             Err(_) => f.error("remove_response_headers", format!("{name:?} is not a valid header name")),
             Ok(_) if FRAMING.contains(&fold_header_name(&name).as_str()) => {
                 f.error("remove_response_headers", format!("{name:?} frames the answer: the gateway handles it"));
+            }
+            Ok(_) if fold_header_name(&name).starts_with("sec-websocket-") => {
+                f.error("remove_response_headers", format!("{name:?} belongs to a WebSocket handshake"));
             }
             Ok(_) if fold_header_name(&name) == request_id => {
                 f.error("remove_response_headers", format!("{name:?} is the request id header"));

@@ -289,7 +289,7 @@ fn a_get_route_without_head_next_to_a_route_for_every_method_is_refused() {
 #[test]
 fn route_fields_the_gateway_owns_cannot_be_set_or_removed() {
     let route = |lines: &str| {
-        format!("[headers]\nrequest_id = \"x-trace\"\n[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstreams = [\"http://10.0.0.1:80\"]\n{lines}\n")
+        format!("[headers]\nrequest_id = \"x-trace\"\nreserved = [\"X-Internal\"]\n[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstreams = [\"http://10.0.0.1:80\"]\n{lines}\n")
     };
     let c = parse(&route(
         "request_headers = { \"X-Api-Version\" = \"2\", \"Authorization\" = \"Basic abc\" }\n\
@@ -313,6 +313,19 @@ fn route_fields_the_gateway_owns_cannot_be_set_or_removed() {
         ("request_headers = { \"X-A\" = \"a\\nb\" }", "routes[0].request_headers"),
         ("request_headers = { \"bad name\" = \"x\" }", "routes[0].request_headers"),
         ("request_headers = { \"X-A\" = 1 }", "routes[0].request_headers"),
+        ("request_headers = { \"X_Forwarded_For\" = \"1.2.3.4\" }", "routes[0].request_headers"),
+        ("request_headers = { \"x.trace\" = \"x\" }", "routes[0].request_headers"),
+        ("request_headers = { \"X-Internal\" = \"x\" }", "routes[0].request_headers"),
+        ("request_headers = { \"Te\" = \"trailers\" }", "routes[0].request_headers"),
+        ("request_headers = { \"Upgrade\" = \"websocket\" }", "routes[0].request_headers"),
+        ("request_headers = { \"Proxy-Authorization\" = \"x\" }", "routes[0].request_headers"),
+        ("request_headers = { \"Sec-WebSocket-Key\" = \"x\" }", "routes[0].request_headers"),
+        ("request_headers = { \"X-A\" = \"1\", \"X_A\" = \"2\" }", "routes[0].request_headers"),
+        ("response_headers = { \"Vary\" = \"Origin\" }", "routes[0].response_headers"),
+        ("response_headers = { \"Set-Cookie\" = \"a=b\" }", "routes[0].response_headers"),
+        ("response_headers = { \"WWW-Authenticate\" = \"Basic\" }", "routes[0].response_headers"),
+        ("response_headers = { \"Sec-WebSocket-Extensions\" = \"x\" }", "routes[0].response_headers"),
+        ("remove_response_headers = [\"Sec-WebSocket-Accept\"]", "routes[0].remove_response_headers"),
         ("response_headers = { \"Transfer-Encoding\" = \"chunked\" }", "routes[0].response_headers"),
         ("response_headers = { \"X-Trace\" = \"x\" }", "routes[0].response_headers"),
         ("remove_response_headers = [\"Connection\"]", "routes[0].remove_response_headers"),

@@ -118,17 +118,23 @@ pub fn set_route_fields(headers: &mut HeaderMap, set: &[(HeaderName, HeaderValue
     if set.is_empty() {
         return;
     }
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| set.iter().any(|(n, _)| folded_eq(k.as_str(), &crate::config::fold_header_name(n.as_str()))))
-        .cloned()
-        .collect();
+    let doomed: Vec<HeaderName> =
+        headers.keys().filter(|k| set.iter().any(|(n, _)| same_folded(k.as_str(), n.as_str()))).cloned().collect();
     for name in doomed {
         headers.remove(&name);
     }
     for (name, value) in set {
         headers.append(name.clone(), value.clone());
     }
+}
+
+/// `fold_header_name(a) == fold_header_name(b)`, without allocating.
+fn same_folded(a: &str, b: &str) -> bool {
+    let fold = |c: u8| match c {
+        b'_' | b'.' => b'-',
+        c => c.to_ascii_lowercase(),
+    };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
 }
 
 /// `fold_header_name(name) == folded`, without allocating.
@@ -188,6 +194,9 @@ pub fn request_id(headers: &HeaderMap, name: &HeaderName) -> HeaderValue {
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// Set on routes that strip their prefix (a reserved name: no client's
+/// value passes).
+pub const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 static HTTP: HeaderValue = HeaderValue::from_static("http");
 static HTTPS: HeaderValue = HeaderValue::from_static("https");
 

@@ -51,6 +51,9 @@ pub struct Route {
     /// Pre-registered per-route histograms (no registry lookup per request).
     pub request_duration: metrics::Histogram,
     pub upstream_duration: metrics::Histogram,
+    /// `X-Forwarded-Prefix` for a route that strips its prefix, so that a
+    /// backend can write links the client can follow.
+    pub forwarded_prefix: Option<hyper::header::HeaderValue>,
     /// `gateway_requests_total{route, status}` for the usual statuses,
     /// registered on first use (index: position in [`COMMON_STATUSES`]): a
     /// labelled `counter!` costs a key allocation and a registry lookup.
@@ -67,11 +70,15 @@ impl Route {
         let label = metrics::SharedString::from_shared(Arc::<str>::from(config.name.as_str()));
         let request_duration = metrics::histogram!("gateway_request_duration_seconds", "route" => label.clone());
         let upstream_duration = metrics::histogram!("gateway_upstream_duration_seconds", "route" => label.clone());
+        let forwarded_prefix = (config.strip_prefix && config.prefix != "/")
+            .then(|| hyper::header::HeaderValue::from_str(&config.prefix).ok())
+            .flatten();
         Self {
             config,
             label,
             request_duration,
             upstream_duration,
+            forwarded_prefix,
             requests: Default::default(),
             next: AtomicUsize::new(0),
             cooldown_until,

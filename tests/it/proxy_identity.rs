@@ -816,9 +816,19 @@ async fn routes_set_request_and_response_fields() {
     let e = echo(resp).await;
     assert!(!e.has("authorization") && !e.has("x-api-version"), "a preflight carried the route's fields: {}", e.0);
 
-    let e =
-        echo(app.client.get(app.url("/static-public/x")).header("X-Api-Version", "9").send().await.expect("GET")).await;
+    // Nominated by Connection, the client's is gone, and the route's set.
+    let req =
+        app.client.get(app.url("/static-public/x")).header("X-Api-Version", "9").header("Connection", "X-Api-Version");
+    let e = echo(req.send().await.expect("GET")).await;
     assert_eq!(e.all("x-api-version"), ["2"], "{}", e.0);
+    // Over HTTP/2 as well.
+    let h2 = reqwest::Client::builder().no_proxy().http2_prior_knowledge().build().expect("an HTTP/2 client");
+    let resp = h2.get(app.url("/static/h2")).bearer_auth(&token).header("x_api_version", "9").send().await.expect("h2");
+    assert_eq!(hsts(&resp), Some(HeaderValue::from_static("max-age=31536000")));
+    let e = echo(resp).await;
+    assert_eq!(e.all("x-api-version"), ["2"], "{}", e.0);
+    assert!(!e.has("x_api_version"), "{}", e.0);
+    assert_eq!(e.all("authorization"), [basic], "{}", e.0);
     app.stop().await;
 }
 

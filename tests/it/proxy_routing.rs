@@ -256,7 +256,29 @@ async fn strip_prefix_removes_the_route_prefix() {
         assert_eq!(e.upstream(), upstream, "GET {path}: {}", e.0);
         assert_eq!(e.path(), seen, "GET {path}: {}", e.0);
         assert_eq!(e.query(), query, "GET {path}: {}", e.0);
+        // What was stripped, so that the backend can write links the
+        // client can follow; nothing where nothing was.
+        let prefix = path.split(['/', '?']).nth(1).map(|p| format!("/{p}"));
+        let stripped = prefix.filter(|p| p != "/unstripped");
+        assert_eq!(e.all("x-forwarded-prefix"), stripped.as_slice(), "GET {path}: {}", e.0);
     }
+    // A client's X-Forwarded-Prefix (any spelling) never passes; the route's stands.
+    let req = f
+        .app
+        .client
+        .get(f.app.url("/strip/a"))
+        .header("X-Forwarded-Prefix", "/evil")
+        .header("X_Forwarded_Prefix", "/evil");
+    let e = echo(req.send().await.expect("GET /strip/a")).await;
+    assert_eq!(
+        e.pairs().into_iter().filter(|(n, _)| n.contains("prefix")).collect::<Vec<_>>(),
+        [("x-forwarded-prefix", "/strip")],
+        "{}",
+        e.0
+    );
+    let req = f.app.client.get(f.app.url("/unstripped/a")).header("X-Forwarded-Prefix", "/evil");
+    let e = echo(req.send().await.expect("GET /unstripped/a")).await;
+    assert!(!e.has("x-forwarded-prefix"), "{}", e.0);
     // Segment-aware: /stripx is not under /strip.
     assert_error(f.app.get("/stripx/a").await, StatusCode::NOT_FOUND, "not_found").await;
     // Stripping happens after normalisation.

@@ -368,6 +368,28 @@ async fn ws_echo(ws: &mut Ws, message: Message) {
     }
 }
 
+/// A route's fields leave a WebSocket handshake intact: the client's
+/// `Sec-WebSocket-*` fields reach the upstream, the 101 carries the route's
+/// `response_headers`, and the tunnel echoes.
+#[tokio::test]
+async fn route_fields_leave_websocket_handshakes_intact() {
+    let svc = spawn_upstream("ws").await;
+    let lines = "request_headers = { \"X-Api-Version\" = \"2\" }\n\
+                 response_headers = { \"X-Frame-Options\" = \"DENY\" }\n\
+                 remove_response_headers = [\"Server\"]";
+    let app =
+        spawn_app_with(TestOptions::with_extra(route("ws", "/ws-route", &[svc.url()], &public_lines(lines)))).await;
+    let url = format!("ws://{}/ws-route/x?mode=ws", app.addr);
+    let (mut ws, resp) = tokio_tungstenite::connect_async(url.as_str()).await.expect("WebSocket handshake via gateway");
+    assert_eq!(resp.headers().get("x-frame-options").map(|v| v.as_bytes()), Some(&b"DENY"[..]));
+    ws_echo(&mut ws, Message::text("through a route with fields")).await;
+    let seen = svc.last();
+    assert!(seen.has("sec-websocket-key") && seen.has("sec-websocket-version"), "{seen:?}");
+    assert_eq!(seen.one("x-api-version"), "2");
+    ws.close(None).await.expect("close the WebSocket");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn websocket_is_proxied_with_identity() {
     let svc = spawn_upstream("ws").await;
