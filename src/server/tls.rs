@@ -14,8 +14,8 @@
 //! Expiry: each certificate in use publishes its leaf's `notAfter` as
 //! `gateway_tls_certificate_expiry_timestamp_seconds{cert}` (the setting
 //! that names it), for an alert well before the date; one already expired
-//! is logged at start, and a renewal that is already expired is refused
-//! (the running one stays), as is one that does not parse.
+//! is logged at start, and a renewal that has already expired, or is not
+//! valid yet (an hour of slack), is refused and the running one stays.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -60,12 +60,21 @@ impl ServerCert {
     /// any error the running pair stays.
     pub fn reload(&self) -> anyhow::Result<()> {
         let result = read_pair(&self.files, &self.provider).and_then(|pair| {
-            let not_after = not_after(&pair.cert[0]).context("server.tls.cert: reading its expiry date")?;
-            anyhow::ensure!(
-                not_after > SystemTime::now(),
-                "server.tls.cert: the new certificate expired at {}",
-                humantime::format_rfc3339_seconds(not_after)
-            );
+            // A date x509-cert cannot read (it is stricter than rustls) is
+            // no reason to refuse what rustls took, as at start.
+            if let Ok((not_before, not_after)) = validity(&pair.cert[0]) {
+                let now = SystemTime::now();
+                anyhow::ensure!(
+                    not_after > now,
+                    "server.tls.cert: the new certificate expired at {}",
+                    humantime::format_rfc3339_seconds(not_after)
+                );
+                anyhow::ensure!(
+                    not_before <= now + NOT_BEFORE_SLACK,
+                    "server.tls.cert: the new certificate is valid only from {}",
+                    humantime::format_rfc3339_seconds(not_before)
+                );
+            }
             publish_expiry(LISTENER, &pair.cert[0]);
             self.current.store(Arc::new(pair));
             Ok(())
@@ -112,18 +121,26 @@ pub fn acceptor(cert: Arc<ServerCert>) -> anyhow::Result<TlsAcceptor> {
 /// The `cert` label of the listener's certificate.
 const LISTENER: &str = "server.tls.cert";
 
-/// When `leaf` stops being valid (its `notAfter`).
-fn not_after(leaf: &CertificateDer<'_>) -> anyhow::Result<SystemTime> {
+/// How far in the future a renewal's `notBefore` may be (clocks differ):
+/// past it, clients would refuse the certificate, so the running one stays.
+const NOT_BEFORE_SLACK: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// When `leaf` starts and stops being valid (`notBefore`, `notAfter`).
+fn validity(leaf: &CertificateDer<'_>) -> anyhow::Result<(SystemTime, SystemTime)> {
     use x509_cert::der::Decode as _;
     let cert = x509_cert::Certificate::from_der(leaf.as_ref()).context("not an X.509 certificate")?;
-    Ok(SystemTime::UNIX_EPOCH + cert.tbs_certificate.validity.not_after.to_unix_duration())
+    let v = cert.tbs_certificate.validity;
+    Ok((
+        SystemTime::UNIX_EPOCH + v.not_before.to_unix_duration(),
+        SystemTime::UNIX_EPOCH + v.not_after.to_unix_duration(),
+    ))
 }
 
 /// Publishes `leaf`'s expiry under `cert` (the setting naming the file);
 /// a date that cannot be read is logged, not fatal: rustls took the
 /// certificate, and its peers check the date themselves.
 pub(crate) fn publish_expiry(cert: &'static str, leaf: &CertificateDer<'_>) -> Option<SystemTime> {
-    match not_after(leaf) {
+    match validity(leaf).map(|(_, not_after)| not_after) {
         Ok(t) => {
             let secs = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
             metrics::gauge!("gateway_tls_certificate_expiry_timestamp_seconds", "cert" => cert).set(secs);

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt as _;
 use reqwest::{Client, StatusCode};
@@ -387,16 +387,24 @@ async fn sighup_reloads_routes_and_keys_and_refuses_an_invalid_file() {
 async fn sighup_reloads_the_tls_certificate() {
     let certs = tempfile::tempdir().expect("create temp dir");
     let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    // Valid until 1 January of `year`.
-    let pair = |year: i32| {
+    // Valid from 1 January of `from` to 1 January of `until`; years
+    // counted from now, so the test holds whenever it runs. The expected
+    // expiry is rcgen's own date, not one parsed back.
+    let this_year = 1970 + SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs() / 31_556_952;
+    let this_year = i32::try_from(this_year).expect("a year");
+    let pair = |from: i32, until: i32| {
         let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("certificate parameters");
-        params.not_before = rcgen::date_time_ymd(2019, 1, 1);
-        params.not_after = rcgen::date_time_ymd(year, 1, 1);
+        params.not_before = rcgen::date_time_ymd(this_year + from, 1, 1);
+        params.not_after = rcgen::date_time_ymd(this_year + until, 1, 1);
+        let expiry = params.not_after.unix_timestamp() as f64;
         let key_pair = rcgen::KeyPair::generate().expect("a key pair");
         let cert = params.self_signed(&key_pair).expect("a self-signed certificate");
-        rcgen::CertifiedKey { cert, key_pair }
+        (rcgen::CertifiedKey { cert, key_pair }, expiry)
     };
-    let (old, new, expired) = (pair(2031), pair(2032), pair(2020));
+    // The new one's expiry is past 2049 (a GeneralizedTime in the certificate).
+    let ((old, old_expiry), (new, new_expiry)) = (pair(-1, 5), pair(-1, 30));
+    let (expired, _) = pair(-3, -1);
+    let (early, _) = pair(1, 6);
     let expiry = |metrics: &str| {
         metric(metrics, "gateway_tls_certificate_expiry_timestamp_seconds", &[("cert", "server.tls.cert")])
     };
@@ -416,18 +424,21 @@ async fn sighup_reloads_the_tls_certificate() {
     };
     let p = Process::start(&opts).await;
     assert_eq!(served_certificate(p.addr, &roots).await, old.cert.der().to_vec());
-    assert_eq!(expiry(&p.metrics().await), 1_924_992_000.0, "2031-01-01T00:00:00Z");
+    assert_eq!(expiry(&p.metrics().await), old_expiry);
 
-    // A renewal that has already expired is refused: the running one stays.
-    write(&expired);
-    p.signal("HUP");
-    p.wait_for_log("the refusal", |l| {
-        l["fields"]["message"] == "TLS certificate reload refused; keeping the running one"
-            && l["fields"]["error"].as_str().is_some_and(|e| e.contains("expired"))
-    })
-    .await;
-    assert_eq!(served_certificate(p.addr, &roots).await, old.cert.der().to_vec(), "an expired renewal was served");
-    assert_eq!(expiry(&p.metrics().await), 1_924_992_000.0);
+    // A renewal that has already expired, or is not valid yet, is refused:
+    // the running one stays.
+    for (case, pair, says) in [("expired", &expired, "expired"), ("not yet valid", &early, "valid only from")] {
+        write(pair);
+        p.signal("HUP");
+        p.wait_for_log(case, |l| {
+            l["fields"]["message"] == "TLS certificate reload refused; keeping the running one"
+                && l["fields"]["error"].as_str().is_some_and(|e| e.contains(says))
+        })
+        .await;
+        assert_eq!(served_certificate(p.addr, &roots).await, old.cert.der().to_vec(), "{case}: served");
+        assert_eq!(expiry(&p.metrics().await), old_expiry, "{case}");
+    }
 
     write(&new);
     // Control: with polling off, nothing changes by itself.
@@ -436,7 +447,7 @@ async fn sighup_reloads_the_tls_certificate() {
     p.signal("HUP");
     p.wait_for_log("the certificate reload", |l| l["fields"]["message"] == "TLS certificate reloaded").await;
     assert_eq!(served_certificate(p.addr, &roots).await, new.cert.der().to_vec());
-    assert_eq!(expiry(&p.metrics().await), 1_956_528_000.0, "2032-01-01T00:00:00Z");
+    assert_eq!(expiry(&p.metrics().await), new_expiry);
     p.stop().await;
 }
 
