@@ -552,6 +552,7 @@ impl Proxy {
                     for name in &cfg.remove_response_headers {
                         response.headers_mut().remove(name);
                     }
+                    response.body_mut().limit_reads(cfg.read_timeout, route.label.clone());
                     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
                     if switched && !(client_upgrade.is_some() && headers::is_websocket_accept(response.headers())) {
                         upstream_error(&cfg.name, "upgrade");

@@ -48,6 +48,9 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     /// Deadline for the upstream's response head.
     pub timeout: Duration,
+    /// The longest the upstream may send nothing while the client waits
+    /// for more of its answer's body.
+    pub read_timeout: Duration,
     pub preserve_host: bool,
     /// Request body limit in bytes (413 past it).
     pub max_body: u64,
@@ -443,6 +446,7 @@ fn build_route(f: &mut Fields<'_>, names: &HeaderNames) -> Option<RouteConfig> {
     }
     let strip_prefix = f.bool_or("strip_prefix", false);
     let timeout = f.duration_or("timeout", "30s", Duration::from_millis(1));
+    let read_timeout = f.duration_or("read_timeout", "60s", Duration::from_millis(1));
     let preserve_host = f.bool_or("preserve_host", false);
     let max_body = f.size_or("max_body", 10 << 20);
     let websocket = f.bool_or("websocket", true);
@@ -472,9 +476,12 @@ fn build_route(f: &mut Fields<'_>, names: &HeaderNames) -> Option<RouteConfig> {
             Some("belongs to a WebSocket handshake, which only its client and upstream may write")
         } else if FRAMING.contains(&folded) {
             Some("frames the answer: the gateway sets it")
-        } else if ["vary", "set-cookie", "date", "www-authenticate"].contains(&folded) {
+        } else if ["vary", "set-cookie", "date", "www-authenticate", "content-type", "content-encoding"]
+            .contains(&folded)
+        {
             // Set, it would replace the upstream's (every cookie, a `Vary`
-            // a cache needs) or the gateway's own (a 401's challenge).
+            // a cache needs) or the gateway's own (a 401's challenge, the
+            // type of its JSON errors).
             Some("would replace values the upstream or the gateway must send")
         } else if folded == request_id {
             Some("is the request id header")
@@ -510,6 +517,7 @@ fn build_route(f: &mut Fields<'_>, names: &HeaderNames) -> Option<RouteConfig> {
         tenants,
         strip_prefix,
         timeout,
+        read_timeout,
         preserve_host,
         max_body,
         websocket,

@@ -44,12 +44,12 @@
 //! addresses), and separately the TLS handshake.
 
 use std::collections::HashMap;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future as _};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{ready, Context, Poll, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -339,6 +339,9 @@ impl UpstreamClient {
             exchange: Some(exchange),
             owner: reusable.then(|| (Arc::clone(&self.pool), key)),
             upgrade,
+            read_timeout: None,
+            stall: None,
+            waiting: false,
         };
         if body.decoder.is_done() && !upgrade {
             body.finish();
@@ -721,6 +724,13 @@ pub struct UpstreamBody {
     /// Where the connection goes back to; None when it cannot be reused.
     owner: Option<(Arc<Pool>, PoolKey)>,
     upgrade: bool,
+    /// The longest wait for the upstream's next bytes ([`Self::limit_reads`]).
+    read_timeout: Option<(Duration, metrics::SharedString)>,
+    /// Made on the first read that has to wait, then re-armed on the first
+    /// wait after bytes arrived (`waiting`): a body that arrives with its
+    /// head needs no timer.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
 }
 
 impl UpstreamBody {
@@ -731,7 +741,33 @@ impl UpstreamBody {
             exchange: None,
             owner: None,
             upgrade: false,
+            read_timeout: None,
+            stall: None,
+            waiting: false,
         }
+    }
+
+    /// Ends the body with an error (and counts
+    /// `gateway_upstream_errors_total{route, kind="read_timeout"}`) when the
+    /// upstream sends nothing for `timeout` while the client waits for more:
+    /// the route's `read_timeout`.
+    pub fn limit_reads(&mut self, timeout: Duration, route: metrics::SharedString) {
+        self.read_timeout = Some((timeout, route));
+    }
+
+    /// Called when a read must wait: true once the upstream has been silent
+    /// for the read timeout.
+    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some((timeout, _)) = &self.read_timeout else { return false };
+        if !self.waiting {
+            let deadline = tokio::time::Instant::now() + *timeout;
+            match &mut self.stall {
+                Some(stall) => stall.as_mut().reset(deadline),
+                None => self.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            self.waiting = true;
+        }
+        self.stall.as_mut().is_some_and(|stall| stall.as_mut().poll(cx).is_ready())
     }
 
     /// After a 101: the upstream's connection, for the tunnel.
@@ -785,7 +821,24 @@ impl HttpBody for UpstreamBody {
             };
             let want = this.decoder.remaining().map_or(16 * 1024, |n| usize::try_from(n).unwrap_or(usize::MAX));
             this.rbuf.reserve(want.clamp(1, 64 * 1024));
-            match ready!(tokio_util::io::poll_read_buf(Pin::new(&mut exchange.reader), cx, &mut this.rbuf)) {
+            let read = match tokio_util::io::poll_read_buf(Pin::new(&mut exchange.reader), cx, &mut this.rbuf) {
+                Poll::Ready(read) => {
+                    this.waiting = false;
+                    read
+                }
+                Poll::Pending if this.stalled(cx) => {
+                    this.exchange = None;
+                    if let Some((timeout, route)) = &this.read_timeout {
+                        metrics::counter!("gateway_upstream_errors_total", "route" => route.clone(), "kind" => "read_timeout")
+                            .increment(1);
+                        tracing::warn!(route = %route, ?timeout, "the upstream sent nothing of its answer for the read timeout");
+                    }
+                    let e = io::Error::new(io::ErrorKind::TimedOut, "the upstream sent nothing for the read timeout");
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Poll::Pending => return Poll::Pending,
+            };
+            match read {
                 Ok(0) => {
                     // The end of a close-delimited body; otherwise cut short.
                     this.exchange = None;

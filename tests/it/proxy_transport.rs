@@ -1189,6 +1189,51 @@ async fn http2_clients_that_stop_reading_are_disconnected_but_slow_upstreams_are
     app.stop().await;
 }
 
+/// An upstream that stops sending in the middle of its answer is given up
+/// on after the route's `read_timeout` (the client's answer ends in an
+/// error, and it is counted); one that sends a little at a time, each
+/// within the limit, is not cut, however long it takes in all.
+#[tokio::test]
+async fn an_upstream_silent_mid_answer_is_given_up_after_the_read_timeout() {
+    let svc = spawn_upstream("stalls").await;
+    let app = spawn_app_with(TestOptions::with_extra(route(
+        "stalls",
+        "/stalls",
+        &[svc.url()],
+        &public_lines("read_timeout = \"1s\""),
+    )))
+    .await;
+    let resp = app.get("/stalls/x?mode=stream&chunks=4&delay_ms=500").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.bytes().await.expect("an answer whose pauses are within the read timeout");
+    assert_eq!(&body[..], b"chunk 0\nchunk 1\nchunk 2\nchunk 3\n");
+
+    let started = Instant::now();
+    let mut resp = app.get("/stalls/x?mode=stream&chunks=2&delay_ms=20000").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let first = resp.chunk().await.expect("the first chunk").expect("a first chunk");
+    assert_eq!(&first[..], b"chunk 0\n");
+    let rest = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match resp.chunk().await {
+                Ok(Some(_)) => continue,
+                other => return other.map(|_| ()),
+            }
+        }
+    })
+    .await
+    .expect("the stalled answer was not ended within 10 s (read_timeout = 1s)");
+    assert!(rest.is_err(), "a stalled answer ended as if complete");
+    assert!(started.elapsed() < Duration::from_secs(15), "waited for the upstream instead");
+    let metrics = app.metrics().await;
+    assert_eq!(
+        metric(&metrics, "gateway_upstream_errors_total", &[("route", "stalls"), ("kind", "read_timeout")]),
+        1.0,
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn connections_past_max_connections_are_closed_at_once() {
     let svc = spawn_upstream("raw").await;
