@@ -157,7 +157,7 @@ pub async fn serve<I: Io>(
     io: I,
     conn: Conn,
     proxy: Arc<Proxy>,
-    settings: Settings,
+    settings: Arc<Settings>,
     shutdown: watch::Receiver<bool>,
 ) -> Served<I> {
     let shared: SharedIo<I> = Arc::new(Mutex::new(Shared {
