@@ -275,10 +275,8 @@ async fn serve_h2(ctx: ConnContext, io: Upgraded, conn: Conn) {
     });
     // Held for the connection's life: graceful shutdown waits for it.
     let _watcher = ctx.watcher;
-    // Boxed: hyper's connection is large, and a future holding it inline
-    // made every connection's task larger, HTTP/1.1 ones included (rustc
-    // kept room for it in `serve_connection` even where that boxes this).
-    let mut connection = Box::pin(ctx.h2.serve_connection(TokioIo::new(io), service));
+    // Inline: both callers box this whole future (see `serve_connection`).
+    let mut connection = std::pin::pin!(ctx.h2.serve_connection(TokioIo::new(io), service));
     let (header_read, idle, send) = (ctx.http1.header_read_timeout, ctx.http1.idle_timeout, ctx.http1.send_timeout);
     // Fires at least every `idle`: a stream may start and end between two
     // checks, and its end starts the idle wait.

@@ -208,8 +208,6 @@ pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNa
     // The request id keeps a client's value when it looks safe, and is set
     // after the strip: under a reserved or hop-by-hop name it would carry
     // the client's value past both.
-    const HOP_BY_HOP: [&str; 7] =
-        ["upgrade", "te", "trailer", "keep-alive", "proxy-connection", "proxy-authorization", "transfer-encoding"];
     let folded_id = fold_header_name(request_id.as_str());
     if reserved.contains(&folded_id) || HOP_BY_HOP.contains(&folded_id.as_str()) {
         errors.push("headers.request_id", format!("{request_id:?} is a reserved or hop-by-hop header"));
@@ -315,9 +313,8 @@ fn build_methods(f: &mut Fields<'_>) -> Vec<Method> {
 /// JWKS; the access log, as its metrics have names of their own).
 pub const RESERVED_ROUTE_NAMES: [&str; 2] = ["none", "gateway"];
 
-/// Names a route may not set or remove: those the gateway frames the
-/// message with, sets itself, or strips so that only it can state them.
-const FRAMING: [&str; 10] = [
+/// Hop-by-hop fields (folded), which the gateway strips and sets per hop.
+const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -326,9 +323,13 @@ const FRAMING: [&str; 10] = [
     "transfer-encoding",
     "upgrade",
     "proxy-authorization",
-    "content-length",
-    "expect",
 ];
+
+/// Whether a route may not set or remove `folded`: the gateway frames the
+/// message with it (hop-by-hop fields, the length, `Expect`).
+fn frames(folded: &str) -> bool {
+    HOP_BY_HOP.contains(&folded) || folded == "content-length" || folded == "expect"
+}
 
 /// `request_headers` or `response_headers`: a table of name = value.
 fn header_table(
@@ -459,7 +460,7 @@ fn build_route(f: &mut Fields<'_>, names: &HeaderNames) -> Option<RouteConfig> {
     let request_headers = header_table(f, "request_headers", |folded| {
         if folded.starts_with("sec-websocket-") {
             Some("belongs to a WebSocket handshake, which only its client and upstream may write")
-        } else if FRAMING.contains(&folded) || folded == "host" {
+        } else if frames(folded) || folded == "host" {
             Some("frames the request: the gateway sets it")
         } else if names.reserved.iter().any(|r| r == folded) || folded.starts_with("x-forwarded-") {
             Some("is reserved: only the gateway states it, from the token or the connection")
@@ -471,38 +472,36 @@ fn build_route(f: &mut Fields<'_>, names: &HeaderNames) -> Option<RouteConfig> {
             None
         }
     });
-    let response_headers = header_table(f, "response_headers", |folded| {
+    // What neither response_headers nor remove_response_headers may name.
+    let answer_owned = |folded: &str| {
         if folded.starts_with("sec-websocket-") {
             Some("belongs to a WebSocket handshake, which only its client and upstream may write")
-        } else if FRAMING.contains(&folded) {
-            Some("frames the answer: the gateway sets it")
-        } else if ["vary", "set-cookie", "date", "www-authenticate", "content-type", "content-encoding"]
-            .contains(&folded)
-        {
-            // Set, it would replace the upstream's (every cookie, a `Vary`
-            // a cache needs) or the gateway's own (a 401's challenge, the
-            // type of its JSON errors).
-            Some("would replace values the upstream or the gateway must send")
+        } else if frames(folded) {
+            Some("frames the answer: the gateway handles it")
         } else if folded == request_id {
             Some("is the request id header")
         } else {
             None
         }
+    };
+    let response_headers = header_table(f, "response_headers", |folded| {
+        answer_owned(folded).or_else(|| {
+            // Set, it would replace the upstream's (every cookie, a `Vary`
+            // a cache needs) or the gateway's own (a 401's challenge, the
+            // type of its JSON errors).
+            ["vary", "set-cookie", "date", "www-authenticate", "content-type", "content-encoding"]
+                .contains(&folded)
+                .then_some("would replace values the upstream or the gateway must send")
+        })
     });
     let mut remove_response_headers = Vec::new();
     for name in f.string_list("remove_response_headers") {
         match HeaderName::from_bytes(name.as_bytes()) {
             Err(_) => f.error("remove_response_headers", format!("{name:?} is not a valid header name")),
-            Ok(_) if FRAMING.contains(&fold_header_name(&name).as_str()) => {
-                f.error("remove_response_headers", format!("{name:?} frames the answer: the gateway handles it"));
-            }
-            Ok(_) if fold_header_name(&name).starts_with("sec-websocket-") => {
-                f.error("remove_response_headers", format!("{name:?} belongs to a WebSocket handshake"));
-            }
-            Ok(_) if fold_header_name(&name) == request_id => {
-                f.error("remove_response_headers", format!("{name:?} is the request id header"));
-            }
-            Ok(h) => remove_response_headers.push(h),
+            Ok(h) => match answer_owned(&fold_header_name(&name)) {
+                Some(why) => f.error("remove_response_headers", format!("{name:?} {why}")),
+                None => remove_response_headers.push(h),
+            },
         }
     }
     Some(RouteConfig {

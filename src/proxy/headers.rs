@@ -105,7 +105,7 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 pub fn strip_reserved(headers: &mut HeaderMap, names: &HeaderNames) {
     // Compared byte by byte, folding on the fly: no allocation per header.
     let doomed: Vec<HeaderName> =
-        headers.keys().filter(|k| names.reserved.iter().any(|r| folded_eq(k.as_str(), r))).cloned().collect();
+        headers.keys().filter(|k| names.reserved.iter().any(|r| same_folded(k.as_str(), r))).cloned().collect();
     for name in doomed {
         headers.remove(&name);
     }
@@ -128,25 +128,15 @@ pub fn set_route_fields(headers: &mut HeaderMap, set: &[(HeaderName, HeaderValue
     }
 }
 
-/// `fold_header_name(a) == fold_header_name(b)`, without allocating.
+/// `fold_header_name(a) == fold_header_name(b)`, without allocating (and,
+/// as folding twice changes nothing, `fold_header_name(a) == b` for a `b`
+/// already folded).
 fn same_folded(a: &str, b: &str) -> bool {
     let fold = |c: u8| match c {
         b'_' | b'.' => b'-',
         c => c.to_ascii_lowercase(),
     };
     a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
-}
-
-/// `fold_header_name(name) == folded`, without allocating.
-fn folded_eq(name: &str, folded: &str) -> bool {
-    name.len() == folded.len()
-        && name.bytes().zip(folded.bytes()).all(|(a, b)| {
-            let a = match a {
-                b'_' | b'.' => b'-',
-                a => a.to_ascii_lowercase(),
-            };
-            a == b
-        })
 }
 
 /// The pre-rendered identity header values of one verified token.
@@ -242,7 +232,7 @@ pub fn set_forwarded(
             matches!(k.len(), 15..=17)
                 && [X_FORWARDED_FOR.as_str(), X_FORWARDED_PROTO.as_str(), X_FORWARDED_HOST.as_str()]
                     .iter()
-                    .any(|f| folded_eq(k, f) && (!trusted || k != *f))
+                    .any(|f| same_folded(k, f) && (!trusted || k != *f))
         })
         .cloned()
         .collect();

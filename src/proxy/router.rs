@@ -32,14 +32,6 @@ pub enum Miss {
     Method(String),
 }
 
-impl Route {
-    /// Whether this route serves `method` (a route without `methods`
-    /// serves every one).
-    pub fn takes(&self, method: &Method) -> bool {
-        self.config.methods.is_empty() || self.config.methods.contains(method)
-    }
-}
-
 /// A configured route plus its run-time state (round-robin position and the
 /// cool-down of upstreams that refused connections).
 #[derive(Debug)]
@@ -84,6 +76,12 @@ impl Route {
             cooldown_until,
             epoch: Instant::now(),
         }
+    }
+
+    /// Whether this route serves `method` (a route without `methods`
+    /// serves every one).
+    pub fn takes(&self, method: &Method) -> bool {
+        self.config.methods.is_empty() || self.config.methods.contains(method)
     }
 
     /// Counts one request answered with `status` (label: `status_label`).
