@@ -558,13 +558,7 @@ impl Proxy {
                         upstream_error(&cfg.name, "upgrade");
                         return Err(ProxyError::BadGateway("upgrade"));
                     }
-                    return Ok(respond(
-                        response,
-                        client_upgrade,
-                        conn.slot.clone(),
-                        &cfg.name,
-                        self.tunnel_idle_timeout,
-                    ));
+                    return respond(response, client_upgrade, conn.slot.clone(), &cfg.name, self.tunnel_idle_timeout);
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     upstream_error(&cfg.name, "connect");
@@ -704,21 +698,24 @@ fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
     false
 }
 
-/// Phase 8: the upstream's answer, made fit for the client.
+/// Phase 8: the upstream's answer, made fit for the client; an error where
+/// the upstream switched protocols but no tunnel can be built, so that the
+/// 502 is made (with its CORS fields) where every other one is.
 fn respond(
     mut response: Response<UpstreamBody>,
     client_upgrade: Option<OnUpgrade>,
     slot: Option<Arc<Slot>>,
     route: &str,
     tunnel_idle_timeout: Duration,
-) -> Response<Body> {
+) -> Result<Response<Body>, ProxyError> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client) = client_upgrade {
             let (parts, body) = response.into_parts();
             let Some(upstream) = body.into_upgraded() else {
                 // Its request body is still being sent: no tunnel can be
                 // built, so the client must not be told it switched.
-                return ProxyError::BadGateway("upgrade").into_response();
+                upstream_error(route, "upgrade");
+                return Err(ProxyError::BadGateway("upgrade"));
             };
             let route = route.to_owned();
             tokio::spawn(async move {
@@ -735,11 +732,11 @@ fn respond(
                     Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
                 }
             });
-            return Response::from_parts(parts, Body::empty());
+            return Ok(Response::from_parts(parts, Body::empty()));
         }
     }
     headers::strip_hop_by_hop(response.headers_mut(), false);
-    response.map(Body::new)
+    Ok(response.map(Body::new))
 }
 
 #[cfg(test)]

@@ -451,6 +451,51 @@ async fn an_idle_websocket_tunnel_is_closed() {
     app.stop().await;
 }
 
+/// An upstream that switches protocols while the request's body is still
+/// being sent leaves nothing to splice: the client gets a 502 (never a 101
+/// with no tunnel behind it), readable by a listed origin like every other
+/// 502 the gateway makes, and counted as an upgrade failure.
+#[tokio::test]
+async fn an_upgrade_switched_before_its_body_was_sent_is_a_502_with_cors() {
+    const APP: &str = "https://app.example.com";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the upstream");
+    let upstream = listener.local_addr().expect("upstream address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0_u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read_exact(&mut byte).await.is_ok() {
+                    head.push(byte[0]);
+                }
+                let accept = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+                let _ = stream.write_all(accept.as_bytes()).await;
+                // Held open, reading whatever comes, until the gateway leaves.
+                let mut sink = [0_u8; 1024];
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let opts = TestOptions {
+        auth_extra: format!("cors_origins = [{APP:?}]"),
+        extra: route("ws", "/ws-route", &[format!("http://{upstream}")], PUBLIC),
+        ..TestOptions::default()
+    };
+    let app = spawn_app_with(opts).await;
+    // Ten bytes announced, five sent: the rest never comes.
+    let request = format!(
+        "GET /ws-route/x HTTP/1.1\r\nHost: gw\r\nOrigin: {APP}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nContent-Length: 10\r\n\r\n01234"
+    );
+    let r = raw_request(app.addr, request.as_bytes()).await;
+    assert_eq!(r.status, Some(502), "{}", r.head);
+    assert_eq!(r.header("access-control-allow-origin"), Some(APP), "{}", r.head);
+    let kind = [("route", "ws"), ("kind", "upgrade")];
+    assert_eq!(metric(&app.metrics().await, "gateway_upstream_errors_total", &kind), 1.0);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn websocket_handshake_without_a_valid_token_is_401() {
     let svc = spawn_upstream("ws").await;
