@@ -163,8 +163,9 @@ struct Access<'a> {
 }
 
 /// What the access log and metrics record about one request.
-struct Outcome {
-    route: Option<Arc<Route>>,
+struct Outcome<'t> {
+    /// Borrowed from the route table `serve` holds for the whole request.
+    route: Option<&'t Route>,
     user: Option<uuid::Uuid>,
     upstream: Option<usize>,
     /// When the upstream's answer (or its failure) came: the end of both
@@ -362,15 +363,15 @@ impl Proxy {
     }
 
     #[allow(clippy::too_many_arguments, reason = "one call site, in serve; a struct would only rename them")]
-    async fn forward(
+    async fn forward<'t>(
         &self,
-        table: &RouteTable,
+        table: &'t RouteTable,
         mut req: Request<Body>,
         authorization: Option<Bytes>,
         path: &str,
         conn: &Conn,
         request_id: &HeaderValue,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'t>,
         mut timer: Option<Pin<&mut Sleep>>,
     ) -> Result<Response<Body>, ProxyError> {
         // A backend may upper-case `delete` and run a DELETE that no route
@@ -387,11 +388,11 @@ impl Proxy {
             _ => None,
         };
         let route = match table.find(host.map(router::normalize_host), path, req.method(), announced.as_ref()) {
-            Ok(route) => Arc::clone(route),
+            Ok(route) => &**route,
             Err(Miss::NoRoute) => return Err(ProxyError::NoRoute),
             Err(Miss::Method(allow)) => return Err(ProxyError::MethodNotAllowed(allow)),
         };
-        outcome.route = Some(Arc::clone(&route));
+        outcome.route = Some(route);
         let cfg = &route.config;
         let consumed = cfg.auth == AuthMode::Required && !cfg.pass_token;
         let authorization = match authorization {
@@ -462,9 +463,7 @@ impl Proxy {
         // these: see `headers::identity_fields` and `headers::Forwarded`.
         // The request id, too, is written after them: the client's own
         // value goes here (it was kept in `request_id` if it was usable).
-        if h.contains_key(&table.headers.request_id) {
-            h.remove(&table.headers.request_id);
-        }
+        h.remove(&table.headers.request_id);
         let peer = conn.peer.ip();
         let forwarded =
             headers::set_forwarded(h, &conn.peer_header, self.is_trusted(peer), conn.https, client_host.as_ref());
@@ -558,7 +557,7 @@ impl Proxy {
                         upstream_error(&cfg.name, "upgrade");
                         return Err(ProxyError::BadGateway("upgrade"));
                     }
-                    return respond(response, client_upgrade, conn.slot.clone(), &cfg.name, self.tunnel_idle_timeout);
+                    return respond(response, client_upgrade, conn.slot.as_ref(), &cfg.name, self.tunnel_idle_timeout);
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     upstream_error(&cfg.name, "connect");
@@ -704,7 +703,7 @@ fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
 fn respond(
     mut response: Response<UpstreamBody>,
     client_upgrade: Option<OnUpgrade>,
-    slot: Option<Arc<Slot>>,
+    slot: Option<&Arc<Slot>>,
     route: &str,
     tunnel_idle_timeout: Duration,
 ) -> Result<Response<Body>, ProxyError> {
@@ -718,6 +717,7 @@ fn respond(
                 return Err(ProxyError::BadGateway("upgrade"));
             };
             let route = route.to_owned();
+            let slot = slot.cloned();
             tokio::spawn(async move {
                 // The tunnel keeps the connection's slot until it closes:
                 // it counts against server.max_connections, and a graceful

@@ -13,7 +13,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use crate::config::HeaderNames;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones proxies drop.
-const HOP_BY_HOP: [HeaderName; 7] = [
+const HOP_BY_HOP: [HeaderName; UPGRADE_BIT as usize] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -23,11 +23,20 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::PROXY_AUTHORIZATION,
 ];
 
-/// Whether `name` is `Upgrade` or one of [`HOP_BY_HOP`]. Filtered on length
-/// first (2, 7, 10, 16, 17 or 19 bytes): most names fail that test and are
-/// never compared.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(name.as_str().len(), 2 | 7 | 10 | 16 | 17 | 19) && (name == header::UPGRADE || HOP_BY_HOP.contains(name))
+/// `Upgrade`'s bit in [`strip_hop_by_hop`]'s set, after [`HOP_BY_HOP`]'s.
+const UPGRADE_BIT: u32 = 7;
+
+/// Which of [`HOP_BY_HOP`] `name` is (its index), or `UPGRADE_BIT`'s index
+/// for `Upgrade`. Filtered on length first (2, 7, 10, 16, 17 or 19 bytes):
+/// most names fail that test and are never compared.
+fn hop_by_hop_index(name: &HeaderName) -> Option<u32> {
+    if !matches!(name.as_str().len(), 2 | 7 | 10 | 16 | 17 | 19) {
+        return None;
+    }
+    if name == header::UPGRADE {
+        return Some(UPGRADE_BIT);
+    }
+    HOP_BY_HOP.iter().position(|h| h == name).and_then(|i| u32::try_from(i).ok())
 }
 
 /// True when the request asks for a WebSocket upgrade.
@@ -53,31 +62,58 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// With `keep_upgrade`, `Upgrade` survives and `Connection: upgrade` is restored.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the names finds what is there (usually nothing, or just
-    // `Connection`); only those are removed, each removal a hash lookup.
-    let mut present: Vec<HeaderName> = Vec::new();
+    // `Connection`), as a set of bits; only those are removed, each removal
+    // a hash lookup. No allocation unless `Connection` comes more than once.
+    let mut present = 0_u32;
     // `keys()` yields each name once, however many values it has.
     for name in headers.keys() {
-        if is_hop_by_hop(name) {
-            present.push(name.clone());
+        if let Some(i) = hop_by_hop_index(name) {
+            present |= 1 << i;
         }
     }
-    if present.is_empty() && !keep_upgrade {
+    if present == 0 && !keep_upgrade {
         return;
     }
-    let nominated: Vec<HeaderName> =
-        connection_tokens(headers).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect();
-    for name in nominated {
-        if !(keep_upgrade && name == header::UPGRADE) {
-            headers.remove(&name);
+    if present & 1 != 0 {
+        // `Connection` is `HOP_BY_HOP[0]`. Its values are cloned (shared
+        // bytes) so that the map can change while they are read.
+        let (first, more) = {
+            let mut values = headers.get_all(header::CONNECTION).iter();
+            (values.next().cloned(), values.next().is_some())
+        };
+        if more {
+            let all: Vec<HeaderValue> = headers.get_all(header::CONNECTION).iter().cloned().collect();
+            for value in &all {
+                remove_nominated(headers, value, keep_upgrade);
+            }
+        } else if let Some(value) = first {
+            remove_nominated(headers, &value, keep_upgrade);
         }
     }
-    for name in &present {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    if present & (1 << UPGRADE_BIT) != 0 {
+        headers.remove(header::UPGRADE);
     }
     if keep_upgrade {
         // Exactly one protocol may be asked for: no `h2c` or others riding along.
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+}
+
+/// Removes the fields one `Connection` value nominates (all but `Upgrade`
+/// when it is kept). A name given as `&str` is lower-cased on the stack for
+/// the lookup; one that is not a valid name matches nothing.
+fn remove_nominated(headers: &mut HeaderMap, connection: &HeaderValue, keep_upgrade: bool) {
+    let Ok(tokens) = connection.to_str() else { return };
+    for token in tokens.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        if !(keep_upgrade && token.eq_ignore_ascii_case("upgrade")) {
+            headers.remove(token);
+        }
     }
 }
 

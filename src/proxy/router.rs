@@ -107,6 +107,11 @@ impl Route {
     /// (unless all are). Returns its index.
     pub fn pick(&self) -> usize {
         let n = self.config.upstreams.len();
+        if n == 1 {
+            // Its only upstream, cooling down or not: no shared counter to
+            // bump on every request.
+            return 0;
+        }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         // The common case, nothing cooling down, needs no clock read.
         if self.cooldown_until[start].load(Ordering::Relaxed) == 0 {

@@ -131,11 +131,19 @@ impl Idle {
 /// nothing. Unless the reactor has seen the socket become readable (data
 /// or a close), tokio answers it without a system call.
 fn is_open(stream: &mut Stream) -> bool {
-    let mut cx = Context::from_waker(Waker::noop());
     let mut byte = [0_u8; 1];
-    let mut buf = ReadBuf::new(&mut byte);
-    // Ready means closed, failed, or bytes nobody asked for: all unusable.
-    Pin::new(stream).poll_read(&mut cx, &mut buf).is_pending()
+    match stream {
+        // `try_read` answers from the readiness bits alone, where a poll
+        // would also lock the socket's waiter list to swap in a waker.
+        Stream::Plain(tcp) => matches!(tcp.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+        Stream::Tls(_) => {
+            let mut cx = Context::from_waker(Waker::noop());
+            let mut buf = ReadBuf::new(&mut byte);
+            // Ready means closed, failed, or bytes nobody asked for: all
+            // unusable.
+            Pin::new(stream).poll_read(&mut cx, &mut buf).is_pending()
+        }
+    }
 }
 
 /// Why an upstream request failed.
