@@ -23,8 +23,9 @@
 //!    whose connection was refused; 502/504 on failure.
 //! 8. **Respond**: strip hop-by-hop headers (or splice a WebSocket), add the
 //!    request id (and, on the gateway's own answers, CORS fields for the
-//!    origins of `auth.cors_origins`: [`cors`]), count, time and log the
-//!    request.
+//!    origins of `auth.cors_origins`: [`cors`]), set the fields of
+//!    `headers.response_headers` and then the route's own (on every answer,
+//!    the API's and refusals included), count, time and log the request.
 //!
 //! Steps 1–6 do no database I/O and no blocking work.
 
@@ -219,6 +220,7 @@ impl Proxy {
             let mut response = self.serve_api(req, &path, conn).await;
             let line = Access { route: "gateway", method: Some(&method), path: &path, user: None, upstream: None };
             self.access(&request_id, line, response.status(), started.elapsed());
+            headers::set_answer_fields(response.headers_mut(), &self.routes.load().headers.response_headers);
             response.headers_mut().insert(id_name, request_id);
             return response;
         }
@@ -245,11 +247,10 @@ impl Proxy {
             response
         });
 
+        // The route's own fields last: they win over the listener's.
+        headers::set_answer_fields(response.headers_mut(), &table.headers.response_headers);
         if let Some(route) = &outcome.route {
-            let h = response.headers_mut();
-            for (name, value) in &route.config.response_headers {
-                h.insert(name.clone(), value.clone());
-            }
+            headers::set_answer_fields(response.headers_mut(), &route.config.response_headers);
         }
         let status = response.status();
         let route_name = outcome.route.as_ref().map_or("none", |r| r.config.name.as_str());
@@ -307,6 +308,7 @@ impl Proxy {
         let mut response = error.into_response();
         let origin = request.and_then(|r| r.headers().get(ORIGIN));
         self.cors.apply(origin, &table.headers.request_id, &mut response);
+        headers::set_answer_fields(response.headers_mut(), &table.headers.response_headers);
         let status = response.status();
         metrics::counter!("gateway_requests_total", "route" => "none", "status" => status_label(status)).increment(1);
         let line = Access {

@@ -91,7 +91,8 @@ impl std::fmt::Display for UpstreamTarget {
     }
 }
 
-/// The names of the headers the gateway injects, and those it strips.
+/// The names of the headers the gateway injects and of those it strips, and
+/// the fields it sets on every answer (`[headers]`).
 #[derive(Debug, Clone)]
 pub struct HeaderNames {
     pub user_id: HeaderName,
@@ -102,6 +103,9 @@ pub struct HeaderNames {
     pub request_id: HeaderName,
     /// Every reserved name, lower-case with `_` and `.` mapped to `-`.
     pub reserved: Vec<String>,
+    /// `headers.response_headers`: set on every answer of the public
+    /// listener (a route's own `response_headers` win over these).
+    pub response_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// Headers stripped from every request whatever `[headers]` says: the
@@ -197,6 +201,9 @@ pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNa
             f.error("reserved", format!("{e:?} is a header the gateway reads itself"));
         }
     }
+    let folded_id = fold_header_name(request_id.as_str());
+    let response_headers =
+        header_table(&mut f, "response_headers", |folded| refused_answer_field(folded, &folded_id, true));
     f.finish();
     let mut reserved: Vec<String> = DEFAULT_RESERVED.iter().map(|s| (*s).to_owned()).collect();
     for n in [&user_id, &tenant_id, &roles, &scopes, &session_id] {
@@ -208,11 +215,10 @@ pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNa
     // The request id keeps a client's value when it looks safe, and is set
     // after the strip: under a reserved or hop-by-hop name it would carry
     // the client's value past both.
-    let folded_id = fold_header_name(request_id.as_str());
     if reserved.contains(&folded_id) || HOP_BY_HOP.contains(&folded_id.as_str()) {
         errors.push("headers.request_id", format!("{request_id:?} is a reserved or hop-by-hop header"));
     }
-    HeaderNames { user_id, tenant_id, roles, scopes, session_id, request_id, reserved }
+    HeaderNames { user_id, tenant_id, roles, scopes, session_id, request_id, reserved, response_headers }
 }
 
 pub(super) fn build_routes(tables: Vec<toml::Table>, names: &HeaderNames, errors: &mut Errors) -> Vec<RouteConfig> {
@@ -329,6 +335,28 @@ const HOP_BY_HOP: [&str; 8] = [
 /// message with it (hop-by-hop fields, the length, `Expect`).
 fn frames(folded: &str) -> bool {
     HOP_BY_HOP.contains(&folded) || folded == "content-length" || folded == "expect"
+}
+
+/// Why an answer field may not be named (folded) by a route's
+/// `response_headers` (`set`) or `remove_response_headers`, or by
+/// `headers.response_headers`; `request_id` is the folded request id name.
+fn refused_answer_field(folded: &str, request_id: &str, set: bool) -> Option<&'static str> {
+    if folded.starts_with("sec-websocket-") {
+        Some("belongs to a WebSocket handshake, which only its client and upstream may write")
+    } else if frames(folded) {
+        Some("frames the answer: the gateway handles it")
+    } else if folded == request_id {
+        Some("is the request id header")
+    } else if set
+        && ["vary", "set-cookie", "date", "www-authenticate", "content-type", "content-encoding"].contains(&folded)
+    {
+        // Set, it would replace the upstream's (every cookie, a `Vary` a
+        // cache needs) or the gateway's own (a 401's challenge, the type of
+        // its JSON errors).
+        Some("would replace values the upstream or the gateway must send")
+    } else {
+        None
+    }
 }
 
 /// `request_headers` or `response_headers`: a table of name = value.
@@ -472,33 +500,13 @@ fn build_route(f: &mut Fields<'_>, names: &HeaderNames) -> Option<RouteConfig> {
             None
         }
     });
-    // What neither response_headers nor remove_response_headers may name.
-    let answer_owned = |folded: &str| {
-        if folded.starts_with("sec-websocket-") {
-            Some("belongs to a WebSocket handshake, which only its client and upstream may write")
-        } else if frames(folded) {
-            Some("frames the answer: the gateway handles it")
-        } else if folded == request_id {
-            Some("is the request id header")
-        } else {
-            None
-        }
-    };
-    let response_headers = header_table(f, "response_headers", |folded| {
-        answer_owned(folded).or_else(|| {
-            // Set, it would replace the upstream's (every cookie, a `Vary`
-            // a cache needs) or the gateway's own (a 401's challenge, the
-            // type of its JSON errors).
-            ["vary", "set-cookie", "date", "www-authenticate", "content-type", "content-encoding"]
-                .contains(&folded)
-                .then_some("would replace values the upstream or the gateway must send")
-        })
-    });
+    let response_headers =
+        header_table(f, "response_headers", |folded| refused_answer_field(folded, &request_id, true));
     let mut remove_response_headers = Vec::new();
     for name in f.string_list("remove_response_headers") {
         match HeaderName::from_bytes(name.as_bytes()) {
             Err(_) => f.error("remove_response_headers", format!("{name:?} is not a valid header name")),
-            Ok(h) => match answer_owned(&fold_header_name(&name)) {
+            Ok(h) => match refused_answer_field(&fold_header_name(&name), &request_id, false) {
                 Some(why) => f.error("remove_response_headers", format!("{name:?} {why}")),
                 None => remove_response_headers.push(h),
             },

@@ -335,3 +335,30 @@ fn route_fields_the_gateway_owns_cannot_be_set_or_removed() {
         assert!(err.contains(field), "{lines}: {err}");
     }
 }
+
+#[test]
+fn fields_for_every_answer_are_checked_like_a_routes() {
+    let headers = |lines: &str| format!("[headers]\nrequest_id = \"x-trace\"\n{lines}\n");
+    let c = parse(&headers(
+        "response_headers = { \"Strict-Transport-Security\" = \"max-age=63072000\", \"X-Content-Type-Options\" = \"nosniff\" }",
+    ))
+    .expect("ordinary fields");
+    let names: Vec<&str> = c.proxy.headers.response_headers.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["strict-transport-security", "x-content-type-options"]);
+    assert!(parse("").expect("defaults").proxy.headers.response_headers.is_empty());
+    for lines in [
+        "response_headers = { \"Set-Cookie\" = \"a=b\" }",
+        "response_headers = { \"Content-Type\" = \"text/html\" }",
+        "response_headers = { \"Connection\" = \"close\" }",
+        "response_headers = { \"Content-Length\" = \"0\" }",
+        "response_headers = { \"X_Trace\" = \"x\" }",
+        "response_headers = { \"Sec-WebSocket-Accept\" = \"x\" }",
+        "response_headers = { \"X-A\" = \"1\", \"x.a\" = \"2\" }",
+        "response_headers = { \"X-A\" = \"a\\rb\" }",
+        "response_headers = { \"bad name\" = \"x\" }",
+        "response_headers = [\"X-A\"]",
+    ] {
+        let err = parse(&headers(lines)).expect_err(lines).to_string();
+        assert!(err.contains("headers.response_headers"), "{lines}: {err}");
+    }
+}

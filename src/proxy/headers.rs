@@ -137,6 +137,14 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
+/// Sets `fields` (`headers.response_headers`, a route's `response_headers`)
+/// on an answer, each replacing whatever was there under its name.
+pub fn set_answer_fields(headers: &mut HeaderMap, fields: &[(HeaderName, HeaderValue)]) {
+    for (name, value) in fields {
+        headers.insert(name.clone(), value.clone());
+    }
+}
+
 /// Removes every header whose folded name is reserved (identity headers).
 pub fn strip_reserved(headers: &mut HeaderMap, names: &HeaderNames) {
     // Compared byte by byte, folding on the fly: no allocation per header.

@@ -751,6 +751,60 @@ async fn methods_split_a_prefix_between_policies() {
     app.stop().await;
 }
 
+/// `headers.response_headers` (HSTS and friends) are on every answer of the
+/// public listener: proxied ones (a route's own fields win), the gateway's
+/// refusals before and after routing, 404s, the API and the JWKS, over
+/// HTTP/1.1 and HTTP/2; and a reload changes them.
+#[tokio::test]
+async fn fields_for_every_answer_are_on_every_answer() {
+    let svc = spawn_upstream("svc").await;
+    let u = [svc.url()];
+    let fields = |hsts: &str| {
+        format!("[headers]\nresponse_headers = {{ \"Strict-Transport-Security\" = \"{hsts}\", \"X-Frame-Options\" = \"DENY\" }}\n")
+    };
+    let routes = [
+        route(
+            "static",
+            "/static",
+            &u,
+            "auth = \"public\"\nresponse_headers = { \"X-Frame-Options\" = \"SAMEORIGIN\" }",
+        ),
+        route("private", "/private", &u, ""),
+    ]
+    .concat();
+    let app = spawn_app_with(TestOptions::with_extra(format!("{}{routes}", fields("max-age=60")))).await;
+    let field = |resp: &Response, name: &str| resp.headers().get(name).map(|v| v.to_str().expect("ASCII").to_owned());
+    let h2 = reqwest::Client::builder().no_proxy().http2_prior_knowledge().build().expect("an HTTP/2 client");
+
+    let cases = [
+        ("proxied", app.client.get(app.url("/static/x")), StatusCode::OK, "SAMEORIGIN"),
+        ("no token", app.client.get(app.url("/private/x")), StatusCode::UNAUTHORIZED, "DENY"),
+        ("no route", app.client.get(app.url("/nowhere")), StatusCode::NOT_FOUND, "DENY"),
+        ("a bad path", app.client.get(app.url("/static/a%2fb")), StatusCode::BAD_REQUEST, "DENY"),
+        ("the API", app.client.get(app.url("/auth/me")), StatusCode::UNAUTHORIZED, "DENY"),
+        ("the JWKS", app.client.get(app.url("/.well-known/jwks.json")), StatusCode::OK, "DENY"),
+        ("HTTP/2, proxied", h2.get(app.url("/static/x")), StatusCode::OK, "SAMEORIGIN"),
+        ("HTTP/2, no route", h2.get(app.url("/nowhere")), StatusCode::NOT_FOUND, "DENY"),
+    ];
+    for (case, req, status, frame) in cases {
+        let resp = req.send().await.unwrap_or_else(|e| panic!("{case}: {e}"));
+        assert_eq!(resp.status(), status, "{case}");
+        assert_eq!(field(&resp, "strict-transport-security").as_deref(), Some("max-age=60"), "{case}");
+        assert_eq!(field(&resp, "x-frame-options").as_deref(), Some(frame), "{case}");
+    }
+    // A head the parser refuses (a field without a colon).
+    let r = raw_request(app.addr, b"GET /static/x HTTP/1.1\r\nHost: gw\r\nno colon here\r\n\r\n").await;
+    assert_eq!(r.status, Some(400), "{}", r.head);
+    assert_eq!(r.header("strict-transport-security"), Some("max-age=60"), "{}", r.head);
+    assert_eq!(svc.hits(), 2);
+
+    app.rewrite_config(&format!("{}{routes}", fields("max-age=63072000")));
+    app.reloader.reload().unwrap_or_else(|e| panic!("reloading a valid config failed: {e}"));
+    let resp = app.get("/nowhere").await;
+    assert_eq!(field(&resp, "strict-transport-security").as_deref(), Some("max-age=63072000"));
+    app.stop().await;
+}
+
 /// A route's `request_headers` replace every spelling the client sent and
 /// reach the upstream on judged requests only (not on a preflight); its
 /// `response_headers` are on every answer of the route, the gateway's own
