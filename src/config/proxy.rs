@@ -202,8 +202,17 @@ pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNa
         }
     }
     let folded_id = fold_header_name(request_id.as_str());
-    let response_headers =
-        header_table(&mut f, "response_headers", |folded| refused_answer_field(folded, &folded_id, true));
+    let response_headers = header_table(&mut f, "response_headers", |folded| {
+        refused_answer_field(folded, &folded_id, true).or_else(|| {
+            // Each of these describes one answer: set on all of them, it
+            // would replace the API's `no-store` on tokens, an
+            // upstream's `private`, a redirect's target, a 405's
+            // `Allow`, a 429's wait or the CORS fields the gateway and
+            // upstreams decide per request.
+            (folded.starts_with("access-control-") || ONE_ANSWER.contains(&folded))
+                .then_some("describes one answer and cannot be set on every answer")
+        })
+    });
     f.finish();
     let mut reserved: Vec<String> = DEFAULT_RESERVED.iter().map(|s| (*s).to_owned()).collect();
     for n in [&user_id, &tenant_id, &roles, &scopes, &session_id] {
@@ -336,6 +345,23 @@ const HOP_BY_HOP: [&str; 8] = [
 fn frames(folded: &str) -> bool {
     HOP_BY_HOP.contains(&folded) || folded == "content-length" || folded == "expect"
 }
+
+/// Fields (folded) that describe one particular answer, which
+/// `headers.response_headers` may not set on all of them.
+const ONE_ANSWER: [&str; 12] = [
+    "cache-control",
+    "pragma",
+    "expires",
+    "age",
+    "etag",
+    "last-modified",
+    "location",
+    "content-location",
+    "content-range",
+    "content-disposition",
+    "allow",
+    "retry-after",
+];
 
 /// Why an answer field may not be named (folded) by a route's
 /// `response_headers` (`set`) or `remove_response_headers`, or by

@@ -357,6 +357,10 @@ fn fields_for_every_answer_are_checked_like_a_routes() {
         "response_headers = { \"X-A\" = \"a\\rb\" }",
         "response_headers = { \"bad name\" = \"x\" }",
         "response_headers = [\"X-A\"]",
+        "response_headers = { \"Cache-Control\" = \"public, max-age=3600\" }",
+        "response_headers = { \"Access-Control-Allow-Origin\" = \"*\" }",
+        "response_headers = { \"Location\" = \"/\" }",
+        "response_headers = { \"Retry-After\" = \"1\" }",
     ] {
         let err = parse(&headers(lines)).expect_err(lines).to_string();
         assert!(err.contains("headers.response_headers"), "{lines}: {err}");

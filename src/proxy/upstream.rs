@@ -137,11 +137,14 @@ fn is_open(stream: &mut Stream) -> bool {
         // would also lock the socket's waiter list to swap in a waker.
         Stream::Plain(tcp) => matches!(tcp.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock),
         Stream::Tls(_) => {
-            let mut cx = Context::from_waker(Waker::noop());
             let mut buf = ReadBuf::new(&mut byte);
             // Ready means closed, failed, or bytes nobody asked for: all
-            // unusable.
-            Pin::new(stream).poll_read(&mut cx, &mut buf).is_pending()
+            // unusable. Polled outside the task's cooperative budget, which,
+            // spent, would answer "pending" (open) for a closed connection.
+            let probe = std::pin::pin!(tokio::task::unconstrained(poll_fn(|cx| {
+                Poll::Ready(Pin::new(&mut *stream).poll_read(cx, &mut buf).is_pending())
+            })));
+            matches!(probe.poll(&mut Context::from_waker(Waker::noop())), Poll::Ready(true))
         }
     }
 }

@@ -454,7 +454,8 @@ async fn an_idle_websocket_tunnel_is_closed() {
 /// An upstream that switches protocols while the request's body is still
 /// being sent leaves nothing to splice: the client gets a 502 (never a 101
 /// with no tunnel behind it), readable by a listed origin like every other
-/// 502 the gateway makes, and counted as an upgrade failure.
+/// 502 the gateway makes, and counted as an upgrade failure. The control:
+/// the same upstream, once it has read the whole body, gets its 101 through.
 #[tokio::test]
 async fn an_upgrade_switched_before_its_body_was_sent_is_a_502_with_cors() {
     const APP: &str = "https://app.example.com";
@@ -468,6 +469,10 @@ async fn an_upgrade_switched_before_its_body_was_sent_is_a_502_with_cors() {
                 while !head.ends_with(b"\r\n\r\n") && stream.read_exact(&mut byte).await.is_ok() {
                     head.push(byte[0]);
                 }
+                if head.starts_with(b"GET /early-switch/whole") {
+                    let mut body = [0_u8; 10];
+                    let _ = stream.read_exact(&mut body).await;
+                }
                 let accept = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                               Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
                 let _ = stream.write_all(accept.as_bytes()).await;
@@ -479,19 +484,23 @@ async fn an_upgrade_switched_before_its_body_was_sent_is_a_502_with_cors() {
     });
     let opts = TestOptions {
         auth_extra: format!("cors_origins = [{APP:?}]"),
-        extra: route("ws", "/ws-route", &[format!("http://{upstream}")], PUBLIC),
+        extra: route("early-switch", "/early-switch", &[format!("http://{upstream}")], PUBLIC),
         ..TestOptions::default()
     };
     let app = spawn_app_with(opts).await;
-    // Ten bytes announced, five sent: the rest never comes.
-    let request = format!(
-        "GET /ws-route/x HTTP/1.1\r\nHost: gw\r\nOrigin: {APP}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nContent-Length: 10\r\n\r\n01234"
-    );
-    let r = raw_request(app.addr, request.as_bytes()).await;
+    // Ten bytes announced; `sent` of them written, the rest never comes.
+    let request = |path: &str, sent: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: gw\r\nOrigin: {APP}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nContent-Length: 10\r\n\r\n{sent}"
+        )
+    };
+    let r = raw_request(app.addr, request("/early-switch/whole", "0123456789").as_bytes()).await;
+    assert_eq!(r.status, Some(101), "the control: {}", r.head);
+    let r = raw_request(app.addr, request("/early-switch/half", "01234").as_bytes()).await;
     assert_eq!(r.status, Some(502), "{}", r.head);
     assert_eq!(r.header("access-control-allow-origin"), Some(APP), "{}", r.head);
-    let kind = [("route", "ws"), ("kind", "upgrade")];
+    let kind = [("route", "early-switch"), ("kind", "upgrade")];
     assert_eq!(metric(&app.metrics().await, "gateway_upstream_errors_total", &kind), 1.0);
     app.stop().await;
 }
