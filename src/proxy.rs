@@ -23,9 +23,10 @@
 //!    whose connection was refused; 502/504 on failure.
 //! 8. **Respond**: strip hop-by-hop headers (or splice a WebSocket), add the
 //!    request id (and, on the gateway's own answers, CORS fields for the
-//!    origins of `auth.cors_origins`: [`cors`]), set the fields of
-//!    `headers.response_headers` and then the route's own (on every answer,
-//!    the API's and refusals included), count, time and log the request.
+//!    origins of `auth.cors_origins`: [`cors`]), set
+//!    `headers.response_headers` (on every answer, the API's and refusals
+//!    included) and then the route's own (on answers to requests it took),
+//!    count, time and log the request.
 //!
 //! Steps 1–6 do no database I/O and no blocking work.
 
@@ -554,11 +555,6 @@ impl Proxy {
                         response.headers_mut().remove(name);
                     }
                     response.body_mut().limit_reads(cfg.read_timeout, route.label.clone());
-                    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-                    if switched && !(client_upgrade.is_some() && headers::is_websocket_accept(response.headers())) {
-                        upstream_error(&cfg.name, "upgrade");
-                        return Err(ProxyError::BadGateway("upgrade"));
-                    }
                     return respond(response, client_upgrade, conn.slot.as_ref(), &cfg.name, self.tunnel_idle_timeout);
                 }
                 Ok(Err(e)) if e.is_connect() => {
@@ -710,32 +706,33 @@ fn respond(
     tunnel_idle_timeout: Duration,
 ) -> Result<Response<Body>, ProxyError> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client) = client_upgrade {
-            let (parts, body) = response.into_parts();
-            let Some(upstream) = body.into_upgraded() else {
-                // Its request body is still being sent: no tunnel can be
-                // built, so the client must not be told it switched.
-                upstream_error(route, "upgrade");
-                return Err(ProxyError::BadGateway("upgrade"));
-            };
-            let route = route.to_owned();
-            let slot = slot.cloned();
-            tokio::spawn(async move {
-                // The tunnel keeps the connection's slot until it closes:
-                // it counts against server.max_connections, and a graceful
-                // shutdown waits for it.
-                let _slot = slot;
-                match client.connection().await {
-                    Ok(client) => {
-                        metrics::counter!("gateway_websocket_tunnels_total", "route" => route.clone()).increment(1);
-                        let _open = Open::new(metrics::gauge!("gateway_websocket_tunnels_open", "route" => route));
-                        tunnel::splice(client, upstream, tunnel_idle_timeout).await;
-                    }
-                    Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        // A 101 goes on only as a WebSocket accept to a client that asked
+        // for one, and only with the upstream's connection free to splice
+        // (not while the request body is still being sent): else the client
+        // must not be told it switched.
+        let accepted = client_upgrade.filter(|_| headers::is_websocket_accept(response.headers()));
+        let (parts, body) = response.into_parts();
+        let (Some(client), Some(upstream)) = (accepted, body.into_upgraded()) else {
+            upstream_error(route, "upgrade");
+            return Err(ProxyError::BadGateway("upgrade"));
+        };
+        let route = route.to_owned();
+        let slot = slot.cloned();
+        tokio::spawn(async move {
+            // The tunnel keeps the connection's slot until it closes:
+            // it counts against server.max_connections, and a graceful
+            // shutdown waits for it.
+            let _slot = slot;
+            match client.connection().await {
+                Ok(client) => {
+                    metrics::counter!("gateway_websocket_tunnels_total", "route" => route.clone()).increment(1);
+                    let _open = Open::new(metrics::gauge!("gateway_websocket_tunnels_open", "route" => route));
+                    tunnel::splice(client, upstream, tunnel_idle_timeout).await;
                 }
-            });
-            return Ok(Response::from_parts(parts, Body::empty()));
-        }
+                Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+            }
+        });
+        return Ok(Response::from_parts(parts, Body::empty()));
     }
     headers::strip_hop_by_hop(response.headers_mut(), false);
     Ok(response.map(Body::new))

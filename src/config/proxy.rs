@@ -204,13 +204,7 @@ pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNa
     let folded_id = fold_header_name(request_id.as_str());
     let response_headers = header_table(&mut f, "response_headers", |folded| {
         refused_answer_field(folded, &folded_id, true).or_else(|| {
-            // Each of these describes one answer: set on all of them, it
-            // would replace the API's `no-store` on tokens, an
-            // upstream's `private`, a redirect's target, a 405's
-            // `Allow`, a 429's wait or the CORS fields the gateway and
-            // upstreams decide per request.
-            (folded.starts_with("access-control-") || ONE_ANSWER.contains(&folded))
-                .then_some("describes one answer and cannot be set on every answer")
+            describes_one_answer(folded).then_some("describes one answer and cannot be set on every answer")
         })
     });
     f.finish();
@@ -346,22 +340,39 @@ fn frames(folded: &str) -> bool {
     HOP_BY_HOP.contains(&folded) || folded == "content-length" || folded == "expect"
 }
 
-/// Fields (folded) that describe one particular answer, which
-/// `headers.response_headers` may not set on all of them.
-const ONE_ANSWER: [&str; 12] = [
-    "cache-control",
-    "pragma",
-    "expires",
-    "age",
-    "etag",
-    "last-modified",
-    "location",
-    "content-location",
-    "content-range",
-    "content-disposition",
-    "allow",
-    "retry-after",
-];
+/// Whether a field (folded) describes one particular answer, so that
+/// `headers.response_headers` may not set it on all of them: it would
+/// replace the API's `no-store` on tokens, an upstream's `private`, a
+/// redirect's target, a 405's `Allow`, a 429's wait, a body's digest, or
+/// the CORS fields the gateway and upstreams decide per request.
+fn describes_one_answer(folded: &str) -> bool {
+    const ONE_ANSWER: [&str; 16] = [
+        "cache-control",
+        "pragma",
+        "expires",
+        "age",
+        "etag",
+        "last-modified",
+        "location",
+        "content-location",
+        "content-range",
+        "content-disposition",
+        "content-digest",
+        "repr-digest",
+        "digest",
+        "content-md5",
+        "allow",
+        "retry-after",
+    ];
+    folded.starts_with("access-control-") || ONE_ANSWER.contains(&folded)
+}
+
+/// Fields (folded) that neither kind of `response_headers` may set: they
+/// would replace the upstream's values (every cookie, a `Vary` a cache
+/// needs) or the gateway's own (a 401's challenge, the type of its JSON
+/// errors).
+const SENT_BY_OTHERS: [&str; 6] =
+    ["vary", "set-cookie", "date", "www-authenticate", "content-type", "content-encoding"];
 
 /// Why an answer field may not be named (folded) by a route's
 /// `response_headers` (`set`) or `remove_response_headers`, or by
@@ -373,12 +384,7 @@ fn refused_answer_field(folded: &str, request_id: &str, set: bool) -> Option<&'s
         Some("frames the answer: the gateway handles it")
     } else if folded == request_id {
         Some("is the request id header")
-    } else if set
-        && ["vary", "set-cookie", "date", "www-authenticate", "content-type", "content-encoding"].contains(&folded)
-    {
-        // Set, it would replace the upstream's (every cookie, a `Vary` a
-        // cache needs) or the gateway's own (a 401's challenge, the type of
-        // its JSON errors).
+    } else if set && SENT_BY_OTHERS.contains(&folded) {
         Some("would replace values the upstream or the gateway must send")
     } else {
         None

@@ -26,8 +26,8 @@ const HOP_BY_HOP: [HeaderName; UPGRADE_BIT as usize] = [
 /// `Upgrade`'s bit in [`strip_hop_by_hop`]'s set, after [`HOP_BY_HOP`]'s.
 const UPGRADE_BIT: u32 = 7;
 
-/// Which of [`HOP_BY_HOP`] `name` is (its index), or `UPGRADE_BIT`'s index
-/// for `Upgrade`. Filtered on length first (2, 7, 10, 16, 17 or 19 bytes):
+/// Which of [`HOP_BY_HOP`] `name` is (its index), or [`UPGRADE_BIT`] for
+/// `Upgrade`. Filtered on length first (2, 7, 10, 16, 17 or 19 bytes):
 /// most names fail that test and are never compared.
 fn hop_by_hop_index(name: &HeaderName) -> Option<u32> {
     if !matches!(name.as_str().len(), 2 | 7 | 10 | 16 | 17 | 19) {
@@ -49,13 +49,13 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+    headers.get_all(header::CONNECTION).iter().flat_map(tokens)
+}
+
+/// The comma-separated tokens of one `Connection` value (none if it is not
+/// visible ASCII).
+fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value.to_str().unwrap_or("").split(',').map(str::trim).filter(|t| !t.is_empty())
 }
 
 /// Removes hop-by-hop headers and those nominated by `Connection`.
@@ -84,10 +84,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         if more {
             let all: Vec<HeaderValue> = headers.get_all(header::CONNECTION).iter().cloned().collect();
             for value in &all {
-                remove_nominated(headers, value, keep_upgrade);
+                remove_nominated(headers, value);
             }
         } else if let Some(value) = first {
-            remove_nominated(headers, &value, keep_upgrade);
+            remove_nominated(headers, &value);
         }
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
@@ -105,15 +105,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Removes the fields one `Connection` value nominates (all but `Upgrade`
-/// when it is kept). A name given as `&str` is lower-cased on the stack for
-/// the lookup; one that is not a valid name matches nothing.
-fn remove_nominated(headers: &mut HeaderMap, connection: &HeaderValue, keep_upgrade: bool) {
-    let Ok(tokens) = connection.to_str() else { return };
-    for token in tokens.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-        if !(keep_upgrade && token.eq_ignore_ascii_case("upgrade")) {
-            headers.remove(token);
-        }
+/// Removes the fields one `Connection` value nominates (a kept `Upgrade`
+/// is put back by [`strip_hop_by_hop`] anyway). A name given as `&str` is
+/// lower-cased on the stack for the lookup (one over 64 bytes is compared
+/// case-insensitively in place); one that is not a valid name matches
+/// nothing.
+fn remove_nominated(headers: &mut HeaderMap, connection: &HeaderValue) {
+    for token in tokens(connection) {
+        headers.remove(token);
     }
 }
 

@@ -760,7 +760,10 @@ async fn fields_for_every_answer_are_on_every_answer() {
     let svc = spawn_upstream("svc").await;
     let u = [svc.url()];
     let fields = |hsts: &str| {
-        format!("[headers]\nresponse_headers = {{ \"Strict-Transport-Security\" = \"{hsts}\", \"X-Frame-Options\" = \"DENY\" }}\n")
+        format!(
+            "[headers]\nresponse_headers = {{ \"Strict-Transport-Security\" = \"{hsts}\", \"X-Frame-Options\" = \"DENY\", \
+             \"X-Powered-By\" = \"the gateway\" }}\n"
+        )
     };
     let routes = [
         route(
@@ -770,6 +773,7 @@ async fn fields_for_every_answer_are_on_every_answer() {
             "auth = \"public\"\nresponse_headers = { \"X-Frame-Options\" = \"SAMEORIGIN\" }",
         ),
         route("private", "/private", &u, ""),
+        route("readonly", "/readonly", &u, "auth = \"public\"\nmethods = [\"GET\", \"HEAD\"]"),
     ]
     .concat();
     let app = spawn_app_with(TestOptions::with_extra(format!("{}{routes}", fields("max-age=60")))).await;
@@ -780,6 +784,7 @@ async fn fields_for_every_answer_are_on_every_answer() {
         ("proxied", app.client.get(app.url("/static/x")), StatusCode::OK, "SAMEORIGIN"),
         ("no token", app.client.get(app.url("/private/x")), StatusCode::UNAUTHORIZED, "DENY"),
         ("no route", app.client.get(app.url("/nowhere")), StatusCode::NOT_FOUND, "DENY"),
+        ("no such method", app.client.delete(app.url("/readonly/x")), StatusCode::METHOD_NOT_ALLOWED, "DENY"),
         ("a bad path", app.client.get(app.url("/static/a%2fb")), StatusCode::BAD_REQUEST, "DENY"),
         ("the API", app.client.get(app.url("/auth/me")), StatusCode::UNAUTHORIZED, "DENY"),
         ("the JWKS", app.client.get(app.url("/.well-known/jwks.json")), StatusCode::OK, "DENY"),
@@ -791,6 +796,8 @@ async fn fields_for_every_answer_are_on_every_answer() {
         assert_eq!(resp.status(), status, "{case}");
         assert_eq!(field(&resp, "strict-transport-security").as_deref(), Some("max-age=60"), "{case}");
         assert_eq!(field(&resp, "x-frame-options").as_deref(), Some(frame), "{case}");
+        // The test upstream sends its own X-Powered-By: replaced.
+        assert_eq!(field(&resp, "x-powered-by").as_deref(), Some("the gateway"), "{case}");
     }
     // A head the parser refuses (a field without a colon).
     let r = raw_request(app.addr, b"GET /static/x HTTP/1.1\r\nHost: gw\r\nno colon here\r\n\r\n").await;
