@@ -44,6 +44,8 @@ pub struct App {
     tls: Option<tokio_rustls::TlsAcceptor>,
     public: std::net::TcpListener,
     admin: TcpListener,
+    /// `server.http_redirect_listen`, bound.
+    redirect: Option<TcpListener>,
     metrics: PrometheusHandle,
 }
 
@@ -121,7 +123,15 @@ impl App {
         let admin = TcpListener::bind(config.admin.listen)
             .await
             .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
-        Ok(App { config, service, proxy, reloader, tls, public, admin, metrics })
+        let redirect = match config.server.http_redirect {
+            Some(r) => Some(
+                TcpListener::bind(r.listen)
+                    .await
+                    .with_context(|| format!("binding server.http_redirect_listen {}", r.listen))?,
+            ),
+            None => None,
+        };
+        Ok(App { config, service, proxy, reloader, tls, public, admin, redirect, metrics })
     }
 
     pub fn public_addr(&self) -> SocketAddr {
@@ -130,6 +140,11 @@ impl App {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin.local_addr().unwrap_or(self.config.admin.listen)
+    }
+
+    /// The plain-HTTP redirect listener's address, when there is one.
+    pub fn redirect_addr(&self) -> Option<SocketAddr> {
+        self.redirect.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Reloads routes (and, on demand, keys) of the running app.
@@ -209,6 +224,16 @@ impl App {
         ];
         if let crate::config::DatabaseUrl::Postgres(url) = &self.config.database.url {
             background.push(tokio::spawn(revocation::listen(revocations, store.clone(), url.clone(), stopped())));
+        }
+        if let (Some(listener), Some(r)) = (self.redirect, self.config.server.http_redirect) {
+            // To the port the TLS listener was bound to unless told otherwise.
+            let https_port = r.https_port.unwrap_or(addr.port());
+            let settings = self.config.server.clone();
+            let stop = stopped();
+            tracing::info!(listen = %r.listen, https_port, "redirecting plain HTTP to the TLS listener");
+            background.push(tokio::spawn(async move {
+                crate::server::redirect::serve(listener, https_port, &settings, stop).await;
+            }));
         }
         let admin_app = crate::admin::router(self.service.clone(), self.metrics.clone());
         let admin = tokio::spawn(axum::serve(self.admin, admin_app).with_graceful_shutdown(stopped()).into_future());

@@ -64,6 +64,17 @@ pub struct ServerConfig {
     /// How often the config file is checked for changes; zero: never (only
     /// SIGHUP reloads).
     pub config_poll: Duration,
+    /// A plain-HTTP listener that sends every request to the TLS one.
+    pub http_redirect: Option<HttpRedirect>,
+}
+
+/// `server.http_redirect_listen` and `server.http_redirect_port`.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpRedirect {
+    pub listen: SocketAddr,
+    /// The port clients reach the TLS listener on (443 is left out of the
+    /// redirect's URL); `None`: the port `listen` is bound to.
+    pub https_port: Option<u16>,
 }
 
 /// Certificate chain and private key (PEM) for the public listener.
@@ -325,6 +336,36 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<
         0 => std::thread::available_parallelism().map(usize::from).unwrap_or(1),
         n => n as usize,
     };
+    let redirect_listen = f.string("http_redirect_listen");
+    // 0: the port of `listen` (the range refuses a 0 written in the file).
+    let https_port = u16::try_from(f.int_or("http_redirect_port", 0, 1, 65_535)).unwrap_or(0);
+    let http_redirect = match redirect_listen {
+        None => {
+            if https_port != 0 {
+                f.error("http_redirect_port", "is used only with http_redirect_listen");
+            }
+            None
+        }
+        Some(text) => match text.parse::<SocketAddr>() {
+            Err(_) => {
+                f.error("http_redirect_listen", format!("{text:?} is not an address like \"0.0.0.0:80\""));
+                None
+            }
+            Ok(addr) if tls_t.is_empty() => {
+                f.error(
+                    "http_redirect_listen",
+                    format!("{addr} needs [server.tls]: it sends clients to the TLS listener"),
+                );
+                None
+            }
+            // (Port 0, any free port, is never the same address twice.)
+            Ok(addr) if Some(addr) == listen && addr.port() != 0 => {
+                f.error("http_redirect_listen", format!("{addr} is server.listen"));
+                None
+            }
+            Ok(addr) => Some(HttpRedirect { listen: addr, https_port: (https_port != 0).then_some(https_port) }),
+        },
+    };
     f.finish();
     let tls = if tls_t.is_empty() {
         None
@@ -357,6 +398,7 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<
         workers,
         tunnel_idle_timeout,
         config_poll,
+        http_redirect,
     })
 }
 

@@ -1,5 +1,6 @@
 //! The public listener: accept, TLS, HTTP/1.1 + HTTP/2, limits, graceful
-//! shutdown; and the reload of routes and keys ([`reload`]).
+//! shutdown; the reload of routes and keys ([`reload`]); and the plain-HTTP
+//! listener that redirects to the TLS one ([`redirect`]).
 //!
 //! Thread per core: the public listener is served by `server.workers`
 //! threads, each running its own single-threaded tokio runtime with its own
@@ -22,6 +23,7 @@
 //! requests are answered 400 and the connection closes. Body limits are per
 //! route, so they live in the proxy.
 
+pub mod redirect;
 pub mod reload;
 pub mod tls;
 

@@ -346,6 +346,12 @@ fn fields_for_every_answer_are_checked_like_a_routes() {
     let names: Vec<&str> = c.proxy.headers.response_headers.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["strict-transport-security", "x-content-type-options"]);
     assert!(parse("").expect("defaults").proxy.headers.response_headers.is_empty());
+    // What describes one answer is a route's to set, not every answer's.
+    let route = "[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstreams = [\"http://10.0.0.1:80\"]\n\
+                 response_headers = { \"Cache-Control\" = \"public, max-age=60\" }\n";
+    parse(route).expect("a route may set Cache-Control");
+    let err = parse(&headers("response_headers = { \"Cache-Control\" = \"no-cache\" }")).expect_err("Cache-Control");
+    assert!(err.to_string().contains("describes one answer"), "{err}");
     for lines in [
         "response_headers = { \"Set-Cookie\" = \"a=b\" }",
         "response_headers = { \"Content-Type\" = \"text/html\" }",
@@ -361,8 +367,38 @@ fn fields_for_every_answer_are_checked_like_a_routes() {
         "response_headers = { \"Access-Control-Allow-Origin\" = \"*\" }",
         "response_headers = { \"Location\" = \"/\" }",
         "response_headers = { \"Retry-After\" = \"1\" }",
+        "response_headers = { \"Content-Digest\" = \"sha-256=:x:\" }",
     ] {
         let err = parse(&headers(lines)).expect_err(lines).to_string();
         assert!(err.contains("headers.response_headers"), "{lines}: {err}");
+    }
+}
+
+#[test]
+fn the_redirect_listener_needs_tls_and_an_address_of_its_own() {
+    let tls = "[server.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+    let c = parse(&format!("[server]\nlisten = \"0.0.0.0:8443\"\nhttp_redirect_listen = \"0.0.0.0:8080\"\n{tls}"))
+        .expect("a redirect beside TLS");
+    let r = c.server.http_redirect.expect("the redirect");
+    assert_eq!((r.listen.to_string().as_str(), r.https_port), ("0.0.0.0:8080", None));
+    let c = parse(&format!("[server]\nhttp_redirect_listen = \"0.0.0.0:80\"\nhttp_redirect_port = 443\n{tls}"))
+        .expect("a redirect to the port clients see");
+    assert_eq!(c.server.http_redirect.map(|r| r.https_port), Some(Some(443)));
+    assert!(parse("").expect("defaults").server.http_redirect.is_none());
+    for (text, field) in [
+        ("[server]\nhttp_redirect_listen = \"0.0.0.0:80\"\n", "server.http_redirect_listen"),
+        ("[server]\nhttp_redirect_port = 443\n", "server.http_redirect_port"),
+        (&format!("[server]\nhttp_redirect_listen = \"port 80\"\n{tls}"), "server.http_redirect_listen"),
+        (
+            &format!("[server]\nlisten = \"0.0.0.0:80\"\nhttp_redirect_listen = \"0.0.0.0:80\"\n{tls}"),
+            "server.http_redirect_listen",
+        ),
+        (
+            &format!("[server]\nhttp_redirect_listen = \"0.0.0.0:80\"\nhttp_redirect_port = 0\n{tls}"),
+            "server.http_redirect_port",
+        ),
+    ] {
+        let err = parse(text).expect_err(text).to_string();
+        assert!(err.contains(field), "{text}: {err}");
     }
 }

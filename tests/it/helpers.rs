@@ -406,6 +406,7 @@ async fn start(
     let app = Box::pin(App::build(config)).await.unwrap_or_else(|e| panic!("App::build failed: {e:#}"));
     let addr = app.public_addr();
     let admin_addr = app.admin_addr();
+    let redirect_addr = app.redirect_addr();
     // Taken before run() consumes the app.
     let reloader = app.reloader();
     let (shutdown, rx) = oneshot::channel::<()>();
@@ -419,7 +420,20 @@ async fn start(
         .timeout(Duration::from_secs(30))
         .build()
         .expect("build reqwest client");
-    TestApp { dir, config_path, addr, admin_addr, client, opts, reloader, shutdown, handle, database, shared_keys }
+    TestApp {
+        dir,
+        config_path,
+        addr,
+        admin_addr,
+        redirect_addr,
+        client,
+        opts,
+        reloader,
+        shutdown,
+        handle,
+        database,
+        shared_keys,
+    }
 }
 
 async fn shut_down(client: Client, shutdown: oneshot::Sender<()>, handle: JoinHandle<anyhow::Result<()>>) {
@@ -466,6 +480,8 @@ pub struct TestApp {
     pub config_path: PathBuf,
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// `server.http_redirect_listen`, when the options set it.
+    pub redirect_addr: Option<SocketAddr>,
     pub client: Client,
     /// The options the config file was generated from ([`TestApp::rewrite_config`] reuses them).
     pub opts: TestOptions,

@@ -540,6 +540,93 @@ async fn websocket_handshake_without_a_valid_token_is_401() {
     app.stop().await;
 }
 
+/// `server.http_redirect_listen`: a plain-HTTP request is sent to the TLS
+/// listener with a 308 (method and body kept by the client), to the host it
+/// named and the TLS port, its path and query intact, and the redirect is
+/// followed to the route; one with no usable host is a 400 JSON error. The
+/// listener keeps the main one's guards: a head cut short is dropped after
+/// the header timeout, and past `max_connections` a connection is closed
+/// at once.
+#[tokio::test]
+async fn plain_http_is_redirected_to_the_tls_listener() {
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let rcgen::CertifiedKey { cert, key_pair } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("generate a self-signed certificate");
+    let cert_pem = cert.pem();
+    std::fs::write(dir.path().join("cert.pem"), &cert_pem).expect("write cert.pem");
+    std::fs::write(dir.path().join("key.pem"), key_pair.serialize_pem()).expect("write key.pem");
+    let svc = spawn_upstream("tls").await;
+    let opts = TestOptions {
+        server_extra: "http_redirect_listen = \"127.0.0.1:0\"\nheader_read_timeout = \"2s\"\nmax_connections = 3"
+            .to_owned(),
+        extra: route("secure", "/secure", &[svc.url()], PUBLIC)
+            + "\n[server.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n",
+        ..TestOptions::default()
+    };
+    let app = spawn_app_in(dir, opts).await;
+    let plain = app.redirect_addr.expect("the redirect listener is bound");
+    let tls_port = app.addr.port();
+
+    let r = raw_request(
+        plain,
+        format!("GET /secure/x?q=1 HTTP/1.1\r\nHost: localhost:{}\r\n\r\n", plain.port()).as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, Some(308), "{}", r.head);
+    let location = r.header("location").expect("a Location").to_owned();
+    assert_eq!(location, format!("https://localhost:{tls_port}/secure/x?q=1"));
+    let client = Client::builder()
+        .no_proxy()
+        .add_root_certificate(Certificate::from_pem(cert_pem.as_bytes()).expect("parse the test CA"))
+        .resolve("localhost", app.addr)
+        .build()
+        .expect("build the TLS client");
+    let e = echo(client.get(&location).send().await.expect("follow the redirect")).await;
+    assert_eq!((e.path(), e.query()), ("/secure/x", Some("q=1")), "{}", e.0);
+    assert_eq!(e.one("x-forwarded-proto"), "https", "{}", e.0);
+
+    let post = "POST /secure/form HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n\r\nabc";
+    let r = raw_request(plain, post.as_bytes()).await;
+    assert_eq!(r.status, Some(308), "{}", r.head);
+    assert_eq!(r.header("location"), Some(format!("https://localhost:{tls_port}/secure/form").as_str()));
+    for (case, head) in [
+        ("no host", "GET /x HTTP/1.0\r\n\r\n"),
+        ("userinfo", "GET /x HTTP/1.1\r\nHost: a@evil.example\r\n\r\n"),
+        ("two hosts", "GET /x HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n"),
+        ("asterisk", "OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+    ] {
+        let r = raw_request(plain, head.as_bytes()).await;
+        assert_eq!(r.status, Some(400), "{case}: {}", r.head);
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{case}: {e}"));
+        assert_eq!(body["error"], "invalid_request", "{case}");
+        assert_eq!(r.header("location"), None, "{case}");
+    }
+    let metrics = app.metrics().await;
+    assert_eq!(metric(&metrics, "gateway_http_redirects_total", &[("status", "308")]), 2.0);
+    assert_eq!(metric(&metrics, "gateway_http_redirects_total", &[("status", "400")]), 4.0);
+
+    // A head that never ends is dropped after the header timeout, unanswered.
+    let mut slow = TcpStream::connect(plain).await.expect("connect");
+    slow.write_all(b"GET /secure/x HTTP/1.1\r\nHost: loc").await.expect("write half a head");
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), slow.read_to_end(&mut got))
+        .await
+        .expect("the half head was not dropped")
+        .ok();
+    assert!(!String::from_utf8_lossy(&got).contains("308"), "{}", String::from_utf8_lossy(&got));
+
+    // Three silent connections fill max_connections: a fourth is closed
+    // unanswered, however whole its request.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(TcpStream::connect(plain).await.expect("connect"));
+    }
+    let r = raw_request(plain, b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    assert_eq!(r.status, None, "a connection past max_connections was served: {}", r.head);
+    drop(held);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn tls_with_http2() {
     let dir = tempfile::tempdir().expect("create temp dir");
