@@ -179,8 +179,11 @@ impl App {
         for _ in 1..self.config.server.workers {
             listeners.push(crate::server::bind_reuseport(addr).context("binding a worker's listener")?);
         }
+        // One budget of connections for the process, the redirect
+        // listener's included.
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.config.server.max_connections));
         let workers = Arc::new(crate::server::Workers {
-            slots: Arc::new(tokio::sync::Semaphore::new(self.config.server.max_connections)),
+            slots: Arc::clone(&slots),
             proxy: self.proxy,
             tls: self.tls,
             settings: self.config.server.clone(),
@@ -232,7 +235,7 @@ impl App {
             let stop = stopped();
             tracing::info!(listen = %r.listen, https_port, "redirecting plain HTTP to the TLS listener");
             background.push(tokio::spawn(async move {
-                crate::server::redirect::serve(listener, https_port, &settings, stop).await;
+                crate::server::redirect::serve(listener, https_port, &settings, slots, stop).await;
             }));
         }
         let admin_app = crate::admin::router(self.service.clone(), self.metrics.clone());

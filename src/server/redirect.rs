@@ -8,11 +8,13 @@
 //! It is public, so it has the main listener's guards, on hyper's HTTP/1.1
 //! server: the head must arrive whole within `server.header_read_timeout`,
 //! may not exceed `server.max_header_size`, one request per connection
-//! (no keep-alive to hold a socket open between requests), and at most
-//! `server.max_connections` connections at once (further ones are closed
-//! at once, as on the main listener). A request without a usable host is a
-//! 400 with a JSON error. HSTS is not sent: browsers ignore it over plain
-//! HTTP (RFC 6797 §8.1).
+//! (no keep-alive to hold a socket open between requests, no body read),
+//! and its connections count against the main listener's
+//! `server.max_connections` (one budget of sockets and buffers for the
+//! process; past it a connection is closed at once and counted in
+//! `gateway_connections_refused_total`). A request without a usable host is
+//! a 400 with a JSON error (hyper answers a head it cannot parse itself).
+//! HSTS is not sent: browsers ignore it over plain HTTP (RFC 6797 §8.1).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -32,19 +34,20 @@ use crate::config::ServerConfig;
 
 /// Serves `listener` until `shutdown` resolves; then accepts no more (a
 /// connection still open has one short request to finish, bounded by the
-/// header timeout).
+/// header timeout). `slots` are the main listener's connection slots.
 pub async fn serve(
     listener: TcpListener,
     https_port: u16,
     settings: &ServerConfig,
+    slots: Arc<Semaphore>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let slots = Arc::new(Semaphore::new(settings.max_connections));
     let mut http = http1::Builder::new();
+    // `max_header_bytes` is 8 KiB to 1 MiB (config), within hyper's range.
     http.timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
         .keep_alive(false)
-        .max_buf_size(settings.max_header_bytes.max(8 << 10));
+        .max_buf_size(settings.max_header_bytes);
     let http = Arc::new(http);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -61,7 +64,8 @@ pub async fn serve(
             },
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::debug!(%peer, "redirect listener full: connection closed");
+            metrics::counter!("gateway_connections_refused_total").increment(1);
+            tracing::debug!(%peer, "no connection slot: redirect connection closed");
             continue;
         };
         let http = Arc::clone(&http);
@@ -94,11 +98,16 @@ fn answer<B>(req: &Request<B>, https_port: u16) -> Response<Body> {
 }
 
 /// `https://host[:port]/path?query`: the host from the request's absolute
-/// form or its `Host` field (one of them, with no userinfo: `Host:
-/// a@evil.example` is refused, not followed), its port replaced by the TLS
-/// listener's. `None` for an `OPTIONS *` or a target that is not a path.
+/// form (RFC 9112 §3.2.2) or else its one `Host` field, with no userinfo
+/// (`Host: a@evil.example` is refused, not followed), its port replaced by
+/// the TLS listener's. `None` for an `OPTIONS *`, an authority-form target
+/// (`CONNECT`'s) or no usable host.
 fn location<B>(req: &Request<B>, https_port: u16) -> Option<HeaderValue> {
-    let authority = match req.uri().authority() {
+    let uri = req.uri();
+    if uri.path() == "*" || (uri.scheme().is_none() && uri.authority().is_some()) {
+        return None;
+    }
+    let authority = match uri.authority() {
         Some(authority) => authority.clone(),
         None => {
             let mut hosts = req.headers().get_all(HOST).iter();
@@ -112,13 +121,14 @@ fn location<B>(req: &Request<B>, https_port: u16) -> Option<HeaderValue> {
     if host.is_empty() || authority.as_str().contains('@') {
         return None;
     }
-    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    if !target.starts_with('/') {
-        return None;
-    }
+    let path = match uri.path() {
+        "" => "/",
+        path => path,
+    };
+    let query = uri.query().map_or(String::new(), |q| format!("?{q}"));
     let location = match https_port {
-        443 => format!("https://{host}{target}"),
-        port => format!("https://{host}:{port}{target}"),
+        443 => format!("https://{host}{path}{query}"),
+        port => format!("https://{host}:{port}{path}{query}"),
     };
     HeaderValue::try_from(location).ok()
 }
@@ -143,8 +153,9 @@ mod tests {
         assert_eq!(to("/", host, 8443).as_deref(), Some("https://api.example.com:8443/"));
         assert_eq!(to("/x", Some("api.example.com:80"), 443).as_deref(), Some("https://api.example.com/x"));
         assert_eq!(to("/x", Some("[::1]:8080"), 8443).as_deref(), Some("https://[::1]:8443/x"));
-        // The absolute form names the host itself.
+        // The absolute form names the host itself, with or without a path.
         assert_eq!(to("http://other.example/p?q", host, 443).as_deref(), Some("https://other.example/p?q"));
+        assert_eq!(to("http://other.example?q", host, 443).as_deref(), Some("https://other.example/?q"));
         // A path that starts like an authority stays a path on the host.
         assert_eq!(to("//evil.example/x", host, 443).as_deref(), Some("https://api.example.com//evil.example/x"));
     }
@@ -156,5 +167,9 @@ mod tests {
         assert_eq!(to("/x", Some("exa mple.com"), 443), None);
         assert_eq!(to("/x", Some(""), 443), None);
         assert_eq!(to("*", Some("api.example.com"), 443), None);
+        assert_eq!(to("/x", Some(":80"), 443), None);
+        assert_eq!(to("/x", Some("a.example\\@b.example"), 443), None);
+        // The authority form (CONNECT's) names no resource to redirect to.
+        assert_eq!(to("evil.example:80", Some("api.example.com"), 443), None);
     }
 }
