@@ -540,6 +540,17 @@ async fn websocket_handshake_without_a_valid_token_is_401() {
     app.stop().await;
 }
 
+/// A self-signed certificate for `localhost`, written as `cert.pem` and
+/// `key.pem` in `dir` (where `[server.tls]` finds them); returns its PEM.
+fn write_localhost_cert(dir: &std::path::Path) -> String {
+    let rcgen::CertifiedKey { cert, key_pair } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("generate a self-signed certificate");
+    let cert_pem = cert.pem();
+    std::fs::write(dir.join("cert.pem"), &cert_pem).expect("write cert.pem");
+    std::fs::write(dir.join("key.pem"), key_pair.serialize_pem()).expect("write key.pem");
+    cert_pem
+}
+
 /// `server.http_redirect_listen`: a plain-HTTP request is sent to the TLS
 /// listener with a 308 (method and body kept by the client), to the host it
 /// named and the TLS port, its path and query intact, and the redirect is
@@ -550,11 +561,7 @@ async fn websocket_handshake_without_a_valid_token_is_401() {
 #[tokio::test]
 async fn plain_http_is_redirected_to_the_tls_listener() {
     let dir = tempfile::tempdir().expect("create temp dir");
-    let rcgen::CertifiedKey { cert, key_pair } =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("generate a self-signed certificate");
-    let cert_pem = cert.pem();
-    std::fs::write(dir.path().join("cert.pem"), &cert_pem).expect("write cert.pem");
-    std::fs::write(dir.path().join("key.pem"), key_pair.serialize_pem()).expect("write key.pem");
+    let cert_pem = write_localhost_cert(dir.path());
     let svc = spawn_upstream("tls").await;
     let opts = TestOptions {
         server_extra: "http_redirect_listen = \"127.0.0.1:0\"\nheader_read_timeout = \"5s\"\nmax_connections = 4"
@@ -630,11 +637,7 @@ async fn plain_http_is_redirected_to_the_tls_listener() {
 #[tokio::test]
 async fn tls_with_http2() {
     let dir = tempfile::tempdir().expect("create temp dir");
-    let rcgen::CertifiedKey { cert, key_pair } =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("generate a self-signed certificate");
-    let cert_pem = cert.pem();
-    std::fs::write(dir.path().join("cert.pem"), &cert_pem).expect("write cert.pem");
-    std::fs::write(dir.path().join("key.pem"), key_pair.serialize_pem()).expect("write key.pem");
+    let cert_pem = write_localhost_cert(dir.path());
 
     let svc = spawn_upstream("tls").await;
     let extra = route("tls", "/tls", &[svc.url()], "") + "\n[server.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n";
