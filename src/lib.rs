@@ -13,7 +13,8 @@
 //!   runs it: worker threads for the public listener, the admin listener and
 //!   the background tasks on the main runtime.
 //! - [`server`]: the public listener (thread per core, TLS, HTTP/1.1 + h2,
-//!   limits, graceful shutdown) and [`server::reload`].
+//!   limits, graceful shutdown), [`server::reload`], and the plain-HTTP
+//!   listener that redirects to TLS ([`server::redirect`]).
 //! - [`http1`]: the gateway's own HTTP/1.1: body framing and heads, the
 //!   client connection's loop ([`http1::server`]) and upgraded connections
 //!   ([`http1::upgrade`]). HTTP/2 is hyper's.
