@@ -94,6 +94,7 @@ impl App {
         let identities = IdentityCache::new(IDENTITY_CACHE_CAPACITY, config.auth.leeway);
         let tls = cert.clone().map(crate::server::tls::acceptor).transpose()?;
         let cors = crate::proxy::cors::CorsOrigins::new(&config.auth.cors_origins);
+        let upstream_tls = client.tls();
         let proxy = Proxy {
             routes: Arc::clone(&routes),
             api: crate::api::router(service.clone(), &cors, &config.proxy.headers.request_id),
@@ -116,6 +117,7 @@ impl App {
             authenticator,
             identities,
             tls: cert,
+            upstream_tls,
         };
 
         let public = crate::server::bind_reuseport(config.server.listen)

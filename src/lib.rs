@@ -21,7 +21,8 @@
 //! - [`proxy`]: the request phases: [`proxy::path`] normalisation,
 //!   [`proxy::router`], [`proxy::headers`] hygiene, [`proxy::identity`]
 //!   (verified-token cache), [`proxy::policy`], [`proxy::upstream`] (a
-//!   connection pool per worker, spoken to with [`http1`]),
+//!   connection pool per worker, spoken to with [`http1`]; its reloadable
+//!   TLS in [`proxy::upstream::tls`]),
 //!   [`proxy::tunnel`] (WebSockets).
 //! - [`api`]: the `/auth/*` and JWKS endpoints (axum).
 //! - [`auth`]: passwords, keys, tokens, refresh rotation, the revocation state

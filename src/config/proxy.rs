@@ -1,6 +1,7 @@
 //! The proxy's part of the configuration: routes and header names, which
 //! are re-read on SIGHUP or when the file changes, and the upstream
-//! client's settings (`[upstream]`), which need a restart.
+//! client's settings (`[upstream]`), which need a restart (the TLS files
+//! they name are read again on reload: [`crate::proxy::upstream::tls`]).
 
 use std::path::Path;
 use std::time::Duration;

@@ -36,7 +36,8 @@
 //! store (`upstream.platform_roots`) and `upstream.ca_file`; where an
 //! upstream asks for a client certificate, the gateway presents
 //! `upstream.client_cert` (mutual TLS), so a backend can accept no
-//! connection that did not come from the gateway.
+//! connection that did not come from the gateway. All of it is reloadable
+//! ([`tls`]).
 //!
 //! TCP_NODELAY is set on every connection: the request and response pairs
 //! are small, and Nagle's algorithm would hold them back. `connect_timeout`
@@ -52,25 +53,26 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, EXPECT};
 use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, StatusCode, Version};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
 use crate::body::Body;
 use crate::config::{UpstreamSettings, UpstreamTarget};
 use crate::http1::upgrade::Upgraded;
 use crate::http1::{self, BodyError, Decoded, Decoder, Framing, MAX_HEADERS};
+
+pub mod tls;
+
+use tls::UpstreamTls;
 
 /// A response head longer than this is an upstream failure.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -82,7 +84,7 @@ pub struct UpstreamClient {
 }
 
 struct Pool {
-    tls: TlsConnector,
+    tls: Arc<UpstreamTls>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
@@ -175,60 +177,11 @@ fn invalid(what: &'static str) -> UpstreamError {
     UpstreamError::Request(io::Error::new(io::ErrorKind::InvalidData, what))
 }
 
-/// Adds the platform's trust store (where an operator installs a private
-/// CA with `update-ca-certificates`) to `roots`. A store that cannot be
-/// read, or a certificate in it that does not parse, is logged and left
-/// out: it only means fewer roots to trust.
-fn add_platform_roots(roots: &mut rustls::RootCertStore) {
-    let found = rustls_native_certs::load_native_certs();
-    for e in &found.errors {
-        tracing::warn!(error = %e, "reading the platform's trust store for https upstreams");
-    }
-    let (added, ignored) = roots.add_parsable_certificates(found.certs);
-    if ignored > 0 {
-        tracing::warn!(added, ignored, "certificates in the platform's trust store that do not parse are not trusted");
-    }
-    tracing::debug!(added, "platform trust store loaded for https upstreams");
-}
-
 impl UpstreamClient {
     pub fn new(settings: &UpstreamSettings) -> anyhow::Result<Self> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if settings.platform_roots {
-            add_platform_roots(&mut roots);
-        }
-        if let Some(path) = &settings.ca_file {
-            for cert in CertificateDer::pem_file_iter(path).with_context(|| format!("reading {}", path.display()))? {
-                let cert = cert.with_context(|| format!("parsing {}", path.display()))?;
-                roots.add(cert).with_context(|| format!("adding a CA from {}", path.display()))?;
-            }
-        }
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .context("TLS versions")?
-            .with_root_certificates(roots);
-        let mut tls = match &settings.client_cert {
-            Some((cert, key)) => {
-                let (certs, key) =
-                    crate::server::tls::read_pem_pair(cert, key, ["upstream.client_cert", "upstream.client_key"])?;
-                let leaf = certs[0].clone();
-                let config = builder
-                    .with_client_auth_cert(certs, key)
-                    .context("upstream.client_cert and client_key do not match or are unsupported")?;
-                if crate::server::tls::publish_expiry("upstream.client_cert", &leaf)
-                    .is_some_and(|t| t < std::time::SystemTime::now())
-                {
-                    tracing::error!(cert = %cert.display(), "upstream.client_cert has expired: upstreams will refuse it");
-                }
-                config
-            }
-            None => builder.with_no_client_auth(),
-        };
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
             pool: Arc::new(Pool {
-                tls: TlsConnector::from(Arc::new(tls)),
+                tls: UpstreamTls::load(settings)?,
                 connect_timeout: settings.connect_timeout,
                 idle_timeout: settings.pool_idle_timeout,
                 max_idle: settings.pool_max_idle_per_host,
@@ -237,13 +190,18 @@ impl UpstreamClient {
         })
     }
 
+    /// The TLS configuration every worker's pool shares, for the reloader.
+    pub fn tls(&self) -> Arc<UpstreamTls> {
+        Arc::clone(&self.pool.tls)
+    }
+
     /// A client with the same settings and trust roots (built once: a few
     /// hundred certificates), and an empty pool of its own, for a worker.
     pub fn with_own_pool(&self) -> Self {
         let p = &self.pool;
         Self {
             pool: Arc::new(Pool {
-                tls: p.tls.clone(),
+                tls: Arc::clone(&p.tls),
                 connect_timeout: p.connect_timeout,
                 idle_timeout: p.idle_timeout,
                 max_idle: p.max_idle,
@@ -908,7 +866,7 @@ impl Pool {
             let name = host.trim_start_matches('[').trim_end_matches(']');
             let name = ServerName::try_from(name.to_owned())
                 .map_err(|e| UpstreamError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-            let tls = tokio::time::timeout(self.connect_timeout, self.tls.connect(name, tcp))
+            let tls = tokio::time::timeout(self.connect_timeout, self.tls.connector().connect(name, tcp))
                 .await
                 .map_err(|_| UpstreamError::Tls(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")))?
                 .map_err(UpstreamError::Tls)?;

@@ -7,8 +7,10 @@
 //! every error is logged. Triggers: SIGHUP (which also reloads the key ring)
 //! and a change of the file ([`FileStamp`]: modification time, size, inode,
 //! status-change time), polled every `server.config_poll` (1 s; 0 turns
-//! polling off). The listener's certificate and key ([`ServerCert`]) are
-//! read again on SIGHUP and when either file changes, by the same rule.
+//! polling off). The listener's certificate and key ([`ServerCert`]), and
+//! the upstream client's CA file, certificate and key ([`UpstreamTls`]),
+//! are read again on SIGHUP and when one of their files changes, by the
+//! same rule.
 //! Listeners, the database and timeouts of the server itself need a
 //! restart.
 //!
@@ -33,6 +35,7 @@ use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError, FileStamp};
 use crate::proxy::identity::IdentityCache;
 use crate::proxy::router::RouteTable;
+use crate::proxy::upstream::tls::UpstreamTls;
 use crate::server::tls::ServerCert;
 
 #[derive(Clone)]
@@ -46,6 +49,8 @@ pub struct Reloader {
     pub(crate) identities: IdentityCache,
     /// The listener's certificate, when it terminates TLS.
     pub(crate) tls: Option<Arc<ServerCert>>,
+    /// The upstream client's roots and certificate.
+    pub(crate) upstream_tls: Arc<UpstreamTls>,
 }
 
 impl Reloader {
@@ -85,7 +90,13 @@ impl Reloader {
     pub async fn watch(self, every: Duration, shutdown: impl std::future::Future<Output = ()>) {
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut seen = Settled::new(self.stamp);
-        let mut cert_seen = self.tls.as_ref().map(|t| CertFiles::since(t.loaded_stamps()));
+        let listener_files = |t: &ServerCert| vec![t.files().cert.clone(), t.files().key.clone()];
+        let mut cert_seen = self.tls.as_ref().map(|t| {
+            let (cert, key) = t.loaded_stamps();
+            CertFiles::since(listener_files(t), vec![cert, key])
+        });
+        let upstream = &self.upstream_tls;
+        let mut upstream_seen = CertFiles::since(upstream.files(), upstream.loaded_stamps());
         let mut ticker = (!every.is_zero()).then(|| {
             let mut ticker = tokio::time::interval(every);
             // After a stall, the next poll comes a whole period later, not at
@@ -121,10 +132,13 @@ impl Reloader {
                     self.reload_keys();
                     seen = Settled::new(before);
                     if let Some(tls) = &self.tls {
-                        let before = CertFiles::now(tls);
+                        let before = CertFiles::now(listener_files(tls));
                         let _ = tls.reload();
                         cert_seen = Some(before);
                     }
+                    let before = CertFiles::now(upstream.files());
+                    let _ = upstream.reload();
+                    upstream_seen = before;
                 }
                 () = tick => {
                     match seen.changed(FileStamp::of(&self.path)) {
@@ -139,9 +153,12 @@ impl Reloader {
                         Poll::Unchanged | Poll::Unsettled(_) => {}
                     }
                     if let (Some(tls), Some(files)) = (&self.tls, cert_seen.as_mut()) {
-                        if files.changed(tls) {
+                        if files.changed() {
                             let _ = tls.reload();
                         }
+                    }
+                    if upstream_seen.changed() {
+                        let _ = upstream.reload();
                     }
                 }
             }
@@ -149,38 +166,42 @@ impl Reloader {
     }
 }
 
-/// The certificate and key files, each watched like the config file. The
-/// pair is read again once a change has held still and neither file is
-/// still moving: a renewal that writes the key first and the chain slowly
-/// is not read with the chain cut short (a leaf without its intermediates
-/// would still match the key). A pair that does not match yet is refused
-/// and read again when the other file settles.
+/// Certificate files (the listener's pair; the upstream client's CA file
+/// and pair), each watched like the config file. They are read again once
+/// a change has held still and none of them is still moving: a renewal
+/// that writes the key first and the chain slowly is not read with the
+/// chain cut short (a leaf without its intermediates would still match the
+/// key). A pair that does not match yet is refused and read again when the
+/// other file settles.
 struct CertFiles {
-    cert: Settled,
-    key: Settled,
-    /// A settled change not read yet, because the other file was moving.
+    files: Vec<(PathBuf, Settled)>,
+    /// A settled change not read yet, because another file was moving.
     due: bool,
 }
 
 impl CertFiles {
-    /// Watching from the given stamps (taken before the pair was read).
-    fn since((cert, key): (Option<FileStamp>, Option<FileStamp>)) -> Self {
-        Self { cert: Settled::new(cert), key: Settled::new(key), due: false }
+    /// Watching `files` from the given stamps (taken before they were read).
+    fn since(files: Vec<PathBuf>, stamps: Vec<Option<FileStamp>>) -> Self {
+        let files = files.into_iter().zip(stamps.into_iter().chain(std::iter::repeat(None)));
+        Self { files: files.map(|(path, stamp)| (path, Settled::new(stamp))).collect(), due: false }
     }
 
-    /// Watching from now, for a read about to happen (SIGHUP).
-    fn now(tls: &ServerCert) -> Self {
-        let files = tls.files();
-        Self::since((FileStamp::of(&files.cert), FileStamp::of(&files.key)))
+    /// Watching `files` from now, for a read about to happen (SIGHUP).
+    fn now(files: Vec<PathBuf>) -> Self {
+        let stamps = files.iter().map(|p| FileStamp::of(p)).collect();
+        Self::since(files, stamps)
     }
 
-    /// Given this poll: whether to read the pair now.
-    fn changed(&mut self, tls: &ServerCert) -> bool {
-        let files = tls.files();
-        let cert = self.cert.changed(FileStamp::of(&files.cert));
-        let key = self.key.changed(FileStamp::of(&files.key));
-        self.due |= cert == Poll::Read || key == Poll::Read;
-        let moving = matches!(cert, Poll::Unsettled(_)) || matches!(key, Poll::Unsettled(_));
+    /// Given this poll: whether to read the files now.
+    fn changed(&mut self) -> bool {
+        let mut moving = false;
+        for (path, seen) in &mut self.files {
+            match seen.changed(FileStamp::of(path)) {
+                Poll::Read => self.due = true,
+                Poll::Unsettled(_) => moving = true,
+                Poll::Unchanged => {}
+            }
+        }
         let read = self.due && !moving;
         if read {
             self.due = false;
@@ -310,24 +331,30 @@ mod tests {
         (files, tls)
     }
 
+    /// Watching the pair from the stamps of its first read, as the reloader does.
+    fn watch(files: &TlsConfig, tls: &ServerCert) -> CertFiles {
+        let (cert, key) = tls.loaded_stamps();
+        CertFiles::since(vec![files.cert.clone(), files.key.clone()], vec![cert, key])
+    }
+
     #[test]
     fn a_certificate_pair_is_read_once_both_files_hold_still() {
         let dir = tempfile::tempdir().expect("temp dir");
         let (files, tls) = loaded(dir.path());
-        let mut seen = CertFiles::since(tls.loaded_stamps());
-        assert!(!seen.changed(&tls), "nothing changed");
+        let mut seen = watch(&files, &tls);
+        assert!(!seen.changed(), "nothing changed");
 
         // A renewal writing the key first and the chain in two steps: read
         // only after the chain, too, has held still.
         let (cert, key) = pair();
         std::fs::write(&files.key, key).expect("write the new key");
-        assert!(!seen.changed(&tls), "the key may still be moving");
+        assert!(!seen.changed(), "the key may still be moving");
         std::fs::write(&files.cert, &cert[..cert.len() / 2]).expect("write half the chain");
-        assert!(!seen.changed(&tls), "the key held still, but the chain is moving");
+        assert!(!seen.changed(), "the key held still, but the chain is moving");
         std::fs::write(&files.cert, &cert).expect("write the whole chain");
-        assert!(!seen.changed(&tls), "the chain is still moving");
-        assert!(seen.changed(&tls), "both held still: read");
-        assert!(!seen.changed(&tls), "read already");
+        assert!(!seen.changed(), "the chain is still moving");
+        assert!(seen.changed(), "both held still: read");
+        assert!(!seen.changed(), "read already");
     }
 
     #[test]
@@ -338,8 +365,8 @@ mod tests {
         std::fs::write(&files.cert, cert).expect("write the new cert");
         std::fs::write(&files.key, key).expect("write the new key");
         // The watcher starts only now, from the stamps taken at the read.
-        let mut seen = CertFiles::since(tls.loaded_stamps());
-        assert!(!seen.changed(&tls), "changed: wait for a poll");
-        assert!(seen.changed(&tls), "the renewal is read");
+        let mut seen = watch(&files, &tls);
+        assert!(!seen.changed(), "changed: wait for a poll");
+        assert!(seen.changed(), "the renewal is read");
     }
 }

@@ -8,8 +8,9 @@
 //! match is refused and the running one stays, so a renewal caught halfway
 //! (a new certificate, the old key) is retried once the key is written too.
 //!
-//! [`read_pem_pair`] also reads the upstream client's certificate
-//! (`upstream.client_cert`, for mutual TLS).
+//! [`read_pem_pair`], [`check_validity`] and [`publish_expiry`] also serve
+//! the upstream client's certificate (`upstream.client_cert`, for mutual
+//! TLS; [`crate::proxy::upstream::tls`]).
 //!
 //! Expiry: each certificate in use publishes its leaf's `notAfter` as
 //! `gateway_tls_certificate_expiry_timestamp_seconds{cert}` (the setting
@@ -60,27 +61,13 @@ impl ServerCert {
     /// any error the running pair stays.
     pub fn reload(&self) -> anyhow::Result<()> {
         let result = read_pair(&self.files, &self.provider).and_then(|pair| {
-            // A date x509-cert cannot read (it is stricter than rustls) is
-            // no reason to refuse what rustls took, as at start.
-            if let Ok((not_before, not_after)) = validity(&pair.cert[0]) {
-                let now = SystemTime::now();
-                anyhow::ensure!(
-                    not_after > now,
-                    "server.tls.cert: the new certificate expired at {}",
-                    humantime::format_rfc3339_seconds(not_after)
-                );
-                anyhow::ensure!(
-                    not_before <= now + NOT_BEFORE_SLACK,
-                    "server.tls.cert: the new certificate is valid only from {}",
-                    humantime::format_rfc3339_seconds(not_before)
-                );
-            }
+            check_validity(LISTENER, &pair.cert[0])?;
             publish_expiry(LISTENER, &pair.cert[0]);
             self.current.store(Arc::new(pair));
             Ok(())
         });
         let label = if result.is_ok() { "ok" } else { "error" };
-        metrics::counter!("gateway_tls_reloads_total", "result" => label).increment(1);
+        metrics::counter!("gateway_tls_reloads_total", "tls" => "listener", "result" => label).increment(1);
         match &result {
             Ok(()) => tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded"),
             Err(e) => {
@@ -134,6 +121,27 @@ fn validity(leaf: &CertificateDer<'_>) -> anyhow::Result<(SystemTime, SystemTime
         SystemTime::UNIX_EPOCH + v.not_before.to_unix_duration(),
         SystemTime::UNIX_EPOCH + v.not_after.to_unix_duration(),
     ))
+}
+
+/// Refuses a renewal (`leaf`, for the setting `cert`) that has already
+/// expired or is not valid yet: its peers would refuse it, so the running
+/// one must stay. A date x509-cert cannot read (it is stricter than rustls)
+/// is no reason to refuse what rustls took, as at start.
+pub(crate) fn check_validity(cert: &str, leaf: &CertificateDer<'_>) -> anyhow::Result<()> {
+    if let Ok((not_before, not_after)) = validity(leaf) {
+        let now = SystemTime::now();
+        anyhow::ensure!(
+            not_after > now,
+            "{cert}: the new certificate expired at {}",
+            humantime::format_rfc3339_seconds(not_after)
+        );
+        anyhow::ensure!(
+            not_before <= now + NOT_BEFORE_SLACK,
+            "{cert}: the new certificate is valid only from {}",
+            humantime::format_rfc3339_seconds(not_before)
+        );
+    }
+    Ok(())
 }
 
 /// Publishes `leaf`'s expiry under `cert` (the setting naming the file);

@@ -20,7 +20,7 @@ use crate::helpers::{
     assert_error, config_toml, eventually, metric, raw_get, raw_request, route, run_cli, served_certificate,
     TestOptions, PASSWORD,
 };
-use crate::upstream::{echo, spawn_tls_upstream, spawn_upstream};
+use crate::upstream::{echo, spawn_mtls_upstream, spawn_tls_upstream, spawn_upstream};
 
 const EMAIL: &str = "operator@example.com";
 
@@ -448,6 +448,47 @@ async fn sighup_reloads_the_tls_certificate() {
     p.wait_for_log("the certificate reload", |l| l["fields"]["message"] == "TLS certificate reloaded").await;
     assert_eq!(served_certificate(p.addr, &roots).await, new.cert.der().to_vec());
     assert_eq!(expiry(&p.metrics().await), new_expiry);
+    p.stop().await;
+}
+
+/// SIGHUP also reads the upstream client's TLS files again: with polling
+/// off, a renewed client certificate is presented only after the signal.
+#[tokio::test]
+async fn sighup_reloads_the_upstream_client_certificate() {
+    let server = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("the upstream's certificate");
+    let trusted = rcgen::generate_simple_self_signed(vec!["gateway".to_owned()]).expect("the gateway's certificate");
+    let stranger = rcgen::generate_simple_self_signed(vec!["gateway".to_owned()]).expect("another certificate");
+    let svc =
+        spawn_mtls_upstream("mtls", &server.cert.pem(), &server.key_pair.serialize_pem(), &trusted.cert.pem()).await;
+    let certs = tempfile::tempdir().expect("create temp dir");
+    let path = |name: &str| certs.path().join(name);
+    let write = |c: &rcgen::CertifiedKey| {
+        std::fs::write(path("client.pem"), c.cert.pem()).expect("write client.pem");
+        std::fs::write(path("client.key"), c.key_pair.serialize_pem()).expect("write client.key");
+    };
+    std::fs::write(path("ca.pem"), server.cert.pem()).expect("write ca.pem");
+    write(&stranger);
+    let upstream = format!(
+        "\n[upstream]\nca_file = {:?}\nclient_cert = {:?}\nclient_key = {:?}\npool_max_idle_per_host = 0\n\
+         cooldown = \"0s\"\nplatform_roots = false\n",
+        path("ca.pem"),
+        path("client.pem"),
+        path("client.key")
+    );
+    let opts = TestOptions {
+        server_extra: "config_poll = \"0s\"".to_owned(),
+        extra: route("mtls", "/mtls", &[format!("https://{}", svc.addr)], "auth = \"public\"") + &upstream,
+        ..TestOptions::default()
+    };
+    let p = Process::start(&opts).await;
+    let client = Client::builder().no_proxy().build().expect("build a client");
+    let status = || async { client.get(p.url("/mtls/x")).send().await.expect("GET /mtls/x").status() };
+    assert_eq!(status().await, StatusCode::BAD_GATEWAY, "a certificate the upstream does not trust");
+    write(&trusted);
+    p.signal("HUP");
+    p.wait_for_log("the upstream TLS reload", |l| l["fields"]["message"] == "upstream TLS reloaded").await;
+    assert_eq!(status().await, StatusCode::OK, "the renewed certificate is not presented");
+    assert_eq!(svc.hits(), 1);
     p.stop().await;
 }
 

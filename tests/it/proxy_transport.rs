@@ -354,6 +354,70 @@ async fn https_upstreams_can_demand_the_gateways_client_certificate() {
     }
 }
 
+/// The upstream client's TLS files are watched like the listener's pair:
+/// a new `ca_file` and a renewed client certificate are used from the next
+/// handshake without a restart, and a renewal caught halfway (a new
+/// certificate beside the old key) is refused, counted, and the running
+/// set stays. Without pooling, every request is a new handshake.
+#[tokio::test]
+async fn upstream_tls_files_are_reloaded_without_a_restart() {
+    let server = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("the upstream's certificate");
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("another CA");
+    let client = rcgen::generate_simple_self_signed(vec!["gateway".to_owned()]).expect("the gateway's certificate");
+    let stranger = rcgen::generate_simple_self_signed(vec!["gateway".to_owned()]).expect("another certificate");
+    let svc =
+        spawn_mtls_upstream("mtls", &server.cert.pem(), &server.key_pair.serialize_pem(), &client.cert.pem()).await;
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let files = dir.path().to_owned();
+    let write = |name: &str, text: String| std::fs::write(files.join(name), text).expect("write a TLS file");
+    write("ca.pem", other.cert.pem());
+    write("client.pem", client.cert.pem());
+    write("client.key", client.key_pair.serialize_pem());
+    let upstream = "\n[upstream]\nca_file = \"ca.pem\"\nclient_cert = \"client.pem\"\nclient_key = \"client.key\"\n\
+                    pool_max_idle_per_host = 0\ncooldown = \"0s\"\nplatform_roots = false\n";
+    let opts = TestOptions {
+        server_extra: "config_poll = \"100ms\"".to_owned(),
+        extra: route("mtls", "/mtls", &[format!("https://{}", svc.addr)], PUBLIC) + upstream,
+        ..TestOptions::default()
+    };
+    let app = spawn_app_in(dir, opts).await;
+    let reloads = |result: &'static str| {
+        let app = &app;
+        async move { metric(&app.metrics().await, "gateway_tls_reloads_total", &[("tls", "upstream"), ("result", result)]) }
+    };
+    let status = || async { app.get("/mtls/x").await.status() };
+    let becomes = |what: &'static str, want: StatusCode| {
+        let status = &status;
+        eventually(what, Duration::from_secs(10), move || async move { status().await == want })
+    };
+
+    // The upstream's certificate is not signed by the CA in ca_file.
+    let ok = reloads("ok").await;
+    assert_eq!(status().await, StatusCode::BAD_GATEWAY);
+    assert_eq!(svc.hits(), 0);
+    write("ca.pem", server.cert.pem());
+    becomes("the new CA file trusted", StatusCode::OK).await;
+    assert_eq!(reloads("ok").await, ok + 1.0);
+
+    // Halfway through a renewal: refused, and the old pair still presented.
+    let errors = reloads("error").await;
+    write("client.pem", stranger.cert.pem());
+    eventually("the mismatched pair refused", Duration::from_secs(10), || async { reloads("error").await > errors })
+        .await;
+    let hits = svc.hits();
+    assert_eq!(status().await, StatusCode::OK, "the running pair was dropped");
+    assert_eq!(svc.hits(), hits + 1);
+
+    // The key follows: the new pair (one the upstream does not trust) is
+    // presented from the next handshake, and then the trusted one again.
+    write("client.key", stranger.key_pair.serialize_pem());
+    becomes("the new client certificate presented", StatusCode::BAD_GATEWAY).await;
+    write("client.pem", client.cert.pem());
+    write("client.key", client.key_pair.serialize_pem());
+    becomes("the trusted client certificate presented again", StatusCode::OK).await;
+    app.stop().await;
+}
+
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
 /// Sends `message` and asserts that the upstream's echo comes back through the tunnel.
@@ -756,7 +820,9 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
         ..TestOptions::default()
     };
     let app = spawn_app_in(dir, opts).await;
-    let errors = || async { metric(&app.metrics().await, "gateway_tls_reloads_total", &[("result", "error")]) };
+    let errors = || async {
+        metric(&app.metrics().await, "gateway_tls_reloads_total", &[("tls", "listener"), ("result", "error")])
+    };
     assert_eq!(served_certificate(app.addr, &roots).await, old.cert.der().to_vec());
 
     // Halfway: the new certificate beside the old key. Refused; the old pair stays.

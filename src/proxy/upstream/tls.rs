@@ -1,0 +1,246 @@
+//! The upstream client's TLS: the roots https upstreams are verified
+//! against and the certificate the gateway presents to them, read at start
+//! and again on reload.
+//!
+//! Why reloadable: a client certificate for mutual TLS is typically short
+//! lived (issued by cert-manager, Vault or a SPIFFE agent for days, not
+//! years), and a backend that moves to a new CA needs `ca_file` to follow.
+//! Restarting the gateway for either drops every connection. So
+//! `upstream.ca_file`, `client_cert` and `client_key` are watched like the
+//! listener's pair ([`crate::server::reload`]), and SIGHUP rebuilds the
+//! whole configuration, the platform's trust store included (after
+//! `update-ca-certificates`).
+//!
+//! The rules are the listener's: a set that cannot be read, does not parse,
+//! does not match, or whose client certificate has already expired or is
+//! not valid yet (an hour of slack) is refused, logged and counted, and the
+//! running one stays. Handshakes from then on use the new set; connections
+//! already open (pooled ones included) keep theirs until they close.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::CertificateDer;
+use tokio_rustls::TlsConnector;
+
+use crate::config::{FileStamp, UpstreamSettings};
+use crate::server::tls::{check_validity, publish_expiry};
+
+/// The `cert` label of the client certificate's expiry gauge.
+const CLIENT_CERT: &str = "upstream.client_cert";
+
+/// The upstream client's current TLS configuration, shared by every
+/// worker's pool and swapped whole on reload.
+pub struct UpstreamTls {
+    sources: Sources,
+    current: ArcSwap<rustls::ClientConfig>,
+    /// The watched files' stamps taken just before the first read, so that
+    /// a change landing between that read and the watcher's start is seen.
+    loaded: Vec<Option<FileStamp>>,
+}
+
+impl UpstreamTls {
+    /// Reads the roots and the client certificate; an error names the
+    /// setting at fault. A client certificate already expired is logged,
+    /// not refused: the upstreams that ask for it refuse it themselves, and
+    /// the others are still served.
+    pub fn load(settings: &UpstreamSettings) -> anyhow::Result<Arc<Self>> {
+        let sources = Sources {
+            platform_roots: settings.platform_roots,
+            ca_file: settings.ca_file.clone(),
+            client_cert: settings.client_cert.clone(),
+        };
+        let loaded = sources.files().iter().map(|p| FileStamp::of(p)).collect();
+        let (config, leaf) = sources.read()?;
+        if let Some(leaf) = leaf {
+            if publish_expiry(CLIENT_CERT, &leaf).is_some_and(|t| t < SystemTime::now()) {
+                tracing::error!(setting = CLIENT_CERT, "upstream.client_cert has expired: upstreams will refuse it");
+            }
+        }
+        Ok(Arc::new(Self { sources, current: ArcSwap::new(config), loaded }))
+    }
+
+    /// Reads everything again and uses it from the next handshake on; on
+    /// any error the running configuration stays.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let result = self.sources.read().and_then(|(config, leaf)| {
+            if let Some(leaf) = &leaf {
+                check_validity(CLIENT_CERT, leaf)?;
+                publish_expiry(CLIENT_CERT, leaf);
+            }
+            self.current.store(config);
+            Ok(())
+        });
+        let label = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!("gateway_tls_reloads_total", "tls" => "upstream", "result" => label).increment(1);
+        match &result {
+            Ok(()) => tracing::info!("upstream TLS reloaded"),
+            Err(e) => tracing::error!(error = format!("{e:#}"), "upstream TLS reload refused; keeping the running one"),
+        }
+        result
+    }
+
+    /// A connector for one handshake, with the current configuration.
+    pub fn connector(&self) -> TlsConnector {
+        TlsConnector::from(self.current.load_full())
+    }
+
+    /// The files a change of which triggers a reload: `ca_file`, then the
+    /// client certificate and its key (the platform's store is read again
+    /// on SIGHUP only).
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.sources.files()
+    }
+
+    /// The stamps of [`Self::files`] taken before the first read.
+    pub fn loaded_stamps(&self) -> Vec<Option<FileStamp>> {
+        self.loaded.clone()
+    }
+}
+
+/// Where the configuration comes from (`[upstream]`).
+struct Sources {
+    platform_roots: bool,
+    ca_file: Option<PathBuf>,
+    client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl Sources {
+    fn files(&self) -> Vec<PathBuf> {
+        let pair = self.client_cert.iter().flat_map(|(cert, key)| [cert.clone(), key.clone()]);
+        self.ca_file.iter().cloned().chain(pair).collect()
+    }
+
+    /// A new configuration from the files, and the client certificate's
+    /// leaf when there is one.
+    fn read(&self) -> anyhow::Result<(Arc<rustls::ClientConfig>, Option<CertificateDer<'static>>)> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if self.platform_roots {
+            add_platform_roots(&mut roots);
+        }
+        if let Some(path) = &self.ca_file {
+            let name = || format!("upstream.ca_file: {}", path.display());
+            for cert in CertificateDer::pem_file_iter(path).with_context(|| format!("{}: reading", name()))? {
+                let cert = cert.with_context(|| format!("{}: parsing", name()))?;
+                roots.add(cert).with_context(|| format!("{}: adding a CA", name()))?;
+            }
+        }
+        let builder = builder()?.with_root_certificates(roots);
+        let (mut config, leaf) = match &self.client_cert {
+            Some((cert, key)) => {
+                let (certs, key) =
+                    crate::server::tls::read_pem_pair(cert, key, ["upstream.client_cert", "upstream.client_key"])?;
+                let leaf = certs[0].clone();
+                let config = builder
+                    .with_client_auth_cert(certs, key)
+                    .context("upstream.client_cert and client_key do not match or are unsupported")?;
+                (config, Some(leaf))
+            }
+            None => (builder.with_no_client_auth(), None),
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok((Arc::new(config), leaf))
+    }
+}
+
+fn builder() -> anyhow::Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>> {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")
+}
+
+/// Adds the platform's trust store (where an operator installs a private
+/// CA with `update-ca-certificates`) to `roots`. A store that cannot be
+/// read, or a certificate in it that does not parse, is logged and left
+/// out: it only means fewer roots to trust.
+fn add_platform_roots(roots: &mut rustls::RootCertStore) {
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!(error = %e, "reading the platform's trust store for https upstreams");
+    }
+    let (added, ignored) = roots.add_parsable_certificates(found.certs);
+    if ignored > 0 {
+        tracing::warn!(added, ignored, "certificates in the platform's trust store that do not parse are not trusted");
+    }
+    tracing::debug!(added, "platform trust store loaded for https upstreams");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::UpstreamTls;
+    use crate::config::Config;
+
+    /// A certificate for "gateway" valid from `from` to `until` years from now.
+    fn pair(from: i32, until: i32) -> rcgen::CertifiedKey {
+        let year = |delta: i32| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock");
+            rcgen::date_time_ymd(1970 + i32::try_from(now.as_secs() / 31_556_952).expect("a year") + delta, 1, 1)
+        };
+        let mut params = rcgen::CertificateParams::new(vec!["gateway".to_owned()]).expect("certificate parameters");
+        (params.not_before, params.not_after) = (year(from), year(until));
+        let key_pair = rcgen::KeyPair::generate().expect("a key pair");
+        let cert = params.self_signed(&key_pair).expect("a self-signed certificate");
+        rcgen::CertifiedKey { cert, key_pair }
+    }
+
+    fn write(dir: &Path, c: &rcgen::CertifiedKey) {
+        std::fs::write(dir.join("client.pem"), c.cert.pem()).expect("write client.pem");
+        std::fs::write(dir.join("client.key"), c.key_pair.serialize_pem()).expect("write client.key");
+    }
+
+    /// Whether the running configuration is still `before`.
+    fn kept(tls: &UpstreamTls, before: &Arc<rustls::ClientConfig>) -> bool {
+        Arc::ptr_eq(&tls.current.load_full(), before)
+    }
+
+    /// A reload takes a valid new set and refuses, keeping the running one,
+    /// a client certificate that has expired or is not valid yet, a pair
+    /// that does not match and a CA file that does not parse; the error
+    /// names the setting.
+    #[test]
+    fn a_reload_takes_a_valid_set_and_keeps_the_running_one_otherwise() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = rcgen::generate_simple_self_signed(vec!["upstream".to_owned()]).expect("a CA");
+        std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).expect("write ca.pem");
+        write(dir.path(), &pair(-1, 1));
+        let text = "[upstream]\nca_file = \"ca.pem\"\nclient_cert = \"client.pem\"\nclient_key = \"client.key\"\n\
+                    platform_roots = false";
+        let settings = Config::parse(text, &dir.path().join("gateway.toml")).expect("valid settings").upstream;
+        let tls = UpstreamTls::load(&settings).expect("a valid set");
+        let names: Vec<_> = tls.files().iter().map(|p| p.file_name().expect("a name").to_owned()).collect();
+        assert_eq!(names, ["ca.pem", "client.pem", "client.key"]);
+        assert_eq!(tls.loaded_stamps().iter().filter(|s| s.is_some()).count(), 3);
+
+        let before = tls.current.load_full();
+        write(dir.path(), &pair(-1, 2));
+        tls.reload().expect("a renewal");
+        assert!(!kept(&tls, &before), "the renewal is not in use");
+
+        let before = tls.current.load_full();
+        for (case, says, change) in [
+            ("expired", "the new certificate expired at", &(|d: &Path| write(d, &pair(-3, -1))) as &dyn Fn(&Path)),
+            ("not valid yet", "valid only from", &|d: &Path| write(d, &pair(1, 3))),
+            ("mismatched", "do not match", &|d: &Path| {
+                std::fs::write(d.join("client.pem"), pair(-1, 1).cert.pem()).expect("write client.pem");
+            }),
+            ("broken CA file", "upstream.ca_file", &|d: &Path| {
+                write(d, &pair(-1, 1));
+                std::fs::write(d.join("ca.pem"), "-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n")
+                    .expect("write ca.pem");
+            }),
+        ] {
+            change(dir.path());
+            let err = tls.reload().err().unwrap_or_else(|| panic!("{case}: taken"));
+            assert!(format!("{err:#}").contains(says), "{case}: {err:#}");
+            assert!(kept(&tls, &before), "{case}: the running set was replaced");
+        }
+    }
+}
