@@ -4,7 +4,8 @@
 //! serialise. Layers, outermost first: request metrics (so every answer,
 //! errors included, is counted), `Cache-Control: no-store` (every answer
 //! here is personal or a credential), CORS when `auth.cors_origins` names
-//! any (it answers preflights itself), then the 16 KiB body limit.
+//! any (it answers preflights itself), a handler's panic turned into a 500,
+//! then the 16 KiB body limit.
 
 pub mod error;
 pub mod extract;
@@ -19,6 +20,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use secrecy::SecretString;
 use serde::Deserialize;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::CorsLayer;
 
 use crate::auth::service::AuthService;
@@ -47,13 +49,30 @@ pub fn router(service: AuthService, origins: &CorsOrigins, request_id: &HeaderNa
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_AUTH_BODY));
+    layered(api, origins, request_id).with_state(service)
+}
+
+/// The layers around the handlers (see the module docs). Innermost, a
+/// handler that panics becomes a 500 `internal_error` the layers still
+/// see: counted, `no-store`, and with the CORS fields a browser app needs
+/// to read it (a bug's answer, not a network failure).
+fn layered<S: Clone + Send + Sync + 'static>(
+    api: Router<S>,
+    origins: &CorsOrigins,
+    request_id: &HeaderName,
+) -> Router<S> {
+    let api = api.layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+        // Not the panic's message: it could quote what the handler held.
+        tracing::error!("an API handler panicked");
+        crate::body::json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error")
+    }));
     // Inside `no_store`, so that the preflights it answers are not cached
     // by anything but the browser's own preflight cache.
     let api = match cors(origins, request_id) {
         Some(layer) => api.layer(layer),
         None => api,
     };
-    api.layer(middleware::from_fn(no_store)).layer(middleware::from_fn(track)).with_state(service)
+    api.layer(middleware::from_fn(no_store)).layer(middleware::from_fn(track))
 }
 
 /// CORS for browser apps served from another origin, or `None` when no
@@ -213,4 +232,41 @@ async fn jwks(State(s): State<AuthService>) -> Response {
     // Public material: caches may keep it briefly (overrides no-store).
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=60"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{header, HeaderName, Request, StatusCode};
+    use axum::routing::get;
+    use axum::Router;
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+
+    use crate::proxy::cors::CorsOrigins;
+
+    async fn buggy() -> &'static str {
+        panic!("a bug in a handler")
+    }
+
+    /// A handler that panics answers a 500 `internal_error` that has been
+    /// through the layers: `no-store`, and CORS for an allowed origin.
+    #[tokio::test]
+    async fn a_panicking_handler_answers_a_json_500_with_the_layers_fields() {
+        let origin = "https://app.example.com";
+        let api = super::layered(
+            Router::new().route("/auth/buggy", get(buggy)),
+            &CorsOrigins::new(&[origin.to_owned()]),
+            &HeaderName::from_static("x-request-id"),
+        );
+        let request =
+            Request::get("/auth/buggy").header(header::ORIGIN, origin).body(Body::empty()).expect("a request");
+        let response = api.oneshot(request).await.expect("the router is infallible");
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(response.headers()[header::CACHE_CONTROL], "no-store");
+        assert_eq!(response.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], origin);
+        let body = response.into_body().collect().await.expect("the body").to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("a JSON body");
+        assert_eq!(json["error"], "internal_error", "{json}");
+    }
 }
