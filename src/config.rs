@@ -290,6 +290,10 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
     let access = f.bool_or("access", true);
     f.finish();
 
+    if let (Some(server), Some(admin)) = (&server, &admin) {
+        check_listeners(server, admin, errors);
+    }
+
     let headers = proxy::build_headers(headers_t, errors);
     let routes = proxy::build_routes(routes_t, &headers, errors);
     let upstream = proxy::build_upstream(upstream_t, base, errors);
@@ -305,6 +309,31 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
         proxy: ProxyConfig { routes, headers },
         upstream,
     })
+}
+
+/// Refuses listeners that cannot all bind: two on one port, at the same
+/// address or where one of them takes every address of the other's family
+/// (`0.0.0.0`; `::`, which on Linux takes IPv4 too). Found here, by
+/// `config check`, rather than as "address in use" at start.
+fn check_listeners(server: &ServerConfig, admin: &AdminConfig, errors: &mut Errors) {
+    let mut named = vec![("server.listen", server.listen), ("admin.listen", admin.listen)];
+    if let Some(r) = &server.http_redirect {
+        named.push(("server.http_redirect_listen", r.listen));
+    }
+    for (i, &(name, addr)) in named.iter().enumerate() {
+        if let Some((other, other_addr)) = named[..i].iter().find(|(_, earlier)| clash(addr, *earlier)) {
+            errors.push(name, format!("{addr} takes the port of {other} ({other_addr}): both cannot listen"));
+        }
+    }
+}
+
+/// Whether listeners on `a` and `b` would fight over a port. Port 0 (any
+/// free port) never does.
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wide: SocketAddr, other: SocketAddr| {
+        wide.ip().is_unspecified() && (wide.is_ipv6() || wide.is_ipv4() == other.is_ipv4())
+    };
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
 fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<ServerConfig> {
@@ -356,11 +385,6 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<
                     "http_redirect_listen",
                     format!("{addr} needs [server.tls]: it sends clients to the TLS listener"),
                 );
-                None
-            }
-            // (Port 0, any free port, is never the same address twice.)
-            Ok(addr) if Some(addr) == listen && addr.port() != 0 => {
-                f.error("http_redirect_listen", format!("{addr} is server.listen"));
                 None
             }
             Ok(addr) => Some(HttpRedirect { listen: addr, https_port: (https_port != 0).then_some(https_port) }),

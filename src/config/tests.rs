@@ -402,3 +402,47 @@ fn the_redirect_listener_needs_tls_and_an_address_of_its_own() {
         assert!(err.contains(field), "{text}: {err}");
     }
 }
+
+#[test]
+fn listeners_that_cannot_all_bind_are_refused() {
+    let tls = "[server.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+    let config = |server: &str, admin: &str, redirect: &str| {
+        let redirect =
+            if redirect.is_empty() { String::new() } else { format!("http_redirect_listen = {redirect:?}\n") };
+        format!("[server]\nlisten = {server:?}\n{redirect}{tls}[admin]\nlisten = {admin:?}\n")
+    };
+    for (server, admin, redirect) in [
+        ("0.0.0.0:8443", "127.0.0.1:9090", "0.0.0.0:8080"),
+        // Another address of one family, or the other family.
+        ("127.0.0.1:8080", "127.0.0.2:8080", ""),
+        ("0.0.0.0:8080", "[::1]:8080", ""),
+        // Any free port, each its own.
+        ("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"),
+    ] {
+        let text = config(server, admin, redirect);
+        parse(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+    }
+    for (server, admin, redirect, field) in [
+        (
+            "0.0.0.0:8080",
+            "0.0.0.0:8080",
+            "",
+            "admin.listen: 0.0.0.0:8080 takes the port of server.listen (0.0.0.0:8080)",
+        ),
+        ("0.0.0.0:8080", "127.0.0.1:8080", "", "admin.listen"),
+        ("127.0.0.1:9090", "0.0.0.0:9090", "", "admin.listen"),
+        ("[::]:8080", "127.0.0.1:8080", "", "admin.listen"),
+        ("0.0.0.0:443", "127.0.0.1:9090", "0.0.0.0:443", "server.http_redirect_listen"),
+        ("0.0.0.0:443", "127.0.0.1:9090", "127.0.0.1:443", "server.http_redirect_listen"),
+        (
+            "0.0.0.0:443",
+            "127.0.0.1:80",
+            "0.0.0.0:80",
+            "server.http_redirect_listen: 0.0.0.0:80 takes the port of admin.listen",
+        ),
+    ] {
+        let text = config(server, admin, redirect);
+        let err = parse(&text).expect_err(&text).to_string();
+        assert!(err.contains(field), "{text}: {err}");
+    }
+}
