@@ -23,7 +23,8 @@
 //! - a checkout takes the most recently used connection (the one least
 //!   likely to have been closed by the upstream's keep-alive timer) and drops
 //!   connections idle for longer than `pool_idle_timeout` — which must be
-//!   shorter than the upstreams' own keep-alive timeout — or already closed
+//!   shorter than the upstreams' own keep-alive timeout —, TLS connections
+//!   made before the last reload of the upstream TLS files, or already closed
 //!   (a read that costs no system call unless the socket has news);
 //!   [`UpstreamClient::sweep`] closes expired ones when no request comes;
 //! - a request whose head could not be written to a pooled connection, or
@@ -123,9 +124,15 @@ struct Idle {
 }
 
 impl Idle {
-    /// Not idle for longer than `timeout`, and not closed by the upstream.
-    fn usable(&mut self, now: Instant, timeout: Duration) -> bool {
-        now.duration_since(self.since) < timeout && is_open(&mut self.stream)
+    /// Not idle for longer than `timeout`, made with the current TLS set
+    /// (`generation`; see [`UpstreamTls::generation`]) if TLS, and not
+    /// closed by the upstream.
+    fn usable(&mut self, now: Instant, timeout: Duration, generation: u64) -> bool {
+        let current = match &self.stream {
+            Stream::Plain(_) => true,
+            Stream::Tls(_, made_with) => *made_with == generation,
+        };
+        now.duration_since(self.since) < timeout && current && is_open(&mut self.stream)
     }
 }
 
@@ -138,7 +145,7 @@ fn is_open(stream: &mut Stream) -> bool {
         // `try_read` answers from the readiness bits alone, where a poll
         // would also lock the socket's waiter list to swap in a waker.
         Stream::Plain(tcp) => matches!(tcp.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock),
-        Stream::Tls(_) => {
+        Stream::Tls(..) => {
             let mut buf = ReadBuf::new(&mut byte);
             // Ready means closed, failed, or bytes nobody asked for: all
             // unusable. Polled outside the task's cooperative budget, which,
@@ -319,12 +326,14 @@ impl UpstreamClient {
         response
     }
 
-    /// Closes connections idle for longer than the pool's idle timeout.
+    /// Closes connections idle for longer than the pool's idle timeout, or
+    /// made before the last reload of the TLS files.
     pub fn sweep(&self) {
         let now = Instant::now();
+        let generation = self.pool.tls.generation();
         let mut idle = self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
         for list in idle.values_mut() {
-            list.retain_mut(|c| c.usable(now, self.pool.idle_timeout));
+            list.retain_mut(|c| c.usable(now, self.pool.idle_timeout, generation));
         }
         idle.retain(|_, list| !list.is_empty());
     }
@@ -838,10 +847,11 @@ impl HttpBody for UpstreamBody {
 
 impl Pool {
     fn checkout(&self, key: &PoolKey, now: Instant) -> Option<Stream> {
+        let generation = if key.https { self.tls.generation() } else { 0 };
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(key)?;
         while let Some(mut c) = list.pop() {
-            if c.usable(now, self.idle_timeout) {
+            if c.usable(now, self.idle_timeout, generation) {
                 return Some(c.stream);
             }
         }
@@ -866,11 +876,12 @@ impl Pool {
             let name = host.trim_start_matches('[').trim_end_matches(']');
             let name = ServerName::try_from(name.to_owned())
                 .map_err(|e| UpstreamError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-            let tls = tokio::time::timeout(self.connect_timeout, self.tls.connector().connect(name, tcp))
+            let (connector, generation) = self.tls.connector();
+            let tls = tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp))
                 .await
                 .map_err(|_| UpstreamError::Tls(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")))?
                 .map_err(UpstreamError::Tls)?;
-            Stream::Tls(Box::new(tls))
+            Stream::Tls(Box::new(tls), generation)
         } else {
             Stream::Plain(tcp)
         };
@@ -903,17 +914,18 @@ async fn connect_tcp(host: &str, port: u16, timeout: Duration) -> io::Result<Tcp
     Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"))))
 }
 
-/// A plain or TLS connection to an upstream.
+/// A plain or TLS connection to an upstream; a TLS one with the
+/// generation of the set it was made with ([`UpstreamTls::generation`]).
 enum Stream {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<TcpStream>>, u64),
 }
 
 impl AsyncRead for Stream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -922,7 +934,7 @@ impl AsyncWrite for Stream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -933,28 +945,28 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Tls(s, _) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

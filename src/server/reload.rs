@@ -136,8 +136,11 @@ impl Reloader {
                         let _ = tls.reload();
                         cert_seen = Some(before);
                     }
+                    // With the platform's store, hundreds of files: not on
+                    // this runtime's thread.
                     let before = CertFiles::now(upstream.files());
-                    let _ = upstream.reload();
+                    let reading = Arc::clone(upstream);
+                    let _ = tokio::task::spawn_blocking(move || reading.reload(true)).await;
                     upstream_seen = before;
                 }
                 () = tick => {
@@ -158,7 +161,7 @@ impl Reloader {
                         }
                     }
                     if upstream_seen.changed() {
-                        let _ = upstream.reload();
+                        let _ = upstream.reload(false);
                     }
                 }
             }
@@ -182,8 +185,9 @@ struct CertFiles {
 impl CertFiles {
     /// Watching `files` from the given stamps (taken before they were read).
     fn since(files: Vec<PathBuf>, stamps: Vec<Option<FileStamp>>) -> Self {
-        let files = files.into_iter().zip(stamps.into_iter().chain(std::iter::repeat(None)));
-        Self { files: files.map(|(path, stamp)| (path, Settled::new(stamp))).collect(), due: false }
+        debug_assert_eq!(files.len(), stamps.len(), "a stamp for each file");
+        let files = files.into_iter().zip(stamps).map(|(path, stamp)| (path, Settled::new(stamp)));
+        Self { files: files.collect(), due: false }
     }
 
     /// Watching `files` from now, for a read about to happen (SIGHUP).

@@ -456,8 +456,18 @@ async fn sighup_reloads_the_tls_certificate() {
 #[tokio::test]
 async fn sighup_reloads_the_upstream_client_certificate() {
     let server = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("the upstream's certificate");
-    let trusted = rcgen::generate_simple_self_signed(vec!["gateway".to_owned()]).expect("the gateway's certificate");
-    let stranger = rcgen::generate_simple_self_signed(vec!["gateway".to_owned()]).expect("another certificate");
+    // Valid until 1 January, `years` from now; and that date.
+    let this_year = 1970 + SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs() / 31_556_952;
+    let this_year = i32::try_from(this_year).expect("a year");
+    let pair = |years: i32| {
+        let mut params = rcgen::CertificateParams::new(vec!["gateway".to_owned()]).expect("certificate parameters");
+        params.not_after = rcgen::date_time_ymd(this_year + years, 1, 1);
+        let expiry = params.not_after.unix_timestamp() as f64;
+        let key_pair = rcgen::KeyPair::generate().expect("a key pair");
+        let cert = params.self_signed(&key_pair).expect("a self-signed certificate");
+        (rcgen::CertifiedKey { cert, key_pair }, expiry)
+    };
+    let ((trusted, trusted_expiry), (stranger, stranger_expiry)) = (pair(5), pair(3));
     let svc =
         spawn_mtls_upstream("mtls", &server.cert.pem(), &server.key_pair.serialize_pem(), &trusted.cert.pem()).await;
     let certs = tempfile::tempdir().expect("create temp dir");
@@ -483,12 +493,21 @@ async fn sighup_reloads_the_upstream_client_certificate() {
     let p = Process::start(&opts).await;
     let client = Client::builder().no_proxy().build().expect("build a client");
     let status = || async { client.get(p.url("/mtls/x")).send().await.expect("GET /mtls/x").status() };
+    let expiry = |metrics: &str| {
+        metric(metrics, "gateway_tls_certificate_expiry_timestamp_seconds", &[("cert", "upstream.client_cert")])
+    };
     assert_eq!(status().await, StatusCode::BAD_GATEWAY, "a certificate the upstream does not trust");
+    assert_eq!(expiry(&p.metrics().await), stranger_expiry);
+
+    // Control: with polling off, nothing changes by itself.
     write(&trusted);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(status().await, StatusCode::BAD_GATEWAY, "reloaded without a signal");
     p.signal("HUP");
     p.wait_for_log("the upstream TLS reload", |l| l["fields"]["message"] == "upstream TLS reloaded").await;
     assert_eq!(status().await, StatusCode::OK, "the renewed certificate is not presented");
     assert_eq!(svc.hits(), 1);
+    assert_eq!(expiry(&p.metrics().await), trusted_expiry);
     p.stop().await;
 }
 

@@ -381,9 +381,9 @@ async fn upstream_tls_files_are_reloaded_without_a_restart() {
         ..TestOptions::default()
     };
     let app = spawn_app_in(dir, opts).await;
-    let reloads = |result: &'static str| {
-        let app = &app;
-        async move { metric(&app.metrics().await, "gateway_tls_reloads_total", &[("tls", "upstream"), ("result", result)]) }
+    // (No other in-process test reloads the upstream TLS files.)
+    let errors = || async {
+        metric(&app.metrics().await, "gateway_tls_reloads_total", &[("tls", "upstream"), ("result", "error")])
     };
     let status = || async { app.get("/mtls/x").await.status() };
     let becomes = |what: &'static str, want: StatusCode| {
@@ -392,18 +392,15 @@ async fn upstream_tls_files_are_reloaded_without_a_restart() {
     };
 
     // The upstream's certificate is not signed by the CA in ca_file.
-    let ok = reloads("ok").await;
     assert_eq!(status().await, StatusCode::BAD_GATEWAY);
     assert_eq!(svc.hits(), 0);
     write("ca.pem", server.cert.pem());
     becomes("the new CA file trusted", StatusCode::OK).await;
-    assert_eq!(reloads("ok").await, ok + 1.0);
 
     // Halfway through a renewal: refused, and the old pair still presented.
-    let errors = reloads("error").await;
+    let before = errors().await;
     write("client.pem", stranger.cert.pem());
-    eventually("the mismatched pair refused", Duration::from_secs(10), || async { reloads("error").await > errors })
-        .await;
+    eventually("the mismatched pair refused", Duration::from_secs(10), || async { errors().await > before }).await;
     let hits = svc.hits();
     assert_eq!(status().await, StatusCode::OK, "the running pair was dropped");
     assert_eq!(svc.hits(), hits + 1);
@@ -415,6 +412,43 @@ async fn upstream_tls_files_are_reloaded_without_a_restart() {
     write("client.pem", client.cert.pem());
     write("client.key", client.key_pair.serialize_pem());
     becomes("the trusted client certificate presented again", StatusCode::OK).await;
+    app.stop().await;
+}
+
+/// A reload of the upstream TLS files retires the pooled connections made
+/// before it: a CA dropped from `ca_file`, or a client certificate
+/// replaced, stops being relied on at once, not when a busy connection
+/// happens to close.
+#[tokio::test]
+async fn pooled_upstream_connections_are_not_reused_after_a_tls_reload() {
+    let server = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("the upstream's certificate");
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("another CA");
+    let svc = spawn_tls_upstream("pooled-tls", &server.cert.pem(), &server.key_pair.serialize_pem()).await;
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, server.cert.pem()).expect("write ca.pem");
+    let opts = TestOptions {
+        server_extra: "config_poll = \"100ms\"".to_owned(),
+        extra: route("pooled-tls", "/pooled-tls", &[format!("https://{}", svc.addr)], PUBLIC)
+            + "\n[upstream]\nca_file = \"ca.pem\"\nplatform_roots = false\n",
+        ..TestOptions::default()
+    };
+    let app = spawn_app_in(dir, opts).await;
+    let get = || async { echo(app.get("/pooled-tls/x").await).await };
+    get().await;
+    get().await;
+    assert_eq!(svc.connections(), 1, "the second request did not reuse the pooled connection");
+
+    // The file changes (one more CA): the next request makes a connection
+    // of its own, which is pooled in turn.
+    std::fs::write(&ca, server.cert.pem() + &other.cert.pem()).expect("write ca.pem");
+    eventually("a new connection after the reload", Duration::from_secs(10), || async {
+        get().await;
+        svc.connections() == 2
+    })
+    .await;
+    get().await;
+    assert_eq!(svc.connections(), 2, "the connection made after the reload was not pooled");
     app.stop().await;
 }
 

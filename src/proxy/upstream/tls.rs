@@ -37,10 +37,23 @@ const CLIENT_CERT: &str = "upstream.client_cert";
 /// worker's pool and swapped whole on reload.
 pub struct UpstreamTls {
     sources: Sources,
-    current: ArcSwap<rustls::ClientConfig>,
+    current: ArcSwap<Current>,
     /// The watched files' stamps taken just before the first read, so that
     /// a change landing between that read and the watcher's start is seen.
     loaded: Vec<Option<FileStamp>>,
+}
+
+/// One accepted set.
+struct Current {
+    config: Arc<rustls::ClientConfig>,
+    /// The client certificate's leaf, to tell a renewal from a set read
+    /// again unchanged.
+    leaf: Option<CertificateDer<'static>>,
+    /// The platform's roots as last read (empty when not trusted).
+    platform: Arc<[CertificateDer<'static>]>,
+    /// Counts accepted sets: a pooled connection made with an older one is
+    /// not reused ([`UpstreamTls::generation`]).
+    generation: u64,
 }
 
 impl UpstreamTls {
@@ -55,24 +68,47 @@ impl UpstreamTls {
             client_cert: settings.client_cert.clone(),
         };
         let loaded = sources.files().iter().map(|p| FileStamp::of(p)).collect();
-        let (config, leaf) = sources.read()?;
-        if let Some(leaf) = leaf {
-            if publish_expiry(CLIENT_CERT, &leaf).is_some_and(|t| t < SystemTime::now()) {
+        // At start, what could be read: it only means fewer roots to trust.
+        let platform = if sources.platform_roots { platform_roots().0 } else { Arc::from([]) };
+        let (config, leaf) = sources.read(&platform)?;
+        if let Some(leaf) = &leaf {
+            if publish_expiry(CLIENT_CERT, leaf).is_some_and(|t| t < SystemTime::now()) {
                 tracing::error!(setting = CLIENT_CERT, "upstream.client_cert has expired: upstreams will refuse it");
             }
         }
-        Ok(Arc::new(Self { sources, current: ArcSwap::new(config), loaded }))
+        let current = Current { config, leaf, platform, generation: 0 };
+        Ok(Arc::new(Self { sources, current: ArcSwap::from_pointee(current), loaded }))
     }
 
-    /// Reads everything again and uses it from the next handshake on; on
-    /// any error the running configuration stays.
-    pub fn reload(&self) -> anyhow::Result<()> {
-        let result = self.sources.read().and_then(|(config, leaf)| {
+    /// Reads the files again (and the platform's store when
+    /// `platform_store`: on SIGHUP) and uses the set from the next
+    /// handshake on; on any error the running set stays. A store that
+    /// reports an error while being read (`update-ca-certificates` may be
+    /// rewriting it) is not taken: the roots read before stay, and the
+    /// files are reloaded all the same.
+    pub fn reload(&self, platform_store: bool) -> anyhow::Result<()> {
+        let running = self.current.load_full();
+        let platform = match platform_store && self.sources.platform_roots {
+            true => match platform_roots() {
+                (read, None) => read,
+                (_, Some(_)) => {
+                    tracing::warn!("the platform's trust store could not be read whole: keeping the roots read before");
+                    Arc::clone(&running.platform)
+                }
+            },
+            false => Arc::clone(&running.platform),
+        };
+        let result = self.sources.read(&platform).and_then(|(config, leaf)| {
             if let Some(leaf) = &leaf {
-                check_validity(CLIENT_CERT, leaf)?;
+                // A running certificate read again unchanged is no renewal:
+                // expired, it must not hold back a new CA file.
+                if running.leaf.as_ref() != Some(leaf) {
+                    check_validity(CLIENT_CERT, leaf)?;
+                }
                 publish_expiry(CLIENT_CERT, leaf);
             }
-            self.current.store(config);
+            let generation = running.generation + 1;
+            self.current.store(Arc::new(Current { config, leaf, platform, generation }));
             Ok(())
         });
         let label = if result.is_ok() { "ok" } else { "error" };
@@ -84,9 +120,17 @@ impl UpstreamTls {
         result
     }
 
-    /// A connector for one handshake, with the current configuration.
-    pub fn connector(&self) -> TlsConnector {
-        TlsConnector::from(self.current.load_full())
+    /// A connector for one handshake with the current set, and the set's
+    /// generation.
+    pub fn connector(&self) -> (TlsConnector, u64) {
+        let current = self.current.load();
+        (TlsConnector::from(Arc::clone(&current.config)), current.generation)
+    }
+
+    /// The current set's generation: a connection made with another one
+    /// presented a certificate, or trusted roots, that are no longer ours.
+    pub fn generation(&self) -> u64 {
+        self.current.load().generation
     }
 
     /// The files a change of which triggers a reload: `ca_file`, then the
@@ -115,13 +159,21 @@ impl Sources {
         self.ca_file.iter().cloned().chain(pair).collect()
     }
 
-    /// A new configuration from the files, and the client certificate's
-    /// leaf when there is one.
-    fn read(&self) -> anyhow::Result<(Arc<rustls::ClientConfig>, Option<CertificateDer<'static>>)> {
+    /// A new configuration from `platform` and the files, and the client
+    /// certificate's leaf when there is one.
+    fn read(
+        &self,
+        platform: &[CertificateDer<'static>],
+    ) -> anyhow::Result<(Arc<rustls::ClientConfig>, Option<CertificateDer<'static>>)> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if self.platform_roots {
-            add_platform_roots(&mut roots);
+        let (added, ignored) = roots.add_parsable_certificates(platform.iter().cloned());
+        if ignored > 0 {
+            tracing::warn!(
+                added,
+                ignored,
+                "certificates in the platform's trust store that do not parse are not trusted"
+            );
         }
         if let Some(path) = &self.ca_file {
             let name = || format!("upstream.ca_file: {}", path.display());
@@ -154,20 +206,21 @@ fn builder() -> anyhow::Result<rustls::ConfigBuilder<rustls::ClientConfig, rustl
         .context("TLS versions")
 }
 
-/// Adds the platform's trust store (where an operator installs a private
-/// CA with `update-ca-certificates`) to `roots`. A store that cannot be
-/// read, or a certificate in it that does not parse, is logged and left
-/// out: it only means fewer roots to trust.
-fn add_platform_roots(roots: &mut rustls::RootCertStore) {
+/// The platform's trust store (where an operator installs a private CA
+/// with `update-ca-certificates`), and the errors met reading it, if any
+/// (then the certificates are what could be read). Certificates in it that
+/// do not parse are left out when the roots are built: fewer roots to trust.
+fn platform_roots() -> (Arc<[CertificateDer<'static>]>, Option<String>) {
     let found = rustls_native_certs::load_native_certs();
-    for e in &found.errors {
-        tracing::warn!(error = %e, "reading the platform's trust store for https upstreams");
+    tracing::debug!(certificates = found.certs.len(), "platform trust store read for https upstreams");
+    let errors = (!found.errors.is_empty()).then(|| {
+        let errors: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+        errors.join("; ")
+    });
+    if let Some(error) = &errors {
+        tracing::warn!(error, "reading the platform's trust store for https upstreams");
     }
-    let (added, ignored) = roots.add_parsable_certificates(found.certs);
-    if ignored > 0 {
-        tracing::warn!(added, ignored, "certificates in the platform's trust store that do not parse are not trusted");
-    }
-    tracing::debug!(added, "platform trust store loaded for https upstreams");
+    (Arc::from(found.certs), errors)
 }
 
 #[cfg(test)]
@@ -198,7 +251,7 @@ mod tests {
 
     /// Whether the running configuration is still `before`.
     fn kept(tls: &UpstreamTls, before: &Arc<rustls::ClientConfig>) -> bool {
-        Arc::ptr_eq(&tls.current.load_full(), before)
+        Arc::ptr_eq(&tls.current.load().config, before)
     }
 
     /// A reload takes a valid new set and refuses, keeping the running one,
@@ -219,12 +272,12 @@ mod tests {
         assert_eq!(names, ["ca.pem", "client.pem", "client.key"]);
         assert_eq!(tls.loaded_stamps().iter().filter(|s| s.is_some()).count(), 3);
 
-        let before = tls.current.load_full();
+        let before = Arc::clone(&tls.current.load().config);
         write(dir.path(), &pair(-1, 2));
-        tls.reload().expect("a renewal");
+        tls.reload(false).expect("a renewal");
         assert!(!kept(&tls, &before), "the renewal is not in use");
 
-        let before = tls.current.load_full();
+        let before = Arc::clone(&tls.current.load().config);
         for (case, says, change) in [
             ("expired", "the new certificate expired at", &(|d: &Path| write(d, &pair(-3, -1))) as &dyn Fn(&Path)),
             ("not valid yet", "valid only from", &|d: &Path| write(d, &pair(1, 3))),
@@ -238,9 +291,37 @@ mod tests {
             }),
         ] {
             change(dir.path());
-            let err = tls.reload().err().unwrap_or_else(|| panic!("{case}: taken"));
+            let err = tls.reload(false).err().unwrap_or_else(|| panic!("{case}: taken"));
             assert!(format!("{err:#}").contains(says), "{case}: {err:#}");
             assert!(kept(&tls, &before), "{case}: the running set was replaced");
         }
+        assert_eq!(tls.generation(), 1, "only the renewal was a new set");
+    }
+
+    /// A running client certificate that has expired (upstreams refuse it;
+    /// it was logged at start) does not hold back a new CA file: read again
+    /// unchanged, it is no renewal. A different expired one still is.
+    #[test]
+    fn an_expired_running_certificate_does_not_hold_back_other_changes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = |name: &str| {
+            let ca = rcgen::generate_simple_self_signed(vec![name.to_owned()]).expect("a CA");
+            std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).expect("write ca.pem");
+        };
+        ca("one");
+        write(dir.path(), &pair(-3, -1));
+        let text = "[upstream]\nca_file = \"ca.pem\"\nclient_cert = \"client.pem\"\nclient_key = \"client.key\"\n\
+                    platform_roots = false";
+        let settings = Config::parse(text, &dir.path().join("gateway.toml")).expect("valid settings").upstream;
+        let tls = UpstreamTls::load(&settings).expect("an expired certificate is logged at start, not refused");
+        let (_, generation) = tls.connector();
+        assert_eq!(generation, 0);
+        ca("two");
+        tls.reload(false).expect("a new CA file beside the running certificate");
+        assert_eq!(tls.generation(), 1);
+        write(dir.path(), &pair(-3, -1));
+        let err = tls.reload(false).expect_err("another expired certificate is refused");
+        assert!(format!("{err:#}").contains("expired"), "{err:#}");
+        assert_eq!(tls.generation(), 1);
     }
 }
