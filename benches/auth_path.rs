@@ -17,6 +17,7 @@ use gateway::auth::revocation::RevocationState;
 use gateway::auth::token::{sign, AccessClaims, TokenRules};
 use gateway::auth::Authenticator;
 use gateway::config::Config;
+use gateway::proxy::cors::CorsOrigins;
 use gateway::proxy::identity::IdentityCache;
 use gateway::proxy::router::RouteTable;
 use gateway::proxy::tenants::TenantDirectory;
@@ -66,7 +67,7 @@ fn bench(c: &mut Criterion) {
     let auth = Authenticator::new(keys, TokenRules::new("gateway", "gateway", 5), revocations);
     let cache = IdentityCache::new(100_000, Duration::from_secs(5));
     let config = Config::parse(CONFIG, Path::new("/tmp/gateway.toml")).expect("config");
-    let table = RouteTable::new(config.proxy);
+    let table = RouteTable::new(config.proxy, CorsOrigins::default());
     let tenants = TenantDirectory::default();
 
     let mut request_headers = HeaderMap::new();

@@ -10,7 +10,10 @@
 pub mod error;
 pub mod extract;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
@@ -31,9 +34,35 @@ use extract::{Authenticated, Client, JsonBody};
 /// Largest request body accepted on `/auth/*`.
 pub const MAX_AUTH_BODY: usize = 16 * 1024;
 
+/// The API as the proxy serves it: the router, rebuilt on reload with the
+/// CORS origins and the request id's name of the new file.
+#[derive(Clone)]
+pub struct Api {
+    service: AuthService,
+    current: Arc<ArcSwap<Router>>,
+}
+
+impl Api {
+    pub fn new(service: AuthService, origins: &CorsOrigins, request_id: &HeaderName) -> Self {
+        let current = Arc::new(ArcSwap::from_pointee(router(service.clone(), origins, request_id)));
+        Self { service, current }
+    }
+
+    /// Serves requests that arrive from now on with these settings; those
+    /// in flight finish with the router they started with.
+    pub fn rebuild(&self, origins: &CorsOrigins, request_id: &HeaderName) {
+        self.current.store(Arc::new(router(self.service.clone(), origins, request_id)));
+    }
+
+    /// The current router (a cheap clone).
+    pub fn router(&self) -> Router {
+        Router::clone(&self.current.load())
+    }
+}
+
 /// The `/auth` and JWKS routes. `origins` (`auth.cors_origins`) lets browser
 /// apps on those origins call them, and read the request id the gateway
-/// adds (`request_id`, its name at start): see [`cors`].
+/// adds (`request_id`, its name): see [`cors`].
 pub fn router(service: AuthService, origins: &CorsOrigins, request_id: &HeaderName) -> Router {
     let api = Router::new()
         .route("/auth/login", post(login))

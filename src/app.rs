@@ -90,14 +90,15 @@ impl App {
         if let Err(e) = tenants.refresh(&store).await {
             tracing::warn!(error = %e, "tenant directory unavailable at start; routes naming tenants deny until it loads");
         }
-        let routes = Arc::new(ArcSwap::from_pointee(RouteTable::new(config.proxy.clone())));
+        let cors = crate::proxy::cors::CorsOrigins::new(&config.auth.cors_origins);
+        let api = crate::api::Api::new(service.clone(), &cors, &config.proxy.headers.request_id);
+        let routes = Arc::new(ArcSwap::from_pointee(RouteTable::new(config.proxy.clone(), cors)));
         let identities = IdentityCache::new(IDENTITY_CACHE_CAPACITY, config.auth.leeway);
         let tls = cert.clone().map(crate::server::tls::acceptor).transpose()?;
-        let cors = crate::proxy::cors::CorsOrigins::new(&config.auth.cors_origins);
         let upstream_tls = client.tls();
         let proxy = Proxy {
             routes: Arc::clone(&routes),
-            api: crate::api::router(service.clone(), &cors, &config.proxy.headers.request_id),
+            api: api.clone(),
             authenticator: authenticator.clone(),
             identities: identities.clone(),
             tenants,
@@ -106,7 +107,6 @@ impl App {
             tunnel_idle_timeout: config.server.tunnel_idle_timeout,
             trusted_proxies: config.server.trusted_proxies.clone(),
             access_log: config.log.access,
-            cors,
             api_runtime: tokio::runtime::Handle::current(),
         };
         let reloader = Reloader {
@@ -114,6 +114,7 @@ impl App {
             stamp: config.stamp,
             keys_dir: config.auth.keys_dir.clone(),
             routes,
+            api,
             authenticator,
             identities,
             tls: cert,

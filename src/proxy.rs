@@ -138,7 +138,7 @@ impl Drop for Open {
 #[derive(Clone)]
 pub struct Proxy {
     pub routes: Arc<ArcSwap<RouteTable>>,
-    pub api: axum::Router,
+    pub api: crate::api::Api,
     pub authenticator: Authenticator,
     pub identities: IdentityCache,
     pub tenants: TenantDirectory,
@@ -148,8 +148,6 @@ pub struct Proxy {
     pub tunnel_idle_timeout: Duration,
     pub trusted_proxies: Vec<IpNet>,
     pub access_log: bool,
-    /// CORS on the gateway's own answers on routes (`auth.cors_origins`).
-    pub cors: cors::CorsOrigins,
     /// The main runtime, which owns the database pool: the API runs there.
     pub api_runtime: tokio::runtime::Handle,
 }
@@ -230,7 +228,7 @@ impl Proxy {
         let request_id = headers::request_id(req.headers(), &table.headers.request_id);
         let method = req.method().clone();
         // Kept only where an answer of the gateway's own may need it.
-        let origin = if self.cors.is_off() { None } else { req.headers().get(ORIGIN).cloned() };
+        let origin = if table.cors.is_off() { None } else { req.headers().get(ORIGIN).cloned() };
         let mut outcome = Outcome { route: None, user: None, upstream: None, answered: None };
         let result = self.forward(&table, req, authorization, &path, conn, &request_id, &mut outcome, timer).await;
         let mut response = result.unwrap_or_else(|e| {
@@ -244,7 +242,7 @@ impl Proxy {
                 _ => {}
             }
             let mut response = e.into_response();
-            self.cors.apply(origin.as_ref(), &table.headers.request_id, &mut response);
+            table.cors.apply(origin.as_ref(), &table.headers.request_id, &mut response);
             response
         });
 
@@ -308,7 +306,7 @@ impl Proxy {
         let id = headers::request_id(request.map_or(&empty, Request::headers), &table.headers.request_id);
         let mut response = error.into_response();
         let origin = request.and_then(|r| r.headers().get(ORIGIN));
-        self.cors.apply(origin, &table.headers.request_id, &mut response);
+        table.cors.apply(origin, &table.headers.request_id, &mut response);
         headers::set_answer_fields(response.headers_mut(), &table.headers.response_headers);
         let status = response.status();
         metrics::counter!("gateway_requests_total", "route" => "none", "status" => status_label(status)).increment(1);
@@ -339,7 +337,7 @@ impl Proxy {
         }
         // Database connections belong to the main runtime's reactor, so the
         // API is run there rather than on this worker's runtime.
-        let call = self.api.clone().oneshot(req);
+        let call = self.api.router().oneshot(req);
         match self.api_runtime.spawn(call).await {
             Ok(Ok(response)) => response,
             Ok(Err(never)) => match never {},

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use hyper::Method;
 
 use crate::config::{HeaderNames, ProxyConfig, RouteConfig, UpstreamTarget};
+use crate::proxy::cors::CorsOrigins;
 
 /// The statuses whose request counters a route keeps at hand.
 const COMMON_STATUSES: [u16; 16] = [200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 413, 500, 502, 503, 504];
@@ -176,10 +177,13 @@ impl Route {
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
     pub headers: HeaderNames,
+    /// `auth.cors_origins`, for the answers the gateway makes itself:
+    /// reloaded with the routes.
+    pub cors: CorsOrigins,
 }
 
 impl RouteTable {
-    pub fn new(config: ProxyConfig) -> Self {
+    pub fn new(config: ProxyConfig, cors: CorsOrigins) -> Self {
         let mut routes: Vec<Arc<Route>> = config.routes.into_iter().map(|r| Arc::new(Route::new(r))).collect();
         // Host-specific first, then longer prefixes; routes sharing a host
         // and prefix next to each other, the one taking every method last.
@@ -193,7 +197,7 @@ impl RouteTable {
                 .then_with(|| a.prefix.cmp(&b.prefix))
                 .then(a.methods.is_empty().cmp(&b.methods.is_empty()))
         });
-        Self { routes, headers: config.headers }
+        Self { routes, headers: config.headers, cors }
     }
 
     /// The route for `host` (without port; any case), a normalised path and
@@ -278,7 +282,7 @@ mod tests {
 
     fn table(routes: &str) -> RouteTable {
         let config = Config::parse(routes, std::path::Path::new("/tmp/gateway.toml")).expect("valid config");
-        RouteTable::new(config.proxy)
+        RouteTable::new(config.proxy, CorsOrigins::default())
     }
 
     const ROUTES: &str = r#"

@@ -1,5 +1,5 @@
-//! Hot reload of routes, header settings, signing keys and the TLS
-//! certificate.
+//! Hot reload of routes, header settings, CORS origins, signing keys and
+//! the TLS certificates.
 //!
 //! A reload reads and validates the whole file; only when it is valid is the
 //! new route table swapped in, atomically (arc-swap): requests in flight
@@ -11,8 +11,9 @@
 //! the upstream client's CA file, certificate and key ([`UpstreamTls`]),
 //! are read again on SIGHUP and when one of their files changes, by the
 //! same rule.
-//! Listeners, the database and timeouts of the server itself need a
-//! restart.
+//! Of `[auth]`, only `cors_origins` is taken on reload (with the API's
+//! router rebuilt for it); listeners, the database, the rest of `[auth]`
+//! and timeouts of the server itself need a restart.
 //!
 //! Why a change must hold still for a whole poll before it is read: an
 //! editor or `cat >` writes the file in pieces, and a file cut short is
@@ -33,6 +34,7 @@ use arc_swap::ArcSwap;
 use crate::auth::keys::KeyRing;
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError, FileStamp};
+use crate::proxy::cors::CorsOrigins;
 use crate::proxy::identity::IdentityCache;
 use crate::proxy::router::RouteTable;
 use crate::proxy::upstream::tls::UpstreamTls;
@@ -45,6 +47,8 @@ pub struct Reloader {
     pub(crate) stamp: Option<FileStamp>,
     pub(crate) keys_dir: PathBuf,
     pub(crate) routes: Arc<ArcSwap<RouteTable>>,
+    /// The API, rebuilt with the new CORS origins and request id name.
+    pub(crate) api: crate::api::Api,
     pub(crate) authenticator: Authenticator,
     pub(crate) identities: IdentityCache,
     /// The listener's certificate, when it terminates TLS.
@@ -54,12 +58,15 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Re-reads the config file and swaps in its routes; returns their number.
+    /// Re-reads the config file and swaps in its routes, header settings
+    /// and CORS origins; returns the number of routes.
     pub fn reload(&self) -> Result<usize, ConfigError> {
         match Config::load(&self.path) {
             Ok(config) => {
                 let n = config.proxy.routes.len();
-                self.routes.store(Arc::new(RouteTable::new(config.proxy)));
+                let cors = CorsOrigins::new(&config.auth.cors_origins);
+                self.api.rebuild(&cors, &config.proxy.headers.request_id);
+                self.routes.store(Arc::new(RouteTable::new(config.proxy, cors)));
                 metrics::counter!("gateway_config_reloads_total", "result" => "ok").increment(1);
                 tracing::info!(routes = n, path = %self.path.display(), "configuration reloaded");
                 Ok(n)

@@ -4,9 +4,12 @@
 
 use std::time::Duration;
 
-use reqwest::StatusCode;
+use reqwest::header::ORIGIN;
+use reqwest::{Method, StatusCode};
 
-use crate::helpers::{assert_error, assert_error_in, eventually, route, spawn_app_with, TestOptions, PASSWORD};
+use crate::helpers::{
+    assert_error, assert_error_in, config_toml, eventually, route, spawn_app_with, TestOptions, PASSWORD,
+};
 use crate::upstream::{echo, spawn_upstream};
 
 const PUBLIC: &str = "auth = \"public\"";
@@ -155,5 +158,71 @@ async fn config_file_changes_are_picked_up_without_a_reload_call() {
     .await;
     assert_eq!(echo(app.get("/second/x").await).await.upstream(), "second");
     assert_eq!(echo(app.get("/first/x").await).await.upstream(), "first");
+    app.stop().await;
+}
+
+/// `auth.cors_origins`, and the request id's name that CORS lets scripts
+/// read, take effect on reload, on the API's answers and on those the
+/// gateway makes itself on routes: a browser app's new origin needs no
+/// restart, and one taken out is refused at once.
+#[tokio::test]
+async fn reload_applies_new_cors_origins() {
+    const OLD: &str = "https://old.example";
+    const NEW: &str = "https://new.example";
+    let svc = spawn_upstream("cors-reload").await;
+    let extra = route("cors-reload", "/cors-reload", &[svc.url()], "");
+    let opts =
+        TestOptions { auth_extra: format!("cors_origins = [{OLD:?}]"), extra: extra.clone(), ..TestOptions::default() };
+    let app = spawn_app_with(opts).await;
+    // The CORS fields of a GET with `origin`: the API's JWKS, and a 401 the
+    // gateway makes on the route.
+    let fields = |path: &'static str, origin: &'static str| {
+        let app = &app;
+        async move {
+            let resp = app.client.get(app.url(path)).header(ORIGIN, origin).send().await.expect("GET");
+            let get = |name: &str| resp.headers().get(name).map(|v| v.to_str().expect("ASCII").to_ascii_lowercase());
+            (get("access-control-allow-origin"), get("access-control-expose-headers").unwrap_or_default())
+        }
+    };
+    let preflight = || async {
+        app.client
+            .request(Method::OPTIONS, app.url("/auth/login"))
+            .header(ORIGIN, NEW)
+            .header("Access-Control-Request-Method", "POST")
+            .send()
+            .await
+            .expect("a preflight")
+    };
+    let paths = ["/.well-known/jwks.json", "/cors-reload/x"];
+    for path in paths {
+        let (allowed, exposed) = fields(path, OLD).await;
+        assert_eq!(allowed.as_deref(), Some(OLD), "{path}");
+        assert!(exposed.contains("x-request-id"), "{path}: {exposed}");
+        assert_eq!(fields(path, NEW).await.0, None, "{path}: an origin not listed yet");
+    }
+
+    // Another origin, and another name for the request id.
+    let rewrite = |cors: &str, headers: &str| {
+        let opts = TestOptions { auth_extra: cors.to_owned(), extra: format!("{extra}{headers}"), ..app.opts.clone() };
+        app.write_raw_config(&config_toml(&opts));
+        app.reloader.reload().unwrap_or_else(|e| panic!("reload failed: {e}"));
+    };
+    rewrite(&format!("cors_origins = [{NEW:?}]"), "\n[headers]\nrequest_id = \"X-Trace-Id\"\n");
+    for path in paths {
+        let (allowed, exposed) = fields(path, NEW).await;
+        assert_eq!(allowed.as_deref(), Some(NEW), "{path}");
+        assert!(exposed.contains("x-trace-id"), "{path}: {exposed}");
+        assert_eq!(fields(path, OLD).await.0, None, "{path}: an origin taken out is still allowed");
+    }
+    let resp = preflight().await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers().get("access-control-allow-origin").map(|v| v.as_bytes()), Some(NEW.as_bytes()));
+
+    // None at all: no CORS field, and a preflight is a method the API lacks.
+    rewrite("", "");
+    for path in paths {
+        assert_eq!(fields(path, NEW).await, (None, String::new()), "{path}");
+    }
+    assert_error(preflight().await, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
     app.stop().await;
 }
