@@ -91,7 +91,8 @@ fn layered<S: Clone + Send + Sync + 'static>(
     request_id: &HeaderName,
 ) -> Router<S> {
     let api = api.layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
-        // Not the panic's message: it could quote what the handler held.
+        // Not the panic's message, which could quote what the handler
+        // held, in the structured log (the panic hook prints it to stderr).
         tracing::error!("an API handler panicked");
         crate::body::json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error")
     }));

@@ -119,6 +119,7 @@ impl App {
             identities,
             tls: cert,
             upstream_tls,
+            reloading: Arc::default(),
         };
 
         let public = crate::server::bind_reuseport(config.server.listen)

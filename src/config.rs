@@ -330,6 +330,9 @@ fn check_listeners(server: &ServerConfig, admin: &AdminConfig, errors: &mut Erro
 /// Whether listeners on `a` and `b` would fight over a port. Port 0 (any
 /// free port) never does.
 fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    // `::ffff:127.0.0.1` is 127.0.0.1 to the kernel.
+    let canonical = |s: SocketAddr| SocketAddr::new(s.ip().to_canonical(), s.port());
+    let (a, b) = (canonical(a), canonical(b));
     let covers = |wide: SocketAddr, other: SocketAddr| {
         wide.ip().is_unspecified() && (wide.is_ipv6() || wide.is_ipv4() == other.is_ipv4())
     };

@@ -53,7 +53,9 @@ use axum::extract::ConnectInfo;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Body as _;
-use hyper::header::{HeaderMap, HeaderValue, ACCESS_CONTROL_REQUEST_METHOD, AUTHORIZATION, CONNECTION, HOST, ORIGIN};
+use hyper::header::{
+    HeaderMap, HeaderValue, ACCESS_CONTROL_REQUEST_METHOD, AUTHORIZATION, CACHE_CONTROL, CONNECTION, HOST, ORIGIN,
+};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use ipnet::IpNet;
 use tokio::time::Sleep;
@@ -337,13 +339,21 @@ impl Proxy {
         }
         // Database connections belong to the main runtime's reactor, so the
         // API is run there rather than on this worker's runtime.
+        let origin = req.headers().get(ORIGIN).cloned();
         let call = self.api.router().oneshot(req);
         match self.api_runtime.spawn(call).await {
             Ok(Ok(response)) => response,
             Ok(Err(never)) => match never {},
             Err(e) => {
+                // A panic outside the handlers (whose own become a 500 in
+                // the API's layers): the fields those layers would add.
                 tracing::error!(error = %e, "API task failed");
-                crate::body::json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error")
+                let mut response =
+                    crate::body::json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error");
+                response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                let table = self.routes.load();
+                table.cors.apply(origin.as_ref(), &table.headers.request_id, &mut response);
+                response
             }
         }
     }

@@ -55,12 +55,17 @@ pub struct Reloader {
     pub(crate) tls: Option<Arc<ServerCert>>,
     /// The upstream client's roots and certificate.
     pub(crate) upstream_tls: Arc<UpstreamTls>,
+    /// Held through a reload: the API router and the route table are two
+    /// swaps, and two reloads at once (the watcher and a caller) must not
+    /// leave them from two different files.
+    pub(crate) reloading: Arc<std::sync::Mutex<()>>,
 }
 
 impl Reloader {
     /// Re-reads the config file and swaps in its routes, header settings
     /// and CORS origins; returns the number of routes.
     pub fn reload(&self) -> Result<usize, ConfigError> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match Config::load(&self.path) {
             Ok(config) => {
                 let n = config.proxy.routes.len();

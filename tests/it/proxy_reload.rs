@@ -171,17 +171,27 @@ async fn reload_applies_new_cors_origins() {
     const NEW: &str = "https://new.example";
     let svc = spawn_upstream("cors-reload").await;
     let extra = route("cors-reload", "/cors-reload", &[svc.url()], "");
-    let opts =
-        TestOptions { auth_extra: format!("cors_origins = [{OLD:?}]"), extra: extra.clone(), ..TestOptions::default() };
+    // Reloads are the test's own calls: no watcher.
+    let opts = TestOptions {
+        auth_extra: format!("cors_origins = [{OLD:?}]"),
+        extra: extra.clone(),
+        server_extra: "config_poll = \"0s\"".to_owned(),
+        ..TestOptions::default()
+    };
     let app = spawn_app_with(opts).await;
-    // The CORS fields of a GET with `origin`: the API's JWKS, and a 401 the
-    // gateway makes on the route.
+    // The CORS fields of a GET with `origin`, after checking that the
+    // answer carries the request id it exposes: the API's JWKS, a 401 the
+    // gateway makes on the route, and a path it refuses before routing.
     let fields = |path: &'static str, origin: &'static str| {
         let app = &app;
         async move {
             let resp = app.client.get(app.url(path)).header(ORIGIN, origin).send().await.expect("GET");
             let get = |name: &str| resp.headers().get(name).map(|v| v.to_str().expect("ASCII").to_ascii_lowercase());
-            (get("access-control-allow-origin"), get("access-control-expose-headers").unwrap_or_default())
+            let exposed = get("access-control-expose-headers").unwrap_or_default();
+            if let Some(id) = exposed.split(',').map(str::trim).find(|f| f.ends_with("-id")) {
+                assert!(resp.headers().contains_key(id), "{path}: exposes {id}, which it lacks");
+            }
+            (get("access-control-allow-origin"), exposed)
         }
     };
     let preflight = || async {
@@ -193,7 +203,7 @@ async fn reload_applies_new_cors_origins() {
             .await
             .expect("a preflight")
     };
-    let paths = ["/.well-known/jwks.json", "/cors-reload/x"];
+    let paths = ["/.well-known/jwks.json", "/cors-reload/x", "/cors-reload/%2e%2e/%2e%2e/x"];
     for path in paths {
         let (allowed, exposed) = fields(path, OLD).await;
         assert_eq!(allowed.as_deref(), Some(OLD), "{path}");
