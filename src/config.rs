@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-pub use proxy::{fold_header_name, AuthMode, HeaderNames, ProxyConfig, RouteConfig, UpstreamSettings, UpstreamTarget};
+pub use proxy::{
+    fold_header_name, AuthMode, HeaderNames, ProxyConfig, RateLimit, RateLimitKey, RouteConfig, UpstreamSettings,
+    UpstreamTarget,
+};
 use reader::{Errors, Fields};
 
 /// The whole validated configuration.

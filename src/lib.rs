@@ -20,7 +20,8 @@
 //!   ([`http1::upgrade`]). HTTP/2 is hyper's.
 //! - [`proxy`]: the request phases: [`proxy::path`] normalisation,
 //!   [`proxy::router`], [`proxy::headers`] hygiene, [`proxy::identity`]
-//!   (verified-token cache), [`proxy::policy`], [`proxy::upstream`] (a
+//!   (verified-token cache), [`proxy::policy`], [`proxy::ratelimit`],
+//!   [`proxy::upstream`] (a
 //!   connection pool per worker, spoken to with [`http1`]; its reloadable
 //!   TLS in [`proxy::upstream::tls`]),
 //!   [`proxy::tunnel`] (WebSockets).

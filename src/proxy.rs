@@ -10,13 +10,16 @@
 //!    none → 404, a method no route at that prefix takes → 405.
 //! 3. **Strip** hop-by-hop headers, what `Connection` nominates, and every
 //!    spelling of a reserved identity header ([`headers`]) — before anything
-//!    is added, on public and required routes alike.
+//!    is added, on public and required routes alike. A route limited by
+//!    client address counts the request here ([`ratelimit`]; 429 past it).
 //! 4. **Authenticate** (required routes): the bearer token, verified through
 //!    the cache in [`identity`] and always checked against revocation. A
 //!    CORS preflight skips this step where the route says `cors_preflight`,
 //!    and goes on cut down to its CORS fields
 //!    ([`headers::keep_preflight_fields`]).
-//! 5. **Authorise** against the route's tenants, roles and scopes ([`policy`]).
+//! 5. **Authorise** against the route's tenants, roles and scopes
+//!    ([`policy`]); a route limited by user or tenant counts the request
+//!    here.
 //! 6. **Inject** identity, request id and `X-Forwarded-*`.
 //! 7. **Forward** through the pooled client ([`upstream`]), streaming both
 //!    bodies; round-robin, cool-down and one retry for idempotent requests
@@ -36,6 +39,7 @@ pub mod headers;
 pub mod identity;
 pub mod path;
 pub mod policy;
+pub mod ratelimit;
 pub mod router;
 pub mod tenants;
 pub mod tunnel;
@@ -64,10 +68,11 @@ use tower::ServiceExt as _;
 use crate::auth::token::TokenError;
 use crate::auth::{bearer_token, bearer_value, Authenticator, BearerError};
 use crate::body::Body;
-use crate::config::AuthMode;
+use crate::config::{AuthMode, RateLimitKey};
 use crate::http1::upgrade::OnUpgrade;
 use error::ProxyError;
 use identity::{Identity, IdentityCache};
+use ratelimit::RateLimiter;
 use router::{Miss, Route, RouteTable};
 use tenants::TenantDirectory;
 use upstream::{UpstreamBody, UpstreamClient};
@@ -419,6 +424,13 @@ impl Proxy {
         headers::strip_hop_by_hop(req.headers_mut(), upgrade);
         headers::strip_reserved(req.headers_mut(), &table.headers);
 
+        // A limit by address counts every request the route takes, before
+        // any token is looked at: a flood of forged tokens costs no
+        // verification past the allowance.
+        if let Some(limiter) = route.limiter.as_deref().filter(|l| l.key() == RateLimitKey::Ip) {
+            within_limit(route, limiter, ratelimit::Key::ip(self.client_ip(conn.peer.ip(), req.headers())))?;
+        }
+
         // Authenticate and authorise.
         let identity: Option<Arc<Identity>> = match cfg.auth {
             // Where the route was chosen for the method a preflight
@@ -444,6 +456,16 @@ impl Proxy {
                 let id = self.authenticate(req.headers(), authorization.as_deref())?;
                 outcome.user = Some(id.principal.user_id);
                 policy::authorize(cfg, &id.principal, &self.tenants)?;
+                if let Some(limiter) = route.limiter.as_deref() {
+                    let key = match limiter.key() {
+                        RateLimitKey::User => Some(ratelimit::Key::User(id.principal.user_id)),
+                        RateLimitKey::Tenant => Some(ratelimit::Key::Tenant(id.principal.tenant_id)),
+                        RateLimitKey::Ip => None,
+                    };
+                    if let Some(key) = key {
+                        within_limit(route, limiter, key)?;
+                    }
+                }
                 if !cfg.pass_token && authorization.is_none() {
                     req.headers_mut().remove(AUTHORIZATION);
                 }
@@ -632,6 +654,15 @@ async fn before<F: Future>(timer: Pin<&mut Sleep>, mut future: Pin<&mut F>) -> R
 
 /// Fills the unused slots of the extra header fields.
 static NO_VALUE: HeaderValue = HeaderValue::from_static("");
+
+/// Counts one request of `key` against the route's limit; past it, a 429
+/// (counted in `gateway_rate_limited_total{route}`).
+fn within_limit(route: &Route, limiter: &RateLimiter, key: ratelimit::Key) -> Result<(), ProxyError> {
+    limiter.check(key).map_err(|wait| {
+        metrics::counter!("gateway_rate_limited_total", "route" => route.label.clone()).increment(1);
+        ProxyError::RateLimited(wait)
+    })
+}
 
 fn upstream_error(route: &str, kind: &'static str) {
     metrics::counter!("gateway_upstream_errors_total", "route" => route.to_owned(), "kind" => kind).increment(1);

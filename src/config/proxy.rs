@@ -28,6 +28,26 @@ pub enum AuthMode {
     Public,
 }
 
+/// A route's `rate_limit`: `requests` per `per` for each `by`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests: std::num::NonZeroU32,
+    pub per: Duration,
+    pub by: RateLimitKey,
+}
+
+/// What a route's rate limit counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimitKey {
+    /// The token's subject (required routes; the default there).
+    User,
+    /// The token's tenant: one allowance shared by its users.
+    Tenant,
+    /// The client's address (IPv6 per /64), as `server.trusted_proxies`
+    /// resolve it; the default on public routes.
+    Ip,
+}
+
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     pub name: String,
@@ -72,6 +92,7 @@ pub struct RouteConfig {
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
     /// Removed from the upstream's answers (not from the gateway's own).
     pub remove_response_headers: Vec<HeaderName>,
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// One upstream base URL.
@@ -545,6 +566,7 @@ fn build_route(f: &mut Fields<'_>, names: &HeaderNames) -> Option<RouteConfig> {
             },
         }
     }
+    let rate_limit = rate_limit(f, auth);
     Some(RouteConfig {
         name: name?,
         prefix: prefix?,
@@ -566,7 +588,36 @@ fn build_route(f: &mut Fields<'_>, names: &HeaderNames) -> Option<RouteConfig> {
         request_headers,
         response_headers,
         remove_response_headers,
+        rate_limit,
     })
+}
+
+/// `rate_limit = { requests = 100, per = "1m", by = "user" }`.
+fn rate_limit(f: &mut Fields<'_>, auth: AuthMode) -> Option<RateLimit> {
+    let mut t = f.sub("rate_limit")?;
+    let requests = if t.has("requests") {
+        std::num::NonZeroU32::new(t.int_or("requests", 1, 1, 1_000_000_000) as u32)
+    } else {
+        t.error("requests", "is required: how many requests each key may make per `per`");
+        None
+    };
+    let per = t.duration_or("per", "1m", Duration::from_millis(1));
+    let default = if auth == AuthMode::Public { "ip" } else { "user" };
+    let by = match t.string_or("by", default).as_str() {
+        "ip" => Some(RateLimitKey::Ip),
+        "user" | "tenant" if auth == AuthMode::Public => {
+            t.error("by", "a public route knows no user or tenant: use \"ip\"");
+            None
+        }
+        "user" => Some(RateLimitKey::User),
+        "tenant" => Some(RateLimitKey::Tenant),
+        other => {
+            t.error("by", format!("{other:?} is not \"user\", \"tenant\" or \"ip\""));
+            None
+        }
+    };
+    t.finish();
+    Some(RateLimit { requests: requests?, per, by: by? })
 }
 
 fn parse_upstream(text: &str) -> Result<UpstreamTarget, String> {

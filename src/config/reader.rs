@@ -73,6 +73,21 @@ impl<'e> Fields<'e> {
         }
     }
 
+    /// A sub-table read field by field, its errors named under this one's
+    /// (`routes[0].rate_limit.per`); `None` when absent (or not a table,
+    /// which is an error).
+    pub fn sub(&mut self, key: &str) -> Option<Fields<'_>> {
+        let table = match self.take(key)? {
+            Value::Table(t) => t,
+            other => {
+                self.error(key, format!("expected a table, found {}", other.type_str()));
+                return None;
+            }
+        };
+        let prefix = self.name(key);
+        Some(Fields { prefix, table, errors: &mut *self.errors })
+    }
+
     /// An array of tables (`[[routes]]`); absent means empty.
     pub fn array_of_tables(&mut self, key: &str) -> Vec<Table> {
         match self.take(key) {

@@ -448,3 +448,52 @@ fn listeners_that_cannot_all_bind_are_refused() {
         assert!(err.contains(field), "{text}: {err}");
     }
 }
+
+#[test]
+fn rate_limits_name_their_key_and_refuse_what_cannot_be_counted() {
+    let route = |auth: &str, limit: &str| {
+        format!("[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstreams = [\"http://127.0.0.1:9\"]\n{auth}\nrate_limit = {limit}\n")
+    };
+    let limit = |text: &str| parse(text).unwrap_or_else(|e| panic!("{text}: {e}")).proxy.routes[0].rate_limit;
+    let one = |requests: u32, per: u64, by: RateLimitKey| {
+        Some(RateLimit {
+            requests: std::num::NonZeroU32::new(requests).expect("not zero"),
+            per: Duration::from_secs(per),
+            by,
+        })
+    };
+    assert_eq!(limit(&route("", "{ requests = 100 }")), one(100, 60, RateLimitKey::User), "per user by default");
+    assert_eq!(
+        limit(&route("auth = \"public\"", "{ requests = 5, per = \"1s\" }")),
+        one(5, 1, RateLimitKey::Ip),
+        "per address on a public route"
+    );
+    assert_eq!(
+        limit(&route("", "{ requests = 7, per = \"1h\", by = \"tenant\" }")),
+        one(7, 3600, RateLimitKey::Tenant)
+    );
+    assert_eq!(limit(&route("", "{ requests = 7, by = \"ip\" }")), one(7, 60, RateLimitKey::Ip));
+    assert_eq!(
+        parse(&route("", "{ requests = 1 }").replace("rate_limit = { requests = 1 }\n", ""))
+            .expect("no limit")
+            .proxy
+            .routes[0]
+            .rate_limit,
+        None
+    );
+
+    for (auth, text, says) in [
+        ("", "{ per = \"1m\" }", "routes[0].rate_limit.requests: is required"),
+        ("", "{ requests = 0 }", "routes[0].rate_limit.requests: 0 is out of range"),
+        ("", "{ requests = 5, per = \"0s\" }", "routes[0].rate_limit.per"),
+        ("", "{ requests = 5, by = \"session\" }", "routes[0].rate_limit.by: \"session\" is not"),
+        ("auth = \"public\"", "{ requests = 5, by = \"user\" }", "routes[0].rate_limit.by: a public route"),
+        ("auth = \"public\"", "{ requests = 5, by = \"tenant\" }", "routes[0].rate_limit.by: a public route"),
+        ("", "{ requests = 5, burst = 10 }", "routes[0].rate_limit.burst: unknown key"),
+        ("", "100", "routes[0].rate_limit: expected a table"),
+    ] {
+        let text = route(auth, text);
+        let err = parse(&text).expect_err(&text).to_string();
+        assert!(err.contains(says), "{text}: {err}");
+    }
+}

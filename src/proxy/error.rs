@@ -3,7 +3,7 @@
 //! Client faults are 4xx with a JSON `error` code; upstream faults are 502 or
 //! 504; the body never names internal details.
 
-use hyper::header::{HeaderValue, ALLOW, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, ALLOW, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 
 use super::path::PathError;
@@ -39,6 +39,9 @@ pub enum ProxyError {
     InsufficientScope,
     #[error("the request body is too large")]
     PayloadTooLarge,
+    /// Over the route's `rate_limit`; how long until the next request fits.
+    #[error("too many requests on this route: retry later")]
+    RateLimited(std::time::Duration),
     #[error("the request head is too large")]
     HeaderTooLarge,
     #[error("{0}")]
@@ -67,6 +70,7 @@ impl ProxyError {
             ProxyError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             ProxyError::InsufficientScope => (StatusCode::FORBIDDEN, "insufficient_scope"),
             ProxyError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ProxyError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ProxyError::HeaderTooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "header_too_large"),
             ProxyError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
             ProxyError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
@@ -81,6 +85,11 @@ impl ProxyError {
             if let Ok(v) = HeaderValue::from_str(allow) {
                 response.headers_mut().insert(ALLOW, v);
             }
+        }
+        if let ProxyError::RateLimited(wait) = &self {
+            // Whole seconds, rounded up: a client that waits that long fits.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         let challenge = match self {
             ProxyError::MissingToken => Some("Bearer"),

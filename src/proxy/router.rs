@@ -19,6 +19,7 @@ use hyper::Method;
 
 use crate::config::{HeaderNames, ProxyConfig, RouteConfig, UpstreamTarget};
 use crate::proxy::cors::CorsOrigins;
+use crate::proxy::ratelimit::RateLimiter;
 
 /// The statuses whose request counters a route keeps at hand.
 const COMMON_STATUSES: [u16; 16] = [200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 413, 500, 502, 503, 504];
@@ -55,6 +56,9 @@ pub struct Route {
     /// Per upstream: milliseconds since `epoch` until which it is skipped.
     cooldown_until: Vec<AtomicU64>,
     epoch: Instant,
+    /// The route's `rate_limit`, kept across reloads that do not change it
+    /// ([`RouteTable::keep_limits`]).
+    pub limiter: Option<Arc<RateLimiter>>,
 }
 
 impl Route {
@@ -67,7 +71,6 @@ impl Route {
             .then(|| hyper::header::HeaderValue::from_str(&config.prefix).ok())
             .flatten();
         Self {
-            config,
             label,
             request_duration,
             upstream_duration,
@@ -76,6 +79,8 @@ impl Route {
             next: AtomicUsize::new(0),
             cooldown_until,
             epoch: Instant::now(),
+            limiter: config.rate_limit.map(|l| Arc::new(RateLimiter::new(l))),
+            config,
         }
     }
 
@@ -198,6 +203,19 @@ impl RouteTable {
                 .then(a.methods.is_empty().cmp(&b.methods.is_empty()))
         });
         Self { routes, headers: config.headers, cors }
+    }
+
+    /// Takes over from `old` the limiters of routes that keep their name and
+    /// their `rate_limit`: a reload (of anything) must not give every
+    /// client a new allowance. Called on a table not shared yet.
+    pub fn keep_limits(&mut self, old: &RouteTable) {
+        for route in &mut self.routes {
+            let Some(limit) = route.config.rate_limit else { continue };
+            let kept = old.routes.iter().find(|o| o.config.name == route.config.name).and_then(|o| o.limiter.as_ref());
+            if let (Some(kept), Some(route)) = (kept.filter(|k| *k.settings() == limit), Arc::get_mut(route)) {
+                route.limiter = Some(Arc::clone(kept));
+            }
+        }
     }
 
     /// The route for `host` (without port; any case), a normalised path and

@@ -25,6 +25,7 @@ mod proxy_pool;
 mod proxy_reload;
 mod proxy_routing;
 mod proxy_transport;
+mod rate_limits;
 mod refresh_flow;
 mod replicas;
 mod token_attacks;

@@ -1,0 +1,166 @@
+//! A route's request rate limit (`rate_limit` on a route): so many
+//! requests per period for each user, tenant or client address, past which
+//! the gateway answers 429 `rate_limited` with `Retry-After` and the
+//! upstream never sees the request.
+//!
+//! The algorithm is GCRA (the generic cell rate algorithm, as in nginx's
+//! `limit_req` and the `governor` crate): each key holds one number, the
+//! time at which its allowance would be whole again. A request moves it on
+//! by one emission interval (`per / requests`) and is refused if that
+//! would put it more than `per` ahead of now. So a key may spend its whole
+//! allowance at once, then goes on at the steady rate; unlike fixed windows
+//! there is no doubled burst at a window's edge. The number is one atomic,
+//! updated by compare-and-swap: no lock on the request path.
+//!
+//! Keys live in a moka cache and are dropped after `per` without a request,
+//! when their allowance is whole again anyway, so memory is bounded by the
+//! keys seen in the last period (and a cap). The limit is per process:
+//! with N replicas a key may get up to N times the allowance (README).
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::sync::Cache;
+use uuid::Uuid;
+
+use crate::config::{RateLimit, RateLimitKey};
+
+/// Keys tracked at most per route: past this, the least recently used go
+/// (and start again with a whole allowance).
+const MAX_KEYS: u64 = 1_000_000;
+
+/// What one route's limit counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Key {
+    User(Uuid),
+    Tenant(Uuid),
+    Ip(IpAddr),
+}
+
+impl Key {
+    /// The key of a client address: IPv6 per /64, the smallest block a
+    /// host is usually given (per /128 one host could rotate through
+    /// billions); an IPv4-mapped address as its IPv4 one.
+    pub fn ip(ip: IpAddr) -> Self {
+        Key::Ip(match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+            v4 => v4,
+        })
+    }
+}
+
+/// One route's limiter.
+pub struct RateLimiter {
+    settings: RateLimit,
+    /// `per / requests`, in nanoseconds.
+    interval: u64,
+    /// `per`, in nanoseconds: how far ahead of now a key's time may run.
+    tolerance: u64,
+    /// Nanoseconds are counted from here.
+    epoch: Instant,
+    /// Each key's theoretical arrival time, in nanoseconds since `epoch`.
+    cells: Cache<Key, Arc<AtomicU64>>,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+impl RateLimiter {
+    pub fn new(settings: RateLimit) -> Self {
+        let tolerance = nanos(settings.per);
+        let interval = (tolerance / u64::from(settings.requests.get())).max(1);
+        let cells = Cache::builder().time_to_idle(settings.per).max_capacity(MAX_KEYS).build();
+        Self { settings, interval, tolerance, epoch: Instant::now(), cells }
+    }
+
+    /// The settings this limiter enforces (a reload with the same keeps it).
+    pub fn settings(&self) -> &RateLimit {
+        &self.settings
+    }
+
+    /// What it counts by.
+    pub fn key(&self) -> RateLimitKey {
+        self.settings.by
+    }
+
+    /// Counts one request of `key`; `Err(retry_after)` when over the limit
+    /// (then nothing is counted).
+    pub fn check(&self, key: Key) -> Result<(), Duration> {
+        self.check_at(key, Instant::now())
+    }
+
+    fn check_at(&self, key: Key, at: Instant) -> Result<(), Duration> {
+        let now = nanos(at.saturating_duration_since(self.epoch));
+        let cell = self.cells.get_with(key, || Arc::new(AtomicU64::new(0)));
+        let mut tat = cell.load(Ordering::Relaxed);
+        loop {
+            let next = tat.max(now).saturating_add(self.interval);
+            let ahead = next - now;
+            if ahead > self.tolerance {
+                return Err(Duration::from_nanos(ahead - self.tolerance));
+            }
+            match cell.compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Ok(()),
+                Err(seen) => tat = seen,
+            }
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use super::*;
+
+    fn limiter(requests: u32, per: Duration) -> RateLimiter {
+        let requests = NonZeroU32::new(requests).expect("not zero");
+        RateLimiter::new(RateLimit { requests, per, by: RateLimitKey::Ip })
+    }
+
+    #[test]
+    fn a_key_spends_its_allowance_then_goes_on_at_the_steady_rate() {
+        let l = limiter(3, Duration::from_secs(3));
+        let t0 = Instant::now();
+        let a = Key::ip([10, 0, 0, 1].into());
+        for i in 0..3 {
+            assert_eq!(l.check_at(a, t0), Ok(()), "request {i} of the burst");
+        }
+        let wait = l.check_at(a, t0).expect_err("the fourth at once is over");
+        assert_eq!(wait, Duration::from_secs(1), "one interval until the next");
+        // Refused requests count nothing: a second later there is room for one.
+        assert_eq!(l.check_at(a, t0 + Duration::from_secs(1)), Ok(()));
+        assert!(l.check_at(a, t0 + Duration::from_secs(1)).is_err());
+        // Other keys have their own allowance.
+        assert_eq!(l.check_at(Key::ip([10, 0, 0, 2].into()), t0), Ok(()));
+        // After a whole period of silence the allowance is whole again.
+        let later = t0 + Duration::from_secs(10);
+        for i in 0..3 {
+            assert_eq!(l.check_at(a, later), Ok(()), "request {i} after the pause");
+        }
+        assert!(l.check_at(a, later).is_err());
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_64_and_mapped_addresses_as_ipv4() {
+        let one: IpAddr = "2001:db8:1:2::1".parse().expect("an address");
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("an address");
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().expect("an address");
+        assert_eq!(Key::ip(one), Key::ip(same_64));
+        assert_ne!(Key::ip(one), Key::ip(other_64));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("an address");
+        assert_eq!(Key::ip(mapped), Key::ip([10, 0, 0, 1].into()));
+    }
+}

@@ -1,0 +1,126 @@
+//! A route's `rate_limit`: so many requests per period for each user, tenant
+//! or client address; past it a 429 `rate_limited` with `Retry-After`, and
+//! the upstream never sees the request. A reload that leaves the limit
+//! alone leaves every allowance where it was.
+
+use reqwest::StatusCode;
+
+use crate::helpers::{assert_error_in, config_toml, metric, route, spawn_app_with, TestApp, TestOptions, PASSWORD};
+use crate::upstream::{echo, spawn_upstream, Upstream};
+
+/// Two requests an hour for each key (one each half hour, after the burst).
+const TWO_AN_HOUR: &str = "requests = 2, per = \"1h\"";
+
+/// A 429 from the route's limit, with the wait until the next allowed
+/// request (half an hour here) in `Retry-After`.
+async fn assert_limited(case: &str, resp: reqwest::Response) {
+    let retry = resp.headers().get("retry-after").map(|v| v.to_str().expect("ASCII").to_owned());
+    assert_error_in(case, resp, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+    let retry: u64 = retry.unwrap_or_else(|| panic!("{case}: no Retry-After")).parse().expect("seconds");
+    assert!((1790..=1800).contains(&retry), "{case}: Retry-After {retry}");
+}
+
+async fn limited_app(svc: &Upstream, name: &str, lines: &str) -> TestApp {
+    let extra = route(name, &format!("/{name}"), &[svc.url()], lines);
+    spawn_app_with(TestOptions::with_extra(extra)).await
+}
+
+/// By user (the default on a required route): each user has an allowance
+/// of their own, and one user's 429s reach no upstream.
+#[tokio::test]
+async fn each_user_has_an_allowance_of_their_own() {
+    let svc = spawn_upstream("per-user").await;
+    let app = limited_app(&svc, "per-user", &format!("rate_limit = {{ {TWO_AN_HOUR} }}")).await;
+    app.create_user("default", "a@example.com", PASSWORD, &[], &[]).await;
+    app.create_user("default", "b@example.com", PASSWORD, &[], &[]).await;
+    let a = app.login_ok("a@example.com", PASSWORD, None).await.access_token;
+    let b = app.login_ok("b@example.com", PASSWORD, None).await.access_token;
+    for _ in 0..2 {
+        echo(app.get_authed("/per-user/x", &a).await).await;
+    }
+    assert_limited("a's third", app.get_authed("/per-user/x", &a).await).await;
+    assert_eq!(svc.hits(), 2, "a refused request reached the upstream");
+    echo(app.get_authed("/per-user/x", &b).await).await;
+    // Unauthenticated requests are refused as ever, not counted.
+    assert_error_in("no token", app.get("/per-user/x").await, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    echo(app.get_authed("/per-user/x", &b).await).await;
+    assert_limited("b's third", app.get_authed("/per-user/x", &b).await).await;
+    let limited = metric(&app.metrics().await, "gateway_rate_limited_total", &[("route", "per-user")]);
+    assert_eq!(limited, 2.0);
+    app.stop().await;
+}
+
+/// By tenant: the users of one tenant share its allowance; another
+/// tenant's are untouched.
+#[tokio::test]
+async fn a_tenants_users_share_its_allowance() {
+    let svc = spawn_upstream("per-tenant").await;
+    let app = limited_app(&svc, "per-tenant", &format!("rate_limit = {{ {TWO_AN_HOUR}, by = \"tenant\" }}")).await;
+    app.create_tenant("acme").await;
+    app.create_user("acme", "a@acme.example", PASSWORD, &[], &[]).await;
+    app.create_user("acme", "b@acme.example", PASSWORD, &[], &[]).await;
+    app.create_user("default", "c@example.com", PASSWORD, &[], &[]).await;
+    let a = app.login_ok("a@acme.example", PASSWORD, Some("acme")).await.access_token;
+    let b = app.login_ok("b@acme.example", PASSWORD, Some("acme")).await.access_token;
+    let c = app.login_ok("c@example.com", PASSWORD, None).await.access_token;
+    echo(app.get_authed("/per-tenant/x", &a).await).await;
+    echo(app.get_authed("/per-tenant/x", &b).await).await;
+    assert_limited("a after the tenant's two", app.get_authed("/per-tenant/x", &a).await).await;
+    assert_limited("b after the tenant's two", app.get_authed("/per-tenant/x", &b).await).await;
+    echo(app.get_authed("/per-tenant/x", &c).await).await;
+    app.stop().await;
+}
+
+/// By address (the default on a public route): counted before any token
+/// is looked at, so on a required route a flood of forged tokens is
+/// refused with 429 once the allowance is spent, without a verification.
+#[tokio::test]
+async fn a_limit_by_address_counts_before_the_token() {
+    let svc = spawn_upstream("per-ip").await;
+    let public =
+        route("per-ip", "/per-ip", &[svc.url()], &format!("auth = \"public\"\nrate_limit = {{ {TWO_AN_HOUR} }}"));
+    let forged = route("forged", "/forged", &[svc.url()], &format!("rate_limit = {{ {TWO_AN_HOUR}, by = \"ip\" }}"));
+    let app = spawn_app_with(TestOptions::with_extra(format!("{public}{forged}"))).await;
+    for _ in 0..2 {
+        echo(app.get("/per-ip/x").await).await;
+    }
+    assert_limited("the public route's third", app.get("/per-ip/x").await).await;
+
+    let bad = "eyJhbGciOiJFZERTQSIsImtpZCI6Im5vIn0.e30.c2lnbmF0dXJl";
+    for i in 0..2 {
+        let resp = app.get_authed("/forged/x", bad).await;
+        assert_error_in(&format!("forged token {i}"), resp, StatusCode::UNAUTHORIZED, "invalid_token").await;
+    }
+    assert_limited("a third forged token", app.get_authed("/forged/x", bad).await).await;
+    assert_eq!(svc.hits(), 2);
+    app.stop().await;
+}
+
+/// A reload that leaves a route's limit as it was keeps every allowance
+/// where it was (reloads happen for any edit of the file); one that
+/// changes the limit starts the route afresh.
+#[tokio::test]
+async fn a_reload_keeps_allowances_unless_the_limit_changes() {
+    let svc = spawn_upstream("kept").await;
+    let limit = |requests: u32| {
+        route("kept", "/kept", &[svc.url()], &format!("rate_limit = {{ requests = {requests}, per = \"1h\" }}"))
+    };
+    let opts =
+        TestOptions { extra: limit(2), server_extra: "config_poll = \"0s\"".to_owned(), ..TestOptions::default() };
+    let app = spawn_app_with(opts).await;
+    app.create_user("default", "a@example.com", PASSWORD, &[], &[]).await;
+    let a = app.login_ok("a@example.com", PASSWORD, None).await.access_token;
+    for _ in 0..2 {
+        echo(app.get_authed("/kept/x", &a).await).await;
+    }
+    let reload = |extra: String| {
+        app.write_raw_config(&config_toml(&TestOptions { extra, ..app.opts.clone() }));
+        app.reloader.reload().unwrap_or_else(|e| panic!("reload failed: {e}"));
+    };
+    // Another route added: this one's limit is unchanged.
+    reload(limit(2) + &route("other", "/other", &[svc.url()], ""));
+    assert_limited("after an unrelated reload", app.get_authed("/kept/x", &a).await).await;
+    reload(limit(3));
+    echo(app.get_authed("/kept/x", &a).await).await;
+    app.stop().await;
+}
