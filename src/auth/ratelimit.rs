@@ -30,7 +30,19 @@ struct Window {
 impl IpRateLimiter {
     /// `per_minute == 0` disables the limit.
     pub fn new(per_minute: u32) -> Self {
-        Self { per_window: per_minute, windows: Cache::builder().time_to_live(WINDOW).max_capacity(1_000_000).build() }
+        Self::with_capacity(per_minute, 1_000_000)
+    }
+
+    /// Past `ips` addresses the least recently used goes: moka's default
+    /// policy (TinyLFU) would refuse a new address a place instead, and so
+    /// open it a new window on every request.
+    fn with_capacity(per_minute: u32, ips: u64) -> Self {
+        let windows = Cache::builder()
+            .time_to_live(WINDOW)
+            .max_capacity(ips)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
+        Self { per_window: per_minute, windows }
     }
 
     /// Counts one request; `Err(retry_after_secs)` when over the limit.
@@ -79,6 +91,21 @@ mod tests {
         assert!((1..=60).contains(&retry));
         assert_eq!(l.check(b), Ok(()), "other IPs are unaffected");
         assert_eq!(IpRateLimiter::new(0).check(a), Ok(()));
+    }
+
+    #[test]
+    fn a_new_address_is_held_to_the_limit_when_the_cache_is_full() {
+        let l = IpRateLimiter::with_capacity(1, 10);
+        for i in 0..50_u8 {
+            for _ in 0..5 {
+                let _ = l.check([10, 0, 0, i % 10].into());
+            }
+            l.windows.run_pending_tasks();
+        }
+        let new: IpAddr = [192, 0, 2, 1].into();
+        assert_eq!(l.check(new), Ok(()));
+        l.windows.run_pending_tasks();
+        assert!(l.check(new).is_err(), "a new address got a new window");
     }
 
     #[test]
