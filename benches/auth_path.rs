@@ -67,7 +67,7 @@ fn bench(c: &mut Criterion) {
     let auth = Authenticator::new(keys, TokenRules::new("gateway", "gateway", 5), revocations);
     let cache = IdentityCache::new(100_000, Duration::from_secs(5));
     let config = Config::parse(CONFIG, Path::new("/tmp/gateway.toml")).expect("config");
-    let table = RouteTable::new(config.proxy, CorsOrigins::default());
+    let table = RouteTable::new(config.proxy, CorsOrigins::default(), None);
     let tenants = TenantDirectory::default();
 
     let mut request_headers = HeaderMap::new();

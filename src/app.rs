@@ -92,7 +92,7 @@ impl App {
         }
         let cors = crate::proxy::cors::CorsOrigins::new(&config.auth.cors_origins);
         let api = crate::api::Api::new(service.clone(), &cors, &config.proxy.headers.request_id);
-        let routes = Arc::new(ArcSwap::from_pointee(RouteTable::new(config.proxy.clone(), cors)));
+        let routes = Arc::new(ArcSwap::from_pointee(RouteTable::new(config.proxy.clone(), cors, None)));
         let identities = IdentityCache::new(IDENTITY_CACHE_CAPACITY, config.auth.leeway);
         let tls = cert.clone().map(crate::server::tls::acceptor).transpose()?;
         let upstream_tls = client.tls();

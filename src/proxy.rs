@@ -365,16 +365,35 @@ impl Proxy {
 
     /// The client's address: the peer, or, when the peer is a trusted proxy,
     /// the right-most `X-Forwarded-For` entry that is not itself trusted.
+    /// Entries are read from the right, each written by the hop before the
+    /// one that appended it. One that is not an address (with or without a
+    /// port) ends the walk at the last address a trusted hop vouched for:
+    /// whatever lies left of it, a client may have written (and could vary
+    /// per request to dodge a limit by address). All trusted: the leftmost.
     fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-        if !self.is_trusted(peer) {
-            return peer;
+        let mut client = peer.to_canonical();
+        if !self.is_trusted(client) {
+            return client;
         }
-        let hops = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
-        let hops: Vec<IpAddr> = hops.filter_map(|h| h.trim().parse().ok()).collect();
-        hops.into_iter().rev().find(|ip| !self.is_trusted(*ip)).unwrap_or(peer)
+        for value in headers.get_all("x-forwarded-for").iter().rev() {
+            let Ok(text) = value.to_str() else { return client };
+            for hop in text.rsplit(',') {
+                let hop = hop.trim();
+                let parsed = hop.parse::<IpAddr>().ok().or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()));
+                let Some(ip) = parsed.map(|ip| ip.to_canonical()) else { return client };
+                if !self.is_trusted(ip) {
+                    return ip;
+                }
+                client = ip;
+            }
+        }
+        client
     }
 
+    /// Whether `ip` is in `server.trusted_proxies` (an IPv4-mapped IPv6
+    /// address, as a dual-stack listener reports IPv4 peers, as IPv4).
     fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
         self.trusted_proxies.iter().any(|net| net.contains(&ip))
     }
 
@@ -428,7 +447,7 @@ impl Proxy {
         // any token is looked at: a flood of forged tokens costs no
         // verification past the allowance.
         if let Some(limiter) = route.limiter.as_deref().filter(|l| l.key() == RateLimitKey::Ip) {
-            within_limit(route, limiter, ratelimit::Key::ip(self.client_ip(conn.peer.ip(), req.headers())))?;
+            within_limit(limiter, ratelimit::Key::ip(self.client_ip(conn.peer.ip(), req.headers())))?;
         }
 
         // Authenticate and authorise.
@@ -463,7 +482,7 @@ impl Proxy {
                         RateLimitKey::Ip => None,
                     };
                     if let Some(key) = key {
-                        within_limit(route, limiter, key)?;
+                        within_limit(limiter, key)?;
                     }
                 }
                 if !cfg.pass_token && authorization.is_none() {
@@ -657,11 +676,8 @@ static NO_VALUE: HeaderValue = HeaderValue::from_static("");
 
 /// Counts one request of `key` against the route's limit; past it, a 429
 /// (counted in `gateway_rate_limited_total{route}`).
-fn within_limit(route: &Route, limiter: &RateLimiter, key: ratelimit::Key) -> Result<(), ProxyError> {
-    limiter.check(key).map_err(|wait| {
-        metrics::counter!("gateway_rate_limited_total", "route" => route.label.clone()).increment(1);
-        ProxyError::RateLimited(wait)
-    })
+fn within_limit(limiter: &RateLimiter, key: ratelimit::Key) -> Result<(), ProxyError> {
+    limiter.check(key).map_err(ProxyError::RateLimited)
 }
 
 fn upstream_error(route: &str, kind: &'static str) {

@@ -14,7 +14,10 @@
 //!
 //! Keys live in a moka cache and are dropped after `per` without a request,
 //! when their allowance is whole again anyway, so memory is bounded by the
-//! keys seen in the last period (and a cap). The limit is per process:
+//! keys seen in the last period and a cap ([`MAX_KEYS`], about 200 bytes
+//! each). Past the cap the least recently used key goes (an LRU policy, not
+//! moka's default TinyLFU, which would refuse to admit a new key and so
+//! hand it a whole allowance on every request). The limit is per process:
 //! with N replicas a key may get up to N times the allowance (README).
 
 use std::net::IpAddr;
@@ -29,7 +32,7 @@ use crate::config::{RateLimit, RateLimitKey};
 
 /// Keys tracked at most per route: past this, the least recently used go
 /// (and start again with a whole allowance).
-const MAX_KEYS: u64 = 1_000_000;
+pub const MAX_KEYS: u64 = 1_000_000;
 
 /// What one route's limit counts by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,6 +60,8 @@ impl Key {
 /// One route's limiter.
 pub struct RateLimiter {
     settings: RateLimit,
+    /// `gateway_rate_limited_total{route}`, registered once.
+    refused: metrics::Counter,
     /// `per / requests`, in nanoseconds.
     interval: u64,
     /// `per`, in nanoseconds: how far ahead of now a key's time may run.
@@ -74,11 +79,26 @@ impl std::fmt::Debug for RateLimiter {
 }
 
 impl RateLimiter {
-    pub fn new(settings: RateLimit) -> Self {
-        let tolerance = nanos(settings.per);
-        let interval = (tolerance / u64::from(settings.requests.get())).max(1);
-        let cells = Cache::builder().time_to_idle(settings.per).max_capacity(MAX_KEYS).build();
-        Self { settings, interval, tolerance, epoch: Instant::now(), cells }
+    /// The limiter of the route labelled `route` (for its metric).
+    pub fn new(settings: RateLimit, route: metrics::SharedString) -> Self {
+        Self::with_capacity(settings, route, MAX_KEYS)
+    }
+
+    fn with_capacity(settings: RateLimit, route: metrics::SharedString, keys: u64) -> Self {
+        // The interval rounded up and the tolerance made of whole ones: the
+        // burst is exactly `requests`, and the rate never above the one
+        // asked for (`per` shorter than `requests` nanoseconds gives one a
+        // nanosecond).
+        let requests = u64::from(settings.requests.get());
+        let interval = nanos(settings.per).div_ceil(requests).max(1);
+        let tolerance = interval.saturating_mul(requests);
+        let cells = Cache::builder()
+            .time_to_idle(settings.per)
+            .max_capacity(keys)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
+        let refused = metrics::counter!("gateway_rate_limited_total", "route" => route);
+        Self { settings, refused, interval, tolerance, epoch: Instant::now(), cells }
     }
 
     /// The settings this limiter enforces (a reload with the same keeps it).
@@ -105,6 +125,7 @@ impl RateLimiter {
             let next = tat.max(now).saturating_add(self.interval);
             let ahead = next - now;
             if ahead > self.tolerance {
+                self.refused.increment(1);
                 return Err(Duration::from_nanos(ahead - self.tolerance));
             }
             match cell.compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed) {
@@ -126,8 +147,54 @@ mod tests {
     use super::*;
 
     fn limiter(requests: u32, per: Duration) -> RateLimiter {
+        limiter_of(requests, per, MAX_KEYS)
+    }
+
+    fn limiter_of(requests: u32, per: Duration, keys: u64) -> RateLimiter {
         let requests = NonZeroU32::new(requests).expect("not zero");
-        RateLimiter::new(RateLimit { requests, per, by: RateLimitKey::Ip })
+        RateLimiter::with_capacity(RateLimit { requests, per, by: RateLimitKey::Ip }, "test".into(), keys)
+    }
+
+    /// A period that is not a whole number of intervals: the burst is still
+    /// exactly `requests`, and the steady rate not above it.
+    #[test]
+    fn an_uneven_interval_rounds_towards_the_limit() {
+        let l = limiter(3, Duration::from_secs(1));
+        let t0 = Instant::now();
+        let a = Key::ip([10, 0, 0, 1].into());
+        for i in 0..3 {
+            assert_eq!(l.check_at(a, t0), Ok(()), "request {i} of the burst");
+        }
+        assert!(l.check_at(a, t0).is_err(), "a fourth in the burst");
+        // 333,333,334 ns per request: not one nanosecond sooner.
+        assert!(l.check_at(a, t0 + Duration::from_nanos(333_333_333)).is_err());
+        assert_eq!(l.check_at(a, t0 + Duration::from_nanos(333_333_334)), Ok(()));
+        // Ten per millisecond is one per 100 us; a millisecond for a
+        // billion is one per nanosecond, a burst of a billion.
+        assert_eq!(limiter(10, Duration::from_millis(1)).interval, 100_000);
+        let fine = limiter(1_000_000_000, Duration::from_millis(1));
+        assert_eq!((fine.interval, fine.tolerance), (1, 1_000_000_000));
+    }
+
+    /// With the cache full, a new key is admitted (the least recently used
+    /// goes) and held to its allowance, rather than refused a place and so
+    /// given a whole allowance on every request.
+    #[test]
+    fn a_new_key_is_held_to_its_allowance_when_the_cache_is_full() {
+        let l = limiter_of(1, Duration::from_secs(3600), 10);
+        let t0 = Instant::now();
+        for i in 0..50_u8 {
+            // The old keys are seen often: an admission policy by frequency
+            // would keep them and turn the new one away.
+            for _ in 0..5 {
+                let _ = l.check_at(Key::ip([10, 0, 0, i % 10].into()), t0);
+            }
+            l.cells.run_pending_tasks();
+        }
+        let new = Key::ip([192, 0, 2, 1].into());
+        assert_eq!(l.check_at(new, t0), Ok(()));
+        l.cells.run_pending_tasks();
+        assert!(l.check_at(new, t0).is_err(), "the new key got a second request of an allowance of one");
     }
 
     #[test]

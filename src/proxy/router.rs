@@ -22,7 +22,8 @@ use crate::proxy::cors::CorsOrigins;
 use crate::proxy::ratelimit::RateLimiter;
 
 /// The statuses whose request counters a route keeps at hand.
-const COMMON_STATUSES: [u16; 16] = [200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 413, 500, 502, 503, 504];
+const COMMON_STATUSES: [u16; 17] =
+    [200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 413, 429, 500, 502, 503, 504];
 
 /// Why no route takes a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,12 +58,14 @@ pub struct Route {
     cooldown_until: Vec<AtomicU64>,
     epoch: Instant,
     /// The route's `rate_limit`, kept across reloads that do not change it
-    /// ([`RouteTable::keep_limits`]).
+    /// (see [`RouteTable::new`]).
     pub limiter: Option<Arc<RateLimiter>>,
 }
 
 impl Route {
-    fn new(config: RouteConfig) -> Self {
+    /// `kept`: the limiter of the route of the same name in the table being
+    /// replaced, used if it enforces this route's `rate_limit`.
+    fn new(config: RouteConfig, kept: Option<Arc<RateLimiter>>) -> Self {
         let cooldown_until = config.upstreams.iter().map(|_| AtomicU64::new(0)).collect();
         let label = metrics::SharedString::from_shared(Arc::<str>::from(config.name.as_str()));
         let request_duration = metrics::histogram!("gateway_request_duration_seconds", "route" => label.clone());
@@ -70,6 +73,10 @@ impl Route {
         let forwarded_prefix = (config.strip_prefix && config.prefix != "/")
             .then(|| hyper::header::HeaderValue::from_str(&config.prefix).ok())
             .flatten();
+        let limiter = config.rate_limit.map(|limit| match kept {
+            Some(kept) if *kept.settings() == limit => kept,
+            _ => Arc::new(RateLimiter::new(limit, label.clone())),
+        });
         Self {
             label,
             request_duration,
@@ -79,7 +86,7 @@ impl Route {
             next: AtomicUsize::new(0),
             cooldown_until,
             epoch: Instant::now(),
-            limiter: config.rate_limit.map(|l| Arc::new(RateLimiter::new(l))),
+            limiter,
             config,
         }
     }
@@ -188,8 +195,23 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn new(config: ProxyConfig, cors: CorsOrigins) -> Self {
-        let mut routes: Vec<Arc<Route>> = config.routes.into_iter().map(|r| Arc::new(Route::new(r))).collect();
+    /// The table for `config`. `previous`, the table it replaces on a
+    /// reload, hands over the limiters of routes that keep their name and
+    /// `rate_limit`: a reload (of anything) must not give every client a
+    /// new allowance.
+    pub fn new(config: ProxyConfig, cors: CorsOrigins, previous: Option<&RouteTable>) -> Self {
+        let kept = |route: &RouteConfig| {
+            let old = previous?.routes.iter().find(|o| o.config.name == route.name)?;
+            old.limiter.as_ref()
+        };
+        let mut routes: Vec<Arc<Route>> = config
+            .routes
+            .into_iter()
+            .map(|r| {
+                let kept = kept(&r).cloned();
+                Arc::new(Route::new(r, kept))
+            })
+            .collect();
         // Host-specific first, then longer prefixes; routes sharing a host
         // and prefix next to each other, the one taking every method last.
         routes.sort_by(|a, b| {
@@ -203,19 +225,6 @@ impl RouteTable {
                 .then(a.methods.is_empty().cmp(&b.methods.is_empty()))
         });
         Self { routes, headers: config.headers, cors }
-    }
-
-    /// Takes over from `old` the limiters of routes that keep their name and
-    /// their `rate_limit`: a reload (of anything) must not give every
-    /// client a new allowance. Called on a table not shared yet.
-    pub fn keep_limits(&mut self, old: &RouteTable) {
-        for route in &mut self.routes {
-            let Some(limit) = route.config.rate_limit else { continue };
-            let kept = old.routes.iter().find(|o| o.config.name == route.config.name).and_then(|o| o.limiter.as_ref());
-            if let (Some(kept), Some(route)) = (kept.filter(|k| *k.settings() == limit), Arc::get_mut(route)) {
-                route.limiter = Some(Arc::clone(kept));
-            }
-        }
     }
 
     /// The route for `host` (without port; any case), a normalised path and
@@ -300,7 +309,7 @@ mod tests {
 
     fn table(routes: &str) -> RouteTable {
         let config = Config::parse(routes, std::path::Path::new("/tmp/gateway.toml")).expect("valid config");
-        RouteTable::new(config.proxy, CorsOrigins::default())
+        RouteTable::new(config.proxy, CorsOrigins::default(), None)
     }
 
     const ROUTES: &str = r#"

@@ -71,8 +71,7 @@ impl Reloader {
                 let n = config.proxy.routes.len();
                 let cors = CorsOrigins::new(&config.auth.cors_origins);
                 self.api.rebuild(&cors, &config.proxy.headers.request_id);
-                let mut table = RouteTable::new(config.proxy, cors);
-                table.keep_limits(&self.routes.load());
+                let table = RouteTable::new(config.proxy, cors, Some(&self.routes.load()));
                 self.routes.store(Arc::new(table));
                 metrics::counter!("gateway_config_reloads_total", "result" => "ok").increment(1);
                 tracing::info!(routes = n, path = %self.path.display(), "configuration reloaded");

@@ -68,6 +68,7 @@ async fn a_tenants_users_share_its_allowance() {
     assert_limited("a after the tenant's two", app.get_authed("/per-tenant/x", &a).await).await;
     assert_limited("b after the tenant's two", app.get_authed("/per-tenant/x", &b).await).await;
     echo(app.get_authed("/per-tenant/x", &c).await).await;
+    assert_eq!(svc.hits(), 3, "a refused request reached the upstream");
     app.stop().await;
 }
 
@@ -122,5 +123,46 @@ async fn a_reload_keeps_allowances_unless_the_limit_changes() {
     assert_limited("after an unrelated reload", app.get_authed("/kept/x", &a).await).await;
     reload(limit(3));
     echo(app.get_authed("/kept/x", &a).await).await;
+    app.stop().await;
+}
+
+/// Behind a trusted proxy, the client is the right-most address of
+/// `X-Forwarded-For` the proxy did not vouch for, read from the right. A
+/// client cannot dodge a limit by address by writing a new address left of
+/// the proxy's entry each time: an entry with a port is still an address,
+/// and one that is no address at all stops the walk at the proxy.
+#[tokio::test]
+async fn a_limit_by_address_cannot_be_dodged_through_x_forwarded_for() {
+    let svc = spawn_upstream("xff").await;
+    let lines = format!("auth = \"public\"\nrate_limit = {{ {TWO_AN_HOUR} }}");
+    let opts = TestOptions {
+        extra: route("xff", "/xff", &[svc.url()], &lines),
+        server_extra: "trusted_proxies = [\"127.0.0.1/32\"]".to_owned(),
+        ..TestOptions::default()
+    };
+    let app = spawn_app_with(opts).await;
+    let get = |xff: String| {
+        let app = &app;
+        async move {
+            let resp = app.client.get(app.url("/xff/x")).header("x-forwarded-for", &xff).send().await;
+            (resp.unwrap_or_else(|e| panic!("GET with {xff}: {e}")), xff)
+        }
+    };
+    // Two clients behind the proxy: an allowance each.
+    for client in ["198.51.100.1", "198.51.100.2"] {
+        for _ in 0..2 {
+            echo(get(client.to_owned()).await.0).await;
+        }
+        let (resp, xff) = get(client.to_owned()).await;
+        assert_limited(&xff, resp).await;
+    }
+    // The proxy wrote the client with its port; the client's own entries vary.
+    for tail in ["203.0.113.9:4711", "[2001:db8::9]:443", "unknown"] {
+        for i in 0..2 {
+            echo(get(format!("10.9.9.{i}, {tail}")).await.0).await;
+        }
+        let (resp, xff) = get(format!("10.9.9.7, {tail}")).await;
+        assert_limited(&xff, resp).await;
+    }
     app.stop().await;
 }
