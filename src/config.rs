@@ -33,7 +33,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
-    /// Routes and header names: the part a reload replaces.
+    /// Routes and header names: the part a reload replaces (with
+    /// `auth.cors_origins`).
     pub proxy: ProxyConfig,
     pub upstream: UpstreamSettings,
 }
@@ -64,8 +65,8 @@ pub struct ServerConfig {
     pub workers: usize,
     /// A WebSocket tunnel with no byte either way for this long is closed.
     pub tunnel_idle_timeout: Duration,
-    /// How often the config file is checked for changes; zero: never (only
-    /// SIGHUP reloads).
+    /// How often the config file and the TLS files (listener and upstream)
+    /// are checked for changes; zero: never (only SIGHUP reloads).
     pub config_poll: Duration,
     /// A plain-HTTP listener that sends every request to the TLS one.
     pub http_redirect: Option<HttpRedirect>,

@@ -43,9 +43,10 @@
 //!   [`auth::service::AuthService::login`] (per-IP limit, lockout slot
 //!   reserved in the database, Argon2id on the blocking pool, session and
 //!   hashed refresh token stored, JWT signed by the newest key);
-//! - anything else → route, strip, [`auth::Authenticator::verify_bearer`]
-//!   through the token cache (EdDSA by `kid`, claims, then the in-memory
-//!   revocation state: no database I/O), policy, inject, forward, respond.
+//! - anything else → route, strip, rate limit by address,
+//!   [`auth::Authenticator::verify_bearer`] through the token cache (EdDSA
+//!   by `kid`, claims, then the in-memory revocation state: no database
+//!   I/O), policy, rate limit by user or tenant, inject, forward, respond.
 //!
 //! Revocations reach every process through the database: polled every
 //! `auth.revocation_poll`, and pushed by `LISTEN/NOTIFY` on PostgreSQL.

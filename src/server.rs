@@ -1,5 +1,6 @@
 //! The public listener: accept, TLS, HTTP/1.1 + HTTP/2, limits, graceful
-//! shutdown; the reload of routes and keys ([`reload`]); and the plain-HTTP
+//! shutdown; the reload of routes, headers, CORS origins, keys and the
+//! listener's and upstream client's TLS files ([`reload`]); and the plain-HTTP
 //! listener that redirects to the TLS one ([`redirect`]).
 //!
 //! Thread per core: the public listener is served by `server.workers`

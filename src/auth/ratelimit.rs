@@ -3,7 +3,9 @@
 //!
 //! A fixed one-minute window per IP, kept in memory: each IP's counter lives
 //! in a moka cache whose entries expire a minute after the window opened, so
-//! memory is bounded by the number of IPs seen in the last minute. It is a
+//! memory is bounded by the number of IPs seen in the last minute, and a
+//! million (past which the least recently used goes: a new address is
+//! still held to the limit). It is a
 //! per-process limit by design (cheap, no I/O); the per-account lockout in
 //! the database is the limit that holds across processes.
 

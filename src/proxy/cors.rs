@@ -3,10 +3,10 @@
 //! A browser app on another origin (`auth.cors_origins`) gets its preflights
 //! answered by the backend (`cors_preflight` on the route) and its
 //! responses' CORS headers from the backend too. But a 401, 403, 404, 413,
-//! 502 or 504 made by the gateway never reached a backend: without these
+//! 429, 502 or 504 made by the gateway never reached a backend: without these
 //! headers the browser hides it from the app, which then cannot tell an
 //! expired token (refresh and retry) from a network failure. The same
-//! origins, converted once, also drive the API's CORS layer
+//! origins, converted at each (re)load, also drive the API's CORS layer
 //! ([`CorsOrigins::allow_origin`]); never credentials mode.
 
 use hyper::header::{self, HeaderName, HeaderValue};

@@ -10,7 +10,7 @@
 //! polling off). The listener's certificate and key ([`ServerCert`]), and
 //! the upstream client's CA file, certificate and key ([`UpstreamTls`]),
 //! are read again on SIGHUP and when one of their files changes, by the
-//! same rule.
+//! same rule; SIGHUP also reads the platform's trust store again.
 //! Of `[auth]`, only `cors_origins` is taken on reload (with the API's
 //! router rebuilt for it); listeners, the database, the rest of `[auth]`
 //! and timeouts of the server itself need a restart.
@@ -40,6 +40,10 @@ use crate::proxy::router::RouteTable;
 use crate::proxy::upstream::tls::UpstreamTls;
 use crate::server::tls::ServerCert;
 
+/// What a reload swaps: the route table (rate limiters handed over),
+/// `[headers]` and the CORS origins (the API's router rebuilt for them);
+/// on SIGHUP the key ring too; and the listener's and upstream client's
+/// TLS sets when their files change. One reload at a time.
 #[derive(Clone)]
 pub struct Reloader {
     pub(crate) path: PathBuf,

@@ -14,8 +14,10 @@
 //! The rules are the listener's: a set that cannot be read, does not parse,
 //! does not match, or whose client certificate has already expired or is
 //! not valid yet (an hour of slack) is refused, logged and counted, and the
-//! running one stays. Handshakes from then on use the new set; connections
-//! already open (pooled ones included) keep theirs until they close.
+//! running one stays. Handshakes from then on use the new set, and pooled
+//! connections made with an older one are not used again; a request
+//! already on a connection finishes on it. SIGHUP always builds a new set,
+//! so pooled https connections are reopened after it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
