@@ -16,8 +16,9 @@
 //! not valid yet (an hour of slack) is refused, logged and counted, and the
 //! running one stays. Handshakes from then on use the new set, and pooled
 //! connections made with an older one are not used again; a request
-//! already on a connection finishes on it. SIGHUP always builds a new set,
-//! so pooled https connections are reopened after it.
+//! already on a connection finishes on it. A reload that reads what the
+//! running set was built from (most SIGHUPs are for something else) keeps
+//! it, and its pooled connections.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::CertificateDer;
+use sha2::{Digest as _, Sha256};
 use tokio_rustls::TlsConnector;
 
 use crate::config::{FileStamp, UpstreamSettings};
@@ -56,6 +58,17 @@ struct Current {
     /// Counts accepted sets: a pooled connection made with an older one is
     /// not reused ([`UpstreamTls::generation`]).
     generation: u64,
+    /// What the set was built from (roots, chain, key), hashed: a reload
+    /// that reads the same keeps the running set and its pooled
+    /// connections (every SIGHUP reloads, most for other reasons).
+    digest: [u8; 32],
+}
+
+/// A set read from the files, not yet taken.
+struct Read {
+    config: Arc<rustls::ClientConfig>,
+    leaf: Option<CertificateDer<'static>>,
+    digest: [u8; 32],
 }
 
 impl UpstreamTls {
@@ -72,13 +85,13 @@ impl UpstreamTls {
         let loaded = sources.files().iter().map(|p| FileStamp::of(p)).collect();
         // At start, what could be read: it only means fewer roots to trust.
         let platform = if sources.platform_roots { platform_roots().0 } else { Arc::from([]) };
-        let (config, leaf) = sources.read(&platform)?;
+        let Read { config, leaf, digest } = sources.read(&platform)?;
         if let Some(leaf) = &leaf {
             if publish_expiry(CLIENT_CERT, leaf).is_some_and(|t| t < SystemTime::now()) {
                 tracing::error!(setting = CLIENT_CERT, "upstream.client_cert has expired: upstreams will refuse it");
             }
         }
-        let current = Current { config, leaf, platform, generation: 0 };
+        let current = Current { config, leaf, platform, generation: 0, digest };
         Ok(Arc::new(Self { sources, current: ArcSwap::from_pointee(current), loaded }))
     }
 
@@ -100,7 +113,10 @@ impl UpstreamTls {
             },
             false => Arc::clone(&running.platform),
         };
-        let result = self.sources.read(&platform).and_then(|(config, leaf)| {
+        let result = self.sources.read(&platform).and_then(|Read { config, leaf, digest }| {
+            if digest == running.digest {
+                return Ok(false);
+            }
             if let Some(leaf) = &leaf {
                 // A running certificate read again unchanged is no renewal:
                 // expired, it must not hold back a new CA file.
@@ -110,16 +126,17 @@ impl UpstreamTls {
                 publish_expiry(CLIENT_CERT, leaf);
             }
             let generation = running.generation + 1;
-            self.current.store(Arc::new(Current { config, leaf, platform, generation }));
-            Ok(())
+            self.current.store(Arc::new(Current { config, leaf, platform, generation, digest }));
+            Ok(true)
         });
         let label = if result.is_ok() { "ok" } else { "error" };
         metrics::counter!("gateway_tls_reloads_total", "tls" => "upstream", "result" => label).increment(1);
         match &result {
-            Ok(()) => tracing::info!("upstream TLS reloaded"),
+            Ok(true) => tracing::info!("upstream TLS reloaded"),
+            Ok(false) => tracing::info!("upstream TLS files unchanged: the running set and its connections stay"),
             Err(e) => tracing::error!(error = format!("{e:#}"), "upstream TLS reload refused; keeping the running one"),
         }
-        result
+        result.map(|_| ())
     }
 
     /// A connector for one handshake with the current set, and the set's
@@ -163,10 +180,14 @@ impl Sources {
 
     /// A new configuration from `platform` and the files, and the client
     /// certificate's leaf when there is one.
-    fn read(
-        &self,
-        platform: &[CertificateDer<'static>],
-    ) -> anyhow::Result<(Arc<rustls::ClientConfig>, Option<CertificateDer<'static>>)> {
+    fn read(&self, platform: &[CertificateDer<'static>]) -> anyhow::Result<Read> {
+        // Each input with its length first, so that no two sets hash alike.
+        let mut digest = Sha256::new();
+        let mut hash = |der: &[u8]| {
+            digest.update((der.len() as u64).to_be_bytes());
+            digest.update(der);
+        };
+        platform.iter().for_each(|c| hash(c.as_ref()));
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         let (added, ignored) = roots.add_parsable_certificates(platform.iter().cloned());
@@ -181,6 +202,7 @@ impl Sources {
             let name = || format!("upstream.ca_file: {}", path.display());
             for cert in CertificateDer::pem_file_iter(path).with_context(|| format!("{}: reading", name()))? {
                 let cert = cert.with_context(|| format!("{}: parsing", name()))?;
+                hash(cert.as_ref());
                 roots.add(cert).with_context(|| format!("{}: adding a CA", name()))?;
             }
         }
@@ -189,6 +211,10 @@ impl Sources {
             Some((cert, key)) => {
                 let (certs, key) =
                     crate::server::tls::read_pem_pair(cert, key, ["upstream.client_cert", "upstream.client_key"])?;
+                // A marker between the roots and the pair, then the pair.
+                hash(b"client certificate");
+                certs.iter().for_each(|c| hash(c.as_ref()));
+                hash(key.secret_der());
                 let leaf = certs[0].clone();
                 let config = builder
                     .with_client_auth_cert(certs, key)
@@ -198,7 +224,7 @@ impl Sources {
             None => (builder.with_no_client_auth(), None),
         };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok((Arc::new(config), leaf))
+        Ok(Read { config: Arc::new(config), leaf, digest: digest.finalize().into() })
     }
 }
 
@@ -274,7 +300,12 @@ mod tests {
         assert_eq!(names, ["ca.pem", "client.pem", "client.key"]);
         assert_eq!(tls.loaded_stamps().iter().filter(|s| s.is_some()).count(), 3);
 
+        // Read again unchanged (as on every SIGHUP): the running set, and
+        // so its pooled connections, stay.
         let before = Arc::clone(&tls.current.load().config);
+        tls.reload(false).expect("the same files");
+        assert!(kept(&tls, &before), "an unchanged set was swapped in");
+        assert_eq!(tls.generation(), 0);
         write(dir.path(), &pair(-1, 2));
         tls.reload(false).expect("a renewal");
         assert!(!kept(&tls, &before), "the renewal is not in use");
