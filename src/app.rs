@@ -237,7 +237,8 @@ impl App {
             let https_port = r.https_port.unwrap_or(addr.port());
             let settings = self.config.server.clone();
             let stop = stopped();
-            tracing::info!(listen = %r.listen, https_port, "redirecting plain HTTP to the TLS listener");
+            let listen = listener.local_addr().unwrap_or(r.listen);
+            tracing::info!(%listen, https_port, "redirecting plain HTTP to the TLS listener");
             background.push(tokio::spawn(async move {
                 crate::server::redirect::serve(listener, https_port, &settings, slots, stop).await;
             }));

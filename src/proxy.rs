@@ -124,10 +124,10 @@ impl Slot {
 /// One unit of a gauge of open things, given back when dropped, so that a
 /// task cancelled at shutdown still counts itself out.
 #[derive(Debug)]
-struct Open(metrics::Gauge);
+pub(crate) struct Open(metrics::Gauge);
 
 impl Open {
-    fn new(gauge: metrics::Gauge) -> Self {
+    pub(crate) fn new(gauge: metrics::Gauge) -> Self {
         gauge.increment(1.0);
         Self(gauge)
     }

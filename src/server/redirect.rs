@@ -12,7 +12,7 @@
 //! and its connections count against the main listener's
 //! `server.max_connections` (one budget of sockets and buffers for the
 //! process; past it a connection is closed at once and counted in
-//! `gateway_connections_refused_total`). A request without a usable host is
+//! `gateway_connections_refused_total`), and in `gateway_connections_open`. A request without a usable host is
 //! a 400 with a JSON error (hyper answers a head it cannot parse itself).
 //! HSTS is not sent: browsers ignore it over plain HTTP (RFC 6797 §8.1).
 
@@ -71,6 +71,9 @@ pub async fn serve(
         let http = Arc::clone(&http);
         tokio::spawn(async move {
             let _slot = slot;
+            // Dropped before the slot: the gauge never shows more than
+            // `server.max_connections`.
+            let _open = crate::proxy::Open::new(metrics::gauge!("gateway_connections_open"));
             let service = service_fn(move |req| async move { Ok::<_, Infallible>(answer(&req, https_port)) });
             if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
                 tracing::debug!(%peer, error = %e, "redirect connection ended");

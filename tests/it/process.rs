@@ -639,3 +639,47 @@ async fn https_upstreams_trust_the_platform_store_unless_told_not_to() {
     assert_eq!(svc.hits(), 1, "a request reached an upstream whose CA is not trusted");
     p.stop().await;
 }
+
+/// Connections to the redirect listener are in `gateway_connections_open`,
+/// as they are in the `server.max_connections` budget: the gauge is the
+/// figure that limit applies to. (Its own process: the gauge is global.)
+#[tokio::test]
+async fn redirect_connections_are_in_the_open_connections_gauge() {
+    let certs = tempfile::tempdir().expect("create temp dir");
+    let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let pair = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("a certificate");
+    std::fs::write(&cert_path, pair.cert.pem()).expect("write cert.pem");
+    std::fs::write(&key_path, pair.key_pair.serialize_pem()).expect("write key.pem");
+    let opts = TestOptions {
+        server_extra: "http_redirect_listen = \"127.0.0.1:0\"".to_owned(),
+        extra: format!("\n[server.tls]\ncert = {:?}\nkey = {:?}\n", cert_path.display(), key_path.display()),
+        ..TestOptions::default()
+    };
+    let p = Process::start(&opts).await;
+    let line = p
+        .wait_for_log("the redirect listener", |l| {
+            l["fields"]["message"] == "redirecting plain HTTP to the TLS listener"
+        })
+        .await;
+    let redirect: SocketAddr =
+        line["fields"]["listen"].as_str().and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("an address: {line}"));
+    let open = |want: f64| {
+        let p = &p;
+        async move {
+            eventually(&format!("{want} connections open"), Duration::from_secs(10), || async {
+                metric(&p.metrics().await, "gateway_connections_open", &[]) == want
+            })
+            .await;
+        }
+    };
+    open(0.0).await;
+    // Two connections that have sent nothing yet (the header timeout is 10 s).
+    let held = [
+        tokio::net::TcpStream::connect(redirect).await.expect("connect to the redirect listener"),
+        tokio::net::TcpStream::connect(redirect).await.expect("connect to the redirect listener"),
+    ];
+    open(2.0).await;
+    drop(held);
+    open(0.0).await;
+    p.stop().await;
+}
