@@ -1,7 +1,8 @@
 //! The per-request auth path of the proxy, without sockets: path
 //! normalisation, route lookup, header stripping, token verification
 //! (uncached and cached), the revocation check, the policy and header
-//! injection. `cargo bench --bench auth_path`.
+//! injection; and a route's rate limit check. `cargo bench --bench
+//! auth_path`.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -16,9 +17,10 @@ use gateway::auth::keys::KeyRing;
 use gateway::auth::revocation::RevocationState;
 use gateway::auth::token::{sign, AccessClaims, TokenRules};
 use gateway::auth::Authenticator;
-use gateway::config::Config;
+use gateway::config::{Config, RateLimit, RateLimitKey};
 use gateway::proxy::cors::CorsOrigins;
 use gateway::proxy::identity::IdentityCache;
+use gateway::proxy::ratelimit::{Key, RateLimiter};
 use gateway::proxy::router::RouteTable;
 use gateway::proxy::tenants::TenantDirectory;
 use gateway::proxy::{headers, path, policy};
@@ -109,6 +111,22 @@ fn bench(c: &mut Criterion) {
             let rid = headers::request_id(&h, &table.headers.request_id);
             black_box((route, h, rid))
         });
+    });
+    // A route's `rate_limit`: one key (a user) well within its allowance,
+    // and one key out of 100,000 in turn (a cache that is mostly misses in
+    // the CPU's caches).
+    let limit = RateLimit {
+        requests: std::num::NonZeroU32::new(u32::MAX).expect("not zero"),
+        per: Duration::from_secs(1),
+        by: RateLimitKey::User,
+    };
+    let limiter = RateLimiter::new(limit, "bench".into());
+    let user = Key::User(Uuid::new_v4());
+    c.bench_function("rate_limit_one_key", |b| b.iter(|| limiter.check(black_box(user)).expect("within")));
+    let users: Vec<Key> = (0..100_000).map(|_| Key::User(Uuid::new_v4())).collect();
+    let mut next = users.iter().cycle();
+    c.bench_function("rate_limit_100k_keys", |b| {
+        b.iter(|| limiter.check(black_box(*next.next().expect("endless"))).expect("within"));
     });
 }
 
