@@ -52,7 +52,7 @@ impl IpRateLimiter {
         if self.per_window == 0 {
             return Ok(());
         }
-        let ip = bucket(ip);
+        let ip = client_block(ip);
         let window =
             self.windows.get_with(ip, || Arc::new(Window { opened: Instant::now(), count: AtomicU32::new(0) }));
         let n = window.count.fetch_add(1, Ordering::Relaxed).saturating_add(1);
@@ -65,15 +65,16 @@ impl IpRateLimiter {
     }
 }
 
-/// IPv6 clients are counted per /64, the smallest block a host is usually
-/// given: per /128, one host could rotate through billions of addresses.
-fn bucket(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+/// What a limit by address counts a client as: IPv6 per /64, the smallest
+/// block a host is usually given (per /128 one host could rotate through
+/// billions); an IPv4-mapped address as its IPv4 one. Route limits
+/// by address (`crate::proxy::ratelimit`) count the same way.
+pub fn client_block(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
             let s = v6.segments();
             IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
         }
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     }
 }

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use moka::sync::Cache;
 use uuid::Uuid;
 
+use crate::auth::ratelimit::client_block;
 use crate::config::{RateLimit, RateLimitKey};
 
 /// Keys tracked at most per route: past this, the least recently used go
@@ -43,17 +44,9 @@ pub enum Key {
 }
 
 impl Key {
-    /// The key of a client address: IPv6 per /64, the smallest block a
-    /// host is usually given (per /128 one host could rotate through
-    /// billions); an IPv4-mapped address as its IPv4 one.
+    /// The key of a client address ([`client_block`]).
     pub fn ip(ip: IpAddr) -> Self {
-        Key::Ip(match ip.to_canonical() {
-            IpAddr::V6(v6) => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-            v4 => v4,
-        })
+        Key::Ip(client_block(ip))
     }
 }
 
