@@ -6,8 +6,9 @@
 //! The algorithm is GCRA (the generic cell rate algorithm, as in nginx's
 //! `limit_req` and the `governor` crate): each key holds one number, the
 //! time at which its allowance would be whole again. A request moves it on
-//! by one emission interval (`per / requests`) and is refused if that
-//! would put it more than `per` ahead of now. So a key may spend its whole
+//! by one emission interval (`per / requests`, rounded up to the
+//! nanosecond) and is refused if that would put it more than `requests`
+//! intervals ahead of now. So a key may spend its whole
 //! allowance at once, then goes on at the steady rate; unlike fixed windows
 //! there is no doubled burst at a window's edge. The number is one atomic,
 //! updated by compare-and-swap: no lock on the request path.
@@ -55,9 +56,10 @@ pub struct RateLimiter {
     settings: RateLimit,
     /// `gateway_rate_limited_total{route}`, registered once.
     refused: metrics::Counter,
-    /// `per / requests`, in nanoseconds.
+    /// `per / requests` in nanoseconds, rounded up.
     interval: u64,
-    /// `per`, in nanoseconds: how far ahead of now a key's time may run.
+    /// `requests` intervals (`per`, give or take the rounding): how far
+    /// ahead of now a key's time may run.
     tolerance: u64,
     /// Nanoseconds are counted from here.
     epoch: Instant,
