@@ -259,6 +259,7 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
     let log_t = root.table("log");
     let headers_t = root.table("headers");
     let upstream_t = root.table("upstream");
+    let forward_auth_t = root.table("forward_auth");
     let routes_t = root.array_of_tables("routes");
     root.finish();
 
@@ -299,7 +300,9 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
     }
 
     let headers = proxy::build_headers(headers_t, errors);
-    let routes = proxy::build_routes(routes_t, &headers, errors);
+    let trusted = server.as_ref().map(|s| s.trusted_proxies.as_slice());
+    let forward_auth = proxy::build_forward_auth(forward_auth_t, trusted, errors);
+    let routes = proxy::build_routes(routes_t, &headers, forward_auth, errors);
     let upstream = proxy::build_upstream(upstream_t, base, errors);
 
     Some(Config {
@@ -310,7 +313,7 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
         database: database?,
         auth,
         log: LogConfig { format, access },
-        proxy: ProxyConfig { routes, headers },
+        proxy: ProxyConfig { routes, headers, forward_auth },
         upstream,
     })
 }

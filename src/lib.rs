@@ -24,7 +24,8 @@
 //!   [`proxy::upstream`] (a
 //!   connection pool per worker, spoken to with [`http1`]; its reloadable
 //!   TLS in [`proxy::upstream::tls`]),
-//!   [`proxy::tunnel`] (WebSockets).
+//!   [`proxy::tunnel`] (WebSockets), [`proxy::forward_auth`] (the same
+//!   checks as a decision for a proxy in front).
 //! - [`api`]: the `/auth/*` and JWKS endpoints (axum).
 //! - [`auth`]: passwords, keys, tokens, refresh rotation, the revocation state
 //!   and its poller/listener, and the flows in [`auth::service`].
@@ -46,7 +47,10 @@
 //! - anything else → route, strip, rate limit by address,
 //!   [`auth::Authenticator::verify_bearer`] through the token cache (EdDSA
 //!   by `kid`, claims, then the in-memory revocation state: no database
-//!   I/O), policy, rate limit by user or tenant, inject, forward, respond.
+//!   I/O), policy, rate limit by user or tenant, inject, forward, respond;
+//! - `/auth/forward-auth`, when `forward_auth.enabled` → the same route,
+//!   limit, token and policy checks on the request a trusted proxy in front
+//!   describes, answered with the identity fields instead of forwarded.
 //!
 //! Revocations reach every process through the database: polled every
 //! `auth.revocation_poll`, and pushed by `LISTEN/NOTIFY` on PostgreSQL.

@@ -5,7 +5,9 @@
 //!
 //! 1. **Normalise** the path once ([`path`]); a path that could be read two
 //!    ways is a 400. `/auth/*` and the JWKS go to the API router (on the
-//!    normalised path); everything else is proxied.
+//!    normalised path), and `/auth/forward-auth` (when enabled) to
+//!    [`forward_auth`], which runs phases 2–5 on the request a proxy in
+//!    front describes; everything else is proxied.
 //! 2. **Route**: host + longest segment prefix, then method ([`router`]);
 //!    none → 404, a method no route at that prefix takes → 405.
 //! 3. **Strip** hop-by-hop headers, what `Connection` nominates, and every
@@ -35,6 +37,7 @@
 
 pub mod cors;
 pub mod error;
+pub mod forward_auth;
 pub mod headers;
 pub mod identity;
 pub mod path;
@@ -167,6 +170,9 @@ struct Access<'a> {
     path: &'a str,
     user: Option<uuid::Uuid>,
     upstream: Option<&'a crate::config::UpstreamTarget>,
+    /// A decision for a proxy in front ([`forward_auth`]), not a request
+    /// served.
+    forward_auth: bool,
 }
 
 /// What the access log and metrics record about one request.
@@ -212,6 +218,12 @@ impl Proxy {
             Ok(p) => p,
             Err(e) => return self.refuse(Some(&req), ProxyError::BadPath(e)),
         };
+        if path == forward_auth::PATH {
+            let table = self.routes.load_full();
+            if table.forward_auth {
+                return self.forward_auth(&table, &req, authorization.as_deref(), conn, started);
+            }
+        }
         if is_api(&path) {
             if let Some(value) = authorization {
                 if let Err(e) = restore_authorization(req.headers_mut(), &value) {
@@ -224,7 +236,14 @@ impl Proxy {
             let request_id = headers::request_id(req.headers(), &id_name);
             let method = req.method().clone();
             let mut response = self.serve_api(req, &path, conn).await;
-            let line = Access { route: "gateway", method: Some(&method), path: &path, user: None, upstream: None };
+            let line = Access {
+                route: "gateway",
+                method: Some(&method),
+                path: &path,
+                user: None,
+                upstream: None,
+                forward_auth: false,
+            };
             self.access(&request_id, line, response.status(), started.elapsed());
             headers::set_answer_fields(response.headers_mut(), &self.routes.load().headers.response_headers);
             response.headers_mut().insert(id_name, request_id);
@@ -239,15 +258,7 @@ impl Proxy {
         let mut outcome = Outcome { route: None, user: None, upstream: None, answered: None };
         let result = self.forward(&table, req, authorization, &path, conn, &request_id, &mut outcome, timer).await;
         let mut response = result.unwrap_or_else(|e| {
-            match &e {
-                ProxyError::InvalidToken(reason) => {
-                    metrics::counter!("gateway_auth_failures_total", "reason" => reason.reason()).increment(1);
-                }
-                ProxyError::MissingToken => {
-                    metrics::counter!("gateway_auth_failures_total", "reason" => "missing").increment(1);
-                }
-                _ => {}
-            }
+            count_auth_failure(&e);
             let mut response = e.into_response();
             table.cors.apply(origin.as_ref(), &table.headers.request_id, &mut response);
             response
@@ -276,7 +287,14 @@ impl Proxy {
             }
         }
         let upstream = outcome.route.as_ref().zip(outcome.upstream).map(|(r, i)| r.upstream(i));
-        let line = Access { route: route_name, method: Some(&method), path: &path, user: outcome.user, upstream };
+        let line = Access {
+            route: route_name,
+            method: Some(&method),
+            path: &path,
+            user: outcome.user,
+            upstream,
+            forward_auth: false,
+        };
         self.access(&request_id, line, status, elapsed);
         response.headers_mut().insert(table.headers.request_id.clone(), request_id);
         response
@@ -297,6 +315,7 @@ impl Proxy {
                 duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
                 user_id = line.user.map(|u| u.to_string()),
                 upstream = line.upstream.map(ToString::to_string),
+                forward_auth = line.forward_auth.then_some(true),
             );
         }
     }
@@ -323,6 +342,7 @@ impl Proxy {
             path: request.map_or("-", |r| r.uri().path()),
             user: None,
             upstream: None,
+            forward_auth: false,
         };
         self.access(&id, line, status, Duration::ZERO);
         response.headers_mut().insert(table.headers.request_id.clone(), id);
@@ -429,6 +449,11 @@ impl Proxy {
         };
         outcome.route = Some(route);
         let cfg = &route.config;
+        // A route that only judges requests a proxy in front serves
+        // (forward auth): the gateway has nowhere to send them.
+        if cfg.upstreams.is_empty() {
+            return Err(ProxyError::NoRoute);
+        }
         let consumed = cfg.auth == AuthMode::Required && !cfg.pass_token;
         let authorization = match authorization {
             Some(value) if !consumed || req.headers().contains_key(CONNECTION) => {
@@ -475,16 +500,7 @@ impl Proxy {
                 let id = self.authenticate(req.headers(), authorization.as_deref())?;
                 outcome.user = Some(id.principal.user_id);
                 policy::authorize(cfg, &id.principal, &self.tenants)?;
-                if let Some(limiter) = route.limiter.as_deref() {
-                    let key = match limiter.key() {
-                        RateLimitKey::User => Some(ratelimit::Key::User(id.principal.user_id)),
-                        RateLimitKey::Tenant => Some(ratelimit::Key::Tenant(id.principal.tenant_id)),
-                        RateLimitKey::Ip => None,
-                    };
-                    if let Some(key) = key {
-                        within_limit(limiter, key)?;
-                    }
-                }
+                self.limit_by_identity(route, &id)?;
                 if !cfg.pass_token && authorization.is_none() {
                     req.headers_mut().remove(AUTHORIZATION);
                 }
@@ -634,6 +650,18 @@ impl Proxy {
         Err(ProxyError::BadGateway("connect"))
     }
 
+    /// Counts a request the route limits by user or tenant (after the
+    /// policy: a refused request spends no allowance).
+    fn limit_by_identity(&self, route: &Route, id: &Identity) -> Result<(), ProxyError> {
+        let Some(limiter) = route.limiter.as_deref() else { return Ok(()) };
+        let key = match limiter.key() {
+            RateLimitKey::User => ratelimit::Key::User(id.principal.user_id),
+            RateLimitKey::Tenant => ratelimit::Key::Tenant(id.principal.tenant_id),
+            RateLimitKey::Ip => return Ok(()),
+        };
+        within_limit(limiter, key)
+    }
+
     /// The token from `apart` (the `Authorization` value kept out of the
     /// map, see [`Proxy::serve`]) or else from the map.
     fn authenticate(&self, headers: &HeaderMap, apart: Option<&[u8]>) -> Result<Arc<Identity>, ProxyError> {
@@ -678,6 +706,19 @@ static NO_VALUE: HeaderValue = HeaderValue::from_static("");
 /// (counted in `gateway_rate_limited_total{route}`).
 fn within_limit(limiter: &RateLimiter, key: ratelimit::Key) -> Result<(), ProxyError> {
     limiter.check(key).map_err(ProxyError::RateLimited)
+}
+
+/// Counts a failed token check in `gateway_auth_failures_total{reason}`.
+fn count_auth_failure(e: &ProxyError) {
+    match e {
+        ProxyError::InvalidToken(reason) => {
+            metrics::counter!("gateway_auth_failures_total", "reason" => reason.reason()).increment(1);
+        }
+        ProxyError::MissingToken => {
+            metrics::counter!("gateway_auth_failures_total", "reason" => "missing").increment(1);
+        }
+        _ => {}
+    }
 }
 
 fn upstream_error(route: &str, kind: &'static str) {

@@ -18,6 +18,9 @@ use crate::auth::service::{is_slug, validate_name};
 pub struct ProxyConfig {
     pub routes: Vec<RouteConfig>,
     pub headers: HeaderNames,
+    /// `forward_auth.enabled`: whether `/auth/forward-auth` judges requests
+    /// for a proxy in front ([`crate::proxy::forward_auth`]).
+    pub forward_auth: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +61,8 @@ pub struct RouteConfig {
     /// The methods this route serves (empty: all). Routes may share a host
     /// and prefix when their methods do not overlap.
     pub methods: Vec<Method>,
+    /// Empty only with `forward_auth.enabled`: a route that only judges
+    /// requests a proxy in front serves (the gateway itself answers 404).
     pub upstreams: Vec<UpstreamTarget>,
     pub auth: AuthMode,
     /// The token must hold at least one of these (empty: no requirement).
@@ -246,12 +251,30 @@ pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNa
     HeaderNames { user_id, tenant_id, roles, scopes, session_id, request_id, reserved, response_headers }
 }
 
-pub(super) fn build_routes(tables: Vec<toml::Table>, names: &HeaderNames, errors: &mut Errors) -> Vec<RouteConfig> {
+/// `[forward_auth]`. It answers only peers in `server.trusted_proxies`
+/// (`trusted`): with none listed, it could answer no one.
+pub(super) fn build_forward_auth(table: toml::Table, trusted: Option<&[ipnet::IpNet]>, errors: &mut Errors) -> bool {
+    let mut f = Fields::new("forward_auth", table, errors);
+    let enabled = f.bool_or("enabled", false);
+    if enabled && trusted.is_some_and(<[_]>::is_empty) {
+        f.error("enabled", "answers only peers in server.trusted_proxies, which is empty: list the proxy that asks");
+    }
+    f.finish();
+    enabled
+}
+
+/// `forward_auth`: whether routes may leave out `upstreams`.
+pub(super) fn build_routes(
+    tables: Vec<toml::Table>,
+    names: &HeaderNames,
+    forward_auth: bool,
+    errors: &mut Errors,
+) -> Vec<RouteConfig> {
     let mut routes: Vec<RouteConfig> = Vec::with_capacity(tables.len());
     let mut lone_gets = Vec::new();
     for (i, table) in tables.into_iter().enumerate() {
         let mut f = Fields::new(&format!("routes[{i}]"), table, errors);
-        if let Some(route) = build_route(&mut f, names) {
+        if let Some(route) = build_route(&mut f, names, forward_auth) {
             if routes.iter().any(|r| r.name == route.name) {
                 f.error("name", format!("{:?} is used by another route", route.name));
             } else if let Some(other) = routes.iter().find(|r| {
@@ -444,7 +467,7 @@ fn header_table(
     out
 }
 
-fn build_route(f: &mut Fields<'_>, names: &HeaderNames) -> Option<RouteConfig> {
+fn build_route(f: &mut Fields<'_>, names: &HeaderNames, forward_auth: bool) -> Option<RouteConfig> {
     let name = f.string("name");
     match &name {
         None => f.error("name", "is required"),
@@ -492,8 +515,11 @@ fn build_route(f: &mut Fields<'_>, names: &HeaderNames) -> Option<RouteConfig> {
     });
     let methods = build_methods(f);
     let upstream_texts = f.string_list("upstreams");
-    if upstream_texts.is_empty() {
-        f.error("upstreams", "needs at least one URL");
+    if upstream_texts.is_empty() && !forward_auth {
+        f.error(
+            "upstreams",
+            "needs at least one URL (a route without upstreams only judges requests for forward_auth, which is off)",
+        );
     }
     let mut upstreams = Vec::new();
     for text in &upstream_texts {

@@ -497,3 +497,25 @@ fn rate_limits_name_their_key_and_refuse_what_cannot_be_counted() {
         assert!(err.contains(says), "{text}: {err}");
     }
 }
+
+#[test]
+fn forward_auth_needs_a_trusted_proxy_and_lets_routes_leave_out_upstreams() {
+    let bare = "[[routes]]\nname = \"judged\"\nprefix = \"/judged\"\n";
+    let trusted = "[server]\ntrusted_proxies = [\"10.0.0.0/8\"]\n";
+    let on = "[forward_auth]\nenabled = true\n";
+
+    assert!(!parse("").expect("defaults").proxy.forward_auth, "off by default");
+    let c = parse(&format!("{trusted}{on}{bare}")).expect("a route without upstreams, with forward auth");
+    assert!(c.proxy.forward_auth);
+    assert!(c.proxy.routes[0].upstreams.is_empty());
+
+    for (text, says) in [
+        (format!("{trusted}{bare}"), "routes[0].upstreams: needs at least one URL"),
+        (on.to_owned(), "forward_auth.enabled: answers only peers in server.trusted_proxies"),
+        (format!("{trusted}[forward_auth]\nenabled = \"yes\"\n"), "forward_auth.enabled"),
+        (format!("{trusted}{on}path = \"/verify\"\n"), "forward_auth.path: unknown key"),
+    ] {
+        let err = parse(&text).expect_err(&text).to_string();
+        assert!(err.contains(says), "{text}: {err}");
+    }
+}

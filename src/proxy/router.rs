@@ -192,6 +192,8 @@ pub struct RouteTable {
     /// `auth.cors_origins`, for the answers the gateway makes itself:
     /// reloaded with the routes.
     pub cors: CorsOrigins,
+    /// `forward_auth.enabled`, reloaded with the routes.
+    pub forward_auth: bool,
 }
 
 impl RouteTable {
@@ -224,7 +226,7 @@ impl RouteTable {
                 .then_with(|| a.prefix.cmp(&b.prefix))
                 .then(a.methods.is_empty().cmp(&b.methods.is_empty()))
         });
-        Self { routes, headers: config.headers, cors }
+        Self { routes, headers: config.headers, cors, forward_auth: config.forward_auth }
     }
 
     /// The route for `host` (without port; any case), a normalised path and

@@ -17,6 +17,7 @@ mod upstream;
 mod audit_and_cli;
 mod auth_basics;
 mod auth_flow;
+mod forward_auth;
 mod http1_conformance;
 mod lockout;
 mod process;

@@ -1,0 +1,201 @@
+//! Forward auth: the gateway as the judge of requests that another proxy
+//! serves (nginx `auth_request`, Traefik `ForwardAuth`, Caddy
+//! `forward_auth`), by the same routes and policies it applies itself.
+//!
+//! The proxy in front asks `/auth/forward-auth` about each request it holds,
+//! passing the client's header fields (the `Authorization` among them) and
+//! saying what the request is in three fields, each required exactly once:
+//! `X-Forwarded-Method`, `X-Forwarded-Host` and `X-Forwarded-Uri` (path and
+//! query, as Traefik and Caddy send them). The gateway then runs the
+//! phases of [`super::Proxy::serve`] that judge, in the same order, on what
+//! those fields describe:
+//!
+//! 1. the path is normalised ([`super::path`]; a path that could be read two
+//!    ways is a 400, which the proxy in front takes as a refusal);
+//! 2. the route is chosen by host, path and method (404, 405), a CORS
+//!    preflight by the method it announces;
+//! 3. a route limited by client address counts the request (the client's
+//!    address read from `X-Forwarded-For` through `server.trusted_proxies`);
+//! 4. on a required route, the bearer token is verified and checked against
+//!    revocation (401), then the route's tenants, roles and scopes (403),
+//!    then a limit by user or tenant (429).
+//!
+//! Allowed: `200` with an empty body, `Cache-Control: no-store`, and on a
+//! required route the identity fields, for the proxy in front to copy onto
+//! the request it forwards (`auth_request_set`, `authResponseHeaders`,
+//! `copy_headers`). Refused: the answer the gateway would have given itself
+//! (status, JSON `error`, `WWW-Authenticate`, `Retry-After`).
+//!
+//! Only peers in `server.trusted_proxies` are answered (others get 403):
+//! the three fields, and `X-Forwarded-For`, are believed only from a proxy
+//! the operator named. What the gateway cannot do here, the proxy in front
+//! must: strip the client's identity headers (every spelling) and its
+//! `Authorization`, and send exactly the path that was judged. The README's
+//! "Forward auth" section shows how, for nginx, Traefik and Caddy.
+//!
+//! Like phases 1–5 of the proxy, a decision does no database I/O and no
+//! blocking work.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, ACCESS_CONTROL_REQUEST_METHOD, CACHE_CONTROL, ORIGIN};
+use hyper::{Method, Request, Response};
+
+use super::error::ProxyError;
+use super::identity::Identity;
+use super::router::{Miss, Route, RouteTable};
+use super::{count_auth_failure, headers, path, policy, ratelimit, router, status_label, within_limit};
+use super::{Access, Conn, Proxy};
+use crate::body::Body;
+use crate::config::{AuthMode, RateLimitKey};
+
+/// Where the proxy in front asks (when `forward_auth.enabled`).
+pub const PATH: &str = "/auth/forward-auth";
+
+const METHOD: HeaderName = HeaderName::from_static("x-forwarded-method");
+const HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
+
+/// What the access line and the metrics record of one decision.
+struct Decision<'t> {
+    route: Option<&'t Route>,
+    user: Option<uuid::Uuid>,
+    method: Option<Method>,
+    path: Option<String>,
+}
+
+impl Proxy {
+    /// Answers the proxy in front about the request it describes.
+    /// `authorization`: as in [`Proxy::serve`], the request's only
+    /// `Authorization` value when the HTTP/1 parser kept it apart.
+    pub(super) fn forward_auth(
+        &self,
+        table: &RouteTable,
+        req: &Request<Body>,
+        authorization: Option<&[u8]>,
+        conn: &Conn,
+        started: Instant,
+    ) -> Response<Body> {
+        let request_id = headers::request_id(req.headers(), &table.headers.request_id);
+        let mut decision = Decision { route: None, user: None, method: None, path: None };
+        let mut response = match self.judge(table, req.headers(), authorization, conn, &mut decision) {
+            Ok(identity) => {
+                let mut response = Response::new(Body::empty());
+                let h = response.headers_mut();
+                h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                if let Some(id) = &identity {
+                    for (name, value) in headers::identity_fields(&table.headers, &id.headers) {
+                        h.insert(name.clone(), value.clone());
+                    }
+                }
+                response
+            }
+            Err(e) => {
+                count_auth_failure(&e);
+                let mut response = e.into_response();
+                table.cors.apply(req.headers().get(ORIGIN), &table.headers.request_id, &mut response);
+                response
+            }
+        };
+        headers::set_answer_fields(response.headers_mut(), &table.headers.response_headers);
+        if let Some(route) = decision.route {
+            headers::set_answer_fields(response.headers_mut(), &route.config.response_headers);
+        }
+        let status = response.status();
+        let label = decision.route.map_or_else(|| metrics::SharedString::const_str("none"), |r| r.label.clone());
+        metrics::counter!("gateway_forward_auth_total", "route" => label, "status" => status_label(status))
+            .increment(1);
+        let line = Access {
+            route: decision.route.map_or("none", |r| r.config.name.as_str()),
+            method: decision.method.as_ref(),
+            path: decision.path.as_deref().unwrap_or("-"),
+            user: decision.user,
+            upstream: None,
+            forward_auth: true,
+        };
+        self.access(&request_id, line, status, started.elapsed());
+        response.headers_mut().insert(table.headers.request_id.clone(), request_id);
+        response
+    }
+
+    /// The decision: the identity to hand back (none on a public route or
+    /// for a CORS preflight), or the refusal.
+    fn judge<'t>(
+        &self,
+        table: &'t RouteTable,
+        h: &HeaderMap,
+        authorization: Option<&[u8]>,
+        conn: &Conn,
+        decision: &mut Decision<'t>,
+    ) -> Result<Option<Arc<Identity>>, ProxyError> {
+        if !self.is_trusted(conn.peer.ip()) {
+            return Err(ProxyError::Forbidden);
+        }
+        let method = one(h, &METHOD, "forward auth needs one X-Forwarded-Method field")?;
+        let host = one(h, &HOST, "forward auth needs one X-Forwarded-Host field")?;
+        let uri = one(h, &URI, "forward auth needs one X-Forwarded-Uri field")?;
+        // The proxy's own rule: a backend may upper-case `delete` and run a
+        // DELETE that no route judged as one.
+        let method = Method::from_bytes(method.as_bytes())
+            .ok()
+            .filter(|m| !m.as_str().bytes().any(|b| b.is_ascii_lowercase()))
+            .ok_or(ProxyError::BadRequest("X-Forwarded-Method is not an upper-case method"))?;
+        decision.method = Some(method.clone());
+        // One host, never a list a chain of proxies made.
+        if host.is_empty() || host.contains(',') {
+            return Err(ProxyError::BadRequest("X-Forwarded-Host is not one host"));
+        }
+        // Path and query (origin form); the query never takes part.
+        let raw_path = uri.split_once('?').map_or(uri, |(p, _)| p);
+        let path: Cow<'_, str> = path::normalize(raw_path).map_err(ProxyError::BadPath)?;
+        decision.path = Some(path.clone().into_owned());
+
+        // Only an `OPTIONS` that looks like a preflight announces a method.
+        let preflight =
+            method == Method::OPTIONS && h.contains_key(ORIGIN) && h.contains_key(ACCESS_CONTROL_REQUEST_METHOD);
+        let announced = preflight
+            .then(|| h.get(ACCESS_CONTROL_REQUEST_METHOD).and_then(|m| Method::from_bytes(m.as_bytes()).ok()))
+            .flatten();
+        let route = match table.find(Some(router::normalize_host(host)), &path, &method, announced.as_ref()) {
+            Ok(route) => &**route,
+            Err(Miss::NoRoute) => return Err(ProxyError::NoRoute),
+            Err(Miss::Method(allow)) => return Err(ProxyError::MethodNotAllowed(allow)),
+        };
+        decision.route = Some(route);
+        let cfg = &route.config;
+
+        if let Some(limiter) = route.limiter.as_deref().filter(|l| l.key() == RateLimitKey::Ip) {
+            within_limit(limiter, ratelimit::Key::ip(self.client_ip(conn.peer.ip(), h)))?;
+        }
+        match cfg.auth {
+            // Chosen for the method a preflight announced: never allow a
+            // method the route does not list otherwise.
+            _ if !route.takes(&method) && !preflight => {
+                Err(ProxyError::BadRequest("an OPTIONS routed as a CORS preflight that is not one"))
+            }
+            AuthMode::Public => Ok(None),
+            // The gateway cannot cut the request down to its CORS fields
+            // here, as it does when it forwards one: it hands back no
+            // identity, and the backend sees an anonymous OPTIONS.
+            AuthMode::Required if cfg.cors_preflight && preflight => Ok(None),
+            AuthMode::Required => {
+                let id = self.authenticate(h, authorization)?;
+                decision.user = Some(id.principal.user_id);
+                policy::authorize(cfg, &id.principal, &self.tenants)?;
+                self.limit_by_identity(route, &id)?;
+                Ok(Some(id))
+            }
+        }
+    }
+}
+
+/// The value of `name`, which must come exactly once, as text.
+fn one<'h>(h: &'h HeaderMap, name: &HeaderName, missing: &'static str) -> Result<&'h str, ProxyError> {
+    let mut values = h.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => v.to_str().map_err(|_| ProxyError::BadRequest(missing)),
+        _ => Err(ProxyError::BadRequest(missing)),
+    }
+}
