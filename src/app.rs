@@ -105,7 +105,6 @@ impl App {
             client,
             cooldown: config.upstream.cooldown,
             tunnel_idle_timeout: config.server.tunnel_idle_timeout,
-            trusted_proxies: config.server.trusted_proxies.clone(),
             access_log: config.log.access,
             api_runtime: tokio::runtime::Handle::current(),
         };

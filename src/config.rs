@@ -42,8 +42,6 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
-    /// Peers whose `X-Forwarded-*` headers are extended rather than replaced.
-    pub trusted_proxies: Vec<IpNet>,
     pub tls: Option<TlsConfig>,
     /// A client must send its whole request head within this (slowloris):
     /// a new connection's first head from the accept, a later one from its
@@ -263,7 +261,7 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
     let routes_t = root.array_of_tables("routes");
     root.finish();
 
-    let server = build_server(server_t, base, errors);
+    let (server, trusted_proxies) = build_server(server_t, base, errors);
 
     let mut f = Fields::new("admin", admin_t, errors);
     let admin_listen = f.socket_addr_or("listen", "127.0.0.1:9090");
@@ -300,8 +298,7 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
     }
 
     let headers = proxy::build_headers(headers_t, errors);
-    let trusted = server.as_ref().map(|s| s.trusted_proxies.as_slice());
-    let forward_auth = proxy::build_forward_auth(forward_auth_t, trusted, errors);
+    let forward_auth = proxy::build_forward_auth(forward_auth_t, &trusted_proxies, errors);
     let routes = proxy::build_routes(routes_t, &headers, forward_auth, errors);
     let upstream = proxy::build_upstream(upstream_t, base, errors);
 
@@ -313,7 +310,7 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
         database: database?,
         auth,
         log: LogConfig { format, access },
-        proxy: ProxyConfig { routes, headers, forward_auth },
+        proxy: ProxyConfig { routes, headers, forward_auth, trusted_proxies },
         upstream,
     })
 }
@@ -346,7 +343,9 @@ fn clash(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
-fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<ServerConfig> {
+/// `[server]`, and apart from it `server.trusted_proxies`, which is
+/// reloaded with the routes ([`ProxyConfig::trusted_proxies`]).
+fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> (Option<ServerConfig>, Vec<IpNet>) {
     let mut f = Fields::new("server", table, errors);
     let listen = f.socket_addr_or("listen", "127.0.0.1:8080");
     let mut trusted_proxies = Vec::new();
@@ -419,9 +418,9 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<
             _ => None,
         }
     };
-    Some(ServerConfig {
-        listen: listen?,
-        trusted_proxies,
+    let Some(listen) = listen else { return (None, trusted_proxies) };
+    let server = ServerConfig {
+        listen,
         tls,
         header_read_timeout,
         idle_timeout,
@@ -433,7 +432,8 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<
         tunnel_idle_timeout,
         config_poll,
         http_redirect,
-    })
+    };
+    (Some(server), trusted_proxies)
 }
 
 fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfig {

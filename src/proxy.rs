@@ -156,7 +156,6 @@ pub struct Proxy {
     pub cooldown: Duration,
     /// A WebSocket tunnel silent both ways for this long is closed.
     pub tunnel_idle_timeout: Duration,
-    pub trusted_proxies: Vec<IpNet>,
     pub access_log: bool,
     /// The main runtime, which owns the database pool: the API runs there.
     pub api_runtime: tokio::runtime::Handle,
@@ -351,7 +350,7 @@ impl Proxy {
 
     /// Hands `/auth/*` and the JWKS to the API router, on the normalised path.
     async fn serve_api(&self, mut req: Request<Body>, path: &str, conn: &Conn) -> Response<Body> {
-        let ip = self.client_ip(conn.peer.ip(), req.headers());
+        let ip = client_ip(&self.routes.load().trusted_proxies, conn.peer.ip(), req.headers());
         req.extensions_mut().insert(ConnectInfo(SocketAddr::new(ip, conn.peer.port())));
         if req.uri().path() != path {
             let pq = match req.uri().query() {
@@ -382,41 +381,6 @@ impl Proxy {
             }
         }
     }
-
-    /// The client's address: the peer, or, when the peer is a trusted proxy,
-    /// the right-most `X-Forwarded-For` entry that is not itself trusted.
-    /// Entries are read from the right, each written by the hop before the
-    /// one that appended it. One that is not an address (with or without a
-    /// port) ends the walk at the last address a trusted hop vouched for:
-    /// whatever lies left of it, a client may have written (and could vary
-    /// per request to dodge a limit by address). All trusted: the leftmost.
-    fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-        let mut client = peer.to_canonical();
-        if !self.is_trusted(client) {
-            return client;
-        }
-        for value in headers.get_all("x-forwarded-for").iter().rev() {
-            let Ok(text) = value.to_str() else { return client };
-            for hop in text.rsplit(',') {
-                let hop = hop.trim();
-                let parsed = hop.parse::<IpAddr>().ok().or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()));
-                let Some(ip) = parsed.map(|ip| ip.to_canonical()) else { return client };
-                if !self.is_trusted(ip) {
-                    return ip;
-                }
-                client = ip;
-            }
-        }
-        client
-    }
-
-    /// Whether `ip` is in `server.trusted_proxies` (an IPv4-mapped IPv6
-    /// address, as a dual-stack listener reports IPv4 peers, as IPv4).
-    fn is_trusted(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.trusted_proxies.iter().any(|net| net.contains(&ip))
-    }
-
     #[allow(clippy::too_many_arguments, reason = "one call site, in serve; a struct would only rename them")]
     async fn forward<'t>(
         &self,
@@ -472,7 +436,10 @@ impl Proxy {
         // any token is looked at: a flood of forged tokens costs no
         // verification past the allowance.
         if let Some(limiter) = route.limiter.as_deref().filter(|l| l.key() == RateLimitKey::Ip) {
-            within_limit(limiter, ratelimit::Key::ip(self.client_ip(conn.peer.ip(), req.headers())))?;
+            within_limit(
+                limiter,
+                ratelimit::Key::ip(client_ip(&table.trusted_proxies, conn.peer.ip(), req.headers())),
+            )?;
         }
 
         // Authenticate and authorise.
@@ -533,8 +500,13 @@ impl Proxy {
         // value goes here (it was kept in `request_id` if it was usable).
         h.remove(&table.headers.request_id);
         let peer = conn.peer.ip();
-        let forwarded =
-            headers::set_forwarded(h, &conn.peer_header, self.is_trusted(peer), conn.https, client_host.as_ref());
+        let forwarded = headers::set_forwarded(
+            h,
+            &conn.peer_header,
+            is_trusted(&table.trusted_proxies, peer),
+            conn.https,
+            client_host.as_ref(),
+        );
         // Every client spelling of it went with the reserved names.
         if let Some(prefix) = &route.forwarded_prefix {
             h.insert(headers::X_FORWARDED_PREFIX, prefix.clone());
@@ -679,6 +651,41 @@ impl Proxy {
         })?;
         self.identities.verify(&self.authenticator, token).map_err(ProxyError::InvalidToken)
     }
+}
+
+/// The client's address: the peer, or, when the peer is in `trusted`
+/// (`server.trusted_proxies`), the right-most `X-Forwarded-For` entry that
+/// is not itself trusted. Entries are read from the right, each written by
+/// the hop before the one that appended it. One that is not an address
+/// (with or without a port) ends the walk at the last address a trusted hop
+/// vouched for: whatever lies left of it, a client may have written (and
+/// could vary per request to dodge a limit by address). All trusted: the
+/// leftmost.
+fn client_ip(trusted: &[IpNet], peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    let mut client = peer.to_canonical();
+    if !is_trusted(trusted, client) {
+        return client;
+    }
+    for value in headers.get_all("x-forwarded-for").iter().rev() {
+        let Ok(text) = value.to_str() else { return client };
+        for hop in text.rsplit(',') {
+            let hop = hop.trim();
+            let parsed = hop.parse::<IpAddr>().ok().or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()));
+            let Some(ip) = parsed.map(|ip| ip.to_canonical()) else { return client };
+            if !is_trusted(trusted, ip) {
+                return ip;
+            }
+            client = ip;
+        }
+    }
+    client
+}
+
+/// Whether `ip` is in `trusted` (an IPv4-mapped IPv6 address, as a
+/// dual-stack listener reports IPv4 peers, as IPv4).
+fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    trusted.iter().any(|net| net.contains(&ip))
 }
 
 /// The upstream's answer did not come in time.

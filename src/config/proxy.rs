@@ -21,6 +21,9 @@ pub struct ProxyConfig {
     /// `forward_auth.enabled`: whether `/auth/forward-auth` judges requests
     /// for a proxy in front ([`crate::proxy::forward_auth`]).
     pub forward_auth: bool,
+    /// `server.trusted_proxies`: peers whose `X-Forwarded-*` are extended
+    /// and believed (for the client's address, and by forward auth).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,10 +256,10 @@ pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNa
 
 /// `[forward_auth]`. It answers only peers in `server.trusted_proxies`
 /// (`trusted`): with none listed, it could answer no one.
-pub(super) fn build_forward_auth(table: toml::Table, trusted: Option<&[ipnet::IpNet]>, errors: &mut Errors) -> bool {
+pub(super) fn build_forward_auth(table: toml::Table, trusted: &[ipnet::IpNet], errors: &mut Errors) -> bool {
     let mut f = Fields::new("forward_auth", table, errors);
     let enabled = f.bool_or("enabled", false);
-    if enabled && trusted.is_some_and(<[_]>::is_empty) {
+    if enabled && trusted.is_empty() {
         f.error("enabled", "answers only peers in server.trusted_proxies, which is empty: list the proxy that asks");
     }
     f.finish();

@@ -11,7 +11,8 @@
 //! those fields describe:
 //!
 //! 1. the path is normalised ([`super::path`]; a path that could be read two
-//!    ways is a 400, which the proxy in front takes as a refusal);
+//!    ways, or holds a `#`, is a 400, which the proxy in front takes as a
+//!    refusal);
 //! 2. the route is chosen by host, path and method (404, 405), a CORS
 //!    preflight by the method it announces;
 //! 3. a route limited by client address counts the request (the client's
@@ -26,9 +27,12 @@
 //! `copy_headers`). Refused: the answer the gateway would have given itself
 //! (status, JSON `error`, `WWW-Authenticate`, `Retry-After`).
 //!
-//! Only peers in `server.trusted_proxies` are answered (others get 403):
-//! the three fields, and `X-Forwarded-For`, are believed only from a proxy
-//! the operator named. What the gateway cannot do here, the proxy in front
+//! Only peers in `server.trusted_proxies` (re-read on reload, with the
+//! routes) are answered (others get 403): the three fields, and
+//! `X-Forwarded-For`, are believed only from a proxy the operator named.
+//! A CORS preflight cannot be cut down to its CORS fields here as the proxy
+//! does, so an `OPTIONS` carrying credentials or a body is not taken for
+//! one (`is_preflight`). What the gateway cannot do here, the proxy in front
 //! must: strip the client's identity headers (every spelling) and its
 //! `Authorization`, and send exactly the path that was judged. The README's
 //! "Forward auth" section shows how, for nginx, Traefik and Caddy.
@@ -40,13 +44,19 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hyper::header::{HeaderMap, HeaderName, HeaderValue, ACCESS_CONTROL_REQUEST_METHOD, CACHE_CONTROL, ORIGIN};
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, ACCESS_CONTROL_REQUEST_METHOD, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH,
+    COOKIE, ORIGIN, TRANSFER_ENCODING,
+};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response};
 
 use super::error::ProxyError;
 use super::identity::Identity;
 use super::router::{Miss, Route, RouteTable};
-use super::{count_auth_failure, headers, path, policy, ratelimit, router, status_label, within_limit};
+use super::{
+    client_ip, count_auth_failure, headers, is_trusted, path, policy, ratelimit, router, status_label, within_limit,
+};
 use super::{Access, Conn, Proxy};
 use crate::body::Body;
 use crate::config::{AuthMode, RateLimitKey};
@@ -80,28 +90,28 @@ impl Proxy {
     ) -> Response<Body> {
         let request_id = headers::request_id(req.headers(), &table.headers.request_id);
         let mut decision = Decision { route: None, user: None, method: None, path: None };
-        let mut response = match self.judge(table, req.headers(), authorization, conn, &mut decision) {
-            Ok(identity) => {
-                let mut response = Response::new(Body::empty());
-                let h = response.headers_mut();
-                h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                if let Some(id) = &identity {
-                    for (name, value) in headers::identity_fields(&table.headers, &id.headers) {
-                        h.insert(name.clone(), value.clone());
-                    }
-                }
-                response
-            }
+        let judged = self.judge(table, req.headers(), authorization, conn, &mut decision);
+        let (mut response, identity) = match judged {
+            Ok(identity) => (Response::new(Body::empty()), Some(identity)),
             Err(e) => {
                 count_auth_failure(&e);
                 let mut response = e.into_response();
                 table.cors.apply(req.headers().get(ORIGIN), &table.headers.request_id, &mut response);
-                response
+                (response, None)
             }
         };
-        headers::set_answer_fields(response.headers_mut(), &table.headers.response_headers);
+        let h = response.headers_mut();
+        headers::set_answer_fields(h, &table.headers.response_headers);
         if let Some(route) = decision.route {
-            headers::set_answer_fields(response.headers_mut(), &route.config.response_headers);
+            headers::set_answer_fields(h, &route.config.response_headers);
+        }
+        // Last, so that no configured answer field can replace them: the
+        // proxy in front copies these onto the request it forwards.
+        if let Some(identity) = identity {
+            h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            for (name, value) in identity.iter().flat_map(|id| headers::identity_fields(&table.headers, &id.headers)) {
+                h.insert(name.clone(), value.clone());
+            }
         }
         let status = response.status();
         let label = decision.route.map_or_else(|| metrics::SharedString::const_str("none"), |r| r.label.clone());
@@ -130,7 +140,7 @@ impl Proxy {
         conn: &Conn,
         decision: &mut Decision<'t>,
     ) -> Result<Option<Arc<Identity>>, ProxyError> {
-        if !self.is_trusted(conn.peer.ip()) {
+        if !is_trusted(&table.trusted_proxies, conn.peer.ip()) {
             return Err(ProxyError::Forbidden);
         }
         let method = one(h, &METHOD, "forward auth needs one X-Forwarded-Method field")?;
@@ -147,14 +157,20 @@ impl Proxy {
         if host.is_empty() || host.contains(',') {
             return Err(ProxyError::BadRequest("X-Forwarded-Host is not one host"));
         }
-        // Path and query (origin form); the query never takes part.
-        let raw_path = uri.split_once('?').map_or(uri, |(p, _)| p);
-        let path: Cow<'_, str> = path::normalize(raw_path).map_err(ProxyError::BadPath)?;
+        // Path and query (origin form), checked as a request target is; the
+        // query never takes part. A fragment is never part of one: a `#`
+        // that a server in front or behind cuts off could make it serve
+        // another path than the one judged.
+        if uri.contains('#') {
+            return Err(ProxyError::BadRequest("X-Forwarded-Uri holds a '#'"));
+        }
+        let target = PathAndQuery::try_from(uri)
+            .map_err(|_| ProxyError::BadRequest("X-Forwarded-Uri is not a path and query"))?;
+        let path: Cow<'_, str> = path::normalize(target.path()).map_err(ProxyError::BadPath)?;
         decision.path = Some(path.clone().into_owned());
 
-        // Only an `OPTIONS` that looks like a preflight announces a method.
-        let preflight =
-            method == Method::OPTIONS && h.contains_key(ORIGIN) && h.contains_key(ACCESS_CONTROL_REQUEST_METHOD);
+        // (An `Authorization` the HTTP/1 parser kept apart counts too.)
+        let preflight = method == Method::OPTIONS && authorization.is_none() && is_preflight(h);
         let announced = preflight
             .then(|| h.get(ACCESS_CONTROL_REQUEST_METHOD).and_then(|m| Method::from_bytes(m.as_bytes()).ok()))
             .flatten();
@@ -167,7 +183,7 @@ impl Proxy {
         let cfg = &route.config;
 
         if let Some(limiter) = route.limiter.as_deref().filter(|l| l.key() == RateLimitKey::Ip) {
-            within_limit(limiter, ratelimit::Key::ip(self.client_ip(conn.peer.ip(), h)))?;
+            within_limit(limiter, ratelimit::Key::ip(client_ip(&table.trusted_proxies, conn.peer.ip(), h)))?;
         }
         match cfg.auth {
             // Chosen for the method a preflight announced: never allow a
@@ -189,6 +205,22 @@ impl Proxy {
             }
         }
     }
+}
+
+/// Whether an `OPTIONS` described by these fields is a CORS preflight as a
+/// browser sends it: `Origin` and `Access-Control-Request-Method`, and
+/// none of what a preflight never carries (credentials, by the Fetch
+/// standard; a body, where the proxy in front lets its framing through).
+/// The gateway cannot cut such a request down to its CORS fields, as it
+/// does when it forwards one, so anything more is judged like any
+/// `OPTIONS`. Only a preflight announces a method that picks its route.
+fn is_preflight(h: &HeaderMap) -> bool {
+    let bodiless = h.get(CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0") && !h.contains_key(TRANSFER_ENCODING);
+    h.contains_key(ORIGIN)
+        && h.contains_key(ACCESS_CONTROL_REQUEST_METHOD)
+        && !h.contains_key(AUTHORIZATION)
+        && !h.contains_key(COOKIE)
+        && bodiless
 }
 
 /// The value of `name`, which must come exactly once, as text.

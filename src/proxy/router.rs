@@ -194,6 +194,8 @@ pub struct RouteTable {
     pub cors: CorsOrigins,
     /// `forward_auth.enabled`, reloaded with the routes.
     pub forward_auth: bool,
+    /// `server.trusted_proxies`, reloaded with the routes.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl RouteTable {
@@ -226,7 +228,13 @@ impl RouteTable {
                 .then_with(|| a.prefix.cmp(&b.prefix))
                 .then(a.methods.is_empty().cmp(&b.methods.is_empty()))
         });
-        Self { routes, headers: config.headers, cors, forward_auth: config.forward_auth }
+        Self {
+            routes,
+            headers: config.headers,
+            cors,
+            forward_auth: config.forward_auth,
+            trusted_proxies: config.trusted_proxies,
+        }
     }
 
     /// The route for `host` (without port; any case), a normalised path and

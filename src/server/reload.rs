@@ -12,8 +12,10 @@
 //! are read again on SIGHUP and when one of their files changes, by the
 //! same rule; SIGHUP also reads the platform's trust store again.
 //! Of `[auth]`, only `cors_origins` is taken on reload (with the API's
-//! router rebuilt for it); listeners, the database, the rest of `[auth]`
-//! and timeouts of the server itself need a restart.
+//! router rebuilt for it), and of `[server]` only `trusted_proxies` (with
+//! the routes, which forward auth and the client's address read it
+//! with); listeners, the database, the rest of `[auth]` and timeouts of
+//! the server itself need a restart.
 //!
 //! Why a change must hold still for a whole poll before it is read: an
 //! editor or `cat >` writes the file in pieces, and a file cut short is

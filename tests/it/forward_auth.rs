@@ -86,7 +86,16 @@ struct Fixture {
 async fn fixture() -> Fixture {
     let svc = spawn_upstream("fa").await;
     let routes = [
-        route("orders", "/orders", &[svc.url()], "roles = [\"admin\"]\nscopes = [\"orders:write\"]"),
+        // Fields of the route's own may not replace what the proxy in front
+        // copies, nor make a decision cacheable.
+        route(
+            "orders",
+            "/orders",
+            &[svc.url()],
+            "roles = [\"admin\"]\nscopes = [\"orders:write\"]\n\
+             response_headers = { \"X-User-Roles\" = \"root\", \"Cache-Control\" = \"max-age=60\" }",
+        ),
+        route("admin-host", "/", &[svc.url()], "host = \"admin.example\""),
         route("reports", "/reports", &[svc.url()], "scopes = [\"reports:read\"]"),
         route("home", "/", &[svc.url()], "auth = \"public\""),
         route("only-get", "/only-get", &[svc.url()], "methods = [\"GET\", \"HEAD\"]"),
@@ -110,7 +119,7 @@ async fn a_valid_token_is_allowed_with_its_identity_and_dies_at_logout() {
     let token = f.admin.access_token.as_str();
     let headers = assert_allowed("admin", ask(app, &Asked::get("/orders/7?x=1", Some(token))).await).await;
     assert_eq!(field(&headers, "x-user-id"), f.admin_id);
-    assert_eq!(field(&headers, "x-user-roles"), "admin");
+    assert_eq!(field(&headers, "x-user-roles"), "admin", "a route's response_headers replaced an identity field");
     assert_eq!(field(&headers, "x-user-scopes"), "orders:write");
     let me = app.me_ok(token).await;
     assert_eq!(field(&headers, "x-tenant-id"), me["tenant_id"].as_str().expect("tenant_id"));
@@ -168,7 +177,11 @@ async fn the_described_request_is_routed_like_one_the_gateway_serves() {
         };
         assert_error_in(uri, resp, status, code).await;
     }
-    for uri in ["/orders%2f7", "/orders/..%2fx", "/orders%5c7", "/orders;x=1", "orders/7", "*"] {
+    // `#`: `/reports#x` would be judged by the public root route, and a
+    // server that cuts the fragment off would serve `/reports`.
+    let refused =
+        ["/orders%2f7", "/orders/..%2fx", "/orders%5c7", "/orders;x=1", "orders/7", "*", "/orders#x", "/orders 7"];
+    for uri in refused {
         let resp = ask(app, &Asked::get(uri, None)).await;
         assert_error_in(uri, resp, StatusCode::BAD_REQUEST, "invalid_request").await;
     }
@@ -179,6 +192,12 @@ async fn the_described_request_is_routed_like_one_the_gateway_serves() {
     let headers = assert_allowed("a public route", ask(app, &asked).await).await;
     for name in IDENTITY {
         assert!(!headers.contains_key(name), "a public route handed back {name}");
+    }
+    // The host as a proxy may send it (case, port, trailing dot) picks a
+    // host's own routes.
+    for host in ["admin.example", "Admin.EXAMPLE:8443", "admin.example.:80"] {
+        let resp = ask(app, &Asked { host, ..Asked::get("/ordersx", None) }).await;
+        assert_error_in(host, resp, StatusCode::UNAUTHORIZED, "unauthorized").await;
     }
     // A method no route at the path takes: 405 with `Allow`, as served.
     let asked = Asked { method: "POST", ..Asked::get("/only-get/x", Some(token)) };
@@ -230,15 +249,16 @@ async fn the_described_request_must_be_stated_once_and_plainly() {
     f.app.stop().await;
 }
 
-/// Only a peer in `server.trusted_proxies` is answered, whatever it holds;
-/// with forward auth off, the path is the API's 404.
+/// Only a peer in `server.trusted_proxies` is answered, whatever it holds,
+/// and the list is taken on reload (in both directions); with forward auth
+/// off, the path is the API's 404.
 #[tokio::test]
 async fn only_a_trusted_proxy_is_answered_and_only_when_enabled() {
     let svc = spawn_upstream("fa-trust").await;
     let routes = route("guarded", "/guarded", &[svc.url()], "");
     let opts = TestOptions {
         extra: format!("{ON}{routes}"),
-        server_extra: "trusted_proxies = [\"10.0.0.0/8\"]".to_owned(),
+        server_extra: "trusted_proxies = [\"10.0.0.0/8\"]\nconfig_poll = \"0s\"".to_owned(),
         ..TestOptions::default()
     };
     let app = spawn_app_with(opts).await;
@@ -246,6 +266,16 @@ async fn only_a_trusted_proxy_is_answered_and_only_when_enabled() {
     let token = app.login_ok("a@example.com", PASSWORD, None).await.access_token;
     let resp = ask(&app, &Asked::get("/guarded", Some(&token))).await;
     assert_error_in("an untrusted peer", resp, StatusCode::FORBIDDEN, "forbidden").await;
+    let trust = |list: &str| {
+        let server_extra = format!("trusted_proxies = [{list}]\nconfig_poll = \"0s\"");
+        app.write_raw_config(&config_toml(&TestOptions { server_extra, ..app.opts.clone() }));
+        app.reloader.reload().unwrap_or_else(|e| panic!("reload failed: {e}"));
+    };
+    trust("\"127.0.0.1/32\"");
+    assert_allowed("trusted after a reload", ask(&app, &Asked::get("/guarded", Some(&token))).await).await;
+    trust("\"10.0.0.0/8\"");
+    let resp = ask(&app, &Asked::get("/guarded", Some(&token))).await;
+    assert_error_in("no longer trusted", resp, StatusCode::FORBIDDEN, "forbidden").await;
     app.stop().await;
 
     let app =
@@ -288,6 +318,7 @@ async fn rate_limits_count_decisions() {
     let routes = [
         route("by-ip", "/by-ip", &[svc.url()], &format!("auth = \"public\"\n{limit}")),
         route("by-user", "/by-user", &[svc.url()], "rate_limit = { requests = 2, per = \"1h\" }"),
+        route("guarded-ip", "/guarded-ip", &[svc.url()], limit),
     ]
     .concat();
     let app = judge(&routes).await;
@@ -300,6 +331,15 @@ async fn rate_limits_count_decisions() {
     let resp = ask(&app, &Asked { fields: &one, ..Asked::get("/by-ip", None) }).await;
     assert!(resp.headers().contains_key("retry-after"));
     assert_error_in("a third from one address", resp, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+    // On a required route, a limit by address counts before the token is
+    // looked at: forged tokens are refused with 429 once it is spent.
+    let forged = "eyJhbGciOiJFZERTQSIsImtpZCI6Im5vIn0.e30.c2lnbmF0dXJl";
+    for i in 0..2 {
+        let resp = ask(&app, &Asked { fields: &one, ..Asked::get("/guarded-ip", Some(forged)) }).await;
+        assert_error_in(&format!("forged {i}"), resp, StatusCode::UNAUTHORIZED, "invalid_token").await;
+    }
+    let resp = ask(&app, &Asked { fields: &one, ..Asked::get("/guarded-ip", Some(forged)) }).await;
+    assert_error_in("a third forged token", resp, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
     let other = from("203.0.113.8");
     assert_allowed("another address", ask(&app, &Asked { fields: &other, ..Asked::get("/by-ip", None) }).await).await;
 
@@ -314,22 +354,47 @@ async fn rate_limits_count_decisions() {
 }
 
 /// A CORS preflight (the browser sends no token) is allowed, without an
-/// identity, only where the route says `cors_preflight`.
+/// identity, only where the route says `cors_preflight`, and picks its
+/// route by the method it announces. The gateway cannot cut the request
+/// down here, so one carrying credentials or a body is no preflight: it is
+/// judged like any `OPTIONS`.
 #[tokio::test]
 async fn preflights_pass_without_a_token_only_where_the_route_allows() {
     let svc = spawn_upstream("fa-cors").await;
-    let routes =
-        [route("open", "/open", &[svc.url()], "cors_preflight = true"), route("closed", "/closed", &[svc.url()], "")]
-            .concat();
+    let routes = [
+        route("open", "/open", &[svc.url()], "cors_preflight = true"),
+        route("closed", "/closed", &[svc.url()], ""),
+        route("deletes", "/deletes", &[svc.url()], "methods = [\"DELETE\"]\ncors_preflight = true"),
+    ]
+    .concat();
     let app = judge(&routes).await;
-    let preflight = [("origin", "https://app.example"), ("access-control-request-method", "PUT")];
+    let preflight = [("origin", "https://app.example"), ("access-control-request-method", "DELETE")];
     let asked = |uri: &'static str| Asked { method: "OPTIONS", fields: &preflight, ..Asked::get(uri, None) };
-    let headers = assert_allowed("open", ask(&app, &asked("/open/x")).await).await;
-    assert!(!headers.contains_key("x-user-id"));
+    assert_allowed("open", ask(&app, &asked("/open/x")).await).await;
+    assert_allowed("routed by the announced DELETE", ask(&app, &asked("/deletes/x")).await).await;
     assert_error_in("closed", ask(&app, &asked("/closed/x")).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
     // Not a preflight (no announced method): judged like any OPTIONS.
     let bare = Asked { method: "OPTIONS", ..Asked::get("/open/x", None) };
     assert_error_in("a bare OPTIONS", ask(&app, &bare).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
+
+    // With more than a preflight carries, the OPTIONS is routed as itself:
+    // `deletes` does not take it.
+    app.create_user("default", "a@example.com", PASSWORD, &[], &[]).await;
+    let token = app.login_ok("a@example.com", PASSWORD, None).await.access_token;
+    let bearer = format!("Bearer {token}");
+    let more: [(&str, &str); 3] = [("authorization", &bearer), ("cookie", "session=1"), ("content-length", "5")];
+    for extra in more {
+        let fields = [preflight[0], preflight[1], extra];
+        let resp = ask(&app, &Asked { method: "OPTIONS", fields: &fields, ..Asked::get("/deletes/x", None) }).await;
+        assert_error_in(extra.0, resp, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    }
+    // On a route taking every method, the token is checked as on any
+    // request, and the identity handed back.
+    let fields = [preflight[0], preflight[1], ("authorization", bearer.as_str())];
+    let resp = ask(&app, &Asked { method: "OPTIONS", fields: &fields, ..Asked::get("/open/x", None) }).await;
+    let headers = assert_allowed("a preflight with a token", resp).await;
+    assert!(headers.contains_key("x-user-id"), "a token-bearing OPTIONS was passed as a preflight");
+    assert_eq!(svc.hits(), 0);
     app.stop().await;
 }
 

@@ -214,7 +214,11 @@ async fn the_access_log_has_a_line_per_request_and_no_secret_anywhere_in_the_log
     let svc = spawn_upstream("logged").await;
     let routes =
         [route("private", "/private", &[svc.url()], ""), route("open", "/open", &[svc.url()], "auth = \"public\"")];
-    let opts = TestOptions::with_extra(routes.concat());
+    // Forward auth on, for this machine: its decisions are logged too.
+    let opts = TestOptions {
+        server_extra: "trusted_proxies = [\"127.0.0.1/32\"]".to_owned(),
+        ..TestOptions::with_extra(format!("{}\n[forward_auth]\nenabled = true\n", routes.concat()))
+    };
     // At debug level, so that "no secret" covers what an operator can turn on.
     let p = Process::start_logging(&opts, "debug").await;
     let client = Client::new();
@@ -231,6 +235,18 @@ async fn the_access_log_has_a_line_per_request_and_no_secret_anywhere_in_the_log
         .expect("GET /private/x");
     let ok_id = header(&resp, "x-request-id");
     let user_id = echo(resp).await.one("x-user-id").to_owned();
+    // A forward-auth decision about a request with the token in its query.
+    let resp = client
+        .get(p.url("/auth/forward-auth"))
+        .bearer_auth(&access)
+        .header("x-forwarded-method", "GET")
+        .header("x-forwarded-host", "gateway.test")
+        .header("x-forwarded-uri", format!("/private/z?access_token={access}"))
+        .send()
+        .await
+        .expect("GET /auth/forward-auth");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let decision_id = header(&resp, "x-request-id");
     // Refused: no token; a refresh token as a bearer; a path that climbs out.
     let resp = client.get(p.url("/private/y")).send().await.expect("GET without a token");
     let missing_id = header(&resp, "x-request-id");
@@ -255,11 +271,11 @@ async fn the_access_log_has_a_line_per_request_and_no_secret_anywhere_in_the_log
     let rotated: Value = resp.json().await.expect("refresh JSON");
 
     // Each line is written before its answer, but read from the pipe by
-    // another thread: wait for all seven.
+    // another thread: wait for all eight.
     let mut lines = Vec::new();
     for _ in 0..200 {
         lines = access_lines(&p.logs());
-        if lines.len() >= 7 {
+        if lines.len() >= 8 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -277,6 +293,18 @@ async fn the_access_log_has_a_line_per_request_and_no_secret_anywhere_in_the_log
     assert_eq!(ok["user_id"], user_id.as_str(), "{ok}");
     assert_eq!(ok["upstream"], svc.url().as_str(), "{ok}");
     assert!(ok["duration_us"].is_u64(), "{ok}");
+    assert!(ok.get("forward_auth").is_none(), "{ok}");
+
+    let decision = find(&|l| l["request_id"] == decision_id.as_str(), "the forward-auth decision");
+    assert_eq!(decision["forward_auth"], true, "{decision}");
+    assert_eq!(decision["route"], "private", "{decision}");
+    assert_eq!(
+        (decision["method"].as_str(), decision["path"].as_str()),
+        (Some("GET"), Some("/private/z")),
+        "{decision}"
+    );
+    assert_eq!(decision["user_id"], user_id.as_str(), "{decision}");
+    assert!(decision.get("upstream").is_none(), "{decision}");
 
     let missing = find(&|l| l["request_id"] == missing_id.as_str(), "the request without a token");
     assert_eq!((missing["route"].as_str(), missing["status"].as_u64()), (Some("private"), Some(401)), "{missing}");
@@ -292,7 +320,7 @@ async fn the_access_log_has_a_line_per_request_and_no_secret_anywhere_in_the_log
     assert_eq!((api["route"].as_str(), api["status"].as_u64()), (Some("gateway"), Some(200)), "{api}");
     assert_eq!(api["request_id"], api_id.as_str(), "{api}");
     find(&|l| l["path"] == "/auth/login", "the login");
-    assert_eq!(lines.len(), 7, "one line per request: {lines:#?}");
+    assert_eq!(lines.len(), 8, "one line per request: {lines:#?}");
 
     // The same requests in the metrics (this process's own registry, so
     // the counts are exact).
@@ -306,6 +334,7 @@ async fn the_access_log_has_a_line_per_request_and_no_secret_anywhere_in_the_log
     assert_eq!(m("gateway_auth_failures_total", &[("reason", "missing")]), 1.0, "{metrics}");
     assert_eq!(m("gateway_auth_failures_total", &[("reason", "malformed")]), 1.0, "a refresh token: {metrics}");
     assert_eq!(m("gateway_auth_failures_total", &[]), 2.0, "{metrics}");
+    assert_eq!(m("gateway_forward_auth_total", &[("route", "private"), ("status", "200")]), 1.0, "{metrics}");
 
     let all = p.stop().await;
     let new_access = rotated["access_token"].as_str().expect("rotated access token");
