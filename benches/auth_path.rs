@@ -1,8 +1,8 @@
 //! The per-request auth path of the proxy, without sockets: path
 //! normalisation, route lookup, header stripping, token verification
 //! (uncached and cached), the revocation check, the policy and header
-//! injection; and a route's rate limit check. `cargo bench --bench
-//! auth_path`.
+//! injection; a route's rate limit check; and a route's identity
+//! assertion, signed and reused. `cargo bench --bench auth_path`.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -18,6 +18,7 @@ use gateway::auth::revocation::RevocationState;
 use gateway::auth::token::{sign, AccessClaims, TokenRules};
 use gateway::auth::Authenticator;
 use gateway::config::{Config, RateLimit, RateLimitKey};
+use gateway::proxy::assertion::Assertions;
 use gateway::proxy::cors::CorsOrigins;
 use gateway::proxy::identity::IdentityCache;
 use gateway::proxy::ratelimit::{Key, RateLimiter};
@@ -127,6 +128,17 @@ fn bench(c: &mut Criterion) {
     let mut next = users.iter().cycle();
     c.bench_function("rate_limit_100k_keys", |b| {
         b.iter(|| limiter.check(black_box(*next.next().expect("endless"))).expect("within"));
+    });
+
+    // A route's `jwt_assertion`: signed (the first request with a token,
+    // then one each 30 s), and handed out again (every other request).
+    let id = cache.verify(&auth, token.as_bytes()).expect("valid");
+    c.bench_function("jwt_assertion_signed", |b| {
+        b.iter(|| Assertions::default().get(&id.principal, black_box("orders"), &auth, now).expect("signed"));
+    });
+    let kept = Assertions::default();
+    c.bench_function("jwt_assertion_reused", |b| {
+        b.iter(|| kept.get(&id.principal, black_box("orders"), &auth, now).expect("reused"));
     });
 }
 

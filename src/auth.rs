@@ -165,6 +165,11 @@ impl Authenticator {
         self.id
     }
 
+    /// `auth.issuer`, as the running process signs with it.
+    pub fn issuer(&self) -> &str {
+        self.rules.issuer()
+    }
+
     /// Verifies `token` (the text after `Bearer `) and returns its principal.
     pub fn verify_bearer(&self, token: &str) -> Result<Principal, TokenError> {
         let now = crate::db::unix_now();

@@ -299,7 +299,7 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
 
     let headers = proxy::build_headers(headers_t, errors);
     let forward_auth = proxy::build_forward_auth(forward_auth_t, &trusted_proxies, errors);
-    let routes = proxy::build_routes(routes_t, &headers, forward_auth, errors);
+    let routes = proxy::build_routes(routes_t, &headers, forward_auth, &auth.audience, errors);
     let upstream = proxy::build_upstream(upstream_t, base, errors);
 
     Some(Config {

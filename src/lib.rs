@@ -25,7 +25,8 @@
 //!   connection pool per worker, spoken to with [`http1`]; its reloadable
 //!   TLS in [`proxy::upstream::tls`]),
 //!   [`proxy::tunnel`] (WebSockets), [`proxy::forward_auth`] (the same
-//!   checks as a decision for a proxy in front).
+//!   checks as a decision for a proxy in front), [`proxy::assertion`]
+//!   (signed identity for backends, per token and audience).
 //! - [`api`]: the `/auth/*` and JWKS endpoints (axum).
 //! - [`auth`]: passwords, keys, tokens, refresh rotation, the revocation state
 //!   and its poller/listener, and the flows in [`auth::service`].

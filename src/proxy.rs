@@ -22,7 +22,8 @@
 //! 5. **Authorise** against the route's tenants, roles and scopes
 //!    ([`policy`]); a route limited by user or tenant counts the request
 //!    here.
-//! 6. **Inject** identity, request id and `X-Forwarded-*`.
+//! 6. **Inject** identity (and, on a route with `jwt_assertion`, its
+//!    signed assertion: [`assertion`]), request id and `X-Forwarded-*`.
 //! 7. **Forward** through the pooled client ([`upstream`]), streaming both
 //!    bodies; round-robin, cool-down and one retry for idempotent requests
 //!    whose connection was refused; 502/504 on failure.
@@ -35,6 +36,7 @@
 //!
 //! Steps 1–6 do no database I/O and no blocking work.
 
+pub mod assertion;
 pub mod cors;
 pub mod error;
 pub mod forward_auth;
@@ -480,6 +482,13 @@ impl Proxy {
         if !preflight {
             headers::set_route_fields(req.headers_mut(), &cfg.request_headers);
         }
+        // Signed once per token and audience, not per request ([`assertion`]).
+        let assertion = match (&identity, &cfg.jwt_assertion) {
+            (Some(id), Some(audience)) => {
+                Some(id.assertions.get(&id.principal, audience, &self.authenticator, crate::db::unix_now())?)
+            }
+            _ => None,
+        };
 
         // Inject.
         let client_host = req
@@ -556,11 +565,13 @@ impl Proxy {
             }
 
             let identity = identity.as_deref().map(|id| headers::identity_fields(&table.headers, &id.headers));
-            // The request id, at most five identity and three forwarding fields.
-            let mut fields = [(&HOST, &NO_VALUE); 9];
+            // The request id, at most five identity fields and an
+            // assertion, and three forwarding fields.
+            let mut fields = [(&HOST, &NO_VALUE); 10];
             let mut count = 0;
             let all = std::iter::once((&table.headers.request_id, request_id))
                 .chain(identity.iter().flatten().copied())
+                .chain(assertion.as_ref().map(|value| (&table.headers.jwt_assertion, value)))
                 .chain(forwarded.iter().flat_map(|f| f.fields()));
             for (slot, field) in fields.iter_mut().zip(all) {
                 *slot = field;

@@ -85,11 +85,40 @@ pub fn sign(keys: &KeyRing, claims: &AccessClaims) -> Result<String, jsonwebtoke
     jsonwebtoken::encode(&header, claims, key)
 }
 
+/// The claims of an identity assertion (a route's `jwt_assertion`): the
+/// verified token's identity, restated for one audience.
+#[derive(Debug, Serialize)]
+pub struct AssertionClaims<'a> {
+    pub iss: &'a str,
+    pub aud: &'a str,
+    pub sub: Uuid,
+    pub tid: Uuid,
+    pub sid: Uuid,
+    pub jti: Uuid,
+    pub iat: i64,
+    pub exp: i64,
+    pub roles: &'a [String],
+    /// Space-separated, as in the access token.
+    pub scope: String,
+}
+
+/// Signs an identity assertion with the ring's newest key, typed `JWT`:
+/// never `at+jwt`, so that [`TokenRules::verify`] refuses it whatever its
+/// audience.
+pub fn sign_assertion(keys: &KeyRing, claims: &AssertionClaims<'_>) -> Result<String, jsonwebtoken::errors::Error> {
+    let (kid, key) = keys.signer();
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.typ = Some("JWT".to_owned());
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&header, claims, key)
+}
+
 /// Issuer/audience/leeway settings for verification, built once.
 #[derive(Debug, Clone)]
 pub struct TokenRules {
     validation: Validation,
     leeway: i64,
+    issuer: String,
 }
 
 impl TokenRules {
@@ -101,7 +130,12 @@ impl TokenRules {
         validation.set_issuer(&[issuer]);
         validation.set_audience(&[audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        Self { validation, leeway: i64::try_from(leeway_secs).unwrap_or(0) }
+        Self { validation, leeway: i64::try_from(leeway_secs).unwrap_or(0), issuer: issuer.to_owned() }
+    }
+
+    /// `auth.issuer`, which the gateway's tokens and assertions carry.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
     }
 
     /// Checks signature and claims (not revocation) at unix time `now`.

@@ -101,6 +101,10 @@ pub struct RouteConfig {
     /// Removed from the upstream's answers (not from the gateway's own).
     pub remove_response_headers: Vec<HeaderName>,
     pub rate_limit: Option<RateLimit>,
+    /// `jwt_assertion`: the audience of the signed identity sent with each
+    /// request (`jwt_assertion_audience`, default the route's name); None
+    /// when the route sends none.
+    pub jwt_assertion: Option<String>,
 }
 
 /// One upstream base URL.
@@ -131,6 +135,8 @@ pub struct HeaderNames {
     pub scopes: HeaderName,
     pub session_id: HeaderName,
     pub request_id: HeaderName,
+    /// The signed identity a route with `jwt_assertion` sends.
+    pub jwt_assertion: HeaderName,
     /// Every reserved name, lower-case with `_` and `.` mapped to `-`.
     pub reserved: Vec<String>,
     /// `headers.response_headers`: set on every answer of the public
@@ -144,12 +150,13 @@ pub struct HeaderNames {
 /// `X-Original-URL`, …) or its "real" method (Rack, ASP.NET, Express and
 /// Symfony honour `X-HTTP-Method-Override` on a POST), which only the
 /// gateway may state: a route's `methods` judged the method it saw.
-pub const DEFAULT_RESERVED: [&str; 15] = [
+pub const DEFAULT_RESERVED: [&str; 16] = [
     "x-user-id",
     "x-tenant-id",
     "x-user-roles",
     "x-user-scopes",
     "x-session-id",
+    "x-jwt-assertion",
     "forwarded",
     "x-real-ip",
     "x-forwarded-port",
@@ -188,6 +195,7 @@ pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNa
     let scopes = name(&mut f, "scopes", "x-user-scopes");
     let session_id = name(&mut f, "session_id", "x-session-id");
     let request_id = name(&mut f, "request_id", "x-request-id");
+    let jwt_assertion = name(&mut f, "jwt_assertion", "x-jwt-assertion");
     // The identity fields are written after the request's own, and the
     // request id into it: a name shared with another of them, or with a
     // header the gateway sets or reads itself, would let a client's value
@@ -210,6 +218,7 @@ pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNa
         ("scopes", &scopes),
         ("session_id", &session_id),
         ("request_id", &request_id),
+        ("jwt_assertion", &jwt_assertion),
     ];
     for (i, (key, n)) in named.iter().enumerate() {
         let folded = fold_header_name(n.as_str());
@@ -239,7 +248,7 @@ pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNa
     });
     f.finish();
     let mut reserved: Vec<String> = DEFAULT_RESERVED.iter().map(|s| (*s).to_owned()).collect();
-    for n in [&user_id, &tenant_id, &roles, &scopes, &session_id] {
+    for n in [&user_id, &tenant_id, &roles, &scopes, &session_id, &jwt_assertion] {
         reserved.push(fold_header_name(n.as_str()));
     }
     reserved.extend(extra.iter().map(|e| fold_header_name(e)));
@@ -251,7 +260,7 @@ pub(super) fn build_headers(table: toml::Table, errors: &mut Errors) -> HeaderNa
     if reserved.contains(&folded_id) || HOP_BY_HOP.contains(&folded_id.as_str()) {
         errors.push("headers.request_id", format!("{request_id:?} is a reserved or hop-by-hop header"));
     }
-    HeaderNames { user_id, tenant_id, roles, scopes, session_id, request_id, reserved, response_headers }
+    HeaderNames { user_id, tenant_id, roles, scopes, session_id, request_id, jwt_assertion, reserved, response_headers }
 }
 
 /// `[forward_auth]`. It answers only peers in `server.trusted_proxies`
@@ -266,18 +275,21 @@ pub(super) fn build_forward_auth(table: toml::Table, trusted: &[ipnet::IpNet], e
     enabled
 }
 
-/// `forward_auth`: whether routes may leave out `upstreams`.
+/// `forward_auth`: whether routes may leave out `upstreams`;
+/// `token_audience`: `auth.audience`, which no `jwt_assertion_audience`
+/// may be.
 pub(super) fn build_routes(
     tables: Vec<toml::Table>,
     names: &HeaderNames,
     forward_auth: bool,
+    token_audience: &str,
     errors: &mut Errors,
 ) -> Vec<RouteConfig> {
     let mut routes: Vec<RouteConfig> = Vec::with_capacity(tables.len());
     let mut lone_gets = Vec::new();
     for (i, table) in tables.into_iter().enumerate() {
         let mut f = Fields::new(&format!("routes[{i}]"), table, errors);
-        if let Some(route) = build_route(&mut f, names, forward_auth) {
+        if let Some(route) = build_route(&mut f, names, forward_auth, token_audience) {
             if routes.iter().any(|r| r.name == route.name) {
                 f.error("name", format!("{:?} is used by another route", route.name));
             } else if let Some(other) = routes.iter().find(|r| {
@@ -470,7 +482,12 @@ fn header_table(
     out
 }
 
-fn build_route(f: &mut Fields<'_>, names: &HeaderNames, forward_auth: bool) -> Option<RouteConfig> {
+fn build_route(
+    f: &mut Fields<'_>,
+    names: &HeaderNames,
+    forward_auth: bool,
+    token_audience: &str,
+) -> Option<RouteConfig> {
     let name = f.string("name");
     match &name {
         None => f.error("name", "is required"),
@@ -556,6 +573,7 @@ fn build_route(f: &mut Fields<'_>, names: &HeaderNames, forward_auth: bool) -> O
     if auth == AuthMode::Public && !(roles.is_empty() && scopes.is_empty() && tenants.is_empty()) {
         f.error("auth", "a public route cannot require roles, scopes or tenants");
     }
+    let jwt_assertion = jwt_assertion(f, auth, name.as_deref(), token_audience);
     let strip_prefix = f.bool_or("strip_prefix", false);
     let timeout = f.duration_or("timeout", "30s", Duration::from_millis(1));
     let read_timeout = f.duration_or("read_timeout", "60s", Duration::from_millis(1));
@@ -618,7 +636,33 @@ fn build_route(f: &mut Fields<'_>, names: &HeaderNames, forward_auth: bool) -> O
         response_headers,
         remove_response_headers,
         rate_limit,
+        jwt_assertion,
     })
+}
+
+/// `jwt_assertion` and `jwt_assertion_audience`: the audience, when the
+/// route sends a signed identity.
+fn jwt_assertion(f: &mut Fields<'_>, auth: AuthMode, name: Option<&str>, token_audience: &str) -> Option<String> {
+    let on = f.bool_or("jwt_assertion", false);
+    let audience = f.string("jwt_assertion_audience");
+    if !on {
+        if audience.is_some() {
+            f.error("jwt_assertion_audience", "needs jwt_assertion = true");
+        }
+        return None;
+    }
+    if auth == AuthMode::Public {
+        f.error("jwt_assertion", "a public route has no identity to assert");
+        return None;
+    }
+    let audience = audience.or_else(|| name.map(str::to_owned))?;
+    if audience.is_empty() {
+        f.error("jwt_assertion_audience", "is empty");
+    } else if audience == token_audience {
+        // The gateway would then take an assertion for an access token.
+        f.error("jwt_assertion_audience", format!("{audience:?} is auth.audience, the access tokens' own"));
+    }
+    Some(audience)
 }
 
 /// `rate_limit = { requests = 100, per = "1m", by = "user" }`.

@@ -519,3 +519,42 @@ fn forward_auth_needs_a_trusted_proxy_and_lets_routes_leave_out_upstreams() {
         assert!(err.contains(says), "{text}: {err}");
     }
 }
+
+#[test]
+fn jwt_assertions_need_an_identity_and_an_audience_of_their_own() {
+    let route = |lines: &str| {
+        format!("[[routes]]\nname = \"orders\"\nprefix = \"/o\"\nupstreams = [\"http://10.0.0.1:80\"]\n{lines}\n")
+    };
+    let audience =
+        |text: &str| parse(text).unwrap_or_else(|e| panic!("{text}: {e}")).proxy.routes[0].jwt_assertion.clone();
+    assert_eq!(audience(&route("")), None);
+    assert_eq!(audience(&route("jwt_assertion = true")), Some("orders".to_owned()), "the route's name by default");
+    assert_eq!(
+        audience(&route("jwt_assertion = true\njwt_assertion_audience = \"orders-service\"")),
+        Some("orders-service".to_owned())
+    );
+    let c = parse(&format!("[headers]\njwt_assertion = \"X-Gateway-Assertion\"\n{}", route("jwt_assertion = true")))
+        .expect("a custom name");
+    assert_eq!(c.proxy.headers.jwt_assertion, "x-gateway-assertion");
+    for name in ["x-gateway-assertion", "x-jwt-assertion"] {
+        assert!(c.proxy.headers.reserved.iter().any(|r| r == name), "{name} is not stripped");
+    }
+
+    for (text, says) in [
+        (route("auth = \"public\"\njwt_assertion = true"), "routes[0].jwt_assertion: a public route"),
+        (route("jwt_assertion_audience = \"x\""), "routes[0].jwt_assertion_audience: needs jwt_assertion = true"),
+        (route("jwt_assertion = true\njwt_assertion_audience = \"\""), "routes[0].jwt_assertion_audience: is empty"),
+        (
+            route("jwt_assertion = true\njwt_assertion_audience = \"gateway\""),
+            "routes[0].jwt_assertion_audience: \"gateway\" is auth.audience",
+        ),
+        (
+            format!("[auth]\naudience = \"orders\"\n{}", route("jwt_assertion = true")),
+            "routes[0].jwt_assertion_audience: \"orders\" is auth.audience",
+        ),
+        (format!("[headers]\njwt_assertion = \"X-User-Id\"\n{}", route("")), "headers.jwt_assertion"),
+    ] {
+        let err = parse(&text).expect_err(&text).to_string();
+        assert!(err.contains(says), "{text}: {err}");
+    }
+}

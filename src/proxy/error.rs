@@ -15,6 +15,7 @@ use crate::body::{json_error, Body};
 pub enum Fault {
     Client,
     Upstream,
+    Gateway,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,12 +51,17 @@ pub enum ProxyError {
     BadGateway(&'static str),
     #[error("the upstream did not answer in time")]
     GatewayTimeout,
+    /// The gateway's own failure (an assertion it could not sign); the
+    /// cause is logged where it happened.
+    #[error("internal error")]
+    Internal,
 }
 
 impl ProxyError {
     pub fn fault(&self) -> Fault {
         match self {
             ProxyError::BadGateway(_) | ProxyError::GatewayTimeout => Fault::Upstream,
+            ProxyError::Internal => Fault::Gateway,
             _ => Fault::Client,
         }
     }
@@ -75,6 +81,7 @@ impl ProxyError {
             ProxyError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
             ProxyError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             ProxyError::GatewayTimeout => (StatusCode::GATEWAY_TIMEOUT, "gateway_timeout"),
+            ProxyError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
 

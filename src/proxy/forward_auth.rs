@@ -91,8 +91,8 @@ impl Proxy {
         let request_id = headers::request_id(req.headers(), &table.headers.request_id);
         let mut decision = Decision { route: None, user: None, method: None, path: None };
         let judged = self.judge(table, req.headers(), authorization, conn, &mut decision);
-        let (mut response, identity) = match judged {
-            Ok(identity) => (Response::new(Body::empty()), Some(identity)),
+        let (mut response, allowed) = match judged {
+            Ok(allowed) => (Response::new(Body::empty()), Some(allowed)),
             Err(e) => {
                 count_auth_failure(&e);
                 let mut response = e.into_response();
@@ -107,10 +107,13 @@ impl Proxy {
         }
         // Last, so that no configured answer field can replace them: the
         // proxy in front copies these onto the request it forwards.
-        if let Some(identity) = identity {
+        if let Some((identity, assertion)) = allowed {
             h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
             for (name, value) in identity.iter().flat_map(|id| headers::identity_fields(&table.headers, &id.headers)) {
                 h.insert(name.clone(), value.clone());
+            }
+            if let Some(value) = assertion {
+                h.insert(table.headers.jwt_assertion.clone(), value);
             }
         }
         let status = response.status();
@@ -131,7 +134,8 @@ impl Proxy {
     }
 
     /// The decision: the identity to hand back (none on a public route or
-    /// for a CORS preflight), or the refusal.
+    /// for a CORS preflight) and, where the route sends one, its
+    /// assertion; or the refusal.
     fn judge<'t>(
         &self,
         table: &'t RouteTable,
@@ -139,7 +143,7 @@ impl Proxy {
         authorization: Option<&[u8]>,
         conn: &Conn,
         decision: &mut Decision<'t>,
-    ) -> Result<Option<Arc<Identity>>, ProxyError> {
+    ) -> Result<(Option<Arc<Identity>>, Option<HeaderValue>), ProxyError> {
         if !is_trusted(&table.trusted_proxies, conn.peer.ip()) {
             return Err(ProxyError::Forbidden);
         }
@@ -191,17 +195,23 @@ impl Proxy {
             _ if !route.takes(&method) && !preflight => {
                 Err(ProxyError::BadRequest("an OPTIONS routed as a CORS preflight that is not one"))
             }
-            AuthMode::Public => Ok(None),
+            AuthMode::Public => Ok((None, None)),
             // The gateway cannot cut the request down to its CORS fields
             // here, as it does when it forwards one: it hands back no
             // identity, and the backend sees an anonymous OPTIONS.
-            AuthMode::Required if cfg.cors_preflight && preflight => Ok(None),
+            AuthMode::Required if cfg.cors_preflight && preflight => Ok((None, None)),
             AuthMode::Required => {
                 let id = self.authenticate(h, authorization)?;
                 decision.user = Some(id.principal.user_id);
                 policy::authorize(cfg, &id.principal, &self.tenants)?;
                 self.limit_by_identity(route, &id)?;
-                Ok(Some(id))
+                let assertion = match &cfg.jwt_assertion {
+                    Some(audience) => {
+                        Some(id.assertions.get(&id.principal, audience, &self.authenticator, crate::db::unix_now())?)
+                    }
+                    None => None,
+                };
+                Ok((Some(id), assertion))
             }
         }
     }

@@ -38,6 +38,8 @@ use crate::auth::{check_staleness, Authenticator, Principal};
 pub struct Identity {
     pub principal: Principal,
     pub headers: IdentityHeaders,
+    /// Its assertions, by audience (routes with `jwt_assertion`).
+    pub assertions: super::assertion::Assertions,
     /// The key-ring generation it was verified against.
     generation: u64,
 }
@@ -54,7 +56,7 @@ impl Identity {
             scopes: value(&principal.scopes.join(" ")),
             session_id: value(&principal.session_id.to_string()),
         };
-        Self { principal, headers, generation }
+        Self { principal, headers, assertions: Default::default(), generation }
     }
 }
 

@@ -19,6 +19,7 @@ mod auth_basics;
 mod auth_flow;
 mod forward_auth;
 mod http1_conformance;
+mod jwt_assertion;
 mod lockout;
 mod process;
 mod proxy_identity;
