@@ -569,14 +569,15 @@ impl Proxy {
             // assertion, and three forwarding fields.
             let mut fields = [(&HOST, &NO_VALUE); 10];
             let mut count = 0;
-            let all = std::iter::once((&table.headers.request_id, request_id))
+            let mut all = std::iter::once((&table.headers.request_id, request_id))
                 .chain(identity.iter().flatten().copied())
                 .chain(assertion.as_ref().map(|value| (&table.headers.jwt_assertion, value)))
                 .chain(forwarded.iter().flat_map(|f| f.fields()));
-            for (slot, field) in fields.iter_mut().zip(all) {
+            for (slot, field) in fields.iter_mut().zip(&mut all) {
                 *slot = field;
                 count += 1;
             }
+            debug_assert!(all.next().is_none(), "more extra fields than slots");
             let extra = &fields[..count];
             let sent = Instant::now();
             // Pinned where it is made: the exchange is the larger part of

@@ -15,7 +15,11 @@
 //!
 //! Revocation: a logout stops new assertions at once (the token is refused
 //! first), but one already handed out stays valid until its `exp`, at most
-//! [`LIFETIME`] seconds.
+//! [`LIFETIME`] seconds. An assertion is not bound to one request (many
+//! carry the same `jti`): it proves who, within that window, not which
+//! request. Within `auth.leeway` after the token's `exp`, the gateway still
+//! takes the token but the assertion it forwards has expired: backends
+//! should allow the same leeway.
 
 use std::sync::{Mutex, PoisonError};
 
@@ -41,6 +45,8 @@ pub struct Assertions(Mutex<Vec<Signed>>);
 struct Signed {
     audience: Box<str>,
     value: HeaderValue,
+    /// Its `iat`: a clock set back before it signs afresh too.
+    iat: i64,
     /// Unix time from which the next request signs a fresh one.
     renew_at: i64,
 }
@@ -58,7 +64,7 @@ impl Assertions {
     ) -> Result<HeaderValue, ProxyError> {
         let mut signed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let at = signed.iter().position(|s| &*s.audience == audience);
-        if let Some(s) = at.map(|i| &signed[i]).filter(|s| now < s.renew_at) {
+        if let Some(s) = at.map(|i| &signed[i]).filter(|s| s.iat <= now && now < s.renew_at) {
             return Ok(s.value.clone());
         }
         let exp = (now + LIFETIME).min(principal.expires_at);
@@ -84,7 +90,7 @@ impl Assertions {
         // Base64url and dots: always a valid header value.
         let value = HeaderValue::from_str(&text).map_err(|_| ProxyError::Internal)?;
         let renew_at = if exp == principal.expires_at { i64::MAX } else { iat + LIFETIME / 2 };
-        let fresh = Signed { audience: audience.into(), value: value.clone(), renew_at };
+        let fresh = Signed { audience: audience.into(), value: value.clone(), iat, renew_at };
         match at {
             Some(i) => signed[i] = fresh,
             None => {

@@ -94,3 +94,27 @@ fn a_huge_exp_neither_panics_nor_skips_the_signature_check() {
     );
     assert_eq!(rules.verify(&keys, &format!("{header}.{payload}.AAAA"), now), Err(TokenError::Signature));
 }
+
+/// An identity assertion is typed `JWT`: never taken for an access token,
+/// even one made for the access tokens' own issuer and audience.
+#[test]
+fn an_assertion_is_refused_as_an_access_token_by_its_type() {
+    let (_dir, keys) = ring();
+    let rules = TokenRules::new("gateway", "gateway", 5);
+    let now = crate::db::unix_now();
+    let c = claims(now);
+    let assertion = AssertionClaims {
+        iss: "gateway",
+        aud: "gateway",
+        sub: c.sub,
+        tid: c.tid,
+        sid: c.sid,
+        jti: c.jti,
+        iat: now,
+        exp: now + 60,
+        roles: &c.roles,
+        scope: c.scope.clone(),
+    };
+    let token = sign_assertion(&keys, &assertion).expect("sign");
+    assert_eq!(rules.verify(&keys, &token, now), Err(TokenError::Type));
+}

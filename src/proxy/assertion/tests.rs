@@ -87,3 +87,14 @@ fn a_bounded_number_of_audiences_is_kept() {
     assert_eq!(a.0.lock().expect("lock").len(), MAX_AUDIENCES);
     assert_ne!(a.get(&p, "aud-0", &auth, 1_001).expect("signed again"), first, "the oldest audience was kept");
 }
+
+#[test]
+fn a_clock_set_back_signs_afresh() {
+    let (_dir, auth) = authenticator();
+    let p = principal(10_000);
+    let a = Assertions::default();
+    let first = a.get(&p, "orders", &auth, 1_000).expect("signed");
+    let earlier = a.get(&p, "orders", &auth, 990).expect("signed");
+    assert_ne!(earlier, first, "reused an assertion issued after the clock's time");
+    assert_eq!(times(&earlier).0, 990);
+}
