@@ -78,9 +78,14 @@ const TYP: &str = "at+jwt";
 
 /// Signs tokens with the ring's newest key.
 pub fn sign(keys: &KeyRing, claims: &AccessClaims) -> Result<String, jsonwebtoken::errors::Error> {
+    sign_typed(keys, TYP, claims)
+}
+
+/// `claims` as a JWT of type `typ`, signed with the ring's newest key.
+fn sign_typed(keys: &KeyRing, typ: &str, claims: &impl Serialize) -> Result<String, jsonwebtoken::errors::Error> {
     let (kid, key) = keys.signer();
     let mut header = Header::new(Algorithm::EdDSA);
-    header.typ = Some(TYP.to_owned());
+    header.typ = Some(typ.to_owned());
     header.kid = Some(kid.to_owned());
     jsonwebtoken::encode(&header, claims, key)
 }
@@ -106,11 +111,7 @@ pub struct AssertionClaims<'a> {
 /// never `at+jwt`, so that [`TokenRules::verify`] refuses it whatever its
 /// audience.
 pub fn sign_assertion(keys: &KeyRing, claims: &AssertionClaims<'_>) -> Result<String, jsonwebtoken::errors::Error> {
-    let (kid, key) = keys.signer();
-    let mut header = Header::new(Algorithm::EdDSA);
-    header.typ = Some("JWT".to_owned());
-    header.kid = Some(kid.to_owned());
-    jsonwebtoken::encode(&header, claims, key)
+    sign_typed(keys, "JWT", claims)
 }
 
 /// Issuer/audience/leeway settings for verification, built once.
