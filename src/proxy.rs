@@ -482,12 +482,9 @@ impl Proxy {
         if !preflight {
             headers::set_route_fields(req.headers_mut(), &cfg.request_headers);
         }
-        // Signed once per token and audience, not per request ([`assertion`]).
-        let assertion = match (&identity, &cfg.jwt_assertion) {
-            (Some(id), Some(audience)) => {
-                Some(id.assertions.get(&id.principal, audience, &self.authenticator, crate::db::unix_now())?)
-            }
-            _ => None,
+        let assertion = match identity.as_deref() {
+            Some(id) => self.assertion(cfg, id)?,
+            None => None,
         };
 
         // Inject.
@@ -641,6 +638,13 @@ impl Proxy {
             }
         }
         Err(ProxyError::BadGateway("connect"))
+    }
+
+    /// The route's signed identity for `id`, where the route sends one:
+    /// signed once per token and audience, not per request ([`assertion`]).
+    fn assertion(&self, cfg: &crate::config::RouteConfig, id: &Identity) -> Result<Option<HeaderValue>, ProxyError> {
+        let Some(audience) = cfg.jwt_assertion.as_deref() else { return Ok(None) };
+        id.assertions.get(&id.principal, audience, &self.authenticator, crate::db::unix_now()).map(Some)
     }
 
     /// Counts a request the route limits by user or tenant (after the

@@ -205,12 +205,7 @@ impl Proxy {
                 decision.user = Some(id.principal.user_id);
                 policy::authorize(cfg, &id.principal, &self.tenants)?;
                 self.limit_by_identity(route, &id)?;
-                let assertion = match &cfg.jwt_assertion {
-                    Some(audience) => {
-                        Some(id.assertions.get(&id.principal, audience, &self.authenticator, crate::db::unix_now())?)
-                    }
-                    None => None,
-                };
+                let assertion = self.assertion(cfg, &id)?;
                 Ok((Some(id), assertion))
             }
         }
