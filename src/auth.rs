@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 pub use error::AuthError;
 use keys::KeyRing;
-use revocation::{RevocationState, Seen};
+use revocation::{RevocationState, Seen, Subject};
 use token::{TokenError, TokenRules};
 
 /// Why no bearer token could be taken from a request.
@@ -97,6 +97,13 @@ pub struct Principal {
     pub expires_at: i64,
 }
 
+impl Principal {
+    /// What of the token the revocation state judges.
+    pub fn subject(&self) -> Subject {
+        Subject { session: self.session_id, user: self.user_id, tenant: self.tenant_id, iat: self.issued_at }
+    }
+}
+
 /// Verifies access tokens against the key ring and the revocation state.
 #[derive(Clone)]
 pub struct Authenticator {
@@ -142,20 +149,21 @@ impl Authenticator {
         &self.revocations
     }
 
-    /// Revoked sessions and users are refused; while the revocation state is
-    /// stale, so is every token issued before the staleness window.
-    pub fn check_revocation(&self, session: Uuid, user: Uuid, iat: i64, now: i64) -> Result<(), TokenError> {
-        self.check_revocation_as_of(self.revocations.seen(now), session, user, iat)
+    /// Revoked sessions, and disabled users and tenants, are refused; while
+    /// the revocation state is stale, so is every token issued before the
+    /// staleness window.
+    pub fn check_revocation(&self, token: &Subject, now: i64) -> Result<(), TokenError> {
+        self.check_revocation_as_of(self.revocations.seen(now), token)
     }
 
     /// [`Self::check_revocation`], with the state as read before it
     /// (`seen`): read after the lookups, a refresh that landed in between
     /// could vouch for a state they did not see.
-    pub fn check_revocation_as_of(&self, seen: Seen, session: Uuid, user: Uuid, iat: i64) -> Result<(), TokenError> {
-        if self.revocations.is_revoked(session, user, iat) {
+    pub fn check_revocation_as_of(&self, seen: Seen, token: &Subject) -> Result<(), TokenError> {
+        if self.revocations.is_revoked(token) {
             return Err(TokenError::Revoked);
         }
-        check_staleness(seen, iat)
+        check_staleness(seen, token.iat)
     }
 
     /// Tells this authenticator's state apart from another's (caches keyed
@@ -174,7 +182,8 @@ impl Authenticator {
     pub fn verify_bearer(&self, token: &str) -> Result<Principal, TokenError> {
         let now = crate::db::unix_now();
         let claims = self.rules.verify(&self.keys.load(), token, now)?;
-        self.check_revocation(claims.sid, claims.sub, claims.iat, now)?;
+        let subject = Subject { session: claims.sid, user: claims.sub, tenant: claims.tid, iat: claims.iat };
+        self.check_revocation(&subject, now)?;
         Ok(Principal {
             user_id: claims.sub,
             tenant_id: claims.tid,

@@ -16,6 +16,7 @@ use crate::auth::service::{rfc3339, Accounts};
 use crate::auth::AuthError;
 use crate::config::Config;
 use crate::db::audit::NewAuditEvent;
+use crate::db::tenants::Tenant;
 use crate::db::users::User;
 use crate::db::{Store, StoreError};
 
@@ -44,6 +45,9 @@ pub enum Command {
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
+    /// See and end users' sessions.
+    #[command(subcommand)]
+    Session(SessionCommand),
     /// Manage signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -69,6 +73,39 @@ pub enum TenantCommand {
     },
     /// List tenants.
     List,
+    /// Disable a tenant: none of its users can log in or refresh, and every
+    /// session in it is revoked. Users and data are kept.
+    Disable { slug: String },
+    /// Enable a disabled tenant. The sessions the disable revoked stay
+    /// revoked: its users log in again.
+    Enable { slug: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionCommand {
+    /// List a user's open sessions, newest first.
+    List {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        email: String,
+    },
+    /// Revoke one session (an id from `session list`); the user's other
+    /// sessions stay open.
+    Revoke {
+        #[arg(long)]
+        tenant: String,
+        /// The session's id.
+        id: String,
+    },
+    /// Revoke every open session of a user without disabling it; the user
+    /// logs in again.
+    RevokeAll {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        email: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -187,20 +224,21 @@ pub async fn execute(cli: Cli, input: &mut dyn BufRead, out: &mut dyn Write) -> 
         }
         Command::Keys(cmd) => keys_command(&config, cmd, out).await,
         Command::Tenant(cmd) => {
-            let store = open(&config).await?;
-            let result = tenant_command(&store, cmd, out).await;
-            store.close().await;
+            let accounts = accounts(&config).await?;
+            let result = tenant_command(&accounts, cmd, out).await;
+            accounts.store.close().await;
             result
         }
         Command::User(cmd) => {
-            let store = open(&config).await?;
-            let accounts = Accounts {
-                store: store.clone(),
-                hasher: PasswordHasher::new(config.auth.argon2)?,
-                password_min_length: config.auth.password_min_length,
-            };
+            let accounts = accounts(&config).await?;
             let result = user_command(&accounts, cmd, input, out).await;
-            store.close().await;
+            accounts.store.close().await;
+            result
+        }
+        Command::Session(cmd) => {
+            let accounts = accounts(&config).await?;
+            let result = session_command(&accounts, cmd, out).await;
+            accounts.store.close().await;
             result
         }
         Command::Audit(AuditCommand::List { tenant, limit }) => {
@@ -237,14 +275,26 @@ async fn open(config: &Config) -> anyhow::Result<Store> {
     Ok(store)
 }
 
+/// The database (opened as [`open`] does) with the account rules.
+async fn accounts(config: &Config) -> anyhow::Result<Accounts> {
+    let hasher = PasswordHasher::new(config.auth.argon2)?;
+    let store = open(config).await?;
+    Ok(Accounts { store, hasher, password_min_length: config.auth.password_min_length })
+}
+
 async fn find_tenant(store: &Store, slug: &str) -> anyhow::Result<uuid::Uuid> {
+    Ok(tenant(store, slug).await?.id)
+}
+
+async fn tenant(store: &Store, slug: &str) -> anyhow::Result<Tenant> {
     match store.tenant_by_slug(slug).await? {
-        Some(t) => Ok(t.id),
+        Some(t) => Ok(t),
         None => bail!("tenant {slug:?} does not exist (see `gateway tenant list`)"),
     }
 }
 
-async fn tenant_command(store: &Store, cmd: TenantCommand, out: &mut dyn Write) -> anyhow::Result<()> {
+async fn tenant_command(accounts: &Accounts, cmd: TenantCommand, out: &mut dyn Write) -> anyhow::Result<()> {
+    let store = &accounts.store;
     match cmd {
         TenantCommand::Create { slug, name } => {
             if !crate::auth::service::is_slug(&slug) {
@@ -262,8 +312,59 @@ async fn tenant_command(store: &Store, cmd: TenantCommand, out: &mut dyn Write) 
         }
         TenantCommand::List => {
             for t in store.list_tenants().await? {
-                writeln!(out, "{}  {:<24} {}", t.id, t.slug, t.name)?;
+                writeln!(out, "{}  {:<24} {}{}", t.id, t.slug, t.name, if t.disabled { "  DISABLED" } else { "" })?;
             }
+            Ok(())
+        }
+        TenantCommand::Disable { slug } => {
+            let tenant = tenant(store, &slug).await?;
+            let revoked = accounts.disable_tenant(&tenant).await.map_err(|e| cli_error(e, ""))?;
+            writeln!(out, "disabled tenant {slug}; {} session(s) revoked", revoked.len())?;
+            Ok(())
+        }
+        TenantCommand::Enable { slug } => {
+            let tenant = tenant(store, &slug).await?;
+            accounts.enable_tenant(&tenant).await.map_err(|e| cli_error(e, ""))?;
+            writeln!(out, "enabled tenant {slug}; the sessions revoked by the disable stay revoked")?;
+            Ok(())
+        }
+    }
+}
+
+async fn session_command(accounts: &Accounts, cmd: SessionCommand, out: &mut dyn Write) -> anyhow::Result<()> {
+    let store = &accounts.store;
+    match cmd {
+        SessionCommand::List { tenant, email } => {
+            let tenant_id = find_tenant(store, &tenant).await?;
+            for s in accounts.sessions(tenant_id, &email).await.map_err(|e| cli_error(e, &email))? {
+                writeln!(
+                    out,
+                    "{}  created={} last_used={} ip={} user_agent={:?}",
+                    s.id,
+                    rfc3339(s.created_at),
+                    rfc3339(s.last_used_at),
+                    s.ip.as_deref().unwrap_or("-"),
+                    s.user_agent.as_deref().unwrap_or("-"),
+                )?;
+            }
+            Ok(())
+        }
+        SessionCommand::Revoke { tenant, id } => {
+            let tenant_id = find_tenant(store, &tenant).await?;
+            let Ok(session_id) = uuid::Uuid::parse_str(&id) else {
+                bail!("id: {id:?} is not a session id (see `gateway session list`)");
+            };
+            match accounts.revoke_session(tenant_id, session_id).await {
+                Ok(()) => writeln!(out, "session {session_id} revoked")?,
+                Err(AuthError::NotFound) => bail!("id: no open session {session_id} in tenant {tenant:?}"),
+                Err(e) => return Err(e.into()),
+            }
+            Ok(())
+        }
+        SessionCommand::RevokeAll { tenant, email } => {
+            let tenant_id = find_tenant(store, &tenant).await?;
+            let revoked = accounts.revoke_all_sessions(tenant_id, &email).await.map_err(|e| cli_error(e, &email))?;
+            writeln!(out, "{} session(s) of {email} revoked", revoked.len())?;
             Ok(())
         }
     }
@@ -277,14 +378,21 @@ async fn user_command(
 ) -> anyhow::Result<()> {
     let store = &accounts.store;
     match cmd {
-        UserCommand::Create { tenant, email, roles, scopes, password_stdin } => {
-            let tenant_id = find_tenant(store, &tenant).await?;
+        UserCommand::Create { tenant: slug, email, roles, scopes, password_stdin } => {
+            let tenant = tenant(store, &slug).await?;
+            let tenant_id = tenant.id;
             let password = if password_stdin { read_stdin_password(input)? } else { prompt_password()? };
             let user = accounts
                 .create_user(tenant_id, &email, &password, &roles, &scopes, None, None)
                 .await
                 .map_err(|e| cli_error(e, &email))?;
             writeln!(out, "{}", user.id)?;
+            if tenant.disabled {
+                // Standard error: scripts read the id from standard output.
+                eprintln!(
+                    "note: tenant {slug:?} is disabled; the user can log in after `gateway tenant enable {slug}`"
+                );
+            }
             Ok(())
         }
         UserCommand::List { tenant } => {

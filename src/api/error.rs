@@ -48,6 +48,7 @@ impl IntoResponse for ApiError {
             AuthError::InvalidToken(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
             AuthError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             AuthError::EmailTaken => (StatusCode::CONFLICT, "email_taken"),
+            AuthError::TenantDisabled => (StatusCode::FORBIDDEN, "tenant_disabled"),
             AuthError::WeakPassword(_) => (StatusCode::BAD_REQUEST, "weak_password"),
             AuthError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "database unavailable");

@@ -33,6 +33,9 @@ pub enum AuthError {
     NotFound,
     #[error("this email is already registered")]
     EmailTaken,
+    /// Registration into a tenant an operator disabled.
+    #[error("this tenant is disabled")]
+    TenantDisabled,
     #[error("{0}")]
     WeakPassword(String),
     /// The database cannot be reached: retry later.

@@ -10,7 +10,8 @@
 //! writer's clock or the database's, the token by a gateway's, and those
 //! may disagree by that much). This is a second lock: the disable also
 //! revoked the user's sessions. After a `user enable`, tokens from a login
-//! past that margin are honoured.
+//! past that margin are honoured. A disabled tenant is held the same way,
+//! for every token that names it (`tid`).
 //!
 //! moka's concurrent cache gives lock-free reads and expiry for free; there
 //! is deliberately no size cap, because evicting a live revocation would
@@ -48,6 +49,19 @@ use crate::db::{unix_now, Store};
 /// query per poll; inserting a known revocation again is harmless.
 const POLL_OVERLAP_SECS: i64 = 120;
 
+/// What of a token the revocation state judges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subject {
+    /// `sid`
+    pub session: Uuid,
+    /// `sub`
+    pub user: Uuid,
+    /// `tid`
+    pub tenant: Uuid,
+    /// `iat`
+    pub iat: i64,
+}
+
 /// The state as one check found it before its lookups ([`RevocationState::seen`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Seen {
@@ -76,6 +90,8 @@ pub struct RevocationState {
     sessions: Cache<Uuid, (), foldhash::fast::RandomState>,
     /// User id → unix time of the disable (the latest one known).
     users: Cache<Uuid, i64, foldhash::fast::RandomState>,
+    /// Tenant id → unix time of the disable (the latest one known).
+    tenants: Cache<Uuid, i64, foldhash::fast::RandomState>,
     /// `auth.leeway` in seconds: how far clocks may disagree.
     skew: i64,
     /// Unix time of the last successful refresh from the database.
@@ -103,6 +119,7 @@ impl RevocationState {
         Self {
             sessions: Cache::builder().time_to_live(horizon).build_with_hasher(Default::default()),
             users: Cache::builder().time_to_live(horizon).build_with_hasher(Default::default()),
+            tenants: Cache::builder().time_to_live(horizon).build_with_hasher(Default::default()),
             // Stale until the first successful load from the database.
             last_poll: Arc::new(AtomicI64::new(0)),
             max_staleness: crate::db::secs(max_staleness),
@@ -127,8 +144,19 @@ impl RevocationState {
     /// (unix seconds). A later disable moves the time forward; an older one
     /// (a poll re-reading its window) never moves it back.
     pub fn revoke_user(&self, user_id: Uuid, disabled_at: i64) {
-        self.users.entry(user_id).and_upsert_with(|old| old.map_or(disabled_at, |o| disabled_at.max(*o.value())));
+        Self::hold_latest(&self.users, user_id, disabled_at);
         self.changes.fetch_add(1, Ordering::Release);
+    }
+
+    /// Refuses the tokens of every user of the tenant issued up to `skew`
+    /// after `disabled_at`, as [`Self::revoke_user`] does for one user.
+    pub fn revoke_tenant(&self, tenant_id: Uuid, disabled_at: i64) {
+        Self::hold_latest(&self.tenants, tenant_id, disabled_at);
+        self.changes.fetch_add(1, Ordering::Release);
+    }
+
+    fn hold_latest(held: &Cache<Uuid, i64, foldhash::fast::RandomState>, id: Uuid, disabled_at: i64) {
+        held.entry(id).and_upsert_with(|old| old.map_or(disabled_at, |o| disabled_at.max(*o.value())));
     }
 
     /// What a check reads of the state before its lookups: first when it
@@ -150,15 +178,17 @@ impl RevocationState {
         self.last_poll.store(at, Ordering::Release);
     }
 
-    /// Two hash lookups; no I/O, no allocation. `iat` is the token's.
-    pub fn is_revoked(&self, session_id: Uuid, user_id: Uuid, iat: i64) -> bool {
-        self.sessions.contains_key(&session_id)
-            || self.users.get(&user_id).is_some_and(|disabled_at| iat <= disabled_at.saturating_add(self.skew))
+    /// Three hash lookups; no I/O, no allocation.
+    pub fn is_revoked(&self, token: &Subject) -> bool {
+        let disabled_before = |disabled_at: i64| token.iat <= disabled_at.saturating_add(self.skew);
+        self.sessions.contains_key(&token.session)
+            || self.users.get(&token.user).is_some_and(disabled_before)
+            || self.tenants.get(&token.tenant).is_some_and(disabled_before)
     }
 
     /// Approximate number of entries (for metrics).
     pub fn len(&self) -> u64 {
-        self.sessions.entry_count() + self.users.entry_count()
+        self.sessions.entry_count() + self.users.entry_count() + self.tenants.entry_count()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -181,12 +211,16 @@ impl RevocationState {
         let started = unix_now();
         let sessions = store.sessions_revoked_since(since).await?;
         let users = store.users_disabled_since(since).await?;
-        let n = sessions.len() + users.len();
+        let tenants = store.tenants_disabled_since(since).await?;
+        let n = sessions.len() + users.len() + tenants.len();
         for s in sessions {
             self.revoke_session(s);
         }
         for (u, disabled_at) in users {
             self.revoke_user(u, disabled_at);
+        }
+        for (t, disabled_at) in tenants {
+            self.revoke_tenant(t, disabled_at);
         }
         // After the inserts: see `seen`.
         self.last_poll.fetch_max(started, Ordering::Release);
@@ -315,6 +349,8 @@ fn apply(state: &RevocationState, payload: &str) {
         // The disable's second; `is_revoked` adds the skew.
         #[allow(clippy::cast_possible_truncation, reason = "epoch seconds fit an i64")]
         "user" => state.revoke_user(notice.id, notice.at.floor() as i64),
+        #[allow(clippy::cast_possible_truncation, reason = "epoch seconds fit an i64")]
+        "tenant" => state.revoke_tenant(notice.id, notice.at.floor() as i64),
         _ => return,
     }
     let now = std::time::SystemTime::now()
@@ -328,23 +364,68 @@ fn apply(state: &RevocationState, payload: &str) {
 mod tests {
     use super::*;
 
+    fn state() -> RevocationState {
+        RevocationState::new(Duration::from_secs(900), Duration::from_secs(30), Duration::from_secs(5))
+    }
+
+    fn subject(session: Uuid, user: Uuid, tenant: Uuid, iat: i64) -> Subject {
+        Subject { session, user, tenant, iat }
+    }
+
     #[test]
     fn a_disabled_user_refuses_tokens_issued_up_to_the_latest_disable_and_the_skew() {
-        let state = RevocationState::new(Duration::from_secs(900), Duration::from_secs(30), Duration::from_secs(5));
-        let (user, session) = (Uuid::new_v4(), Uuid::new_v4());
-        assert!(!state.is_revoked(session, user, 1_000));
+        let state = state();
+        let (user, session, tenant) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let at = |iat| subject(session, user, tenant, iat);
+        assert!(!state.is_revoked(&at(1_000)));
         state.revoke_user(user, 1_000);
-        assert!(state.is_revoked(session, user, 999));
-        assert!(state.is_revoked(session, user, 1_005), "a token within the skew after the disable is refused");
-        assert!(!state.is_revoked(session, user, 1_006), "a token issued past it is honoured");
+        assert!(state.is_revoked(&at(999)));
+        assert!(state.is_revoked(&at(1_005)), "a token within the skew after the disable is refused");
+        assert!(!state.is_revoked(&at(1_006)), "a token issued past it is honoured");
         // An older disable (a poll re-reading its window) does not move it back.
         state.revoke_user(user, 900);
-        assert!(state.is_revoked(session, user, 1_005));
+        assert!(state.is_revoked(&at(1_005)));
         state.revoke_user(user, 2_000);
-        assert!(state.is_revoked(session, user, 1_500), "a later disable moves it forward");
-        assert!(!state.is_revoked(session, user, 2_006));
-        assert!(!state.is_revoked(session, Uuid::new_v4(), 0), "other users are untouched");
+        assert!(state.is_revoked(&at(1_500)), "a later disable moves it forward");
+        assert!(!state.is_revoked(&at(2_006)));
+        assert!(!state.is_revoked(&subject(session, Uuid::new_v4(), tenant, 0)), "other users are untouched");
         state.revoke_session(session);
-        assert!(state.is_revoked(session, Uuid::new_v4(), i64::MAX), "a revoked session refuses every token");
+        assert!(
+            state.is_revoked(&subject(session, Uuid::new_v4(), tenant, i64::MAX)),
+            "a revoked session refuses every token"
+        );
+    }
+
+    #[test]
+    fn a_disabled_tenant_refuses_every_users_tokens_up_to_the_latest_disable_and_the_skew() {
+        let state = state();
+        let (tenant, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let of = |tenant, iat| subject(Uuid::new_v4(), Uuid::new_v4(), tenant, iat);
+        assert!(!state.is_revoked(&of(tenant, 1_000)));
+        state.revoke_tenant(tenant, 1_000);
+        assert!(state.is_revoked(&of(tenant, 999)), "any user of the tenant");
+        assert!(state.is_revoked(&of(tenant, 1_005)), "a token within the skew after the disable is refused");
+        assert!(!state.is_revoked(&of(tenant, 1_006)), "a token issued past it is honoured");
+        assert!(!state.is_revoked(&of(other, 0)), "other tenants are untouched");
+        state.revoke_tenant(tenant, 900);
+        assert!(state.is_revoked(&of(tenant, 1_005)), "an older disable does not move it back");
+        state.revoke_tenant(tenant, 2_000);
+        assert!(state.is_revoked(&of(tenant, 2_005)), "a later disable moves it forward");
+        state.tenants.run_pending_tasks(); // moka counts entries lazily
+        assert_eq!(state.len(), 1, "one entry per tenant, whatever its users");
+    }
+
+    #[test]
+    fn a_tenant_notification_holds_the_tenant() {
+        let state = state();
+        let tenant = Uuid::new_v4();
+        apply(&state, &format!(r#"{{"kind":"tenant","id":"{tenant}","at":1000.75}}"#));
+        assert!(state.is_revoked(&subject(Uuid::new_v4(), Uuid::new_v4(), tenant, 1_005)));
+        assert!(!state.is_revoked(&subject(Uuid::new_v4(), Uuid::new_v4(), tenant, 1_006)));
+        apply(&state, &format!(r#"{{"kind":"nonsense","id":"{tenant}","at":5000}}"#));
+        assert!(
+            !state.is_revoked(&subject(Uuid::new_v4(), Uuid::new_v4(), tenant, 1_006)),
+            "unknown kinds are ignored"
+        );
     }
 }

@@ -15,7 +15,8 @@ use super::{refresh, AuthError, Authenticator, Principal};
 use crate::config::{AuthConfig, MAX_PASSWORD_BYTES};
 use crate::db::audit::NewAuditEvent;
 use crate::db::login_attempts::Attempt;
-use crate::db::sessions::{ClientInfo, RefreshHash, Rotation};
+use crate::db::sessions::{ClientInfo, RefreshHash, Rotation, Session};
+use crate::db::tenants::Tenant;
 use crate::db::users::{Access, NewUser, User};
 use crate::db::{secs, unix_now, Store, StoreError};
 
@@ -135,7 +136,9 @@ impl AuthService {
         };
         let verdict = self.hasher.verify(password, user.as_ref().map(|u| u.password_hash.as_str())).await?;
         let failure = match (&user, &verdict) {
-            (Some(user), Verdict::Right { rehash }) if !user.disabled => {
+            (Some(user), Verdict::Right { rehash })
+                if !user.disabled && tenant.as_ref().is_some_and(|t| !t.disabled) =>
+            {
                 self.store.clear_login_attempts(&slug, &email).await?;
                 // The hash the password was verified against, or its upgrade
                 // if that is stored; a password set meanwhile is kept, and
@@ -163,6 +166,7 @@ impl AuthService {
                 return Ok(pair);
             }
             _ if tenant.is_none() => "unknown_tenant",
+            _ if tenant.as_ref().is_some_and(|t| t.disabled) => "tenant_disabled",
             (None, _) => "unknown_user",
             (Some(u), _) if u.disabled => "user_disabled",
             _ => "wrong_password",
@@ -221,8 +225,9 @@ impl AuthService {
     }
 
     /// The refusal of a login whose password was right but whose user was
-    /// disabled, or had its password reset, while the login ran (audited as
-    /// `user_changed`): the same answer as any other failed login.
+    /// disabled or had its password reset, or whose tenant was disabled,
+    /// while the login ran (audited as `user_changed`): the same answer as
+    /// any other failed login.
     async fn changed_during_login(&self, user: &User, email: &str, client: &ClientContext) -> AuthError {
         metrics::counter!("gateway_logins_total", "result" => "failure").increment(1);
         let ip = client.ip.to_string();
@@ -404,6 +409,9 @@ impl AuthService {
             .tenant_by_slug(&slug)
             .await?
             .ok_or_else(|| AuthError::InvalidRequest(format!("unknown tenant {slug:?}")))?;
+        if tenant.disabled {
+            return Err(AuthError::TenantDisabled);
+        }
         let ip = client.ip.to_string();
         let user = self
             .accounts
@@ -641,6 +649,75 @@ impl Accounts {
         }
         self.audit_change("user_enabled", &user, None).await;
         Ok(())
+    }
+
+    /// Disables a tenant (the CLI's `tenant disable`): none of its users
+    /// can log in or refresh, and every session in it is revoked. Running
+    /// gateways refuse the tenant's tokens within `auth.revocation_poll`
+    /// (at once on PostgreSQL's push), those issued up to `auth.leeway`
+    /// after the disable included. Returns the sessions revoked.
+    pub async fn disable_tenant(&self, tenant: &Tenant) -> Result<Vec<Uuid>, AuthError> {
+        let Some(revoked) = self.store.disable_tenant(tenant.id).await? else {
+            return Err(AuthError::InvalidRequest(format!("tenant {:?} is already disabled", tenant.slug)));
+        };
+        let detail = serde_json::json!({ "tenant": tenant.slug, "sessions_revoked": revoked.len() });
+        self.audit_tenant("tenant_disabled", tenant, detail).await;
+        Ok(revoked)
+    }
+
+    /// Enables a disabled tenant (the CLI's `tenant enable`). The sessions
+    /// the disable revoked stay revoked: its users log in again.
+    pub async fn enable_tenant(&self, tenant: &Tenant) -> Result<(), AuthError> {
+        if !self.store.enable_tenant(tenant.id).await? {
+            return Err(AuthError::InvalidRequest(format!("tenant {:?} is not disabled", tenant.slug)));
+        }
+        self.audit_tenant("tenant_enabled", tenant, serde_json::json!({ "tenant": tenant.slug })).await;
+        Ok(())
+    }
+
+    async fn audit_tenant(&self, event: &str, tenant: &Tenant, detail: serde_json::Value) {
+        let event = NewAuditEvent { event, tenant_id: Some(tenant.id), detail: Some(detail), ..Default::default() };
+        self.audit(event).await;
+    }
+
+    /// The open sessions of a user, newest first (the CLI's `session list`).
+    pub async fn sessions(&self, tenant_id: Uuid, email: &str) -> Result<Vec<Session>, AuthError> {
+        let user = self.store.user_by_email(tenant_id, &normalize_email(email)).await?.ok_or(AuthError::NotFound)?;
+        Ok(self.store.active_sessions(tenant_id, user.id).await?)
+    }
+
+    /// Revokes one open session of the tenant, whoever's it is (the CLI's
+    /// `session revoke`); `NotFound` when the tenant has no open session
+    /// with that id.
+    pub async fn revoke_session(&self, tenant_id: Uuid, session_id: Uuid) -> Result<(), AuthError> {
+        let user_id = self
+            .store
+            .revoke_tenant_session(tenant_id, session_id, "revoked_by_operator", unix_now())
+            .await?
+            .ok_or(AuthError::NotFound)?;
+        let user = self.store.user_by_id(tenant_id, user_id).await?;
+        let event = NewAuditEvent {
+            event: "session_revoked",
+            tenant_id: Some(tenant_id),
+            user_id: Some(user_id),
+            email: user.as_ref().map(|u| u.email.as_str()),
+            detail: Some(serde_json::json!({ "session_id": session_id, "by": "operator" })),
+            ..Default::default()
+        };
+        self.audit(event).await;
+        Ok(())
+    }
+
+    /// Revokes every open session of a user without disabling it (the
+    /// CLI's `session revoke-all`): the user logs in again. Returns the
+    /// sessions revoked.
+    pub async fn revoke_all_sessions(&self, tenant_id: Uuid, email: &str) -> Result<Vec<Uuid>, AuthError> {
+        let user = self.store.user_by_email(tenant_id, &normalize_email(email)).await?.ok_or(AuthError::NotFound)?;
+        let revoked =
+            self.store.revoke_user_sessions(tenant_id, user.id, None, "revoked_by_operator", unix_now()).await?;
+        let detail = serde_json::json!({ "sessions": revoked.len(), "by": "operator" });
+        self.audit_change("logout_all", &user, Some(detail)).await;
+        Ok(revoked)
     }
 
     /// Adds roles and scopes to a user (the CLI's `user grant`); returns

@@ -44,7 +44,8 @@ pub enum Rotation {
     Rotated { tenant_id: Uuid, user_id: Uuid, session_id: Uuid },
     /// The token had already been spent: its session is now revoked.
     Reused { tenant_id: Uuid, user_id: Uuid, session_id: Uuid },
-    /// Unknown, expired, or belonging to a revoked session or disabled user.
+    /// Unknown, expired, or belonging to a revoked session, a disabled user
+    /// or a disabled tenant.
     Invalid,
 }
 
@@ -64,24 +65,28 @@ const REVOKE_FAMILY: &str = "
     UPDATE sessions SET revoked_at = COALESCE(revoked_at, $3), revoke_reason = COALESCE(revoke_reason, 'refresh_reuse')
     WHERE tenant_id = $1 AND id = $2 RETURNING user_id";
 const LIVE_SESSION: &str = "
-    SELECT s.user_id FROM sessions s JOIN users u ON u.id = s.user_id AND u.tenant_id = s.tenant_id
-    WHERE s.tenant_id = $1 AND s.id = $2 AND s.revoked_at IS NULL AND NOT u.disabled";
+    SELECT s.user_id FROM sessions s
+    JOIN users u ON u.id = s.user_id AND u.tenant_id = s.tenant_id
+    JOIN tenants t ON t.id = s.tenant_id
+    WHERE s.tenant_id = $1 AND s.id = $2 AND s.revoked_at IS NULL AND NOT u.disabled AND NOT t.disabled";
 const TOUCH_SESSION: &str = "UPDATE sessions SET last_used_at = $3 WHERE tenant_id = $1 AND id = $2";
 
 impl Store {
     /// Opens a session for `user` with its first refresh token, if the
     /// user's row is still as the login read it (enabled, same roles,
     /// scopes and `password_hash`, the hash the password was verified
-    /// against); `None` when it changed meanwhile, and nothing is written.
+    /// against) and its tenant is enabled; `None` when either changed
+    /// meanwhile, and nothing is written.
     ///
     /// This closes the race between a login and a `user disable`, `user
-    /// revoke` or `user set-password`: those revoke the user's sessions, and
-    /// a session inserted while they ran would escape them. The check comes
-    /// after the insert, in the same transaction: on SQLite the insert holds
-    /// the write lock, so no change can commit in between; on PostgreSQL the
-    /// check takes a share lock on the user's row, so a change that already
-    /// holds it is waited for and then seen, and one that comes later waits
-    /// for this commit and then revokes the new session with the others.
+    /// revoke`, `user set-password` or `tenant disable`: those revoke
+    /// sessions, and a session inserted while they ran would escape them.
+    /// The check comes after the insert, in the same transaction: on SQLite
+    /// the insert holds the write lock, so no change can commit in between;
+    /// on PostgreSQL the check takes a share lock on the user's and the
+    /// tenant's rows, so a change that already holds one is waited for and
+    /// then seen, and one that comes later waits for this commit and then
+    /// revokes the new session with the others.
     pub async fn create_session(
         &self,
         user: &User,
@@ -90,13 +95,18 @@ impl Store {
         refresh: RefreshHash<'_>,
         now: i64,
     ) -> StoreResult<Option<Uuid>> {
-        const CHECK: &str = "SELECT disabled, roles, scopes, password_hash FROM users WHERE tenant_id = $1 AND id = $2";
+        const CHECK: &str = "SELECT u.disabled, u.roles, u.scopes, u.password_hash, t.disabled FROM users u
+                             JOIN tenants t ON t.id = u.tenant_id WHERE u.tenant_id = $1 AND u.id = $2";
         let check = match self.pool() {
             Pool::Sqlite(_) => CHECK.to_owned(),
             Pool::Postgres(_) => format!("{CHECK} FOR SHARE"),
         };
-        let unchanged = |(disabled, roles, scopes, hash): (bool, String, String, String)| {
-            !disabled && split_list(&roles) == user.roles && split_list(&scopes) == user.scopes && hash == password_hash
+        let unchanged = |(disabled, roles, scopes, hash, tenant_disabled): (bool, String, String, String, bool)| {
+            !disabled
+                && !tenant_disabled
+                && split_list(&roles) == user.roles
+                && split_list(&scopes) == user.scopes
+                && hash == password_hash
         };
         let tenant_id = user.tenant_id;
         let session_id = Uuid::new_v4();
@@ -222,6 +232,28 @@ impl Store {
             .await
             .map(|done| done.rows_affected()))?;
         Ok(affected == 1)
+    }
+
+    /// Revokes one open session of the tenant, whoever's it is (an
+    /// operator's `session revoke`); returns its user, or `None` when no
+    /// open session of the tenant has that id.
+    pub async fn revoke_tenant_session(
+        &self,
+        tenant_id: Uuid,
+        session_id: Uuid,
+        reason: &str,
+        now: i64,
+    ) -> StoreResult<Option<Uuid>> {
+        let sql = "UPDATE sessions SET revoked_at = $3, revoke_reason = $4
+                   WHERE tenant_id = $1 AND id = $2 AND revoked_at IS NULL RETURNING user_id";
+        let row: Option<(Uuid,)> = on_pool!(self, |p| sqlx::query_as(sql)
+            .bind(tenant_id)
+            .bind(session_id)
+            .bind(now)
+            .bind(reason)
+            .fetch_optional(p)
+            .await)?;
+        Ok(row.map(|(user_id,)| user_id))
     }
 
     /// Revokes every open session of a user except `keep`; returns their ids.

@@ -160,7 +160,7 @@ impl IdentityCache {
         if unrevoked_at == Some(seen.changes) {
             check_staleness(seen, p.issued_at)?;
         } else {
-            auth.check_revocation_as_of(seen, p.session_id, p.user_id, p.issued_at)?;
+            auth.check_revocation_as_of(seen, &p.subject())?;
             self.remember(auth, token, &id, seen.changes);
         }
         Ok(id)

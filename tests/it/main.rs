@@ -30,5 +30,6 @@ mod proxy_transport;
 mod rate_limits;
 mod refresh_flow;
 mod replicas;
+mod tenant_admin;
 mod token_attacks;
 mod user_admin;

@@ -44,21 +44,27 @@ async fn refused_soon(app: &TestApp, access: &str, what: &str) {
 }
 
 /// The app's database, opened as the CLI opens it.
-async fn open_store(app: &TestApp) -> Store {
+pub(crate) async fn open_store(app: &TestApp) -> Store {
     let config = Config::load(&app.config_path).expect("load the app's config");
     Store::connect(&config.database).await.expect("open the app's database")
 }
 
-/// Runs `update` (with [`EMAIL`] as `$1`) in a transaction of its own,
-/// the way the CLI changes a user, and commits it `hold` later. Returns
-/// once the update has run (the row is locked) with the committing task.
-async fn hold_update(app: &TestApp, update: &'static str, hold: Duration) -> JoinHandle<()> {
+/// Runs `update` (with `bind` as `$1`) in a transaction of its own, the
+/// way the CLI changes a user or a tenant, and commits it `hold` later.
+/// Returns once the update has run (the row is locked) with the committing
+/// task.
+pub(crate) async fn hold_update(
+    app: &TestApp,
+    update: &'static str,
+    bind: &'static str,
+    hold: Duration,
+) -> JoinHandle<()> {
     let store = open_store(app).await;
     let (ran, ran_rx) = oneshot::channel();
     macro_rules! hold {
         ($pool:expr) => {{
             let mut tx = $pool.begin().await.expect("begin");
-            sqlx::query(update).bind(EMAIL).execute(&mut *tx).await.expect("the held update");
+            sqlx::query(update).bind(bind).execute(&mut *tx).await.expect("the held update");
             let _ = ran.send(());
             tokio::time::sleep(hold).await;
             tx.commit().await.expect("commit the held update");
@@ -79,7 +85,7 @@ async fn hold_update(app: &TestApp, update: &'static str, hold: Duration) -> Joi
 /// wait for the change and then honour it, never open a session the change
 /// could not see. Returns the login's answer.
 async fn login_during(app: &TestApp, update: &'static str) -> reqwest::Response {
-    let held = hold_update(app, update, Duration::from_secs(3)).await;
+    let held = hold_update(app, update, EMAIL, Duration::from_secs(3)).await;
     let request = app.client.post(app.url("/auth/login")).json(&json!({"email": EMAIL, "password": PASSWORD}));
     let login = tokio::spawn(request.send());
     tokio::time::sleep(Duration::from_millis(1000)).await;
