@@ -25,6 +25,7 @@ use crate::auth::token::TokenRules;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::db::audit::NewAuditEvent;
+use crate::db::retention::{Pruned, Retention};
 use crate::db::{secs, unix_now, Store};
 use crate::proxy::identity::IdentityCache;
 use crate::proxy::router::RouteTable;
@@ -223,6 +224,7 @@ impl App {
                 store.clone(),
                 auth.revocation_poll,
                 auth.lockout_duration,
+                self.config.database.retention,
                 stopped(),
             )),
             tokio::spawn(self.reloader.clone().watch(self.config.server.config_poll, stopped())),
@@ -294,16 +296,17 @@ async fn upkeep(handle: PrometheusHandle, shutdown: impl std::future::Future<Out
 
 /// Background upkeep: refreshes the tenant directory every `every`, and once
 /// an hour deletes lockout counters idle for a day (or the lockout duration,
-/// if longer).
+/// if longer) and what `retention` no longer keeps ([`Store::prune`]).
 async fn maintain(
     tenants: TenantDirectory,
     store: Store,
     every: Duration,
     lockout: Duration,
+    retention: Retention,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let retention = secs(lockout.max(Duration::from_secs(86_400)));
+    let idle_counters = secs(lockout.max(Duration::from_secs(86_400)));
     let mut last_purge: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -315,12 +318,29 @@ async fn maintain(
         }
         if last_purge.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
             last_purge = Some(Instant::now());
-            match store.purge_login_attempts(unix_now() - retention).await {
+            match store.purge_login_attempts(unix_now() - idle_counters).await {
                 Ok(n) if n > 0 => tracing::info!(deleted = n, "purged idle lockout counters"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "lockout counter purge failed"),
             }
+            match store.prune(retention, unix_now()).await {
+                Ok(pruned) => record_pruned(pruned),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning ended sessions and old records failed; next try in an hour");
+                }
+            }
         }
+    }
+}
+
+/// Logs and counts (`gateway_pruned_rows_total{table}`) what a prune deleted.
+pub fn record_pruned(pruned: Pruned) {
+    let Pruned { sessions, refresh_tokens, audit_events } = pruned;
+    for (table, n) in [("sessions", sessions), ("refresh_tokens", refresh_tokens), ("audit_events", audit_events)] {
+        metrics::counter!("gateway_pruned_rows_total", "table" => table).increment(n);
+    }
+    if sessions + refresh_tokens + audit_events > 0 {
+        tracing::info!(sessions, refresh_tokens, audit_events, "pruned ended sessions and old records");
     }
 }
 

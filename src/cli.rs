@@ -54,6 +54,10 @@ pub enum Command {
     /// Read the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Delete what database.session_retention and database.audit_retention
+    /// no longer keep (a running gateway does it every hour); prints the
+    /// counts.
+    Prune,
 }
 
 #[derive(Debug, Subcommand)]
@@ -241,6 +245,18 @@ pub async fn execute(cli: Cli, input: &mut dyn BufRead, out: &mut dyn Write) -> 
             accounts.store.close().await;
             result
         }
+        Command::Prune => {
+            let store = open(&config).await?;
+            let pruned = store.prune(config.database.retention, crate::db::unix_now()).await;
+            store.close().await;
+            let pruned = pruned?;
+            writeln!(
+                out,
+                "pruned {} session(s), {} refresh token(s), {} audit event(s)",
+                pruned.sessions, pruned.refresh_tokens, pruned.audit_events
+            )?;
+            Ok(())
+        }
         Command::Audit(AuditCommand::List { tenant, limit }) => {
             let store = open(&config).await?;
             let tenant_id = match tenant {
@@ -318,13 +334,13 @@ async fn tenant_command(accounts: &Accounts, cmd: TenantCommand, out: &mut dyn W
         }
         TenantCommand::Disable { slug } => {
             let tenant = tenant(store, &slug).await?;
-            let revoked = accounts.disable_tenant(&tenant).await.map_err(|e| cli_error(e, ""))?;
+            let revoked = accounts.disable_tenant(&tenant).await.map_err(anyhow::Error::new)?;
             writeln!(out, "disabled tenant {slug}; {} session(s) revoked", revoked.len())?;
             Ok(())
         }
         TenantCommand::Enable { slug } => {
             let tenant = tenant(store, &slug).await?;
-            accounts.enable_tenant(&tenant).await.map_err(|e| cli_error(e, ""))?;
+            accounts.enable_tenant(&tenant).await.map_err(anyhow::Error::new)?;
             writeln!(out, "enabled tenant {slug}; the sessions revoked by the disable stay revoked")?;
             Ok(())
         }

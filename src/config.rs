@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
+
+use crate::db::retention::Retention;
 pub use proxy::{
     fold_header_name, AuthMode, HeaderNames, ProxyConfig, RateLimit, RateLimitKey, RouteConfig, UpstreamSettings,
     UpstreamTarget,
@@ -101,6 +103,8 @@ pub struct DatabaseConfig {
     /// PostgreSQL `statement_timeout`: a query running longer is cancelled
     /// and the request answered 503, so a stuck database cannot hold requests.
     pub statement_timeout: Duration,
+    /// `session_retention` and `audit_retention` (see [`crate::db::retention`]).
+    pub retention: Retention,
 }
 
 /// Where the data lives.
@@ -275,11 +279,34 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
     let max_connections = f.int_or("max_connections", 8, 1, 1000) as u32;
     let acquire_timeout = f.duration_or("acquire_timeout", "3s", Duration::from_millis(10));
     let statement_timeout = f.duration_or("statement_timeout", "10s", Duration::from_millis(10));
+    let keep = |d: Duration| (!d.is_zero()).then_some(d);
+    let sessions = keep(f.duration_or("session_retention", "30d", Duration::ZERO));
+    let audit = keep(f.duration_or("audit_retention", "0s", Duration::ZERO));
     f.finish();
-    let database =
-        url.map(|url| DatabaseConfig { url, auto_migrate, max_connections, acquire_timeout, statement_timeout });
+    let retention = Retention { sessions, audit };
 
     let auth = build_auth(auth_t, base, errors);
+    // A revoked session must stay readable while its access tokens may
+    // live: a starting replica loads its revocation state from those rows.
+    let floor = auth.access_token_ttl + auth.leeway + Duration::from_secs(3600);
+    if sessions.is_some_and(|kept| kept < floor) {
+        errors.push(
+            "database.session_retention",
+            format!(
+                "must be \"0s\" (keep for ever) or at least auth.access_token_ttl + auth.leeway + 1h ({}): \
+                 revoked sessions feed the revocation state while their tokens may live",
+                humantime::format_duration(floor)
+            ),
+        );
+    }
+    let database = url.map(|url| DatabaseConfig {
+        url,
+        auto_migrate,
+        max_connections,
+        acquire_timeout,
+        statement_timeout,
+        retention,
+    });
 
     let mut f = Fields::new("log", log_t, errors);
     let format = match f.string_or("format", "text").as_str() {

@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod login_attempts;
+pub mod retention;
 pub mod sessions;
 pub mod tenants;
 pub mod users;
@@ -142,10 +143,24 @@ impl Store {
     /// Applies pending migrations; a no-op when up to date. On PostgreSQL,
     /// sqlx holds an advisory lock meanwhile, so replicas starting together
     /// take turns.
+    ///
+    /// Migrations a newer release applied are left alone rather than
+    /// refused: every migration only adds (tables, columns with defaults,
+    /// indexes), so an older release still runs on the newer schema. That
+    /// is what a rolling upgrade needs (an old replica restarting after a
+    /// new one migrated), and what a rollback needs.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
         match &self.pool {
-            Pool::Sqlite(p) => sqlx::migrate!("migrations/sqlite").run(p).await,
-            Pool::Postgres(p) => sqlx::migrate!("migrations/postgres").run(p).await,
+            Pool::Sqlite(p) => {
+                let mut migrator = sqlx::migrate!("migrations/sqlite");
+                migrator.set_ignore_missing(true);
+                migrator.run(p).await
+            }
+            Pool::Postgres(p) => {
+                let mut migrator = sqlx::migrate!("migrations/postgres");
+                migrator.set_ignore_missing(true);
+                migrator.run(p).await
+            }
         }
     }
 

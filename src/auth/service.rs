@@ -149,8 +149,9 @@ impl AuthService {
                         verified = hash;
                     }
                 }
-                let Some(pair) = self.open_session(user, verified, client).await? else {
-                    return Err(self.changed_during_login(user, &email, client).await);
+                let pair = match self.open_session(user, verified, client).await? {
+                    Ok(pair) => pair,
+                    Err(reason) => return Err(self.changed_during_login(user, &email, client, reason).await),
                 };
                 metrics::counter!("gateway_logins_total", "result" => "success").increment(1);
                 self.audit(NewAuditEvent {
@@ -194,15 +195,17 @@ impl AuthService {
     }
 
     /// Opens a session for `user`, whose password was just verified against
-    /// `verified` (a hash), and mints its tokens; `None` when the user's row
-    /// changed since it was read (see [`Store::create_session`]). A change
-    /// of roles or scopes alone is retried once with the row as it now is.
+    /// `verified` (a hash), and mints its tokens; when the user's row or its
+    /// tenant changed since they were read (see [`Store::create_session`]),
+    /// the refusal's audit reason: `tenant_disabled`, or `user_changed`. A
+    /// change of roles or scopes alone is retried once with the row as it
+    /// now is.
     async fn open_session(
         &self,
         user: &User,
         verified: &str,
         client: &ClientContext,
-    ) -> Result<Option<TokenPair>, AuthError> {
+    ) -> Result<Result<TokenPair, &'static str>, AuthError> {
         let ip = client.ip.to_string();
         let mut user = std::borrow::Cow::Borrowed(user);
         for _ in 0..2 {
@@ -214,21 +217,24 @@ impl AuthService {
             let opened =
                 self.store.create_session(&user, verified, info, RefreshHash { hash: &hash, expires_at }, now).await?;
             if let Some(session_id) = opened {
-                return self.token_pair(&user, session_id, refresh_token, now).map(Some);
+                return self.token_pair(&user, session_id, refresh_token, now).map(Ok);
+            }
+            if self.store.tenant_by_id(user.tenant_id).await?.is_none_or(|t| t.disabled) {
+                return Ok(Err("tenant_disabled"));
             }
             match self.store.user_by_id(user.tenant_id, user.id).await? {
                 Some(now) if !now.disabled && now.password_hash == verified => user = std::borrow::Cow::Owned(now),
-                _ => return Ok(None),
+                _ => return Ok(Err("user_changed")),
             }
         }
-        Ok(None)
+        Ok(Err("user_changed"))
     }
 
     /// The refusal of a login whose password was right but whose user was
-    /// disabled or had its password reset, or whose tenant was disabled,
-    /// while the login ran (audited as `user_changed`): the same answer as
-    /// any other failed login.
-    async fn changed_during_login(&self, user: &User, email: &str, client: &ClientContext) -> AuthError {
+    /// disabled or had its password reset (audited as `user_changed`), or
+    /// whose tenant was disabled (`tenant_disabled`), while the login ran:
+    /// the same answer as any other failed login.
+    async fn changed_during_login(&self, user: &User, email: &str, client: &ClientContext, reason: &str) -> AuthError {
         metrics::counter!("gateway_logins_total", "result" => "failure").increment(1);
         let ip = client.ip.to_string();
         self.audit(NewAuditEvent {
@@ -238,7 +244,7 @@ impl AuthService {
             email: Some(email),
             ip: Some(&ip),
             user_agent: client.user_agent.as_deref(),
-            detail: Some(serde_json::json!({ "reason": "user_changed" })),
+            detail: Some(serde_json::json!({ "reason": reason })),
         })
         .await;
         AuthError::InvalidCredentials
@@ -658,7 +664,7 @@ impl Accounts {
     /// after the disable included. Returns the sessions revoked.
     pub async fn disable_tenant(&self, tenant: &Tenant) -> Result<Vec<Uuid>, AuthError> {
         let Some(revoked) = self.store.disable_tenant(tenant.id).await? else {
-            return Err(AuthError::InvalidRequest(format!("tenant {:?} is already disabled", tenant.slug)));
+            return Err(AuthError::InvalidRequest(format!("slug: tenant {:?} is already disabled", tenant.slug)));
         };
         let detail = serde_json::json!({ "tenant": tenant.slug, "sessions_revoked": revoked.len() });
         self.audit_tenant("tenant_disabled", tenant, detail).await;
@@ -669,7 +675,7 @@ impl Accounts {
     /// the disable revoked stay revoked: its users log in again.
     pub async fn enable_tenant(&self, tenant: &Tenant) -> Result<(), AuthError> {
         if !self.store.enable_tenant(tenant.id).await? {
-            return Err(AuthError::InvalidRequest(format!("tenant {:?} is not disabled", tenant.slug)));
+            return Err(AuthError::InvalidRequest(format!("slug: tenant {:?} is not disabled", tenant.slug)));
         }
         self.audit_tenant("tenant_enabled", tenant, serde_json::json!({ "tenant": tenant.slug })).await;
         Ok(())

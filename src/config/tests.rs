@@ -20,6 +20,8 @@ fn empty_file_gives_documented_defaults() {
     assert_eq!(c.auth.keys_dir, PathBuf::from("/etc/gateway/keys"));
     assert_eq!(c.auth.argon2, Argon2Config { memory_kib: 19_456, iterations: 2, parallelism: 1 });
     assert_eq!(c.auth.password_min_length, 15);
+    let thirty_days = Duration::from_secs(30 * 86400);
+    assert_eq!(c.database.retention, Retention { sessions: Some(thirty_days), audit: None });
 }
 
 #[test]
@@ -83,6 +85,23 @@ fn syntax_errors_are_reported() {
 fn staleness_must_outlast_the_poll() {
     let err = parse("[auth]\nrevocation_poll = \"20s\"\nrevocation_max_staleness = \"30s\"").expect_err("invalid");
     assert!(err.to_string().contains("auth.revocation_max_staleness"), "{err}");
+}
+
+#[test]
+fn session_retention_outlasts_the_access_tokens_or_keeps_everything() {
+    let err = parse("[database]\nsession_retention = \"1h\"").expect_err("shorter than 15m + 5s + 1h");
+    assert!(
+        err.to_string().contains("database.session_retention: must be \"0s\" (keep for ever) or at least"),
+        "{err}"
+    );
+    let err =
+        parse("[auth]\naccess_token_ttl = \"1d\"\n[database]\nsession_retention = \"1d\"").expect_err("too short");
+    assert!(err.to_string().contains("database.session_retention"), "{err}");
+    let c = parse("[database]\nsession_retention = \"1h 15m 5s\"\naudit_retention = \"365d\"").expect("the floor");
+    let year = Duration::from_secs(365 * 86400);
+    assert_eq!(c.database.retention, Retention { sessions: Some(Duration::from_secs(4505)), audit: Some(year) });
+    let c = parse("[database]\nsession_retention = \"0s\"").expect("keep for ever");
+    assert_eq!(c.database.retention, Retention { sessions: None, audit: None });
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Audit log, CLI commands, migrations, key rotation and config validation.
 
 use gateway::config::DatabaseUrl;
+use gateway::db::Pool;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -103,6 +104,18 @@ both_backends! {
         let user_id = app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
         app.cli(&["migrate"], "").await.unwrap_or_else(|e| panic!("first migrate failed: {e:#}"));
         app.cli(&["migrate"], "").await.unwrap_or_else(|e| panic!("second migrate failed: {e:#}"));
+        // A newer release's migration, unknown to this one (a rollback, or
+        // an old replica restarting mid-upgrade), does not stop it.
+        let newer = "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+                     VALUES (999999, 'from a newer release', TRUE, $1, 0)";
+        let store = crate::user_admin::open_store(&app).await;
+        let added = match store.pool() {
+            Pool::Sqlite(p) => sqlx::query(newer).bind(vec![0_u8; 48]).execute(p).await.map(|d| d.rows_affected()),
+            Pool::Postgres(p) => sqlx::query(newer).bind(vec![0_u8; 48]).execute(p).await.map(|d| d.rows_affected()),
+        };
+        assert_eq!(added.expect("record a newer migration"), 1);
+        store.close().await;
+        app.cli(&["migrate"], "").await.unwrap_or_else(|e| panic!("migrate after a newer release failed: {e:#}"));
         let before = app.login_ok(EMAIL, PASSWORD, None).await;
         let jwks_before = app.jwks().await;
 

@@ -30,6 +30,7 @@ mod proxy_transport;
 mod rate_limits;
 mod refresh_flow;
 mod replicas;
+mod retention;
 mod tenant_admin;
 mod token_attacks;
 mod user_admin;
