@@ -224,9 +224,9 @@ impl App {
                 store.clone(),
                 auth.revocation_poll,
                 auth.lockout_duration,
-                self.config.database.retention,
                 stopped(),
             )),
+            tokio::spawn(prune_hourly(store.clone(), self.config.database.retention, stopped())),
             tokio::spawn(self.reloader.clone().watch(self.config.server.config_poll, stopped())),
             tokio::spawn(upkeep(self.metrics.clone(), stopped())),
         ];
@@ -296,13 +296,12 @@ async fn upkeep(handle: PrometheusHandle, shutdown: impl std::future::Future<Out
 
 /// Background upkeep: refreshes the tenant directory every `every`, and once
 /// an hour deletes lockout counters idle for a day (or the lockout duration,
-/// if longer) and what `retention` no longer keeps ([`Store::prune`]).
+/// if longer).
 async fn maintain(
     tenants: TenantDirectory,
     store: Store,
     every: Duration,
     lockout: Duration,
-    retention: Retention,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -323,12 +322,29 @@ async fn maintain(
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "lockout counter purge failed"),
             }
-            match store.prune(retention, unix_now()).await {
+        }
+    }
+}
+
+/// Deletes what `retention` no longer keeps ([`Store::prune`]) a second
+/// after the start and then every hour, until `shutdown`. A task of its own:
+/// a first prune of a large database may take a while, and nothing else
+/// waits for it.
+async fn prune_hourly(store: Store, retention: Retention, shutdown: impl std::future::Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let mut wait = Duration::from_secs(1);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = Duration::from_secs(3600);
+        tokio::select! {
+            () = &mut shutdown => return,
+            result = store.prune(retention) => match result {
                 Ok(pruned) => record_pruned(pruned),
-                Err(e) => {
-                    tracing::warn!(error = %e, "pruning ended sessions and old records failed; next try in an hour");
-                }
-            }
+                Err(e) => tracing::warn!(error = %e, "pruning ended sessions and old records failed; next try in an hour"),
+            },
         }
     }
 }

@@ -247,7 +247,7 @@ pub async fn execute(cli: Cli, input: &mut dyn BufRead, out: &mut dyn Write) -> 
         }
         Command::Prune => {
             let store = open(&config).await?;
-            let pruned = store.prune(config.database.retention, crate::db::unix_now()).await;
+            let pruned = store.prune(config.database.retention).await;
             store.close().await;
             let pruned = pruned?;
             writeln!(

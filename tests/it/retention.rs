@@ -120,6 +120,9 @@ both_backends! {
         let third = app.refresh_ok(&second.refresh_token).await;
         let sql = "UPDATE refresh_tokens SET expires_at = expires_at - $2 WHERE session_id = $1 AND parent_id IS NULL";
         assert_eq!(exec(&store, sql, live, 100 * DAY).await, 1);
+        // Opened 100 days ago: its age alone does not end it.
+        let sql = "UPDATE sessions SET created_at = created_at - $2 WHERE id = $1";
+        assert_eq!(exec(&store, sql, live, 100 * DAY).await, 1);
         assert_eq!(tokens_of(&store, live).await, 3);
 
         let out = prune(&app).await;
@@ -164,21 +167,39 @@ both_backends! {
         let tenant = store.tenant_by_slug("default").await.expect("read").expect("the default tenant");
         let user = store.user_by_email(tenant.id, EMAIL).await.expect("read").expect("the user");
         let n = 2 * gateway::db::retention::BATCH + 7;
-        for _ in 0..n {
-            let hash = Uuid::new_v4();
-            let refresh = RefreshHash { hash: hash.as_bytes(), expires_at: unix_now() + 60 };
-            let opened = store.create_session(&user, &user.password_hash, ClientInfo::default(), refresh, unix_now());
-            assert!(opened.await.expect("insert").is_some());
-        }
-        let revoke_all = "UPDATE sessions SET revoked_at = 1000, revoke_reason = 'test'";
-        let revoked = match store.pool() {
-            Pool::Sqlite(p) => sqlx::query(revoke_all).execute(p).await.map(|d| d.rows_affected()),
-            Pool::Postgres(p) => sqlx::query(revoke_all).execute(p).await.map(|d| d.rows_affected()),
+        let open_sessions = || async {
+            for _ in 0..n {
+                let hash = Uuid::new_v4();
+                let refresh = RefreshHash { hash: hash.as_bytes(), expires_at: unix_now() + 60 };
+                let opened =
+                    store.create_session(&user, &user.password_hash, ClientInfo::default(), refresh, unix_now());
+                assert!(opened.await.expect("insert").is_some());
+            }
         };
-        assert_eq!(revoked.expect("revoke"), u64::try_from(n).expect("a small count"));
+        let run = |sql: &'static str| {
+            let store = store.clone();
+            async move {
+                let done = match store.pool() {
+                    Pool::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|d| d.rows_affected()),
+                    Pool::Postgres(p) => sqlx::query(sql).execute(p).await.map(|d| d.rows_affected()),
+                };
+                done.unwrap_or_else(|e| panic!("{sql}: {e}"))
+            }
+        };
+        let n_rows = u64::try_from(n).expect("a small count");
+        // n sessions revoked long ago, and n that lapsed long ago unrevoked.
+        open_sessions().await;
+        assert_eq!(run("UPDATE sessions SET revoked_at = 1000, revoke_reason = 'test'").await, n_rows);
+        open_sessions().await;
+        let lapse = "UPDATE refresh_tokens SET expires_at = 1000
+                     WHERE session_id IN (SELECT id FROM sessions WHERE revoked_at IS NULL)";
+        assert_eq!(run(lapse).await, n_rows);
+        assert_eq!(run("UPDATE sessions SET created_at = 1000 WHERE revoked_at IS NULL").await, n_rows);
         let out = prune(&app).await;
-        assert_eq!(out.trim(), format!("pruned {n} session(s), {n} refresh token(s), 0 audit event(s)"));
-        assert!(store.active_sessions(tenant.id, user.id).await.expect("list").is_empty());
+        let both = 2 * n;
+        assert_eq!(out.trim(), format!("pruned {both} session(s), {both} refresh token(s), 0 audit event(s)"));
+        let left = count(&store, "SELECT COUNT(*) FROM sessions WHERE user_id = $1", user.id).await;
+        assert_eq!(left, 0, "every session was pruned");
         store.close().await;
         app.stop().await;
     }
@@ -212,9 +233,13 @@ both_backends! {
             sessions_with_id(&store, old_id).await == 0
         })
         .await;
+        // Audit events go after the sessions.
+        eventually("the gateway pruned the old audit events", Duration::from_secs(5), || async {
+            app.cli(&["audit", "list"], "").await.expect("audit list").lines().count() == 1
+        })
+        .await;
         let audit = app.cli(&["audit", "list"], "").await.expect("audit list");
-        assert_eq!(audit.lines().count(), 1, "only the fresh login's event is left: {audit}");
-        assert!(audit.contains("login_succeeded"), "{audit}");
+        assert!(audit.contains("login_succeeded"), "only the fresh login's event is left: {audit}");
         assert_eq!(sessions_with_id(&store, sid(&fresh.access_token)).await, 1);
         app.me_ok(&fresh.access_token).await;
         store.close().await;
