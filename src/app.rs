@@ -97,6 +97,7 @@ impl App {
         let identities = IdentityCache::new(IDENTITY_CACHE_CAPACITY, config.auth.leeway);
         let tls = cert.clone().map(crate::server::tls::acceptor).transpose()?;
         let upstream_tls = client.tls();
+        let client_for_probes = client.with_own_pool();
         let proxy = Proxy {
             routes: Arc::clone(&routes),
             api: api.clone(),
@@ -119,6 +120,10 @@ impl App {
             identities,
             tls: cert,
             upstream_tls,
+            probes: crate::proxy::health::Probes {
+                client: client_for_probes,
+                runtime: tokio::runtime::Handle::current(),
+            },
             reloading: Arc::default(),
         };
 
@@ -208,6 +213,7 @@ impl App {
         });
         tracing::info!(public = %addr, admin = %admin_addr, workers = threads.len(), "gateway listening");
 
+        self.reloader.probes.start(&self.reloader.routes.load());
         let store = self.service.store.clone();
         let auth = &self.config.auth;
         let revocations = self.service.authenticator.revocations().clone();

@@ -17,8 +17,8 @@ use ipnet::IpNet;
 
 use crate::db::retention::Retention;
 pub use proxy::{
-    fold_header_name, AuthMode, HeaderNames, ProxyConfig, RateLimit, RateLimitKey, RouteConfig, UpstreamSettings,
-    UpstreamTarget,
+    fold_header_name, AuthMode, HeaderNames, HealthCheck, ProxyConfig, RateLimit, RateLimitKey, RouteConfig,
+    UpstreamSettings, UpstreamTarget,
 };
 use reader::{Errors, Fields};
 

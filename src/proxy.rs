@@ -41,6 +41,7 @@ pub mod cors;
 pub mod error;
 pub mod forward_auth;
 pub mod headers;
+pub mod health;
 pub mod identity;
 pub mod path;
 pub mod policy;

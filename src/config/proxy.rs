@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use hyper::header::{HeaderName, HeaderValue};
-use hyper::http::uri::{Authority, Scheme};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Method, Uri};
 
 use super::reader::{Errors, Fields};
@@ -105,6 +105,24 @@ pub struct RouteConfig {
     /// request (`jwt_assertion_audience`, default the route's name); None
     /// when the route sends none.
     pub jwt_assertion: Option<String>,
+    /// `health_check`: probe each upstream and send no requests to those
+    /// that fail (see [`crate::proxy::health`]).
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A route's `health_check = { path = "/healthz", interval = "10s", ... }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Path and query sent to each upstream, as written (not under the
+    /// upstream's base path).
+    pub path: String,
+    pub interval: Duration,
+    /// Deadline for the whole probe (connect, answer head).
+    pub timeout: Duration,
+    /// Consecutive failed probes that take an upstream out.
+    pub unhealthy_after: u32,
+    /// Consecutive passed probes that bring it back.
+    pub healthy_after: u32,
 }
 
 /// One upstream base URL.
@@ -614,6 +632,7 @@ fn build_route(
         }
     }
     let rate_limit = rate_limit(f, auth);
+    let health_check = health_check(f, upstream_texts.is_empty());
     Some(RouteConfig {
         name: name?,
         prefix: prefix?,
@@ -637,7 +656,38 @@ fn build_route(
         remove_response_headers,
         rate_limit,
         jwt_assertion,
+        health_check,
     })
+}
+
+/// `health_check = { path = "/healthz", interval = "10s", timeout = "2s",
+/// unhealthy_after = 2, healthy_after = 2 }`.
+fn health_check(f: &mut Fields<'_>, judge_only: bool) -> Option<HealthCheck> {
+    let mut t = f.sub("health_check")?;
+    let path = t.string("path");
+    let path = match path {
+        None => {
+            t.error("path", "is required: the path each upstream is asked for, e.g. \"/healthz\"");
+            None
+        }
+        Some(p) if !p.starts_with('/') || p.contains('#') || p.parse::<PathAndQuery>().is_err() => {
+            t.error("path", format!("{p:?} is not a path (and query) starting with \"/\""));
+            None
+        }
+        Some(p) => Some(p),
+    };
+    let interval = t.duration_or("interval", "10s", Duration::from_millis(100));
+    let timeout = t.duration_or("timeout", "2s", Duration::from_millis(1));
+    if timeout > interval {
+        t.error("timeout", "must not be longer than interval: one probe at a time");
+    }
+    let unhealthy_after = t.int_or("unhealthy_after", 2, 1, 100) as u32;
+    let healthy_after = t.int_or("healthy_after", 2, 1, 100) as u32;
+    if judge_only {
+        t.error("path", "a route without upstreams has nothing to probe");
+    }
+    t.finish();
+    Some(HealthCheck { path: path?, interval, timeout, unhealthy_after, healthy_after })
 }
 
 /// `jwt_assertion` and `jwt_assertion_audience`: the audience, when the

@@ -105,6 +105,43 @@ fn session_retention_outlasts_the_access_tokens_or_keeps_everything() {
 }
 
 #[test]
+fn health_checks_name_a_path_and_probe_one_at_a_time() {
+    let route = |hc: &str| {
+        format!("[[routes]]\nname = \"r\"\nprefix = \"/\"\nupstreams = [\"http://10.0.0.1\"]\nhealth_check = {hc}")
+    };
+    let c = parse(&route("{ path = \"/healthz?full=1\" }")).expect("defaults");
+    let expected = HealthCheck {
+        path: "/healthz?full=1".into(),
+        interval: Duration::from_secs(10),
+        timeout: Duration::from_secs(2),
+        unhealthy_after: 2,
+        healthy_after: 2,
+    };
+    assert_eq!(c.proxy.routes[0].health_check, Some(expected));
+    for (hc, says) in [
+        ("{ interval = \"5s\" }", "routes[0].health_check.path: is required"),
+        ("{ path = \"healthz\" }", "routes[0].health_check.path: \"healthz\" is not a path"),
+        ("{ path = \"/a#b\" }", "is not a path"),
+        (
+            "{ path = \"/h\", interval = \"1s\", timeout = \"2s\" }",
+            "health_check.timeout: must not be longer than interval",
+        ),
+        ("{ path = \"/h\", interval = \"10ms\" }", "health_check.interval"),
+        ("{ path = \"/h\", unhealthy_after = 0 }", "health_check.unhealthy_after"),
+        ("{ path = \"/h\", healthy_after = 101 }", "health_check.healthy_after"),
+        ("{ path = \"/h\", colour = \"red\" }", "health_check.colour"),
+        ("\"/healthz\"", "expected a table"),
+    ] {
+        let err = parse(&route(hc)).expect_err(hc);
+        assert!(err.to_string().contains(says), "{hc}: {err}");
+    }
+    let judge_only = "[forward_auth]\nenabled = true\n[server]\ntrusted_proxies = [\"10.0.0.0/8\"]\n\
+                      [[routes]]\nname = \"r\"\nprefix = \"/\"\nhealth_check = { path = \"/h\" }";
+    let err = parse(judge_only).expect_err("nothing to probe");
+    assert!(err.to_string().contains("a route without upstreams has nothing to probe"), "{err}");
+}
+
+#[test]
 fn header_names_may_not_collide() {
     for (text, field) in [
         ("[headers]\nrequest_id = \"x-user-id\"", "headers.request_id"),

@@ -19,6 +19,7 @@ use hyper::Method;
 
 use crate::config::{HeaderNames, ProxyConfig, RouteConfig, UpstreamTarget};
 use crate::proxy::cors::CorsOrigins;
+use crate::proxy::health::UpstreamHealth;
 use crate::proxy::ratelimit::RateLimiter;
 
 /// The statuses whose request counters a route keeps at hand.
@@ -60,13 +61,29 @@ pub struct Route {
     /// The route's `rate_limit`, kept across reloads that do not change it
     /// (see [`RouteTable::new`]).
     pub limiter: Option<Arc<RateLimiter>>,
+    /// Per upstream, with a `health_check`: what its probes found (empty
+    /// without one).
+    health: Vec<Arc<UpstreamHealth>>,
 }
 
 impl Route {
     /// `kept`: the limiter of the route of the same name in the table being
-    /// replaced, used if it enforces this route's `rate_limit`.
-    fn new(config: RouteConfig, kept: Option<Arc<RateLimiter>>) -> Self {
+    /// replaced, used if it enforces this route's `rate_limit`; `previous`:
+    /// that table, whose health states this route takes over where they
+    /// probe the same upstream the same way.
+    fn new(config: RouteConfig, kept: Option<Arc<RateLimiter>>, previous: Option<&RouteTable>) -> Self {
         let cooldown_until = config.upstreams.iter().map(|_| AtomicU64::new(0)).collect();
+        let health = match &config.health_check {
+            None => Vec::new(),
+            Some(check) => config
+                .upstreams
+                .iter()
+                .map(|target| {
+                    let old = previous.and_then(|t| t.health_states().find(|h| h.serves(&config.name, target, check)));
+                    old.cloned().unwrap_or_else(|| Arc::new(UpstreamHealth::new(&config.name, target, check)))
+                })
+                .collect(),
+        };
         let label = metrics::SharedString::from_shared(Arc::<str>::from(config.name.as_str()));
         let request_duration = metrics::histogram!("gateway_request_duration_seconds", "route" => label.clone());
         let upstream_duration = metrics::histogram!("gateway_upstream_duration_seconds", "route" => label.clone());
@@ -87,6 +104,7 @@ impl Route {
             cooldown_until,
             epoch: Instant::now(),
             limiter,
+            health,
             config,
         }
     }
@@ -117,7 +135,8 @@ impl Route {
     }
 
     /// The next upstream in round-robin order, skipping those cooling down
-    /// (unless all are). Returns its index.
+    /// or taken out by their health checks; when none is left, those not
+    /// cooling down, else the next in turn. Returns its index.
     pub fn pick(&self) -> usize {
         let n = self.config.upstreams.len();
         if n == 1 {
@@ -127,18 +146,28 @@ impl Route {
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         // The common case, nothing cooling down, needs no clock read.
-        if self.cooldown_until[start].load(Ordering::Relaxed) == 0 {
+        if self.cooldown_until[start].load(Ordering::Relaxed) == 0 && self.healthy(start) {
             return start;
         }
         let now = self.now_ms();
-        (0..n).map(|i| (start + i) % n).find(|&i| self.available(i, now)).unwrap_or(start)
+        let mut turn = (0..n).map(|i| (start + i) % n);
+        turn.clone()
+            .find(|&i| self.healthy(i) && self.available(i, now))
+            .or_else(|| turn.find(|&i| self.available(i, now)))
+            .unwrap_or(start)
     }
 
-    /// The upstream after `i` that is not cooling down, if any.
+    /// The upstream after `i` that is neither cooling down nor taken out,
+    /// if any.
     pub fn next_after(&self, i: usize) -> Option<usize> {
         let n = self.config.upstreams.len();
         let now = self.now_ms();
-        (1..n).map(|k| (i + k) % n).find(|&j| self.available(j, now))
+        (1..n).map(|k| (i + k) % n).find(|&j| self.healthy(j) && self.available(j, now))
+    }
+
+    /// Whether upstream `i` passes its health checks (always, without).
+    fn healthy(&self, i: usize) -> bool {
+        self.health.get(i).is_none_or(|h| h.is_healthy())
     }
 
     /// Whether upstream `i` is out of its cool-down at `now`; an expired
@@ -213,7 +242,7 @@ impl RouteTable {
             .into_iter()
             .map(|r| {
                 let kept = kept(&r).cloned();
-                Arc::new(Route::new(r, kept))
+                Arc::new(Route::new(r, kept, previous))
             })
             .collect();
         // Host-specific first, then longer prefixes; routes sharing a host
@@ -235,6 +264,11 @@ impl RouteTable {
             forward_auth: config.forward_auth,
             trusted_proxies: config.trusted_proxies,
         }
+    }
+
+    /// Every upstream's health state, of the routes with a `health_check`.
+    pub fn health_states(&self) -> impl Iterator<Item = &Arc<UpstreamHealth>> {
+        self.routes.iter().flat_map(|r| r.health.iter())
     }
 
     /// The route for `host` (without port; any case), a normalised path and
@@ -317,9 +351,12 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
+    fn parse(routes: &str) -> Config {
+        Config::parse(routes, std::path::Path::new("/tmp/gateway.toml")).expect("valid config")
+    }
+
     fn table(routes: &str) -> RouteTable {
-        let config = Config::parse(routes, std::path::Path::new("/tmp/gateway.toml")).expect("valid config");
-        RouteTable::new(config.proxy, CorsOrigins::default(), None)
+        RouteTable::new(parse(routes).proxy, CorsOrigins::default(), None)
     }
 
     const ROUTES: &str = r#"
@@ -455,6 +492,42 @@ mod tests {
         assert_eq!(normalize_host("example.com:8080"), "example.com");
         assert_eq!(normalize_host("example.com."), "example.com");
         assert_eq!(normalize_host("[::1]:80"), "[::1]");
+    }
+
+    #[test]
+    fn round_robin_skips_upstreams_out_by_health_checks_unless_all_are() {
+        let routes = r#"
+            [[routes]]
+            name = "hc"
+            prefix = "/"
+            upstreams = ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"]
+            health_check = { path = "/healthz" }
+            "#;
+        let t = table(routes);
+        let r = t.find(None, "/", &Method::GET, None).expect("route");
+        assert_eq!(t.health_states().count(), 3);
+        assert_eq!((r.pick(), r.pick(), r.pick()), (0, 1, 2), "every upstream starts in");
+        r.health[1].set(false);
+        let picks: Vec<usize> = (0..6).map(|_| r.pick()).collect();
+        assert!(!picks.contains(&1) && picks.contains(&0) && picks.contains(&2), "{picks:?}");
+        assert_eq!(r.next_after(0), Some(2), "a retry skips it too");
+        // Out and cooling down: the next one in turn.
+        r.cool_down(2, Duration::from_secs(60));
+        assert!((0..6).all(|_| r.pick() == 0));
+        // Every one out: all of them in turn, as if none were.
+        r.health[0].set(false);
+        r.health[2].set(false);
+        let picks: Vec<usize> = (0..6).map(|_| r.pick()).collect();
+        assert!(picks.contains(&0) && picks.contains(&1) && !picks.contains(&2), "cooling still counts: {picks:?}");
+
+        // A reload that keeps the route, its check and an upstream keeps
+        // that upstream's state; a changed check starts afresh.
+        let same = RouteTable::new(parse(routes).proxy, CorsOrigins::default(), Some(&t));
+        let kept = same.find(None, "/", &Method::GET, None).expect("route");
+        assert!(Arc::ptr_eq(&kept.health[1], &r.health[1]) && !kept.health[1].is_healthy());
+        let changed = routes.replace("/healthz", "/ready");
+        let fresh = RouteTable::new(parse(&changed).proxy, CorsOrigins::default(), Some(&t));
+        assert!(fresh.health_states().all(|h| h.is_healthy()), "a new check starts with every upstream in");
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub struct Reloader {
     pub(crate) tls: Option<Arc<ServerCert>>,
     /// The upstream client's roots and certificate.
     pub(crate) upstream_tls: Arc<UpstreamTls>,
+    /// Starts the health checks of the routes a reload brings.
+    pub(crate) probes: crate::proxy::health::Probes,
     /// Held through a reload: the API router and the route table are two
     /// swaps, and two reloads at once (the watcher and a caller) must not
     /// leave them from two different files.
@@ -77,8 +79,9 @@ impl Reloader {
                 let n = config.proxy.routes.len();
                 let cors = CorsOrigins::new(&config.auth.cors_origins);
                 self.api.rebuild(&cors, &config.proxy.headers.request_id);
-                let table = RouteTable::new(config.proxy, cors, Some(&self.routes.load()));
-                self.routes.store(Arc::new(table));
+                let table = Arc::new(RouteTable::new(config.proxy, cors, Some(&self.routes.load())));
+                self.probes.start(&table);
+                self.routes.store(table);
                 metrics::counter!("gateway_config_reloads_total", "result" => "ok").increment(1);
                 tracing::info!(routes = n, path = %self.path.display(), "configuration reloaded");
                 Ok(n)

@@ -22,6 +22,7 @@ mod http1_conformance;
 mod jwt_assertion;
 mod lockout;
 mod process;
+mod proxy_health;
 mod proxy_identity;
 mod proxy_pool;
 mod proxy_reload;

@@ -18,12 +18,15 @@
 //!   else 400): every text and binary message is sent back.
 //! - `pause_ms=P` (any mode that reads the body): a slow reader, resting P ms after each MiB.
 //!
+//! - path `/healthz` (whatever the query): an empty answer with the status
+//!   [`Upstream::set_health`] chose (200 at first), for health checks.
+//!
 //! Every request (WebSocket handshakes included) is counted in [`Upstream::hits`] as soon as
 //! its head arrives, and its method, path+query and headers are recorded ([`Upstream::last`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -87,6 +90,8 @@ struct State {
     hits: AtomicUsize,
     connections: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
+    /// The status `/healthz` answers with.
+    health: AtomicU16,
 }
 
 /// A running upstream; stops accepting when dropped.
@@ -117,6 +122,21 @@ impl Upstream {
         self.state.seen.lock().expect("upstream record lock is not poisoned").clone()
     }
 
+    /// Makes `/healthz` answer `status` from now on.
+    pub fn set_health(&self, status: u16) {
+        self.state.health.store(status, Ordering::SeqCst);
+    }
+
+    /// Requests for `/healthz` received so far.
+    pub fn health_checks(&self) -> Vec<Seen> {
+        self.seen().into_iter().filter(|s| s.path.starts_with("/healthz")).collect()
+    }
+
+    /// Requests other than `/healthz` received so far.
+    pub fn requests(&self) -> usize {
+        self.seen().iter().filter(|s| !s.path.starts_with("/healthz")).count()
+    }
+
     /// The latest request received; panics when there was none.
     pub fn last(&self) -> Seen {
         self.seen().pop().unwrap_or_else(|| panic!("upstream {} received no request", self.state.name))
@@ -142,6 +162,7 @@ async fn spawn(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         hits: AtomicUsize::new(0),
         connections: AtomicUsize::new(0),
         seen: Mutex::new(Vec::new()),
+        health: AtomicU16::new(200),
     });
     let task = tokio::spawn(accept_loop(listener, Arc::clone(&state), tls));
     Upstream { addr, state, task }
@@ -277,6 +298,10 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<RespB
         headers: headers.clone(),
     });
 
+    if req.uri().path() == "/healthz" {
+        let status = StatusCode::from_u16(state.health.load(Ordering::SeqCst)).unwrap_or(StatusCode::OK);
+        return full(status, "text/plain", "");
+    }
     let query = req.uri().query().map(str::to_owned);
     let query = query.as_deref();
     let mode = param(query, "mode").unwrap_or("echo").to_owned();
