@@ -117,7 +117,7 @@ pub struct HealthCheck {
     /// upstream's base path).
     pub path: String,
     pub interval: Duration,
-    /// Deadline for the whole probe (connect, answer head).
+    /// Deadline for the whole probe (connect, answer head and body).
     pub timeout: Duration,
     /// Consecutive failed probes that take an upstream out.
     pub unhealthy_after: u32,
@@ -670,23 +670,25 @@ fn health_check(f: &mut Fields<'_>, judge_only: bool) -> Option<HealthCheck> {
             t.error("path", "is required: the path each upstream is asked for, e.g. \"/healthz\"");
             None
         }
-        Some(p) if !p.starts_with('/') || p.contains('#') || p.parse::<PathAndQuery>().is_err() => {
-            t.error("path", format!("{p:?} is not a path (and query) starting with \"/\""));
+        Some(p)
+            if !p.starts_with('/')
+                || !p.bytes().all(|b| b.is_ascii_graphic() && !b"#\"<>\\^`{|}".contains(&b))
+                || p.parse::<PathAndQuery>().is_err() =>
+        {
+            t.error("path", format!("{p:?} is not a path (and query) starting with \"/\", in URL characters"));
             None
         }
         Some(p) => Some(p),
     };
+    // A probe that outlasts the interval delays the next one: one at a time.
     let interval = t.duration_or("interval", "10s", Duration::from_millis(100));
     let timeout = t.duration_or("timeout", "2s", Duration::from_millis(1));
-    if timeout > interval {
-        t.error("timeout", "must not be longer than interval: one probe at a time");
-    }
     let unhealthy_after = t.int_or("unhealthy_after", 2, 1, 100) as u32;
     let healthy_after = t.int_or("healthy_after", 2, 1, 100) as u32;
-    if judge_only {
-        t.error("path", "a route without upstreams has nothing to probe");
-    }
     t.finish();
+    if judge_only {
+        f.error("health_check", "a route without upstreams has nothing to probe");
+    }
     Some(HealthCheck { path: path?, interval, timeout, unhealthy_after, healthy_after })
 }
 

@@ -11,13 +11,16 @@
 //! - a probe is a `GET` of `path` (as written, not under the upstream's
 //!   base path) with the upstream's `Host` and `User-Agent:
 //!   gateway-health-check`, and no identity or credential of any kind;
-//!   it passes on a 2xx or 3xx answer head within `timeout`;
+//!   it passes on a 2xx or 3xx answer whose head and body (read up to
+//!   64 KiB) arrive within `timeout`;
 //! - an upstream is taken out after `unhealthy_after` failed probes in a
 //!   row and brought back after `healthy_after` passed ones; it starts
 //!   in, so a start or a reload never sends traffic nowhere;
-//! - when every upstream of a route is out, requests go to all of them as
-//!   if none were (as Envoy's "panic" threshold does): a probe that is
-//!   wrong (a path the app does not serve) must not turn into an outage;
+//! - an upstream taken out leaves its share to all the others, not to the
+//!   next in turn; when every upstream of a route is out, requests (and
+//!   the retry of a refused connection) go to all of them as if none were
+//!   (as Envoy's "panic" threshold does): a probe that is wrong (a path the
+//!   app does not serve) must not turn into an outage;
 //! - a reload that keeps the route's name, its `health_check` and an
 //!   upstream's URL keeps that upstream's state and its probe.
 //!
@@ -25,8 +28,10 @@
 //! with a client of their own (its own connection pool, the same TLS
 //! settings), one task per upstream and route. A task holds its upstream's
 //! state weakly and ends at the first probe after no route table holds it.
-//! State changes are logged and kept in `gateway_upstream_healthy{route,
-//! upstream}` (1 or 0).
+//! State changes are logged, and every probe writes the state to
+//! `gateway_upstream_healthy{route, upstream}` (1 or 0). The probes' pool
+//! is swept like a worker's, so connections to upstreams a reload removed
+//! close after `upstream.pool_idle_timeout`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -76,7 +81,6 @@ impl UpstreamHealth {
     /// Takes the upstream out (`false`) or brings it back.
     pub(crate) fn set(&self, healthy: bool) {
         self.healthy.store(healthy, Ordering::Relaxed);
-        gauge(self, healthy);
     }
 }
 
@@ -115,6 +119,7 @@ async fn probe_forever(health: Weak<UpstreamHealth>, client: UpstreamClient) {
     loop {
         ticker.tick().await;
         let Some(h) = health.upgrade() else { return };
+        client.sweep();
         match probe(&client, &h.target, &h.check).await {
             Ok(()) => {
                 (passed, failed) = (passed.saturating_add(1), 0);
@@ -133,6 +138,9 @@ async fn probe_forever(health: Weak<UpstreamHealth>, client: UpstreamClient) {
                 }
             }
         }
+        // Every probe, not only a change: a probe of a state a reload just
+        // replaced may have written the same series last.
+        gauge(&h, h.is_healthy());
     }
 }
 
@@ -141,8 +149,8 @@ fn gauge(h: &UpstreamHealth, healthy: bool) {
         .set(if healthy { 1.0 } else { 0.0 });
 }
 
-/// One probe: the answer head within the timeout, 2xx or 3xx. The body is
-/// read (at most 64 KiB) so that the connection can be used again.
+/// One probe: a 2xx or 3xx answer, head and body (read up to 64 KiB, so
+/// that the connection can be used again) within the timeout.
 async fn probe(client: &UpstreamClient, target: &UpstreamTarget, check: &HealthCheck) -> Result<(), String> {
     let (path, query) = check.path.split_once('?').map_or((check.path.as_str(), None), |(p, q)| (p, Some(q)));
     let origin = Target { base: "", path, query };

@@ -73,17 +73,16 @@ impl Route {
     /// probe the same upstream the same way.
     fn new(config: RouteConfig, kept: Option<Arc<RateLimiter>>, previous: Option<&RouteTable>) -> Self {
         let cooldown_until = config.upstreams.iter().map(|_| AtomicU64::new(0)).collect();
-        let health = match &config.health_check {
-            None => Vec::new(),
-            Some(check) => config
-                .upstreams
-                .iter()
-                .map(|target| {
-                    let old = previous.and_then(|t| t.health_states().find(|h| h.serves(&config.name, target, check)));
-                    old.cloned().unwrap_or_else(|| Arc::new(UpstreamHealth::new(&config.name, target, check)))
-                })
-                .collect(),
-        };
+        let mut health: Vec<Arc<UpstreamHealth>> = Vec::new();
+        if let Some(check) = &config.health_check {
+            for target in &config.upstreams {
+                // An upstream listed twice (for twice the share) has one state.
+                let twin = health.iter().find(|h| h.serves(&config.name, target, check));
+                let old = || previous.and_then(|t| t.health_states().find(|h| h.serves(&config.name, target, check)));
+                let state = twin.or_else(old).cloned();
+                health.push(state.unwrap_or_else(|| Arc::new(UpstreamHealth::new(&config.name, target, check))));
+            }
+        }
         let label = metrics::SharedString::from_shared(Arc::<str>::from(config.name.as_str()));
         let request_duration = metrics::histogram!("gateway_request_duration_seconds", "route" => label.clone());
         let upstream_duration = metrics::histogram!("gateway_upstream_duration_seconds", "route" => label.clone());
@@ -144,25 +143,33 @@ impl Route {
             // bump on every request.
             return 0;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = turn % n;
         // The common case, nothing cooling down, needs no clock read.
         if self.cooldown_until[start].load(Ordering::Relaxed) == 0 && self.healthy(start) {
             return start;
         }
+        // The turn among those that qualify, so that the share of one left
+        // out is spread over all the others rather than given to the next.
         let now = self.now_ms();
-        let mut turn = (0..n).map(|i| (start + i) % n);
-        turn.clone()
-            .find(|&i| self.healthy(i) && self.available(i, now))
-            .or_else(|| turn.find(|&i| self.available(i, now)))
+        let nth = |fits: &dyn Fn(usize) -> bool| {
+            let m = (0..n).filter(|&i| fits(i)).count();
+            (m > 0).then(|| (0..n).filter(|&i| fits(i)).nth(turn % m)).flatten()
+        };
+        nth(&|i| self.healthy(i) && self.available(i, now))
+            .or_else(|| nth(&|i| self.available(i, now)))
             .unwrap_or(start)
     }
 
-    /// The upstream after `i` that is neither cooling down nor taken out,
-    /// if any.
+    /// The upstream after `i` that is neither cooling down nor taken out;
+    /// when none is, one that is not cooling down (as [`Route::pick`]).
     pub fn next_after(&self, i: usize) -> Option<usize> {
         let n = self.config.upstreams.len();
         let now = self.now_ms();
-        (1..n).map(|k| (i + k) % n).find(|&j| self.healthy(j) && self.available(j, now))
+        let after = || (1..n).map(|k| (i + k) % n);
+        after()
+            .find(|&j| self.healthy(j) && self.available(j, now))
+            .or_else(|| after().find(|&j| self.available(j, now)))
     }
 
     /// Whether upstream `i` passes its health checks (always, without).
@@ -508,8 +515,9 @@ mod tests {
         assert_eq!(t.health_states().count(), 3);
         assert_eq!((r.pick(), r.pick(), r.pick()), (0, 1, 2), "every upstream starts in");
         r.health[1].set(false);
-        let picks: Vec<usize> = (0..6).map(|_| r.pick()).collect();
-        assert!(!picks.contains(&1) && picks.contains(&0) && picks.contains(&2), "{picks:?}");
+        let picks: Vec<usize> = (0..60).map(|_| r.pick()).collect();
+        let share = |i| picks.iter().filter(|&&p| p == i).count();
+        assert_eq!((share(0), share(1), share(2)), (30, 0, 30), "its share goes to both others: {picks:?}");
         assert_eq!(r.next_after(0), Some(2), "a retry skips it too");
         // Out and cooling down: the next one in turn.
         r.cool_down(2, Duration::from_secs(60));
@@ -519,6 +527,7 @@ mod tests {
         r.health[2].set(false);
         let picks: Vec<usize> = (0..6).map(|_| r.pick()).collect();
         assert!(picks.contains(&0) && picks.contains(&1) && !picks.contains(&2), "cooling still counts: {picks:?}");
+        assert_eq!(r.next_after(0), Some(1), "and a retry goes on, as if none were out");
 
         // A reload that keeps the route, its check and an upstream keeps
         // that upstream's state; a changed check starts afresh.
