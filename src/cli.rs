@@ -15,7 +15,7 @@ use crate::auth::password::PasswordHasher;
 use crate::auth::service::{rfc3339, Accounts};
 use crate::auth::AuthError;
 use crate::config::Config;
-use crate::db::audit::NewAuditEvent;
+use crate::db::audit::{AuditQuery, NewAuditEvent};
 use crate::db::tenants::Tenant;
 use crate::db::users::User;
 use crate::db::{Store, StoreError};
@@ -198,8 +198,22 @@ pub enum AuditCommand {
     List {
         #[arg(long)]
         tenant: Option<String>,
+        /// Only this event (e.g. login_failed).
+        #[arg(long)]
+        event: Option<String>,
+        /// Only events about this email.
+        #[arg(long)]
+        email: Option<String>,
+        /// Only events at or after this time: RFC 3339 ("2026-12-01T00:00:00Z")
+        /// or how long ago ("24h", "7d").
+        #[arg(long)]
+        since: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: i64,
+        /// One JSON object per line (at, event, tenant, user_id, email, ip,
+        /// user_agent, detail) instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -257,13 +271,36 @@ pub async fn execute(cli: Cli, input: &mut dyn BufRead, out: &mut dyn Write) -> 
             )?;
             Ok(())
         }
-        Command::Audit(AuditCommand::List { tenant, limit }) => {
+        Command::Audit(AuditCommand::List { tenant, event, email, since, limit, json }) => {
+            let since = since.as_deref().map(parse_since).transpose()?;
             let store = open(&config).await?;
             let tenant_id = match tenant {
                 Some(slug) => Some(find_tenant(&store, &slug).await?),
                 None => None,
             };
-            for e in store.list_audit(tenant_id, limit.clamp(1, 100_000)).await? {
+            let email = email.map(|e| crate::auth::service::normalize_email(&e));
+            let query = AuditQuery {
+                tenant_id,
+                event: event.as_deref(),
+                email: email.as_deref(),
+                since,
+                limit: limit.clamp(1, 100_000),
+            };
+            for e in store.list_audit(&query).await? {
+                if json {
+                    let line = serde_json::json!({
+                        "at": rfc3339(e.at),
+                        "event": e.event,
+                        "tenant": e.tenant,
+                        "user_id": e.user_id,
+                        "email": e.email,
+                        "ip": e.ip,
+                        "user_agent": e.user_agent,
+                        "detail": e.detail,
+                    });
+                    writeln!(out, "{line}")?;
+                    continue;
+                }
                 writeln!(
                     out,
                     "{}  {:<24} tenant={} user={} email={} ip={} detail={}",
@@ -280,6 +317,19 @@ pub async fn execute(cli: Cli, input: &mut dyn BufRead, out: &mut dyn Write) -> 
             Ok(())
         }
     }
+}
+
+/// `--since`: an RFC 3339 time, or a duration back from now.
+fn parse_since(text: &str) -> anyhow::Result<i64> {
+    let at = match humantime::parse_rfc3339_weak(text) {
+        Ok(at) => at,
+        Err(_) => match humantime::parse_duration(text) {
+            Ok(ago) => std::time::SystemTime::now().checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH),
+            Err(_) => bail!("since: {text:?} is neither a time like 2026-12-01T00:00:00Z nor a duration like 24h"),
+        },
+    };
+    let secs = at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    Ok(i64::try_from(secs).unwrap_or(i64::MAX))
 }
 
 /// Opens the database, migrating first when the config allows it.

@@ -99,6 +99,43 @@ both_backends! {
     }
 
     #[tokio::test]
+    async fn audit_list_filters_by_event_email_and_time_and_prints_json_lines() {
+        let app = spawn_app().await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        app.create_user("default", "other@example.com", PASSWORD, &[], &[]).await;
+        app.login_ok(EMAIL, PASSWORD, None).await;
+        assert_error(app.login(EMAIL, WRONG_PASSWORD, None).await, StatusCode::UNAUTHORIZED, "invalid_credentials")
+            .await;
+        app.login_ok("other@example.com", PASSWORD, None).await;
+        let list = |args: &'static [&'static str]| {
+            let mut all = vec!["audit", "list"];
+            all.extend_from_slice(args);
+            let app = &app;
+            async move { app.cli(&all, "").await.unwrap_or_else(|e| panic!("{all:?} failed: {e:#}")) }
+        };
+
+        let out = list(&["--event", "login_failed", "--json"]).await;
+        let lines: Vec<serde_json::Value> =
+            out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect();
+        assert_eq!(lines.len(), 1, "{out}");
+        let e = &lines[0];
+        assert_eq!((e["event"].as_str(), e["email"].as_str()), (Some("login_failed"), Some(EMAIL)), "{e}");
+        assert_eq!((e["tenant"].as_str(), e["ip"].as_str()), (Some("default"), Some("127.0.0.1")), "{e}");
+        assert_eq!(e["detail"]["reason"], "wrong_password", "{e}");
+        assert!(e["at"].as_str().is_some_and(|at| at.ends_with('Z')), "{e}");
+        assert!(e["user_id"].is_string(), "{e}");
+
+        let out = list(&["--email", " Audited@Example.com "]).await;
+        assert_eq!(out.lines().count(), 3, "created, logged in, failed, and no one else's: {out}");
+        assert!(out.lines().all(|l| l.contains(EMAIL)), "{out}");
+        assert_eq!(list(&["--since", "1h"]).await.lines().count(), 6, "every event of the last hour");
+        assert_eq!(list(&["--since", "2999-01-01T00:00:00Z"]).await, "", "none from the future");
+        let err = app.cli(&["audit", "list", "--since", "yesterday-ish"], "").await.expect_err("a bad time");
+        assert!(format!("{err:#}").contains("since: \"yesterday-ish\""), "{err:#}");
+        app.stop().await;
+    }
+
+    #[tokio::test]
     async fn migrations_are_idempotent_and_data_survives_a_restart() {
         let app = spawn_app().await;
         let user_id = app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;

@@ -336,6 +336,21 @@ async fn the_access_log_has_a_line_per_request_and_no_secret_anywhere_in_the_log
     assert_eq!(m("gateway_auth_failures_total", &[]), 2.0, "{metrics}");
     assert_eq!(m("gateway_forward_auth_total", &[("route", "private"), ("status", "200")]), 1.0, "{metrics}");
 
+    // The audit trail is in the log too: the login and the refresh, with
+    // who and from where.
+    let logs = p.logs();
+    let audit: Vec<&Value> = logs.iter().filter(|l| l["target"] == "gateway::audit").map(|l| &l["fields"]).collect();
+    let of = |event: &str| audit.iter().find(|a| a["event"] == event).copied();
+    let login = of("login_succeeded").unwrap_or_else(|| panic!("no login_succeeded audit line: {audit:#?}"));
+    assert_eq!(
+        (login["user_id"].as_str(), login["ip"].as_str()),
+        (Some(user_id.as_str()), Some("127.0.0.1")),
+        "{login}"
+    );
+    assert_eq!(login["email"], EMAIL, "{login}");
+    let refreshed = of("refresh_rotated").unwrap_or_else(|| panic!("no refresh_rotated audit line: {audit:#?}"));
+    assert!(refreshed["detail"].as_str().is_some_and(|d| d.contains("session_id")), "{refreshed}");
+
     let all = p.stop().await;
     let new_access = rotated["access_token"].as_str().expect("rotated access token");
     let new_refresh = rotated["refresh_token"].as_str().expect("rotated refresh token");
