@@ -377,9 +377,9 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> (Option
     let listen = f.socket_addr_or("listen", "127.0.0.1:8080");
     let mut trusted_proxies = Vec::new();
     for text in f.string_list("trusted_proxies") {
-        match text.parse::<IpNet>().or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from)) {
-            Ok(net) => trusted_proxies.push(net),
-            Err(_) => f.error("trusted_proxies", format!("{text:?} is not a CIDR like \"10.0.0.0/8\"")),
+        match proxy::parse_net(&text) {
+            Some(net) => trusted_proxies.push(net),
+            None => f.error("trusted_proxies", format!("{text:?} is not a CIDR like \"10.0.0.0/8\"")),
         }
     }
     let tls_t = f.table("tls");

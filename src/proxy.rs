@@ -12,8 +12,9 @@
 //!    none → 404, a method no route at that prefix takes → 405.
 //! 3. **Strip** hop-by-hop headers, what `Connection` nominates, and every
 //!    spelling of a reserved identity header ([`headers`]) — before anything
-//!    is added, on public and required routes alike. A route limited by
-//!    client address counts the request here ([`ratelimit`]; 429 past it).
+//!    is added, on public and required routes alike. A route's rules on
+//!    the client's address apply here: `allow_ips` (403 outside them), then
+//!    a limit by address ([`ratelimit`]; 429 past it).
 //! 4. **Authenticate** (required routes): the bearer token, verified through
 //!    the cache in [`identity`] and always checked against revocation. A
 //!    CORS preflight skips this step where the route says `cors_preflight`,
@@ -435,15 +436,11 @@ impl Proxy {
         headers::strip_hop_by_hop(req.headers_mut(), upgrade);
         headers::strip_reserved(req.headers_mut(), &table.headers);
 
-        // A limit by address counts every request the route takes, before
-        // any token is looked at: a flood of forged tokens costs no
-        // verification past the allowance.
-        if let Some(limiter) = route.limiter.as_deref().filter(|l| l.key() == RateLimitKey::Ip) {
-            within_limit(
-                limiter,
-                ratelimit::Key::ip(client_ip(&table.trusted_proxies, conn.peer.ip(), req.headers())),
-            )?;
-        }
+        // The address rules come before any token is looked at: a client
+        // outside `allow_ips` is refused outright, and a limit by address
+        // counts every request the route takes, so a flood of forged tokens
+        // costs no verification past the allowance.
+        by_address(route, &table.trusted_proxies, conn.peer.ip(), req.headers())?;
 
         // Authenticate and authorise.
         let identity: Option<Arc<Identity>> = match cfg.auth {
@@ -705,6 +702,24 @@ fn client_ip(trusted: &[IpNet], peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         }
     }
     client
+}
+
+/// A route's rules on the client's address, in order: `allow_ips` (403
+/// outside them), then a `rate_limit` by address. Nothing to do (and no
+/// address resolved) on a route with neither.
+fn by_address(route: &Route, trusted: &[IpNet], peer: IpAddr, headers: &HeaderMap) -> Result<(), ProxyError> {
+    let limiter = route.limiter.as_deref().filter(|l| l.key() == RateLimitKey::Ip);
+    if route.config.allow_ips.is_empty() && limiter.is_none() {
+        return Ok(());
+    }
+    let ip = client_ip(trusted, peer, headers);
+    if !route.config.allow_ips.is_empty() && !is_trusted(&route.config.allow_ips, ip) {
+        return Err(ProxyError::Forbidden);
+    }
+    match limiter {
+        Some(limiter) => within_limit(limiter, ratelimit::Key::ip(ip)),
+        None => Ok(()),
+    }
 }
 
 /// Whether `ip` is in `trusted` (an IPv4-mapped IPv6 address, as a

@@ -108,6 +108,10 @@ pub struct RouteConfig {
     /// `health_check`: probe each upstream and send no requests to those
     /// that fail (see [`crate::proxy::health`]).
     pub health_check: Option<HealthCheck>,
+    /// `allow_ips`: the client's address (as `server.trusted_proxies`
+    /// resolve it) must be in one of these, else 403 before any token is
+    /// read; empty: any address.
+    pub allow_ips: Vec<ipnet::IpNet>,
 }
 
 /// A route's `health_check = { path = "/healthz", interval = "10s", ... }`.
@@ -633,6 +637,13 @@ fn build_route(
     }
     let rate_limit = rate_limit(f, auth);
     let health_check = health_check(f, upstream_texts.is_empty());
+    let mut allow_ips = Vec::new();
+    for text in f.string_list("allow_ips") {
+        match parse_net(&text) {
+            Some(net) => allow_ips.push(net),
+            None => f.error("allow_ips", format!("{text:?} is not an address or a CIDR like \"10.0.0.0/8\"")),
+        }
+    }
     Some(RouteConfig {
         name: name?,
         prefix: prefix?,
@@ -657,7 +668,14 @@ fn build_route(
         rate_limit,
         jwt_assertion,
         health_check,
+        allow_ips,
     })
+}
+
+/// An address range (`10.0.0.0/8`, `2001:db8::/32`), or one address (as
+/// its /32 or /128).
+pub fn parse_net(text: &str) -> Option<ipnet::IpNet> {
+    text.parse::<ipnet::IpNet>().ok().or_else(|| text.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
 /// `health_check = { path = "/healthz", interval = "10s", timeout = "2s",

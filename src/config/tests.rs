@@ -141,6 +141,20 @@ fn health_checks_name_a_path_and_probe_one_at_a_time() {
 }
 
 #[test]
+fn allow_ips_are_addresses_or_ranges() {
+    let route = |list: &str| {
+        format!("[[routes]]\nname = \"r\"\nprefix = \"/\"\nupstreams = [\"http://10.0.0.1\"]\nallow_ips = {list}")
+    };
+    let c = parse(&route(r#"["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"]"#)).expect("valid");
+    let nets: Vec<String> = c.proxy.routes[0].allow_ips.iter().map(ToString::to_string).collect();
+    assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+    let err = parse(&route(r#"["10.0.0.0/33", "office"]"#)).expect_err("invalid");
+    let text = err.to_string();
+    assert!(text.contains(r#"routes[0].allow_ips: "10.0.0.0/33" is not an address or a CIDR"#), "{text}");
+    assert!(text.contains(r#""office" is not an address"#), "{text}");
+}
+
+#[test]
 fn header_names_may_not_collide() {
     for (text, field) in [
         ("[headers]\nrequest_id = \"x-user-id\"", "headers.request_id"),

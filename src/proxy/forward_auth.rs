@@ -54,12 +54,10 @@ use hyper::{Method, Request, Response};
 use super::error::ProxyError;
 use super::identity::Identity;
 use super::router::{Miss, Route, RouteTable};
-use super::{
-    client_ip, count_auth_failure, headers, is_trusted, path, policy, ratelimit, router, status_label, within_limit,
-};
+use super::{by_address, count_auth_failure, headers, is_trusted, path, policy, router, status_label};
 use super::{Access, Conn, Proxy};
 use crate::body::Body;
-use crate::config::{AuthMode, RateLimitKey};
+use crate::config::AuthMode;
 
 /// Where the proxy in front asks (when `forward_auth.enabled`).
 pub const PATH: &str = "/auth/forward-auth";
@@ -186,9 +184,7 @@ impl Proxy {
         decision.route = Some(route);
         let cfg = &route.config;
 
-        if let Some(limiter) = route.limiter.as_deref().filter(|l| l.key() == RateLimitKey::Ip) {
-            within_limit(limiter, ratelimit::Key::ip(client_ip(&table.trusted_proxies, conn.peer.ip(), h)))?;
-        }
+        by_address(route, &table.trusted_proxies, conn.peer.ip(), h)?;
         match cfg.auth {
             // Chosen for the method a preflight announced: never allow a
             // method the route does not list otherwise.

@@ -1,7 +1,9 @@
-//! A route's `rate_limit`: so many requests per period for each user, tenant
-//! or client address; past it a 429 `rate_limited` with `Retry-After`, and
-//! the upstream never sees the request. A reload that leaves the limit
-//! alone leaves every allowance where it was.
+//! A route's rules on who may call it at what rate: `rate_limit`, so many
+//! requests per period for each user, tenant or client address (past it a
+//! 429 `rate_limited` with `Retry-After`, and the upstream never sees the
+//! request; a reload that leaves the limit alone leaves every allowance
+//! where it was); and `allow_ips`, the addresses a route takes requests
+//! from.
 
 use reqwest::StatusCode;
 
@@ -164,5 +166,70 @@ async fn a_limit_by_address_cannot_be_dodged_through_x_forwarded_for() {
         let (resp, xff) = get(format!("10.9.9.7, {tail}")).await;
         assert_limited(&xff, resp).await;
     }
+    app.stop().await;
+}
+
+/// `allow_ips`: a client outside the ranges gets 403 before its token is
+/// read (a valid one included) and reaches no upstream; one inside goes on
+/// to the usual checks. The address is the client's as
+/// `server.trusted_proxies` resolve it, in forward auth too.
+#[tokio::test]
+async fn allow_ips_refuses_other_addresses_before_the_token() {
+    let svc = spawn_upstream("allow").await;
+    let routes = [
+        route("office", "/office", &[svc.url()], "allow_ips = [\"198.51.100.0/24\", \"2001:db8::7\"]"),
+        route("lan", "/lan", &[svc.url()], "auth = \"public\"\nallow_ips = [\"127.0.0.1\"]"),
+    ];
+    let opts = TestOptions {
+        extra: format!("{}\n[forward_auth]\nenabled = true\n", routes.concat()),
+        server_extra: "trusted_proxies = [\"127.0.0.1/32\"]".to_owned(),
+        ..TestOptions::default()
+    };
+    let app = spawn_app_with(opts).await;
+    app.create_user("default", "a@example.com", PASSWORD, &[], &[]).await;
+    let token = app.login_ok("a@example.com", PASSWORD, None).await.access_token;
+    let get = |path: &'static str, xff: Option<&'static str>, token: Option<&str>| {
+        let mut req = app.client.get(app.url(path));
+        if let Some(xff) = xff {
+            req = req.header("x-forwarded-for", xff);
+        }
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        async move { req.send().await.unwrap_or_else(|e| panic!("GET {path}: {e}")) }
+    };
+
+    // The peer itself (no X-Forwarded-For) is 127.0.0.1: outside the office.
+    let before = svc.hits();
+    assert_error_in("the peer", get("/office/x", None, Some(&token)).await, StatusCode::FORBIDDEN, "forbidden").await;
+    let far = get("/office/x", Some("203.0.113.5"), Some(&token)).await;
+    assert_error_in("another address", far, StatusCode::FORBIDDEN, "forbidden").await;
+    let forged = get("/office/x", Some("203.0.113.5"), Some("forged.token.here")).await;
+    assert_error_in("before the token is read", forged, StatusCode::FORBIDDEN, "forbidden").await;
+    assert_eq!(svc.hits(), before, "no refused request reached the upstream");
+    // Inside: the token is still required, then the request goes through.
+    let inside = get("/office/x", Some("198.51.100.23"), None).await;
+    assert_error_in("inside, without a token", inside, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    echo(get("/office/x", Some("198.51.100.23"), Some(&token)).await).await;
+    echo(get("/office/x", Some("2001:db8::7"), Some(&token)).await).await;
+    // A public route with the local address only.
+    echo(get("/lan/x", None, None).await).await;
+    let far = get("/lan/x", Some("198.51.100.23"), None).await;
+    assert_error_in("the public route, from afar", far, StatusCode::FORBIDDEN, "forbidden").await;
+
+    // Forward auth judges the described request by the same rule.
+    let ask = |xff: &'static str| {
+        let req = app
+            .client
+            .get(app.url("/auth/forward-auth"))
+            .header("x-forwarded-method", "GET")
+            .header("x-forwarded-host", "app.example")
+            .header("x-forwarded-uri", "/office/x")
+            .header("x-forwarded-for", xff)
+            .bearer_auth(&token);
+        async move { req.send().await.expect("GET /auth/forward-auth") }
+    };
+    assert_eq!(ask("198.51.100.23").await.status(), StatusCode::OK);
+    assert_error_in("forward auth from afar", ask("203.0.113.5").await, StatusCode::FORBIDDEN, "forbidden").await;
     app.stop().await;
 }
