@@ -28,6 +28,11 @@ pub struct Cli {
     pub config: PathBuf,
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Whether commands other than `serve` log too (to standard error:
+    /// warnings, and their audit events). The binary sets it; tests that
+    /// run commands in-process leave it off.
+    #[arg(skip)]
+    pub log: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,11 +206,12 @@ pub enum AuditCommand {
         /// Only this event (e.g. login_failed).
         #[arg(long)]
         event: Option<String>,
-        /// Only events about this email.
+        /// Only events about this email: those recorded with it, and those
+        /// of the users who have it (a logout records no email).
         #[arg(long)]
         email: Option<String>,
-        /// Only events at or after this time: RFC 3339 ("2026-12-01T00:00:00Z")
-        /// or how long ago ("24h", "7d").
+        /// Only events at or after this time: RFC 3339 in UTC
+        /// ("2026-12-01T00:00:00Z") or how long ago ("24h", "7d").
         #[arg(long)]
         since: Option<String>,
         #[arg(long, default_value_t = 50)]
@@ -226,9 +232,12 @@ pub async fn execute(cli: Cli, input: &mut dyn BufRead, out: &mut dyn Write) -> 
         return Ok(());
     }
     let config = Config::load(&cli.config)?;
+    if cli.log && !matches!(command, Command::Serve) {
+        crate::observability::init_tracing(config.log.format, "warn,gateway::audit=info");
+    }
     match command {
         Command::Serve => {
-            crate::observability::init_tracing(config.log.format);
+            crate::observability::init_tracing(config.log.format, "info");
             let app = App::build(config).await?;
             app.run(shutdown_signal()).await
         }
@@ -319,13 +328,13 @@ pub async fn execute(cli: Cli, input: &mut dyn BufRead, out: &mut dyn Write) -> 
     }
 }
 
-/// `--since`: an RFC 3339 time, or a duration back from now.
+/// `--since`: an RFC 3339 time in UTC (`Z`), or a duration back from now.
 fn parse_since(text: &str) -> anyhow::Result<i64> {
-    let at = match humantime::parse_rfc3339_weak(text) {
+    let at = match humantime::parse_rfc3339(text) {
         Ok(at) => at,
         Err(_) => match humantime::parse_duration(text) {
             Ok(ago) => std::time::SystemTime::now().checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH),
-            Err(_) => bail!("since: {text:?} is neither a time like 2026-12-01T00:00:00Z nor a duration like 24h"),
+            Err(_) => bail!("since: {text:?} is neither a UTC time like 2026-12-01T00:00:00Z nor a duration like 24h"),
         },
     };
     let secs = at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());

@@ -10,7 +10,8 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = gateway::cli::Cli::parse();
+    let mut cli = gateway::cli::Cli::parse();
+    cli.log = true;
     let stdin = std::io::stdin();
     let mut input = stdin.lock();
     let mut out = std::io::stdout();

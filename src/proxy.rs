@@ -679,29 +679,36 @@ impl Proxy {
 /// The client's address: the peer, or, when the peer is in `trusted`
 /// (`server.trusted_proxies`), the right-most `X-Forwarded-For` entry that
 /// is not itself trusted. Entries are read from the right, each written by
-/// the hop before the one that appended it. One that is not an address
-/// (with or without a port) ends the walk at the last address a trusted hop
-/// vouched for: whatever lies left of it, a client may have written (and
-/// could vary per request to dodge a limit by address). All trusted: the
-/// leftmost.
+/// the hop before the one that appended it, and each on its own (bytes a
+/// client wrote elsewhere in a merged value cannot spoil the entries on
+/// their right). One that is not an address (with or without a port) ends
+/// the walk at the last address a trusted hop vouched for: whatever lies
+/// left of it, a client may have written (and could vary per request to
+/// dodge a limit by address). All trusted: the leftmost.
 fn client_ip(trusted: &[IpNet], peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    resolve_client(trusted, peer, headers).0
+}
+
+/// [`client_ip`], and whether the walk reached the client: false when an
+/// entry that is not an address stopped it at a trusted hop, whose own
+/// address then stands in (good enough to count by, not to admit by).
+fn resolve_client(trusted: &[IpNet], peer: IpAddr, headers: &HeaderMap) -> (IpAddr, bool) {
     let mut client = peer.to_canonical();
     if !is_trusted(trusted, client) {
-        return client;
+        return (client, true);
     }
     for value in headers.get_all("x-forwarded-for").iter().rev() {
-        let Ok(text) = value.to_str() else { return client };
-        for hop in text.rsplit(',') {
-            let hop = hop.trim();
+        for hop in value.as_bytes().rsplit(|&b| b == b',') {
+            let hop = std::str::from_utf8(hop).map(str::trim).unwrap_or("");
             let parsed = hop.parse::<IpAddr>().ok().or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()));
-            let Some(ip) = parsed.map(|ip| ip.to_canonical()) else { return client };
+            let Some(ip) = parsed.map(|ip| ip.to_canonical()) else { return (client, false) };
             if !is_trusted(trusted, ip) {
-                return ip;
+                return (ip, true);
             }
             client = ip;
         }
     }
-    client
+    (client, true)
 }
 
 /// A route's rules on the client's address, in order: `allow_ips` (403
@@ -712,8 +719,10 @@ fn by_address(route: &Route, trusted: &[IpNet], peer: IpAddr, headers: &HeaderMa
     if route.config.allow_ips.is_empty() && limiter.is_none() {
         return Ok(());
     }
-    let ip = client_ip(trusted, peer, headers);
-    if !route.config.allow_ips.is_empty() && !is_trusted(&route.config.allow_ips, ip) {
+    let (ip, resolved) = resolve_client(trusted, peer, headers);
+    // An address that only stands in for an unknown client admits no one.
+    let admitted = resolved && is_trusted(&route.config.allow_ips, ip);
+    if !route.config.allow_ips.is_empty() && !admitted {
         return Err(ProxyError::Forbidden);
     }
     match limiter {

@@ -638,10 +638,20 @@ fn build_route(
     let rate_limit = rate_limit(f, auth);
     let health_check = health_check(f, upstream_texts.is_empty());
     let mut allow_ips = Vec::new();
-    for text in f.string_list("allow_ips") {
-        match parse_net(&text) {
-            Some(net) => allow_ips.push(net),
-            None => f.error("allow_ips", format!("{text:?} is not an address or a CIDR like \"10.0.0.0/8\"")),
+    if f.has("allow_ips") {
+        let texts = f.string_list("allow_ips");
+        if texts.is_empty() {
+            f.error("allow_ips", "is empty, which would admit no one; leave it out to admit every address");
+        }
+        for text in texts {
+            match parse_net(&text) {
+                // Client addresses are compared in their IPv4 form.
+                Some(ipnet::IpNet::V6(net)) if net.addr().to_ipv4_mapped().is_some() => {
+                    f.error("allow_ips", format!("{text:?} is IPv4-mapped: write the IPv4 address or range"));
+                }
+                Some(net) => allow_ips.push(net),
+                None => f.error("allow_ips", format!("{text:?} is not an address or a CIDR like \"10.0.0.0/8\"")),
+            }
         }
     }
     Some(RouteConfig {

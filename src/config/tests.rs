@@ -152,6 +152,10 @@ fn allow_ips_are_addresses_or_ranges() {
     let text = err.to_string();
     assert!(text.contains(r#"routes[0].allow_ips: "10.0.0.0/33" is not an address or a CIDR"#), "{text}");
     assert!(text.contains(r#""office" is not an address"#), "{text}");
+    let err = parse(&route("[]")).expect_err("admits no one");
+    assert!(err.to_string().contains("routes[0].allow_ips: is empty"), "{err}");
+    let err = parse(&route(r#"["::ffff:10.0.0.0/104"]"#)).expect_err("never matches");
+    assert!(err.to_string().contains("IPv4-mapped"), "{err}");
 }
 
 #[test]

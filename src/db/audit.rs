@@ -41,7 +41,9 @@ pub struct AuditEvent {
 pub struct AuditQuery<'a> {
     pub tenant_id: Option<Uuid>,
     pub event: Option<&'a str>,
-    /// As stored: trimmed and lower-cased.
+    /// As stored: trimmed and lower-cased. Selects the events recorded
+    /// with it and those of the users who have it (some, a logout for
+    /// one, record no email).
     pub email: Option<&'a str>,
     /// Unix seconds: events at or after it.
     pub since: Option<i64>,
@@ -85,7 +87,8 @@ impl Store {
         let sql = "SELECT a.id, a.at, a.event, t.slug AS tenant, a.user_id, a.email, a.ip, a.user_agent, a.detail
                    FROM audit_events a LEFT JOIN tenants t ON t.id = a.tenant_id
                    WHERE ($1 IS NULL OR a.tenant_id = $1) AND ($2 IS NULL OR a.event = $2)
-                     AND ($3 IS NULL OR a.email = $3) AND ($4 IS NULL OR a.at >= $4)
+                     AND ($3 IS NULL OR a.email = $3 OR a.user_id IN (SELECT u.id FROM users u WHERE u.email = $3))
+                     AND ($4 IS NULL OR a.at >= $4)
                    ORDER BY a.id DESC LIMIT $5";
         Ok(on_pool!(self, |p| sqlx::query_as(sql)
             .bind(q.tenant_id)

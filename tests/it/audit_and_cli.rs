@@ -103,10 +103,13 @@ both_backends! {
         let app = spawn_app().await;
         app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
         app.create_user("default", "other@example.com", PASSWORD, &[], &[]).await;
-        app.login_ok(EMAIL, PASSWORD, None).await;
+        let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
         assert_error(app.login(EMAIL, WRONG_PASSWORD, None).await, StatusCode::UNAUTHORIZED, "invalid_credentials")
             .await;
         app.login_ok("other@example.com", PASSWORD, None).await;
+        // A logout records the user, not the email.
+        assert_status(app.post_authed("/auth/logout", &tokens.access_token, &json!({})).await, StatusCode::NO_CONTENT)
+            .await;
         let list = |args: &'static [&'static str]| {
             let mut all = vec!["audit", "list"];
             all.extend_from_slice(args);
@@ -126,12 +129,18 @@ both_backends! {
         assert!(e["user_id"].is_string(), "{e}");
 
         let out = list(&["--email", " Audited@Example.com "]).await;
-        assert_eq!(out.lines().count(), 3, "created, logged in, failed, and no one else's: {out}");
-        assert!(out.lines().all(|l| l.contains(EMAIL)), "{out}");
-        assert_eq!(list(&["--since", "1h"]).await.lines().count(), 6, "every event of the last hour");
+        assert_eq!(out.lines().count(), 4, "created, logged in, failed, logged out, and no one else's: {out}");
+        let user_id = lines[0]["user_id"].as_str().expect("the user's id");
+        assert!(out.lines().all(|l| l.contains(&format!("user={user_id}"))), "{out}");
+        assert!(out.lines().next().is_some_and(|l| l.contains("logout")), "{out}");
+        // user_created, login_succeeded (twice), login_failed, logout, and
+        // the key generated at the start.
+        assert_eq!(list(&["--since", "1h"]).await.lines().count(), 7, "every event of the last hour");
         assert_eq!(list(&["--since", "2999-01-01T00:00:00Z"]).await, "", "none from the future");
         let err = app.cli(&["audit", "list", "--since", "yesterday-ish"], "").await.expect_err("a bad time");
         assert!(format!("{err:#}").contains("since: \"yesterday-ish\""), "{err:#}");
+        let err = app.cli(&["audit", "list", "--since", "2026-12-01T00:00:00"], "").await.expect_err("no zone");
+        assert!(format!("{err:#}").contains("since: "), "a time without its Z is refused: {err:#}");
         app.stop().await;
     }
 

@@ -231,5 +231,51 @@ async fn allow_ips_refuses_other_addresses_before_the_token() {
     };
     assert_eq!(ask("198.51.100.23").await.status(), StatusCode::OK);
     assert_error_in("forward auth from afar", ask("203.0.113.5").await, StatusCode::FORBIDDEN, "forbidden").await;
+
+    // A client's own bytes left of the proxy's entry change nothing: not
+    // bytes that are no text (the entry on their right still counts)...
+    let with_xff = |xff: &'static [u8]| {
+        let value = reqwest::header::HeaderValue::from_bytes(xff).expect("a header value");
+        let req = app.client.get(app.url("/office/x")).header("x-forwarded-for", value).bearer_auth(&token);
+        async move { req.send().await.expect("GET /office/x") }
+    };
+    echo(with_xff(b"\xff\xfe, 198.51.100.23").await).await;
+    let far = with_xff(b"198.51.100.23\xff, 203.0.113.5").await;
+    assert_error_in("junk and a far address", far, StatusCode::FORBIDDEN, "forbidden").await;
+    // ...and an entry that is no address, where the walk stops at the
+    // proxy, admits no one, though the proxy's own address would.
+    let lan = app.client.get(app.url("/lan/x")).header("x-forwarded-for", "unknown").send().await.expect("GET");
+    assert_error_in("an unknown client at the proxy", lan, StatusCode::FORBIDDEN, "forbidden").await;
+    app.stop().await;
+}
+
+/// Without trusted proxies the peer is the client, whatever
+/// `X-Forwarded-For` says; and a limit by address on a route with
+/// `allow_ips` counts only the requests it admits.
+#[tokio::test]
+async fn allow_ips_without_trusted_proxies_reads_the_peer_only() {
+    let svc = spawn_upstream("peer").await;
+    let routes = [
+        route("near", "/near", &[svc.url()], "auth = \"public\"\nallow_ips = [\"127.0.0.0/8\"]"),
+        route("far", "/far", &[svc.url()], "auth = \"public\"\nallow_ips = [\"198.51.100.0/24\"]"),
+        route(
+            "both",
+            "/both",
+            &[svc.url()],
+            &format!("auth = \"public\"\nallow_ips = [\"127.0.0.1\"]\nrate_limit = {{ {TWO_AN_HOUR} }}"),
+        ),
+    ];
+    let app = spawn_app_with(TestOptions::with_extra(routes.concat())).await;
+    let get = |path: &'static str, xff: &'static str| {
+        let req = app.client.get(app.url(path)).header("x-forwarded-for", xff);
+        async move { req.send().await.unwrap_or_else(|e| panic!("GET {path}: {e}")) }
+    };
+    echo(get("/near/x", "203.0.113.5").await).await;
+    let forged = get("/far/x", "198.51.100.23").await;
+    assert_error_in("a forged X-Forwarded-For", forged, StatusCode::FORBIDDEN, "forbidden").await;
+    for _ in 0..2 {
+        echo(get("/both/x", "-").await).await;
+    }
+    assert_limited("past the allowance", get("/both/x", "-").await).await;
     app.stop().await;
 }
