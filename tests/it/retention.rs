@@ -31,6 +31,15 @@ async fn exec(store: &Store, sql: &str, id: Uuid, value: i64) -> u64 {
     done.unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
+/// Runs `sql` (no parameters), returning the rows it changed.
+async fn run(store: &Store, sql: &str) -> u64 {
+    let done = match store.pool() {
+        Pool::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|d| d.rows_affected()),
+        Pool::Postgres(p) => sqlx::query(sql).execute(p).await.map(|d| d.rows_affected()),
+    };
+    done.unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
 async fn count(store: &Store, sql: &str, id: Uuid) -> i64 {
     let row: (i64,) = match store.pool() {
         Pool::Sqlite(p) => sqlx::query_as(sql).bind(id).fetch_one(p).await,
@@ -176,16 +185,7 @@ both_backends! {
                 assert!(opened.await.expect("insert").is_some());
             }
         };
-        let run = |sql: &'static str| {
-            let store = store.clone();
-            async move {
-                let done = match store.pool() {
-                    Pool::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|d| d.rows_affected()),
-                    Pool::Postgres(p) => sqlx::query(sql).execute(p).await.map(|d| d.rows_affected()),
-                };
-                done.unwrap_or_else(|e| panic!("{sql}: {e}"))
-            }
-        };
+        let run = |sql: &'static str| run(&store, sql);
         let n_rows = u64::try_from(n).expect("a small count");
         // n sessions revoked long ago, and n that lapsed long ago unrevoked.
         open_sessions().await;
@@ -215,12 +215,7 @@ both_backends! {
         age_session(&store, sid(&old.access_token), 40).await;
         // Age every audit event so far (user_created, login_succeeded,
         // logout) by 8 days; the next ones stay.
-        let age = "UPDATE audit_events SET at = at - 8 * 86400";
-        let aged = match store.pool() {
-            Pool::Sqlite(p) => sqlx::query(age).execute(p).await.map(|d| d.rows_affected()),
-            Pool::Postgres(p) => sqlx::query(age).execute(p).await.map(|d| d.rows_affected()),
-        };
-        let aged = aged.expect("age the audit events");
+        let aged = run(&store, "UPDATE audit_events SET at = at - 8 * 86400").await;
         assert!(aged >= 3, "user_created, login_succeeded, logout (and key_generated): {aged}");
         let fresh = app.login_ok(EMAIL, PASSWORD, None).await;
 
