@@ -26,12 +26,13 @@
 //!   TLS in [`proxy::upstream::tls`]),
 //!   [`proxy::tunnel`] (WebSockets), [`proxy::forward_auth`] (the same
 //!   checks as a decision for a proxy in front), [`proxy::assertion`]
-//!   (signed identity for backends, per token and audience).
+//!   (signed identity for backends, per token and audience),
+//!   [`proxy::health`] (active health checks of upstreams).
 //! - [`api`]: the `/auth/*` and JWKS endpoints (axum).
 //! - [`auth`]: passwords, keys, tokens, refresh rotation, the revocation state
 //!   and its poller/listener, and the flows in [`auth::service`].
 //! - [`db`]: the store for SQLite and PostgreSQL, one function per query,
-//!   grouped by table.
+//!   grouped by table; [`db::retention`] prunes what has ended.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener.
 //! - [`observability`]: tracing and the metrics recorder; [`body`]: the
 //!   shared response body type.
@@ -45,7 +46,8 @@
 //!   [`auth::service::AuthService::login`] (per-IP limit, lockout slot
 //!   reserved in the database, Argon2id on the blocking pool, session and
 //!   hashed refresh token stored, JWT signed by the newest key);
-//! - anything else → route, strip, rate limit by address,
+//! - anything else → route, strip, the address rules (`allow_ips`, rate
+//!   limit by address),
 //!   [`auth::Authenticator::verify_bearer`] through the token cache (EdDSA
 //!   by `kid`, claims, then the in-memory revocation state: no database
 //!   I/O), policy, rate limit by user or tenant, inject, forward, respond;
