@@ -233,6 +233,7 @@ impl App {
                 stopped(),
             )),
             tokio::spawn(prune_hourly(store.clone(), self.config.database.retention, stopped())),
+            tokio::spawn(self.reloader.probes.clone().sweep(stopped())),
             tokio::spawn(self.reloader.clone().watch(self.config.server.config_poll, stopped())),
             tokio::spawn(upkeep(self.metrics.clone(), stopped())),
         ];

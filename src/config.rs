@@ -280,15 +280,19 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
     let acquire_timeout = f.duration_or("acquire_timeout", "3s", Duration::from_millis(10));
     let statement_timeout = f.duration_or("statement_timeout", "10s", Duration::from_millis(10));
     let keep = |d: Duration| (!d.is_zero()).then_some(d);
+    let retention_set = f.has("session_retention");
     let sessions = keep(f.duration_or("session_retention", "30d", Duration::ZERO));
     let audit = keep(f.duration_or("audit_retention", "0s", Duration::ZERO));
     f.finish();
-    let retention = Retention { sessions, audit };
 
     let auth = build_auth(auth_t, base, errors);
     // A revoked session must stay readable while its access tokens may
     // live: a starting replica loads its revocation state from those rows.
     let floor = auth.access_token_ttl + auth.leeway + Duration::from_secs(3600);
+    // The default gives way to a floor above it (access tokens living
+    // for weeks); a value written in the file must clear it.
+    let sessions = sessions.map(|kept| if retention_set { kept } else { kept.max(floor) });
+    let retention = Retention { sessions, audit };
     if sessions.is_some_and(|kept| kept < floor) {
         errors.push(
             "database.session_retention",
@@ -377,9 +381,9 @@ fn build_server(table: toml::Table, base: &Path, errors: &mut Errors) -> (Option
     let listen = f.socket_addr_or("listen", "127.0.0.1:8080");
     let mut trusted_proxies = Vec::new();
     for text in f.string_list("trusted_proxies") {
-        match proxy::parse_net(&text) {
-            Some(net) => trusted_proxies.push(net),
-            None => f.error("trusted_proxies", format!("{text:?} is not a CIDR like \"10.0.0.0/8\"")),
+        match proxy::parse_range(&text) {
+            Ok(net) => trusted_proxies.push(net),
+            Err(e) => f.error("trusted_proxies", e),
         }
     }
     let tls_t = f.table("tls");

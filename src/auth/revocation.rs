@@ -1,6 +1,6 @@
 //! The revocation state every token check consults, without database I/O.
 //!
-//! It holds the sessions revoked, and the users disabled, while an access
+//! It holds the sessions revoked, and the users and tenants disabled, while an access
 //! token minted before the revocation could still be alive. That bound is
 //! `access_token_ttl + leeway`, so each entry carries exactly that
 //! time-to-live and the state stays as small as the revocation rate allows.

@@ -644,13 +644,9 @@ fn build_route(
             f.error("allow_ips", "is empty, which would admit no one; leave it out to admit every address");
         }
         for text in texts {
-            match parse_net(&text) {
-                // Client addresses are compared in their IPv4 form.
-                Some(ipnet::IpNet::V6(net)) if net.addr().to_ipv4_mapped().is_some() => {
-                    f.error("allow_ips", format!("{text:?} is IPv4-mapped: write the IPv4 address or range"));
-                }
-                Some(net) => allow_ips.push(net),
-                None => f.error("allow_ips", format!("{text:?} is not an address or a CIDR like \"10.0.0.0/8\"")),
+            match parse_range(&text) {
+                Ok(net) => allow_ips.push(net),
+                Err(e) => f.error("allow_ips", e),
             }
         }
     }
@@ -683,9 +679,18 @@ fn build_route(
 }
 
 /// An address range (`10.0.0.0/8`, `2001:db8::/32`), or one address (as
-/// its /32 or /128).
-pub fn parse_net(text: &str) -> Option<ipnet::IpNet> {
-    text.parse::<ipnet::IpNet>().ok().or_else(|| text.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+/// its /32 or /128). IPv4-mapped IPv6 ranges are refused: addresses are
+/// compared in their IPv4 form, so such a range would never match.
+pub fn parse_range(text: &str) -> Result<ipnet::IpNet, String> {
+    let net =
+        text.parse::<ipnet::IpNet>().ok().or_else(|| text.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from));
+    match net {
+        Some(ipnet::IpNet::V6(v6)) if v6.addr().to_ipv4_mapped().is_some() => {
+            Err(format!("{text:?} is IPv4-mapped: write the IPv4 address or range"))
+        }
+        Some(net) => Ok(net),
+        None => Err(format!("{text:?} is not an address or a CIDR like \"10.0.0.0/8\"")),
+    }
 }
 
 /// `health_check = { path = "/healthz", interval = "10s", timeout = "2s",

@@ -100,6 +100,11 @@ fn session_retention_outlasts_the_access_tokens_or_keeps_everything() {
     let c = parse("[database]\nsession_retention = \"1h 15m 5s\"\naudit_retention = \"365d\"").expect("the floor");
     let year = Duration::from_secs(365 * 86400);
     assert_eq!(c.database.retention, Retention { sessions: Some(Duration::from_secs(4505)), audit: Some(year) });
+    let c = parse("[auth]\naccess_token_ttl = \"60d\"").expect("the default gives way to the floor");
+    let floor = Duration::from_secs(60 * 86400 + 5 + 3600);
+    assert_eq!(c.database.retention.sessions, Some(floor));
+    let err = parse("[server]\ntrusted_proxies = [\"::ffff:10.0.0.0/104\"]").expect_err("never matches");
+    assert!(err.to_string().contains("server.trusted_proxies: \"::ffff:10.0.0.0/104\" is IPv4-mapped"), "{err}");
     let c = parse("[database]\nsession_retention = \"0s\"").expect("keep for ever");
     assert_eq!(c.database.retention, Retention { sessions: None, audit: None });
 }

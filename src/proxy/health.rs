@@ -30,8 +30,8 @@
 //! state weakly and ends at the first probe after no route table holds it.
 //! State changes are logged, and every probe writes the state to
 //! `gateway_upstream_healthy{route, upstream}` (1 or 0). The probes' pool
-//! is swept like a worker's, so connections to upstreams a reload removed
-//! close after `upstream.pool_idle_timeout`.
+//! is swept like a worker's ([`Probes::sweep`]), so connections to
+//! upstreams a reload removed close after `upstream.pool_idle_timeout`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -55,16 +55,21 @@ pub struct UpstreamHealth {
     route: String,
     target: UpstreamTarget,
     check: HealthCheck,
+    /// `gateway_upstream_healthy{route, upstream}`, registered once.
+    gauge: metrics::Gauge,
 }
 
 impl UpstreamHealth {
     pub fn new(route: &str, target: &UpstreamTarget, check: &HealthCheck) -> Self {
+        let gauge =
+            metrics::gauge!("gateway_upstream_healthy", "route" => route.to_owned(), "upstream" => target.to_string());
         Self {
             healthy: AtomicBool::new(true),
             probed: AtomicBool::new(false),
             route: route.to_owned(),
             target: target.clone(),
             check: check.clone(),
+            gauge,
         }
     }
 
@@ -93,6 +98,19 @@ pub struct Probes {
 }
 
 impl Probes {
+    /// Closes the probes' idle connections past `upstream.pool_idle_timeout`
+    /// until `shutdown`, as each worker does for its own pool.
+    pub async fn sweep(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(self.client.sweep_interval());
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                _ = tick.tick() => self.client.sweep(),
+            }
+        }
+    }
+
     /// Starts the probes of `table`'s upstreams that have none yet (the
     /// running ones go on with the states a reload kept).
     pub fn start(&self, table: &RouteTable) {
@@ -119,7 +137,6 @@ async fn probe_forever(health: Weak<UpstreamHealth>, client: UpstreamClient) {
     loop {
         ticker.tick().await;
         let Some(h) = health.upgrade() else { return };
-        client.sweep();
         match probe(&client, &h.target, &h.check).await {
             Ok(()) => {
                 (passed, failed) = (passed.saturating_add(1), 0);
@@ -145,8 +162,7 @@ async fn probe_forever(health: Weak<UpstreamHealth>, client: UpstreamClient) {
 }
 
 fn gauge(h: &UpstreamHealth, healthy: bool) {
-    metrics::gauge!("gateway_upstream_healthy", "route" => h.route.clone(), "upstream" => h.target.to_string())
-        .set(if healthy { 1.0 } else { 0.0 });
+    h.gauge.set(if healthy { 1.0 } else { 0.0 });
 }
 
 /// One probe: a 2xx or 3xx answer, head and body (read up to 64 KiB, so

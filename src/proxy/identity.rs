@@ -15,7 +15,7 @@
 //! same rules (same cache, same key-ring generation, not past `exp`). It
 //! also remembers when the thread last found the token unrevoked: while
 //! the revocation state has not changed since, that answer stands, and the
-//! two lookups in the revocation sets are skipped. Any revocation, from
+//! lookups in the revocation sets are skipped. Any revocation, from
 //! this process or another, changes the state before the next request can
 //! see it (see [`IdentityCache::verify`]).
 
