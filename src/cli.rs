@@ -354,7 +354,12 @@ async fn open(config: &Config) -> anyhow::Result<Store> {
 async fn accounts(config: &Config) -> anyhow::Result<Accounts> {
     let hasher = PasswordHasher::new(config.auth.argon2)?;
     let store = open(config).await?;
-    Ok(Accounts { store, hasher, password_min_length: config.auth.password_min_length })
+    Ok(Accounts {
+        store,
+        hasher,
+        password_min_length: config.auth.password_min_length,
+        session_lifetime: config.auth.session_lifetime,
+    })
 }
 
 async fn find_tenant(store: &Store, slug: &str) -> anyhow::Result<uuid::Uuid> {
@@ -414,10 +419,11 @@ async fn session_command(accounts: &Accounts, cmd: SessionCommand, out: &mut dyn
             for s in accounts.sessions(tenant_id, &email).await.map_err(|e| cli_error(e, &email))? {
                 writeln!(
                     out,
-                    "{}  created={} last_used={} ip={} user_agent={:?}",
+                    "{}  created={} last_used={} expires={} ip={} user_agent={:?}",
                     s.id,
                     rfc3339(s.created_at),
                     rfc3339(s.last_used_at),
+                    rfc3339(s.expires_at),
                     s.ip.as_deref().unwrap_or("-"),
                     s.user_agent.as_deref().unwrap_or("-"),
                 )?;

@@ -132,6 +132,10 @@ pub struct AuthConfig {
     pub audience: String,
     pub access_token_ttl: Duration,
     pub refresh_token_ttl: Duration,
+    /// The longest a session lives from its login, however often it is
+    /// refreshed; `None` (`"0s"`) for no limit. Refresh tokens and access
+    /// tokens are cut to end with it.
+    pub session_lifetime: Option<Duration>,
     pub keys_dir: PathBuf,
     pub registration: bool,
     pub password_min_length: usize,
@@ -479,6 +483,13 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
     }
     let access_token_ttl = f.duration_or("access_token_ttl", "15m", Duration::from_secs(1));
     let refresh_token_ttl = f.duration_or("refresh_token_ttl", "30d", Duration::from_secs(1));
+    let session_lifetime = Some(f.duration_or("session_lifetime", "0s", Duration::ZERO)).filter(|d| !d.is_zero());
+    if session_lifetime.is_some_and(|lifetime| lifetime < access_token_ttl) {
+        f.error(
+            "session_lifetime",
+            "must be \"0s\" (no limit) or at least auth.access_token_ttl: every access token would be cut short",
+        );
+    }
     let keys_dir = resolve(base, &f.string_or("keys_dir", "keys"));
     let registration = f.bool_or("registration", false);
     let password_min_length = f.int_or("password_min_length", 15, 8, MAX_PASSWORD_BYTES as i64) as usize;
@@ -526,6 +537,7 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
         audience,
         access_token_ttl,
         refresh_token_ttl,
+        session_lifetime,
         keys_dir,
         registration,
         password_min_length,

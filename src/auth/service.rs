@@ -3,6 +3,7 @@
 //! point can forget them.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
@@ -15,6 +16,7 @@ use super::{refresh, AuthError, Authenticator, Principal};
 use crate::config::{AuthConfig, MAX_PASSWORD_BYTES};
 use crate::db::audit::NewAuditEvent;
 use crate::db::login_attempts::Attempt;
+use crate::db::sessions::within_lifetime;
 use crate::db::sessions::{ClientInfo, RefreshHash, Rotation, Session};
 use crate::db::tenants::Tenant;
 use crate::db::users::{Access, NewUser, User};
@@ -61,6 +63,8 @@ pub struct SessionView {
     pub id: Uuid,
     pub created_at: String,
     pub last_used_at: String,
+    /// When the session ends unless refreshed (or at the end of its lifetime).
+    pub expires_at: String,
     pub ip: Option<String>,
     pub user_agent: Option<String>,
     pub current: bool,
@@ -83,8 +87,12 @@ pub const DEFAULT_TENANT: &str = "default";
 impl AuthService {
     pub fn new(store: Store, hasher: PasswordHasher, authenticator: Authenticator, config: AuthConfig) -> Self {
         let limiter = IpRateLimiter::new(config.rate_limit_per_minute);
-        let accounts =
-            Accounts { store: store.clone(), hasher: hasher.clone(), password_min_length: config.password_min_length };
+        let accounts = Accounts {
+            store: store.clone(),
+            hasher: hasher.clone(),
+            password_min_length: config.password_min_length,
+            session_lifetime: config.session_lifetime,
+        };
         Self { store, hasher, authenticator, config, accounts, limiter }
     }
 
@@ -212,12 +220,13 @@ impl AuthService {
             let (refresh_token, hash) =
                 refresh::generate().map_err(|e| AuthError::Unexpected(anyhow::anyhow!("{e}")))?;
             let now = unix_now();
-            let expires_at = now + secs(self.config.refresh_token_ttl);
+            let ends_at = self.config.session_lifetime.map(|lifetime| now.saturating_add(secs(lifetime)));
+            let expires_at = self.refresh_expiry(now, ends_at);
             let info = ClientInfo { ip: Some(&ip), user_agent: client.user_agent.as_deref() };
             let opened =
                 self.store.create_session(&user, verified, info, RefreshHash { hash: &hash, expires_at }, now).await?;
             if let Some(session_id) = opened {
-                return self.token_pair(&user, session_id, refresh_token, now).map(Ok);
+                return self.token_pair(&user, session_id, refresh_token, now, ends_at).map(Ok);
             }
             if self.store.tenant_by_id(user.tenant_id).await?.is_none_or(|t| t.disabled) {
                 return Ok(Err("tenant_disabled"));
@@ -250,13 +259,25 @@ impl AuthService {
         AuthError::InvalidCredentials
     }
 
+    /// When a refresh token minted at `now` expires: after
+    /// `refresh_token_ttl`, or at the session's end if that comes first.
+    fn refresh_expiry(&self, now: i64, ends_at: Option<i64>) -> i64 {
+        let expiry = now.saturating_add(secs(self.config.refresh_token_ttl));
+        ends_at.map_or(expiry, |end| end.min(expiry))
+    }
+
+    /// The tokens of a session that ends at `ends_at` (under
+    /// `auth.session_lifetime`): neither outlives it.
     fn token_pair(
         &self,
         user: &User,
         session_id: Uuid,
         refresh_token: String,
         now: i64,
+        ends_at: Option<i64>,
     ) -> Result<TokenPair, AuthError> {
+        let access_expiry = now.saturating_add(secs(self.config.access_token_ttl));
+        let exp = ends_at.map_or(access_expiry, |end| end.min(access_expiry));
         let claims = AccessClaims {
             iss: self.config.issuer.clone(),
             aud: self.config.audience.clone(),
@@ -265,7 +286,7 @@ impl AuthService {
             sid: session_id,
             jti: Uuid::new_v4(),
             iat: now,
-            exp: now + secs(self.config.access_token_ttl),
+            exp,
             nbf: None,
             roles: user.roles.clone(),
             scope: user.scopes.join(" "),
@@ -275,9 +296,9 @@ impl AuthService {
         Ok(TokenPair {
             access_token,
             token_type: "Bearer",
-            expires_in: self.config.access_token_ttl.as_secs(),
+            expires_in: u64::try_from(exp - now).unwrap_or(0),
             refresh_token,
-            refresh_expires_in: self.config.refresh_token_ttl.as_secs(),
+            refresh_expires_in: u64::try_from(self.refresh_expiry(now, ends_at) - now).unwrap_or(0),
         })
     }
 
@@ -289,20 +310,20 @@ impl AuthService {
         }
         let (next, next_hash) = refresh::generate().map_err(|e| AuthError::Unexpected(anyhow::anyhow!("{e}")))?;
         let now = unix_now();
-        let expires_at = now + secs(self.config.refresh_token_ttl);
-        let rotation = self
-            .store
-            .rotate_refresh_token(&refresh::hash(presented), RefreshHash { hash: &next_hash, expires_at }, now)
-            .await?;
+        // The store cuts it to the session's end.
+        let expires_at = self.refresh_expiry(now, None);
+        let lifetime = self.config.session_lifetime.map(secs);
+        let successor = RefreshHash { hash: &next_hash, expires_at };
+        let rotation = self.store.rotate_refresh_token(&refresh::hash(presented), successor, lifetime, now).await?;
         let ip = client.ip.to_string();
         let ua = client.user_agent.as_deref();
         match rotation {
-            Rotation::Rotated { tenant_id, user_id, session_id } => {
+            Rotation::Rotated { tenant_id, user_id, session_id, ends_at } => {
                 let user = self.store.user_by_id(tenant_id, user_id).await?;
                 let Some(user) = user.filter(|u| !u.disabled) else {
                     return Err(AuthError::InvalidGrant);
                 };
-                let pair = self.token_pair(&user, session_id, next, now)?;
+                let pair = self.token_pair(&user, session_id, next, now, ends_at)?;
                 metrics::counter!("gateway_refreshes_total", "result" => "success").increment(1);
                 self.audit(NewAuditEvent {
                     event: "refresh_rotated",
@@ -373,13 +394,16 @@ impl AuthService {
     }
 
     pub async fn sessions(&self, who: &Principal) -> Result<Vec<SessionView>, AuthError> {
-        let sessions = self.store.active_sessions(who.tenant_id, who.user_id).await?;
+        let now = unix_now();
+        let sessions = self.store.active_sessions(who.tenant_id, who.user_id, now).await?;
+        let sessions = within_lifetime(sessions, self.config.session_lifetime.map(secs), now);
         Ok(sessions
             .into_iter()
             .map(|s| SessionView {
                 id: s.id,
                 created_at: rfc3339(s.created_at),
                 last_used_at: rfc3339(s.last_used_at),
+                expires_at: rfc3339(s.expires_at),
                 ip: s.ip,
                 user_agent: s.user_agent,
                 current: s.id == who.session_id,
@@ -573,6 +597,8 @@ pub struct Accounts {
     pub store: Store,
     pub hasher: PasswordHasher,
     pub password_min_length: usize,
+    /// `auth.session_lifetime`: sessions past it are not listed as open.
+    pub session_lifetime: Option<Duration>,
 }
 
 impl Accounts {
@@ -689,7 +715,9 @@ impl Accounts {
     /// The open sessions of a user, newest first (the CLI's `session list`).
     pub async fn sessions(&self, tenant_id: Uuid, email: &str) -> Result<Vec<Session>, AuthError> {
         let user = self.store.user_by_email(tenant_id, &normalize_email(email)).await?.ok_or(AuthError::NotFound)?;
-        Ok(self.store.active_sessions(tenant_id, user.id).await?)
+        let now = unix_now();
+        let sessions = self.store.active_sessions(tenant_id, user.id, now).await?;
+        Ok(within_lifetime(sessions, self.session_lifetime.map(secs), now))
     }
 
     /// Revokes one open session of the tenant, whoever's it is (the CLI's
@@ -846,6 +874,6 @@ impl Accounts {
 
 /// Unix seconds as an RFC 3339 UTC timestamp.
 pub fn rfc3339(unix: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(unix).unwrap_or(0));
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(unix).unwrap_or(0));
     humantime::format_rfc3339_seconds(t).to_string()
 }

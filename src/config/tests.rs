@@ -17,6 +17,7 @@ fn empty_file_gives_documented_defaults() {
     );
     assert_eq!(c.auth.access_token_ttl, Duration::from_secs(900));
     assert_eq!(c.auth.refresh_token_ttl, Duration::from_secs(30 * 86400));
+    assert_eq!(c.auth.session_lifetime, None);
     assert_eq!(c.auth.keys_dir, PathBuf::from("/etc/gateway/keys"));
     assert_eq!(c.auth.argon2, Argon2Config { memory_kib: 19_456, iterations: 2, parallelism: 1 });
     assert_eq!(c.auth.password_min_length, 15);
@@ -85,6 +86,19 @@ fn syntax_errors_are_reported() {
 fn staleness_must_outlast_the_poll() {
     let err = parse("[auth]\nrevocation_poll = \"20s\"\nrevocation_max_staleness = \"30s\"").expect_err("invalid");
     assert!(err.to_string().contains("auth.revocation_max_staleness"), "{err}");
+}
+
+#[test]
+fn session_lifetime_is_off_or_at_least_one_access_token() {
+    let err = parse("[auth]\nsession_lifetime = \"10m\"").expect_err("shorter than the 15m access token");
+    assert!(
+        err.to_string().contains("auth.session_lifetime: must be \"0s\" (no limit) or at least auth.access_token_ttl"),
+        "{err}"
+    );
+    let c = parse("[auth]\nsession_lifetime = \"15m\"").expect("one access token long");
+    assert_eq!(c.auth.session_lifetime, Some(Duration::from_secs(900)));
+    let c = parse("[auth]\nsession_lifetime = \"0s\"").expect("no limit");
+    assert_eq!(c.auth.session_lifetime, None);
 }
 
 #[test]

@@ -21,6 +21,8 @@ pub struct Session {
     pub last_used_at: i64,
     pub ip: Option<String>,
     pub user_agent: Option<String>,
+    /// When the session ends unless refreshed: its refresh token's expiry.
+    pub expires_at: i64,
 }
 
 /// Who opened a session, as recorded for `GET /auth/sessions`.
@@ -40,13 +42,28 @@ pub struct RefreshHash<'a> {
 /// The result of presenting a refresh token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rotation {
-    /// The token was live and is now spent; a successor was stored.
-    Rotated { tenant_id: Uuid, user_id: Uuid, session_id: Uuid },
+    /// The token was live and is now spent; a successor was stored,
+    /// expiring no later than `ends_at`, the end of the session's lifetime
+    /// when one was given.
+    Rotated { tenant_id: Uuid, user_id: Uuid, session_id: Uuid, ends_at: Option<i64> },
     /// The token had already been spent: its session is now revoked.
     Reused { tenant_id: Uuid, user_id: Uuid, session_id: Uuid },
-    /// Unknown, expired, or belonging to a revoked session, a disabled user
-    /// or a disabled tenant.
+    /// Unknown, expired, or belonging to a revoked session, a session past
+    /// its lifetime, a disabled user or a disabled tenant.
     Invalid,
+}
+
+/// `sessions` as they stand under a session `lifetime` (seconds) at
+/// `now`: those past it are left out, and the others end no later than it.
+pub fn within_lifetime(mut sessions: Vec<Session>, lifetime: Option<i64>, now: i64) -> Vec<Session> {
+    if let Some(lifetime) = lifetime {
+        sessions.retain_mut(|s| {
+            let end = s.created_at.saturating_add(lifetime);
+            s.expires_at = s.expires_at.min(end);
+            end > now
+        });
+    }
+    sessions
 }
 
 const INSERT_SESSION: &str = "
@@ -65,7 +82,7 @@ const REVOKE_FAMILY: &str = "
     UPDATE sessions SET revoked_at = COALESCE(revoked_at, $3), revoke_reason = COALESCE(revoke_reason, 'refresh_reuse')
     WHERE tenant_id = $1 AND id = $2 RETURNING user_id";
 const LIVE_SESSION: &str = "
-    SELECT s.user_id FROM sessions s
+    SELECT s.user_id, s.created_at FROM sessions s
     JOIN users u ON u.id = s.user_id AND u.tenant_id = s.tenant_id
     JOIN tenants t ON t.id = s.tenant_id
     WHERE s.tenant_id = $1 AND s.id = $2 AND s.revoked_at IS NULL AND NOT u.disabled AND NOT t.disabled";
@@ -144,10 +161,15 @@ impl Store {
     }
 
     /// Spends `presented` and stores `next` in its place, or reports reuse.
+    ///
+    /// With a session `lifetime` (seconds), a session that has lived that
+    /// long since its login is over: the token is spent and `Invalid`; a
+    /// younger one gets `next` cut to expire when the lifetime does.
     pub async fn rotate_refresh_token(
         &self,
         presented: &[u8],
         next: RefreshHash<'_>,
+        lifetime: Option<i64>,
         now: i64,
     ) -> StoreResult<Rotation> {
         Ok(on_pool!(self, |p| {
@@ -178,14 +200,11 @@ impl Store {
                     }
                 }
                 Some((token_id, tenant_id, session_id)) => {
-                    let live: Option<(Uuid,)> =
+                    let live: Option<(Uuid, i64)> =
                         sqlx::query_as(LIVE_SESSION).bind(tenant_id).bind(session_id).fetch_optional(&mut *tx).await?;
+                    let ends_at = live.and_then(|(_, created_at)| lifetime.map(|l| created_at.saturating_add(l)));
                     match live {
-                        None => {
-                            tx.commit().await?;
-                            Rotation::Invalid
-                        }
-                        Some((user_id,)) => {
+                        Some((user_id, _)) if ends_at.is_none_or(|end| end > now) => {
                             sqlx::query(INSERT_REFRESH)
                                 .bind(Uuid::new_v4())
                                 .bind(next.hash)
@@ -193,7 +212,7 @@ impl Store {
                                 .bind(tenant_id)
                                 .bind(Some(token_id))
                                 .bind(now)
-                                .bind(next.expires_at)
+                                .bind(ends_at.map_or(next.expires_at, |end| end.min(next.expires_at)))
                                 .execute(&mut *tx)
                                 .await?;
                             sqlx::query(TOUCH_SESSION)
@@ -203,7 +222,11 @@ impl Store {
                                 .execute(&mut *tx)
                                 .await?;
                             tx.commit().await?;
-                            Rotation::Rotated { tenant_id, user_id, session_id }
+                            Rotation::Rotated { tenant_id, user_id, session_id, ends_at }
+                        }
+                        _ => {
+                            tx.commit().await?;
+                            Rotation::Invalid
                         }
                     }
                 }
@@ -279,12 +302,19 @@ impl Store {
         Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
-    /// The user's sessions that are still open, newest first.
-    pub async fn active_sessions(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Vec<Session>> {
-        let sql = "SELECT id, tenant_id, user_id, created_at, last_used_at, ip, user_agent FROM sessions
-                   WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL
-                   ORDER BY created_at DESC, id";
-        Ok(on_pool!(self, |p| sqlx::query_as(sql).bind(tenant_id).bind(user_id).fetch_all(p).await)?)
+    /// The user's sessions that are still open at `now`, newest first: not
+    /// revoked, and holding a refresh token that is neither spent nor
+    /// expired (a session nobody refreshed in time is over, though no one
+    /// revoked it).
+    pub async fn active_sessions(&self, tenant_id: Uuid, user_id: Uuid, now: i64) -> StoreResult<Vec<Session>> {
+        let sql = "SELECT s.id, s.tenant_id, s.user_id, s.created_at, s.last_used_at, s.ip, s.user_agent,
+                          MAX(r.expires_at) AS expires_at
+                   FROM sessions s
+                   JOIN refresh_tokens r ON r.session_id = s.id AND r.spent_at IS NULL AND r.expires_at > $3
+                   WHERE s.tenant_id = $1 AND s.user_id = $2 AND s.revoked_at IS NULL
+                   GROUP BY s.id, s.tenant_id, s.user_id, s.created_at, s.last_used_at, s.ip, s.user_agent
+                   ORDER BY s.created_at DESC, s.id";
+        Ok(on_pool!(self, |p| sqlx::query_as(sql).bind(tenant_id).bind(user_id).bind(now).fetch_all(p).await)?)
     }
 
     /// Sessions revoked at or after `since` (for the revocation poller).

@@ -32,6 +32,7 @@ mod rate_limits;
 mod refresh_flow;
 mod replicas;
 mod retention;
+mod session_lifetime;
 mod tenant_admin;
 mod token_attacks;
 mod user_admin;

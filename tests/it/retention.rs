@@ -23,7 +23,7 @@ const EMAIL: &str = "keeper@example.com";
 const DAY: i64 = 86_400;
 
 /// Runs `sql` with `id` as `$1` (and `$2` = `value`), returning the rows it changed.
-async fn exec(store: &Store, sql: &str, id: Uuid, value: i64) -> u64 {
+pub(crate) async fn exec(store: &Store, sql: &str, id: Uuid, value: i64) -> u64 {
     let done = match store.pool() {
         Pool::Sqlite(p) => sqlx::query(sql).bind(id).bind(value).execute(p).await.map(|d| d.rows_affected()),
         Pool::Postgres(p) => sqlx::query(sql).bind(id).bind(value).execute(p).await.map(|d| d.rows_affected()),

@@ -199,7 +199,7 @@ both_backends! {
         let store = open_store(&app).await;
         let tenant = store.tenant_by_slug(TENANT).await.expect("read").expect("the tenant");
         let user = store.user_by_email(tenant.id, EMAIL).await.expect("read").expect("the user");
-        let sessions = store.active_sessions(tenant.id, user.id).await.expect("list sessions");
+        let sessions = store.active_sessions(tenant.id, user.id, unix_now()).await.expect("list sessions");
         assert!(sessions.is_empty(), "the refused login wrote a session: {sessions:?}");
         store.close().await;
         app.stop().await;

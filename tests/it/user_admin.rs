@@ -286,7 +286,7 @@ both_backends! {
         let before = read().await;
         user_ok(&app, "disable", &[], "").await;
         assert!(open(before).await.is_none(), "a session for a user disabled since it was read");
-        let sessions = store.active_sessions(tenant.id, read().await.id).await.expect("list sessions");
+        let sessions = store.active_sessions(tenant.id, read().await.id, unix_now()).await.expect("list sessions");
         assert!(sessions.is_empty(), "refused sessions were written, or the reset left one open: {sessions:?}");
         store.close().await;
         app.stop().await;
