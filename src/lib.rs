@@ -22,8 +22,9 @@
 //!   [`proxy::router`], [`proxy::headers`] hygiene, [`proxy::identity`]
 //!   (verified-token cache), [`proxy::policy`], [`proxy::ratelimit`],
 //!   [`proxy::upstream`] (a
-//!   connection pool per worker, spoken to with [`http1`]; its reloadable
-//!   TLS in [`proxy::upstream::tls`]),
+//!   connection pool per worker, spoken to with [`http1`], or with hyper's
+//!   HTTP/2 client for gRPC upstreams; its reloadable TLS in
+//!   [`proxy::upstream::tls`]),
 //!   [`proxy::tunnel`] (WebSockets), [`proxy::forward_auth`] (the same
 //!   checks as a decision for a proxy in front), [`proxy::assertion`]
 //!   (signed identity for backends, per token and audience),

@@ -433,8 +433,14 @@ impl Proxy {
 
         // Strip: before anything is added, so nothing added can be removed.
         let upgrade = cfg.websocket && headers::is_websocket_upgrade(req.headers());
+        // Over HTTP/2 to the upstream, the one `TE` there is goes on: a
+        // gRPC server refuses a call without `TE: trailers`.
+        let te_trailers = cfg.upstream_http2 && headers::accepts_trailers(req.headers());
         headers::strip_hop_by_hop(req.headers_mut(), upgrade);
         headers::strip_reserved(req.headers_mut(), &table.headers);
+        if te_trailers {
+            req.headers_mut().insert(hyper::header::TE, HeaderValue::from_static("trailers"));
+        }
 
         // The address rules come before any token is looked at: a client
         // outside `allow_ips` is refused outright, and a limit by address

@@ -85,6 +85,9 @@ pub struct RouteConfig {
     pub max_body: u64,
     /// Whether `Upgrade: websocket` requests are forwarded.
     pub websocket: bool,
+    /// `upstream_protocol = "http2"`: the upstreams are spoken to over
+    /// HTTP/2 (each [`UpstreamTarget::http2`] says so too).
+    pub upstream_http2: bool,
     /// Whether the client's `Authorization` header is forwarded on required
     /// routes (default: removed, so backends never see bearer tokens).
     pub pass_token: bool,
@@ -139,6 +142,9 @@ pub struct UpstreamTarget {
     /// The `Host` header sent upstream (unless the route preserves the
     /// client's): the authority, without the scheme's default port.
     pub host: HeaderValue,
+    /// Spoken to over HTTP/2 (the route's `upstream_protocol = "http2"`):
+    /// h2c with prior knowledge for `http://`, ALPN `h2` for `https://`.
+    pub http2: bool,
 }
 
 impl std::fmt::Display for UpstreamTarget {
@@ -601,7 +607,23 @@ fn build_route(
     let read_timeout = f.duration_or("read_timeout", "60s", Duration::from_millis(1));
     let preserve_host = f.bool_or("preserve_host", false);
     let max_body = f.size_or("max_body", 10 << 20);
-    let websocket = f.bool_or("websocket", true);
+    let http2 = match f.string_or("upstream_protocol", "http1").as_str() {
+        "http1" => false,
+        "http2" => true,
+        other => {
+            f.error("upstream_protocol", format!("{other:?} is not \"http1\" or \"http2\""));
+            false
+        }
+    };
+    for upstream in &mut upstreams {
+        upstream.http2 = http2;
+    }
+    // A WebSocket handshake is an HTTP/1.1 upgrade; over HTTP/2 it would
+    // take an extended CONNECT (RFC 8441), which the gateway does not send.
+    let websocket = f.bool_or("websocket", !http2);
+    if websocket && http2 {
+        f.error("websocket", "cannot be forwarded to an upstream spoken to over HTTP/2 (upstream_protocol)");
+    }
     let pass_token = f.bool_or("pass_token", false);
     let cors_preflight = f.bool_or("cors_preflight", false);
     if cors_preflight && auth == AuthMode::Public {
@@ -666,6 +688,7 @@ fn build_route(
         preserve_host,
         max_body,
         websocket,
+        upstream_http2: http2,
         pass_token,
         cors_preflight,
         request_headers,
@@ -798,7 +821,7 @@ fn parse_upstream(text: &str) -> Result<UpstreamTarget, String> {
         _ => authority.host(),
     };
     let host = HeaderValue::from_str(host).map_err(|_| "the host cannot be a Host header")?;
-    Ok(UpstreamTarget { scheme, authority, base_path, host })
+    Ok(UpstreamTarget { scheme, authority, base_path, host, http2: false })
 }
 
 /// Settings of the upstream HTTP client.

@@ -124,6 +124,26 @@ fn session_retention_outlasts_the_access_tokens_or_keeps_everything() {
 }
 
 #[test]
+fn upstream_protocol_is_http1_or_http2_without_websockets() {
+    let route = |lines: &str| {
+        format!("[[routes]]\nname = \"r\"\nprefix = \"/\"\nupstreams = [\"http://10.0.0.1\", \"https://h\"]\n{lines}")
+    };
+    let c = parse(&route("")).expect("defaults");
+    let r = &c.proxy.routes[0];
+    assert!(!r.upstream_http2 && r.websocket && r.upstreams.iter().all(|u| !u.http2));
+    let c = parse(&route("upstream_protocol = \"http2\"")).expect("http2");
+    let r = &c.proxy.routes[0];
+    assert!(r.upstream_http2 && !r.websocket && r.upstreams.iter().all(|u| u.http2));
+    for (lines, says) in [
+        ("upstream_protocol = \"h2c\"", "routes[0].upstream_protocol: \"h2c\" is not \"http1\" or \"http2\""),
+        ("upstream_protocol = \"http2\"\nwebsocket = true", "routes[0].websocket: cannot be forwarded"),
+    ] {
+        let err = parse(&route(lines)).expect_err(lines);
+        assert!(err.to_string().contains(says), "{lines}: {err}");
+    }
+}
+
+#[test]
 fn health_checks_name_a_path_and_probe_one_at_a_time() {
     let route = |hc: &str| {
         format!("[[routes]]\nname = \"r\"\nprefix = \"/\"\nupstreams = [\"http://10.0.0.1\"]\nhealth_check = {hc}")

@@ -145,6 +145,17 @@ pub fn set_answer_fields(headers: &mut HeaderMap, fields: &[(HeaderName, HeaderV
 }
 
 /// Removes every header whose folded name is reserved (identity headers).
+/// Whether the client's `TE` fields name `trailers` (RFC 9110 §10.1.4:
+/// a list of codings with parameters, and `trailers`).
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TE).iter().any(|value| {
+        value.as_bytes().split(|&b| b == b',').any(|item| {
+            let coding = item.split(|&b| b == b';').next().unwrap_or_default();
+            coding.trim_ascii().eq_ignore_ascii_case(b"trailers")
+        })
+    })
+}
+
 pub fn strip_reserved(headers: &mut HeaderMap, names: &HeaderNames) {
     // Compared byte by byte, folding on the fly: no allocation per header.
     let doomed: Vec<HeaderName> =

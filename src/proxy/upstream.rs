@@ -1,7 +1,8 @@
 //! The upstream HTTP client: a pool of HTTP/1.1 keep-alive connections per
 //! worker thread, spoken to with the gateway's own HTTP/1.1
 //! ([`crate::http1`]), with TCP_NODELAY, a connect timeout, and rustls for
-//! https upstreams.
+//! https upstreams; and, for routes with `upstream_protocol = "http2"`
+//! (gRPC), one shared HTTP/2 connection per upstream ([`h2`]).
 //!
 //! Why our own: the exchange runs inside the request's task. A bodiless
 //! request is one write of its head; its response head is parsed where it
@@ -71,6 +72,7 @@ use crate::config::{UpstreamSettings, UpstreamTarget};
 use crate::http1::upgrade::Upgraded;
 use crate::http1::{self, BodyError, Decoded, Decoder, Framing, MAX_HEADERS};
 
+mod h2;
 pub mod tls;
 
 use tls::UpstreamTls;
@@ -91,6 +93,8 @@ struct Pool {
     max_idle: usize,
     /// Uncontended in practice (one worker thread uses it), so a plain mutex.
     idle: Mutex<HashMap<PoolKey, Vec<Idle>, foldhash::fast::RandomState>>,
+    /// One shared connection per upstream spoken to over HTTP/2 ([`h2`]).
+    h2: Mutex<HashMap<PoolKey, h2::Shared, foldhash::fast::RandomState>>,
 }
 
 #[derive(Clone, Debug)]
@@ -193,6 +197,7 @@ impl UpstreamClient {
                 idle_timeout: settings.pool_idle_timeout,
                 max_idle: settings.pool_max_idle_per_host,
                 idle: Mutex::new(HashMap::default()),
+                h2: Mutex::new(HashMap::default()),
             }),
         })
     }
@@ -213,6 +218,7 @@ impl UpstreamClient {
                 idle_timeout: p.idle_timeout,
                 max_idle: p.max_idle,
                 idle: Mutex::new(HashMap::default()),
+                h2: Mutex::new(HashMap::default()),
             }),
         }
     }
@@ -232,6 +238,10 @@ impl UpstreamClient {
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let key =
             PoolKey { https: target.scheme == hyper::http::uri::Scheme::HTTPS, authority: target.authority.clone() };
+        if target.http2 {
+            // Boxed: HTTP/1.1 requests' futures stay the size they were.
+            return Box::pin(self.send_h2(key, target, origin, extra, request, now)).await;
+        }
         let (parts, body) = request.into_parts();
         let (head, framing) = encode_request(&parts, origin, extra, &body);
         let retry_unanswered = framing == Framing::Empty && is_safe(&parts.method);
@@ -248,7 +258,7 @@ impl UpstreamClient {
                 Some(stream) => stream,
                 // Boxed: connecting (TCP, TLS) is a large future, and inline
                 // it would make every request's future as large.
-                None => Box::pin(self.pool.connect(&key)).await?,
+                None => Box::pin(self.pool.connect(&key, false)).await?,
             };
             if let Err(e) = write_all_flush(&mut stream, &head).await {
                 if reused {
@@ -318,6 +328,7 @@ impl UpstreamClient {
             read_timeout: None,
             stall: None,
             waiting: false,
+            h2: None,
         };
         if body.decoder.is_done() && !upgrade {
             body.finish();
@@ -327,7 +338,8 @@ impl UpstreamClient {
     }
 
     /// Closes connections idle for longer than the pool's idle timeout, or
-    /// made before the last reload of the TLS files.
+    /// made before the last reload of the TLS files (HTTP/2 ones: stops
+    /// using them).
     pub fn sweep(&self) {
         let now = Instant::now();
         let generation = self.pool.tls.generation();
@@ -336,6 +348,8 @@ impl UpstreamClient {
             list.retain_mut(|c| c.usable(now, self.pool.idle_timeout, generation));
         }
         idle.retain(|_, list| !list.is_empty());
+        drop(idle);
+        self.pool.h2_sweep(now);
     }
 
     /// How often [`UpstreamClient::sweep`] should run.
@@ -709,6 +723,8 @@ pub struct UpstreamBody {
     /// head needs no timer.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
     waiting: bool,
+    /// An answer that came over HTTP/2: read from here, not `exchange`.
+    h2: Option<hyper::body::Incoming>,
 }
 
 impl UpstreamBody {
@@ -722,6 +738,7 @@ impl UpstreamBody {
             read_timeout: None,
             stall: None,
             waiting: false,
+            h2: None,
         }
     }
 
@@ -746,6 +763,34 @@ impl UpstreamBody {
             self.waiting = true;
         }
         self.stall.as_mut().is_some_and(|stall| stall.as_mut().poll(cx).is_ready())
+    }
+
+    /// The upstream was silent for the read timeout: counted, logged, and
+    /// the error that ends the body.
+    fn timed_out(&self) -> BodyError {
+        if let Some((timeout, route)) = &self.read_timeout {
+            metrics::counter!("gateway_upstream_errors_total", "route" => route.clone(), "kind" => "read_timeout")
+                .increment(1);
+            tracing::warn!(route = %route, ?timeout, "the upstream sent nothing of its answer for the read timeout");
+        }
+        io::Error::new(io::ErrorKind::TimedOut, "the upstream sent nothing for the read timeout").into()
+    }
+
+    /// [`HttpBody::poll_frame`] for an answer that came over HTTP/2.
+    fn poll_h2(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let Some(body) = self.h2.as_mut() else { return Poll::Ready(None) };
+        match Pin::new(body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                self.waiting = false;
+                Poll::Ready(frame.map(|f| f.map_err(|e| BodyError::Io(io::Error::other(e)))))
+            }
+            Poll::Pending if self.stalled(cx) => {
+                // Dropping the body resets the stream.
+                self.h2 = None;
+                Poll::Ready(Some(Err(self.timed_out())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     /// After a 101: the upstream's connection, for the tunnel.
@@ -776,6 +821,9 @@ impl HttpBody for UpstreamBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        if this.h2.is_some() {
+            return this.poll_h2(cx);
+        }
         loop {
             match this.decoder.decode(&mut this.rbuf) {
                 Ok(Decoded::Data(data)) => {
@@ -806,13 +854,7 @@ impl HttpBody for UpstreamBody {
                 }
                 Poll::Pending if this.stalled(cx) => {
                     this.exchange = None;
-                    if let Some((timeout, route)) = &this.read_timeout {
-                        metrics::counter!("gateway_upstream_errors_total", "route" => route.clone(), "kind" => "read_timeout")
-                            .increment(1);
-                        tracing::warn!(route = %route, ?timeout, "the upstream sent nothing of its answer for the read timeout");
-                    }
-                    let e = io::Error::new(io::ErrorKind::TimedOut, "the upstream sent nothing for the read timeout");
-                    return Poll::Ready(Some(Err(e.into())));
+                    return Poll::Ready(Some(Err(this.timed_out())));
                 }
                 Poll::Pending => return Poll::Pending,
             };
@@ -834,10 +876,16 @@ impl HttpBody for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.decoder.is_done()
+        match &self.h2 {
+            Some(body) => body.is_end_stream(),
+            None => self.decoder.is_done(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(body) = &self.h2 {
+            return body.size_hint();
+        }
         match self.decoder.remaining() {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
@@ -866,7 +914,9 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, key: &PoolKey) -> Result<Stream, UpstreamError> {
+    /// A new connection; over TLS, offering ALPN `h2` alone when `http2`
+    /// (and refusing an upstream that does not take it), else `http/1.1`.
+    async fn connect(&self, key: &PoolKey, http2: bool) -> Result<Stream, UpstreamError> {
         let host = key.authority.host();
         let port = key.authority.port_u16().unwrap_or(if key.https { 443 } else { 80 });
         let tcp = connect_tcp(host, port, self.connect_timeout).await.map_err(UpstreamError::Connect)?;
@@ -876,11 +926,15 @@ impl Pool {
             let name = host.trim_start_matches('[').trim_end_matches(']');
             let name = ServerName::try_from(name.to_owned())
                 .map_err(|e| UpstreamError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-            let (connector, generation) = self.tls.connector();
+            let (connector, generation) = self.tls.connector(http2);
             let tls = tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp))
                 .await
                 .map_err(|_| UpstreamError::Tls(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")))?
                 .map_err(UpstreamError::Tls)?;
+            if http2 && tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                let refused = "the upstream did not choose HTTP/2 (ALPN h2) for upstream_protocol = \"http2\"";
+                return Err(UpstreamError::Tls(io::Error::new(io::ErrorKind::InvalidData, refused)));
+            }
             Stream::Tls(Box::new(tls), generation)
         } else {
             Stream::Plain(tcp)

@@ -23,6 +23,7 @@ mod jwt_assertion;
 mod lockout;
 mod process;
 mod proxy_health;
+mod proxy_http2;
 mod proxy_identity;
 mod proxy_pool;
 mod proxy_reload;

@@ -14,6 +14,12 @@
 //!   chunks (no Content-Length).
 //! - `mode=early`: 200 `text/plain` "early" at once; the request body is read afterwards.
 //! - `mode=close`: the echo, with `Connection: close` (the connection ends after it).
+//! - `mode=trailers`: the echo, then the trailers `grpc-status: 0` and
+//!   `grpc-message: done` (as a gRPC server ends a call; HTTP/2 only).
+//!
+//! The echo also names the request's `"version"` (`"HTTP/1.1"`, `"HTTP/2.0"`),
+//! over HTTP/2 its `"authority"` (the `:authority` pseudo-field; null without one),
+//! and the request's `"trailers"` (`[[name, value], ...]`).
 //! - `mode=ws`: WebSocket echo (answers 101 when the request asks for `Upgrade: websocket`,
 //!   else 400): every text and binary message is sent back.
 //! - `pause_ms=P` (any mode that reads the body): a slow reader, resting P ms after each MiB.
@@ -92,6 +98,8 @@ struct State {
     seen: Mutex<Vec<Seen>>,
     /// The status `/healthz` answers with.
     health: AtomicU16,
+    /// The connections being served, for [`Upstream::drop_connections`].
+    served: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 /// A running upstream; stops accepting when dropped.
@@ -115,6 +123,13 @@ impl Upstream {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Closes every connection it serves (the listener stays).
+    pub fn drop_connections(&self) {
+        for task in self.state.served.lock().expect("upstream connections lock is not poisoned").drain(..) {
+            task.abort();
+        }
     }
 
     /// Every request received so far, oldest first.
@@ -151,10 +166,28 @@ impl Drop for Upstream {
 
 /// Starts an upstream called `name` (echoed as `"upstream"`) on 127.0.0.1:0.
 pub async fn spawn_upstream(name: &str) -> Upstream {
-    spawn(name, None).await
+    spawn(name, None, false).await
 }
 
-async fn spawn(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
+/// Like [`spawn_upstream`], speaking HTTP/2 only (cleartext, with prior
+/// knowledge: an HTTP/1.1 request is refused), as a gRPC server does.
+pub async fn spawn_h2_upstream(name: &str) -> Upstream {
+    spawn(name, None, true).await
+}
+
+/// Like [`spawn_tls_upstream`], speaking HTTP/2 only: choosing ALPN `h2`
+/// when `offer_h2`, else taking no part in ALPN, as servers older than
+/// HTTP/2 do (and then speaking HTTP/2 all the same, so that a client
+/// that did not check what was chosen would be caught out).
+pub async fn spawn_tls_h2_upstream(name: &str, cert_pem: &str, key_pem: &str, offer_h2: bool) -> Upstream {
+    let mut config = tls_config(cert_pem, key_pem);
+    if offer_h2 {
+        config.alpn_protocols = vec![b"h2".to_vec()];
+    }
+    spawn(name, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))), true).await
+}
+
+async fn spawn(name: &str, tls: Option<tokio_rustls::TlsAcceptor>, http2: bool) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the upstream listener");
     let addr = listener.local_addr().expect("upstream listener address");
     let state = Arc::new(State {
@@ -163,8 +196,9 @@ async fn spawn(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         connections: AtomicUsize::new(0),
         seen: Mutex::new(Vec::new()),
         health: AtomicU16::new(200),
+        served: Mutex::new(Vec::new()),
     });
-    let task = tokio::spawn(accept_loop(listener, Arc::clone(&state), tls));
+    let task = tokio::spawn(accept_loop(listener, Arc::clone(&state), tls, http2));
     Upstream { addr, state, task }
 }
 
@@ -172,17 +206,21 @@ async fn spawn(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
 /// `key_pem`; [`Upstream::url`] stays `http://`, so build the `https://`
 /// URL from [`Upstream::addr`].
 pub async fn spawn_tls_upstream(name: &str, cert_pem: &str, key_pem: &str) -> Upstream {
+    let config = tls_config(cert_pem, key_pem);
+    spawn(name, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))), false).await
+}
+
+fn tls_config(cert_pem: &str, key_pem: &str) -> rustls::ServerConfig {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("parse the upstream's certificate");
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("parse the upstream's key");
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .expect("TLS versions")
         .with_no_client_auth()
         .with_single_cert(vec![cert], key)
-        .expect("the upstream's certificate and key");
-    spawn(name, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+        .expect("the upstream's certificate and key")
 }
 
 /// Like [`spawn_tls_upstream`], and asking every client for a certificate
@@ -205,7 +243,7 @@ pub async fn spawn_mtls_upstream(name: &str, cert_pem: &str, key_pem: &str, clie
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![cert], key)
         .expect("the upstream's certificate and key");
-    spawn(name, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+    spawn(name, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))), false).await
 }
 
 /// A URL on which nothing listens: a port bound but never listened on, and
@@ -233,7 +271,7 @@ pub fn hanging_upstream_url() -> String {
     format!("http://{addr}")
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustls::TlsAcceptor>) {
+async fn accept_loop(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustls::TlsAcceptor>, http2: bool) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -241,27 +279,37 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, tls: Option<tokio
         };
         let _ = stream.set_nodelay(true);
         state.connections.fetch_add(1, Ordering::SeqCst);
+        let served = Arc::clone(&state);
         let state = Arc::clone(&state);
         let tls = tls.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
                 async move { Ok::<_, Infallible>(handle(state, req).await) }
             });
             // Errors here are clients (the gateway) going away, or failed
             // handshakes; nothing to do.
+            let h2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
             let http = http1::Builder::new();
             match tls {
+                None if http2 => {
+                    let _ = h2.serve_connection(TokioIo::new(stream), service).await;
+                }
                 None => {
                     let _ = http.serve_connection(TokioIo::new(stream), service).with_upgrades().await;
                 }
                 Some(acceptor) => {
                     if let Ok(stream) = acceptor.accept(stream).await {
-                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        if http2 {
+                            let _ = h2.serve_connection(TokioIo::new(stream), service).await;
+                        } else {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
                     }
                 }
             }
         });
+        served.served.lock().expect("upstream connections lock is not poisoned").push(task.abort_handle());
     }
 }
 
@@ -319,14 +367,20 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<RespB
 
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
+    let version = format!("{:?}", req.version());
+    let authority = req.uri().authority().map(ToString::to_string);
     let mut body = req.into_body();
     let mut body_len: u64 = 0;
     let mut body_error = false;
+    let mut trailers: Vec<Value> = Vec::new();
     // `pause_ms`: a slow reader, resting that long after each MiB it reads.
     let pause = Duration::from_millis(num(query, "pause_ms", 0));
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(frame) => {
+                if let Some(fields) = frame.trailers_ref() {
+                    trailers.extend(fields.iter().map(|(n, v)| json!([n.as_str(), v.to_str().unwrap_or("?")])));
+                }
                 if let Some(data) = frame.data_ref() {
                     let before = body_len;
                     body_len += data.len() as u64;
@@ -382,7 +436,20 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<RespB
                 "query": query,
                 "headers": headers.iter().map(|(n, v)| json!([n, v])).collect::<Vec<Value>>(),
                 "body_len": body_len,
+                "version": version,
+                "authority": authority,
+                "trailers": trailers,
             });
+            if other == "trailers" {
+                let mut trailers = hyper::HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                trailers.insert("grpc-message", HeaderValue::from_static("done"));
+                let frames = [Frame::data(Bytes::from(echo.to_string())), Frame::trailers(trailers)];
+                let stream = futures::stream::iter(frames.map(Ok::<_, Infallible>));
+                let mut response = Response::new(StreamBody::new(stream).boxed_unsync());
+                response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                return response;
+            }
             let mut response = full(StatusCode::OK, "application/json", echo.to_string());
             // What a route's remove_response_headers may drop.
             response.headers_mut().insert("x-powered-by", HeaderValue::from_static("test-upstream"));

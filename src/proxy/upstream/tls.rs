@@ -50,6 +50,9 @@ pub struct UpstreamTls {
 /// One accepted set.
 struct Current {
     config: Arc<rustls::ClientConfig>,
+    /// The same, offering ALPN `h2` alone, for upstreams spoken to over
+    /// HTTP/2.
+    h2: Arc<rustls::ClientConfig>,
     /// The client certificate's leaf, to tell a renewal from a set read
     /// again unchanged.
     leaf: Option<CertificateDer<'static>>,
@@ -67,6 +70,7 @@ struct Current {
 /// A set read from the files, not yet taken.
 struct Read {
     config: Arc<rustls::ClientConfig>,
+    h2: Arc<rustls::ClientConfig>,
     leaf: Option<CertificateDer<'static>>,
     digest: [u8; 32],
 }
@@ -85,13 +89,13 @@ impl UpstreamTls {
         let loaded = sources.files().iter().map(|p| FileStamp::of(p)).collect();
         // At start, what could be read: it only means fewer roots to trust.
         let platform = if sources.platform_roots { platform_roots().0 } else { Arc::from([]) };
-        let Read { config, leaf, digest } = sources.read(&platform)?;
+        let Read { config, h2, leaf, digest } = sources.read(&platform)?;
         if let Some(leaf) = &leaf {
             if publish_expiry(CLIENT_CERT, leaf).is_some_and(|t| t < SystemTime::now()) {
                 tracing::error!(setting = CLIENT_CERT, "upstream.client_cert has expired: upstreams will refuse it");
             }
         }
-        let current = Current { config, leaf, platform, generation: 0, digest };
+        let current = Current { config, h2, leaf, platform, generation: 0, digest };
         Ok(Arc::new(Self { sources, current: ArcSwap::from_pointee(current), loaded }))
     }
 
@@ -113,7 +117,7 @@ impl UpstreamTls {
             },
             false => Arc::clone(&running.platform),
         };
-        let result = self.sources.read(&platform).and_then(|Read { config, leaf, digest }| {
+        let result = self.sources.read(&platform).and_then(|Read { config, h2, leaf, digest }| {
             if digest == running.digest {
                 return Ok(false);
             }
@@ -126,7 +130,7 @@ impl UpstreamTls {
                 publish_expiry(CLIENT_CERT, leaf);
             }
             let generation = running.generation + 1;
-            self.current.store(Arc::new(Current { config, leaf, platform, generation, digest }));
+            self.current.store(Arc::new(Current { config, h2, leaf, platform, generation, digest }));
             Ok(true)
         });
         let label = if result.is_ok() { "ok" } else { "error" };
@@ -141,9 +145,10 @@ impl UpstreamTls {
 
     /// A connector for one handshake with the current set, and the set's
     /// generation.
-    pub fn connector(&self) -> (TlsConnector, u64) {
+    pub fn connector(&self, http2: bool) -> (TlsConnector, u64) {
         let current = self.current.load();
-        (TlsConnector::from(Arc::clone(&current.config)), current.generation)
+        let config = if http2 { &current.h2 } else { &current.config };
+        (TlsConnector::from(Arc::clone(config)), current.generation)
     }
 
     /// The current set's generation: a connection made with another one
@@ -223,8 +228,10 @@ impl Sources {
             }
             None => (builder.with_no_client_auth(), None),
         };
+        let mut h2 = config.clone();
+        h2.alpn_protocols = vec![b"h2".to_vec()];
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Read { config: Arc::new(config), leaf, digest: digest.finalize().into() })
+        Ok(Read { config: Arc::new(config), h2: Arc::new(h2), leaf, digest: digest.finalize().into() })
     }
 }
 
@@ -347,7 +354,7 @@ mod tests {
                     platform_roots = false";
         let settings = Config::parse(text, &dir.path().join("gateway.toml")).expect("valid settings").upstream;
         let tls = UpstreamTls::load(&settings).expect("an expired certificate is logged at start, not refused");
-        let (_, generation) = tls.connector();
+        let (_, generation) = tls.connector(false);
         assert_eq!(generation, 0);
         ca("two");
         tls.reload(false).expect("a new CA file beside the running certificate");
