@@ -433,9 +433,15 @@ impl Proxy {
 
         // Strip: before anything is added, so nothing added can be removed.
         let upgrade = cfg.websocket && headers::is_websocket_upgrade(req.headers());
-        // Over HTTP/2 to the upstream, the one `TE` there is goes on: a
-        // gRPC server refuses a call without `TE: trailers`.
-        let te_trailers = cfg.upstream_http2 && headers::accepts_trailers(req.headers());
+        // Over HTTP/2 end to end, the one `TE` there is goes on: a gRPC
+        // server refuses a call without `TE: trailers`. An HTTP/1.1 client
+        // is not told trailers it could not be given.
+        let te_trailers =
+            cfg.upstream_http2 && req.version() == Version::HTTP_2 && headers::accepts_trailers(req.headers());
+        if cfg.upstream_http2 && req.method() == Method::CONNECT {
+            // HTTP/2 would send it as a tunnel to the upstream's authority.
+            return Err(ProxyError::BadRequest("CONNECT is not forwarded over HTTP/2"));
+        }
         headers::strip_hop_by_hop(req.headers_mut(), upgrade);
         headers::strip_reserved(req.headers_mut(), &table.headers);
         if te_trailers {
@@ -524,6 +530,12 @@ impl Proxy {
         // Otherwise the upstream's own Host replaces the client's per
         // attempt, below.
         if let Some(host) = client_host.filter(|_| cfg.preserve_host) {
+            // Over HTTP/2 it becomes the `:authority` of the upstream
+            // request's URI: it must be one, and nothing more (a `/`, `?`
+            // or `#` in it would move the path the policy judged).
+            if cfg.upstream_http2 && !is_bare_authority(&host) {
+                return Err(ProxyError::BadRequest("the Host is not a host and port"));
+            }
             h.insert(HOST, host);
         }
 
@@ -742,6 +754,15 @@ fn by_address(route: &Route, trusted: &[IpNet], peer: IpAddr, headers: &HeaderMa
 fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
     let ip = ip.to_canonical();
     trusted.iter().any(|net| net.contains(&ip))
+}
+
+/// Whether `host` is an authority and nothing else: no userinfo, path,
+/// query or fragment.
+fn is_bare_authority(host: &HeaderValue) -> bool {
+    let bytes = host.as_bytes();
+    !bytes.is_empty()
+        && !bytes.iter().any(|b| matches!(b, b'@' | b'/' | b'?' | b'#'))
+        && hyper::http::uri::Authority::try_from(bytes).is_ok()
 }
 
 /// The upstream's answer did not come in time.

@@ -224,8 +224,12 @@ impl Store {
                             tx.commit().await?;
                             Rotation::Rotated { tenant_id, user_id, session_id, ends_at }
                         }
+                        // The session is over (revoked, its user or tenant
+                        // disabled, or past its lifetime): the token is left
+                        // unspent, so that presenting it again is refused
+                        // the same way rather than taken for reuse.
                         _ => {
-                            tx.commit().await?;
+                            tx.rollback().await?;
                             Rotation::Invalid
                         }
                     }

@@ -144,7 +144,6 @@ pub fn set_answer_fields(headers: &mut HeaderMap, fields: &[(HeaderName, HeaderV
     }
 }
 
-/// Removes every header whose folded name is reserved (identity headers).
 /// Whether the client's `TE` fields name `trailers` (RFC 9110 §10.1.4:
 /// a list of codings with parameters, and `trailers`).
 pub fn accepts_trailers(headers: &HeaderMap) -> bool {
@@ -156,6 +155,7 @@ pub fn accepts_trailers(headers: &HeaderMap) -> bool {
     })
 }
 
+/// Removes every header whose folded name is reserved (identity headers).
 pub fn strip_reserved(headers: &mut HeaderMap, names: &HeaderNames) {
     // Compared byte by byte, folding on the fly: no allocation per header.
     let doomed: Vec<HeaderName> =

@@ -95,6 +95,9 @@ struct Pool {
     idle: Mutex<HashMap<PoolKey, Vec<Idle>, foldhash::fast::RandomState>>,
     /// One shared connection per upstream spoken to over HTTP/2 ([`h2`]).
     h2: Mutex<HashMap<PoolKey, h2::Shared, foldhash::fast::RandomState>>,
+    /// Taken while a connection to an HTTP/2 upstream is made, so that the
+    /// requests waiting for one share it.
+    h2_turns: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>, foldhash::fast::RandomState>>,
 }
 
 #[derive(Clone, Debug)]
@@ -198,6 +201,7 @@ impl UpstreamClient {
                 max_idle: settings.pool_max_idle_per_host,
                 idle: Mutex::new(HashMap::default()),
                 h2: Mutex::new(HashMap::default()),
+                h2_turns: Mutex::new(HashMap::default()),
             }),
         })
     }
@@ -219,6 +223,7 @@ impl UpstreamClient {
                 max_idle: p.max_idle,
                 idle: Mutex::new(HashMap::default()),
                 h2: Mutex::new(HashMap::default()),
+                h2_turns: Mutex::new(HashMap::default()),
             }),
         }
     }

@@ -93,6 +93,11 @@ both_backends! {
         // although its own expiry (cut when it was minted) is still ahead.
         age_login(&store, session, 11 * 60).await;
         assert_error(app.refresh(&late.refresh_token).await, StatusCode::UNAUTHORIZED, "invalid_grant").await;
+        // Presented again (a retry), it is refused the same way, not taken
+        // for the reuse of a spent token.
+        assert_error(app.refresh(&late.refresh_token).await, StatusCode::UNAUTHORIZED, "invalid_grant").await;
+        let reuses = app.cli(&["audit", "list", "--event", "refresh_reuse_detected"], "").await.expect("audit list");
+        assert!(reuses.trim().is_empty(), "{reuses}");
         // The refusal is not taken for reuse of the token it spent: a
         // new login opens a session as usual.
         let again = app.login_ok(EMAIL, PASSWORD, None).await;

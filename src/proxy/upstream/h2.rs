@@ -11,15 +11,20 @@
 //! stream).
 //!
 //! What differs from HTTP/1.1 ([`super`]):
-//! - trailers pass both ways (gRPC's `grpc-status` is one), to and from
-//!   clients that speak HTTP/2; an HTTP/1.1 client gets the body without
-//!   them;
+//! - the upstream's trailers (gRPC's `grpc-status` is one) pass to clients
+//!   that speak HTTP/2; an HTTP/1.1 client gets the body without them. A
+//!   client's trailers are dropped, as on HTTP/1.1: no field the gateway
+//!   strips from a head can come in through them;
 //! - the request names its upstream in `:authority` (the upstream's host,
 //!   or the client's with `preserve_host`), not in `Host`, and its
 //!   `Content-Length` comes from the body's own;
 //! - a request that could not be sent on the pooled connection (closed
 //!   meanwhile: a GOAWAY, an idle close) goes once on a new one; one that
-//!   was sent is never sent again here;
+//!   was sent is never sent again here. Requests that find no connection
+//!   wait for the one being made rather than each making their own;
+//! - the request body is sent by hyper's connection task, so a failure of
+//!   the client's side of it (too large, cut short) is kept aside and
+//!   reported as the client's (413, 400), not as the upstream's;
 //! - a connection unused for `pool_idle_timeout`, closed, or made before
 //!   the last reload of the upstream TLS files is not used again (streams
 //!   still open on it finish): dropped at the next checkout or sweep;
@@ -28,15 +33,21 @@
 //!   cleartext (`h2c` with prior knowledge, RFC 9113 §3.3).
 
 use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper::header::{HeaderName, HeaderValue, HOST};
 use hyper::{Request, Response, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::{not_forwarded, Pool, PoolKey, Stream, Target, UpstreamBody, UpstreamClient, UpstreamError};
+use super::{
+    not_forwarded, Pool, PoolKey, Stream, Target, UpstreamBody, UpstreamClient, UpstreamError, MAX_RESPONSE_HEAD,
+};
 use crate::body::Body;
 use crate::config::UpstreamTarget;
 
@@ -72,13 +83,16 @@ impl UpstreamClient {
         request: Request<Body>,
         now: Instant,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let failed = Arc::new(Mutex::new(None));
+        let watched = Arc::clone(&failed);
+        let request = request.map(|body| Body::new(Watched { body, failed: watched }));
         let mut request = h2_request(target, origin, extra, request)?;
         let mut pooled = self.pool.h2_checkout(&key, now);
         loop {
             let reused = pooled.is_some();
             let mut sender = match pooled.take() {
                 Some(sender) => sender,
-                None => Box::pin(self.pool.h2_connect(&key)).await?,
+                None => Box::pin(self.pool.h2_connect(&key, now)).await?,
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -93,10 +107,80 @@ impl UpstreamClient {
                         self.pool.h2_forget(&key);
                         request = unsent;
                     }
-                    _ => return Err(UpstreamError::Request(io::Error::other(e.into_error()))),
+                    _ => {
+                        let client_side = failed.lock().unwrap_or_else(PoisonError::into_inner).take();
+                        return Err(match client_side {
+                            Some(e) => UpstreamError::RequestBody(e),
+                            None => failure(e.into_error(), !reused),
+                        });
+                    }
                 },
             }
         }
+    }
+}
+
+/// An HTTP/2 failure as an upstream error: on a new connection, one that a
+/// TLS alert caused (an upstream refusing the gateway's client certificate
+/// after a TLS 1.3 handshake) counts as a failed connection, as on
+/// HTTP/1.1 (cool-down, and the retry of an idempotent request).
+fn failure(e: hyper::Error, fresh: bool) -> UpstreamError {
+    let e = io::Error::other(e);
+    if fresh && tls_caused(&e) {
+        UpstreamError::Tls(e)
+    } else {
+        UpstreamError::Request(e)
+    }
+}
+
+/// Whether a rustls error is in `e`'s cause chain (an `io::Error` wrapping
+/// one shows it through `get_ref`, not `source`).
+fn tls_caused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let wrapped = err.downcast_ref::<io::Error>().and_then(io::Error::get_ref);
+        if err.is::<rustls::Error>() || wrapped.is_some_and(|inner| inner.is::<rustls::Error>() || tls_caused(inner)) {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
+/// The client's request body on its way to an HTTP/2 upstream: its data,
+/// without trailers (a client's trailers are dropped, as on HTTP/1.1), and
+/// its failure kept in `failed` for [`UpstreamClient::send_h2`], since
+/// hyper's connection task, which reads it, only resets the stream.
+struct Watched {
+    body: Body,
+    failed: Arc<Mutex<Option<axum::Error>>>,
+}
+
+impl HttpBody for Watched {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        loop {
+            return match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => continue,
+                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+                Poll::Ready(Some(Err(e))) => {
+                    *self.failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+                    Poll::Ready(Some(Err(io::Error::other("the client's request body failed"))))
+                }
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            };
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -144,7 +228,7 @@ impl Pool {
     /// The pooled connection to `key`'s upstream, if it can take a request.
     fn h2_checkout(&self, key: &PoolKey, now: Instant) -> Option<SendRequest<Body>> {
         let generation = if key.https { self.tls.generation() } else { 0 };
-        let mut shared = self.h2.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         let conn = shared.get_mut(key)?;
         if !conn.usable(now, self.idle_timeout, generation) {
             shared.remove(key);
@@ -156,16 +240,25 @@ impl Pool {
 
     /// Forgets the pooled connection to `key`'s upstream if it has closed.
     fn h2_forget(&self, key: &PoolKey) {
-        let mut shared = self.h2.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         if shared.get(key).is_some_and(|conn| conn.sender.is_closed()) {
             shared.remove(key);
         }
     }
 
-    /// A new connection to `key`'s upstream, pooled for the requests that
-    /// follow. Its frames are read and written by a task of its own, which
-    /// ends when the connection does.
-    async fn h2_connect(&self, key: &PoolKey) -> Result<SendRequest<Body>, UpstreamError> {
+    /// A connection to `key`'s upstream: the pooled one if another request
+    /// made it while this one waited its turn, else a new one, pooled for
+    /// the requests that follow. Its frames are read and written by a task
+    /// of its own, which ends when the connection does.
+    async fn h2_connect(&self, key: &PoolKey, now: Instant) -> Result<SendRequest<Body>, UpstreamError> {
+        let turn = {
+            let mut turns = self.h2_turns.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(turns.entry(key.clone()).or_default())
+        };
+        let _turn = turn.lock().await;
+        if let Some(sender) = self.h2_checkout(key, now) {
+            return Ok(sender);
+        }
         let stream = self.connect(key, true).await?;
         let generation = match &stream {
             Stream::Plain(_) => 0,
@@ -175,16 +268,17 @@ impl Pool {
         builder
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
-        let (sender, connection) =
-            builder.handshake(TokioIo::new(stream)).await.map_err(|e| UpstreamError::Request(io::Error::other(e)))?;
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            // As long a head as HTTP/1.1 upstreams may send.
+            .max_header_list_size(u32::try_from(MAX_RESPONSE_HEAD).unwrap_or(u32::MAX));
+        let (sender, connection) = builder.handshake(TokioIo::new(stream)).await.map_err(|e| failure(e, true))?;
         let authority = key.authority.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(upstream = %authority, error = %e, "an upstream HTTP/2 connection failed");
             }
         });
-        let mut shared = self.h2.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         shared.insert(key.clone(), Shared { sender: sender.clone(), generation, used: Instant::now() });
         Ok(sender)
     }
@@ -192,7 +286,7 @@ impl Pool {
     /// Drops the pooled connections [`Pool::h2_checkout`] would not use.
     pub(super) fn h2_sweep(&self, now: Instant) {
         let generation = self.tls.generation();
-        let mut shared = self.h2.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         shared.retain(|key, conn| conn.usable(now, self.idle_timeout, if key.https { generation } else { 0 }));
     }
 }
