@@ -74,6 +74,9 @@ pub fn router(service: AuthService, origins: &CorsOrigins, request_id: &HeaderNa
         .route("/auth/sessions/{id}", delete(delete_session))
         .route("/auth/register", post(register))
         .route("/auth/password", post(change_password))
+        .route("/auth/mfa/totp", post(totp_setup))
+        .route("/auth/mfa/totp/confirm", post(totp_confirm))
+        .route("/auth/mfa/totp/disable", post(totp_disable))
         .route("/.well-known/jwks.json", get(jwks))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -145,6 +148,9 @@ async fn track(req: Request, next: Next) -> Response {
         "/auth/sessions/{id}" => "/auth/sessions/{id}",
         "/auth/register" => "/auth/register",
         "/auth/password" => "/auth/password",
+        "/auth/mfa/totp" => "/auth/mfa/totp",
+        "/auth/mfa/totp/confirm" => "/auth/mfa/totp/confirm",
+        "/auth/mfa/totp/disable" => "/auth/mfa/totp/disable",
         "/.well-known/jwks.json" => "/.well-known/jwks.json",
         _ => "other",
     });
@@ -163,6 +169,20 @@ struct Credentials {
     password: SecretString,
     #[serde(default)]
     tenant: Option<String>,
+    /// The TOTP code of a user with a second factor (login only).
+    #[serde(default)]
+    otp: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TotpCode {
+    code: String,
+}
+
+#[derive(Deserialize)]
+struct TotpRemoval {
+    password: SecretString,
+    code: String,
 }
 
 #[derive(Deserialize)]
@@ -181,7 +201,7 @@ async fn login(
     Client(client): Client,
     JsonBody(body): JsonBody<Credentials>,
 ) -> Result<Response, ApiError> {
-    let pair = s.login(&body.email, &body.password, body.tenant.as_deref(), &client).await?;
+    let pair = s.login(&body.email, &body.password, body.tenant.as_deref(), body.otp.as_deref(), &client).await?;
     Ok(Json(pair).into_response())
 }
 
@@ -192,6 +212,34 @@ async fn refresh(
 ) -> Result<Response, ApiError> {
     let pair = s.refresh(&body.refresh_token, &client).await?;
     Ok(Json(pair).into_response())
+}
+
+async fn totp_setup(
+    State(s): State<AuthService>,
+    Authenticated(who): Authenticated,
+    Client(client): Client,
+) -> Result<Response, ApiError> {
+    Ok(Json(s.totp_setup(&who, &client).await?).into_response())
+}
+
+async fn totp_confirm(
+    State(s): State<AuthService>,
+    Authenticated(who): Authenticated,
+    Client(client): Client,
+    JsonBody(body): JsonBody<TotpCode>,
+) -> Result<StatusCode, ApiError> {
+    s.totp_confirm(&who, &body.code, &client).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn totp_disable(
+    State(s): State<AuthService>,
+    Authenticated(who): Authenticated,
+    Client(client): Client,
+    JsonBody(body): JsonBody<TotpRemoval>,
+) -> Result<StatusCode, ApiError> {
+    s.totp_disable(&who, &body.password, &body.code, &client).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn logout(

@@ -20,6 +20,7 @@ pub mod refresh;
 pub mod revocation;
 pub mod service;
 pub mod token;
+pub mod totp;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -171,6 +171,14 @@ pub enum UserCommand {
         #[arg(long)]
         password_stdin: bool,
     },
+    /// Remove the user's second factor (a lost authenticator): the password
+    /// alone logs in again, and the user may set up a new one.
+    MfaReset {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        email: String,
+    },
 }
 
 /// The user and the roles and scopes that `user grant` adds and `user
@@ -481,11 +489,12 @@ async fn user_command(
             for u in store.list_users(tenant_id).await? {
                 writeln!(
                     out,
-                    "{}  {:<32} roles={} scopes={}{}",
+                    "{}  {:<32} roles={} scopes={}{}{}",
                     u.id,
                     u.email,
                     u.roles.join(","),
                     u.scopes.join(","),
+                    if u.totp_secret.is_some() { "  MFA" } else { "" },
                     if u.disabled { "  DISABLED" } else { "" }
                 )?;
             }
@@ -530,6 +539,12 @@ async fn user_command(
             let revoked =
                 accounts.reset_password(tenant_id, &email, &password).await.map_err(|e| cli_error(e, &email))?;
             writeln!(out, "password of {email} set; {} session(s) revoked", revoked.len())?;
+            Ok(())
+        }
+        UserCommand::MfaReset { tenant, email } => {
+            let tenant_id = find_tenant(store, &tenant).await?;
+            accounts.reset_mfa(tenant_id, &email).await.map_err(|e| cli_error(e, &email))?;
+            writeln!(out, "second factor of {email} removed")?;
             Ok(())
         }
     }

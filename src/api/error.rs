@@ -49,6 +49,9 @@ impl IntoResponse for ApiError {
             AuthError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             AuthError::EmailTaken => (StatusCode::CONFLICT, "email_taken"),
             AuthError::TenantDisabled => (StatusCode::FORBIDDEN, "tenant_disabled"),
+            AuthError::MfaRequired => (StatusCode::UNAUTHORIZED, "mfa_required"),
+            AuthError::InvalidCode => (StatusCode::BAD_REQUEST, "invalid_code"),
+            AuthError::MfaEnabled => (StatusCode::CONFLICT, "mfa_enabled"),
             AuthError::WeakPassword(_) => (StatusCode::BAD_REQUEST, "weak_password"),
             AuthError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "database unavailable");

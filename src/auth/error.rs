@@ -33,6 +33,16 @@ pub enum AuthError {
     NotFound,
     #[error("this email is already registered")]
     EmailTaken,
+    /// The password was right, and the user has a second factor: the login
+    /// must carry a TOTP code (`otp`).
+    #[error("this account needs a one-time code (otp)")]
+    MfaRequired,
+    /// The code does not confirm the second factor being set up.
+    #[error("the code is not valid for the secret being set up")]
+    InvalidCode,
+    /// A second factor is already set: remove it before setting another.
+    #[error("a second factor is already set up")]
+    MfaEnabled,
     /// Registration into a tenant an operator disabled.
     #[error("this tenant is disabled")]
     TenantDisabled,

@@ -13,6 +13,7 @@ use super::password::{PasswordHasher, Verdict};
 use super::ratelimit::IpRateLimiter;
 use super::token::{self, AccessClaims};
 use super::{refresh, AuthError, Authenticator, Principal};
+use crate::auth::totp;
 use crate::config::{AuthConfig, MAX_PASSWORD_BYTES};
 use crate::db::audit::NewAuditEvent;
 use crate::db::login_attempts::Attempt;
@@ -55,6 +56,23 @@ pub struct Me {
     pub roles: Vec<String>,
     pub scopes: Vec<String>,
     pub session_id: Uuid,
+    /// Whether logins need a TOTP code.
+    pub mfa: bool,
+}
+
+/// `POST /auth/mfa/totp`: the secret to give an authenticator app.
+#[derive(Serialize)]
+pub struct TotpSetup {
+    /// Base32, for typing in.
+    pub secret: String,
+    /// `otpauth://totp/...`, for a QR code.
+    pub otpauth_uri: String,
+}
+
+impl std::fmt::Debug for TotpSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TotpSetup").finish_non_exhaustive()
+    }
 }
 
 /// One entry of `GET /auth/sessions`.
@@ -118,11 +136,16 @@ impl AuthService {
         }
     }
 
+    /// Email and password, and the TOTP code (`otp`) of a user who has a
+    /// second factor: without one, once the password is right, the answer is
+    /// [`AuthError::MfaRequired`]; a wrong or spent code fails like a wrong
+    /// password (and counts towards the lockout the same way).
     pub async fn login(
         &self,
         email: &str,
         password: &SecretString,
         tenant: Option<&str>,
+        otp: Option<&str>,
         client: &ClientContext,
     ) -> Result<TokenPair, AuthError> {
         self.rate_limit(client.ip)?;
@@ -146,7 +169,10 @@ impl AuthService {
         let failure = match (&user, &verdict) {
             (Some(user), Verdict::Right { rehash })
                 if !user.disabled && tenant.as_ref().is_some_and(|t| !t.disabled) =>
-            {
+            'right: {
+                if let Some(reason) = self.second_factor(user, otp).await? {
+                    break 'right reason;
+                }
                 self.store.clear_login_attempts(&slug, &email).await?;
                 // The hash the password was verified against, or its upgrade
                 // if that is stored; a password set meanwhile is kept, and
@@ -199,7 +225,22 @@ impl AuthService {
             })
             .await;
         }
-        Err(AuthError::InvalidCredentials)
+        Err(if failure == "mfa_required" { AuthError::MfaRequired } else { AuthError::InvalidCredentials })
+    }
+
+    /// The second factor of a login whose password was right: `None` when
+    /// the user has none or `otp` is a code of theirs not used before (its
+    /// step is spent here), else why not (`mfa_required`, `wrong_otp`,
+    /// `otp_reused`).
+    async fn second_factor(&self, user: &User, otp: Option<&str>) -> Result<Option<&'static str>, AuthError> {
+        let Some(secret) = user.totp_secret.as_deref() else { return Ok(None) };
+        let Some(code) = otp else { return Ok(Some("mfa_required")) };
+        let Some(step) = totp::matching_step(secret, code, unix_now()) else { return Ok(Some("wrong_otp")) };
+        if self.store.spend_totp_step(user.tenant_id, user.id, secret, step).await? {
+            Ok(None)
+        } else {
+            Ok(Some("otp_reused"))
+        }
     }
 
     /// Opens a session for `user`, whose password was just verified against
@@ -232,7 +273,10 @@ impl AuthService {
                 return Ok(Err("tenant_disabled"));
             }
             match self.store.user_by_id(user.tenant_id, user.id).await? {
-                Some(now) if !now.disabled && now.password_hash == verified => user = std::borrow::Cow::Owned(now),
+                // A second factor added meanwhile was not asked for.
+                Some(now) if !now.disabled && now.password_hash == verified && now.totp_secret == user.totp_secret => {
+                    user = std::borrow::Cow::Owned(now);
+                }
                 _ => return Ok(Err("user_changed")),
             }
         }
@@ -390,7 +434,87 @@ impl AuthService {
             roles: user.roles,
             scopes: user.scopes,
             session_id: who.session_id,
+            mfa: user.totp_secret.is_some(),
         })
+    }
+
+    /// Starts setting up a TOTP second factor: a new secret, kept aside
+    /// until [`AuthService::totp_confirm`] gets a code made with it (one set
+    /// up before and never confirmed is replaced). `MfaEnabled` when the
+    /// user already has one.
+    pub async fn totp_setup(&self, who: &Principal, client: &ClientContext) -> Result<TotpSetup, AuthError> {
+        let user = self.store.user_by_id(who.tenant_id, who.user_id).await?.ok_or(AuthError::NotFound)?;
+        if user.totp_secret.is_some() {
+            return Err(AuthError::MfaEnabled);
+        }
+        let secret = totp::generate_secret().map_err(|e| AuthError::Unexpected(anyhow::anyhow!("{e}")))?;
+        if !self.store.set_totp_pending(who.tenant_id, who.user_id, &secret).await? {
+            return Err(AuthError::MfaEnabled);
+        }
+        self.audit_principal("mfa_setup_started", who, client, None).await;
+        let otpauth_uri = totp::otpauth_uri(&self.config.issuer, &user.email, &secret);
+        Ok(TotpSetup { secret, otpauth_uri })
+    }
+
+    /// Confirms the TOTP secret being set up with a `code` made from it: from
+    /// then on logins need a code, and every other session of the user (one
+    /// opened with the password alone) is revoked.
+    pub async fn totp_confirm(&self, who: &Principal, code: &str, client: &ClientContext) -> Result<(), AuthError> {
+        let pending = self.store.totp_pending(who.tenant_id, who.user_id).await?.ok_or_else(|| {
+            AuthError::InvalidRequest("no second factor is being set up: POST /auth/mfa/totp first".into())
+        })?;
+        let step = totp::matching_step(&pending, code, unix_now()).ok_or(AuthError::InvalidCode)?;
+        let revoked = self
+            .store
+            .confirm_totp(who.tenant_id, who.user_id, &pending, step, who.session_id)
+            .await?
+            // Replaced or confirmed meanwhile: the code was for another secret.
+            .ok_or(AuthError::InvalidCode)?;
+        for id in &revoked {
+            self.authenticator.revocations().revoke_session(*id);
+        }
+        let detail = serde_json::json!({ "sessions_revoked": revoked.len() });
+        self.audit_principal("mfa_enabled", who, client, Some(detail)).await;
+        Ok(())
+    }
+
+    /// Removes the user's second factor, given the password and a current
+    /// code: both are checked as at login (a wrong one counts towards the
+    /// lockout), so a stolen access token alone cannot remove it.
+    pub async fn totp_disable(
+        &self,
+        who: &Principal,
+        password: &SecretString,
+        code: &str,
+        client: &ClientContext,
+    ) -> Result<(), AuthError> {
+        self.rate_limit(client.ip)?;
+        check_password_size(password).map_err(AuthError::InvalidRequest)?;
+        let user = self.store.user_by_id(who.tenant_id, who.user_id).await?.ok_or(AuthError::NotFound)?;
+        let Some(secret) = user.totp_secret.as_deref() else {
+            return Err(AuthError::InvalidRequest("there is no second factor to remove".into()));
+        };
+        let tenant = self.store.tenant_by_id(who.tenant_id).await?.ok_or(AuthError::NotFound)?;
+        let locks = self.reserve_attempt(&tenant.slug, &user.email).await?;
+        let failure = match self.hasher.verify(password, Some(&user.password_hash)).await? {
+            Verdict::Wrong => Some("wrong_password"),
+            Verdict::Right { .. } => self.second_factor(&user, Some(code)).await?,
+        };
+        if let Some(reason) = failure {
+            self.audit_principal("mfa_disable_failed", who, client, Some(serde_json::json!({ "reason": reason })))
+                .await;
+            if locks {
+                let detail = serde_json::json!({ "tenant": tenant.slug, "via": "mfa_disable" });
+                self.audit_principal("locked_out", who, client, Some(detail)).await;
+            }
+            return Err(AuthError::InvalidCredentials);
+        }
+        self.store.clear_login_attempts(&tenant.slug, &user.email).await?;
+        if !self.store.clear_totp(who.tenant_id, who.user_id, Some(secret)).await? {
+            return Err(AuthError::InvalidCredentials);
+        }
+        self.audit_principal("mfa_disabled", who, client, None).await;
+        Ok(())
     }
 
     pub async fn sessions(&self, who: &Principal) -> Result<Vec<SessionView>, AuthError> {
@@ -680,6 +804,18 @@ impl Accounts {
             return Err(AuthError::InvalidRequest(format!("email: {email:?} is not disabled")));
         }
         self.audit_change("user_enabled", &user, None).await;
+        Ok(())
+    }
+
+    /// Removes a user's second factor, confirmed or being set up (the CLI's
+    /// `user mfa-reset`, for a lost authenticator). Sessions stay open.
+    pub async fn reset_mfa(&self, tenant_id: Uuid, email: &str) -> Result<(), AuthError> {
+        let email = normalize_email(email);
+        let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
+        if !self.store.clear_totp(tenant_id, user.id, None).await? {
+            return Err(AuthError::InvalidRequest(format!("email: {email:?} has no second factor")));
+        }
+        self.audit_change("mfa_reset", &user, None).await;
         Ok(())
     }
 

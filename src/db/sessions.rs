@@ -91,8 +91,8 @@ const TOUCH_SESSION: &str = "UPDATE sessions SET last_used_at = $3 WHERE tenant_
 impl Store {
     /// Opens a session for `user` with its first refresh token, if the
     /// user's row is still as the login read it (enabled, same roles,
-    /// scopes and `password_hash`, the hash the password was verified
-    /// against) and its tenant is enabled; `None` when either changed
+    /// scopes, TOTP secret and `password_hash`, the hash the password was
+    /// verified against) and its tenant is enabled; `None` when either changed
     /// meanwhile, and nothing is written.
     ///
     /// This closes the race between a login and a `user disable`, `user
@@ -112,18 +112,22 @@ impl Store {
         refresh: RefreshHash<'_>,
         now: i64,
     ) -> StoreResult<Option<Uuid>> {
-        const CHECK: &str = "SELECT u.disabled, u.roles, u.scopes, u.password_hash, t.disabled FROM users u
+        const CHECK: &str =
+            "SELECT u.disabled, u.roles, u.scopes, u.password_hash, t.disabled, u.totp_secret FROM users u
                              JOIN tenants t ON t.id = u.tenant_id WHERE u.tenant_id = $1 AND u.id = $2";
         let check = match self.pool() {
             Pool::Sqlite(_) => CHECK.to_owned(),
             Pool::Postgres(_) => format!("{CHECK} FOR SHARE"),
         };
-        let unchanged = |(disabled, roles, scopes, hash, tenant_disabled): (bool, String, String, String, bool)| {
+        type Check = (bool, String, String, String, bool, Option<String>);
+        let unchanged = |(disabled, roles, scopes, hash, tenant_disabled, totp): Check| {
             !disabled
                 && !tenant_disabled
                 && split_list(&roles) == user.roles
                 && split_list(&scopes) == user.scopes
                 && hash == password_hash
+                // A second factor added meanwhile was not asked for.
+                && totp == user.totp_secret
         };
         let tenant_id = user.tenant_id;
         let session_id = Uuid::new_v4();

@@ -16,6 +16,9 @@ pub struct User {
     pub scopes: Vec<String>,
     pub disabled: bool,
     pub created_at: i64,
+    /// The confirmed TOTP secret (base32), when the user has a second
+    /// factor; never logged.
+    pub totp_secret: Option<String>,
 }
 
 impl std::fmt::Debug for User {
@@ -27,6 +30,7 @@ impl std::fmt::Debug for User {
             .field("roles", &self.roles)
             .field("scopes", &self.scopes)
             .field("disabled", &self.disabled)
+            .field("totp", &self.totp_secret.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -46,11 +50,12 @@ pub struct Access<'a> {
     pub scopes: &'a [String],
 }
 
-type Row = (Uuid, Uuid, String, String, String, String, bool, i64);
+type Row = (Uuid, Uuid, String, String, String, String, bool, i64, Option<String>);
 
-const SELECT: &str = "SELECT id, tenant_id, email, password_hash, roles, scopes, disabled, created_at FROM users";
+const SELECT: &str =
+    "SELECT id, tenant_id, email, password_hash, roles, scopes, disabled, created_at, totp_secret FROM users";
 
-fn from_row((id, tenant_id, email, password_hash, roles, scopes, disabled, created_at): Row) -> User {
+fn from_row((id, tenant_id, email, password_hash, roles, scopes, disabled, created_at, totp_secret): Row) -> User {
     User {
         id,
         tenant_id,
@@ -60,6 +65,7 @@ fn from_row((id, tenant_id, email, password_hash, roles, scopes, disabled, creat
         scopes: split_list(&scopes),
         disabled,
         created_at,
+        totp_secret,
     }
 }
 
@@ -75,6 +81,7 @@ impl Store {
             scopes: new.scopes.to_vec(),
             disabled: false,
             created_at: now,
+            totp_secret: None,
         };
         let sql =
             "INSERT INTO users (id, tenant_id, email, password_hash, roles, scopes, disabled, created_at, updated_at)
@@ -217,6 +224,97 @@ impl Store {
             .bind(tenant_id)
             .bind(user_id)
             .bind(unix_now())
+            .execute(p)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(done == 1)
+    }
+
+    /// Stores `secret` as the user's TOTP secret being set up (replacing
+    /// one set up before and never confirmed); false when the user already
+    /// has a confirmed one, or is unknown.
+    pub async fn set_totp_pending(&self, tenant_id: Uuid, user_id: Uuid, secret: &str) -> StoreResult<bool> {
+        let sql = "UPDATE users SET totp_pending = $3 WHERE tenant_id = $1 AND id = $2 AND totp_secret IS NULL";
+        self.changed(sql, tenant_id, user_id, secret).await
+    }
+
+    /// The TOTP secret being set up, if any.
+    pub async fn totp_pending(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Option<String>> {
+        let sql = "SELECT totp_pending FROM users WHERE tenant_id = $1 AND id = $2";
+        let row: Option<(Option<String>,)> =
+            on_pool!(self, |p| sqlx::query_as(sql).bind(tenant_id).bind(user_id).fetch_optional(p).await)?;
+        Ok(row.and_then(|(pending,)| pending))
+    }
+
+    /// Makes `pending` (if it is still the one being set up, and no secret
+    /// was confirmed meanwhile) the user's TOTP secret, with `step` (the
+    /// code that confirmed it) spent, and revokes every other open session
+    /// (`keep` excepted), in one transaction. Returns the revoked ids, or
+    /// `None` when nothing changed.
+    pub async fn confirm_totp(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        pending: &str,
+        step: i64,
+        keep: Uuid,
+    ) -> StoreResult<Option<Vec<Uuid>>> {
+        let update = "UPDATE users SET totp_secret = totp_pending, totp_pending = NULL, totp_last_step = $4
+                      WHERE tenant_id = $1 AND id = $2 AND totp_pending = $3 AND totp_secret IS NULL";
+        let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = 'mfa_enabled'
+                      WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL AND id <> $4 RETURNING id";
+        let now = unix_now();
+        let ids: Option<Vec<(Uuid,)>> = on_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            let query = sqlx::query(update).bind(tenant_id).bind(user_id).bind(pending).bind(step);
+            if query.execute(&mut *tx).await?.rows_affected() == 0 {
+                None
+            } else {
+                let query = sqlx::query_as(revoke).bind(tenant_id).bind(user_id).bind(now).bind(keep);
+                let ids = query.fetch_all(&mut *tx).await?;
+                tx.commit().await?;
+                Some(ids)
+            }
+        });
+        Ok(ids.map(|ids| ids.into_iter().map(|(id,)| id).collect()))
+    }
+
+    /// Spends `step` of the user's TOTP secret `secret`: true only if the
+    /// secret is still theirs and no code of this step or a later one was
+    /// accepted before (one conditional update, so that a code replayed at
+    /// once, here or to another replica, is refused).
+    pub async fn spend_totp_step(&self, tenant_id: Uuid, user_id: Uuid, secret: &str, step: i64) -> StoreResult<bool> {
+        let sql = "UPDATE users SET totp_last_step = $4
+                   WHERE tenant_id = $1 AND id = $2 AND totp_secret = $3
+                     AND (totp_last_step IS NULL OR totp_last_step < $4)";
+        let done = on_pool!(self, |p| sqlx::query(sql)
+            .bind(tenant_id)
+            .bind(user_id)
+            .bind(secret)
+            .bind(step)
+            .execute(p)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(done == 1)
+    }
+
+    /// Removes the user's TOTP secret (confirmed or being set up): the
+    /// password alone logs in again. `only` removes it only if it is still
+    /// that secret (the one a code was just checked against). False when
+    /// there was none.
+    pub async fn clear_totp(&self, tenant_id: Uuid, user_id: Uuid, only: Option<&str>) -> StoreResult<bool> {
+        let sql = "UPDATE users SET totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL
+                   WHERE tenant_id = $1 AND id = $2 AND (totp_secret IS NOT NULL OR totp_pending IS NOT NULL)
+                     AND ($3 = '' OR totp_secret = $3)";
+        self.changed(sql, tenant_id, user_id, only.unwrap_or("")).await
+    }
+
+    /// Runs an update bound to tenant, user and a text; whether it changed a row.
+    async fn changed(&self, sql: &str, tenant_id: Uuid, user_id: Uuid, text: &str) -> StoreResult<bool> {
+        let done = on_pool!(self, |p| sqlx::query(sql)
+            .bind(tenant_id)
+            .bind(user_id)
+            .bind(text)
             .execute(p)
             .await
             .map(|done| done.rows_affected()))?;

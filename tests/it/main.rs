@@ -21,6 +21,7 @@ mod forward_auth;
 mod http1_conformance;
 mod jwt_assertion;
 mod lockout;
+mod mfa;
 mod process;
 mod proxy_health;
 mod proxy_http2;

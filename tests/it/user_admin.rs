@@ -284,6 +284,12 @@ both_backends! {
         let upgraded = store.replace_password_hash(tenant.id, read().await.id, &stale, "$argon2id$stale").await;
         assert!(!upgraded.expect("update"), "a hash verified before a reset overwrote the new one");
         let before = read().await;
+        let secret = gateway::auth::totp::generate_secret().expect("a secret");
+        assert!(store.set_totp_pending(tenant.id, before.id, &secret).await.expect("set up a second factor"));
+        let confirmed = store.confirm_totp(tenant.id, before.id, &secret, 1, uuid::Uuid::nil()).await;
+        assert!(confirmed.expect("confirm it").is_some());
+        assert!(open(before).await.is_none(), "a session for a user who added a second factor since it was read");
+        let before = read().await;
         user_ok(&app, "disable", &[], "").await;
         assert!(open(before).await.is_none(), "a session for a user disabled since it was read");
         let sessions = store.active_sessions(tenant.id, read().await.id, unix_now()).await.expect("list sessions");

@@ -1,0 +1,173 @@
+//! A TOTP second factor: set up with `POST /auth/mfa/totp`, confirmed with
+//! a code, then asked for at every login; removed with the password and a
+//! code, or by an operator (`gateway user mfa-reset`). Codes are accepted
+//! once, wrong ones count towards the lockout like wrong passwords, and
+//! the secret never appears in the audit log.
+
+use gateway::auth::totp::{code, step_at};
+use gateway::db::unix_now;
+use reqwest::{Response, StatusCode};
+use serde_json::json;
+
+use crate::helpers::{
+    assert_error, assert_invalid_token, both_backends, expect_json, parse_tokens, spawn_app_with, TestApp, TestOptions,
+    Tokens, PASSWORD, WRONG_PASSWORD,
+};
+
+const EMAIL: &str = "two.factors@example.com";
+
+async fn login_with(app: &TestApp, password: &str, otp: Option<&str>) -> Response {
+    let mut body = json!({ "email": EMAIL, "password": password });
+    if let Some(otp) = otp {
+        body["otp"] = json!(otp);
+    }
+    app.client.post(app.url("/auth/login")).json(&body).send().await.expect("POST /auth/login")
+}
+
+/// The code of `secret` for `steps` steps from now.
+fn code_in(secret: &str, steps: i64) -> String {
+    code(secret, step_at(unix_now()) + steps).expect("a base32 secret")
+}
+
+/// A code that is none of the three `secret` accepts now.
+fn wrong_code(secret: &str) -> String {
+    let taken: Vec<String> = (-1..=2).map(|s| code_in(secret, s)).collect();
+    (0..10).map(|d| format!("{d}{d}{d}{d}{d}{d}")).find(|c| !taken.contains(c)).expect("a code not taken")
+}
+
+/// Sets up and confirms a second factor for the holder of `access`;
+/// returns its secret. The confirming code spends the current step.
+async fn enable(app: &TestApp, access: &str) -> String {
+    let setup = expect_json(app.post_authed("/auth/mfa/totp", access, &json!({})).await, StatusCode::OK).await;
+    let secret = setup["secret"].as_str().expect("a secret").to_owned();
+    let confirm = json!({ "code": code_in(&secret, 0) });
+    let resp = app.post_authed("/auth/mfa/totp/confirm", access, &confirm).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT, "{}", resp.text().await.unwrap_or_default());
+    secret
+}
+
+async fn audit(app: &TestApp) -> String {
+    app.cli(&["audit", "list", "--json", "--limit", "100"], "").await.expect("audit list")
+}
+
+both_backends! {
+    #[tokio::test]
+    async fn a_confirmed_factor_is_asked_for_at_every_login() {
+        let app = spawn_app_with(TestOptions::default()).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        let here = app.login_ok(EMAIL, PASSWORD, None).await;
+        let elsewhere = app.login_ok(EMAIL, PASSWORD, None).await;
+
+        // Set up: a secret and the URI an authenticator app takes.
+        let setup = expect_json(app.post_authed("/auth/mfa/totp", &here.access_token, &json!({})).await, StatusCode::OK).await;
+        let secret = setup["secret"].as_str().expect("a secret").to_owned();
+        assert_eq!(secret.len(), 32, "{setup}");
+        let uri = setup["otpauth_uri"].as_str().expect("a URI");
+        assert!(uri.starts_with("otpauth://totp/gateway:two.factors%40example.com?secret="), "{uri}");
+        assert!(uri.contains(&secret), "{uri}");
+        // Not in force until confirmed.
+        assert_eq!(app.me_ok(&here.access_token).await["mfa"], false);
+        app.login_ok(EMAIL, PASSWORD, None).await;
+        let bad = json!({ "code": wrong_code(&secret) });
+        let resp = app.post_authed("/auth/mfa/totp/confirm", &here.access_token, &bad).await;
+        assert_error(resp, StatusCode::BAD_REQUEST, "invalid_code").await;
+
+        let confirm = json!({ "code": code_in(&secret, 0) });
+        let resp = app.post_authed("/auth/mfa/totp/confirm", &here.access_token, &confirm).await;
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+        assert_eq!(app.me_ok(&here.access_token).await["mfa"], true);
+        // Sessions opened with the password alone are over; this one goes on.
+        assert_invalid_token(app.get_authed("/auth/me", &elsewhere.access_token).await).await;
+        assert_error(app.refresh(&elsewhere.refresh_token).await, StatusCode::UNAUTHORIZED, "invalid_grant").await;
+        let resp = app.post_authed("/auth/mfa/totp", &here.access_token, &json!({})).await;
+        assert_error(resp, StatusCode::CONFLICT, "mfa_enabled").await;
+
+        // The password alone: told a code is needed (only once it is right).
+        assert_error(login_with(&app, PASSWORD, None).await, StatusCode::UNAUTHORIZED, "mfa_required").await;
+        let resp = login_with(&app, WRONG_PASSWORD, None).await;
+        assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        let wrong = wrong_code(&secret);
+        let resp = login_with(&app, PASSWORD, Some(&wrong)).await;
+        assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        // A right code for the password and a wrong password for a right code.
+        let next = code_in(&secret, 1);
+        let resp = login_with(&app, WRONG_PASSWORD, Some(&next)).await;
+        assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        let tokens: Tokens = parse_tokens(login_with(&app, PASSWORD, Some(&next)).await, "login with a code").await;
+        app.me_ok(&tokens.access_token).await;
+        app.refresh_ok(&tokens.refresh_token).await;
+        // Accepted once: the same code again, or the confirming one, is refused.
+        let resp = login_with(&app, PASSWORD, Some(&next)).await;
+        assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        let resp = login_with(&app, PASSWORD, Some(&code_in(&secret, -1))).await;
+        assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+
+        let events = audit(&app).await;
+        for reason in ["mfa_required", "wrong_otp", "otp_reused"] {
+            assert!(events.contains(&format!("\"reason\":\"{reason}\"")), "no {reason}:\n{events}");
+        }
+        assert!(events.contains("\"event\":\"mfa_enabled\""), "{events}");
+        assert!(!events.contains(&secret), "the secret is in the audit log:\n{events}");
+        app.stop().await;
+    }
+
+    #[tokio::test]
+    async fn wrong_codes_lock_the_account_like_wrong_passwords() {
+        let app = spawn_app_with(TestOptions { lockout_threshold: 3, ..TestOptions::default() }).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
+        let secret = enable(&app, &tokens.access_token).await;
+        // Asking without a code does not clear the count either, or codes
+        // could be guessed between two such asks.
+        let wrong = wrong_code(&secret);
+        for otp in [Some(wrong.as_str()), None, Some(wrong.as_str())] {
+            let resp = login_with(&app, PASSWORD, otp).await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{otp:?}");
+        }
+        let resp = login_with(&app, PASSWORD, Some(&code_in(&secret, 1))).await;
+        assert_error(resp, StatusCode::TOO_MANY_REQUESTS, "too_many_attempts").await;
+        app.stop().await;
+    }
+
+    #[tokio::test]
+    async fn removing_the_factor_takes_the_password_and_a_code_or_an_operator() {
+        let app = spawn_app_with(TestOptions::default()).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
+        let secret = enable(&app, &tokens.access_token).await;
+        let list = app.cli(&["user", "list", "--tenant", "default"], "").await.expect("user list");
+        assert!(list.contains("  MFA"), "{list}");
+
+        // A stolen access token is not enough.
+        let next = code_in(&secret, 1);
+        for (password, otp) in [(WRONG_PASSWORD, next.clone()), (PASSWORD, wrong_code(&secret))] {
+            let body = json!({ "password": password, "code": otp });
+            let resp = app.post_authed("/auth/mfa/totp/disable", &tokens.access_token, &body).await;
+            assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        }
+        let body = json!({ "password": PASSWORD, "code": next });
+        let resp = app.post_authed("/auth/mfa/totp/disable", &tokens.access_token, &body).await;
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+        assert_eq!(app.me_ok(&tokens.access_token).await["mfa"], false);
+        let again = app.login_ok(EMAIL, PASSWORD, None).await;
+        let resp = app.post_authed("/auth/mfa/totp/disable", &again.access_token, &body).await;
+        assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
+
+        // An operator removes it for a user who lost the device.
+        enable(&app, &again.access_token).await;
+        assert_error(login_with(&app, PASSWORD, None).await, StatusCode::UNAUTHORIZED, "mfa_required").await;
+        let out = app.cli(&["user", "mfa-reset", "--tenant", "default", "--email", EMAIL], "").await.expect("mfa-reset");
+        assert!(out.contains("second factor of"), "{out}");
+        app.login_ok(EMAIL, PASSWORD, None).await;
+        let list = app.cli(&["user", "list", "--tenant", "default"], "").await.expect("user list");
+        assert!(!list.contains("  MFA"), "{list}");
+        let err = app.cli(&["user", "mfa-reset", "--tenant", "default", "--email", EMAIL], "").await;
+        let err = err.expect_err("nothing to remove");
+        assert!(format!("{err:#}").contains("has no second factor"), "{err:#}");
+        let events = audit(&app).await;
+        for event in ["mfa_disable_failed", "mfa_disabled", "mfa_reset"] {
+            assert!(events.contains(&format!("\"event\":\"{event}\"")), "no {event}:\n{events}");
+        }
+        app.stop().await;
+    }
+}
