@@ -175,6 +175,11 @@ struct Credentials {
 }
 
 #[derive(Deserialize)]
+struct TotpStart {
+    password: SecretString,
+}
+
+#[derive(Deserialize)]
 struct TotpCode {
     code: String,
 }
@@ -218,8 +223,9 @@ async fn totp_setup(
     State(s): State<AuthService>,
     Authenticated(who): Authenticated,
     Client(client): Client,
+    JsonBody(body): JsonBody<TotpStart>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(s.totp_setup(&who, &client).await?).into_response())
+    Ok(Json(s.totp_setup(&who, &body.password, &client).await?).into_response())
 }
 
 async fn totp_confirm(

@@ -543,8 +543,8 @@ async fn user_command(
         }
         UserCommand::MfaReset { tenant, email } => {
             let tenant_id = find_tenant(store, &tenant).await?;
-            accounts.reset_mfa(tenant_id, &email).await.map_err(|e| cli_error(e, &email))?;
-            writeln!(out, "second factor of {email} removed")?;
+            let revoked = accounts.reset_mfa(tenant_id, &email).await.map_err(|e| cli_error(e, &email))?;
+            writeln!(out, "second factor of {email} removed; {} session(s) revoked", revoked.len())?;
             Ok(())
         }
     }

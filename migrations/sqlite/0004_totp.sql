@@ -1,7 +1,9 @@
 -- A second factor per user (TOTP, RFC 6238): `totp_secret` (base32) once the
 -- user confirmed it with a code, `totp_pending` while one is being set up,
--- and `totp_last_step`, the time step of the last code accepted, so that a
--- code is accepted once.
+-- `totp_last_step`, the time step of the last code accepted, so that a code
+-- is accepted once, and `totp_failures`, the wrong codes since the last right
+-- one (past a limit the factor is locked until an operator resets it).
 ALTER TABLE users ADD COLUMN totp_secret TEXT;
 ALTER TABLE users ADD COLUMN totp_pending TEXT;
 ALTER TABLE users ADD COLUMN totp_last_step INTEGER;
+ALTER TABLE users ADD COLUMN totp_failures INTEGER NOT NULL DEFAULT 0;

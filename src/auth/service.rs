@@ -30,6 +30,10 @@ pub struct ClientContext {
     pub user_agent: Option<String>,
 }
 
+/// Wrong one-time codes since the last right one after which a user's
+/// second factor takes none until an operator resets it.
+pub const MAX_OTP_FAILURES: i64 = 10;
+
 /// The answer to a login or refresh.
 #[derive(Serialize)]
 pub struct TokenPair {
@@ -170,7 +174,7 @@ impl AuthService {
             (Some(user), Verdict::Right { rehash })
                 if !user.disabled && tenant.as_ref().is_some_and(|t| !t.disabled) =>
             'right: {
-                if let Some(reason) = self.second_factor(user, otp).await? {
+                if let Some(reason) = self.second_factor(user, otp, client).await? {
                     break 'right reason;
                 }
                 self.store.clear_login_attempts(&slug, &email).await?;
@@ -225,22 +229,51 @@ impl AuthService {
             })
             .await;
         }
-        Err(if failure == "mfa_required" { AuthError::MfaRequired } else { AuthError::InvalidCredentials })
+        // The attempt that starts the lock is not told the password was right.
+        Err(if failure == "mfa_required" && !locks { AuthError::MfaRequired } else { AuthError::InvalidCredentials })
     }
 
     /// The second factor of a login whose password was right: `None` when
     /// the user has none or `otp` is a code of theirs not used before (its
     /// step is spent here), else why not (`mfa_required`, `wrong_otp`,
-    /// `otp_reused`).
-    async fn second_factor(&self, user: &User, otp: Option<&str>) -> Result<Option<&'static str>, AuthError> {
+    /// `otp_reused`, `mfa_locked`).
+    ///
+    /// Wrong and spent codes are counted per user, and a right one clears
+    /// the count; at [`MAX_OTP_FAILURES`] the factor is locked and no code
+    /// is taken until an operator's `user mfa-reset`. The lockout by
+    /// (tenant, email) alone starts afresh after every lock period, which
+    /// would let someone who has the password guess codes for ever.
+    async fn second_factor(
+        &self,
+        user: &User,
+        otp: Option<&str>,
+        client: &ClientContext,
+    ) -> Result<Option<&'static str>, AuthError> {
         let Some(secret) = user.totp_secret.as_deref() else { return Ok(None) };
-        let Some(code) = otp else { return Ok(Some("mfa_required")) };
-        let Some(step) = totp::matching_step(secret, code, unix_now()) else { return Ok(Some("wrong_otp")) };
-        if self.store.spend_totp_step(user.tenant_id, user.id, secret, step).await? {
-            Ok(None)
-        } else {
-            Ok(Some("otp_reused"))
+        if user.totp_failures >= MAX_OTP_FAILURES {
+            return Ok(Some("mfa_locked"));
         }
+        let Some(code) = otp else { return Ok(Some("mfa_required")) };
+        let reason = match totp::matching_step(secret, code, unix_now()) {
+            Some(step) if self.store.spend_totp_step(user.tenant_id, user.id, secret, step).await? => return Ok(None),
+            Some(_) => "otp_reused",
+            None => "wrong_otp",
+        };
+        if self.store.count_totp_failure(user.tenant_id, user.id, secret).await? == Some(MAX_OTP_FAILURES) {
+            tracing::warn!(user_id = %user.id, "too many wrong one-time codes: the second factor is locked");
+            let ip = client.ip.to_string();
+            self.audit(NewAuditEvent {
+                event: "mfa_locked",
+                tenant_id: Some(user.tenant_id),
+                user_id: Some(user.id),
+                email: Some(&user.email),
+                ip: Some(&ip),
+                user_agent: client.user_agent.as_deref(),
+                detail: Some(serde_json::json!({ "failures": MAX_OTP_FAILURES })),
+            })
+            .await;
+        }
+        Ok(Some(reason))
     }
 
     /// Opens a session for `user`, whose password was just verified against
@@ -438,12 +471,54 @@ impl AuthService {
         })
     }
 
-    /// Starts setting up a TOTP second factor: a new secret, kept aside
-    /// until [`AuthService::totp_confirm`] gets a code made with it (one set
-    /// up before and never confirmed is replaced). `MfaEnabled` when the
-    /// user already has one.
-    pub async fn totp_setup(&self, who: &Principal, client: &ClientContext) -> Result<TotpSetup, AuthError> {
+    /// Checks the caller's password (and, with `code`, a current code of
+    /// their second factor) for a change to the second factor, as a login
+    /// would: rate-limited, counted towards the lockout, audited as
+    /// `{op}_failed` with the reason. Returns the user as read.
+    async fn check_identity(
+        &self,
+        who: &Principal,
+        password: &SecretString,
+        code: Option<&str>,
+        op: &str,
+        client: &ClientContext,
+    ) -> Result<User, AuthError> {
+        self.rate_limit(client.ip)?;
+        check_password_size(password).map_err(AuthError::InvalidRequest)?;
         let user = self.store.user_by_id(who.tenant_id, who.user_id).await?.ok_or(AuthError::NotFound)?;
+        let tenant = self.store.tenant_by_id(who.tenant_id).await?.ok_or(AuthError::NotFound)?;
+        let locks = self.reserve_attempt(&tenant.slug, &user.email).await?;
+        let failure = match self.hasher.verify(password, Some(&user.password_hash)).await? {
+            Verdict::Wrong => Some("wrong_password"),
+            Verdict::Right { .. } if code.is_some() => self.second_factor(&user, code, client).await?,
+            Verdict::Right { .. } => None,
+        };
+        if let Some(reason) = failure {
+            let detail = serde_json::json!({ "reason": reason });
+            self.audit_principal(&format!("{op}_failed"), who, client, Some(detail)).await;
+            if locks {
+                let detail = serde_json::json!({ "tenant": tenant.slug, "via": op });
+                self.audit_principal("locked_out", who, client, Some(detail)).await;
+            }
+            return Err(AuthError::InvalidCredentials);
+        }
+        self.store.clear_login_attempts(&tenant.slug, &user.email).await?;
+        Ok(user)
+    }
+
+    /// Starts setting up a TOTP second factor, given the password (so that
+    /// a stolen access token cannot put a factor of the thief's on the
+    /// account): a new secret, kept aside until
+    /// [`AuthService::totp_confirm`] gets a code made with it (one set up
+    /// before and never confirmed is replaced). `MfaEnabled` when the user
+    /// already has one.
+    pub async fn totp_setup(
+        &self,
+        who: &Principal,
+        password: &SecretString,
+        client: &ClientContext,
+    ) -> Result<TotpSetup, AuthError> {
+        let user = self.check_identity(who, password, None, "mfa_setup", client).await?;
         if user.totp_secret.is_some() {
             return Err(AuthError::MfaEnabled);
         }
@@ -460,6 +535,7 @@ impl AuthService {
     /// then on logins need a code, and every other session of the user (one
     /// opened with the password alone) is revoked.
     pub async fn totp_confirm(&self, who: &Principal, code: &str, client: &ClientContext) -> Result<(), AuthError> {
+        self.rate_limit(client.ip)?;
         let pending = self.store.totp_pending(who.tenant_id, who.user_id).await?.ok_or_else(|| {
             AuthError::InvalidRequest("no second factor is being set up: POST /auth/mfa/totp first".into())
         })?;
@@ -488,29 +564,13 @@ impl AuthService {
         code: &str,
         client: &ClientContext,
     ) -> Result<(), AuthError> {
-        self.rate_limit(client.ip)?;
-        check_password_size(password).map_err(AuthError::InvalidRequest)?;
         let user = self.store.user_by_id(who.tenant_id, who.user_id).await?.ok_or(AuthError::NotFound)?;
-        let Some(secret) = user.totp_secret.as_deref() else {
+        if user.totp_secret.is_none() {
             return Err(AuthError::InvalidRequest("there is no second factor to remove".into()));
-        };
-        let tenant = self.store.tenant_by_id(who.tenant_id).await?.ok_or(AuthError::NotFound)?;
-        let locks = self.reserve_attempt(&tenant.slug, &user.email).await?;
-        let failure = match self.hasher.verify(password, Some(&user.password_hash)).await? {
-            Verdict::Wrong => Some("wrong_password"),
-            Verdict::Right { .. } => self.second_factor(&user, Some(code)).await?,
-        };
-        if let Some(reason) = failure {
-            self.audit_principal("mfa_disable_failed", who, client, Some(serde_json::json!({ "reason": reason })))
-                .await;
-            if locks {
-                let detail = serde_json::json!({ "tenant": tenant.slug, "via": "mfa_disable" });
-                self.audit_principal("locked_out", who, client, Some(detail)).await;
-            }
-            return Err(AuthError::InvalidCredentials);
         }
-        self.store.clear_login_attempts(&tenant.slug, &user.email).await?;
-        if !self.store.clear_totp(who.tenant_id, who.user_id, Some(secret)).await? {
+        let user = self.check_identity(who, password, Some(code), "mfa_disable", client).await?;
+        let Some(secret) = user.totp_secret.as_deref() else { return Err(AuthError::InvalidCredentials) };
+        if !self.store.clear_totp(who.tenant_id, who.user_id, secret).await? {
             return Err(AuthError::InvalidCredentials);
         }
         self.audit_principal("mfa_disabled", who, client, None).await;
@@ -807,16 +867,18 @@ impl Accounts {
         Ok(())
     }
 
-    /// Removes a user's second factor, confirmed or being set up (the CLI's
-    /// `user mfa-reset`, for a lost authenticator). Sessions stay open.
-    pub async fn reset_mfa(&self, tenant_id: Uuid, email: &str) -> Result<(), AuthError> {
+    /// Removes a user's second factor, confirmed, being set up or locked
+    /// (the CLI's `user mfa-reset`, for a lost authenticator or after a
+    /// lock), and revokes every session of the user: one may be a thief's
+    /// who set the factor up. Returns the sessions revoked.
+    pub async fn reset_mfa(&self, tenant_id: Uuid, email: &str) -> Result<Vec<Uuid>, AuthError> {
         let email = normalize_email(email);
         let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
-        if !self.store.clear_totp(tenant_id, user.id, None).await? {
+        let Some(revoked) = self.store.reset_totp(tenant_id, user.id).await? else {
             return Err(AuthError::InvalidRequest(format!("email: {email:?} has no second factor")));
-        }
-        self.audit_change("mfa_reset", &user, None).await;
-        Ok(())
+        };
+        self.audit_change("mfa_reset", &user, Some(serde_json::json!({ "sessions_revoked": revoked.len() }))).await;
+        Ok(revoked)
     }
 
     /// Disables a tenant (the CLI's `tenant disable`): none of its users

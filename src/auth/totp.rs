@@ -67,12 +67,16 @@ pub fn matching_step(secret: &str, given: &str, now: i64) -> Option<i64> {
 }
 
 /// The `otpauth://` URI an authenticator app scans (as a QR code) or
-/// takes pasted: the account labelled `issuer:email`.
+/// takes pasted: the account labelled `issuer:email`. The issuer is the
+/// tokens' `iss` without a scheme, and with no colon (the format splits
+/// the label at the first one, encoded or not).
 pub fn otpauth_uri(issuer: &str, email: &str, secret: &str) -> String {
-    let label = format!("{}:{}", encode(issuer), encode(email));
+    let bare = issuer.split_once("://").map_or(issuer, |(_, rest)| rest).trim_end_matches('/');
+    let issuer = bare.replace(':', "-");
+    let label = format!("{}:{}", encode(&issuer), encode(email));
     format!(
         "otpauth://totp/{label}?secret={secret}&issuer={}&algorithm=SHA1&digits={DIGITS}&period={STEP}",
-        encode(issuer)
+        encode(&issuer)
     )
 }
 
@@ -135,5 +139,8 @@ mod tests {
             "otpauth://totp/gateway:a%2Bb%40example.com?secret=JBSWY3DPEHPK3PXP&issuer=gateway\
              &algorithm=SHA1&digits=6&period=30"
         );
+        let uri = otpauth_uri("https://auth.example.com:8443/", "a@b.c", "JBSWY3DPEHPK3PXP");
+        assert!(uri.starts_with("otpauth://totp/auth.example.com-8443:a%40b.c?"), "{uri}");
+        assert!(uri.contains("&issuer=auth.example.com-8443&"), "{uri}");
     }
 }

@@ -19,6 +19,8 @@ pub struct User {
     /// The confirmed TOTP secret (base32), when the user has a second
     /// factor; never logged.
     pub totp_secret: Option<String>,
+    /// Wrong codes since the last right one.
+    pub totp_failures: i64,
 }
 
 impl std::fmt::Debug for User {
@@ -50,12 +52,13 @@ pub struct Access<'a> {
     pub scopes: &'a [String],
 }
 
-type Row = (Uuid, Uuid, String, String, String, String, bool, i64, Option<String>);
+type Row = (Uuid, Uuid, String, String, String, String, bool, i64, Option<String>, i64);
 
-const SELECT: &str =
-    "SELECT id, tenant_id, email, password_hash, roles, scopes, disabled, created_at, totp_secret FROM users";
+const SELECT: &str = "SELECT id, tenant_id, email, password_hash, roles, scopes, disabled, created_at, totp_secret,
+                             totp_failures FROM users";
 
-fn from_row((id, tenant_id, email, password_hash, roles, scopes, disabled, created_at, totp_secret): Row) -> User {
+fn from_row(row: Row) -> User {
+    let (id, tenant_id, email, password_hash, roles, scopes, disabled, created_at, totp_secret, totp_failures) = row;
     User {
         id,
         tenant_id,
@@ -66,6 +69,7 @@ fn from_row((id, tenant_id, email, password_hash, roles, scopes, disabled, creat
         disabled,
         created_at,
         totp_secret,
+        totp_failures,
     }
 }
 
@@ -82,6 +86,7 @@ impl Store {
             disabled: false,
             created_at: now,
             totp_secret: None,
+            totp_failures: 0,
         };
         let sql =
             "INSERT INTO users (id, tenant_id, email, password_hash, roles, scopes, disabled, created_at, updated_at)
@@ -259,7 +264,8 @@ impl Store {
         step: i64,
         keep: Uuid,
     ) -> StoreResult<Option<Vec<Uuid>>> {
-        let update = "UPDATE users SET totp_secret = totp_pending, totp_pending = NULL, totp_last_step = $4
+        let update = "UPDATE users SET totp_secret = totp_pending, totp_pending = NULL, totp_last_step = $4,
+                                     totp_failures = 0
                       WHERE tenant_id = $1 AND id = $2 AND totp_pending = $3 AND totp_secret IS NULL";
         let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = 'mfa_enabled'
                       WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL AND id <> $4 RETURNING id";
@@ -282,9 +288,10 @@ impl Store {
     /// Spends `step` of the user's TOTP secret `secret`: true only if the
     /// secret is still theirs and no code of this step or a later one was
     /// accepted before (one conditional update, so that a code replayed at
-    /// once, here or to another replica, is refused).
+    /// once, here or to another replica, is refused). Clears the count of
+    /// wrong codes.
     pub async fn spend_totp_step(&self, tenant_id: Uuid, user_id: Uuid, secret: &str, step: i64) -> StoreResult<bool> {
-        let sql = "UPDATE users SET totp_last_step = $4
+        let sql = "UPDATE users SET totp_last_step = $4, totp_failures = 0
                    WHERE tenant_id = $1 AND id = $2 AND totp_secret = $3
                      AND (totp_last_step IS NULL OR totp_last_step < $4)";
         let done = on_pool!(self, |p| sqlx::query(sql)
@@ -298,15 +305,33 @@ impl Store {
         Ok(done == 1)
     }
 
-    /// Removes the user's TOTP secret (confirmed or being set up): the
-    /// password alone logs in again. `only` removes it only if it is still
-    /// that secret (the one a code was just checked against). False when
-    /// there was none.
-    pub async fn clear_totp(&self, tenant_id: Uuid, user_id: Uuid, only: Option<&str>) -> StoreResult<bool> {
-        let sql = "UPDATE users SET totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL
-                   WHERE tenant_id = $1 AND id = $2 AND (totp_secret IS NOT NULL OR totp_pending IS NOT NULL)
-                     AND ($3 = '' OR totp_secret = $3)";
-        self.changed(sql, tenant_id, user_id, only.unwrap_or("")).await
+    /// Counts a wrong (or spent) code against the user's secret `secret`;
+    /// returns the count, or `None` when the secret is no longer theirs.
+    pub async fn count_totp_failure(&self, tenant_id: Uuid, user_id: Uuid, secret: &str) -> StoreResult<Option<i64>> {
+        let sql = "UPDATE users SET totp_failures = totp_failures + 1
+                   WHERE tenant_id = $1 AND id = $2 AND totp_secret = $3 RETURNING totp_failures";
+        let row: Option<(i64,)> =
+            on_pool!(self, |p| sqlx::query_as(sql).bind(tenant_id).bind(user_id).bind(secret).fetch_optional(p).await)?;
+        Ok(row.map(|(n,)| n))
+    }
+
+    /// Removes the user's TOTP secret `secret` (the one a code was just
+    /// checked against), with one being set up: the password alone logs
+    /// in again. False when it is no longer theirs.
+    pub async fn clear_totp(&self, tenant_id: Uuid, user_id: Uuid, secret: &str) -> StoreResult<bool> {
+        let sql = "UPDATE users SET totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL, totp_failures = 0
+                   WHERE tenant_id = $1 AND id = $2 AND totp_secret = $3";
+        self.changed(sql, tenant_id, user_id, secret).await
+    }
+
+    /// Removes the user's second factor, confirmed or being set up (an
+    /// operator's `user mfa-reset`), and revokes every open session, in one
+    /// transaction. Returns the revoked ids, or `None` when there was none.
+    pub async fn reset_totp(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Option<Vec<Uuid>>> {
+        let sql = "UPDATE users SET totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL, totp_failures = 0,
+                                    updated_at = $3
+                   WHERE tenant_id = $1 AND id = $2 AND (totp_secret IS NOT NULL OR totp_pending IS NOT NULL)";
+        self.update_and_revoke(tenant_id, user_id, sql, &[], Some("mfa_reset")).await
     }
 
     /// Runs an update bound to tenant, user and a text; whether it changed a row.

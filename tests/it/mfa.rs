@@ -1,8 +1,9 @@
-//! A TOTP second factor: set up with `POST /auth/mfa/totp`, confirmed with
-//! a code, then asked for at every login; removed with the password and a
-//! code, or by an operator (`gateway user mfa-reset`). Codes are accepted
-//! once, wrong ones count towards the lockout like wrong passwords, and
-//! the secret never appears in the audit log.
+//! A TOTP second factor: set up with `POST /auth/mfa/totp` (and the
+//! password), confirmed with a code, then asked for at every login; removed
+//! with the password and a code, or by an operator (`gateway user
+//! mfa-reset`). Codes are accepted once, wrong ones count towards the
+//! lockout like wrong passwords and, past ten, lock the factor; the secret
+//! never appears in the audit log.
 
 use gateway::auth::totp::{code, step_at};
 use gateway::db::unix_now;
@@ -38,7 +39,8 @@ fn wrong_code(secret: &str) -> String {
 /// Sets up and confirms a second factor for the holder of `access`;
 /// returns its secret. The confirming code spends the current step.
 async fn enable(app: &TestApp, access: &str) -> String {
-    let setup = expect_json(app.post_authed("/auth/mfa/totp", access, &json!({})).await, StatusCode::OK).await;
+    let start = json!({ "password": PASSWORD });
+    let setup = expect_json(app.post_authed("/auth/mfa/totp", access, &start).await, StatusCode::OK).await;
     let secret = setup["secret"].as_str().expect("a secret").to_owned();
     let confirm = json!({ "code": code_in(&secret, 0) });
     let resp = app.post_authed("/auth/mfa/totp/confirm", access, &confirm).await;
@@ -53,13 +55,22 @@ async fn audit(app: &TestApp) -> String {
 both_backends! {
     #[tokio::test]
     async fn a_confirmed_factor_is_asked_for_at_every_login() {
-        let app = spawn_app_with(TestOptions::default()).await;
+        // Many refusals here; the lockout has a test of its own.
+        let app = spawn_app_with(TestOptions { lockout_threshold: 20, ..TestOptions::default() }).await;
         app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
         let here = app.login_ok(EMAIL, PASSWORD, None).await;
         let elsewhere = app.login_ok(EMAIL, PASSWORD, None).await;
 
-        // Set up: a secret and the URI an authenticator app takes.
-        let setup = expect_json(app.post_authed("/auth/mfa/totp", &here.access_token, &json!({})).await, StatusCode::OK).await;
+        // Set up, with the password: a stolen access token is not enough to
+        // put a factor of the thief's on the account.
+        let wrong = json!({ "password": WRONG_PASSWORD });
+        let resp = app.post_authed("/auth/mfa/totp", &here.access_token, &wrong).await;
+        assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        let resp = app.post_authed("/auth/mfa/totp", &here.access_token, &json!({})).await;
+        assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
+        // A secret and the URI an authenticator app takes.
+        let start = json!({ "password": PASSWORD });
+        let setup = expect_json(app.post_authed("/auth/mfa/totp", &here.access_token, &start).await, StatusCode::OK).await;
         let secret = setup["secret"].as_str().expect("a secret").to_owned();
         assert_eq!(secret.len(), 32, "{setup}");
         let uri = setup["otpauth_uri"].as_str().expect("a URI");
@@ -79,8 +90,11 @@ both_backends! {
         // Sessions opened with the password alone are over; this one goes on.
         assert_invalid_token(app.get_authed("/auth/me", &elsewhere.access_token).await).await;
         assert_error(app.refresh(&elsewhere.refresh_token).await, StatusCode::UNAUTHORIZED, "invalid_grant").await;
-        let resp = app.post_authed("/auth/mfa/totp", &here.access_token, &json!({})).await;
+        let resp = app.post_authed("/auth/mfa/totp", &here.access_token, &start).await;
         assert_error(resp, StatusCode::CONFLICT, "mfa_enabled").await;
+        // The confirming code is spent.
+        let resp = login_with(&app, PASSWORD, Some(&code_in(&secret, 0))).await;
+        assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
 
         // The password alone: told a code is needed (only once it is right).
         assert_error(login_with(&app, PASSWORD, None).await, StatusCode::UNAUTHORIZED, "mfa_required").await;
@@ -96,7 +110,8 @@ both_backends! {
         let tokens: Tokens = parse_tokens(login_with(&app, PASSWORD, Some(&next)).await, "login with a code").await;
         app.me_ok(&tokens.access_token).await;
         app.refresh_ok(&tokens.refresh_token).await;
-        // Accepted once: the same code again, or the confirming one, is refused.
+        // Accepted once: the same code again is refused, and so is one of
+        // an earlier step.
         let resp = login_with(&app, PASSWORD, Some(&next)).await;
         assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
         let resp = login_with(&app, PASSWORD, Some(&code_in(&secret, -1))).await;
@@ -113,16 +128,21 @@ both_backends! {
 
     #[tokio::test]
     async fn wrong_codes_lock_the_account_like_wrong_passwords() {
-        let app = spawn_app_with(TestOptions { lockout_threshold: 3, ..TestOptions::default() }).await;
+        let app = spawn_app_with(TestOptions { lockout_threshold: 4, ..TestOptions::default() }).await;
         app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
         let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
         let secret = enable(&app, &tokens.access_token).await;
         // Asking without a code does not clear the count either, or codes
-        // could be guessed between two such asks.
+        // could be guessed between two such asks; and the ask that starts
+        // the lock is not told the password was right.
         let wrong = wrong_code(&secret);
-        for otp in [Some(wrong.as_str()), None, Some(wrong.as_str())] {
-            let resp = login_with(&app, PASSWORD, otp).await;
-            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{otp:?}");
+        for (otp, says) in [
+            (Some(wrong.as_str()), "invalid_credentials"),
+            (None, "mfa_required"),
+            (Some(wrong.as_str()), "invalid_credentials"),
+            (None, "invalid_credentials"),
+        ] {
+            assert_error(login_with(&app, PASSWORD, otp).await, StatusCode::UNAUTHORIZED, says).await;
         }
         let resp = login_with(&app, PASSWORD, Some(&code_in(&secret, 1))).await;
         assert_error(resp, StatusCode::TOO_MANY_REQUESTS, "too_many_attempts").await;
@@ -157,7 +177,12 @@ both_backends! {
         enable(&app, &again.access_token).await;
         assert_error(login_with(&app, PASSWORD, None).await, StatusCode::UNAUTHORIZED, "mfa_required").await;
         let out = app.cli(&["user", "mfa-reset", "--tenant", "default", "--email", EMAIL], "").await.expect("mfa-reset");
-        assert!(out.contains("second factor of"), "{out}");
+        assert!(out.contains("second factor of") && out.contains("1 session(s) revoked"), "{out}");
+        // The sessions end with it: one may be a thief's who set it up.
+        crate::helpers::eventually("the reset's revocation", std::time::Duration::from_secs(5), || async {
+            app.get_authed("/auth/me", &again.access_token).await.status() == StatusCode::UNAUTHORIZED
+        })
+        .await;
         app.login_ok(EMAIL, PASSWORD, None).await;
         let list = app.cli(&["user", "list", "--tenant", "default"], "").await.expect("user list");
         assert!(!list.contains("  MFA"), "{list}");
@@ -168,6 +193,50 @@ both_backends! {
         for event in ["mfa_disable_failed", "mfa_disabled", "mfa_reset"] {
             assert!(events.contains(&format!("\"event\":\"{event}\"")), "no {event}:\n{events}");
         }
+        app.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_code_opens_one_session_however_many_race() {
+        let app = spawn_app_with(TestOptions::default()).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
+        let secret = enable(&app, &tokens.access_token).await;
+        let next = code_in(&secret, 1);
+        let logins = (0..4).map(|_| login_with(&app, PASSWORD, Some(&next)));
+        let statuses: Vec<StatusCode> = futures::future::join_all(logins).await.iter().map(Response::status).collect();
+        let opened = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+        assert_eq!(opened, 1, "{statuses:?}");
+        app.stop().await;
+    }
+
+    #[tokio::test]
+    async fn ten_wrong_codes_lock_the_factor_until_an_operator_resets_it() {
+        let app = spawn_app_with(TestOptions { lockout_threshold: 100, ..TestOptions::default() }).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
+        let secret = enable(&app, &tokens.access_token).await;
+        // A right code clears the count: nine wrong, one right, nine wrong.
+        let wrong = wrong_code(&secret);
+        for _ in 0..9 {
+            let resp = login_with(&app, PASSWORD, Some(&wrong)).await;
+            assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        }
+        parse_tokens(login_with(&app, PASSWORD, Some(&code_in(&secret, 1))).await, "a right code").await;
+        for _ in 0..9 {
+            let resp = login_with(&app, PASSWORD, Some(&wrong)).await;
+            assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        }
+        assert!(!audit(&app).await.contains("\"event\":\"mfa_locked\""));
+        // The tenth in a row locks it: a right code is refused from then on.
+        let resp = login_with(&app, PASSWORD, Some(&wrong)).await;
+        assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        let resp = login_with(&app, PASSWORD, Some(&code_in(&secret, 0))).await;
+        assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        let events = audit(&app).await;
+        assert!(events.contains("\"event\":\"mfa_locked\"") && events.contains("\"reason\":\"mfa_locked\""), "{events}");
+        app.cli(&["user", "mfa-reset", "--tenant", "default", "--email", EMAIL], "").await.expect("mfa-reset");
+        app.login_ok(EMAIL, PASSWORD, None).await;
         app.stop().await;
     }
 }
