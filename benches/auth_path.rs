@@ -60,6 +60,7 @@ fn bench(c: &mut Criterion) {
         nbf: None,
         roles: vec!["admin".into()],
         scope: "orders:read orders:write".into(),
+        amr: vec!["pwd".into()],
     };
     let token = sign(&keys, &claims).expect("sign");
     let revocations = RevocationState::new(Duration::from_secs(905), Duration::from_secs(30), Duration::from_secs(5));

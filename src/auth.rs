@@ -96,6 +96,9 @@ pub struct Principal {
     pub issued_at: i64,
     /// Unix time the token expires.
     pub expires_at: i64,
+    /// Whether the session's login passed a second factor (`amr` has
+    /// `otp`).
+    pub mfa: bool,
 }
 
 impl Principal {
@@ -194,6 +197,7 @@ impl Authenticator {
             scopes: claims.scope.split_whitespace().map(str::to_owned).collect(),
             issued_at: claims.iat,
             expires_at: claims.exp,
+            mfa: claims.amr.iter().any(|m| m == "otp"),
         })
     }
 }

@@ -296,11 +296,13 @@ impl AuthService {
             let now = unix_now();
             let ends_at = self.config.session_lifetime.map(|lifetime| now.saturating_add(secs(lifetime)));
             let expires_at = self.refresh_expiry(now, ends_at);
-            let info = ClientInfo { ip: Some(&ip), user_agent: client.user_agent.as_deref() };
+            // The user's second factor, if any, was checked before this.
+            let mfa = user.totp_secret.is_some();
+            let info = ClientInfo { ip: Some(&ip), user_agent: client.user_agent.as_deref(), mfa };
             let opened =
                 self.store.create_session(&user, verified, info, RefreshHash { hash: &hash, expires_at }, now).await?;
             if let Some(session_id) = opened {
-                return self.token_pair(&user, session_id, refresh_token, now, ends_at).map(Ok);
+                return self.token_pair(&user, session_id, refresh_token, now, ends_at, mfa).map(Ok);
             }
             if self.store.tenant_by_id(user.tenant_id).await?.is_none_or(|t| t.disabled) {
                 return Ok(Err("tenant_disabled"));
@@ -344,7 +346,8 @@ impl AuthService {
     }
 
     /// The tokens of a session that ends at `ends_at` (under
-    /// `auth.session_lifetime`): neither outlives it.
+    /// `auth.session_lifetime`): neither outlives it. `mfa`: the session's
+    /// login passed a second factor.
     fn token_pair(
         &self,
         user: &User,
@@ -352,6 +355,7 @@ impl AuthService {
         refresh_token: String,
         now: i64,
         ends_at: Option<i64>,
+        mfa: bool,
     ) -> Result<TokenPair, AuthError> {
         let access_expiry = now.saturating_add(secs(self.config.access_token_ttl));
         let exp = ends_at.map_or(access_expiry, |end| end.min(access_expiry));
@@ -367,6 +371,7 @@ impl AuthService {
             nbf: None,
             roles: user.roles.clone(),
             scope: user.scopes.join(" "),
+            amr: token::amr(mfa).iter().map(|m| (*m).to_owned()).collect(),
         };
         let access_token = token::sign(&self.authenticator.keys(), &claims)
             .map_err(|e| AuthError::Unexpected(anyhow::anyhow!("signing failed: {e}")))?;
@@ -395,12 +400,12 @@ impl AuthService {
         let ip = client.ip.to_string();
         let ua = client.user_agent.as_deref();
         match rotation {
-            Rotation::Rotated { tenant_id, user_id, session_id, ends_at } => {
+            Rotation::Rotated { tenant_id, user_id, session_id, ends_at, mfa } => {
                 let user = self.store.user_by_id(tenant_id, user_id).await?;
                 let Some(user) = user.filter(|u| !u.disabled) else {
                     return Err(AuthError::InvalidGrant);
                 };
-                let pair = self.token_pair(&user, session_id, next, now, ends_at)?;
+                let pair = self.token_pair(&user, session_id, next, now, ends_at, mfa)?;
                 metrics::counter!("gateway_refreshes_total", "result" => "success").increment(1);
                 self.audit(NewAuditEvent {
                     event: "refresh_rotated",

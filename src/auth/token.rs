@@ -28,6 +28,20 @@ pub struct AccessClaims {
     pub roles: Vec<String>,
     /// Space-separated, as in OAuth.
     pub scope: String,
+    /// How the session's login authenticated (RFC 8176): `["pwd"]`, or
+    /// `["pwd", "otp", "mfa"]` with a second factor ([`amr`]). Absent from
+    /// tokens minted before it existed: read as a password alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub amr: Vec<String>,
+}
+
+/// The `amr` of a session's tokens: with or without a second factor.
+pub fn amr(mfa: bool) -> &'static [&'static str] {
+    if mfa {
+        &["pwd", "otp", "mfa"]
+    } else {
+        &["pwd"]
+    }
 }
 
 /// Why a token was refused. Clients only ever see `invalid_token`; the
@@ -105,6 +119,8 @@ pub struct AssertionClaims<'a> {
     pub roles: &'a [String],
     /// Space-separated, as in the access token.
     pub scope: String,
+    /// As in the access token ([`amr`]).
+    pub amr: &'static [&'static str],
 }
 
 /// Signs an identity assertion with the ring's newest key, typed `JWT`:

@@ -104,6 +104,9 @@ pub struct RouteConfig {
     /// Removed from the upstream's answers (not from the gateway's own).
     pub remove_response_headers: Vec<HeaderName>,
     pub rate_limit: Option<RateLimit>,
+    /// Only tokens of a login that passed a second factor (`amr` has
+    /// `otp`); others get 401 `insufficient_user_authentication`.
+    pub mfa: bool,
     /// `jwt_assertion`: the audience of the signed identity sent with each
     /// request (`jwt_assertion_audience`, default the route's name); None
     /// when the route sends none.
@@ -602,6 +605,10 @@ fn build_route(
         f.error("auth", "a public route cannot require roles, scopes or tenants");
     }
     let jwt_assertion = jwt_assertion(f, auth, name.as_deref(), token_audience);
+    let mfa = f.bool_or("mfa", false);
+    if mfa && auth == AuthMode::Public {
+        f.error("mfa", "a public route reads no token to find a second factor in");
+    }
     let strip_prefix = f.bool_or("strip_prefix", false);
     let timeout = f.duration_or("timeout", "30s", Duration::from_millis(1));
     let read_timeout = f.duration_or("read_timeout", "60s", Duration::from_millis(1));
@@ -696,6 +703,7 @@ fn build_route(
         remove_response_headers,
         rate_limit,
         jwt_assertion,
+        mfa,
         health_check,
         allow_ips,
     })

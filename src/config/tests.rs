@@ -124,6 +124,15 @@ fn session_retention_outlasts_the_access_tokens_or_keeps_everything() {
 }
 
 #[test]
+fn mfa_is_for_required_routes() {
+    let route = |lines: &str| format!("[[routes]]\nname = \"r\"\nprefix = \"/\"\nupstreams = [\"http://h\"]\n{lines}");
+    assert!(parse(&route("mfa = true")).expect("a required route").proxy.routes[0].mfa);
+    assert!(!parse(&route("")).expect("default").proxy.routes[0].mfa);
+    let err = parse(&route("auth = \"public\"\nmfa = true")).expect_err("public");
+    assert!(err.to_string().contains("routes[0].mfa: a public route reads no token"), "{err}");
+}
+
+#[test]
 fn upstream_protocol_is_http1_or_http2_without_websockets() {
     let route = |lines: &str| {
         format!("[[routes]]\nname = \"r\"\nprefix = \"/\"\nupstreams = [\"http://10.0.0.1\", \"https://h\"]\n{lines}")

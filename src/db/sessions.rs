@@ -30,6 +30,9 @@ pub struct Session {
 pub struct ClientInfo<'a> {
     pub ip: Option<&'a str>,
     pub user_agent: Option<&'a str>,
+    /// Whether the login passed a second factor: kept with the session, so
+    /// that its refreshed tokens say so too (`amr`).
+    pub mfa: bool,
 }
 
 /// A refresh token as the database sees it: only its hash.
@@ -45,7 +48,7 @@ pub enum Rotation {
     /// The token was live and is now spent; a successor was stored,
     /// expiring no later than `ends_at`, the end of the session's lifetime
     /// when one was given.
-    Rotated { tenant_id: Uuid, user_id: Uuid, session_id: Uuid, ends_at: Option<i64> },
+    Rotated { tenant_id: Uuid, user_id: Uuid, session_id: Uuid, ends_at: Option<i64>, mfa: bool },
     /// The token had already been spent: its session is now revoked.
     Reused { tenant_id: Uuid, user_id: Uuid, session_id: Uuid },
     /// Unknown, expired, or belonging to a revoked session, a session past
@@ -67,8 +70,8 @@ pub fn within_lifetime(mut sessions: Vec<Session>, lifetime: Option<i64>, now: i
 }
 
 const INSERT_SESSION: &str = "
-    INSERT INTO sessions (id, tenant_id, user_id, created_at, last_used_at, ip, user_agent)
-    VALUES ($1, $2, $3, $4, $4, $5, $6)";
+    INSERT INTO sessions (id, tenant_id, user_id, created_at, last_used_at, ip, user_agent, mfa)
+    VALUES ($1, $2, $3, $4, $4, $5, $6, $7)";
 const INSERT_REFRESH: &str = "
     INSERT INTO refresh_tokens (id, token_hash, session_id, tenant_id, parent_id, created_at, expires_at)
     VALUES ($1, $2, $3, $4, $5, $6, $7)";
@@ -82,7 +85,7 @@ const REVOKE_FAMILY: &str = "
     UPDATE sessions SET revoked_at = COALESCE(revoked_at, $3), revoke_reason = COALESCE(revoke_reason, 'refresh_reuse')
     WHERE tenant_id = $1 AND id = $2 RETURNING user_id";
 const LIVE_SESSION: &str = "
-    SELECT s.user_id, s.created_at FROM sessions s
+    SELECT s.user_id, s.created_at, s.mfa FROM sessions s
     JOIN users u ON u.id = s.user_id AND u.tenant_id = s.tenant_id
     JOIN tenants t ON t.id = s.tenant_id
     WHERE s.tenant_id = $1 AND s.id = $2 AND s.revoked_at IS NULL AND NOT u.disabled AND NOT t.disabled";
@@ -140,6 +143,7 @@ impl Store {
                 .bind(now)
                 .bind(client.ip)
                 .bind(client.user_agent)
+                .bind(client.mfa)
                 .execute(&mut *tx)
                 .await?;
             sqlx::query(INSERT_REFRESH)
@@ -204,11 +208,11 @@ impl Store {
                     }
                 }
                 Some((token_id, tenant_id, session_id)) => {
-                    let live: Option<(Uuid, i64)> =
+                    let live: Option<(Uuid, i64, bool)> =
                         sqlx::query_as(LIVE_SESSION).bind(tenant_id).bind(session_id).fetch_optional(&mut *tx).await?;
-                    let ends_at = live.and_then(|(_, created_at)| lifetime.map(|l| created_at.saturating_add(l)));
+                    let ends_at = live.and_then(|(_, created_at, _)| lifetime.map(|l| created_at.saturating_add(l)));
                     match live {
-                        Some((user_id, _)) if ends_at.is_none_or(|end| end > now) => {
+                        Some((user_id, _, mfa)) if ends_at.is_none_or(|end| end > now) => {
                             sqlx::query(INSERT_REFRESH)
                                 .bind(Uuid::new_v4())
                                 .bind(next.hash)
@@ -226,7 +230,7 @@ impl Store {
                                 .execute(&mut *tx)
                                 .await?;
                             tx.commit().await?;
-                            Rotation::Rotated { tenant_id, user_id, session_id, ends_at }
+                            Rotation::Rotated { tenant_id, user_id, session_id, ends_at, mfa }
                         }
                         // The session is over (revoked, its user or tenant
                         // disabled, or past its lifetime): the token is left

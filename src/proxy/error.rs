@@ -38,6 +38,9 @@ pub enum ProxyError {
     Forbidden,
     #[error("the access token lacks a required scope")]
     InsufficientScope,
+    /// The route wants a login that passed a second factor (RFC 9470).
+    #[error("this route needs a login with a second factor")]
+    InsufficientAuthentication,
     #[error("the request body is too large")]
     PayloadTooLarge,
     /// Over the route's `rate_limit`; how long until the next request fits.
@@ -75,6 +78,7 @@ impl ProxyError {
             ProxyError::InvalidToken(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
             ProxyError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             ProxyError::InsufficientScope => (StatusCode::FORBIDDEN, "insufficient_scope"),
+            ProxyError::InsufficientAuthentication => (StatusCode::UNAUTHORIZED, "insufficient_user_authentication"),
             ProxyError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ProxyError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ProxyError::HeaderTooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "header_too_large"),
@@ -102,6 +106,10 @@ impl ProxyError {
             ProxyError::MissingToken => Some("Bearer"),
             ProxyError::InvalidToken(_) => Some("Bearer error=\"invalid_token\""),
             ProxyError::InsufficientScope => Some("Bearer error=\"insufficient_scope\""),
+            ProxyError::InsufficientAuthentication => Some(
+                "Bearer error=\"insufficient_user_authentication\", \
+                 error_description=\"A login with a second factor is required\"",
+            ),
             _ => None,
         };
         if let Some(c) = challenge {

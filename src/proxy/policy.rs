@@ -1,4 +1,6 @@
-//! Route policies: tenants (one of), roles (any of), scopes (all of).
+//! Route policies: tenants (one of), roles (any of), scopes (all of), and
+//! a login with a second factor (`mfa`), checked last: a step-up login
+//! helps only someone the rest of the policy admits.
 
 use super::error::ProxyError;
 use super::tenants::TenantDirectory;
@@ -15,6 +17,9 @@ pub fn authorize(route: &RouteConfig, who: &Principal, tenants: &TenantDirectory
     }
     if !route.scopes.iter().all(|s| who.scopes.contains(s)) {
         return Err(ProxyError::InsufficientScope);
+    }
+    if route.mfa && !who.mfa {
+        return Err(ProxyError::InsufficientAuthentication);
     }
     Ok(())
 }

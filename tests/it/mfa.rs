@@ -11,9 +11,10 @@ use reqwest::{Response, StatusCode};
 use serde_json::json;
 
 use crate::helpers::{
-    assert_error, assert_invalid_token, both_backends, expect_json, parse_tokens, spawn_app_with, TestApp, TestOptions,
-    Tokens, PASSWORD, WRONG_PASSWORD,
+    assert_error, assert_invalid_token, both_backends, expect_json, jwt_part, parse_tokens, route, spawn_app_with,
+    TestApp, TestOptions, Tokens, PASSWORD, WRONG_PASSWORD,
 };
+use crate::upstream::spawn_upstream;
 
 const EMAIL: &str = "two.factors@example.com";
 
@@ -237,6 +238,36 @@ both_backends! {
         assert!(events.contains("\"event\":\"mfa_locked\"") && events.contains("\"reason\":\"mfa_locked\""), "{events}");
         app.cli(&["user", "mfa-reset", "--tenant", "default", "--email", EMAIL], "").await.expect("mfa-reset");
         app.login_ok(EMAIL, PASSWORD, None).await;
+        app.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_route_with_mfa_takes_only_tokens_of_a_login_with_a_second_factor() {
+        let upstream = spawn_upstream("stepped-up").await;
+        let routes = route("vault", "/vault", &[upstream.url()], "mfa = true");
+        let app = spawn_app_with(TestOptions { lockout_threshold: 20, ..TestOptions::with_extra(routes) }).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        let plain = app.login_ok(EMAIL, PASSWORD, None).await;
+        assert_eq!(jwt_part(&plain.access_token, 1)["amr"], json!(["pwd"]));
+        let refused = |resp: Response| async move {
+            let challenge = resp.headers().get("www-authenticate").map(|v| v.to_str().unwrap_or("").to_owned());
+            assert_error(resp, StatusCode::UNAUTHORIZED, "insufficient_user_authentication").await;
+            let challenge = challenge.expect("a challenge");
+            assert!(challenge.contains("error=\"insufficient_user_authentication\""), "{challenge}");
+        };
+        refused(app.get_authed("/vault/x", &plain.access_token).await).await;
+
+        // Setting a factor up does not step up the session that did it.
+        let secret = enable(&app, &plain.access_token).await;
+        refused(app.get_authed("/vault/x", &plain.access_token).await).await;
+        let stepped = parse_tokens(login_with(&app, PASSWORD, Some(&code_in(&secret, 1))).await, "login").await;
+        assert_eq!(jwt_part(&stepped.access_token, 1)["amr"], json!(["pwd", "otp", "mfa"]));
+        assert_eq!(app.get_authed("/vault/x", &stepped.access_token).await.status(), StatusCode::OK);
+        // The session keeps it through its refreshes.
+        let refreshed = app.refresh_ok(&stepped.refresh_token).await;
+        assert_eq!(jwt_part(&refreshed.access_token, 1)["amr"], json!(["pwd", "otp", "mfa"]));
+        assert_eq!(app.get_authed("/vault/x", &refreshed.access_token).await.status(), StatusCode::OK);
+        assert_eq!(upstream.hits(), 2, "a refused request reached the upstream");
         app.stop().await;
     }
 }

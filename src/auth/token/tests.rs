@@ -14,6 +14,7 @@ pub(crate) fn claims(now: i64) -> AccessClaims {
         nbf: None,
         roles: vec!["admin".into()],
         scope: "orders:read".into(),
+        amr: vec!["pwd".into()],
     }
 }
 
@@ -114,6 +115,7 @@ fn an_assertion_is_refused_as_an_access_token_by_its_type() {
         exp: now + 60,
         roles: &c.roles,
         scope: c.scope.clone(),
+        amr: amr(false),
     };
     let token = sign_assertion(&keys, &assertion).expect("sign");
     assert_eq!(rules.verify(&keys, &token, now), Err(TokenError::Type));

@@ -25,6 +25,7 @@ fn principal(expires_at: i64) -> Principal {
         scopes: vec!["a:read".to_owned(), "b:write".to_owned()],
         issued_at: expires_at - 900,
         expires_at,
+        mfa: false,
     }
 }
 
