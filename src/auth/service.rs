@@ -255,7 +255,11 @@ impl AuthService {
         }
         let Some(code) = otp else { return Ok(Some("mfa_required")) };
         let reason = match totp::matching_step(secret, code, unix_now()) {
-            Some(step) if self.store.spend_totp_step(user.tenant_id, user.id, secret, step).await? => return Ok(None),
+            Some(step)
+                if self.store.spend_totp_step(user.tenant_id, user.id, secret, step, MAX_OTP_FAILURES).await? =>
+            {
+                return Ok(None)
+            }
             Some(_) => "otp_reused",
             None => "wrong_otp",
         };

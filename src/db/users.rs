@@ -288,17 +288,27 @@ impl Store {
     /// Spends `step` of the user's TOTP secret `secret`: true only if the
     /// secret is still theirs and no code of this step or a later one was
     /// accepted before (one conditional update, so that a code replayed at
-    /// once, here or to another replica, is refused). Clears the count of
-    /// wrong codes.
-    pub async fn spend_totp_step(&self, tenant_id: Uuid, user_id: Uuid, secret: &str, step: i64) -> StoreResult<bool> {
+    /// once, here or to another replica, is refused), and the factor is not
+    /// locked (fewer than `max_failures` wrong codes in a row, counted in
+    /// the same statement: a login that read the row before a lock does not
+    /// slip past it). Clears the count of wrong codes.
+    pub async fn spend_totp_step(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        secret: &str,
+        step: i64,
+        max_failures: i64,
+    ) -> StoreResult<bool> {
         let sql = "UPDATE users SET totp_last_step = $4, totp_failures = 0
                    WHERE tenant_id = $1 AND id = $2 AND totp_secret = $3
-                     AND (totp_last_step IS NULL OR totp_last_step < $4)";
+                     AND (totp_last_step IS NULL OR totp_last_step < $4) AND totp_failures < $5";
         let done = on_pool!(self, |p| sqlx::query(sql)
             .bind(tenant_id)
             .bind(user_id)
             .bind(secret)
             .bind(step)
+            .bind(max_failures)
             .execute(p)
             .await
             .map(|done| done.rows_affected()))?;

@@ -18,8 +18,9 @@
 //! 3. a route limited by client address counts the request (the client's
 //!    address read from `X-Forwarded-For` through `server.trusted_proxies`);
 //! 4. on a required route, the bearer token is verified and checked against
-//!    revocation (401), then the route's tenants, roles and scopes (403),
-//!    then a limit by user or tenant (429).
+//!    revocation (401), then the route's tenants, roles and scopes (403)
+//!    and second factor (401 `insufficient_user_authentication`), then a
+//!    limit by user or tenant (429).
 //!
 //! Allowed: `200` with an empty body, `Cache-Control: no-store`, and on a
 //! required route the identity fields, for the proxy in front to copy onto

@@ -420,3 +420,30 @@ async fn a_reload_turns_forward_auth_on_and_off() {
     assert_error_in("off again", ask(&app, &Asked::get("/open", None)).await, StatusCode::NOT_FOUND, "not_found").await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_route_with_mfa_is_judged_as_the_proxy_judges_it() {
+    let app = judge("\n[[routes]]\nname = \"vault\"\nprefix = \"/vault\"\nmfa = true\n").await;
+    app.create_user("default", "judged@example.com", PASSWORD, &[], &[]).await;
+    let plain = app.login_ok("judged@example.com", PASSWORD, None).await;
+    let resp = ask(&app, &Asked::get("/vault/x", Some(&plain.access_token))).await;
+    let challenge = resp.headers().get("www-authenticate").map(|v| v.to_str().unwrap_or("").to_owned());
+    assert_error_in("a password-only token", resp, StatusCode::UNAUTHORIZED, "insufficient_user_authentication").await;
+    assert!(challenge.is_some_and(|c| c.contains("insufficient_user_authentication")));
+
+    // A login that passed a second factor is allowed.
+    let start = json!({ "password": PASSWORD });
+    let resp = app.post_authed("/auth/mfa/totp", &plain.access_token, &start).await;
+    let setup = crate::helpers::expect_json(resp, StatusCode::OK).await;
+    let secret = setup["secret"].as_str().expect("a secret").to_owned();
+    let step = gateway::auth::totp::step_at(gateway::db::unix_now());
+    let code = |s: i64| gateway::auth::totp::code(&secret, step + s).expect("a code");
+    let resp = app.post_authed("/auth/mfa/totp/confirm", &plain.access_token, &json!({ "code": code(0) })).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let body = json!({ "email": "judged@example.com", "password": PASSWORD, "otp": code(1) });
+    let resp = app.client.post(app.url("/auth/login")).json(&body).send().await.expect("login");
+    let stepped = crate::helpers::parse_tokens(resp, "login with a code").await;
+    let resp = ask(&app, &Asked::get("/vault/x", Some(&stepped.access_token))).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    app.stop().await;
+}

@@ -236,6 +236,15 @@ both_backends! {
         assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
         let events = audit(&app).await;
         assert!(events.contains("\"event\":\"mfa_locked\"") && events.contains("\"reason\":\"mfa_locked\""), "{events}");
+        // A login that read the row before the lock cannot spend a code
+        // (and clear the count) after it: the store checks the count too.
+        let store = crate::user_admin::open_store(&app).await;
+        let tenant = store.tenant_by_slug("default").await.expect("read").expect("the default tenant");
+        let user = store.user_by_email(tenant.id, EMAIL).await.expect("read").expect("the user");
+        let later = step_at(unix_now()) + 5;
+        let spent = store.spend_totp_step(tenant.id, user.id, &secret, later, gateway::auth::service::MAX_OTP_FAILURES);
+        assert!(!spent.await.expect("update"), "a code was spent on a locked factor");
+        store.close().await;
         app.cli(&["user", "mfa-reset", "--tenant", "default", "--email", EMAIL], "").await.expect("mfa-reset");
         app.login_ok(EMAIL, PASSWORD, None).await;
         app.stop().await;

@@ -18,6 +18,17 @@ pub(crate) fn claims(now: i64) -> AccessClaims {
     }
 }
 
+/// A token minted before `amr` existed reads as a password alone.
+#[test]
+fn claims_without_amr_read_as_a_password_alone() {
+    let mut json = serde_json::to_value(claims(0)).expect("serialise");
+    json.as_object_mut().expect("an object").remove("amr");
+    let read: AccessClaims = serde_json::from_value(json).expect("old claims decode");
+    assert!(read.amr.is_empty());
+    assert_eq!(amr(false), ["pwd"]);
+    assert_eq!(amr(true), ["pwd", "otp", "mfa"]);
+}
+
 fn ring() -> (tempfile::TempDir, KeyRing) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (ring, _) = KeyRing::load_or_generate(dir.path()).expect("keys");

@@ -42,6 +42,23 @@ fn times(value: &HeaderValue) -> (i64, i64, String) {
     )
 }
 
+/// The `amr` an assertion carries.
+fn amr_of(value: &HeaderValue) -> serde_json::Value {
+    let payload = value.to_str().expect("ASCII").split('.').nth(1).expect("a payload").to_owned();
+    let json = base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload).expect("base64url");
+    serde_json::from_slice::<serde_json::Value>(&json).expect("JSON")["amr"].clone()
+}
+
+#[test]
+fn says_whether_the_login_passed_a_second_factor() {
+    let (_dir, auth) = authenticator();
+    let plain = principal(10_000);
+    let stepped = Principal { mfa: true, ..principal(10_000) };
+    let signed = |p: &Principal| Assertions::default().get(p, "orders", &auth, 1_000).expect("signed");
+    assert_eq!(amr_of(&signed(&plain)), serde_json::json!(["pwd"]));
+    assert_eq!(amr_of(&signed(&stepped)), serde_json::json!(["pwd", "otp", "mfa"]));
+}
+
 #[test]
 fn reused_for_half_its_life_then_signed_afresh() {
     let (_dir, auth) = authenticator();
