@@ -40,7 +40,7 @@ async fn run(store: &Store, sql: &str) -> u64 {
     done.unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
-async fn count(store: &Store, sql: &str, id: Uuid) -> i64 {
+pub(crate) async fn count(store: &Store, sql: &str, id: Uuid) -> i64 {
     let row: (i64,) = match store.pool() {
         Pool::Sqlite(p) => sqlx::query_as(sql).bind(id).fetch_one(p).await,
         Pool::Postgres(p) => sqlx::query_as(sql).bind(id).fetch_one(p).await,

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::helpers::{
     assert_error, both_backends, expect_json, jwt_part, spawn_app_with, TestApp, TestOptions, Tokens, PASSWORD,
 };
-use crate::retention::exec;
+use crate::retention::{count, exec};
 use crate::user_admin::open_store;
 
 const EMAIL: &str = "timeboxed@example.com";
@@ -32,21 +32,12 @@ async fn age_login(store: &Store, session: Uuid, by: i64) {
 }
 
 async fn created_at(store: &Store, session: Uuid) -> i64 {
-    read(store, "SELECT created_at FROM sessions WHERE id = $1", session).await
+    count(store, "SELECT created_at FROM sessions WHERE id = $1", session).await
 }
 
 /// When the session's live refresh token expires, as stored.
 async fn stored_expiry(store: &Store, session: Uuid) -> i64 {
-    read(store, "SELECT expires_at FROM refresh_tokens WHERE session_id = $1 AND spent_at IS NULL", session).await
-}
-
-async fn read(store: &Store, sql: &str, session: Uuid) -> i64 {
-    let row: (i64,) = match store.pool() {
-        gateway::db::Pool::Sqlite(p) => sqlx::query_as(sql).bind(session).fetch_one(p).await,
-        gateway::db::Pool::Postgres(p) => sqlx::query_as(sql).bind(session).fetch_one(p).await,
-    }
-    .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    row.0
+    count(store, "SELECT expires_at FROM refresh_tokens WHERE session_id = $1 AND spent_at IS NULL", session).await
 }
 
 /// The ids of the sessions `/auth/sessions` lists for `access`, with each one.
