@@ -233,9 +233,8 @@ async fn totp_confirm(
     Authenticated(who): Authenticated,
     Client(client): Client,
     JsonBody(body): JsonBody<TotpCode>,
-) -> Result<StatusCode, ApiError> {
-    s.totp_confirm(&who, &body.code, &client).await?;
-    Ok(StatusCode::NO_CONTENT)
+) -> Result<Response, ApiError> {
+    Ok(Json(s.totp_confirm(&who, &body.code, &client).await?).into_response())
 }
 
 async fn totp_disable(

@@ -7,6 +7,8 @@ ALTER TABLE users ADD COLUMN totp_secret TEXT;
 ALTER TABLE users ADD COLUMN totp_pending TEXT;
 ALTER TABLE users ADD COLUMN totp_last_step INTEGER;
 ALTER TABLE users ADD COLUMN totp_failures INTEGER NOT NULL DEFAULT 0;
+-- The SHA-256 hashes (hex, space-separated) of the recovery codes not yet used.
+ALTER TABLE users ADD COLUMN totp_recovery TEXT;
 -- Whether a session's login passed the second factor: its tokens, refreshed
 -- ones included, say so (`amr`), and routes with `mfa = true` demand it.
 ALTER TABLE sessions ADD COLUMN mfa INTEGER NOT NULL DEFAULT 0;

@@ -73,6 +73,19 @@ pub struct TotpSetup {
     pub otpauth_uri: String,
 }
 
+/// `POST /auth/mfa/totp/confirm`: single-use codes for a lost device,
+/// shown this once.
+#[derive(Serialize)]
+pub struct RecoveryCodes {
+    pub recovery_codes: Vec<String>,
+}
+
+impl std::fmt::Debug for RecoveryCodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecoveryCodes").finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for TotpSetup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TotpSetup").finish_non_exhaustive()
@@ -255,6 +268,12 @@ impl AuthService {
         }
         let Some(code) = otp else { return Ok(Some("mfa_required")) };
         let reason = match totp::matching_step(secret, code, unix_now()) {
+            None if totp::is_recovery_code(code) => {
+                if self.spend_recovery_code(user, secret, code, client).await? {
+                    return Ok(None);
+                }
+                "wrong_recovery_code"
+            }
             Some(step)
                 if self.store.spend_totp_step(user.tenant_id, user.id, secret, step, MAX_OTP_FAILURES).await? =>
             {
@@ -515,6 +534,36 @@ impl AuthService {
         Ok(user)
     }
 
+    /// Spends `code` if it is one of the user's unused recovery codes; the
+    /// use is audited with how many are left.
+    async fn spend_recovery_code(
+        &self,
+        user: &User,
+        secret: &str,
+        code: &str,
+        client: &ClientContext,
+    ) -> Result<bool, AuthError> {
+        let Some(stored) = self.store.totp_recovery(user.tenant_id, user.id).await? else { return Ok(false) };
+        let Some(rest) = totp::without_recovery_code(&stored, code) else { return Ok(false) };
+        let hashes = [stored.as_str(), rest.as_str()];
+        if !self.store.spend_recovery_code(user.tenant_id, user.id, secret, hashes, MAX_OTP_FAILURES).await? {
+            return Ok(false);
+        }
+        let ip = client.ip.to_string();
+        let left = rest.split_whitespace().count();
+        self.audit(NewAuditEvent {
+            event: "mfa_recovery_code_used",
+            tenant_id: Some(user.tenant_id),
+            user_id: Some(user.id),
+            email: Some(&user.email),
+            ip: Some(&ip),
+            user_agent: client.user_agent.as_deref(),
+            detail: Some(serde_json::json!({ "left": left })),
+        })
+        .await;
+        Ok(true)
+    }
+
     /// Starts setting up a TOTP second factor, given the password (so that
     /// a stolen access token cannot put a factor of the thief's on the
     /// account): a new secret, kept aside until
@@ -542,16 +591,24 @@ impl AuthService {
 
     /// Confirms the TOTP secret being set up with a `code` made from it: from
     /// then on logins need a code, and every other session of the user (one
-    /// opened with the password alone) is revoked.
-    pub async fn totp_confirm(&self, who: &Principal, code: &str, client: &ClientContext) -> Result<(), AuthError> {
+    /// opened with the password alone) is revoked. Returns the recovery
+    /// codes, shown this once.
+    pub async fn totp_confirm(
+        &self,
+        who: &Principal,
+        code: &str,
+        client: &ClientContext,
+    ) -> Result<RecoveryCodes, AuthError> {
         self.rate_limit(client.ip)?;
         let pending = self.store.totp_pending(who.tenant_id, who.user_id).await?.ok_or_else(|| {
             AuthError::InvalidRequest("no second factor is being set up: POST /auth/mfa/totp first".into())
         })?;
         let step = totp::matching_step(&pending, code, unix_now()).ok_or(AuthError::InvalidCode)?;
+        let (recovery_codes, hashes) =
+            totp::generate_recovery_codes().map_err(|e| AuthError::Unexpected(anyhow::anyhow!("{e}")))?;
         let revoked = self
             .store
-            .confirm_totp(who.tenant_id, who.user_id, &pending, step, who.session_id)
+            .confirm_totp(who.tenant_id, who.user_id, &pending, step, &hashes, who.session_id)
             .await?
             // Replaced or confirmed meanwhile: the code was for another secret.
             .ok_or(AuthError::InvalidCode)?;
@@ -560,7 +617,7 @@ impl AuthService {
         }
         let detail = serde_json::json!({ "sessions_revoked": revoked.len() });
         self.audit_principal("mfa_enabled", who, client, Some(detail)).await;
-        Ok(())
+        Ok(RecoveryCodes { recovery_codes })
     }
 
     /// Removes the user's second factor, given the password and a current

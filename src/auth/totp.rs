@@ -12,11 +12,15 @@
 //!   step per user and takes a code only for a later one, in one
 //!   conditional update, so a code seen over a shoulder or replayed to
 //!   another replica is refused;
-//! - secrets are 160 random bits (RFC 4226's recommended length).
+//! - secrets are 160 random bits (RFC 4226's recommended length);
+//! - confirming a factor also gives ten single-use recovery codes (50
+//!   random bits each, shown once, stored as SHA-256 hashes) for a user who
+//!   loses the device: one stands in for a code at one login.
 
-use data_encoding::BASE32_NOPAD;
+use data_encoding::{BASE32_NOPAD, HEXLOWER};
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// Seconds per step.
@@ -64,6 +68,53 @@ pub fn matching_step(secret: &str, given: &str, now: i64) -> Option<i64> {
         }
     }
     found
+}
+
+/// How many recovery codes a confirmed factor comes with.
+pub const RECOVERY_CODES: usize = 10;
+
+/// New recovery codes (`xxxxx-xxxxx`, lower-case base32) and what the
+/// store keeps of them: their hashes, space-separated.
+pub fn generate_recovery_codes() -> Result<(Vec<String>, String), getrandom::Error> {
+    let mut codes = Vec::with_capacity(RECOVERY_CODES);
+    for _ in 0..RECOVERY_CODES {
+        let mut bytes = [0u8; 7];
+        getrandom::getrandom(&mut bytes)?;
+        let text = BASE32_NOPAD.encode(&bytes).to_ascii_lowercase();
+        codes.push(format!("{}-{}", &text[..5], &text[5..10]));
+    }
+    let hashes: Vec<String> = codes.iter().map(|c| recovery_hash(c)).collect();
+    Ok((codes, hashes.join(" ")))
+}
+
+/// The stored form of a recovery code as a user may type it (any case,
+/// with or without the dash and spaces).
+fn recovery_hash(given: &str) -> String {
+    let plain: String = given.chars().filter(|c| !matches!(c, '-' | ' ')).map(|c| c.to_ascii_lowercase()).collect();
+    HEXLOWER.encode(&Sha256::digest(plain.as_bytes()))
+}
+
+/// Whether `given` looks like a recovery code rather than a six-digit one.
+pub fn is_recovery_code(given: &str) -> bool {
+    let plain = given.chars().filter(|c| !matches!(c, '-' | ' ')).count();
+    plain == 10 && given.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | ' '))
+}
+
+/// `stored` (space-separated hashes) without the recovery code `given`,
+/// when it is one of them (each compared in constant time); `None` when it
+/// is not.
+pub fn without_recovery_code(stored: &str, given: &str) -> Option<String> {
+    let hash = recovery_hash(given);
+    let mut found = false;
+    let mut rest = Vec::new();
+    for h in stored.split_whitespace() {
+        if bool::from(h.as_bytes().ct_eq(hash.as_bytes())) && !found {
+            found = true;
+        } else {
+            rest.push(h);
+        }
+    }
+    found.then(|| rest.join(" "))
 }
 
 /// The `otpauth://` URI an authenticator app scans (as a QR code) or
@@ -129,6 +180,20 @@ mod tests {
             assert_eq!(matching_step(&secret, bad, now), None, "{bad:?}");
         }
         assert_eq!(code("not base32!", step), None);
+    }
+
+    #[test]
+    fn recovery_codes_are_taken_once_in_any_spelling() {
+        let (codes, stored) = generate_recovery_codes().expect("random bytes");
+        assert_eq!(codes.len(), RECOVERY_CODES);
+        assert!(codes.iter().all(|c| c.len() == 11 && is_recovery_code(c)), "{codes:?}");
+        assert!(!stored.contains(&codes[0]), "stored in the clear");
+        let typed = codes[3].to_ascii_uppercase().replace('-', " ");
+        let rest = without_recovery_code(&stored, &typed).expect("the code, as typed");
+        assert_eq!(rest.split_whitespace().count(), RECOVERY_CODES - 1);
+        assert_eq!(without_recovery_code(&rest, &codes[3]), None, "taken twice");
+        assert!(without_recovery_code(&rest, &codes[4]).is_some());
+        assert!(!is_recovery_code("123456") && !is_recovery_code("abcde-fghi!"));
     }
 
     #[test]

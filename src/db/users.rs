@@ -262,17 +262,18 @@ impl Store {
         user_id: Uuid,
         pending: &str,
         step: i64,
+        recovery: &str,
         keep: Uuid,
     ) -> StoreResult<Option<Vec<Uuid>>> {
         let update = "UPDATE users SET totp_secret = totp_pending, totp_pending = NULL, totp_last_step = $4,
-                                     totp_failures = 0
+                                     totp_failures = 0, totp_recovery = $5
                       WHERE tenant_id = $1 AND id = $2 AND totp_pending = $3 AND totp_secret IS NULL";
         let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = 'mfa_enabled'
                       WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL AND id <> $4 RETURNING id";
         let now = unix_now();
         let ids: Option<Vec<(Uuid,)>> = on_pool!(self, |p| {
             let mut tx = p.begin().await?;
-            let query = sqlx::query(update).bind(tenant_id).bind(user_id).bind(pending).bind(step);
+            let query = sqlx::query(update).bind(tenant_id).bind(user_id).bind(pending).bind(step).bind(recovery);
             if query.execute(&mut *tx).await?.rows_affected() == 0 {
                 None
             } else {
@@ -315,6 +316,42 @@ impl Store {
         Ok(done == 1)
     }
 
+    /// The hashes of the user's unused recovery codes (space-separated).
+    pub async fn totp_recovery(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Option<String>> {
+        let sql = "SELECT totp_recovery FROM users WHERE tenant_id = $1 AND id = $2";
+        let row: Option<(Option<String>,)> =
+            on_pool!(self, |p| sqlx::query_as(sql).bind(tenant_id).bind(user_id).fetch_optional(p).await)?;
+        Ok(row.and_then(|(hashes,)| hashes))
+    }
+
+    /// Replaces the user's recovery hashes `old` with `new` (one code
+    /// used), if they are still `old`, the secret still `secret` and the
+    /// factor not locked: of two logins with one code, one wins. Clears the
+    /// count of wrong codes.
+    pub async fn spend_recovery_code(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        secret: &str,
+        [old, new]: [&str; 2],
+        max_failures: i64,
+    ) -> StoreResult<bool> {
+        let sql = "UPDATE users SET totp_recovery = $5, totp_failures = 0
+                   WHERE tenant_id = $1 AND id = $2 AND totp_secret = $3 AND totp_recovery = $4
+                     AND totp_failures < $6";
+        let done = on_pool!(self, |p| sqlx::query(sql)
+            .bind(tenant_id)
+            .bind(user_id)
+            .bind(secret)
+            .bind(old)
+            .bind(new)
+            .bind(max_failures)
+            .execute(p)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(done == 1)
+    }
+
     /// Counts a wrong (or spent) code against the user's secret `secret`;
     /// returns the count, or `None` when the secret is no longer theirs.
     pub async fn count_totp_failure(&self, tenant_id: Uuid, user_id: Uuid, secret: &str) -> StoreResult<Option<i64>> {
@@ -329,7 +366,8 @@ impl Store {
     /// checked against), with one being set up: the password alone logs
     /// in again. False when it is no longer theirs.
     pub async fn clear_totp(&self, tenant_id: Uuid, user_id: Uuid, secret: &str) -> StoreResult<bool> {
-        let sql = "UPDATE users SET totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL, totp_failures = 0
+        let sql = "UPDATE users SET totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL, totp_failures = 0,
+                                    totp_recovery = NULL
                    WHERE tenant_id = $1 AND id = $2 AND totp_secret = $3";
         self.changed(sql, tenant_id, user_id, secret).await
     }
@@ -339,7 +377,7 @@ impl Store {
     /// transaction. Returns the revoked ids, or `None` when there was none.
     pub async fn reset_totp(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Option<Vec<Uuid>>> {
         let sql = "UPDATE users SET totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL, totp_failures = 0,
-                                    updated_at = $3
+                                    totp_recovery = NULL, updated_at = $3
                    WHERE tenant_id = $1 AND id = $2 AND (totp_secret IS NOT NULL OR totp_pending IS NOT NULL)";
         self.update_and_revoke(tenant_id, user_id, sql, &[], Some("mfa_reset")).await
     }

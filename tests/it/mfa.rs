@@ -40,13 +40,20 @@ fn wrong_code(secret: &str) -> String {
 /// Sets up and confirms a second factor for the holder of `access`;
 /// returns its secret. The confirming code spends the current step.
 async fn enable(app: &TestApp, access: &str) -> String {
+    enable_with_recovery(app, access).await.0
+}
+
+/// [`enable`], and the recovery codes the confirmation gave.
+async fn enable_with_recovery(app: &TestApp, access: &str) -> (String, Vec<String>) {
     let start = json!({ "password": PASSWORD });
     let setup = expect_json(app.post_authed("/auth/mfa/totp", access, &start).await, StatusCode::OK).await;
     let secret = setup["secret"].as_str().expect("a secret").to_owned();
     let confirm = json!({ "code": code_in(&secret, 0) });
-    let resp = app.post_authed("/auth/mfa/totp/confirm", access, &confirm).await;
-    assert_eq!(resp.status(), StatusCode::NO_CONTENT, "{}", resp.text().await.unwrap_or_default());
-    secret
+    let confirmed =
+        expect_json(app.post_authed("/auth/mfa/totp/confirm", access, &confirm).await, StatusCode::OK).await;
+    let codes = confirmed["recovery_codes"].as_array().expect("recovery codes");
+    let codes: Vec<String> = codes.iter().map(|c| c.as_str().expect("a code").to_owned()).collect();
+    (secret, codes)
 }
 
 async fn audit(app: &TestApp) -> String {
@@ -86,7 +93,8 @@ both_backends! {
 
         let confirm = json!({ "code": code_in(&secret, 0) });
         let resp = app.post_authed("/auth/mfa/totp/confirm", &here.access_token, &confirm).await;
-        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+        let confirmed = expect_json(resp, StatusCode::OK).await;
+        assert_eq!(confirmed["recovery_codes"].as_array().map(Vec::len), Some(10), "{confirmed}");
         assert_eq!(app.me_ok(&here.access_token).await["mfa"], true);
         // Sessions opened with the password alone are over; this one goes on.
         assert_invalid_token(app.get_authed("/auth/me", &elsewhere.access_token).await).await;
@@ -277,6 +285,38 @@ both_backends! {
         assert_eq!(jwt_part(&refreshed.access_token, 1)["amr"], json!(["pwd", "otp", "mfa"]));
         assert_eq!(app.get_authed("/vault/x", &refreshed.access_token).await.status(), StatusCode::OK);
         assert_eq!(upstream.hits(), 2, "a refused request reached the upstream");
+        app.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_recovery_code_stands_in_for_a_code_once() {
+        let app = spawn_app_with(TestOptions { lockout_threshold: 20, ..TestOptions::default() }).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
+        let (_, codes) = enable_with_recovery(&app, &tokens.access_token).await;
+        assert_eq!(codes.len(), 10);
+        assert!(codes.iter().all(|c| c.len() == 11 && c.as_bytes()[5] == b'-'), "{codes:?}");
+
+        // As typed from paper: any case, with or without the dash.
+        let typed = codes[0].to_uppercase().replace('-', "");
+        let opened = parse_tokens(login_with(&app, PASSWORD, Some(&typed)).await, "login with a recovery code").await;
+        assert_eq!(jwt_part(&opened.access_token, 1)["amr"], json!(["pwd", "otp", "mfa"]));
+        // Used up, and not a code of another user's or a made-up one.
+        for code in [codes[0].as_str(), "aaaaa-aaaaa"] {
+            let resp = login_with(&app, PASSWORD, Some(code)).await;
+            assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        }
+        // Another is still good, and the wrong password with it is not.
+        let resp = login_with(&app, WRONG_PASSWORD, Some(&codes[1])).await;
+        assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        parse_tokens(login_with(&app, PASSWORD, Some(&codes[1])).await, "a second recovery code").await;
+        let events = audit(&app).await;
+        assert!(events.contains("\"event\":\"mfa_recovery_code_used\""), "{events}");
+        assert!(events.contains("\"left\":8"), "{events}");
+        assert!(events.contains("\"reason\":\"wrong_recovery_code\""), "{events}");
+        for code in &codes {
+            assert!(!events.contains(code.as_str()), "a recovery code is in the audit log");
+        }
         app.stop().await;
     }
 }

@@ -286,7 +286,7 @@ both_backends! {
         let before = read().await;
         let secret = gateway::auth::totp::generate_secret().expect("a secret");
         assert!(store.set_totp_pending(tenant.id, before.id, &secret).await.expect("set up a second factor"));
-        let confirmed = store.confirm_totp(tenant.id, before.id, &secret, 1, uuid::Uuid::nil()).await;
+        let confirmed = store.confirm_totp(tenant.id, before.id, &secret, 1, "", uuid::Uuid::nil()).await;
         assert!(confirmed.expect("confirm it").is_some());
         assert!(open(before).await.is_none(), "a session for a user who added a second factor since it was read");
         let before = read().await;
