@@ -284,19 +284,24 @@ impl AuthService {
         };
         if self.store.count_totp_failure(user.tenant_id, user.id, secret).await? == Some(MAX_OTP_FAILURES) {
             tracing::warn!(user_id = %user.id, "too many wrong one-time codes: the second factor is locked");
-            let ip = client.ip.to_string();
-            self.audit(NewAuditEvent {
-                event: "mfa_locked",
-                tenant_id: Some(user.tenant_id),
-                user_id: Some(user.id),
-                email: Some(&user.email),
-                ip: Some(&ip),
-                user_agent: client.user_agent.as_deref(),
-                detail: Some(serde_json::json!({ "failures": MAX_OTP_FAILURES })),
-            })
-            .await;
+            self.audit_user("mfa_locked", user, client, serde_json::json!({ "failures": MAX_OTP_FAILURES })).await;
         }
         Ok(Some(reason))
+    }
+
+    /// Records `event` about `user`, done from `client` during a login.
+    async fn audit_user(&self, event: &str, user: &User, client: &ClientContext, detail: serde_json::Value) {
+        let ip = client.ip.to_string();
+        self.audit(NewAuditEvent {
+            event,
+            tenant_id: Some(user.tenant_id),
+            user_id: Some(user.id),
+            email: Some(&user.email),
+            ip: Some(&ip),
+            user_agent: client.user_agent.as_deref(),
+            detail: Some(detail),
+        })
+        .await;
     }
 
     /// Opens a session for `user`, whose password was just verified against
@@ -535,7 +540,9 @@ impl AuthService {
     }
 
     /// Spends `code` if it is one of the user's unused recovery codes; the
-    /// use is audited with how many are left.
+    /// use is audited with how many are left. The stored list is swapped
+    /// whole, so a login that lost the swap to another code's reads it
+    /// again once (and finds its code still there, or used meanwhile).
     async fn spend_recovery_code(
         &self,
         user: &User,
@@ -543,25 +550,17 @@ impl AuthService {
         code: &str,
         client: &ClientContext,
     ) -> Result<bool, AuthError> {
-        let Some(stored) = self.store.totp_recovery(user.tenant_id, user.id).await? else { return Ok(false) };
-        let Some(rest) = totp::without_recovery_code(&stored, code) else { return Ok(false) };
-        let hashes = [stored.as_str(), rest.as_str()];
-        if !self.store.spend_recovery_code(user.tenant_id, user.id, secret, hashes, MAX_OTP_FAILURES).await? {
-            return Ok(false);
+        for _ in 0..2 {
+            let Some(stored) = self.store.totp_recovery(user.tenant_id, user.id).await? else { return Ok(false) };
+            let Some(rest) = totp::without_recovery_code(&stored, user.id.as_bytes(), code) else { return Ok(false) };
+            let hashes = [stored.as_str(), rest.as_str()];
+            if self.store.spend_recovery_code(user.tenant_id, user.id, secret, hashes, MAX_OTP_FAILURES).await? {
+                let left = rest.split_whitespace().count();
+                self.audit_user("mfa_recovery_code_used", user, client, serde_json::json!({ "left": left })).await;
+                return Ok(true);
+            }
         }
-        let ip = client.ip.to_string();
-        let left = rest.split_whitespace().count();
-        self.audit(NewAuditEvent {
-            event: "mfa_recovery_code_used",
-            tenant_id: Some(user.tenant_id),
-            user_id: Some(user.id),
-            email: Some(&user.email),
-            ip: Some(&ip),
-            user_agent: client.user_agent.as_deref(),
-            detail: Some(serde_json::json!({ "left": left })),
-        })
-        .await;
-        Ok(true)
+        Ok(false)
     }
 
     /// Starts setting up a TOTP second factor, given the password (so that
@@ -604,8 +603,8 @@ impl AuthService {
             AuthError::InvalidRequest("no second factor is being set up: POST /auth/mfa/totp first".into())
         })?;
         let step = totp::matching_step(&pending, code, unix_now()).ok_or(AuthError::InvalidCode)?;
-        let (recovery_codes, hashes) =
-            totp::generate_recovery_codes().map_err(|e| AuthError::Unexpected(anyhow::anyhow!("{e}")))?;
+        let (recovery_codes, hashes) = totp::generate_recovery_codes(who.user_id.as_bytes())
+            .map_err(|e| AuthError::Unexpected(anyhow::anyhow!("{e}")))?;
         let revoked = self
             .store
             .confirm_totp(who.tenant_id, who.user_id, &pending, step, &hashes, who.session_id)

@@ -14,8 +14,10 @@
 //!   another replica is refused;
 //! - secrets are 160 random bits (RFC 4226's recommended length);
 //! - confirming a factor also gives ten single-use recovery codes (50
-//!   random bits each, shown once, stored as SHA-256 hashes) for a user who
-//!   loses the device: one stands in for a code at one login.
+//!   random bits each, shown once, stored as SHA-256 hashes of the user's
+//!   id and the code, so that a copy of the table cannot be guessed at for
+//!   every user at once) for a user who loses the device: one stands in for
+//!   a code at one login.
 
 use data_encoding::{BASE32_NOPAD, HEXLOWER};
 use hmac::{Hmac, Mac};
@@ -73,9 +75,10 @@ pub fn matching_step(secret: &str, given: &str, now: i64) -> Option<i64> {
 /// How many recovery codes a confirmed factor comes with.
 pub const RECOVERY_CODES: usize = 10;
 
-/// New recovery codes (`xxxxx-xxxxx`, lower-case base32) and what the
-/// store keeps of them: their hashes, space-separated.
-pub fn generate_recovery_codes() -> Result<(Vec<String>, String), getrandom::Error> {
+/// New recovery codes (`xxxxx-xxxxx`, lower-case base32) for the user
+/// `user` (its id's bytes) and what the store keeps of them: their hashes,
+/// space-separated.
+pub fn generate_recovery_codes(user: &[u8]) -> Result<(Vec<String>, String), getrandom::Error> {
     let mut codes = Vec::with_capacity(RECOVERY_CODES);
     for _ in 0..RECOVERY_CODES {
         let mut bytes = [0u8; 7];
@@ -83,15 +86,15 @@ pub fn generate_recovery_codes() -> Result<(Vec<String>, String), getrandom::Err
         let text = BASE32_NOPAD.encode(&bytes).to_ascii_lowercase();
         codes.push(format!("{}-{}", &text[..5], &text[5..10]));
     }
-    let hashes: Vec<String> = codes.iter().map(|c| recovery_hash(c)).collect();
+    let hashes: Vec<String> = codes.iter().map(|c| recovery_hash(user, c)).collect();
     Ok((codes, hashes.join(" ")))
 }
 
 /// The stored form of a recovery code as a user may type it (any case,
 /// with or without the dash and spaces).
-fn recovery_hash(given: &str) -> String {
+fn recovery_hash(user: &[u8], given: &str) -> String {
     let plain: String = given.chars().filter(|c| !matches!(c, '-' | ' ')).map(|c| c.to_ascii_lowercase()).collect();
-    HEXLOWER.encode(&Sha256::digest(plain.as_bytes()))
+    HEXLOWER.encode(&Sha256::new().chain_update(user).chain_update(plain.as_bytes()).finalize())
 }
 
 /// Whether `given` looks like a recovery code rather than a six-digit one.
@@ -100,11 +103,11 @@ pub fn is_recovery_code(given: &str) -> bool {
     plain == 10 && given.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | ' '))
 }
 
-/// `stored` (space-separated hashes) without the recovery code `given`,
-/// when it is one of them (each compared in constant time); `None` when it
-/// is not.
-pub fn without_recovery_code(stored: &str, given: &str) -> Option<String> {
-    let hash = recovery_hash(given);
+/// `stored` (space-separated hashes of `user`'s codes) without the
+/// recovery code `given`, when it is one of them (each compared in constant
+/// time); `None` when it is not.
+pub fn without_recovery_code(stored: &str, user: &[u8], given: &str) -> Option<String> {
+    let hash = recovery_hash(user, given);
     let mut found = false;
     let mut rest = Vec::new();
     for h in stored.split_whitespace() {
@@ -184,15 +187,17 @@ mod tests {
 
     #[test]
     fn recovery_codes_are_taken_once_in_any_spelling() {
-        let (codes, stored) = generate_recovery_codes().expect("random bytes");
+        let (codes, stored) = generate_recovery_codes(b"user one").expect("random bytes");
         assert_eq!(codes.len(), RECOVERY_CODES);
         assert!(codes.iter().all(|c| c.len() == 11 && is_recovery_code(c)), "{codes:?}");
         assert!(!stored.contains(&codes[0]), "stored in the clear");
         let typed = codes[3].to_ascii_uppercase().replace('-', " ");
-        let rest = without_recovery_code(&stored, &typed).expect("the code, as typed");
+        let rest = without_recovery_code(&stored, b"user one", &typed).expect("the code, as typed");
         assert_eq!(rest.split_whitespace().count(), RECOVERY_CODES - 1);
-        assert_eq!(without_recovery_code(&rest, &codes[3]), None, "taken twice");
-        assert!(without_recovery_code(&rest, &codes[4]).is_some());
+        assert_eq!(without_recovery_code(&rest, b"user one", &codes[3]), None, "taken twice");
+        assert!(without_recovery_code(&rest, b"user one", &codes[4]).is_some());
+        // The hashes are the user's own: the same code names nothing for another.
+        assert_eq!(without_recovery_code(&stored, b"user two", &codes[4]), None);
         assert!(!is_recovery_code("123456") && !is_recovery_code("abcde-fghi!"));
     }
 

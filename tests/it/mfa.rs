@@ -301,7 +301,7 @@ both_backends! {
         let typed = codes[0].to_uppercase().replace('-', "");
         let opened = parse_tokens(login_with(&app, PASSWORD, Some(&typed)).await, "login with a recovery code").await;
         assert_eq!(jwt_part(&opened.access_token, 1)["amr"], json!(["pwd", "otp", "mfa"]));
-        // Used up, and not a code of another user's or a made-up one.
+        // Used up, and a made-up one is no code.
         for code in [codes[0].as_str(), "aaaaa-aaaaa"] {
             let resp = login_with(&app, PASSWORD, Some(code)).await;
             assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
