@@ -312,7 +312,6 @@ async fn maintain(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let idle_counters = secs(lockout.max(Duration::from_secs(86_400)));
     let mut last_purge: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -324,7 +323,7 @@ async fn maintain(
         }
         if last_purge.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
             last_purge = Some(Instant::now());
-            match store.purge_login_attempts(unix_now() - idle_counters).await {
+            match store.purge_idle_login_attempts(lockout).await {
                 Ok(n) if n > 0 => tracing::info!(deleted = n, "purged idle lockout counters"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "lockout counter purge failed"),

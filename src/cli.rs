@@ -279,11 +279,12 @@ pub async fn execute(cli: Cli, input: &mut dyn BufRead, out: &mut dyn Write) -> 
         Command::Prune => {
             let store = open(&config).await?;
             let pruned = store.prune(config.database.retention).await;
+            let counters = store.purge_idle_login_attempts(config.auth.lockout_duration).await;
             store.close().await;
-            let pruned = pruned?;
+            let (pruned, counters) = (pruned?, counters?);
             writeln!(
                 out,
-                "pruned {} session(s), {} refresh token(s), {} audit event(s)",
+                "pruned {} session(s), {} refresh token(s), {} audit event(s), {counters} idle lockout counter(s)",
                 pruned.sessions, pruned.refresh_tokens, pruned.audit_events
             )?;
             Ok(())

@@ -69,6 +69,12 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes counters idle past [`idle_counter_cutoff`] (the hourly
+    /// upkeep and `gateway prune`); returns how many.
+    pub async fn purge_idle_login_attempts(&self, lockout: std::time::Duration) -> StoreResult<u64> {
+        self.purge_login_attempts(idle_counter_cutoff(lockout, super::unix_now())).await
+    }
+
     /// Deletes counters that are not locked and saw no attempt since `before`,
     /// so guesses at made-up emails cannot grow the table without bound.
     pub async fn purge_login_attempts(&self, before: i64) -> StoreResult<u64> {
@@ -76,4 +82,10 @@ impl Store {
                    WHERE updated_at < $1 AND (locked_until IS NULL OR locked_until < $1)";
         Ok(on_pool!(self, |p| sqlx::query(sql).bind(before).execute(p).await.map(|d| d.rows_affected()))?)
     }
+}
+
+/// Counters idle since before this are forgotten: a day, or the lockout
+/// duration if longer (a counter must outlive its lock).
+pub fn idle_counter_cutoff(lockout: std::time::Duration, now: i64) -> i64 {
+    now - super::secs(lockout.max(std::time::Duration::from_secs(86_400)))
 }

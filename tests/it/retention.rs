@@ -135,7 +135,7 @@ both_backends! {
         assert_eq!(tokens_of(&store, live).await, 3);
 
         let out = prune(&app).await;
-        assert_eq!(out.trim(), "pruned 2 session(s), 3 refresh token(s), 0 audit event(s)");
+        assert_eq!(out.trim(), "pruned 2 session(s), 3 refresh token(s), 0 audit event(s), 0 idle lockout counter(s)");
         for (gone, what) in [(&old_revoked, "revoked 40 days ago"), (&lapsed, "lapsed 70 days ago")] {
             let id = sid(&gone.access_token);
             assert_eq!(sessions_with_id(&store, id).await, 0, "{what}");
@@ -149,7 +149,7 @@ both_backends! {
         assert_eq!(sessions_with_id(&store, live).await, 1);
         assert_eq!(tokens_of(&store, live).await, 2, "only the long-expired spent token goes");
         let out = prune(&app).await;
-        assert_eq!(out.trim(), "pruned 0 session(s), 0 refresh token(s), 0 audit event(s)", "a second run");
+        assert_eq!(out.trim(), "pruned 0 session(s), 0 refresh token(s), 0 audit event(s), 0 idle lockout counter(s)", "a second run");
 
         // The open session still works: its live token rotates, and its
         // pruned first token is refused as unknown, without ending it.
@@ -197,7 +197,7 @@ both_backends! {
         assert_eq!(run("UPDATE sessions SET created_at = 1000 WHERE revoked_at IS NULL").await, n_rows);
         let out = prune(&app).await;
         let both = 2 * n;
-        assert_eq!(out.trim(), format!("pruned {both} session(s), {both} refresh token(s), 0 audit event(s)"));
+        assert_eq!(out.trim(), format!("pruned {both} session(s), {both} refresh token(s), 0 audit event(s), 0 idle lockout counter(s)"));
         let left = count(&store, "SELECT COUNT(*) FROM sessions WHERE user_id = $1", user.id).await;
         assert_eq!(left, 0, "every session was pruned");
         store.close().await;
@@ -237,6 +237,33 @@ both_backends! {
         assert!(audit.contains("login_succeeded"), "only the fresh login's event is left: {audit}");
         assert_eq!(sessions_with_id(&store, sid(&fresh.access_token)).await, 1);
         app.me_ok(&fresh.access_token).await;
+        store.close().await;
+        app.stop().await;
+    }
+
+    #[tokio::test]
+    async fn prune_forgets_idle_lockout_counters_and_keeps_live_ones() {
+        let app = spawn_app_with(keeping_everything()).await;
+        let store = open_store(&app).await;
+        let now = unix_now();
+        let rows = [
+            ("idle@example.com", "NULL", now - 2 * DAY),
+            ("recent@example.com", "NULL", now - 60),
+            ("locked@example.com", &*format!("{}", now + 600), now - 2 * DAY),
+        ];
+        for (email, locked, at) in rows {
+            let sql = format!(
+                "INSERT INTO login_attempts (tenant, email, failures, locked_until, updated_at) \
+                 VALUES ('default', '{email}', 3, {locked}, {at})"
+            );
+            assert_eq!(run(&store, &sql).await, 1);
+        }
+        let out = prune(&app).await;
+        assert!(out.trim().ends_with(", 1 idle lockout counter(s)"), "{out}");
+        let kept = |email: &str| format!("UPDATE login_attempts SET failures = failures WHERE email = '{email}'");
+        assert_eq!(run(&store, &kept("idle@example.com")).await, 0, "an idle counter was kept");
+        assert_eq!(run(&store, &kept("recent@example.com")).await, 1, "a recent counter was forgotten");
+        assert_eq!(run(&store, &kept("locked@example.com")).await, 1, "a counter under its lock was forgotten");
         store.close().await;
         app.stop().await;
     }
