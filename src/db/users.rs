@@ -245,10 +245,7 @@ impl Store {
 
     /// The TOTP secret being set up, if any.
     pub async fn totp_pending(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Option<String>> {
-        let sql = "SELECT totp_pending FROM users WHERE tenant_id = $1 AND id = $2";
-        let row: Option<(Option<String>,)> =
-            on_pool!(self, |p| sqlx::query_as(sql).bind(tenant_id).bind(user_id).fetch_optional(p).await)?;
-        Ok(row.and_then(|(pending,)| pending))
+        self.text_of("SELECT totp_pending FROM users WHERE tenant_id = $1 AND id = $2", tenant_id, user_id).await
     }
 
     /// Makes `pending` (if it is still the one being set up, and no secret
@@ -318,10 +315,7 @@ impl Store {
 
     /// The hashes of the user's unused recovery codes (space-separated).
     pub async fn totp_recovery(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Option<String>> {
-        let sql = "SELECT totp_recovery FROM users WHERE tenant_id = $1 AND id = $2";
-        let row: Option<(Option<String>,)> =
-            on_pool!(self, |p| sqlx::query_as(sql).bind(tenant_id).bind(user_id).fetch_optional(p).await)?;
-        Ok(row.and_then(|(hashes,)| hashes))
+        self.text_of("SELECT totp_recovery FROM users WHERE tenant_id = $1 AND id = $2", tenant_id, user_id).await
     }
 
     /// Replaces the user's recovery hashes `old` with `new` (one code
@@ -380,6 +374,14 @@ impl Store {
                                     totp_recovery = NULL, updated_at = $3
                    WHERE tenant_id = $1 AND id = $2 AND (totp_secret IS NOT NULL OR totp_pending IS NOT NULL)";
         self.update_and_revoke(tenant_id, user_id, sql, &[], Some("mfa_reset")).await
+    }
+
+    /// Reads one nullable text column of a user (`sql` bound to tenant and
+    /// user); `None` for an unknown user too.
+    async fn text_of(&self, sql: &str, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Option<String>> {
+        let row: Option<(Option<String>,)> =
+            on_pool!(self, |p| sqlx::query_as(sql).bind(tenant_id).bind(user_id).fetch_optional(p).await)?;
+        Ok(row.and_then(|(text,)| text))
     }
 
     /// Runs an update bound to tenant, user and a text; whether it changed a row.
