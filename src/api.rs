@@ -74,6 +74,8 @@ pub fn router(service: AuthService, origins: &CorsOrigins, request_id: &HeaderNa
         .route("/auth/sessions/{id}", delete(delete_session))
         .route("/auth/register", post(register))
         .route("/auth/password", post(change_password))
+        .route("/auth/password/forgot", post(forgot_password))
+        .route("/auth/password/reset", post(reset_password))
         .route("/auth/mfa/totp", post(totp_setup))
         .route("/auth/mfa/totp/confirm", post(totp_confirm))
         .route("/auth/mfa/totp/disable", post(totp_disable))
@@ -148,6 +150,8 @@ async fn track(req: Request, next: Next) -> Response {
         "/auth/sessions/{id}" => "/auth/sessions/{id}",
         "/auth/register" => "/auth/register",
         "/auth/password" => "/auth/password",
+        "/auth/password/forgot" => "/auth/password/forgot",
+        "/auth/password/reset" => "/auth/password/reset",
         "/auth/mfa/totp" => "/auth/mfa/totp",
         "/auth/mfa/totp/confirm" => "/auth/mfa/totp/confirm",
         "/auth/mfa/totp/disable" => "/auth/mfa/totp/disable",
@@ -193,6 +197,19 @@ struct TotpRemoval {
 #[derive(Deserialize)]
 struct RefreshBody {
     refresh_token: String,
+}
+
+#[derive(Deserialize)]
+struct Forgotten {
+    email: String,
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PasswordReset {
+    token: String,
+    new_password: SecretString,
 }
 
 #[derive(Deserialize)]
@@ -301,6 +318,26 @@ async fn change_password(
     JsonBody(body): JsonBody<PasswordChange>,
 ) -> Result<StatusCode, ApiError> {
     s.change_password(&who, &body.current_password, &body.new_password, &client).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// 202 whatever the email: whether a link is sent is decided after the
+/// answer (see `auth::service::reset`).
+async fn forgot_password(
+    State(s): State<AuthService>,
+    Client(client): Client,
+    JsonBody(body): JsonBody<Forgotten>,
+) -> Result<StatusCode, ApiError> {
+    s.forgot_password(&body.email, body.tenant.as_deref(), &client).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn reset_password(
+    State(s): State<AuthService>,
+    Client(client): Client,
+    JsonBody(body): JsonBody<PasswordReset>,
+) -> Result<StatusCode, ApiError> {
+    s.reset_password_with_link(&body.token, &body.new_password, &client).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -22,6 +22,7 @@ use crate::auth::password::PasswordHasher;
 use crate::auth::revocation::{self, RevocationState};
 use crate::auth::service::AuthService;
 use crate::auth::token::TokenRules;
+use crate::auth::webhook::Webhook;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::db::audit::NewAuditEvent;
@@ -85,7 +86,15 @@ impl App {
         }
         let rules = TokenRules::new(&config.auth.issuer, &config.auth.audience, config.auth.leeway.as_secs());
         let authenticator = Authenticator::new(keys, rules, revocations);
-        let service = AuthService::new(store.clone(), hasher, authenticator.clone(), config.auth.clone());
+        let upstream_tls = client.tls();
+        let reset_webhook = match &config.auth.password_reset.webhook {
+            Some(webhook) => {
+                Some(Arc::new(Webhook::load(webhook, Arc::clone(&upstream_tls), config.upstream.connect_timeout)?))
+            }
+            None => None,
+        };
+        let service = AuthService::new(store.clone(), hasher, authenticator.clone(), config.auth.clone())
+            .with_reset_webhook(reset_webhook);
 
         let tenants = TenantDirectory::default();
         if let Err(e) = tenants.refresh(&store).await {
@@ -96,7 +105,6 @@ impl App {
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::new(config.proxy.clone(), cors, None)));
         let identities = IdentityCache::new(IDENTITY_CACHE_CAPACITY, config.auth.leeway);
         let tls = cert.clone().map(crate::server::tls::acceptor).transpose()?;
-        let upstream_tls = client.tls();
         let client_for_probes = client.with_own_pool();
         let proxy = Proxy {
             routes: Arc::clone(&routes),
@@ -327,6 +335,11 @@ async fn maintain(
                 Ok(n) if n > 0 => tracing::info!(deleted = n, "purged idle lockout counters"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "lockout counter purge failed"),
+            }
+            match store.purge_password_resets(unix_now()).await {
+                Ok(n) if n > 0 => tracing::info!(deleted = n, "purged expired and spent password reset links"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "password reset link purge failed"),
             }
         }
     }

@@ -7,6 +7,7 @@
 //! - [`revocation`]: the in-memory revocation state and its poller.
 //! - [`ratelimit`]: the per-IP limit on credential endpoints.
 //! - [`service`]: the flows (login, refresh, logout, …) built from the above.
+//! - [`webhook`]: signed deliveries to the operator's mailer (reset links).
 //!
 //! [`Authenticator::verify_bearer`] is the single function every protected
 //! request goes through, here and in the proxy: signature and claims, then
@@ -21,6 +22,7 @@ pub mod revocation;
 pub mod service;
 pub mod token;
 pub mod totp;
+pub mod webhook;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

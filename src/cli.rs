@@ -179,6 +179,16 @@ pub enum UserCommand {
         #[arg(long)]
         email: String,
     },
+    /// Print a password reset token for the user to redeem with `POST
+    /// /auth/password/reset` (valid `auth.password_reset.token_ttl`, once;
+    /// the user's earlier links stop working). Hand it over as you would a
+    /// password.
+    ResetToken {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        email: String,
+    },
 }
 
 /// The user and the roles and scopes that `user grant` adds and `user
@@ -280,11 +290,13 @@ pub async fn execute(cli: Cli, input: &mut dyn BufRead, out: &mut dyn Write) -> 
             let store = open(&config).await?;
             let pruned = store.prune(config.database.retention).await;
             let counters = store.purge_idle_login_attempts(config.auth.lockout_duration).await;
+            let links = store.purge_password_resets(crate::db::unix_now()).await;
             store.close().await;
-            let (pruned, counters) = (pruned?, counters?);
+            let (pruned, counters, links) = (pruned?, counters?, links?);
             writeln!(
                 out,
-                "pruned {} session(s), {} refresh token(s), {} audit event(s), {counters} idle lockout counter(s)",
+                "pruned {} session(s), {} refresh token(s), {} audit event(s), {counters} idle lockout counter(s), \
+                 {links} expired or spent reset link(s)",
                 pruned.sessions, pruned.refresh_tokens, pruned.audit_events
             )?;
             Ok(())
@@ -368,6 +380,7 @@ async fn accounts(config: &Config) -> anyhow::Result<Accounts> {
         hasher,
         password_min_length: config.auth.password_min_length,
         session_lifetime: config.auth.session_lifetime,
+        reset_token_ttl: config.auth.password_reset.token_ttl,
     })
 }
 
@@ -546,6 +559,21 @@ async fn user_command(
             let tenant_id = find_tenant(store, &tenant).await?;
             let revoked = accounts.reset_mfa(tenant_id, &email).await.map_err(|e| cli_error(e, &email))?;
             writeln!(out, "second factor of {email} removed; {} session(s) revoked", revoked.len())?;
+            Ok(())
+        }
+        UserCommand::ResetToken { tenant: slug, email } => {
+            let tenant = tenant(store, &slug).await?;
+            if tenant.disabled {
+                bail!("tenant {slug:?} is disabled; a link would not work (`gateway tenant enable {slug}` first)");
+            }
+            let link = accounts.reset_link(tenant.id, &email).await.map_err(|e| cli_error(e, &email))?;
+            // Standard output holds the token alone, for scripts.
+            writeln!(out, "{}", link.token)?;
+            eprintln!(
+                "expires {}; redeem with POST /auth/password/reset {{\"token\", \"new_password\"}}; \
+                 earlier links of {email} no longer work",
+                rfc3339(link.expires_at)
+            );
             Ok(())
         }
     }

@@ -153,6 +153,47 @@ pub struct AuthConfig {
     /// for none (no CORS headers at all).
     pub cors_origins: Vec<String>,
     pub argon2: Argon2Config,
+    /// `[auth.password_reset]`: reset links, by email through the
+    /// operator's mailer, or handed out by an operator.
+    pub password_reset: PasswordResetConfig,
+}
+
+/// `[auth.password_reset]`.
+#[derive(Debug, Clone)]
+pub struct PasswordResetConfig {
+    /// Where `POST /auth/password/forgot` delivers a link's token (a
+    /// signed POST to the operator's mailer); `None`: that endpoint answers
+    /// 404, and links come only from `gateway user reset-token`.
+    pub webhook: Option<WebhookConfig>,
+    /// How long a link sets the password.
+    pub token_ttl: Duration,
+}
+
+/// The mailer's endpoint and the key its deliveries are signed with.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub url: WebhookUrl,
+    /// A file holding the Standard Webhooks secret (`whsec_` + base64);
+    /// read at start, never by `config check`.
+    pub secret_file: PathBuf,
+}
+
+/// An `http(s)://host[:port][/path][?query]` URL, split as a request needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookUrl {
+    pub https: bool,
+    pub authority: hyper::http::uri::Authority,
+    /// The `Host` field: the authority without the scheme's default port.
+    pub host: String,
+    /// `/` at least.
+    pub path_and_query: String,
+}
+
+impl std::fmt::Display for WebhookUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The path and query may carry a key: only the origin is shown.
+        write!(f, "{}://{}", if self.https { "https" } else { "http" }, self.authority)
+    }
 }
 
 /// Argon2id cost. Defaults are OWASP's (19 MiB, 2 passes, 1 lane).
@@ -519,7 +560,9 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
         f.error("cors_origins", "\"*\" allows every origin and cannot be listed with others");
     }
     let argon2_t = f.table("argon2");
+    let reset_t = f.table("password_reset");
     f.finish();
+    let password_reset = build_password_reset(reset_t, base, errors);
 
     let mut a = Fields::new("auth.argon2", argon2_t, errors);
     let argon2 = Argon2Config {
@@ -549,7 +592,70 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
         rate_limit_per_minute,
         cors_origins,
         argon2,
+        password_reset,
     }
+}
+
+fn build_password_reset(table: toml::Table, base: &Path, errors: &mut Errors) -> PasswordResetConfig {
+    let mut f = Fields::new("auth.password_reset", table, errors);
+    let token_ttl = f.duration_or("token_ttl", "30m", Duration::from_secs(1));
+    if token_ttl > Duration::from_secs(86_400) {
+        f.error("token_ttl", "must be at most 24h: a reset link is a password for whoever reads the mail");
+    }
+    let webhook_given = f.has("webhook");
+    let url = f.string("webhook").and_then(|text| match parse_webhook_url(&text) {
+        Ok(url) => Some(url),
+        Err(e) => {
+            f.error("webhook", e);
+            None
+        }
+    });
+    let secret_file = f.string("webhook_secret_file").map(|p| resolve(base, &p));
+    let webhook = match (url, secret_file) {
+        (Some(url), Some(secret_file)) => Some(WebhookConfig { url, secret_file }),
+        (Some(_), None) => {
+            // Unsigned, anyone who can reach the mailer could have it mail
+            // "reset" links of their own making.
+            f.error("webhook_secret_file", "is required with auth.password_reset.webhook: deliveries are signed");
+            None
+        }
+        (None, Some(_)) => {
+            if !webhook_given {
+                f.error("webhook_secret_file", "is only used with auth.password_reset.webhook");
+            }
+            None
+        }
+        (None, None) => None,
+    };
+    f.finish();
+    PasswordResetConfig { webhook, token_ttl }
+}
+
+/// `http(s)://host[:port][/path][?query]`: no credentials, no fragment.
+fn parse_webhook_url(text: &str) -> Result<WebhookUrl, String> {
+    let bad = |why: &str| format!("{text:?} is not a webhook URL: {why}");
+    let uri: hyper::Uri = text.parse().map_err(|e| bad(&format!("{e}")))?;
+    let https = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(bad("needs http:// or https://")),
+    };
+    let authority = uri.authority().cloned().ok_or_else(|| bad("needs a host"))?;
+    if authority.as_str().contains('@') || authority.host().is_empty() {
+        return Err(bad("needs a host, without credentials"));
+    }
+    if text.contains('#') {
+        return Err(bad("a fragment is never sent"));
+    }
+    let default_port = if https { 443 } else { 80 };
+    let host = match authority.port_u16() {
+        Some(port) if port != default_port => authority.as_str().to_owned(),
+        _ => authority.host().to_owned(),
+    };
+    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+    let path_and_query =
+        if path_and_query.starts_with('/') { path_and_query.to_owned() } else { format!("/{path_and_query}") };
+    Ok(WebhookUrl { https, authority, host, path_and_query })
 }
 
 /// An origin as a browser sends it in `Origin`: `http(s)://host[:port]`,

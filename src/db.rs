@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod login_attempts;
+pub mod password_resets;
 pub mod retention;
 pub mod sessions;
 pub mod tenants;

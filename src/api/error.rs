@@ -53,6 +53,7 @@ impl IntoResponse for ApiError {
             AuthError::InvalidCode => (StatusCode::BAD_REQUEST, "invalid_code"),
             AuthError::MfaEnabled => (StatusCode::CONFLICT, "mfa_enabled"),
             AuthError::WeakPassword(_) => (StatusCode::BAD_REQUEST, "weak_password"),
+            AuthError::InvalidResetToken => (StatusCode::BAD_REQUEST, "invalid_reset_token"),
             AuthError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "database unavailable");
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")

@@ -48,6 +48,10 @@ pub enum AuthError {
     TenantDisabled,
     #[error("{0}")]
     WeakPassword(String),
+    /// A password reset link that is unknown, spent, replaced, expired,
+    /// made before the password last changed, or of a disabled account.
+    #[error("the reset link is invalid or expired; ask for a new one")]
+    InvalidResetToken,
     /// The database cannot be reached: retry later.
     #[error("the service is temporarily unavailable")]
     Unavailable(#[source] StoreError),

@@ -2,7 +2,10 @@
 //! call these. Each flow writes its audit event and metric here, so no entry
 //! point can forget them.
 
+mod reset;
+
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -12,6 +15,7 @@ use uuid::Uuid;
 use super::password::{PasswordHasher, Verdict};
 use super::ratelimit::IpRateLimiter;
 use super::token::{self, AccessClaims};
+use super::webhook::Webhook;
 use super::{refresh, AuthError, Authenticator, Principal};
 use crate::auth::totp;
 use crate::config::{AuthConfig, MAX_PASSWORD_BYTES};
@@ -114,7 +118,11 @@ pub struct AuthService {
     pub config: AuthConfig,
     pub accounts: Accounts,
     limiter: IpRateLimiter,
+    /// Where `POST /auth/password/forgot` sends links (`None`: it is off).
+    reset_webhook: Option<Arc<Webhook>>,
 }
+
+pub use reset::{ResetLink, RESET_EVENT, RESET_MIN_INTERVAL};
 
 /// The tenant used when a request names none.
 pub const DEFAULT_TENANT: &str = "default";
@@ -127,8 +135,9 @@ impl AuthService {
             hasher: hasher.clone(),
             password_min_length: config.password_min_length,
             session_lifetime: config.session_lifetime,
+            reset_token_ttl: config.password_reset.token_ttl,
         };
-        Self { store, hasher, authenticator, config, accounts, limiter }
+        Self { store, hasher, authenticator, config, accounts, limiter, reset_webhook: None }
     }
 
     fn rate_limit(&self, ip: IpAddr) -> Result<(), AuthError> {
@@ -848,6 +857,8 @@ pub struct Accounts {
     pub password_min_length: usize,
     /// `auth.session_lifetime`: sessions past it are not listed as open.
     pub session_lifetime: Option<Duration>,
+    /// `auth.password_reset.token_ttl`: how long a reset link works.
+    pub reset_token_ttl: Duration,
 }
 
 impl Accounts {
@@ -914,6 +925,7 @@ impl Accounts {
         let email = normalize_email(email);
         let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
         let revoked = self.store.disable_user(tenant_id, user.id).await?.ok_or(AuthError::NotFound)?;
+        self.store.void_password_resets(tenant_id, Some(user.id)).await?;
         self.audit_change("user_disabled", &user, Some(serde_json::json!({ "sessions_revoked": revoked.len() }))).await;
         Ok(revoked)
     }
@@ -955,6 +967,7 @@ impl Accounts {
         let Some(revoked) = self.store.disable_tenant(tenant.id).await? else {
             return Err(AuthError::InvalidRequest(format!("slug: tenant {:?} is already disabled", tenant.slug)));
         };
+        self.store.void_password_resets(tenant.id, None).await?;
         let detail = serde_json::json!({ "tenant": tenant.slug, "sessions_revoked": revoked.len() });
         self.audit_tenant("tenant_disabled", tenant, detail).await;
         Ok(revoked)

@@ -102,6 +102,40 @@ fn session_lifetime_is_off_or_at_least_one_access_token() {
 }
 
 #[test]
+fn password_reset_webhooks_are_signed_urls_and_links_are_short_lived() {
+    let c = parse("").expect("defaults");
+    assert!(c.auth.password_reset.webhook.is_none(), "off by default");
+    assert_eq!(c.auth.password_reset.token_ttl, Duration::from_secs(1800));
+    let c = parse(
+        "[auth.password_reset]\nwebhook = \"https://mailer.internal:8443/hooks?key=k\"\n\
+         webhook_secret_file = \"hook.secret\"\ntoken_ttl = \"1h\"",
+    )
+    .expect("a webhook");
+    let webhook = c.auth.password_reset.webhook.expect("set");
+    assert!(webhook.url.https);
+    assert_eq!(webhook.url.host, "mailer.internal:8443");
+    assert_eq!(webhook.url.path_and_query, "/hooks?key=k");
+    assert_eq!(webhook.url.to_string(), "https://mailer.internal:8443", "shown without its path and query");
+    assert_eq!(webhook.secret_file, PathBuf::from("/etc/gateway/hook.secret"));
+    let c = parse("[auth.password_reset]\nwebhook = \"http://mailer:80\"\nwebhook_secret_file = \"s\"").expect("ok");
+    let url = c.auth.password_reset.webhook.expect("set").url;
+    assert_eq!((url.host.as_str(), url.path_and_query.as_str()), ("mailer", "/"));
+
+    let err = parse("[auth.password_reset]\nwebhook = \"https://mailer.internal/hooks\"\ntoken_ttl = \"2d\"")
+        .expect_err("no secret, too long a link");
+    let err = err.to_string();
+    assert!(err.contains("auth.password_reset.webhook_secret_file: is required"), "{err}");
+    assert!(err.contains("auth.password_reset.token_ttl: must be at most 24h"), "{err}");
+    for bad in ["ftp://mailer/x", "https://user:pw@mailer/x", "/hooks", "https://mailer/x#frag"] {
+        let text = format!("[auth.password_reset]\nwebhook = \"{bad}\"\nwebhook_secret_file = \"s\"");
+        let err = parse(&text).expect_err(bad).to_string();
+        assert!(err.contains("auth.password_reset.webhook: "), "{bad}: {err}");
+    }
+    let err = parse("[auth.password_reset]\nwebhook_secret_file = \"s\"").expect_err("a secret for nothing");
+    assert!(err.to_string().contains("auth.password_reset.webhook_secret_file: is only used with"), "{err}");
+}
+
+#[test]
 fn session_retention_outlasts_the_access_tokens_or_keeps_everything() {
     let err = parse("[database]\nsession_retention = \"1h\"").expect_err("shorter than 15m + 5s + 1h");
     assert!(

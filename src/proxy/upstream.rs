@@ -956,7 +956,7 @@ impl Pool {
 /// connector does, `timeout` is shared evenly between the addresses, so an
 /// unreachable first address (a black-holed IPv6 route) leaves time for the
 /// next one. The lookup itself (none for an IP literal) is bounded by it too.
-async fn connect_tcp(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
+pub(crate) async fn connect_tcp(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
     let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
     let name = host.trim_start_matches('[').trim_end_matches(']');
     let addrs: Vec<_> =

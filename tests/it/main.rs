@@ -22,6 +22,7 @@ mod http1_conformance;
 mod jwt_assertion;
 mod lockout;
 mod mfa;
+mod password_reset;
 mod process;
 mod proxy_health;
 mod proxy_http2;
