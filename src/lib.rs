@@ -31,8 +31,9 @@
 //!   [`proxy::health`] (active health checks of upstreams).
 //! - [`api`]: the `/auth/*` and JWKS endpoints (axum).
 //! - [`auth`]: passwords, keys, tokens, refresh rotation, the revocation state
-//!   and its poller/listener, the TOTP second factor ([`auth::totp`]), and
-//!   the flows in [`auth::service`].
+//!   and its poller/listener, the TOTP second factor ([`auth::totp`]), the
+//!   signed deliveries of password reset links to the operator's mailer
+//!   ([`auth::webhook`]), and the flows in [`auth::service`].
 //! - [`db`]: the store for SQLite and PostgreSQL, one function per query,
 //!   grouped by table; [`db::retention`] prunes what has ended.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener.

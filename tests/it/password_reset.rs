@@ -78,6 +78,7 @@ impl Delivery {
 /// answers 503 to the first `failures` of them, 200 to the rest.
 struct Mailer {
     addr: SocketAddr,
+    https: bool,
     deliveries: Arc<Mutex<Vec<Delivery>>>,
     task: JoinHandle<()>,
 }
@@ -90,6 +91,12 @@ impl Drop for Mailer {
 
 impl Mailer {
     async fn spawn(failures: usize) -> Mailer {
+        Self::spawn_with(failures, None).await
+    }
+
+    /// Over TLS with `acceptor`, when given.
+    async fn spawn_with(failures: usize, acceptor: Option<tokio_rustls::TlsAcceptor>) -> Mailer {
+        let https = acceptor.is_some();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the mailer");
         let addr = listener.local_addr().expect("the mailer's address");
         let deliveries: Arc<Mutex<Vec<Delivery>>> = Arc::default();
@@ -98,7 +105,7 @@ impl Mailer {
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
-                let (log, seen) = (Arc::clone(&log), Arc::clone(&seen));
+                let (log, seen, acceptor) = (Arc::clone(&log), Arc::clone(&seen), acceptor.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let (log, seen) = (Arc::clone(&log), Arc::clone(&seen));
@@ -111,15 +118,23 @@ impl Mailer {
                             Ok::<_, Infallible>(answer.expect("an answer"))
                         }
                     });
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                    let connection = http1::Builder::new();
+                    let _ = match acceptor {
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(tls) => connection.serve_connection(TokioIo::new(tls), service).await,
+                            Err(_) => return,
+                        },
+                        None => connection.serve_connection(TokioIo::new(stream), service).await,
+                    };
                 });
             }
         });
-        Mailer { addr, deliveries, task }
+        Mailer { addr, https, deliveries, task }
     }
 
     fn url(&self) -> String {
-        format!("http://{}/hooks/mail?key=mailer-own-key", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}/hooks/mail?key=mailer-own-key", self.addr)
     }
 
     fn deliveries(&self) -> Vec<Delivery> {
@@ -135,7 +150,10 @@ impl Mailer {
 
 /// A gateway whose `forgot` sends links to `mailer`.
 async fn spawn_with_mailer(mailer: &Mailer, options: TestOptions) -> TestApp {
-    let dir = tempfile::tempdir().expect("a temp dir");
+    spawn_with_mailer_in(tempfile::tempdir().expect("a temp dir"), mailer, options).await
+}
+
+async fn spawn_with_mailer_in(dir: tempfile::TempDir, mailer: &Mailer, options: TestOptions) -> TestApp {
     std::fs::write(dir.path().join("webhook.secret"), format!("{SECRET}\n")).expect("write the secret");
     let reset =
         format!("password_reset = {{ webhook = \"{}\", webhook_secret_file = \"webhook.secret\" }}\n", mailer.url());
@@ -388,4 +406,38 @@ both_backends! {
         }
         app.stop().await;
     }
+}
+
+/// The mailer is a backend like the upstreams: over HTTPS its certificate
+/// is verified with their roots and `upstream.ca_file`. An untrusted one is
+/// sent nothing (the handshake fails, three times), and the request is
+/// audited as `delivery_failed`.
+#[tokio::test]
+async fn an_https_mailer_is_verified_like_an_upstream() {
+    let rcgen::CertifiedKey { cert, key_pair } =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("a self-signed certificate");
+    let tls = crate::upstream::tls_config(&cert.pem(), &key_pair.serialize_pem());
+    let mailer = Mailer::spawn_with(0, Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))).await;
+
+    let dir = tempfile::tempdir().expect("a temp dir");
+    std::fs::write(dir.path().join("ca.pem"), cert.pem()).expect("write ca.pem");
+    let trusting = TestOptions::with_extra("[upstream]\nca_file = \"ca.pem\"\n");
+    let app = spawn_with_mailer_in(dir, &mailer, trusting).await;
+    app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+    assert_eq!(forgot(&app, json!({ "email": EMAIL })).await.status(), StatusCode::ACCEPTED);
+    let delivery = mailer.delivery(1).await;
+    delivery.assert_signed();
+    assert_eq!(request_results(&app, 1).await, ["sent"]);
+    app.stop().await;
+
+    let app = spawn_with_mailer(&mailer, TestOptions::default()).await;
+    app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+    assert_eq!(forgot(&app, json!({ "email": EMAIL })).await.status(), StatusCode::ACCEPTED);
+    assert_eq!(request_results(&app, 1).await, ["delivery_failed"]);
+    assert_eq!(mailer.deliveries().len(), 1, "nothing reached an untrusted mailer");
+    let metrics = app.metrics().await;
+    let failed =
+        crate::helpers::metric(&metrics, "gateway_password_reset_requests_total", &[("result", "delivery_failed")]);
+    assert_eq!(failed, 1.0, "{metrics}");
+    app.stop().await;
 }

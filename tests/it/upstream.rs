@@ -210,7 +210,7 @@ pub async fn spawn_tls_upstream(name: &str, cert_pem: &str, key_pem: &str) -> Up
     spawn(name, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))), false).await
 }
 
-fn tls_config(cert_pem: &str, key_pem: &str) -> rustls::ServerConfig {
+pub fn tls_config(cert_pem: &str, key_pem: &str) -> rustls::ServerConfig {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("parse the upstream's certificate");
