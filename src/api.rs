@@ -79,6 +79,7 @@ pub fn router(service: AuthService, origins: &CorsOrigins, request_id: &HeaderNa
         .route("/auth/mfa/totp", post(totp_setup))
         .route("/auth/mfa/totp/confirm", post(totp_confirm))
         .route("/auth/mfa/totp/disable", post(totp_disable))
+        .route("/auth/mfa/recovery-codes", post(recovery_codes))
         .route("/.well-known/jwks.json", get(jwks))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -155,6 +156,7 @@ async fn track(req: Request, next: Next) -> Response {
         "/auth/mfa/totp" => "/auth/mfa/totp",
         "/auth/mfa/totp/confirm" => "/auth/mfa/totp/confirm",
         "/auth/mfa/totp/disable" => "/auth/mfa/totp/disable",
+        "/auth/mfa/recovery-codes" => "/auth/mfa/recovery-codes",
         "/.well-known/jwks.json" => "/.well-known/jwks.json",
         _ => "other",
     });
@@ -262,6 +264,16 @@ async fn totp_disable(
 ) -> Result<StatusCode, ApiError> {
     s.totp_disable(&who, &body.password, &body.code, &client).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Same body as a removal: the password and a current code.
+async fn recovery_codes(
+    State(s): State<AuthService>,
+    Authenticated(who): Authenticated,
+    Client(client): Client,
+    JsonBody(body): JsonBody<TotpRemoval>,
+) -> Result<Response, ApiError> {
+    Ok(Json(s.regenerate_recovery_codes(&who, &body.password, &body.code, &client).await?).into_response())
 }
 
 async fn logout(

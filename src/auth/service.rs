@@ -651,6 +651,34 @@ impl AuthService {
         Ok(())
     }
 
+    /// Ten new recovery codes for a user with a second factor, given the
+    /// password and a current code (or a recovery code), checked as at
+    /// login: the codes given before stop working (a sheet that may have
+    /// been seen, or one running out).
+    pub async fn regenerate_recovery_codes(
+        &self,
+        who: &Principal,
+        password: &SecretString,
+        code: &str,
+        client: &ClientContext,
+    ) -> Result<RecoveryCodes, AuthError> {
+        let user = self.store.user_by_id(who.tenant_id, who.user_id).await?.ok_or(AuthError::NotFound)?;
+        if user.totp_secret.is_none() {
+            return Err(AuthError::InvalidRequest("there is no second factor: set one up first".into()));
+        }
+        let user = self.check_identity(who, password, Some(code), "mfa_recovery_codes", client).await?;
+        let Some(secret) = user.totp_secret.as_deref() else { return Err(AuthError::InvalidCredentials) };
+        let (recovery_codes, hashes) = totp::generate_recovery_codes(who.user_id.as_bytes())
+            .map_err(|e| AuthError::Unexpected(anyhow::anyhow!("{e}")))?;
+        // Removed or replaced meanwhile: the code was for another secret.
+        if !self.store.replace_recovery_codes(who.tenant_id, who.user_id, secret, &hashes).await? {
+            return Err(AuthError::InvalidCredentials);
+        }
+        let detail = serde_json::json!({ "recovery_codes": recovery_codes.len() });
+        self.audit_principal("mfa_recovery_codes_regenerated", who, client, Some(detail)).await;
+        Ok(RecoveryCodes { recovery_codes })
+    }
+
     pub async fn sessions(&self, who: &Principal) -> Result<Vec<SessionView>, AuthError> {
         let now = unix_now();
         let sessions = self.store.active_sessions(who.tenant_id, who.user_id, now).await?;

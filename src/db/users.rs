@@ -346,6 +346,30 @@ impl Store {
         Ok(done == 1)
     }
 
+    /// Replaces the recovery hashes of the user's secret `secret` (the one
+    /// a code was just checked against) by `hashes`: every code given
+    /// before stops working. False when the secret is no longer theirs.
+    pub async fn replace_recovery_codes(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        secret: &str,
+        hashes: &str,
+    ) -> StoreResult<bool> {
+        let sql = "UPDATE users SET totp_recovery = $4, updated_at = $5
+                   WHERE tenant_id = $1 AND id = $2 AND totp_secret = $3";
+        let done = on_pool!(self, |p| sqlx::query(sql)
+            .bind(tenant_id)
+            .bind(user_id)
+            .bind(secret)
+            .bind(hashes)
+            .bind(unix_now())
+            .execute(p)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(done == 1)
+    }
+
     /// Counts a wrong (or spent) code against the user's secret `secret`;
     /// returns the count, or `None` when the secret is no longer theirs.
     pub async fn count_totp_failure(&self, tenant_id: Uuid, user_id: Uuid, secret: &str) -> StoreResult<Option<i64>> {

@@ -319,4 +319,45 @@ both_backends! {
         }
         app.stop().await;
     }
+
+    #[tokio::test]
+    async fn new_recovery_codes_take_the_password_and_a_code_and_void_the_old_ones() {
+        let app = spawn_app_with(TestOptions { lockout_threshold: 20, ..TestOptions::default() }).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
+        let regenerate = |password: &str, code: &str| json!({ "password": password, "code": code });
+        let none = app.post_authed("/auth/mfa/recovery-codes", &tokens.access_token, &regenerate(PASSWORD, "123456")).await;
+        assert_error(none, StatusCode::BAD_REQUEST, "invalid_request").await;
+        let (secret, old) = enable_with_recovery(&app, &tokens.access_token).await;
+
+        // A stolen token alone gets nothing: the password and a code are checked as at login.
+        for (password, code) in [(WRONG_PASSWORD, code_in(&secret, 1)), (PASSWORD, wrong_code(&secret))] {
+            let resp = app.post_authed("/auth/mfa/recovery-codes", &tokens.access_token, &regenerate(password, &code)).await;
+            assert_error(resp, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        }
+        let resp = app.post_authed("/auth/mfa/recovery-codes", &tokens.access_token, &regenerate(PASSWORD, &code_in(&secret, 1))).await;
+        let body = expect_json(resp, StatusCode::OK).await;
+        let new: Vec<String> = body["recovery_codes"]
+            .as_array()
+            .expect("recovery codes")
+            .iter()
+            .map(|c| c.as_str().expect("a code").to_owned())
+            .collect();
+        assert_eq!(new.len(), 10);
+        assert!(new.iter().all(|c| !old.contains(c)), "new codes");
+
+        // The old sheet is void, the new one works; the factor itself is unchanged.
+        assert_error(login_with(&app, PASSWORD, Some(&old[1])).await, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        parse_tokens(login_with(&app, PASSWORD, Some(&new[0])).await, "login with a new recovery code").await;
+        // A recovery code stands in for the code here too, and is spent by it.
+        let resp = app.post_authed("/auth/mfa/recovery-codes", &tokens.access_token, &regenerate(PASSWORD, &new[1])).await;
+        let newest = expect_json(resp, StatusCode::OK).await;
+        assert!(!newest["recovery_codes"].as_array().expect("codes").contains(&json!(new[2])), "a third sheet");
+        assert_error(login_with(&app, PASSWORD, Some(&new[2])).await, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        assert_eq!(app.me_ok(&tokens.access_token).await["mfa"], true, "the factor itself stays");
+        let events = audit(&app).await;
+        assert!(events.contains("\"event\":\"mfa_recovery_codes_regenerated\""), "{events}");
+        assert!(events.contains("\"event\":\"mfa_recovery_codes_failed\""), "{events}");
+        app.stop().await;
+    }
 }
