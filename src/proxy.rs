@@ -258,11 +258,20 @@ impl Proxy {
         let method = req.method().clone();
         // Kept only where an answer of the gateway's own may need it.
         let origin = if table.cors.is_off() { None } else { req.headers().get(ORIGIN).cloned() };
+        let grpc = error::is_grpc(&method, req.headers());
         let mut outcome = Outcome { route: None, user: None, upstream: None, answered: None };
         let result = self.forward(&table, req, authorization, &path, conn, &request_id, &mut outcome, timer).await;
+        // A gRPC call's refusal is an HTTP 200; it is counted and logged
+        // with the HTTP status it stands for.
+        let mut refused_as = None;
         let mut response = result.unwrap_or_else(|e| {
             count_auth_failure(&e);
-            let mut response = e.into_response();
+            let mut response = if grpc {
+                refused_as = Some(e.status_and_code().0);
+                e.into_grpc_response()
+            } else {
+                e.into_response()
+            };
             table.cors.apply(origin.as_ref(), &table.headers.request_id, &mut response);
             response
         });
@@ -272,7 +281,7 @@ impl Proxy {
         if let Some(route) = &outcome.route {
             headers::set_answer_fields(response.headers_mut(), &route.config.response_headers);
         }
-        let status = response.status();
+        let status = refused_as.unwrap_or(response.status());
         let route_name = outcome.route.as_ref().map_or("none", |r| r.config.name.as_str());
         let elapsed = outcome.answered.unwrap_or_else(Instant::now).saturating_duration_since(started);
         match &outcome.route {
@@ -333,11 +342,16 @@ impl Proxy {
         let table = self.routes.load();
         let empty = HeaderMap::new();
         let id = headers::request_id(request.map_or(&empty, Request::headers), &table.headers.request_id);
-        let mut response = error.into_response();
+        // Counted and logged with the HTTP status, also when a gRPC call
+        // is told it in `grpc-status`.
+        let status = error.status_and_code().0;
+        let mut response = match request.is_some_and(|r| error::is_grpc(r.method(), r.headers())) {
+            true => error.into_grpc_response(),
+            false => error.into_response(),
+        };
         let origin = request.and_then(|r| r.headers().get(ORIGIN));
         table.cors.apply(origin, &table.headers.request_id, &mut response);
         headers::set_answer_fields(response.headers_mut(), &table.headers.response_headers);
-        let status = response.status();
         metrics::counter!("gateway_requests_total", "route" => "none", "status" => status_label(status)).increment(1);
         let line = Access {
             route: "none",

@@ -2,9 +2,16 @@
 //!
 //! Client faults are 4xx with a JSON `error` code; upstream faults are 502 or
 //! 504; the body never names internal details.
+//!
+//! A gRPC call (`content-type: application/grpc…`) gets the same refusal as
+//! gRPC clients read it: a Trailers-Only answer, HTTP 200 with
+//! `grpc-status` and `grpc-message` and no body, as a gRPC server (or
+//! Envoy) would send, instead of a JSON body its client cannot decode.
+//! The status follows gRPC's HTTP-to-gRPC mapping (doc/http-grpc-status-mapping.md),
+//! see [`grpc_status`].
 
-use hyper::header::{HeaderValue, ALLOW, RETRY_AFTER, WWW_AUTHENTICATE};
-use hyper::{Response, StatusCode};
+use hyper::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use hyper::{Method, Response, StatusCode};
 
 use super::path::PathError;
 use crate::auth::token::TokenError;
@@ -91,7 +98,28 @@ impl ProxyError {
 
     pub fn into_response(self) -> Response<Body> {
         let (status, code) = self.status_and_code();
-        let mut response = json_error(status, code, &self.to_string());
+        let response = json_error(status, code, &self.to_string());
+        self.with_fields(response)
+    }
+
+    /// The refusal of a gRPC call: HTTP 200, no body, and the error in
+    /// `grpc-status` (see [`grpc_status`]) and `grpc-message` (`<code>:
+    /// <message>`), with the same `WWW-Authenticate`, `Retry-After` and
+    /// `Allow` as [`ProxyError::into_response`].
+    pub fn into_grpc_response(self) -> Response<Body> {
+        let (status, code) = self.status_and_code();
+        let mut response = Response::new(Body::empty());
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from(grpc_status(status)));
+        let message = grpc_message(&format!("{code}: {self}"));
+        if let Ok(value) = HeaderValue::from_str(&message) {
+            headers.insert("grpc-message", value);
+        }
+        self.with_fields(response)
+    }
+
+    fn with_fields(self, mut response: Response<Body>) -> Response<Body> {
         if let ProxyError::MethodNotAllowed(allow) = &self {
             if let Ok(v) = HeaderValue::from_str(allow) {
                 response.headers_mut().insert(ALLOW, v);
@@ -116,5 +144,81 @@ impl ProxyError {
             response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static(c));
         }
         response
+    }
+}
+
+/// Whether a request is a gRPC call: a POST whose `content-type` is
+/// `application/grpc`, alone or with a `+format` or parameters. gRPC-Web
+/// (`application/grpc-web…`) is not: its trailers travel in the body.
+pub fn is_grpc(method: &Method, headers: &HeaderMap) -> bool {
+    // The method first: a GET (most traffic) costs one comparison.
+    *method == Method::POST
+        && headers.get(CONTENT_TYPE).is_some_and(|v| {
+            let v = v.as_bytes();
+            v.len() >= 16
+                && v[..16].eq_ignore_ascii_case(b"application/grpc")
+                && matches!(v.get(16), None | Some(b'+' | b';'))
+        })
+}
+
+/// gRPC's code for an HTTP status the gateway answers with: the mapping
+/// gRPC publishes for 400, 401, 403, 404, 429 and 502-504 (INTERNAL,
+/// UNAUTHENTICATED, PERMISSION_DENIED, UNIMPLEMENTED, UNAVAILABLE); where
+/// it has none, UNIMPLEMENTED for 405 and 501, RESOURCE_EXHAUSTED for 413
+/// and 431 (what gRPC servers answer to an oversized message), INTERNAL for
+/// 500, else UNKNOWN.
+pub fn grpc_status(status: StatusCode) -> u16 {
+    match status.as_u16() {
+        400 | 500 => 13,
+        401 => 16,
+        403 => 7,
+        404 | 405 | 501 => 12,
+        413 | 431 => 8,
+        429 | 502..=504 => 14,
+        _ => 2,
+    }
+}
+
+/// `text` percent-encoded as `grpc-message` wants it: every byte outside
+/// printable ASCII, and `%`, as `%XX`.
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use hyper::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
+    use hyper::Method;
+
+    use super::{grpc_message, is_grpc};
+
+    #[test]
+    fn grpc_calls_are_posts_of_application_grpc() {
+        let with = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(value));
+            headers
+        };
+        for yes in ["application/grpc", "application/grpc+proto", "Application/GRPC+json", "application/grpc;x=1"] {
+            assert!(is_grpc(&Method::POST, &with(yes)), "{yes}");
+        }
+        for no in ["application/grpc-web", "application/grpc-web+proto", "application/json", "application/grp"] {
+            assert!(!is_grpc(&Method::POST, &with(no)), "{no}");
+        }
+        assert!(!is_grpc(&Method::GET, &with("application/grpc")), "gRPC calls are POSTs");
+        assert!(!is_grpc(&Method::POST, &HeaderMap::new()));
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(grpc_message("forbidden: 100% é"), "forbidden: 100%25 %C3%A9");
     }
 }

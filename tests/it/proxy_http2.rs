@@ -134,6 +134,68 @@ async fn a_grpc_style_call_gets_its_trailers_identity_and_te() {
     app.stop().await;
 }
 
+/// A gRPC call the gateway refuses is told so as gRPC clients read it: a
+/// Trailers-Only answer (HTTP 200, no body, `grpc-status` and a
+/// percent-encoded `grpc-message`), counted under the HTTP status it stands
+/// for. Other requests on the same route keep their JSON refusals.
+#[tokio::test]
+async fn refused_grpc_calls_get_a_grpc_status() {
+    let upstream = spawn_h2_upstream("grpc").await;
+    // Route names of their own: the metrics recorder is the test process's.
+    let routes = route("refusing", "/pkg.Service", &[upstream.url()], &format!("{HTTP2}\nroles = [\"reader\"]"))
+        + &route("refusing-admin", "/pkg.Admin", &[upstream.url()], &format!("{HTTP2}\nroles = [\"admin\"]"));
+    let (app, access) = gateway(routes).await;
+    let mut client = h2_client(app.addr).await;
+    let grpc_call = |path: &str, token: Option<&str>| {
+        let mut request = hyper::Request::post(format!("http://{}{path}", app.addr))
+            .header(TE, "trailers")
+            .header("content-type", "application/grpc+proto");
+        if let Some(token) = token {
+            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
+        request.body(body(b"\x00\x00\x00\x00\x00", &[])).expect("a request")
+    };
+    let cases = [
+        ("/pkg.Service/Method", None, "16", "unauthorized: a bearer access token is required"),
+        ("/pkg.Service/Method", Some("not-a-token"), "16", "invalid_token: "),
+        ("/pkg.Admin/Method", Some(access.as_str()), "7", "forbidden: "),
+        ("/pkg.Nowhere/Method", Some(access.as_str()), "12", "not_found: "),
+        ("/pkg.Service/a%2fb", Some(access.as_str()), "13", "invalid_request: "),
+    ];
+    for (path, token, code, message) in cases {
+        let response = client.send_request(grpc_call(path, token)).await.expect("an answer");
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let fields = response.headers().clone();
+        assert_eq!(fields["content-type"], "application/grpc", "{path}");
+        assert_eq!(fields["grpc-status"], code, "{path}: {fields:?}");
+        let told = fields["grpc-message"].to_str().expect("ASCII");
+        assert!(told.starts_with(message), "{path}: {told}");
+        let collected = response.into_body().collect().await.expect("the body");
+        assert!(collected.trailers().is_none(), "{path}: Trailers-Only, all in the head");
+        assert!(collected.to_bytes().is_empty(), "{path}: no body");
+        if token.is_none() {
+            assert_eq!(fields["www-authenticate"], "Bearer", "the challenge stays");
+        }
+    }
+    assert_eq!(upstream.hits(), 0, "no refused call reached the upstream");
+
+    // The same refusal to a request that is no gRPC call: JSON.
+    let plain = hyper::Request::post(format!("http://{}/pkg.Service/Method", app.addr))
+        .header("content-type", "application/grpc-web")
+        .body(body(b"", &[]))
+        .expect("a request");
+    let (status, json, _) = call(&mut client, plain).await;
+    assert_eq!((status, json["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")), "{json}");
+
+    let metrics = app.metrics().await;
+    let counted =
+        |route: &str, status: &str| metric(&metrics, "gateway_requests_total", &[("route", route), ("status", status)]);
+    assert_eq!(counted("refusing", "401"), 3.0, "counted with the HTTP status they stand for:\n{metrics}");
+    assert_eq!(counted("refusing", "200"), 0.0, "{metrics}");
+    assert_eq!(counted("refusing-admin", "403"), 1.0, "{metrics}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn one_connection_carries_every_request_and_a_closed_one_is_replaced() {
     let upstream = spawn_h2_upstream("shared").await;
