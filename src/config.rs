@@ -179,7 +179,7 @@ pub struct WebhookConfig {
 }
 
 /// An `http(s)://host[:port][/path][?query]` URL, split as a request needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct WebhookUrl {
     pub https: bool,
     pub authority: hyper::http::uri::Authority,
@@ -193,6 +193,12 @@ impl std::fmt::Display for WebhookUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The path and query may carry a key: only the origin is shown.
         write!(f, "{}://{}", if self.https { "https" } else { "http" }, self.authority)
+    }
+}
+
+impl std::fmt::Debug for WebhookUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WebhookUrl({self})")
     }
 }
 
@@ -631,9 +637,12 @@ fn build_password_reset(table: toml::Table, base: &Path, errors: &mut Errors) ->
     PasswordResetConfig { webhook, token_ttl }
 }
 
-/// `http(s)://host[:port][/path][?query]`: no credentials, no fragment.
+/// `http(s)://host[:port][/path][?query]`: no credentials, no fragment;
+/// `http://` only to a loopback address (a mailer beside the gateway): a
+/// delivery carries a live credential.
 fn parse_webhook_url(text: &str) -> Result<WebhookUrl, String> {
-    let bad = |why: &str| format!("{text:?} is not a webhook URL: {why}");
+    // The text is not quoted back: its path or query may hold a key.
+    let bad = |why: &str| format!("not a webhook URL: {why}");
     let uri: hyper::Uri = text.parse().map_err(|e| bad(&format!("{e}")))?;
     let https = match uri.scheme_str() {
         Some("https") => true,
@@ -646,6 +655,16 @@ fn parse_webhook_url(text: &str) -> Result<WebhookUrl, String> {
     }
     if text.contains('#') {
         return Err(bad("a fragment is never sent"));
+    }
+    let loopback = authority.host().eq_ignore_ascii_case("localhost")
+        || authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !https && !loopback {
+        return Err(bad("use https:// (http:// only to a loopback address): a delivery carries a reset token"));
     }
     let default_port = if https { 443 } else { 80 };
     let host = match authority.port_u16() {

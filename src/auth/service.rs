@@ -120,6 +120,8 @@ pub struct AuthService {
     limiter: IpRateLimiter,
     /// Where `POST /auth/password/forgot` sends links (`None`: it is off).
     reset_webhook: Option<Arc<Webhook>>,
+    /// Bounds the `forgot` work left for after the answers.
+    reset_tasks: Arc<tokio::sync::Semaphore>,
 }
 
 pub use reset::{ResetLink, RESET_EVENT, RESET_MIN_INTERVAL};
@@ -137,7 +139,8 @@ impl AuthService {
             session_lifetime: config.session_lifetime,
             reset_token_ttl: config.password_reset.token_ttl,
         };
-        Self { store, hasher, authenticator, config, accounts, limiter, reset_webhook: None }
+        let reset_tasks = Arc::new(tokio::sync::Semaphore::new(reset::MAX_RESET_TASKS));
+        Self { store, hasher, authenticator, config, accounts, limiter, reset_webhook: None, reset_tasks }
     }
 
     fn rate_limit(&self, ip: IpAddr) -> Result<(), AuthError> {
@@ -953,7 +956,6 @@ impl Accounts {
         let email = normalize_email(email);
         let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
         let revoked = self.store.disable_user(tenant_id, user.id).await?.ok_or(AuthError::NotFound)?;
-        self.store.void_password_resets(tenant_id, Some(user.id)).await?;
         self.audit_change("user_disabled", &user, Some(serde_json::json!({ "sessions_revoked": revoked.len() }))).await;
         Ok(revoked)
     }
@@ -995,7 +997,6 @@ impl Accounts {
         let Some(revoked) = self.store.disable_tenant(tenant.id).await? else {
             return Err(AuthError::InvalidRequest(format!("slug: tenant {:?} is already disabled", tenant.slug)));
         };
-        self.store.void_password_resets(tenant.id, None).await?;
         let detail = serde_json::json!({ "tenant": tenant.slug, "sessions_revoked": revoked.len() });
         self.audit_tenant("tenant_disabled", tenant, detail).await;
         Ok(revoked)

@@ -117,9 +117,19 @@ fn password_reset_webhooks_are_signed_urls_and_links_are_short_lived() {
     assert_eq!(webhook.url.path_and_query, "/hooks?key=k");
     assert_eq!(webhook.url.to_string(), "https://mailer.internal:8443", "shown without its path and query");
     assert_eq!(webhook.secret_file, PathBuf::from("/etc/gateway/hook.secret"));
-    let c = parse("[auth.password_reset]\nwebhook = \"http://mailer:80\"\nwebhook_secret_file = \"s\"").expect("ok");
+    let c = parse("[auth.password_reset]\nwebhook = \"http://localhost:80\"\nwebhook_secret_file = \"s\"").expect("ok");
     let url = c.auth.password_reset.webhook.expect("set").url;
-    assert_eq!((url.host.as_str(), url.path_and_query.as_str()), ("mailer", "/"));
+    assert_eq!((url.host.as_str(), url.path_and_query.as_str()), ("localhost", "/"));
+    for loopback in ["http://127.0.0.1:8025/hook", "http://[::1]:8025/hook"] {
+        let text = format!("[auth.password_reset]\nwebhook = \"{loopback}\"\nwebhook_secret_file = \"s\"");
+        parse(&text).expect(loopback);
+    }
+    let err =
+        parse("[auth.password_reset]\nwebhook = \"http://mailer.internal/x?key=hidden\"\nwebhook_secret_file = \"s\"")
+            .expect_err("clear text beyond this host")
+            .to_string();
+    assert!(err.contains("use https://"), "{err}");
+    assert!(!err.contains("hidden"), "the URL's key is not quoted back: {err}");
 
     let err = parse("[auth.password_reset]\nwebhook = \"https://mailer.internal/hooks\"\ntoken_ttl = \"2d\"")
         .expect_err("no secret, too long a link");

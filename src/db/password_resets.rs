@@ -35,6 +35,16 @@ pub struct PendingReset {
     pub expires_at: i64,
 }
 
+/// What [`Store::create_password_reset`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetMade {
+    Made,
+    /// The user got a link within the minimum interval: none was made.
+    Throttled,
+    /// The user or its tenant is disabled (or gone): none was made.
+    Refused,
+}
+
 /// Why [`Store::redeem_password_reset`] set nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unredeemed {
@@ -57,33 +67,58 @@ const VOID_OTHERS: &str = "
 
 impl Store {
     /// Stores a link and voids the user's earlier unspent ones (only the
-    /// newest link works), in one transaction; `false`, storing nothing,
-    /// when the user got one within `min_interval`. The insert is the
-    /// transaction's first statement, so on SQLite it queues for the write
-    /// lock rather than failing on a stale read.
-    pub async fn create_password_reset(&self, new: NewReset<'_>) -> StoreResult<bool> {
+    /// newest link works), in one transaction, if the user and its tenant
+    /// are enabled and the user got no link within `min_interval`.
+    ///
+    /// The transaction starts by locking the user's row (a write that
+    /// changes nothing, and checks the user is enabled): on SQLite it
+    /// queues for the write lock rather than failing on a stale read; on
+    /// PostgreSQL two links for one user are made one after the other, so
+    /// the second sees the first (the one-a-minute rule holds, and one link
+    /// stays). The tenant's row is then share-locked and checked: a tenant
+    /// disable, which voids the tenant's links in its own transaction,
+    /// either sees this link or is seen by it.
+    pub async fn create_password_reset(&self, new: NewReset<'_>) -> StoreResult<ResetMade> {
+        const LOCK_USER: &str = "UPDATE users SET updated_at = updated_at
+                                 WHERE tenant_id = $1 AND id = $2 AND NOT disabled";
+        const TENANT: &str = "SELECT disabled FROM tenants WHERE id = $1";
+        let tenant = match self.pool() {
+            super::Pool::Sqlite(_) => TENANT.to_owned(),
+            super::Pool::Postgres(_) => format!("{TENANT} FOR SHARE"),
+        };
         let id = Uuid::new_v4();
         let since = if new.min_interval > 0 { new.now - new.min_interval } else { i64::MAX };
         let made = on_pool!(self, |p| {
             let mut tx = p.begin().await?;
-            let inserted = sqlx::query(INSERT)
-                .bind(id)
-                .bind(&new.token_hash[..])
-                .bind(new.tenant_id)
-                .bind(new.user_id)
-                .bind(&new.password_fingerprint[..])
-                .bind(new.now)
-                .bind(new.expires_at)
-                .bind(since)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            if inserted == 1 {
-                let void = sqlx::query(VOID_OTHERS).bind(new.tenant_id).bind(new.user_id).bind(new.now).bind(Some(id));
-                void.execute(&mut *tx).await?;
+            let locked = sqlx::query(LOCK_USER).bind(new.tenant_id).bind(new.user_id).execute(&mut *tx).await?;
+            let tenant: Option<(bool,)> = sqlx::query_as(&tenant).bind(new.tenant_id).fetch_optional(&mut *tx).await?;
+            if locked.rows_affected() == 0 || tenant.is_none_or(|(disabled,)| disabled) {
+                tx.rollback().await?;
+                ResetMade::Refused
+            } else {
+                let inserted = sqlx::query(INSERT)
+                    .bind(id)
+                    .bind(&new.token_hash[..])
+                    .bind(new.tenant_id)
+                    .bind(new.user_id)
+                    .bind(&new.password_fingerprint[..])
+                    .bind(new.now)
+                    .bind(new.expires_at)
+                    .bind(since)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if inserted == 1 {
+                    let void =
+                        sqlx::query(VOID_OTHERS).bind(new.tenant_id).bind(new.user_id).bind(new.now).bind(Some(id));
+                    void.execute(&mut *tx).await?;
+                    tx.commit().await?;
+                    ResetMade::Made
+                } else {
+                    tx.rollback().await?;
+                    ResetMade::Throttled
+                }
             }
-            tx.commit().await?;
-            inserted == 1
         });
         Ok(made)
     }
@@ -157,20 +192,6 @@ impl Store {
             }
         });
         Ok(outcome)
-    }
-
-    /// Voids every unspent link of the user, or of the whole tenant with
-    /// no user (a disable: enabling again does not bring them back).
-    pub async fn void_password_resets(&self, tenant_id: Uuid, user_id: Option<Uuid>) -> StoreResult<u64> {
-        let sql = "UPDATE password_resets SET used_at = $3
-                   WHERE tenant_id = $1 AND ($2 IS NULL OR user_id = $2) AND used_at IS NULL";
-        Ok(on_pool!(self, |p| sqlx::query(sql)
-            .bind(tenant_id)
-            .bind(user_id)
-            .bind(super::unix_now())
-            .execute(p)
-            .await
-            .map(|d| d.rows_affected()))?)
     }
 
     /// Deletes links that expired or were spent before `before` (the hourly

@@ -152,9 +152,13 @@ impl Store {
 
     /// Disables the user and revokes every open session in one transaction;
     /// returns the revoked session ids, or `None` for an unknown user.
+    ///
+    /// The user's password reset links are voided in the same transaction
+    /// (enabling again does not bring them back).
     pub async fn disable_user(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Option<Vec<Uuid>>> {
         let sql = "UPDATE users SET disabled = TRUE, updated_at = $3 WHERE tenant_id = $1 AND id = $2";
-        self.update_and_revoke(tenant_id, user_id, sql, &[], Some("user_disabled")).await
+        let void = "UPDATE password_resets SET used_at = $3 WHERE tenant_id = $1 AND user_id = $2 AND used_at IS NULL";
+        self.update_and_revoke_then(tenant_id, user_id, sql, &[], Some("user_disabled"), Some(void)).await
     }
 
     /// Sets roles and scopes to `new` if they are still `old` (what the
@@ -195,6 +199,21 @@ impl Store {
         args: &[String],
         revoke: Option<&str>,
     ) -> StoreResult<Option<Vec<Uuid>>> {
+        self.update_and_revoke_then(tenant_id, user_id, update, args, revoke, None).await
+    }
+
+    /// [`Store::update_and_revoke`], running `then` (bound to tenant id,
+    /// user id and now) last in the same transaction when the update
+    /// changed the row.
+    async fn update_and_revoke_then(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        update: &str,
+        args: &[String],
+        revoke: Option<&str>,
+        then: Option<&str>,
+    ) -> StoreResult<Option<Vec<Uuid>>> {
         let now = unix_now();
         let revoke_sql = "UPDATE sessions SET revoked_at = $3, revoke_reason = $4
                           WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL RETURNING id";
@@ -214,6 +233,9 @@ impl Store {
                     }
                     None => Vec::new(),
                 };
+                if let Some(then) = then {
+                    sqlx::query(then).bind(tenant_id).bind(user_id).bind(now).execute(&mut *tx).await?;
+                }
                 tx.commit().await?;
                 Some(ids)
             }

@@ -31,6 +31,9 @@ use sha2::Sha256;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use gateway::db::password_resets::{NewReset, ResetMade};
+use gateway::db::Store;
+
 use crate::helpers::{
     assert_error, assert_invalid_token, both_backends, eventually, expect_json, spawn_app_in, spawn_app_with, TestApp,
     TestOptions, OTHER_PASSWORD, PASSWORD, WRONG_PASSWORD,
@@ -154,9 +157,12 @@ async fn spawn_with_mailer(mailer: &Mailer, options: TestOptions) -> TestApp {
 }
 
 async fn spawn_with_mailer_in(dir: tempfile::TempDir, mailer: &Mailer, options: TestOptions) -> TestApp {
+    spawn_with_webhook_in(dir, &mailer.url(), options).await
+}
+
+async fn spawn_with_webhook_in(dir: tempfile::TempDir, url: &str, options: TestOptions) -> TestApp {
     std::fs::write(dir.path().join("webhook.secret"), format!("{SECRET}\n")).expect("write the secret");
-    let reset =
-        format!("password_reset = {{ webhook = \"{}\", webhook_secret_file = \"webhook.secret\" }}\n", mailer.url());
+    let reset = format!("password_reset = {{ webhook = \"{url}\", webhook_secret_file = \"webhook.secret\" }}\n");
     let options = TestOptions { auth_extra: format!("{}\n{reset}", options.auth_extra), ..options };
     spawn_app_in(dir, options).await
 }
@@ -295,6 +301,16 @@ both_backends! {
         app.login_ok(EMAIL, OTHER_PASSWORD, None).await;
         let failed = audit_events(&app, "password_reset_failed").await;
         assert_eq!(failed[0]["detail"]["reason"], "unknown_link", "{failed:?}");
+
+        // Asked for at the same moment, a link is still made once.
+        app.create_user("default", "twice@example.com", PASSWORD, &[], &[]).await;
+        let ask = json!({ "email": "twice@example.com" });
+        let (a, b) = tokio::join!(forgot(&app, ask.clone()), forgot(&app, ask.clone()));
+        assert_eq!((a.status(), b.status()), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
+        let mut results = request_results(&app, 5).await.split_off(3);
+        results.sort();
+        assert_eq!(results, ["sent", "throttled"]);
+        assert_eq!(mailer.deliveries().len(), 2, "one mail per user");
         app.stop().await;
     }
 
@@ -345,6 +361,16 @@ both_backends! {
         let refused = app.cli(&["user", "reset-token", "--tenant", "default", "--email", "nobody@example.com"], "").await;
         assert!(refused.expect_err("an unknown email").to_string().contains("email:"), "names the field");
 
+        // So does a tenant disable.
+        app.create_tenant("closing").await;
+        app.create_user("closing", EMAIL, PASSWORD, &[], &[]).await;
+        let out = app.cli(&["user", "reset-token", "--tenant", "closing", "--email", EMAIL], "").await;
+        let closing = out.expect("user reset-token").trim().to_owned();
+        app.cli(&["tenant", "disable", "closing"], "").await.expect("tenant disable");
+        app.cli(&["tenant", "enable", "closing"], "").await.expect("tenant enable");
+        assert_error(reset(&app, &closing, WRONG_PASSWORD).await, StatusCode::BAD_REQUEST, "invalid_reset_token").await;
+        app.login_ok(EMAIL, PASSWORD, Some("closing")).await;
+
         // Expired.
         let token = reset_token(&app, EMAIL).await;
         tokio::time::sleep(Duration::from_millis(3100)).await;
@@ -386,6 +412,47 @@ both_backends! {
         let body = json!({ "email": EMAIL, "password": OTHER_PASSWORD, "otp": now_code(1) });
         let login = app.client.post(app.url("/auth/login")).json(&body).send().await.expect("POST /auth/login");
         expect_json(login, StatusCode::OK).await;
+        app.stop().await;
+    }
+
+    /// Links for one user made at the same moment, on every connection of
+    /// the pool: one is made, the rest are throttled (on PostgreSQL the
+    /// user's row is locked first, or two inserts could each miss the
+    /// other's uncommitted row).
+    #[tokio::test]
+    async fn links_made_at_once_for_one_user_are_one_link() {
+        let app = spawn_app_with(TestOptions::default()).await;
+        let user_id = app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        let store = crate::user_admin::open_store(&app).await;
+        let user = store
+            .user_by_id(default_tenant(&store).await, user_id.parse().expect("a uuid"))
+            .await
+            .expect("the store")
+            .expect("the user");
+        for round in 0..3 {
+            let made = futures::future::join_all((0..16).map(|i| {
+                let (store, user) = (store.clone(), user.clone());
+                async move {
+                    let hash = [u8::try_from(round * 16 + i).expect("small"); 32];
+                    store
+                        .create_password_reset(NewReset {
+                            tenant_id: user.tenant_id,
+                            user_id: user.id,
+                            token_hash: &hash,
+                            password_fingerprint: &[0; 32],
+                            now: unix_now() + round * 120,
+                            expires_at: unix_now() + 3600,
+                            min_interval: 60,
+                        })
+                        .await
+                        .expect("the store")
+                }
+            }))
+            .await;
+            let made = made.iter().filter(|m| **m == ResetMade::Made).count();
+            assert_eq!(made, 1, "round {round}: one link of sixteen at once");
+        }
+        store.close().await;
         app.stop().await;
     }
 
@@ -440,4 +507,24 @@ async fn an_https_mailer_is_verified_like_an_upstream() {
         crate::helpers::metric(&metrics, "gateway_password_reset_requests_total", &[("result", "delivery_failed")]);
     assert_eq!(failed, 1.0, "{metrics}");
     app.stop().await;
+}
+
+/// `forgot` answers before its work is done: with a mailer that never
+/// takes the connection (each attempt waits out the connect timeout), the
+/// 202 is back while the request is still unrecorded, its delivery pending.
+#[tokio::test]
+async fn forgot_answers_before_the_work_is_done() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let app = spawn_with_webhook_in(dir, &crate::upstream::hanging_upstream_url(), TestOptions::default()).await;
+    app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+    assert_eq!(forgot(&app, json!({ "email": EMAIL })).await.status(), StatusCode::ACCEPTED);
+    assert!(
+        audit_events(&app, "password_reset_requested").await.is_empty(),
+        "the answer came before the delivery ended"
+    );
+    app.stop().await;
+}
+
+async fn default_tenant(store: &Store) -> uuid::Uuid {
+    store.tenant_by_slug("default").await.expect("the store").expect("the default tenant").id
 }

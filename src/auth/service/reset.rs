@@ -33,12 +33,18 @@ use crate::auth::refresh;
 use crate::auth::webhook::Webhook;
 use crate::auth::AuthError;
 use crate::db::audit::NewAuditEvent;
-use crate::db::password_resets::NewReset;
+use crate::db::password_resets::{NewReset, ResetMade, Unredeemed};
 use crate::db::users::User;
 use crate::db::{secs, unix_now};
 
 /// The least time between two links `forgot` makes for one user, in seconds.
 pub const RESET_MIN_INTERVAL: i64 = 60;
+
+/// `forgot` requests whose work (lookups, link, delivery with its retries)
+/// may run at once; past it a request is answered alike and does nothing
+/// (counted as `overloaded`), so that a flood of requests from many
+/// addresses cannot take the database connections logins need.
+pub const MAX_RESET_TASKS: usize = 32;
 
 /// The `type` of the webhook event that carries a link.
 pub const RESET_EVENT: &str = "password_reset.requested";
@@ -84,9 +90,15 @@ impl AuthService {
         let email = normalize_email(email);
         validate_email(&email).map_err(AuthError::InvalidRequest)?;
         let slug = tenant_slug(tenant)?;
+        let Ok(permit) = Arc::clone(&self.reset_tasks).try_acquire_owned() else {
+            metrics::counter!("gateway_password_reset_requests_total", "result" => "overloaded").increment(1);
+            tracing::warn!("password reset requests are arriving faster than they are handled: one was dropped");
+            return Ok(());
+        };
         let this = self.clone();
         let client = client.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let result = match this.send_reset_link(&webhook, &slug, &email).await {
                 Ok((result, user)) => (result, user),
                 Err(e) => {
@@ -128,8 +140,11 @@ impl AuthService {
         if user.disabled {
             return Ok(("user_disabled", Some(user)));
         }
-        let Some(link) = self.accounts.make_reset_link(&user, RESET_MIN_INTERVAL).await? else {
-            return Ok(("throttled", Some(user)));
+        let link = match self.accounts.make_reset_link(&user, RESET_MIN_INTERVAL).await? {
+            Ok(link) => link,
+            // Disabled since it was read.
+            Err(ResetMade::Refused) => return Ok(("user_disabled", Some(user))),
+            Err(_) => return Ok(("throttled", Some(user))),
         };
         let data = serde_json::json!({
             "tenant": tenant.slug,
@@ -186,7 +201,9 @@ impl AuthService {
         let Some(user) = self.store.user_by_id(link.tenant_id, link.user_id).await? else {
             return Err(fail("unknown_link", None).await);
         };
-        let tenant = self.store.tenant_by_id(user.tenant_id).await?.ok_or(AuthError::NotFound)?;
+        let Some(tenant) = self.store.tenant_by_id(user.tenant_id).await? else {
+            return Err(fail("unknown_link", None).await);
+        };
         if user.disabled || tenant.disabled {
             return Err(fail(if user.disabled { "user_disabled" } else { "tenant_disabled" }, Some(&user)).await);
         }
@@ -198,8 +215,8 @@ impl AuthService {
             Ok(revoked) => revoked,
             Err(gone) => {
                 let reason = match gone {
-                    crate::db::password_resets::Unredeemed::LinkGone => "link_spent_meanwhile",
-                    crate::db::password_resets::Unredeemed::UserChanged => "user_changed_meanwhile",
+                    Unredeemed::LinkGone => "link_spent_meanwhile",
+                    Unredeemed::UserChanged => "user_changed_meanwhile",
                 };
                 return Err(fail(reason, Some(&user)).await);
             }
@@ -207,9 +224,6 @@ impl AuthService {
         for id in &revoked {
             self.authenticator.revocations().revoke_session(*id);
         }
-        // The user proved the mailbox and chose a new password: a lock
-        // earned by someone guessing the old one no longer keeps them out.
-        self.store.clear_login_attempts(&tenant.slug, &user.email).await?;
         metrics::counter!("gateway_password_resets_total", "result" => "success").increment(1);
         self.audit(NewAuditEvent {
             event: "password_reset",
@@ -221,14 +235,26 @@ impl AuthService {
             detail: Some(serde_json::json!({ "via": "link", "sessions_revoked": revoked.len() })),
         })
         .await;
+        // The user proved the mailbox and chose a new password: a lock
+        // earned by someone guessing the old one no longer keeps them out.
+        // The password is set whatever happens here: a failure is logged,
+        // not answered (the lock then runs its course).
+        if let Err(e) = self.store.clear_login_attempts(&tenant.slug, &user.email).await {
+            tracing::warn!(error = %e, "could not clear the lockout after a password reset");
+        }
         Ok(())
     }
 }
 
 impl Accounts {
-    /// Makes a link for `user` (voiding its earlier ones); `None` when the
-    /// user got one less than `min_interval` seconds ago.
-    pub(super) async fn make_reset_link(&self, user: &User, min_interval: i64) -> Result<Option<ResetLink>, AuthError> {
+    /// Makes a link for `user` (voiding its earlier ones), or says why not:
+    /// the user got one less than `min_interval` seconds ago, or the user
+    /// or its tenant is disabled.
+    pub(super) async fn make_reset_link(
+        &self,
+        user: &User,
+        min_interval: i64,
+    ) -> Result<Result<ResetLink, ResetMade>, AuthError> {
         let (token, token_hash) = refresh::generate().map_err(|e| AuthError::Unexpected(anyhow::anyhow!(e)))?;
         let now = unix_now();
         let expires_at = now + secs(self.reset_token_ttl);
@@ -244,7 +270,10 @@ impl Accounts {
                 min_interval,
             })
             .await?;
-        Ok(made.then_some(ResetLink { token, expires_at }))
+        Ok(match made {
+            ResetMade::Made => Ok(ResetLink { token, expires_at }),
+            other => Err(other),
+        })
     }
 
     /// A link for an operator to hand to the user (the CLI's `user
@@ -257,9 +286,19 @@ impl Accounts {
                 "email: {email:?} is disabled; a link would not work (`gateway user enable` first)"
             )));
         }
-        let link = self.make_reset_link(&user, 0).await?.ok_or_else(|| {
-            AuthError::Unexpected(anyhow::anyhow!("a reset link without a minimum interval was not made"))
-        })?;
+        let link = match self.make_reset_link(&user, 0).await? {
+            Ok(link) => link,
+            Err(ResetMade::Refused) => {
+                return Err(AuthError::InvalidRequest(format!(
+                    "email: {email:?} or its tenant is disabled; a link would not work"
+                )))
+            }
+            Err(ResetMade::Throttled | ResetMade::Made) => {
+                return Err(AuthError::Unexpected(anyhow::anyhow!(
+                    "a reset link without a minimum interval was not made"
+                )))
+            }
+        };
         let detail =
             serde_json::json!({ "via": "operator", "result": "issued", "expires_at": rfc3339(link.expires_at) });
         self.audit_change("password_reset_requested", &user, Some(detail)).await;
