@@ -639,6 +639,7 @@ impl Proxy {
                     for name in &cfg.remove_response_headers {
                         response.headers_mut().remove(name);
                     }
+                    response.body_mut().strip_trailers(&route.trailer_strip);
                     response.body_mut().limit_reads(cfg.read_timeout, route.label.clone());
                     return respond(response, client_upgrade, conn.slot.as_ref(), &cfg.name, self.tunnel_idle_timeout);
                 }

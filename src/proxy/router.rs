@@ -64,6 +64,12 @@ pub struct Route {
     /// Per upstream, with a `health_check`: what its probes found (empty
     /// without one).
     health: Vec<Arc<UpstreamHealth>>,
+    /// The fields taken out of an HTTP/2 upstream's trailers (only such
+    /// answers have any): the route's `remove_response_headers`, and every
+    /// field the gateway sets on its answers (the route's and the
+    /// listener's `response_headers`), whose value a trailer must not
+    /// contradict after the head.
+    pub trailer_strip: Arc<[hyper::header::HeaderName]>,
 }
 
 impl Route {
@@ -71,7 +77,18 @@ impl Route {
     /// replaced, used if it enforces this route's `rate_limit`; `previous`:
     /// that table, whose health states this route takes over where they
     /// probe the same upstream the same way.
-    fn new(config: RouteConfig, kept: Option<Arc<RateLimiter>>, previous: Option<&RouteTable>) -> Self {
+    fn new(
+        config: RouteConfig,
+        kept: Option<Arc<RateLimiter>>,
+        previous: Option<&RouteTable>,
+        listener_fields: &[(hyper::header::HeaderName, hyper::header::HeaderValue)],
+    ) -> Self {
+        let mut trailer_strip = config.remove_response_headers.clone();
+        for (name, _) in config.response_headers.iter().chain(listener_fields) {
+            if !trailer_strip.contains(name) {
+                trailer_strip.push(name.clone());
+            }
+        }
         let cooldown_until = config.upstreams.iter().map(|_| AtomicU64::new(0)).collect();
         let mut health: Vec<Arc<UpstreamHealth>> = Vec::new();
         if let Some(check) = &config.health_check {
@@ -104,6 +121,7 @@ impl Route {
             epoch: Instant::now(),
             limiter,
             health,
+            trailer_strip: trailer_strip.into(),
             config,
         }
     }
@@ -249,7 +267,7 @@ impl RouteTable {
             .into_iter()
             .map(|r| {
                 let kept = kept(&r).cloned();
-                Arc::new(Route::new(r, kept, previous))
+                Arc::new(Route::new(r, kept, previous, &config.headers.response_headers))
             })
             .collect();
         // Host-specific first, then longer prefixes; routes sharing a host

@@ -334,6 +334,7 @@ impl UpstreamClient {
             stall: None,
             waiting: false,
             h2: None,
+            trailer_strip: None,
         };
         if body.decoder.is_done() && !upgrade {
             body.finish();
@@ -730,6 +731,8 @@ pub struct UpstreamBody {
     waiting: bool,
     /// An answer that came over HTTP/2: read from here, not `exchange`.
     h2: Option<hyper::body::Incoming>,
+    /// Fields taken out of its trailers ([`Self::strip_trailers`]).
+    trailer_strip: Option<Arc<[HeaderName]>>,
 }
 
 impl UpstreamBody {
@@ -744,6 +747,7 @@ impl UpstreamBody {
             stall: None,
             waiting: false,
             h2: None,
+            trailer_strip: None,
         }
     }
 
@@ -753,6 +757,15 @@ impl UpstreamBody {
     /// the route's `read_timeout`.
     pub fn limit_reads(&mut self, timeout: Duration, route: metrics::SharedString) {
         self.read_timeout = Some((timeout, route));
+    }
+
+    /// Takes `names` out of the answer's trailers, if it has any (only an
+    /// HTTP/2 upstream's answer can): a route's `remove_response_headers`
+    /// and the fields the gateway sets hold for the whole answer.
+    pub fn strip_trailers(&mut self, names: &Arc<[HeaderName]>) {
+        if self.h2.is_some() && !names.is_empty() {
+            self.trailer_strip = Some(Arc::clone(names));
+        }
     }
 
     /// Called when a read must wait: true once the upstream has been silent
@@ -787,6 +800,18 @@ impl UpstreamBody {
         match Pin::new(body).poll_frame(cx) {
             Poll::Ready(frame) => {
                 self.waiting = false;
+                let frame = match (frame, &self.trailer_strip) {
+                    (Some(Ok(frame)), Some(names)) => Some(Ok(match frame.into_trailers() {
+                        Ok(mut fields) => {
+                            for name in names.iter() {
+                                fields.remove(name);
+                            }
+                            Frame::trailers(fields)
+                        }
+                        Err(data) => data,
+                    })),
+                    (frame, _) => frame,
+                };
                 Poll::Ready(frame.map(|f| f.map_err(|e| BodyError::Io(io::Error::other(e)))))
             }
             Poll::Pending if self.stalled(cx) => {

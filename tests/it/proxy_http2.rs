@@ -134,6 +134,28 @@ async fn a_grpc_style_call_gets_its_trailers_identity_and_te() {
     app.stop().await;
 }
 
+/// A route's `remove_response_headers` hold for the upstream's trailers
+/// too: a field taken out of the head cannot come back after the body.
+#[tokio::test]
+async fn removed_response_fields_are_taken_out_of_trailers_too() {
+    let upstream = spawn_h2_upstream("grpc").await;
+    let lines = format!("{HTTP2}\nremove_response_headers = [\"grpc-message\"]");
+    let (app, access) = gateway(route("trimmed", "/pkg.Service", &[upstream.url()], &lines)).await;
+    let mut client = h2_client(app.addr).await;
+    let request = hyper::Request::post(format!("http://{}/pkg.Service/Method?mode=trailers", app.addr))
+        .header(AUTHORIZATION, format!("Bearer {access}"))
+        .header(TE, "trailers")
+        .header("content-type", "application/grpc")
+        .body(body(b"\x00\x00\x00\x00\x00", &[]))
+        .expect("a request");
+    let (status, echo, trailers) = call(&mut client, request).await;
+    assert_eq!(status, StatusCode::OK, "{echo}");
+    let trailers = trailers.expect("the answer ends with trailers");
+    assert_eq!(trailers.get("grpc-status"), Some(&HeaderValue::from_static("0")), "{trailers:?}");
+    assert!(trailers.get("grpc-message").is_none(), "removed: {trailers:?}");
+    app.stop().await;
+}
+
 /// A gRPC call the gateway refuses is told so as gRPC clients read it: a
 /// Trailers-Only answer (HTTP 200, no body, `grpc-status` and a
 /// percent-encoded `grpc-message`), counted under the HTTP status it stands
