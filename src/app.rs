@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::auth::keys::KeyRing;
 use crate::auth::password::PasswordHasher;
 use crate::auth::revocation::{self, RevocationState};
+use crate::auth::seal::SealingKey;
 use crate::auth::service::AuthService;
 use crate::auth::token::TokenRules;
 use crate::auth::webhook::Webhook;
@@ -93,7 +94,8 @@ impl App {
             }
             None => None,
         };
-        let service = AuthService::new(store.clone(), hasher, authenticator.clone(), config.auth.clone())
+        let sealer = Arc::new(seal_stored_secrets(&store, &config.auth.keys_dir).await?);
+        let service = AuthService::new(store.clone(), hasher, authenticator.clone(), config.auth.clone(), sealer)
             .with_reset_webhook(reset_webhook);
 
         let tenants = TenantDirectory::default();
@@ -343,6 +345,49 @@ async fn maintain(
             }
         }
     }
+}
+
+/// Loads (or makes, on first start) the key that seals TOTP secrets, and
+/// seals the secrets stored before sealing existed. Without the database
+/// those wait for the next start: they are read as they are meanwhile.
+async fn seal_stored_secrets(store: &Store, keys_dir: &std::path::Path) -> anyhow::Result<SealingKey> {
+    let (sealer, made) = SealingKey::load_or_generate(keys_dir).context("loading the secrets key")?;
+    if made {
+        tracing::info!(dir = %keys_dir.display(), "generated the key that seals stored TOTP secrets");
+        let event = NewAuditEvent {
+            event: "key_generated",
+            detail: Some(serde_json::json!({ "key": crate::auth::seal::KEY_FILE, "by": "startup" })),
+            ..Default::default()
+        };
+        if let Err(e) = store.record_audit(event).await {
+            tracing::warn!(error = %e, "could not record the key_generated audit event");
+        }
+    }
+    let unsealed = match store.unsealed_totp().await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look for unsealed TOTP secrets; they are sealed at a later start");
+            return Ok(sealer);
+        }
+    };
+    let mut sealed = 0;
+    for (tenant_id, user_id, secret, pending) in unsealed {
+        for (is_pending, stored) in [(false, secret), (true, pending)] {
+            let Some(stored) = stored.filter(|s| !crate::auth::seal::is_sealed(s)) else { continue };
+            let new = sealer.seal(&stored, user_id.as_bytes())?;
+            match store.reseal_totp(tenant_id, user_id, is_pending, &stored, &new).await {
+                Ok(true) => sealed += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not seal a stored TOTP secret; it is sealed at a later start");
+                }
+            }
+        }
+    }
+    if sealed > 0 {
+        tracing::info!(sealed, "sealed the TOTP secrets stored before sealing");
+    }
+    Ok(sealer)
 }
 
 /// Deletes what `retention` no longer keeps ([`Store::prune`]) a second

@@ -6,6 +6,7 @@
 //! - [`refresh`]: opaque refresh tokens, stored hashed.
 //! - [`revocation`]: the in-memory revocation state and its poller.
 //! - [`ratelimit`]: the per-IP limit on credential endpoints.
+//! - [`seal`]: the TOTP secrets, encrypted in the database.
 //! - [`service`]: the flows (login, refresh, logout, …) built from the above.
 //! - [`webhook`]: signed deliveries to the operator's mailer (reset links).
 //!
@@ -19,6 +20,7 @@ pub mod password;
 pub mod ratelimit;
 pub mod refresh;
 pub mod revocation;
+pub mod seal;
 pub mod service;
 pub mod token;
 pub mod totp;

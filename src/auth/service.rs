@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::password::{PasswordHasher, Verdict};
 use super::ratelimit::IpRateLimiter;
+use super::seal::SealingKey;
 use super::token::{self, AccessClaims};
 use super::webhook::Webhook;
 use super::{refresh, AuthError, Authenticator, Principal};
@@ -122,6 +123,8 @@ pub struct AuthService {
     reset_webhook: Option<Arc<Webhook>>,
     /// Bounds the `forgot` work left for after the answers.
     reset_tasks: Arc<tokio::sync::Semaphore>,
+    /// Seals the TOTP secrets the database keeps.
+    sealer: Arc<SealingKey>,
 }
 
 pub use reset::{ResetLink, RESET_EVENT, RESET_MIN_INTERVAL};
@@ -130,7 +133,13 @@ pub use reset::{ResetLink, RESET_EVENT, RESET_MIN_INTERVAL};
 pub const DEFAULT_TENANT: &str = "default";
 
 impl AuthService {
-    pub fn new(store: Store, hasher: PasswordHasher, authenticator: Authenticator, config: AuthConfig) -> Self {
+    pub fn new(
+        store: Store,
+        hasher: PasswordHasher,
+        authenticator: Authenticator,
+        config: AuthConfig,
+        sealer: Arc<SealingKey>,
+    ) -> Self {
         let limiter = IpRateLimiter::new(config.rate_limit_per_minute);
         let accounts = Accounts {
             store: store.clone(),
@@ -140,7 +149,15 @@ impl AuthService {
             reset_token_ttl: config.password_reset.token_ttl,
         };
         let reset_tasks = Arc::new(tokio::sync::Semaphore::new(reset::MAX_RESET_TASKS));
-        Self { store, hasher, authenticator, config, accounts, limiter, reset_webhook: None, reset_tasks }
+        Self { store, hasher, authenticator, config, accounts, limiter, reset_webhook: None, reset_tasks, sealer }
+    }
+
+    /// The TOTP secret `stored` (as the database holds it) of `user`.
+    fn open_secret(&self, user: Uuid, stored: &str) -> Result<String, AuthError> {
+        self.sealer.open(stored, user.as_bytes()).map_err(|e| {
+            tracing::error!(user_id = %user, error = %e, "a TOTP secret does not open");
+            AuthError::Unexpected(e.into())
+        })
     }
 
     fn rate_limit(&self, ip: IpAddr) -> Result<(), AuthError> {
@@ -274,12 +291,13 @@ impl AuthService {
         otp: Option<&str>,
         client: &ClientContext,
     ) -> Result<Option<&'static str>, AuthError> {
+        // As stored (sealed): what the updates below compare.
         let Some(secret) = user.totp_secret.as_deref() else { return Ok(None) };
         if user.totp_failures >= MAX_OTP_FAILURES {
             return Ok(Some("mfa_locked"));
         }
         let Some(code) = otp else { return Ok(Some("mfa_required")) };
-        let reason = match totp::matching_step(secret, code, unix_now()) {
+        let reason = match totp::matching_step(&self.open_secret(user.id, secret)?, code, unix_now()) {
             None if totp::is_recovery_code(code) => {
                 if self.spend_recovery_code(user, secret, code, client).await? {
                     return Ok(None);
@@ -592,7 +610,8 @@ impl AuthService {
             return Err(AuthError::MfaEnabled);
         }
         let secret = totp::generate_secret().map_err(|e| AuthError::Unexpected(anyhow::anyhow!("{e}")))?;
-        if !self.store.set_totp_pending(who.tenant_id, who.user_id, &secret).await? {
+        let sealed = self.sealer.seal(&secret, who.user_id.as_bytes()).map_err(|e| AuthError::Unexpected(e.into()))?;
+        if !self.store.set_totp_pending(who.tenant_id, who.user_id, &sealed).await? {
             return Err(AuthError::MfaEnabled);
         }
         self.audit_principal("mfa_setup_started", who, client, None).await;
@@ -614,7 +633,8 @@ impl AuthService {
         let pending = self.store.totp_pending(who.tenant_id, who.user_id).await?.ok_or_else(|| {
             AuthError::InvalidRequest("no second factor is being set up: POST /auth/mfa/totp first".into())
         })?;
-        let step = totp::matching_step(&pending, code, unix_now()).ok_or(AuthError::InvalidCode)?;
+        let step = totp::matching_step(&self.open_secret(who.user_id, &pending)?, code, unix_now())
+            .ok_or(AuthError::InvalidCode)?;
         let (recovery_codes, hashes) = totp::generate_recovery_codes(who.user_id.as_bytes())
             .map_err(|e| AuthError::Unexpected(anyhow::anyhow!("{e}")))?;
         let revoked = self

@@ -265,6 +265,41 @@ impl Store {
         self.changed(sql, tenant_id, user_id, secret).await
     }
 
+    /// Users whose TOTP secret, or one being set up, is stored as it is
+    /// (from before `auth::seal`): tenant, user, secret, pending.
+    pub async fn unsealed_totp(&self) -> StoreResult<Vec<(Uuid, Uuid, Option<String>, Option<String>)>> {
+        let sql = "SELECT tenant_id, id, totp_secret, totp_pending FROM users
+                   WHERE (totp_secret IS NOT NULL AND totp_secret NOT LIKE 'v1:%')
+                      OR (totp_pending IS NOT NULL AND totp_pending NOT LIKE 'v1:%')";
+        Ok(on_pool!(self, |p| sqlx::query_as(sql).fetch_all(p).await)?)
+    }
+
+    /// Replaces the user's stored TOTP secret (or, with `pending`, the one
+    /// being set up) `old` by `new`, its sealed form, if it is still `old`.
+    pub async fn reseal_totp(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        pending: bool,
+        old: &str,
+        new: &str,
+    ) -> StoreResult<bool> {
+        let sql = if pending {
+            "UPDATE users SET totp_pending = $4 WHERE tenant_id = $1 AND id = $2 AND totp_pending = $3"
+        } else {
+            "UPDATE users SET totp_secret = $4 WHERE tenant_id = $1 AND id = $2 AND totp_secret = $3"
+        };
+        let done = on_pool!(self, |p| sqlx::query(sql)
+            .bind(tenant_id)
+            .bind(user_id)
+            .bind(old)
+            .bind(new)
+            .execute(p)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(done == 1)
+    }
+
     /// The TOTP secret being set up, if any.
     pub async fn totp_pending(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Option<String>> {
         self.text_of("SELECT totp_pending FROM users WHERE tenant_id = $1 AND id = $2", tenant_id, user_id).await

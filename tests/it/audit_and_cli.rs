@@ -134,8 +134,8 @@ both_backends! {
         assert!(out.lines().all(|l| l.contains(&format!("user={user_id}"))), "{out}");
         assert!(out.lines().next().is_some_and(|l| l.contains("logout")), "{out}");
         // user_created, login_succeeded (twice), login_failed, logout, and
-        // the key generated at the start.
-        assert_eq!(list(&["--since", "1h"]).await.lines().count(), 7, "every event of the last hour");
+        // the two keys generated at the start (signing, and sealing).
+        assert_eq!(list(&["--since", "1h"]).await.lines().count(), 8, "every event of the last hour");
         assert_eq!(list(&["--since", "2999-01-01T00:00:00Z"]).await, "", "none from the future");
         let err = app.cli(&["audit", "list", "--since", "yesterday-ish"], "").await.expect_err("a bad time");
         assert!(format!("{err:#}").contains("since: \"yesterday-ish\""), "{err:#}");

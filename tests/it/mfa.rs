@@ -320,6 +320,38 @@ both_backends! {
         app.stop().await;
     }
 
+    /// The database holds TOTP secrets sealed (AES-256-GCM with the key in
+    /// the keys directory), never as they are; one stored as it is by a
+    /// gateway from before sealing still works, and is sealed at the next
+    /// start.
+    #[tokio::test]
+    async fn totp_secrets_are_sealed_in_the_database() {
+        let app = spawn_app_with(TestOptions { lockout_threshold: 20, ..TestOptions::default() }).await;
+        let user_id: uuid::Uuid = app.create_user("default", EMAIL, PASSWORD, &[], &[]).await.parse().expect("a uuid");
+        let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
+        let (secret, codes) = enable_with_recovery(&app, &tokens.access_token).await;
+        let store = crate::user_admin::open_store(&app).await;
+        let tenant = store.tenant_by_slug("default").await.expect("the store").expect("the default tenant").id;
+        let stored = |store: gateway::db::Store| async move {
+            store.user_by_id(tenant, user_id).await.expect("the store").expect("the user").totp_secret.expect("a secret")
+        };
+        let sealed = stored(store.clone()).await;
+        assert!(sealed.starts_with("v1:") && !sealed.contains(&secret), "sealed: {sealed}");
+        assert!(app.key_pem_paths().len() == 1 && app.config_path.parent().expect("dir").join("keys/secrets.key").exists());
+
+        // As a gateway from before sealing stored it: read as it is.
+        assert!(store.reseal_totp(tenant, user_id, false, &sealed, &secret).await.expect("the store"));
+        parse_tokens(login_with(&app, PASSWORD, Some(&code_in(&secret, 1))).await, "a secret stored as it is").await;
+        let app = app.restart().await;
+        let resealed = stored(store.clone()).await;
+        assert!(resealed.starts_with("v1:") && !resealed.contains(&secret), "sealed at the start: {resealed}");
+        // And it opens: a login (here with a recovery code, the current
+        // step being spent) reads it.
+        parse_tokens(login_with(&app, PASSWORD, Some(&codes[0])).await, "after the start").await;
+        store.close().await;
+        app.stop().await;
+    }
+
     #[tokio::test]
     async fn new_recovery_codes_take_the_password_and_a_code_and_void_the_old_ones() {
         let app = spawn_app_with(TestOptions { lockout_threshold: 20, ..TestOptions::default() }).await;
