@@ -76,6 +76,8 @@ pub fn router(service: AuthService, origins: &CorsOrigins, request_id: &HeaderNa
         .route("/auth/password", post(change_password))
         .route("/auth/password/forgot", post(forgot_password))
         .route("/auth/password/reset", post(reset_password))
+        .route("/auth/email/verify", post(verify_email))
+        .route("/auth/email/resend", post(resend_verification))
         .route("/auth/mfa/totp", post(totp_setup))
         .route("/auth/mfa/totp/confirm", post(totp_confirm))
         .route("/auth/mfa/totp/disable", post(totp_disable))
@@ -153,6 +155,8 @@ async fn track(req: Request, next: Next) -> Response {
         "/auth/password" => "/auth/password",
         "/auth/password/forgot" => "/auth/password/forgot",
         "/auth/password/reset" => "/auth/password/reset",
+        "/auth/email/verify" => "/auth/email/verify",
+        "/auth/email/resend" => "/auth/email/resend",
         "/auth/mfa/totp" => "/auth/mfa/totp",
         "/auth/mfa/totp/confirm" => "/auth/mfa/totp/confirm",
         "/auth/mfa/totp/disable" => "/auth/mfa/totp/disable",
@@ -206,6 +210,11 @@ struct Forgotten {
     email: String,
     #[serde(default)]
     tenant: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Verification {
+    token: String,
 }
 
 #[derive(Deserialize)]
@@ -319,8 +328,9 @@ async fn register(
     Client(client): Client,
     JsonBody(body): JsonBody<Credentials>,
 ) -> Result<Response, ApiError> {
-    let user_id = s.register(&body.email, &body.password, body.tenant.as_deref(), &client).await?;
-    Ok((StatusCode::CREATED, Json(serde_json::json!({ "user_id": user_id }))).into_response())
+    let (user_id, email_verified) = s.register(&body.email, &body.password, body.tenant.as_deref(), &client).await?;
+    let body = serde_json::json!({ "user_id": user_id, "email_verified": email_verified });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
 async fn change_password(
@@ -351,6 +361,25 @@ async fn reset_password(
 ) -> Result<StatusCode, ApiError> {
     s.reset_password_with_link(&body.token, &body.new_password, &client).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn verify_email(
+    State(s): State<AuthService>,
+    Client(client): Client,
+    JsonBody(body): JsonBody<Verification>,
+) -> Result<StatusCode, ApiError> {
+    s.verify_email(&body.token, &client).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// 202 whatever the email, as `forgot`.
+async fn resend_verification(
+    State(s): State<AuthService>,
+    Client(client): Client,
+    JsonBody(body): JsonBody<Forgotten>,
+) -> Result<StatusCode, ApiError> {
+    s.resend_verification(&body.email, body.tenant.as_deref(), &client).await?;
+    Ok(StatusCode::ACCEPTED)
 }
 
 async fn jwks(State(s): State<AuthService>) -> Response {

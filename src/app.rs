@@ -88,7 +88,7 @@ impl App {
         let rules = TokenRules::new(&config.auth.issuer, &config.auth.audience, config.auth.leeway.as_secs());
         let authenticator = Authenticator::new(keys, rules, revocations);
         let upstream_tls = client.tls();
-        let reset_webhook = match &config.auth.password_reset.webhook {
+        let reset_webhook = match &config.auth.mailer {
             Some(webhook) => {
                 Some(Arc::new(Webhook::load(webhook, Arc::clone(&upstream_tls), config.upstream.connect_timeout)?))
             }
@@ -96,7 +96,7 @@ impl App {
         };
         let sealer = Arc::new(seal_stored_secrets(&store, &config.auth.keys_dir).await?);
         let service = AuthService::new(store.clone(), hasher, authenticator.clone(), config.auth.clone(), sealer)
-            .with_reset_webhook(reset_webhook);
+            .with_mailer(reset_webhook);
 
         let tenants = TenantDirectory::default();
         if let Err(e) = tenants.refresh(&store).await {
@@ -338,10 +338,10 @@ async fn maintain(
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "lockout counter purge failed"),
             }
-            match store.purge_password_resets(unix_now()).await {
-                Ok(n) if n > 0 => tracing::info!(deleted = n, "purged expired and spent password reset links"),
+            match store.purge_email_links(unix_now()).await {
+                Ok(n) if n > 0 => tracing::info!(deleted = n, "purged expired and spent email links"),
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "password reset link purge failed"),
+                Err(e) => tracing::warn!(error = %e, "email link purge failed"),
             }
         }
     }

@@ -8,7 +8,7 @@
 //! - [`ratelimit`]: the per-IP limit on credential endpoints.
 //! - [`seal`]: the TOTP secrets, encrypted in the database.
 //! - [`service`]: the flows (login, refresh, logout, …) built from the above.
-//! - [`webhook`]: signed deliveries to the operator's mailer (reset links).
+//! - [`webhook`]: signed deliveries to the operator's mailer (mailed links).
 //!
 //! [`Authenticator::verify_bearer`] is the single function every protected
 //! request goes through, here and in the proxy: signature and claims, then

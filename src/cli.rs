@@ -189,6 +189,14 @@ pub enum UserCommand {
         #[arg(long)]
         email: String,
     },
+    /// Vouch for a user's email: with `auth.email_verification.required`,
+    /// a user who registered logs in without following the mailed link.
+    VerifyEmail {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        email: String,
+    },
 }
 
 /// The user and the roles and scopes that `user grant` adds and `user
@@ -290,13 +298,13 @@ pub async fn execute(cli: Cli, input: &mut dyn BufRead, out: &mut dyn Write) -> 
             let store = open(&config).await?;
             let pruned = store.prune(config.database.retention).await;
             let counters = store.purge_idle_login_attempts(config.auth.lockout_duration).await;
-            let links = store.purge_password_resets(crate::db::unix_now()).await;
+            let links = store.purge_email_links(crate::db::unix_now()).await;
             store.close().await;
             let (pruned, counters, links) = (pruned?, counters?, links?);
             writeln!(
                 out,
                 "pruned {} session(s), {} refresh token(s), {} audit event(s), {counters} idle lockout counter(s), \
-                 {links} expired or spent reset link(s)",
+                 {links} expired or spent email link(s)",
                 pruned.sessions, pruned.refresh_tokens, pruned.audit_events
             )?;
             Ok(())
@@ -380,7 +388,8 @@ async fn accounts(config: &Config) -> anyhow::Result<Accounts> {
         hasher,
         password_min_length: config.auth.password_min_length,
         session_lifetime: config.auth.session_lifetime,
-        reset_token_ttl: config.auth.password_reset.token_ttl,
+        reset_token_ttl: config.auth.reset_token_ttl,
+        verification_token_ttl: config.auth.email_verification.token_ttl,
     })
 }
 
@@ -486,7 +495,7 @@ async fn user_command(
             let tenant_id = tenant.id;
             let password = if password_stdin { read_stdin_password(input)? } else { prompt_password()? };
             let user = accounts
-                .create_user(tenant_id, &email, &password, &roles, &scopes, None, None)
+                .create_user(tenant_id, &email, &password, &roles, &scopes, None, None, true)
                 .await
                 .map_err(|e| cli_error(e, &email))?;
             writeln!(out, "{}", user.id)?;
@@ -503,12 +512,13 @@ async fn user_command(
             for u in store.list_users(tenant_id).await? {
                 writeln!(
                     out,
-                    "{}  {:<32} roles={} scopes={}{}{}",
+                    "{}  {:<32} roles={} scopes={}{}{}{}",
                     u.id,
                     u.email,
                     u.roles.join(","),
                     u.scopes.join(","),
                     if u.totp_secret.is_some() { "  MFA" } else { "" },
+                    if u.email_verified_at.is_none() { "  UNVERIFIED" } else { "" },
                     if u.disabled { "  DISABLED" } else { "" }
                 )?;
             }
@@ -559,6 +569,12 @@ async fn user_command(
             let tenant_id = find_tenant(store, &tenant).await?;
             let revoked = accounts.reset_mfa(tenant_id, &email).await.map_err(|e| cli_error(e, &email))?;
             writeln!(out, "second factor of {email} removed; {} session(s) revoked", revoked.len())?;
+            Ok(())
+        }
+        UserCommand::VerifyEmail { tenant, email } => {
+            let tenant_id = find_tenant(store, &tenant).await?;
+            accounts.mark_email_verified(tenant_id, &email).await.map_err(|e| cli_error(e, &email))?;
+            writeln!(out, "email of {email} verified")?;
             Ok(())
         }
         UserCommand::ResetToken { tenant: slug, email } => {

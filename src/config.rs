@@ -153,23 +153,28 @@ pub struct AuthConfig {
     /// for none (no CORS headers at all).
     pub cors_origins: Vec<String>,
     pub argon2: Argon2Config,
-    /// `[auth.password_reset]`: reset links, by email through the
-    /// operator's mailer, or handed out by an operator.
-    pub password_reset: PasswordResetConfig,
+    /// `[auth.mailer]`: where links to mail are delivered (a signed POST to
+    /// the operator's mailer); `None`: `POST /auth/password/forgot` and
+    /// `/auth/email/resend` answer 404, and links come only from the CLI.
+    pub mailer: Option<WebhookConfig>,
+    /// `auth.password_reset.token_ttl`: how long a reset link sets the
+    /// password.
+    pub reset_token_ttl: Duration,
+    /// `[auth.email_verification]`.
+    pub email_verification: EmailVerification,
 }
 
-/// `[auth.password_reset]`.
-#[derive(Debug, Clone)]
-pub struct PasswordResetConfig {
-    /// Where `POST /auth/password/forgot` delivers a link's token (a
-    /// signed POST to the operator's mailer); `None`: that endpoint answers
-    /// 404, and links come only from `gateway user reset-token`.
-    pub webhook: Option<WebhookConfig>,
-    /// How long a link sets the password.
+/// `[auth.email_verification]`: whether a registered user must prove the
+/// email before logging in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmailVerification {
+    pub required: bool,
+    /// How long a verification link works.
     pub token_ttl: Duration,
 }
 
-/// The mailer's endpoint and the key its deliveries are signed with.
+/// `[auth.mailer]`: the mailer's endpoint and the key its deliveries are
+/// signed with.
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {
     pub url: WebhookUrl,
@@ -567,8 +572,29 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
     }
     let argon2_t = f.table("argon2");
     let reset_t = f.table("password_reset");
+    let mailer_t = f.table("mailer");
+    let verification_t = f.table("email_verification");
+    let registration_given = registration;
     f.finish();
-    let password_reset = build_password_reset(reset_t, base, errors);
+    let mailer = build_mailer(mailer_t, base, errors);
+    let mut r = Fields::new("auth.password_reset", reset_t, errors);
+    let reset_token_ttl = r.duration_or("token_ttl", "30m", Duration::from_secs(1));
+    if reset_token_ttl > Duration::from_secs(86_400) {
+        r.error("token_ttl", "must be at most 24h: a reset link is a password for whoever reads the mail");
+    }
+    r.finish();
+    let mut v = Fields::new("auth.email_verification", verification_t, errors);
+    let email_verification = EmailVerification {
+        required: v.bool_or("required", false),
+        token_ttl: v.duration_or("token_ttl", "24h", Duration::from_secs(1)),
+    };
+    if email_verification.token_ttl > Duration::from_secs(7 * 86_400) {
+        v.error("token_ttl", "must be at most 7d");
+    }
+    if email_verification.required && registration_given && mailer.is_none() {
+        v.error("required", "needs auth.mailer: registered users could not be sent their link");
+    }
+    v.finish();
 
     let mut a = Fields::new("auth.argon2", argon2_t, errors);
     let argon2 = Argon2Config {
@@ -598,16 +624,14 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
         rate_limit_per_minute,
         cors_origins,
         argon2,
-        password_reset,
+        mailer,
+        reset_token_ttl,
+        email_verification,
     }
 }
 
-fn build_password_reset(table: toml::Table, base: &Path, errors: &mut Errors) -> PasswordResetConfig {
-    let mut f = Fields::new("auth.password_reset", table, errors);
-    let token_ttl = f.duration_or("token_ttl", "30m", Duration::from_secs(1));
-    if token_ttl > Duration::from_secs(86_400) {
-        f.error("token_ttl", "must be at most 24h: a reset link is a password for whoever reads the mail");
-    }
+fn build_mailer(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<WebhookConfig> {
+    let mut f = Fields::new("auth.mailer", table, errors);
     let webhook_given = f.has("webhook");
     let url = f.string("webhook").and_then(|text| match parse_webhook_url(&text) {
         Ok(url) => Some(url),
@@ -622,19 +646,19 @@ fn build_password_reset(table: toml::Table, base: &Path, errors: &mut Errors) ->
         (Some(_), None) => {
             // Unsigned, anyone who can reach the mailer could have it mail
             // "reset" links of their own making.
-            f.error("webhook_secret_file", "is required with auth.password_reset.webhook: deliveries are signed");
+            f.error("webhook_secret_file", "is required with auth.mailer.webhook: deliveries are signed");
             None
         }
         (None, Some(_)) => {
             if !webhook_given {
-                f.error("webhook_secret_file", "is only used with auth.password_reset.webhook");
+                f.error("webhook_secret_file", "is only used with auth.mailer.webhook");
             }
             None
         }
         (None, None) => None,
     };
     f.finish();
-    PasswordResetConfig { webhook, token_ttl }
+    webhook
 }
 
 /// `http(s)://host[:port][/path][?query]`: no credentials, no fragment;

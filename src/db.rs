@@ -11,8 +11,8 @@
 //! native `uuid` in PostgreSQL).
 
 pub mod audit;
+pub mod email_links;
 pub mod login_attempts;
-pub mod password_resets;
 pub mod retention;
 pub mod sessions;
 pub mod tenants;

@@ -54,6 +54,8 @@ impl IntoResponse for ApiError {
             AuthError::MfaEnabled => (StatusCode::CONFLICT, "mfa_enabled"),
             AuthError::WeakPassword(_) => (StatusCode::BAD_REQUEST, "weak_password"),
             AuthError::InvalidResetToken => (StatusCode::BAD_REQUEST, "invalid_reset_token"),
+            AuthError::InvalidVerificationToken => (StatusCode::BAD_REQUEST, "invalid_verification_token"),
+            AuthError::EmailNotVerified => (StatusCode::FORBIDDEN, "email_not_verified"),
             AuthError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "database unavailable");
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")

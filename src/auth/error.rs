@@ -52,6 +52,14 @@ pub enum AuthError {
     /// made before the password last changed, or of a disabled account.
     #[error("the reset link is invalid or expired; ask for a new one")]
     InvalidResetToken,
+    /// A verification link that is unknown, spent, replaced, expired, of
+    /// another email, or of a disabled account.
+    #[error("the verification link is invalid or expired; ask for a new one")]
+    InvalidVerificationToken,
+    /// The password was right, and the email must be proved first
+    /// (`auth.email_verification.required`).
+    #[error("this account's email is not verified yet: follow the link mailed to it")]
+    EmailNotVerified,
     /// The database cannot be reached: retry later.
     #[error("the service is temporarily unavailable")]
     Unavailable(#[source] StoreError),

@@ -2,7 +2,9 @@
 //! call these. Each flow writes its audit event and metric here, so no entry
 //! point can forget them.
 
+mod links;
 mod reset;
+mod verify;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -67,6 +69,8 @@ pub struct Me {
     pub session_id: Uuid,
     /// Whether logins need a TOTP code.
     pub mfa: bool,
+    /// Whether the email is proved (or counts as such).
+    pub email_verified: bool,
 }
 
 /// `POST /auth/mfa/totp`: the secret to give an authenticator app.
@@ -119,15 +123,15 @@ pub struct AuthService {
     pub config: AuthConfig,
     pub accounts: Accounts,
     limiter: IpRateLimiter,
-    /// Where `POST /auth/password/forgot` sends links (`None`: it is off).
-    reset_webhook: Option<Arc<Webhook>>,
-    /// Bounds the `forgot` work left for after the answers.
-    reset_tasks: Arc<tokio::sync::Semaphore>,
+    /// Where mailed links are delivered (`None`: only the CLI makes links).
+    mailer: Option<Arc<Webhook>>,
+    /// Bounds the link work left for after the answers.
+    link_tasks: Arc<tokio::sync::Semaphore>,
     /// Seals the TOTP secrets the database keeps.
     sealer: Arc<SealingKey>,
 }
 
-pub use reset::{ResetLink, RESET_EVENT, RESET_MIN_INTERVAL};
+pub use links::{EmailLink, LINK_MIN_INTERVAL, MAX_LINK_TASKS};
 
 /// The tenant used when a request names none.
 pub const DEFAULT_TENANT: &str = "default";
@@ -146,10 +150,11 @@ impl AuthService {
             hasher: hasher.clone(),
             password_min_length: config.password_min_length,
             session_lifetime: config.session_lifetime,
-            reset_token_ttl: config.password_reset.token_ttl,
+            reset_token_ttl: config.reset_token_ttl,
+            verification_token_ttl: config.email_verification.token_ttl,
         };
-        let reset_tasks = Arc::new(tokio::sync::Semaphore::new(reset::MAX_RESET_TASKS));
-        Self { store, hasher, authenticator, config, accounts, limiter, reset_webhook: None, reset_tasks, sealer }
+        let link_tasks = Arc::new(tokio::sync::Semaphore::new(MAX_LINK_TASKS));
+        Self { store, hasher, authenticator, config, accounts, limiter, mailer: None, link_tasks, sealer }
     }
 
     /// The TOTP secret `stored` (as the database holds it) of `user`.
@@ -216,6 +221,9 @@ impl AuthService {
             (Some(user), Verdict::Right { rehash })
                 if !user.disabled && tenant.as_ref().is_some_and(|t| !t.disabled) =>
             'right: {
+                if self.config.email_verification.required && user.email_verified_at.is_none() {
+                    break 'right "email_not_verified";
+                }
                 if let Some(reason) = self.second_factor(user, otp, client).await? {
                     break 'right reason;
                 }
@@ -272,7 +280,11 @@ impl AuthService {
             .await;
         }
         // The attempt that starts the lock is not told the password was right.
-        Err(if failure == "mfa_required" && !locks { AuthError::MfaRequired } else { AuthError::InvalidCredentials })
+        Err(match failure {
+            "mfa_required" if !locks => AuthError::MfaRequired,
+            "email_not_verified" if !locks => AuthError::EmailNotVerified,
+            _ => AuthError::InvalidCredentials,
+        })
     }
 
     /// The second factor of a login whose password was right: `None` when
@@ -531,6 +543,7 @@ impl AuthService {
             scopes: user.scopes,
             session_id: who.session_id,
             mfa: user.totp_secret.is_some(),
+            email_verified: user.email_verified_at.is_some(),
         })
     }
 
@@ -737,7 +750,7 @@ impl AuthService {
         password: &SecretString,
         tenant: Option<&str>,
         client: &ClientContext,
-    ) -> Result<Uuid, AuthError> {
+    ) -> Result<(Uuid, bool), AuthError> {
         if !self.config.registration {
             return Err(AuthError::NotFound);
         }
@@ -752,11 +765,15 @@ impl AuthService {
             return Err(AuthError::TenantDisabled);
         }
         let ip = client.ip.to_string();
+        let verified = !self.verification_required();
         let user = self
             .accounts
-            .create_user(tenant.id, email, password, &[], &[], Some(&ip), client.user_agent.as_deref())
+            .create_user(tenant.id, email, password, &[], &[], Some(&ip), client.user_agent.as_deref(), verified)
             .await?;
-        Ok(user.id)
+        if !verified {
+            self.send_first_verification(&user.email, &tenant.slug, client);
+        }
+        Ok((user.id, verified))
     }
 
     pub async fn change_password(
@@ -910,6 +927,9 @@ pub struct Accounts {
     pub session_lifetime: Option<Duration>,
     /// `auth.password_reset.token_ttl`: how long a reset link works.
     pub reset_token_ttl: Duration,
+    /// `auth.email_verification.token_ttl`: how long a verification link
+    /// works.
+    pub verification_token_ttl: Duration,
 }
 
 impl Accounts {
@@ -943,6 +963,7 @@ impl Accounts {
         scopes: &[String],
         ip: Option<&str>,
         user_agent: Option<&str>,
+        verified: bool,
     ) -> Result<User, AuthError> {
         let email = normalize_email(email);
         validate_email(&email).map_err(AuthError::InvalidRequest)?;
@@ -951,7 +972,7 @@ impl Accounts {
         let hash = self.hasher.hash(password).await?;
         let user = self
             .store
-            .create_user(NewUser { tenant_id, email: &email, password_hash: &hash, roles, scopes })
+            .create_user(NewUser { tenant_id, email: &email, password_hash: &hash, roles, scopes, verified })
             .await
             .map_err(|e| match e {
                 StoreError::Conflict => AuthError::EmailTaken,
@@ -964,7 +985,7 @@ impl Accounts {
             email: Some(&email),
             ip,
             user_agent,
-            detail: None,
+            detail: (!verified).then(|| serde_json::json!({ "email_verified": false })),
         })
         .await;
         Ok(user)

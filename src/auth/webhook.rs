@@ -1,9 +1,9 @@
-//! Signed deliveries to the operator's mailer: how a password reset link
-//! leaves the gateway.
+//! Signed deliveries to the operator's mailer: how a mailed link (a
+//! password reset, an email verification) leaves the gateway.
 //!
 //! The gateway sends no mail itself (templates, SMTP, bounces and sender
 //! reputation are a mailer's job); it POSTs the link's token to
-//! `auth.password_reset.webhook`, and the service there writes the mail.
+//! `auth.mailer.webhook`, and the service there writes the mail.
 //! The format is Standard Webhooks (<https://www.standardwebhooks.com/>, as
 //! Supabase's auth hooks and Svix send), so a receiver verifies it with any
 //! of that specification's libraries:
@@ -64,9 +64,9 @@ impl Webhook {
     pub fn load(config: &WebhookConfig, tls: Arc<UpstreamTls>, connect_timeout: Duration) -> anyhow::Result<Self> {
         let path = &config.secret_file;
         let text = std::fs::read_to_string(path)
-            .with_context(|| format!("auth.password_reset.webhook_secret_file: reading {}", path.display()))?;
+            .with_context(|| format!("auth.mailer.webhook_secret_file: reading {}", path.display()))?;
         let key = parse_secret(text.trim())
-            .map_err(|e| anyhow::anyhow!("auth.password_reset.webhook_secret_file ({}): {e}", path.display()))?;
+            .map_err(|e| anyhow::anyhow!("auth.mailer.webhook_secret_file ({}): {e}", path.display()))?;
         Ok(Self { url: config.url.clone(), key, tls, connect_timeout })
     }
 

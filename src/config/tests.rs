@@ -102,47 +102,64 @@ fn session_lifetime_is_off_or_at_least_one_access_token() {
 }
 
 #[test]
-fn password_reset_webhooks_are_signed_urls_and_links_are_short_lived() {
+fn mailer_webhooks_are_signed_urls_and_links_are_short_lived() {
     let c = parse("").expect("defaults");
-    assert!(c.auth.password_reset.webhook.is_none(), "off by default");
-    assert_eq!(c.auth.password_reset.token_ttl, Duration::from_secs(1800));
+    assert!(c.auth.mailer.is_none(), "off by default");
+    assert_eq!(c.auth.reset_token_ttl, Duration::from_secs(1800));
+    assert_eq!(
+        c.auth.email_verification,
+        EmailVerification { required: false, token_ttl: Duration::from_secs(86_400) }
+    );
     let c = parse(
-        "[auth.password_reset]\nwebhook = \"https://mailer.internal:8443/hooks?key=k\"\n\
-         webhook_secret_file = \"hook.secret\"\ntoken_ttl = \"1h\"",
+        "[auth.mailer]\nwebhook = \"https://mailer.internal:8443/hooks?key=k\"\n\
+         webhook_secret_file = \"hook.secret\"\n[auth.password_reset]\ntoken_ttl = \"1h\"\n\
+         [auth.email_verification]\nrequired = true\ntoken_ttl = \"2d\"",
     )
-    .expect("a webhook");
-    let webhook = c.auth.password_reset.webhook.expect("set");
+    .expect("a mailer");
+    let webhook = c.auth.mailer.expect("set");
     assert!(webhook.url.https);
     assert_eq!(webhook.url.host, "mailer.internal:8443");
     assert_eq!(webhook.url.path_and_query, "/hooks?key=k");
     assert_eq!(webhook.url.to_string(), "https://mailer.internal:8443", "shown without its path and query");
     assert_eq!(webhook.secret_file, PathBuf::from("/etc/gateway/hook.secret"));
-    let c = parse("[auth.password_reset]\nwebhook = \"http://localhost:80\"\nwebhook_secret_file = \"s\"").expect("ok");
-    let url = c.auth.password_reset.webhook.expect("set").url;
+    assert_eq!(c.auth.reset_token_ttl, Duration::from_secs(3600));
+    assert_eq!(
+        c.auth.email_verification,
+        EmailVerification { required: true, token_ttl: Duration::from_secs(172_800) }
+    );
+    let c = parse("[auth.mailer]\nwebhook = \"http://localhost:80\"\nwebhook_secret_file = \"s\"").expect("ok");
+    let url = c.auth.mailer.expect("set").url;
     assert_eq!((url.host.as_str(), url.path_and_query.as_str()), ("localhost", "/"));
     for loopback in ["http://127.0.0.1:8025/hook", "http://[::1]:8025/hook"] {
-        let text = format!("[auth.password_reset]\nwebhook = \"{loopback}\"\nwebhook_secret_file = \"s\"");
+        let text = format!("[auth.mailer]\nwebhook = \"{loopback}\"\nwebhook_secret_file = \"s\"");
         parse(&text).expect(loopback);
     }
-    let err =
-        parse("[auth.password_reset]\nwebhook = \"http://mailer.internal/x?key=hidden\"\nwebhook_secret_file = \"s\"")
-            .expect_err("clear text beyond this host")
-            .to_string();
+    let err = parse("[auth.mailer]\nwebhook = \"http://mailer.internal/x?key=hidden\"\nwebhook_secret_file = \"s\"")
+        .expect_err("clear text beyond this host")
+        .to_string();
     assert!(err.contains("use https://"), "{err}");
     assert!(!err.contains("hidden"), "the URL's key is not quoted back: {err}");
 
-    let err = parse("[auth.password_reset]\nwebhook = \"https://mailer.internal/hooks\"\ntoken_ttl = \"2d\"")
-        .expect_err("no secret, too long a link");
+    let err = parse(
+        "[auth]\nregistration = true\n[auth.mailer]\nwebhook = \"https://mailer.internal/hooks\"\n\
+         [auth.password_reset]\ntoken_ttl = \"2d\"\n[auth.email_verification]\ntoken_ttl = \"30d\"",
+    )
+    .expect_err("no secret, too long links");
     let err = err.to_string();
-    assert!(err.contains("auth.password_reset.webhook_secret_file: is required"), "{err}");
+    assert!(err.contains("auth.mailer.webhook_secret_file: is required"), "{err}");
     assert!(err.contains("auth.password_reset.token_ttl: must be at most 24h"), "{err}");
+    assert!(err.contains("auth.email_verification.token_ttl: must be at most 7d"), "{err}");
     for bad in ["ftp://mailer/x", "https://user:pw@mailer/x", "/hooks", "https://mailer/x#frag"] {
-        let text = format!("[auth.password_reset]\nwebhook = \"{bad}\"\nwebhook_secret_file = \"s\"");
+        let text = format!("[auth.mailer]\nwebhook = \"{bad}\"\nwebhook_secret_file = \"s\"");
         let err = parse(&text).expect_err(bad).to_string();
-        assert!(err.contains("auth.password_reset.webhook: "), "{bad}: {err}");
+        assert!(err.contains("auth.mailer.webhook: "), "{bad}: {err}");
     }
-    let err = parse("[auth.password_reset]\nwebhook_secret_file = \"s\"").expect_err("a secret for nothing");
-    assert!(err.to_string().contains("auth.password_reset.webhook_secret_file: is only used with"), "{err}");
+    let err = parse("[auth.mailer]\nwebhook_secret_file = \"s\"").expect_err("a secret for nothing");
+    assert!(err.to_string().contains("auth.mailer.webhook_secret_file: is only used with"), "{err}");
+    // Registered users must be sent their link.
+    let err = parse("[auth]\nregistration = true\n[auth.email_verification]\nrequired = true").expect_err("no mailer");
+    assert!(err.to_string().contains("auth.email_verification.required: needs auth.mailer"), "{err}");
+    parse("[auth.email_verification]\nrequired = true").expect("no registration: operators' users count as verified");
 }
 
 #[test]

@@ -74,8 +74,8 @@ impl Store {
         let revoke = "UPDATE sessions SET revoked_at = $2, revoke_reason = 'tenant_disabled'
                       WHERE tenant_id = $1 AND revoked_at IS NULL RETURNING id";
         // Password reset links die with the disable (enabling again does
-        // not bring them back); see `db::password_resets`.
-        let void = "UPDATE password_resets SET used_at = $2 WHERE tenant_id = $1 AND used_at IS NULL";
+        // not bring them back); see `db::email_links`.
+        let void = "UPDATE email_links SET used_at = $2 WHERE tenant_id = $1 AND used_at IS NULL";
         let ids: Option<Vec<(Uuid,)>> = on_pool!(self, |p| {
             let mut tx = p.begin().await?;
             if sqlx::query(disable).bind(id).bind(now).execute(&mut *tx).await?.rows_affected() == 0 {

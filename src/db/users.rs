@@ -21,6 +21,9 @@ pub struct User {
     pub totp_secret: Option<String>,
     /// Wrong codes since the last right one.
     pub totp_failures: i64,
+    /// When the user proved the email (`None`: not yet; see
+    /// `auth.email_verification`).
+    pub email_verified_at: Option<i64>,
 }
 
 impl std::fmt::Debug for User {
@@ -33,6 +36,7 @@ impl std::fmt::Debug for User {
             .field("scopes", &self.scopes)
             .field("disabled", &self.disabled)
             .field("totp", &self.totp_secret.is_some())
+            .field("email_verified", &self.email_verified_at.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -44,6 +48,9 @@ pub struct NewUser<'a> {
     pub password_hash: &'a str,
     pub roles: &'a [String],
     pub scopes: &'a [String],
+    /// Whether the email counts as proved from the start (an operator's
+    /// user, or registration that asks for no proof).
+    pub verified: bool,
 }
 
 /// A user's roles and scopes.
@@ -52,13 +59,25 @@ pub struct Access<'a> {
     pub scopes: &'a [String],
 }
 
-type Row = (Uuid, Uuid, String, String, String, String, bool, i64, Option<String>, i64);
+type Row = (Uuid, Uuid, String, String, String, String, bool, i64, Option<String>, i64, Option<i64>);
 
 const SELECT: &str = "SELECT id, tenant_id, email, password_hash, roles, scopes, disabled, created_at, totp_secret,
-                             totp_failures FROM users";
+                             totp_failures, email_verified_at FROM users";
 
 fn from_row(row: Row) -> User {
-    let (id, tenant_id, email, password_hash, roles, scopes, disabled, created_at, totp_secret, totp_failures) = row;
+    let (
+        id,
+        tenant_id,
+        email,
+        password_hash,
+        roles,
+        scopes,
+        disabled,
+        created_at,
+        totp_secret,
+        totp_failures,
+        email_verified_at,
+    ) = row;
     User {
         id,
         tenant_id,
@@ -70,6 +89,7 @@ fn from_row(row: Row) -> User {
         created_at,
         totp_secret,
         totp_failures,
+        email_verified_at,
     }
 }
 
@@ -87,10 +107,12 @@ impl Store {
             created_at: now,
             totp_secret: None,
             totp_failures: 0,
+            email_verified_at: new.verified.then_some(now),
         };
         let sql =
-            "INSERT INTO users (id, tenant_id, email, password_hash, roles, scopes, disabled, created_at, updated_at)
-                   VALUES ($1, $2, $3, $4, $5, $6, FALSE, $7, $7)";
+            "INSERT INTO users (id, tenant_id, email, password_hash, roles, scopes, disabled, created_at, updated_at,
+                                      email_verified_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, FALSE, $7, $7, $8)";
         on_pool!(self, |p| sqlx::query(sql)
             .bind(user.id)
             .bind(user.tenant_id)
@@ -99,6 +121,7 @@ impl Store {
             .bind(user.roles.join(" "))
             .bind(user.scopes.join(" "))
             .bind(now)
+            .bind(user.email_verified_at)
             .execute(p)
             .await
             .map(drop))?;
@@ -157,7 +180,7 @@ impl Store {
     /// (enabling again does not bring them back).
     pub async fn disable_user(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Option<Vec<Uuid>>> {
         let sql = "UPDATE users SET disabled = TRUE, updated_at = $3 WHERE tenant_id = $1 AND id = $2";
-        let void = "UPDATE password_resets SET used_at = $3 WHERE tenant_id = $1 AND user_id = $2 AND used_at IS NULL";
+        let void = "UPDATE email_links SET used_at = $3 WHERE tenant_id = $1 AND user_id = $2 AND used_at IS NULL";
         self.update_and_revoke_then(tenant_id, user_id, sql, &[], Some("user_disabled"), Some(void)).await
     }
 
@@ -294,6 +317,21 @@ impl Store {
             .bind(user_id)
             .bind(old)
             .bind(new)
+            .execute(p)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(done == 1)
+    }
+
+    /// Marks the user's email verified (an operator's `user verify-email`);
+    /// false when it was already, or the user is unknown.
+    pub async fn mark_email_verified(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<bool> {
+        let sql = "UPDATE users SET email_verified_at = $3
+                   WHERE tenant_id = $1 AND id = $2 AND email_verified_at IS NULL";
+        let done = on_pool!(self, |p| sqlx::query(sql)
+            .bind(tenant_id)
+            .bind(user_id)
+            .bind(unix_now())
             .execute(p)
             .await
             .map(|done| done.rows_affected()))?;

@@ -31,7 +31,7 @@ use sha2::Sha256;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use gateway::db::password_resets::{NewReset, ResetMade};
+use gateway::db::email_links::{LinkMade, LinkPurpose, NewLink};
 use gateway::db::Store;
 
 use crate::helpers::{
@@ -45,26 +45,26 @@ const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// One POST the mailer received.
 #[derive(Debug, Clone)]
-struct Delivery {
+pub(crate) struct Delivery {
     headers: HeaderMap,
     body: Bytes,
 }
 
 impl Delivery {
-    fn header(&self, name: &str) -> &str {
+    pub(crate) fn header(&self, name: &str) -> &str {
         self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_else(|| panic!("no {name} field"))
     }
 
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).expect("a JSON body")
     }
 
-    fn token(&self) -> String {
+    pub(crate) fn token(&self) -> String {
         self.json()["data"]["token"].as_str().expect("a token").to_owned()
     }
 
     /// Checks the signature as a receiver would, with its own HMAC.
-    fn assert_signed(&self) {
+    pub(crate) fn assert_signed(&self) {
         let key = STANDARD.decode(SECRET.trim_start_matches("whsec_")).expect("base64");
         let mut mac = <Hmac<Sha256>>::new_from_slice(&key).expect("a key");
         let signed = format!("{}.{}.", self.header("webhook-id"), self.header("webhook-timestamp"));
@@ -79,7 +79,7 @@ impl Delivery {
 
 /// A mailer's webhook endpoint on 127.0.0.1:0: records every POST and
 /// answers 503 to the first `failures` of them, 200 to the rest.
-struct Mailer {
+pub(crate) struct Mailer {
     addr: SocketAddr,
     https: bool,
     deliveries: Arc<Mutex<Vec<Delivery>>>,
@@ -93,7 +93,7 @@ impl Drop for Mailer {
 }
 
 impl Mailer {
-    async fn spawn(failures: usize) -> Mailer {
+    pub(crate) async fn spawn(failures: usize) -> Mailer {
         Self::spawn_with(failures, None).await
     }
 
@@ -140,19 +140,19 @@ impl Mailer {
         format!("{scheme}://{}/hooks/mail?key=mailer-own-key", self.addr)
     }
 
-    fn deliveries(&self) -> Vec<Delivery> {
+    pub(crate) fn deliveries(&self) -> Vec<Delivery> {
         self.deliveries.lock().expect("the log").clone()
     }
 
     /// Waits for the `n`th delivery and returns it.
-    async fn delivery(&self, n: usize) -> Delivery {
+    pub(crate) async fn delivery(&self, n: usize) -> Delivery {
         eventually("a webhook delivery", Duration::from_secs(15), || async { self.deliveries().len() >= n }).await;
         self.deliveries()[n - 1].clone()
     }
 }
 
 /// A gateway whose `forgot` sends links to `mailer`.
-async fn spawn_with_mailer(mailer: &Mailer, options: TestOptions) -> TestApp {
+pub(crate) async fn spawn_with_mailer(mailer: &Mailer, options: TestOptions) -> TestApp {
     spawn_with_mailer_in(tempfile::tempdir().expect("a temp dir"), mailer, options).await
 }
 
@@ -162,7 +162,7 @@ async fn spawn_with_mailer_in(dir: tempfile::TempDir, mailer: &Mailer, options: 
 
 async fn spawn_with_webhook_in(dir: tempfile::TempDir, url: &str, options: TestOptions) -> TestApp {
     std::fs::write(dir.path().join("webhook.secret"), format!("{SECRET}\n")).expect("write the secret");
-    let reset = format!("password_reset = {{ webhook = \"{url}\", webhook_secret_file = \"webhook.secret\" }}\n");
+    let reset = format!("mailer = {{ webhook = \"{url}\", webhook_secret_file = \"webhook.secret\" }}\n");
     let options = TestOptions { auth_extra: format!("{}\n{reset}", options.auth_extra), ..options };
     spawn_app_in(dir, options).await
 }
@@ -177,7 +177,7 @@ async fn reset(app: &TestApp, token: &str, password: &str) -> reqwest::Response 
 }
 
 /// The audit events named `event`, newest first.
-async fn audit_events(app: &TestApp, event: &str) -> Vec<Value> {
+pub(crate) async fn audit_events(app: &TestApp, event: &str) -> Vec<Value> {
     let out = app.cli(&["audit", "list", "--json", "--event", event, "--limit", "100"], "").await.expect("audit list");
     out.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
 }
@@ -185,11 +185,17 @@ async fn audit_events(app: &TestApp, event: &str) -> Vec<Value> {
 /// Waits until `n` `password_reset_requested` events are recorded; returns
 /// their results, oldest first.
 async fn request_results(app: &TestApp, n: usize) -> Vec<String> {
-    eventually("the forgot requests are audited", Duration::from_secs(15), || async {
-        audit_events(app, "password_reset_requested").await.len() >= n
+    results_of(app, "password_reset_requested", n).await
+}
+
+/// Waits until `n` `event`s (link requests) are recorded; returns their
+/// results, oldest first.
+pub(crate) async fn results_of(app: &TestApp, event: &str, n: usize) -> Vec<String> {
+    eventually("the link requests are audited", Duration::from_secs(15), || async {
+        audit_events(app, event).await.len() >= n
     })
     .await;
-    let events = audit_events(app, "password_reset_requested").await;
+    let events = audit_events(app, event).await;
     events.iter().rev().map(|e| e["detail"]["result"].as_str().expect("a result").to_owned()).collect()
 }
 
@@ -435,11 +441,12 @@ both_backends! {
                 async move {
                     let hash = [u8::try_from(round * 16 + i).expect("small"); 32];
                     store
-                        .create_password_reset(NewReset {
+                        .create_email_link(NewLink {
+                            purpose: LinkPurpose::PasswordReset,
                             tenant_id: user.tenant_id,
                             user_id: user.id,
                             token_hash: &hash,
-                            password_fingerprint: &[0; 32],
+                            fingerprint: &[0; 32],
                             now: unix_now() + round * 120,
                             expires_at: unix_now() + 3600,
                             min_interval: 60,
@@ -449,7 +456,7 @@ both_backends! {
                 }
             }))
             .await;
-            let made = made.iter().filter(|m| **m == ResetMade::Made).count();
+            let made = made.iter().filter(|m| **m == LinkMade::Made).count();
             assert_eq!(made, 1, "round {round}: one link of sixteen at once");
         }
         store.close().await;

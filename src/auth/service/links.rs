@@ -1,0 +1,299 @@
+//! Links mailed to users: what password resets ([`super::reset`]) and
+//! email verifications ([`super::verify`]) share.
+//!
+//! A link is a token (256 random bits, base64url), stored hashed in
+//! `email_links` ([`crate::db::email_links`]), valid for its kind's
+//! lifetime and once, voided by a newer link of its kind and by a user or
+//! tenant disable, and bound to what it acts on (the password hash it may
+//! replace; the email it proves).
+//!
+//! Asking for one (`forgot`, `resend`) tells nothing about the account: the
+//! request's shape and the per-IP limit are checked, and the answer is a
+//! 202 before anything is looked up; the lookups, the link and the delivery
+//! to the operator's mailer ([`crate::auth::webhook`]) run after it,
+//! bounded by [`MAX_LINK_TASKS`] at once. The audit log records what was
+//! done (`<kind>_requested` with a `result`). A user gets at most one link
+//! of a kind a minute this way, so a mailbox cannot be flooded.
+
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+
+use super::{normalize_email, rfc3339, tenant_slug, validate_email, Accounts, AuthService, ClientContext};
+use crate::auth::refresh;
+use crate::auth::webhook::Webhook;
+use crate::auth::AuthError;
+use crate::db::audit::NewAuditEvent;
+use crate::db::email_links::{LinkMade, LinkPurpose, NewLink, PendingLink};
+use crate::db::tenants::Tenant;
+use crate::db::users::User;
+use crate::db::{secs, unix_now};
+
+/// The least time between two links of a kind asked for one user, in
+/// seconds.
+pub const LINK_MIN_INTERVAL: i64 = 60;
+
+/// Link requests whose work (lookups, link, delivery with its retries) may
+/// run at once; past it a request is answered alike and does nothing
+/// (counted as `overloaded`), so that a flood of requests from many
+/// addresses cannot take the database connections logins need.
+pub const MAX_LINK_TASKS: usize = 32;
+
+/// A link's token and when it expires (unix seconds).
+pub struct EmailLink {
+    pub token: String,
+    pub expires_at: i64,
+}
+
+impl std::fmt::Debug for EmailLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmailLink").field("expires_at", &self.expires_at).finish_non_exhaustive()
+    }
+}
+
+/// The names a kind of link goes by: its audit event when asked for, its
+/// metric, and its webhook event type.
+pub(super) struct Kind {
+    pub purpose: LinkPurpose,
+    pub requested: &'static str,
+    pub metric: &'static str,
+    pub webhook_type: &'static str,
+}
+
+pub(super) const RESET: Kind = Kind {
+    purpose: LinkPurpose::PasswordReset,
+    requested: "password_reset_requested",
+    metric: "gateway_password_reset_requests_total",
+    webhook_type: "password_reset.requested",
+};
+
+pub(super) const VERIFICATION: Kind = Kind {
+    purpose: LinkPurpose::EmailVerification,
+    requested: "email_verification_requested",
+    metric: "gateway_email_verification_requests_total",
+    webhook_type: "email_verification.requested",
+};
+
+/// What a link is bound to: for a reset, the SHA-256 of the password hash
+/// it was made against; for a verification, of the email it proves.
+pub(super) fn fingerprint(purpose: LinkPurpose, user: &User) -> [u8; 32] {
+    let bound = match purpose {
+        LinkPurpose::PasswordReset => &user.password_hash,
+        LinkPurpose::EmailVerification => &user.email,
+    };
+    Sha256::digest(bound.as_bytes()).into()
+}
+
+impl AuthService {
+    /// With a mailer's webhook, `forgot` and `resend` make links and send
+    /// them there (and a registration that must prove its email sends its
+    /// first one); without one they answer 404.
+    #[must_use]
+    pub fn with_mailer(mut self, webhook: Option<Arc<Webhook>>) -> Self {
+        self.mailer = webhook;
+        self
+    }
+
+    /// Asks for a link of `kind` for `email`: checks the request's shape
+    /// and the rate limit, then answers; the rest runs after the answer
+    /// (see the module docs). `via` is recorded with the request.
+    pub(super) async fn mail_link(
+        &self,
+        kind: &'static Kind,
+        email: &str,
+        tenant: Option<&str>,
+        via: &'static str,
+        client: &ClientContext,
+    ) -> Result<(), AuthError> {
+        let Some(webhook) = self.mailer.clone() else { return Err(AuthError::NotFound) };
+        self.rate_limit(client.ip)?;
+        let email = normalize_email(email);
+        validate_email(&email).map_err(AuthError::InvalidRequest)?;
+        let slug = tenant_slug(tenant)?;
+        self.spawn_link(kind, webhook, slug, email, via, client);
+        Ok(())
+    }
+
+    /// Runs the work of a link request after the answer (see
+    /// [`AuthService::send_link`]), and audits it, within
+    /// [`MAX_LINK_TASKS`].
+    pub(super) fn spawn_link(
+        &self,
+        kind: &'static Kind,
+        webhook: Arc<Webhook>,
+        slug: String,
+        email: String,
+        via: &'static str,
+        client: &ClientContext,
+    ) {
+        let Ok(permit) = Arc::clone(&self.link_tasks).try_acquire_owned() else {
+            metrics::counter!(kind.metric, "result" => "overloaded").increment(1);
+            tracing::warn!(
+                kind = kind.requested,
+                "link requests are arriving faster than they are handled: one was dropped"
+            );
+            return;
+        };
+        let this = self.clone();
+        let client = client.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (result, user) = match this.send_link(&webhook, kind, &slug, &email).await {
+                Ok(done) => done,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), kind = kind.requested, "a link request failed");
+                    ("error", None)
+                }
+            };
+            metrics::counter!(kind.metric, "result" => result).increment(1);
+            let ip = client.ip.to_string();
+            this.audit(NewAuditEvent {
+                event: kind.requested,
+                tenant_id: user.as_ref().map(|u: &User| u.tenant_id),
+                user_id: user.as_ref().map(|u| u.id),
+                email: Some(&email),
+                ip: Some(&ip),
+                user_agent: client.user_agent.as_deref(),
+                detail: Some(serde_json::json!({ "tenant": slug, "via": via, "result": result })),
+            })
+            .await;
+        });
+    }
+
+    /// The work a link request leaves for after its answer: why nothing was
+    /// sent (`unknown_tenant`, `tenant_disabled`, `unknown_user`,
+    /// `user_disabled`, `already_verified`, `throttled`), or `sent`, or
+    /// `delivery_failed`; and the user, if there is one.
+    async fn send_link(
+        &self,
+        webhook: &Webhook,
+        kind: &Kind,
+        slug: &str,
+        email: &str,
+    ) -> Result<(&'static str, Option<User>), AuthError> {
+        let Some(tenant) = self.store.tenant_by_slug(slug).await? else { return Ok(("unknown_tenant", None)) };
+        let Some(user) = self.store.user_by_email(tenant.id, email).await? else { return Ok(("unknown_user", None)) };
+        if tenant.disabled {
+            return Ok(("tenant_disabled", Some(user)));
+        }
+        if user.disabled {
+            return Ok(("user_disabled", Some(user)));
+        }
+        if kind.purpose == LinkPurpose::EmailVerification && user.email_verified_at.is_some() {
+            return Ok(("already_verified", Some(user)));
+        }
+        let link = match self.accounts.make_link(&user, kind.purpose, LINK_MIN_INTERVAL).await? {
+            Ok(link) => link,
+            // Changed since it was read (disabled, or verified).
+            Err(LinkMade::Refused) => return Ok(("user_changed", Some(user))),
+            Err(_) => return Ok(("throttled", Some(user))),
+        };
+        let data = serde_json::json!({
+            "tenant": tenant.slug,
+            "user_id": user.id,
+            "email": user.email,
+            "token": link.token,
+            "expires_at": rfc3339(link.expires_at),
+        });
+        match webhook.deliver(kind.webhook_type, data).await {
+            Ok(_) => Ok(("sent", Some(user))),
+            Err(_) => Ok(("delivery_failed", Some(user))),
+        }
+    }
+}
+
+impl AuthService {
+    /// The link of `purpose` a request presents, with its user and tenant,
+    /// if it may act: else why not (`unknown_link` for a token that is no
+    /// unspent, unexpired link of the kind; `user_disabled`,
+    /// `tenant_disabled`; `user_changed` when what the link is bound to
+    /// changed), with the user if known.
+    pub(super) async fn presented_link(
+        &self,
+        purpose: LinkPurpose,
+        token: &str,
+    ) -> Result<Result<(PendingLink, User, Tenant), (&'static str, Option<User>)>, AuthError> {
+        // Tokens are 43 characters; a longer text is no token of ours.
+        if token.is_empty() || token.len() > 128 {
+            return Ok(Err(("unknown_link", None)));
+        }
+        let Some(link) = self.store.pending_email_link(purpose, &refresh::hash(token), unix_now()).await? else {
+            return Ok(Err(("unknown_link", None)));
+        };
+        let Some(user) = self.store.user_by_id(link.tenant_id, link.user_id).await? else {
+            return Ok(Err(("unknown_link", None)));
+        };
+        let Some(tenant) = self.store.tenant_by_id(user.tenant_id).await? else {
+            return Ok(Err(("unknown_link", None)));
+        };
+        if user.disabled || tenant.disabled {
+            return Ok(Err((if user.disabled { "user_disabled" } else { "tenant_disabled" }, Some(user))));
+        }
+        if !bool::from(fingerprint(purpose, &user).ct_eq(&link.fingerprint)) {
+            return Ok(Err(("user_changed", Some(user))));
+        }
+        Ok(Ok((link, user, tenant)))
+    }
+
+    /// Counts and audits a link that did not act (`event`, with `reason`).
+    pub(super) async fn link_refused(
+        &self,
+        event: &str,
+        metric: &'static str,
+        reason: &'static str,
+        user: Option<&User>,
+        client: &ClientContext,
+    ) {
+        metrics::counter!(metric, "result" => reason).increment(1);
+        let ip = client.ip.to_string();
+        self.audit(NewAuditEvent {
+            event,
+            tenant_id: user.map(|u| u.tenant_id),
+            user_id: user.map(|u| u.id),
+            email: user.map(|u| u.email.as_str()),
+            ip: Some(&ip),
+            user_agent: client.user_agent.as_deref(),
+            detail: Some(serde_json::json!({ "reason": reason })),
+        })
+        .await;
+    }
+}
+
+impl Accounts {
+    /// Makes a link of `purpose` for `user` (voiding its earlier ones of
+    /// the kind), or says why not: the user got one less than
+    /// `min_interval` seconds ago, or the user or its tenant is disabled
+    /// (or, for a verification, the email is verified).
+    pub(super) async fn make_link(
+        &self,
+        user: &User,
+        purpose: LinkPurpose,
+        min_interval: i64,
+    ) -> Result<Result<EmailLink, LinkMade>, AuthError> {
+        let (token, token_hash) = refresh::generate().map_err(|e| AuthError::Unexpected(anyhow::anyhow!(e)))?;
+        let ttl = match purpose {
+            LinkPurpose::PasswordReset => self.reset_token_ttl,
+            LinkPurpose::EmailVerification => self.verification_token_ttl,
+        };
+        let now = unix_now();
+        let expires_at = now + secs(ttl);
+        let made = self
+            .store
+            .create_email_link(NewLink {
+                purpose,
+                tenant_id: user.tenant_id,
+                user_id: user.id,
+                token_hash: &token_hash,
+                fingerprint: &fingerprint(purpose, user),
+                now,
+                expires_at,
+                min_interval,
+            })
+            .await?;
+        Ok(match made {
+            LinkMade::Made => Ok(EmailLink { token, expires_at }),
+            other => Err(other),
+        })
+    }
+}

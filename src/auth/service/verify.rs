@@ -1,0 +1,108 @@
+//! Email verification: with `auth.email_verification.required`, a user who
+//! registered through `POST /auth/register` logs in only once the email is
+//! proved, so that nobody holds an account in someone else's name (or
+//! keeps its owner from registering).
+//!
+//! The registration answers at once; the first link is mailed after it
+//! (see [`super::links`] for what every mailed link keeps). `POST
+//! /auth/email/resend` asks for another, `POST /auth/email/verify` with the
+//! token proves the email (no session is opened: the user logs in), and
+//! `gateway user verify-email` lets an operator vouch for one. Users an
+//! operator creates, and those registered while verification was not
+//! required, count as verified.
+
+use uuid::Uuid;
+
+use super::links::VERIFICATION;
+use super::{normalize_email, Accounts, AuthService, ClientContext};
+use crate::auth::AuthError;
+use crate::db::audit::NewAuditEvent;
+use crate::db::email_links::{LinkPurpose, Unredeemed};
+use crate::db::unix_now;
+
+/// The metric of presented verification links, by result.
+const VERIFICATIONS: &str = "gateway_email_verifications_total";
+
+impl AuthService {
+    /// Whether a registered user must prove the email before logging in.
+    pub fn verification_required(&self) -> bool {
+        self.config.email_verification.required
+    }
+
+    /// After a registration that must prove its email: the first link,
+    /// mailed after the answer (with no mailer, none: `config check`
+    /// refuses that with registration on).
+    pub(super) fn send_first_verification(&self, email: &str, tenant: &str, client: &ClientContext) {
+        if let Some(webhook) = self.mailer.clone() {
+            let (email, tenant) = (email.to_owned(), tenant.to_owned());
+            self.spawn_link(&VERIFICATION, webhook, tenant, email, "registration", client);
+        }
+    }
+
+    /// `POST /auth/email/resend`: another verification link for `email`,
+    /// mailed after the answer if the account still needs one.
+    pub async fn resend_verification(
+        &self,
+        email: &str,
+        tenant: Option<&str>,
+        client: &ClientContext,
+    ) -> Result<(), AuthError> {
+        self.mail_link(&VERIFICATION, email, tenant, "email", client).await
+    }
+
+    /// `POST /auth/email/verify`: marks the link's email verified;
+    /// [`AuthError::InvalidVerificationToken`] for a link that is unknown,
+    /// spent, replaced, expired, of another email, or of a disabled user or
+    /// tenant.
+    pub async fn verify_email(&self, token: &str, client: &ClientContext) -> Result<(), AuthError> {
+        self.rate_limit(client.ip)?;
+        let refused = "email_verification_failed";
+        let (link, user, _) = match self.presented_link(LinkPurpose::EmailVerification, token).await? {
+            Ok(found) => found,
+            Err((reason, user)) => {
+                self.link_refused(refused, VERIFICATIONS, reason, user.as_ref(), client).await;
+                return Err(AuthError::InvalidVerificationToken);
+            }
+        };
+        if user.email_verified_at.is_some() {
+            // An operator vouched meanwhile: the link has nothing to do.
+            self.link_refused(refused, VERIFICATIONS, "already_verified", Some(&user), client).await;
+            return Err(AuthError::InvalidVerificationToken);
+        }
+        if let Err(gone) = self.store.redeem_email_verification(&link, &user.email, unix_now()).await? {
+            let reason = match gone {
+                Unredeemed::LinkGone => "link_spent_meanwhile",
+                Unredeemed::UserChanged => "user_changed_meanwhile",
+            };
+            self.link_refused(refused, VERIFICATIONS, reason, Some(&user), client).await;
+            return Err(AuthError::InvalidVerificationToken);
+        }
+        metrics::counter!(VERIFICATIONS, "result" => "success").increment(1);
+        let ip = client.ip.to_string();
+        self.audit(NewAuditEvent {
+            event: "email_verified",
+            tenant_id: Some(user.tenant_id),
+            user_id: Some(user.id),
+            email: Some(&user.email),
+            ip: Some(&ip),
+            user_agent: client.user_agent.as_deref(),
+            detail: Some(serde_json::json!({ "via": "link" })),
+        })
+        .await;
+        Ok(())
+    }
+}
+
+impl Accounts {
+    /// An operator vouches for a user's email (the CLI's `user
+    /// verify-email`); the user's verification links stop mattering.
+    pub async fn mark_email_verified(&self, tenant_id: Uuid, email: &str) -> Result<(), AuthError> {
+        let email = normalize_email(email);
+        let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
+        if !self.store.mark_email_verified(tenant_id, user.id).await? {
+            return Err(AuthError::InvalidRequest(format!("email: {email:?} is verified already")));
+        }
+        self.audit_change("email_verified", &user, Some(serde_json::json!({ "via": "operator" }))).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,287 @@
+//! `email_links`: one row per link mailed to a user (or handed over by an
+//! operator), of one [`LinkPurpose`]: a password reset or an email
+//! verification. Only the SHA-256 of a link's token is stored (as for
+//! refresh tokens), and the SHA-256 of what the link is bound to (column
+//! `password_fingerprint`): for a reset, the password hash it was made
+//! against, so that a link made before a change (by the user, an operator
+//! or another link) is dead; for a verification, the email it proves.
+//!
+//! A link is spent in the same transaction that does what it is for (sets
+//! the password and revokes the user's sessions; marks the email
+//! verified), by a conditional update: of two requests presenting one
+//! link, one does it. A newer link of a kind voids the user's older ones of
+//! that kind; a user or tenant disable voids them all.
+
+use uuid::Uuid;
+
+use super::{on_pool, Store, StoreResult};
+
+/// What a link is for; a link of one kind never serves the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkPurpose {
+    PasswordReset,
+    EmailVerification,
+}
+
+impl LinkPurpose {
+    fn as_str(self) -> &'static str {
+        match self {
+            LinkPurpose::PasswordReset => "password_reset",
+            LinkPurpose::EmailVerification => "email_verification",
+        }
+    }
+}
+
+/// A link to store.
+pub struct NewLink<'a> {
+    pub purpose: LinkPurpose,
+    pub tenant_id: Uuid,
+    pub user_id: Uuid,
+    pub token_hash: &'a [u8; 32],
+    /// What the link is bound to (see the module docs).
+    pub fingerprint: &'a [u8; 32],
+    pub now: i64,
+    pub expires_at: i64,
+    /// No link is made when the user got one of this kind less than this
+    /// many seconds ago (0: always made).
+    pub min_interval: i64,
+}
+
+/// A link that is neither spent, replaced nor expired.
+#[derive(Debug, Clone)]
+pub struct PendingLink {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub user_id: Uuid,
+    pub fingerprint: Vec<u8>,
+    pub expires_at: i64,
+}
+
+/// What [`Store::create_email_link`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkMade {
+    Made,
+    /// The user got a link of this kind within the minimum interval: none
+    /// was made.
+    Throttled,
+    /// The user or its tenant is disabled (or gone), or, for a
+    /// verification, the email is verified already: none was made.
+    Refused,
+}
+
+/// Why a link did nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unredeemed {
+    /// Spent, replaced or expired meanwhile.
+    LinkGone,
+    /// The user changed meanwhile (password or email, disabled, verified
+    /// already), or its tenant was disabled, or it is gone.
+    UserChanged,
+}
+
+const INSERT: &str = "
+    INSERT INTO email_links
+        (id, token_hash, tenant_id, user_id, password_fingerprint, created_at, expires_at, purpose)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $9
+    WHERE NOT EXISTS (SELECT 1 FROM email_links
+                      WHERE tenant_id = $3 AND user_id = $4 AND purpose = $9 AND created_at > $8)";
+
+/// Voids the user's other unspent links of a kind (`$3`: now, `$4`: the
+/// one kept, `$5`: the kind).
+const VOID_OTHERS: &str = "
+    UPDATE email_links SET used_at = $3
+    WHERE tenant_id = $1 AND user_id = $2 AND purpose = $5 AND used_at IS NULL AND ($4 IS NULL OR id <> $4)";
+
+/// Spends a link (`$1`) at `$2`, if it is unspent and unexpired.
+const SPEND: &str = "UPDATE email_links SET used_at = $2 WHERE id = $1 AND used_at IS NULL AND expires_at > $2";
+
+impl Store {
+    /// Stores a link and voids the user's earlier unspent ones of its kind
+    /// (only the newest link works), in one transaction, if the user and
+    /// its tenant are enabled (and, for a verification, the email is not
+    /// verified yet) and the user got no link of the kind within
+    /// `min_interval`.
+    ///
+    /// The transaction starts by locking the user's row (a write that
+    /// changes nothing, and checks the user): on SQLite it queues for the
+    /// write lock rather than failing on a stale read; on PostgreSQL two
+    /// links for one user are made one after the other, so the second sees
+    /// the first (the one-a-minute rule holds, and one link stays). The
+    /// tenant's row is then share-locked and checked: a tenant disable,
+    /// which voids the tenant's links in its own transaction, either sees
+    /// this link or is seen by it.
+    pub async fn create_email_link(&self, new: NewLink<'_>) -> StoreResult<LinkMade> {
+        let lock_user = match new.purpose {
+            LinkPurpose::PasswordReset => {
+                "UPDATE users SET updated_at = updated_at WHERE tenant_id = $1 AND id = $2 AND NOT disabled"
+            }
+            LinkPurpose::EmailVerification => {
+                "UPDATE users SET updated_at = updated_at
+                 WHERE tenant_id = $1 AND id = $2 AND NOT disabled AND email_verified_at IS NULL"
+            }
+        };
+        const TENANT: &str = "SELECT disabled FROM tenants WHERE id = $1";
+        let tenant = match self.pool() {
+            super::Pool::Sqlite(_) => TENANT.to_owned(),
+            super::Pool::Postgres(_) => format!("{TENANT} FOR SHARE"),
+        };
+        let purpose = new.purpose.as_str();
+        let id = Uuid::new_v4();
+        let since = if new.min_interval > 0 { new.now - new.min_interval } else { i64::MAX };
+        let made = on_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            let locked = sqlx::query(lock_user).bind(new.tenant_id).bind(new.user_id).execute(&mut *tx).await?;
+            let tenant: Option<(bool,)> = sqlx::query_as(&tenant).bind(new.tenant_id).fetch_optional(&mut *tx).await?;
+            if locked.rows_affected() == 0 || tenant.is_none_or(|(disabled,)| disabled) {
+                tx.rollback().await?;
+                LinkMade::Refused
+            } else {
+                let inserted = sqlx::query(INSERT)
+                    .bind(id)
+                    .bind(&new.token_hash[..])
+                    .bind(new.tenant_id)
+                    .bind(new.user_id)
+                    .bind(&new.fingerprint[..])
+                    .bind(new.now)
+                    .bind(new.expires_at)
+                    .bind(since)
+                    .bind(purpose)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if inserted == 1 {
+                    let void = sqlx::query(VOID_OTHERS).bind(new.tenant_id).bind(new.user_id).bind(new.now);
+                    void.bind(Some(id)).bind(purpose).execute(&mut *tx).await?;
+                    tx.commit().await?;
+                    LinkMade::Made
+                } else {
+                    tx.rollback().await?;
+                    LinkMade::Throttled
+                }
+            }
+        });
+        Ok(made)
+    }
+
+    /// The link of kind `purpose` whose token hashes to `token_hash`, if it
+    /// is unspent and unexpired at `now`.
+    pub async fn pending_email_link(
+        &self,
+        purpose: LinkPurpose,
+        token_hash: &[u8; 32],
+        now: i64,
+    ) -> StoreResult<Option<PendingLink>> {
+        let sql = "SELECT id, tenant_id, user_id, password_fingerprint, expires_at FROM email_links
+                   WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2 AND purpose = $3";
+        let row: Option<(Uuid, Uuid, Uuid, Vec<u8>, i64)> = on_pool!(self, |p| sqlx::query_as(sql)
+            .bind(&token_hash[..])
+            .bind(now)
+            .bind(purpose.as_str())
+            .fetch_optional(p)
+            .await)?;
+        Ok(row.map(|(id, tenant_id, user_id, fingerprint, expires_at)| PendingLink {
+            id,
+            tenant_id,
+            user_id,
+            fingerprint,
+            expires_at,
+        }))
+    }
+
+    /// Spends the reset `link`, replaces the user's password hash `old`
+    /// (the one the link was made against) by `new`, voids the user's
+    /// other reset links and revokes every open session (reason
+    /// `password_reset`), all in one transaction; returns the revoked
+    /// sessions. Nothing is written when the link was spent meanwhile, or
+    /// the user's password is no longer `old`, or the user or its tenant is
+    /// disabled.
+    pub async fn redeem_password_reset(
+        &self,
+        link: &PendingLink,
+        old: &str,
+        new: &str,
+        now: i64,
+    ) -> StoreResult<Result<Vec<Uuid>, Unredeemed>> {
+        let set = "UPDATE users SET password_hash = $3, updated_at = $4
+                   WHERE tenant_id = $1 AND id = $2 AND password_hash = $5 AND NOT disabled
+                     AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
+        let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = 'password_reset'
+                      WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL RETURNING id";
+        let outcome = self.redeem(link, LinkPurpose::PasswordReset, set, &[new, old], Some(revoke), now).await?;
+        Ok(outcome.map(|revoked| revoked.unwrap_or_default()))
+    }
+
+    /// Spends the verification `link` and marks the user's email verified,
+    /// in one transaction, if the email is still `email`, unverified, and
+    /// the user and its tenant enabled; voids the user's other verification
+    /// links.
+    pub async fn redeem_email_verification(
+        &self,
+        link: &PendingLink,
+        email: &str,
+        now: i64,
+    ) -> StoreResult<Result<(), Unredeemed>> {
+        let verify = "UPDATE users SET email_verified_at = $4
+                      WHERE tenant_id = $1 AND id = $2 AND email = $3 AND email_verified_at IS NULL AND NOT disabled
+                        AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
+        let outcome = self.redeem(link, LinkPurpose::EmailVerification, verify, &[email], None, now).await?;
+        Ok(outcome.map(drop))
+    }
+
+    /// One transaction: spend `link`; run `change` (bound to tenant id,
+    /// user id, `args[0]`, now, then the rest of `args`) on the user's row; void the
+    /// user's other links of the kind; with `revoke` (bound to tenant id,
+    /// user id, now), revoke and return sessions. Rolled back, with why,
+    /// when the link or the user's row does not match.
+    async fn redeem(
+        &self,
+        link: &PendingLink,
+        purpose: LinkPurpose,
+        change: &str,
+        args: &[&str],
+        revoke: Option<&str>,
+        now: i64,
+    ) -> StoreResult<Result<Option<Vec<Uuid>>, Unredeemed>> {
+        let (tenant_id, user_id) = (link.tenant_id, link.user_id);
+        let outcome = on_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            let spent = sqlx::query(SPEND).bind(link.id).bind(now).execute(&mut *tx).await?.rows_affected() == 1;
+            let changed = spent && {
+                let mut query = sqlx::query(change).bind(tenant_id).bind(user_id).bind(args.first().copied()).bind(now);
+                for arg in args.iter().skip(1) {
+                    query = query.bind(*arg);
+                }
+                query.execute(&mut *tx).await?.rows_affected() == 1
+            };
+            if !spent {
+                tx.rollback().await?;
+                Err(Unredeemed::LinkGone)
+            } else if !changed {
+                tx.rollback().await?;
+                Err(Unredeemed::UserChanged)
+            } else {
+                let void = sqlx::query(VOID_OTHERS).bind(tenant_id).bind(user_id).bind(now).bind(None::<Uuid>);
+                void.bind(purpose.as_str()).execute(&mut *tx).await?;
+                let revoked = match revoke {
+                    Some(revoke) => {
+                        let rows: Vec<(Uuid,)> =
+                            sqlx::query_as(revoke).bind(tenant_id).bind(user_id).bind(now).fetch_all(&mut *tx).await?;
+                        Some(rows.into_iter().map(|(id,)| id).collect())
+                    }
+                    None => None,
+                };
+                tx.commit().await?;
+                Ok(revoked)
+            }
+        });
+        Ok(outcome)
+    }
+
+    /// Deletes links that expired or were spent before `before` (the hourly
+    /// upkeep and `gateway prune`: the audit log keeps their story); returns
+    /// how many.
+    pub async fn purge_email_links(&self, before: i64) -> StoreResult<u64> {
+        let sql = "DELETE FROM email_links WHERE expires_at < $1 OR used_at < $1";
+        Ok(on_pool!(self, |p| sqlx::query(sql).bind(before).execute(p).await.map(|d| d.rows_affected()))?)
+    }
+}

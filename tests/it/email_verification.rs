@@ -1,0 +1,125 @@
+//! Email verification: with `auth.email_verification.required`, a user who
+//! registers logs in only after following the link mailed through the
+//! operator's mailer (or once an operator vouches with `gateway user
+//! verify-email`). The link works once; another can be asked for
+//! (`/auth/email/resend`, answered alike for every email); a link of one
+//! kind never serves the other (a reset token verifies nothing).
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::{assert_error, both_backends, expect_json, TestApp, TestOptions, PASSWORD, WRONG_PASSWORD};
+use crate::password_reset::{audit_events, results_of, spawn_with_mailer, Mailer};
+
+const EMAIL: &str = "newcomer@example.com";
+
+async fn post(app: &TestApp, path: &str, body: serde_json::Value) -> reqwest::Response {
+    app.client.post(app.url(path)).json(&body).send().await.unwrap_or_else(|e| panic!("POST {path}: {e}"))
+}
+
+async fn register(app: &TestApp) -> serde_json::Value {
+    let resp = post(app, "/auth/register", json!({ "email": EMAIL, "password": PASSWORD })).await;
+    expect_json(resp, StatusCode::CREATED).await
+}
+
+/// A gateway with registration, verification required, and `mailer`.
+async fn spawn(mailer: &Mailer) -> TestApp {
+    let options = TestOptions {
+        registration: true,
+        auth_extra: "email_verification = { required = true }".to_owned(),
+        ..TestOptions::default()
+    };
+    spawn_with_mailer(mailer, options).await
+}
+
+both_backends! {
+    #[tokio::test]
+    async fn a_registered_user_logs_in_once_the_mailed_link_is_followed() {
+        let mailer = Mailer::spawn(0).await;
+        let app = spawn(&mailer).await;
+        let registered = register(&app).await;
+        assert_eq!(registered["email_verified"], false, "{registered}");
+
+        // The right password is told to wait; a wrong one learns nothing.
+        assert_error(app.login(EMAIL, PASSWORD, None).await, StatusCode::FORBIDDEN, "email_not_verified").await;
+        assert_error(app.login(EMAIL, WRONG_PASSWORD, None).await, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+
+        let delivery = mailer.delivery(1).await;
+        delivery.assert_signed();
+        let event = delivery.json();
+        assert_eq!(event["type"], "email_verification.requested", "{event}");
+        assert_eq!(event["data"]["email"], EMAIL, "{event}");
+        assert_eq!(event["data"]["user_id"], registered["user_id"], "{event}");
+        let token = delivery.token();
+        // A link of one kind serves no other.
+        let reset = json!({ "token": token, "new_password": WRONG_PASSWORD });
+        assert_error(post(&app, "/auth/password/reset", reset).await, StatusCode::BAD_REQUEST, "invalid_reset_token").await;
+
+        let verify = post(&app, "/auth/email/verify", json!({ "token": token })).await;
+        assert_eq!(verify.status(), StatusCode::NO_CONTENT);
+        let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
+        assert_eq!(app.me_ok(&tokens.access_token).await["email_verified"], true);
+        // Once only.
+        let again = post(&app, "/auth/email/verify", json!({ "token": token })).await;
+        assert_error(again, StatusCode::BAD_REQUEST, "invalid_verification_token").await;
+
+        assert_eq!(results_of(&app, "email_verification_requested", 1).await, ["sent"]);
+        let requested = audit_events(&app, "email_verification_requested").await;
+        assert_eq!(requested[0]["detail"]["via"], "registration", "{requested:?}");
+        let verified = audit_events(&app, "email_verified").await;
+        assert_eq!(verified[0]["detail"]["via"], "link", "{verified:?}");
+        let all = app.cli(&["audit", "list", "--json", "--limit", "100"], "").await.expect("audit list");
+        assert!(!all.contains(&token), "the audit log never holds a link's token");
+        app.stop().await;
+    }
+
+    #[tokio::test]
+    async fn resend_answers_alike_and_an_operator_may_vouch() {
+        let mailer = Mailer::spawn(0).await;
+        let app = spawn(&mailer).await;
+        register(&app).await;
+        mailer.delivery(1).await;
+        results_of(&app, "email_verification_requested", 1).await;
+        for email in [EMAIL, "nobody@example.com"] {
+            let resp = post(&app, "/auth/email/resend", json!({ "email": email })).await;
+            assert_eq!(resp.status(), StatusCode::ACCEPTED, "{email}");
+        }
+        let mut results = results_of(&app, "email_verification_requested", 3).await.split_off(1);
+        results.sort();
+        assert_eq!(results, ["throttled", "unknown_user"], "one mail a minute, none for a stranger");
+        assert_eq!(mailer.deliveries().len(), 1);
+
+        let list = app.cli(&["user", "list", "--tenant", "default"], "").await.expect("user list");
+        assert!(list.contains("UNVERIFIED"), "{list}");
+        app.cli(&["user", "verify-email", "--tenant", "default", "--email", EMAIL], "").await.expect("verify-email");
+        app.login_ok(EMAIL, PASSWORD, None).await;
+        let twice = app.cli(&["user", "verify-email", "--tenant", "default", "--email", EMAIL], "").await;
+        assert!(twice.expect_err("verified already").to_string().contains("verified already"));
+        // The mailed link no longer does anything, and a verified user is sent none.
+        let stale = post(&app, "/auth/email/verify", json!({ "token": mailer.delivery(1).await.token() })).await;
+        assert_error(stale, StatusCode::BAD_REQUEST, "invalid_verification_token").await;
+        assert_eq!(post(&app, "/auth/email/resend", json!({ "email": EMAIL })).await.status(), StatusCode::ACCEPTED);
+        assert_eq!(results_of(&app, "email_verification_requested", 4).await[3], "already_verified");
+        let failed = audit_events(&app, "email_verification_failed").await;
+        assert_eq!(failed[0]["detail"]["reason"], "already_verified", "{failed:?}");
+        app.stop().await;
+    }
+
+    #[tokio::test]
+    async fn without_the_requirement_and_for_operators_users_emails_count_as_verified() {
+        let mailer = Mailer::spawn(0).await;
+        let app = spawn_with_mailer(&mailer, TestOptions { registration: true, ..TestOptions::default() }).await;
+        let registered = register(&app).await;
+        assert_eq!(registered["email_verified"], true, "{registered}");
+        let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
+        assert_eq!(app.me_ok(&tokens.access_token).await["email_verified"], true);
+        app.create_user("default", "made@example.com", PASSWORD, &[], &[]).await;
+        let list = app.cli(&["user", "list", "--tenant", "default"], "").await.expect("user list");
+        assert!(!list.contains("UNVERIFIED"), "{list}");
+        // Nobody needs a link, and none is sent.
+        assert_eq!(post(&app, "/auth/email/resend", json!({ "email": EMAIL })).await.status(), StatusCode::ACCEPTED);
+        assert_eq!(results_of(&app, "email_verification_requested", 1).await, ["already_verified"]);
+        assert!(mailer.deliveries().is_empty());
+        app.stop().await;
+    }
+}
