@@ -54,6 +54,8 @@ both_backends! {
         // A link of one kind serves no other.
         let reset = json!({ "token": token, "new_password": WRONG_PASSWORD });
         assert_error(post(&app, "/auth/password/reset", reset).await, StatusCode::BAD_REQUEST, "invalid_reset_token").await;
+        let refused = audit_events(&app, "password_reset_failed").await;
+        assert_eq!(refused[0]["detail"]["reason"], "unknown_link", "no reset link has this token: {refused:?}");
 
         let verify = post(&app, "/auth/email/verify", json!({ "token": token })).await;
         assert_eq!(verify.status(), StatusCode::NO_CONTENT);
