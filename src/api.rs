@@ -215,6 +215,7 @@ struct Forgotten {
 #[derive(Deserialize)]
 struct Verification {
     token: String,
+    password: SecretString,
 }
 
 #[derive(Deserialize)]
@@ -368,7 +369,7 @@ async fn verify_email(
     Client(client): Client,
     JsonBody(body): JsonBody<Verification>,
 ) -> Result<StatusCode, ApiError> {
-    s.verify_email(&body.token, &client).await?;
+    s.verify_email(&body.token, &body.password, &client).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -94,7 +94,7 @@ impl App {
             }
             None => None,
         };
-        let sealer = Arc::new(seal_stored_secrets(&store, &config.auth.keys_dir).await?);
+        let sealer = Arc::new(seal_stored_secrets(&store, &config.auth.keys_dir, config.auth.seal_totp_secrets).await?);
         let service = AuthService::new(store.clone(), hasher, authenticator.clone(), config.auth.clone(), sealer)
             .with_mailer(reset_webhook);
 
@@ -347,10 +347,12 @@ async fn maintain(
     }
 }
 
-/// Loads (or makes, on first start) the key that seals TOTP secrets, and
-/// seals the secrets stored before sealing existed. Without the database
-/// those wait for the next start: they are read as they are meanwhile.
-async fn seal_stored_secrets(store: &Store, keys_dir: &std::path::Path) -> anyhow::Result<SealingKey> {
+/// Loads (or makes, on first start) the key that seals TOTP secrets; with
+/// `seal` (`auth.seal_totp_secrets`), seals the secrets stored as they are
+/// (from before sealing). Says so in an error when the key does not open a
+/// stored sealed secret. Without the database, the rest waits for the next
+/// start: secrets stored as they are are read as they are meanwhile.
+async fn seal_stored_secrets(store: &Store, keys_dir: &std::path::Path, seal: bool) -> anyhow::Result<SealingKey> {
     let (sealer, made) = SealingKey::load_or_generate(keys_dir).context("loading the secrets key")?;
     if made {
         tracing::info!(dir = %keys_dir.display(), "generated the key that seals stored TOTP secrets");
@@ -363,29 +365,21 @@ async fn seal_stored_secrets(store: &Store, keys_dir: &std::path::Path) -> anyho
             tracing::warn!(error = %e, "could not record the key_generated audit event");
         }
     }
-    let unsealed = match store.unsealed_totp().await {
-        Ok(rows) => rows,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not look for unsealed TOTP secrets; they are sealed at a later start");
-            return Ok(sealer);
-        }
-    };
-    let mut sealed = 0;
-    for (tenant_id, user_id, secret, pending) in unsealed {
-        for (is_pending, stored) in [(false, secret), (true, pending)] {
-            let Some(stored) = stored.filter(|s| !crate::auth::seal::is_sealed(s)) else { continue };
-            let new = sealer.seal(&stored, user_id.as_bytes())?;
-            match store.reseal_totp(tenant_id, user_id, is_pending, &stored, &new).await {
-                Ok(true) => sealed += 1,
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not seal a stored TOTP secret; it is sealed at a later start");
-                }
+    if let Err(e) = crate::auth::seal::check_opens(store, &sealer).await {
+        tracing::error!(
+            error = format!("{e:#}"),
+            "secrets.key does not open the stored TOTP secrets: those users cannot log in (is it the key the other \
+             replicas use?)"
+        );
+    }
+    if seal {
+        match crate::auth::seal::rewrite_stored(store, &sealer, true).await {
+            Ok(0) => {}
+            Ok(sealed) => tracing::info!(sealed, "sealed the TOTP secrets stored as they were"),
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "could not seal the stored TOTP secrets; a later start will");
             }
         }
-    }
-    if sealed > 0 {
-        tracing::info!(sealed, "sealed the TOTP secrets stored before sealing");
     }
     Ok(sealer)
 }

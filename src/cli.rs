@@ -218,9 +218,15 @@ pub struct AccessArgs {
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Generate a new Ed25519 key; it signs after the next start or SIGHUP.
+    /// Also makes secrets.key (which seals the TOTP secrets) when there is
+    /// none.
     Generate,
     /// List the keys; the newest signs.
     List,
+    /// Write every sealed TOTP secret back as it is, before a rollback to
+    /// a release from before sealing (set auth.seal_totp_secrets = false on
+    /// the replicas that keep running, or they seal them again at start).
+    UnsealTotp,
 }
 
 #[derive(Debug, Subcommand)]
@@ -634,6 +640,7 @@ async fn keys_command(config: &Config, cmd: KeysCommand, out: &mut dyn Write) ->
     match cmd {
         KeysCommand::Generate => {
             let kid = keys::generate(dir)?;
+            let (_, made) = crate::auth::seal::SealingKey::load_or_generate(dir)?;
             let store = open(config).await?;
             store
                 .record_audit(NewAuditEvent {
@@ -642,8 +649,38 @@ async fn keys_command(config: &Config, cmd: KeysCommand, out: &mut dyn Write) ->
                     ..Default::default()
                 })
                 .await?;
+            if made {
+                let detail = serde_json::json!({ "key": crate::auth::seal::KEY_FILE, "by": "cli" });
+                store
+                    .record_audit(NewAuditEvent { event: "key_generated", detail: Some(detail), ..Default::default() })
+                    .await?;
+            }
             store.close().await;
             writeln!(out, "{kid}")?;
+            if made {
+                eprintln!(
+                    "also made {}: it seals the TOTP secrets; every replica needs the same file",
+                    crate::auth::seal::KEY_FILE
+                );
+            }
+            Ok(())
+        }
+        KeysCommand::UnsealTotp => {
+            let path = dir.join(crate::auth::seal::KEY_FILE);
+            if !path.exists() {
+                bail!("auth.keys_dir: {} does not exist: no secret was sealed with it", path.display());
+            }
+            let (key, _) = crate::auth::seal::SealingKey::load_or_generate(dir)?;
+            let store = open(config).await?;
+            let result = crate::auth::seal::rewrite_stored(&store, &key, false).await;
+            store.close().await;
+            let n = result?;
+            writeln!(out, "{n} TOTP secret(s) written back unsealed")?;
+            if config.auth.seal_totp_secrets {
+                eprintln!(
+                    "note: auth.seal_totp_secrets is on in this file: a gateway started with it seals them again"
+                );
+            }
             Ok(())
         }
         KeysCommand::List => {

@@ -162,6 +162,10 @@ pub struct AuthConfig {
     pub reset_token_ttl: Duration,
     /// `[auth.email_verification]`.
     pub email_verification: EmailVerification,
+    /// Store TOTP secrets sealed (and seal those stored as they are at
+    /// start); off only while replicas of a release from before sealing
+    /// still serve.
+    pub seal_totp_secrets: bool,
 }
 
 /// `[auth.email_verification]`: whether a registered user must prove the
@@ -560,6 +564,7 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
         );
     }
     let rate_limit_per_minute = f.int_or("rate_limit_per_minute", 60, 0, 1_000_000) as u32;
+    let seal_totp_secrets = f.bool_or("seal_totp_secrets", true);
     let mut cors_origins = Vec::new();
     for origin in f.string_list("cors_origins") {
         match parse_origin(&origin) {
@@ -627,6 +632,7 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
         mailer,
         reset_token_ttl,
         email_verification,
+        seal_totp_secrets,
     }
 }
 

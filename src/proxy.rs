@@ -258,7 +258,7 @@ impl Proxy {
         let method = req.method().clone();
         // Kept only where an answer of the gateway's own may need it.
         let origin = if table.cors.is_off() { None } else { req.headers().get(ORIGIN).cloned() };
-        let grpc = error::is_grpc(&method, req.headers());
+        let grpc = error::is_grpc(&method, req.version(), req.headers());
         let mut outcome = Outcome { route: None, user: None, upstream: None, answered: None };
         let result = self.forward(&table, req, authorization, &path, conn, &request_id, &mut outcome, timer).await;
         // A gRPC call's refusal is an HTTP 200; it is counted and logged
@@ -345,7 +345,7 @@ impl Proxy {
         // Counted and logged with the HTTP status, also when a gRPC call
         // is told it in `grpc-status`.
         let status = error.status_and_code().0;
-        let mut response = match request.is_some_and(|r| error::is_grpc(r.method(), r.headers())) {
+        let mut response = match request.is_some_and(|r| error::is_grpc(r.method(), r.version(), r.headers())) {
             true => error.into_grpc_response(),
             false => error.into_response(),
         };

@@ -25,6 +25,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 
+use crate::db::Store;
+
 /// The key's file in the keys directory.
 pub const KEY_FILE: &str = "secrets.key";
 
@@ -125,6 +127,39 @@ impl SealingKey {
 /// Whether `stored` is sealed (else it is a secret from before sealing).
 pub fn is_sealed(stored: &str) -> bool {
     stored.starts_with(PREFIX)
+}
+
+/// Rewrites every stored TOTP secret (and secret being set up) sealed
+/// with `key` (`seal`), or as it is (`!seal`: before a rollback to a
+/// release from before sealing); returns how many were rewritten. A value
+/// changed meanwhile is left as it now is; a sealed one that does not open
+/// is an error naming its user.
+pub async fn rewrite_stored(store: &Store, key: &SealingKey, seal: bool) -> anyhow::Result<usize> {
+    let mut rewritten = 0;
+    for (tenant_id, user_id, secret, pending) in store.stored_totp(!seal, i64::MAX).await? {
+        for (is_pending, stored) in [(false, secret), (true, pending)] {
+            let Some(stored) = stored.filter(|s| is_sealed(s) != seal) else { continue };
+            let new = match seal {
+                true => key.seal(&stored, user_id.as_bytes())?,
+                false => key.open(&stored, user_id.as_bytes()).with_context(|| format!("user {user_id}"))?,
+            };
+            if store.reseal_totp(tenant_id, user_id, is_pending, &stored, &new).await? {
+                rewritten += 1;
+            }
+        }
+    }
+    Ok(rewritten)
+}
+
+/// Whether `key` opens a stored sealed secret (one is tried): a replica
+/// with a key file of its own, or a lost one, is told at start rather than
+/// at its users' logins. `Ok` when none is stored.
+pub async fn check_opens(store: &Store, key: &SealingKey) -> anyhow::Result<()> {
+    for (_, user_id, secret, pending) in store.stored_totp(true, 1).await? {
+        let stored = secret.filter(|s| is_sealed(s)).or(pending).unwrap_or_default();
+        key.open(&stored, user_id.as_bytes()).with_context(|| format!("the TOTP secret of user {user_id}"))?;
+    }
+    Ok(())
 }
 
 fn write_new(path: &Path, text: &str) -> anyhow::Result<()> {

@@ -623,8 +623,11 @@ impl AuthService {
             return Err(AuthError::MfaEnabled);
         }
         let secret = totp::generate_secret().map_err(|e| AuthError::Unexpected(anyhow::anyhow!("{e}")))?;
-        let sealed = self.sealer.seal(&secret, who.user_id.as_bytes()).map_err(|e| AuthError::Unexpected(e.into()))?;
-        if !self.store.set_totp_pending(who.tenant_id, who.user_id, &sealed).await? {
+        let stored = match self.config.seal_totp_secrets {
+            true => self.sealer.seal(&secret, who.user_id.as_bytes()).map_err(|e| AuthError::Unexpected(e.into()))?,
+            false => secret.clone(),
+        };
+        if !self.store.set_totp_pending(who.tenant_id, who.user_id, &stored).await? {
             return Err(AuthError::MfaEnabled);
         }
         self.audit_principal("mfa_setup_started", who, client, None).await;

@@ -475,6 +475,8 @@ fn refused_answer_field(folded: &str, request_id: &str, set: bool) -> Option<&'s
         Some("frames the answer: the gateway handles it")
     } else if folded == request_id {
         Some("is the request id header")
+    } else if matches!(folded, "grpc-status" | "grpc-message" | "grpc-status-details-bin") {
+        Some("is how a gRPC call ends (its status): the upstream or the gateway sends it")
     } else if set && SENT_BY_OTHERS.contains(&folded) {
         Some("would replace values the upstream or the gateway must send")
     } else {

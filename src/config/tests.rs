@@ -512,6 +512,9 @@ fn route_fields_the_gateway_owns_cannot_be_set_or_removed() {
         ("response_headers = { \"X-Trace\" = \"x\" }", "routes[0].response_headers"),
         ("remove_response_headers = [\"Connection\"]", "routes[0].remove_response_headers"),
         ("remove_response_headers = [\"x-trace\"]", "routes[0].remove_response_headers"),
+        ("remove_response_headers = [\"grpc-status\"]", "routes[0].remove_response_headers"),
+        ("response_headers = { \"Grpc-Message\" = \"ok\" }", "routes[0].response_headers"),
+        ("response_headers = { \"grpc-status-details-bin\" = \"x\" }", "routes[0].response_headers"),
     ] {
         let err = parse(&route(lines)).expect_err(lines).to_string();
         assert!(err.contains(field), "{lines}: {err}");

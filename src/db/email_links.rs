@@ -189,10 +189,10 @@ impl Store {
     }
 
     /// Spends the reset `link`, replaces the user's password hash `old`
-    /// (the one the link was made against) by `new`, voids the user's
-    /// other reset links and revokes every open session (reason
-    /// `password_reset`), all in one transaction; returns the revoked
-    /// sessions. Nothing is written when the link was spent meanwhile, or
+    /// (the one the link was made against) by `new`, marks the email
+    /// verified (the link proved the mailbox), voids the user's other reset
+    /// links and revokes every open session (reason `password_reset`), all
+    /// in one transaction; returns the revoked sessions. Nothing is written when the link was spent meanwhile, or
     /// the user's password is no longer `old`, or the user or its tenant is
     /// disabled.
     pub async fn redeem_password_reset(
@@ -202,7 +202,8 @@ impl Store {
         new: &str,
         now: i64,
     ) -> StoreResult<Result<Vec<Uuid>, Unredeemed>> {
-        let set = "UPDATE users SET password_hash = $3, updated_at = $4
+        let set =
+            "UPDATE users SET password_hash = $3, updated_at = $4, email_verified_at = COALESCE(email_verified_at, $4)
                    WHERE tenant_id = $1 AND id = $2 AND password_hash = $5 AND NOT disabled
                      AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
         let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = 'password_reset'
@@ -228,11 +229,15 @@ impl Store {
         Ok(outcome.map(drop))
     }
 
-    /// One transaction: spend `link`; run `change` (bound to tenant id,
-    /// user id, `args[0]`, now, then the rest of `args`) on the user's row; void the
-    /// user's other links of the kind; with `revoke` (bound to tenant id,
-    /// user id, now), revoke and return sessions. Rolled back, with why,
-    /// when the link or the user's row does not match.
+    /// One transaction: run `change` (bound to tenant id, user id,
+    /// `args[0]`, now, then the rest of `args`) on the user's row; spend
+    /// `link`; void the user's other links of the kind; with `revoke`
+    /// (bound to tenant id, user id, now), revoke and return sessions.
+    /// Rolled back, with why, when the user's row or the link does not
+    /// match. The user's row first, as in [`Store::create_email_link`] and
+    /// a disable: on PostgreSQL every transaction that touches both takes
+    /// the user's row lock before any link's, so none deadlocks another
+    /// (and on SQLite the first statement is a write).
     async fn redeem(
         &self,
         link: &PendingLink,
@@ -245,20 +250,19 @@ impl Store {
         let (tenant_id, user_id) = (link.tenant_id, link.user_id);
         let outcome = on_pool!(self, |p| {
             let mut tx = p.begin().await?;
-            let spent = sqlx::query(SPEND).bind(link.id).bind(now).execute(&mut *tx).await?.rows_affected() == 1;
-            let changed = spent && {
-                let mut query = sqlx::query(change).bind(tenant_id).bind(user_id).bind(args.first().copied()).bind(now);
-                for arg in args.iter().skip(1) {
-                    query = query.bind(*arg);
-                }
-                query.execute(&mut *tx).await?.rows_affected() == 1
-            };
-            if !spent {
-                tx.rollback().await?;
-                Err(Unredeemed::LinkGone)
-            } else if !changed {
+            let mut query = sqlx::query(change).bind(tenant_id).bind(user_id).bind(args.first().copied()).bind(now);
+            for arg in args.iter().skip(1) {
+                query = query.bind(*arg);
+            }
+            let changed = query.execute(&mut *tx).await?.rows_affected() == 1;
+            let spent =
+                changed && sqlx::query(SPEND).bind(link.id).bind(now).execute(&mut *tx).await?.rows_affected() == 1;
+            if !changed {
                 tx.rollback().await?;
                 Err(Unredeemed::UserChanged)
+            } else if !spent {
+                tx.rollback().await?;
+                Err(Unredeemed::LinkGone)
             } else {
                 let void = sqlx::query(VOID_OTHERS).bind(tenant_id).bind(user_id).bind(now).bind(None::<Uuid>);
                 void.bind(purpose.as_str()).execute(&mut *tx).await?;

@@ -288,13 +288,24 @@ impl Store {
         self.changed(sql, tenant_id, user_id, secret).await
     }
 
-    /// Users whose TOTP secret, or one being set up, is stored as it is
-    /// (from before `auth::seal`): tenant, user, secret, pending.
-    pub async fn unsealed_totp(&self) -> StoreResult<Vec<(Uuid, Uuid, Option<String>, Option<String>)>> {
-        let sql = "SELECT tenant_id, id, totp_secret, totp_pending FROM users
-                   WHERE (totp_secret IS NOT NULL AND totp_secret NOT LIKE 'v1:%')
-                      OR (totp_pending IS NOT NULL AND totp_pending NOT LIKE 'v1:%')";
-        Ok(on_pool!(self, |p| sqlx::query_as(sql).fetch_all(p).await)?)
+    /// Users whose TOTP secret, or one being set up, is stored sealed
+    /// (`sealed`), or as it is (from before `auth::seal`, or with sealing
+    /// off): tenant, user, secret, pending.
+    /// At most `limit` of them.
+    pub async fn stored_totp(
+        &self,
+        sealed: bool,
+        limit: i64,
+    ) -> StoreResult<Vec<(Uuid, Uuid, Option<String>, Option<String>)>> {
+        let sql = if sealed {
+            "SELECT tenant_id, id, totp_secret, totp_pending FROM users
+             WHERE totp_secret LIKE 'v1:%' OR totp_pending LIKE 'v1:%' LIMIT $1"
+        } else {
+            "SELECT tenant_id, id, totp_secret, totp_pending FROM users
+             WHERE (totp_secret IS NOT NULL AND totp_secret NOT LIKE 'v1:%')
+                OR (totp_pending IS NOT NULL AND totp_pending NOT LIKE 'v1:%') LIMIT $1"
+        };
+        Ok(on_pool!(self, |p| sqlx::query_as(sql).bind(limit).fetch_all(p).await)?)
     }
 
     /// Replaces the user's stored TOTP secret (or, with `pending`, the one
@@ -325,17 +336,13 @@ impl Store {
 
     /// Marks the user's email verified (an operator's `user verify-email`);
     /// false when it was already, or the user is unknown.
+    /// The user's verification links are voided in the same transaction.
     pub async fn mark_email_verified(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<bool> {
-        let sql = "UPDATE users SET email_verified_at = $3
+        let sql = "UPDATE users SET email_verified_at = $3, updated_at = $3
                    WHERE tenant_id = $1 AND id = $2 AND email_verified_at IS NULL";
-        let done = on_pool!(self, |p| sqlx::query(sql)
-            .bind(tenant_id)
-            .bind(user_id)
-            .bind(unix_now())
-            .execute(p)
-            .await
-            .map(|done| done.rows_affected()))?;
-        Ok(done == 1)
+        let void = "UPDATE email_links SET used_at = $3
+                    WHERE tenant_id = $1 AND user_id = $2 AND purpose = 'email_verification' AND used_at IS NULL";
+        Ok(self.update_and_revoke_then(tenant_id, user_id, sql, &[], None, Some(void)).await?.is_some())
     }
 
     /// The TOTP secret being set up, if any.

@@ -11,7 +11,7 @@
 //! see [`grpc_status`].
 
 use hyper::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
-use hyper::{Method, Response, StatusCode};
+use hyper::{Method, Response, StatusCode, Version};
 
 use super::path::PathError;
 use crate::auth::token::TokenError;
@@ -147,12 +147,15 @@ impl ProxyError {
     }
 }
 
-/// Whether a request is a gRPC call: a POST whose `content-type` is
-/// `application/grpc`, alone or with a `+format` or parameters. gRPC-Web
-/// (`application/grpc-web…`) is not: its trailers travel in the body.
-pub fn is_grpc(method: &Method, headers: &HeaderMap) -> bool {
+/// Whether a request is a gRPC call: a POST over HTTP/2 whose
+/// `content-type` is `application/grpc`, alone or with a `+format` or
+/// parameters. gRPC-Web (`application/grpc-web…`) is not: its trailers
+/// travel in the body; nor is anything over HTTP/1.1, which gRPC does not
+/// use and whose clients could not be told a status without a body.
+pub fn is_grpc(method: &Method, version: Version, headers: &HeaderMap) -> bool {
     // The method first: a GET (most traffic) costs one comparison.
     *method == Method::POST
+        && version == Version::HTTP_2
         && headers.get(CONTENT_TYPE).is_some_and(|v| {
             let v = v.as_bytes();
             v.len() >= 16
@@ -196,7 +199,7 @@ fn grpc_message(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use hyper::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
-    use hyper::Method;
+    use hyper::{Method, Version};
 
     use super::{grpc_message, is_grpc};
 
@@ -207,14 +210,16 @@ mod tests {
             headers.insert(CONTENT_TYPE, HeaderValue::from_static(value));
             headers
         };
+        let h2 = Version::HTTP_2;
         for yes in ["application/grpc", "application/grpc+proto", "Application/GRPC+json", "application/grpc;x=1"] {
-            assert!(is_grpc(&Method::POST, &with(yes)), "{yes}");
+            assert!(is_grpc(&Method::POST, h2, &with(yes)), "{yes}");
         }
         for no in ["application/grpc-web", "application/grpc-web+proto", "application/json", "application/grp"] {
-            assert!(!is_grpc(&Method::POST, &with(no)), "{no}");
+            assert!(!is_grpc(&Method::POST, h2, &with(no)), "{no}");
         }
-        assert!(!is_grpc(&Method::GET, &with("application/grpc")), "gRPC calls are POSTs");
-        assert!(!is_grpc(&Method::POST, &HeaderMap::new()));
+        assert!(!is_grpc(&Method::GET, h2, &with("application/grpc")), "gRPC calls are POSTs");
+        assert!(!is_grpc(&Method::POST, Version::HTTP_11, &with("application/grpc")), "over HTTP/2");
+        assert!(!is_grpc(&Method::POST, h2, &HeaderMap::new()));
     }
 
     #[test]

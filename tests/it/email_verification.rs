@@ -1,14 +1,17 @@
 //! Email verification: with `auth.email_verification.required`, a user who
 //! registers logs in only after following the link mailed through the
-//! operator's mailer (or once an operator vouches with `gateway user
-//! verify-email`). The link works once; another can be asked for
-//! (`/auth/email/resend`, answered alike for every email); a link of one
-//! kind never serves the other (a reset token verifies nothing).
+//! operator's mailer, with the password (or once an operator vouches with
+//! `gateway user verify-email`). The link works once; another can be asked
+//! for (`/auth/email/resend`, answered alike for every email); a link of one
+//! kind never serves the other (a verification token resets nothing), and a
+//! password reset, which proves the mailbox too, verifies the email.
 
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{assert_error, both_backends, expect_json, TestApp, TestOptions, PASSWORD, WRONG_PASSWORD};
+use crate::helpers::{
+    assert_error, both_backends, expect_json, TestApp, TestOptions, OTHER_PASSWORD, PASSWORD, WRONG_PASSWORD,
+};
 use crate::password_reset::{audit_events, results_of, spawn_with_mailer, Mailer};
 
 const EMAIL: &str = "newcomer@example.com";
@@ -57,12 +60,18 @@ both_backends! {
         let refused = audit_events(&app, "password_reset_failed").await;
         assert_eq!(refused[0]["detail"]["reason"], "unknown_link", "no reset link has this token: {refused:?}");
 
-        let verify = post(&app, "/auth/email/verify", json!({ "token": token })).await;
-        assert_eq!(verify.status(), StatusCode::NO_CONTENT);
+        // The mailbox alone is not enough: whoever registered must know the
+        // password (the mailbox's owner following a link someone else's
+        // registration sent does not hand that someone the account).
+        let guessed = post(&app, "/auth/email/verify", json!({ "token": token, "password": WRONG_PASSWORD })).await;
+        assert_error(guessed, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        assert_error(app.login(EMAIL, PASSWORD, None).await, StatusCode::FORBIDDEN, "email_not_verified").await;
+        let verify = post(&app, "/auth/email/verify", json!({ "token": token, "password": PASSWORD })).await;
+        assert_eq!(verify.status(), StatusCode::NO_CONTENT, "the link was not spent by the wrong password");
         let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
         assert_eq!(app.me_ok(&tokens.access_token).await["email_verified"], true);
         // Once only.
-        let again = post(&app, "/auth/email/verify", json!({ "token": token })).await;
+        let again = post(&app, "/auth/email/verify", json!({ "token": token, "password": PASSWORD })).await;
         assert_error(again, StatusCode::BAD_REQUEST, "invalid_verification_token").await;
 
         assert_eq!(results_of(&app, "email_verification_requested", 1).await, ["sent"]);
@@ -98,12 +107,35 @@ both_backends! {
         let twice = app.cli(&["user", "verify-email", "--tenant", "default", "--email", EMAIL], "").await;
         assert!(twice.expect_err("verified already").to_string().contains("verified already"));
         // The mailed link no longer does anything, and a verified user is sent none.
-        let stale = post(&app, "/auth/email/verify", json!({ "token": mailer.delivery(1).await.token() })).await;
+        let body = json!({ "token": mailer.delivery(1).await.token(), "password": PASSWORD });
+        let stale = post(&app, "/auth/email/verify", body).await;
         assert_error(stale, StatusCode::BAD_REQUEST, "invalid_verification_token").await;
         assert_eq!(post(&app, "/auth/email/resend", json!({ "email": EMAIL })).await.status(), StatusCode::ACCEPTED);
         assert_eq!(results_of(&app, "email_verification_requested", 4).await[3], "already_verified");
         let failed = audit_events(&app, "email_verification_failed").await;
-        assert_eq!(failed[0]["detail"]["reason"], "already_verified", "{failed:?}");
+        assert_eq!(failed[0]["detail"]["reason"], "unknown_link", "voided by the operator's word: {failed:?}");
+        app.stop().await;
+    }
+
+    /// The owner of an address someone else registered takes the account
+    /// over with a password reset: it proves the mailbox, so it verifies
+    /// the email, and the squatter's password is gone.
+    #[tokio::test]
+    async fn a_password_reset_verifies_the_email() {
+        let mailer = Mailer::spawn(0).await;
+        let app = spawn(&mailer).await;
+        register(&app).await;
+        let out = app.cli(&["user", "reset-token", "--tenant", "default", "--email", EMAIL], "").await;
+        let token = out.expect("user reset-token").trim().to_owned();
+        let reset = json!({ "token": token, "new_password": OTHER_PASSWORD });
+        assert_eq!(post(&app, "/auth/password/reset", reset).await.status(), StatusCode::NO_CONTENT);
+        assert_error(app.login(EMAIL, PASSWORD, None).await, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        let tokens = app.login_ok(EMAIL, OTHER_PASSWORD, None).await;
+        assert_eq!(app.me_ok(&tokens.access_token).await["email_verified"], true);
+        // The registration's link has nothing left to do.
+        let body = json!({ "token": mailer.delivery(1).await.token(), "password": OTHER_PASSWORD });
+        let stale = post(&app, "/auth/email/verify", body).await;
+        assert_error(stale, StatusCode::BAD_REQUEST, "invalid_verification_token").await;
         app.stop().await;
     }
 

@@ -348,6 +348,39 @@ both_backends! {
         // And it opens: a login (here with a recovery code, the current
         // step being spent) reads it.
         parse_tokens(login_with(&app, PASSWORD, Some(&codes[0])).await, "after the start").await;
+
+        // Before a rollback to a release that cannot open them: written
+        // back as they are, and still read.
+        let out = app.cli(&["keys", "unseal-totp"], "").await.expect("keys unseal-totp");
+        assert!(out.starts_with("1 TOTP secret(s) written back unsealed"), "{out}");
+        assert_eq!(stored(store.clone()).await, secret);
+        parse_tokens(login_with(&app, PASSWORD, Some(&codes[1])).await, "unsealed").await;
+        store.close().await;
+        app.stop().await;
+    }
+
+    /// With `auth.seal_totp_secrets = false` (while replicas of an older
+    /// release still serve), secrets are stored as they are and nothing
+    /// is sealed at the start; sealed ones are still read.
+    #[tokio::test]
+    async fn with_sealing_off_secrets_are_stored_as_they_are() {
+        let options = TestOptions {
+            lockout_threshold: 20,
+            auth_extra: "seal_totp_secrets = false".to_owned(),
+            ..TestOptions::default()
+        };
+        let app = spawn_app_with(options).await;
+        let user_id: uuid::Uuid = app.create_user("default", EMAIL, PASSWORD, &[], &[]).await.parse().expect("a uuid");
+        let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
+        let (secret, codes) = enable_with_recovery(&app, &tokens.access_token).await;
+        let store = crate::user_admin::open_store(&app).await;
+        let tenant = store.tenant_by_slug("default").await.expect("the store").expect("the default tenant").id;
+        let user = store.user_by_id(tenant, user_id).await.expect("the store").expect("the user");
+        assert_eq!(user.totp_secret.as_deref(), Some(secret.as_str()), "stored as it is");
+        let app = app.restart().await;
+        let user = store.user_by_id(tenant, user_id).await.expect("the store").expect("the user");
+        assert_eq!(user.totp_secret.as_deref(), Some(secret.as_str()), "not sealed at the start");
+        parse_tokens(login_with(&app, PASSWORD, Some(&codes[0])).await, "read as it is").await;
         store.close().await;
         app.stop().await;
     }

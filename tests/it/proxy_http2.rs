@@ -135,11 +135,14 @@ async fn a_grpc_style_call_gets_its_trailers_identity_and_te() {
 }
 
 /// A route's `remove_response_headers` hold for the upstream's trailers
-/// too: a field taken out of the head cannot come back after the body.
+/// too, and so do the fields the gateway sets on the answer: a field taken
+/// out of (or set in) the head cannot come back after the body.
 #[tokio::test]
 async fn removed_response_fields_are_taken_out_of_trailers_too() {
     let upstream = spawn_h2_upstream("grpc").await;
-    let lines = format!("{HTTP2}\nremove_response_headers = [\"grpc-message\"]");
+    let lines = format!(
+        "{HTTP2}\nremove_response_headers = [\"x-served-by\"]\nresponse_headers = {{ \"X-Cache\" = \"gateway\" }}"
+    );
     let (app, access) = gateway(route("trimmed", "/pkg.Service", &[upstream.url()], &lines)).await;
     let mut client = h2_client(app.addr).await;
     let request = hyper::Request::post(format!("http://{}/pkg.Service/Method?mode=trailers", app.addr))
@@ -148,11 +151,14 @@ async fn removed_response_fields_are_taken_out_of_trailers_too() {
         .header("content-type", "application/grpc")
         .body(body(b"\x00\x00\x00\x00\x00", &[]))
         .expect("a request");
-    let (status, echo, trailers) = call(&mut client, request).await;
-    assert_eq!(status, StatusCode::OK, "{echo}");
+    let response = client.send_request(request).await.expect("an answer");
+    assert_eq!(response.headers()["x-cache"], "gateway", "set in the head");
+    let trailers = response.into_body().collect().await.expect("the body").trailers().cloned();
     let trailers = trailers.expect("the answer ends with trailers");
     assert_eq!(trailers.get("grpc-status"), Some(&HeaderValue::from_static("0")), "{trailers:?}");
-    assert!(trailers.get("grpc-message").is_none(), "removed: {trailers:?}");
+    assert_eq!(trailers.get("grpc-message"), Some(&HeaderValue::from_static("done")), "{trailers:?}");
+    assert!(trailers.get("x-served-by").is_none(), "removed: {trailers:?}");
+    assert!(trailers.get("x-cache").is_none(), "set by the gateway, not contradicted: {trailers:?}");
     app.stop().await;
 }
 
@@ -187,6 +193,8 @@ async fn refused_grpc_calls_get_a_grpc_status() {
     for (path, token, code, message) in cases {
         let response = client.send_request(grpc_call(path, token)).await.expect("an answer");
         assert_eq!(response.status(), StatusCode::OK, "{path}");
+        // Trailers-Only: the head ends the stream (no DATA frame follows).
+        assert!(hyper::body::Body::is_end_stream(response.body()), "{path}: the head ends the stream");
         let fields = response.headers().clone();
         assert_eq!(fields["content-type"], "application/grpc", "{path}");
         assert_eq!(fields["grpc-status"], code, "{path}: {fields:?}");
@@ -201,18 +209,21 @@ async fn refused_grpc_calls_get_a_grpc_status() {
     }
     assert_eq!(upstream.hits(), 0, "no refused call reached the upstream");
 
-    // The same refusal to a request that is no gRPC call: JSON.
+    // The same refusal to a request that is no gRPC call: JSON. gRPC-Web
+    // is not, nor is anything over HTTP/1.1 (gRPC is HTTP/2 only).
     let plain = hyper::Request::post(format!("http://{}/pkg.Service/Method", app.addr))
         .header("content-type", "application/grpc-web")
         .body(body(b"", &[]))
         .expect("a request");
     let (status, json, _) = call(&mut client, plain).await;
     assert_eq!((status, json["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")), "{json}");
+    let http1 = app.client.post(app.url("/pkg.Service/Method")).header("content-type", "application/grpc").send().await;
+    assert_error(http1.expect("an answer"), StatusCode::UNAUTHORIZED, "unauthorized").await;
 
     let metrics = app.metrics().await;
     let counted =
         |route: &str, status: &str| metric(&metrics, "gateway_requests_total", &[("route", route), ("status", status)]);
-    assert_eq!(counted("refusing", "401"), 3.0, "counted with the HTTP status they stand for:\n{metrics}");
+    assert_eq!(counted("refusing", "401"), 4.0, "counted with the HTTP status they stand for:\n{metrics}");
     assert_eq!(counted("refusing", "200"), 0.0, "{metrics}");
     assert_eq!(counted("refusing-admin", "403"), 1.0, "{metrics}");
     app.stop().await;

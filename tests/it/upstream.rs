@@ -15,7 +15,8 @@
 //! - `mode=early`: 200 `text/plain` "early" at once; the request body is read afterwards.
 //! - `mode=close`: the echo, with `Connection: close` (the connection ends after it).
 //! - `mode=trailers`: the echo, then the trailers `grpc-status: 0` and
-//!   `grpc-message: done` (as a gRPC server ends a call; HTTP/2 only).
+//!   `grpc-message: done` (as a gRPC server ends a call; HTTP/2 only), and
+//!   `x-served-by: <name>` and `x-cache: upstream`.
 //!
 //! The echo also names the request's `"version"` (`"HTTP/1.1"`, `"HTTP/2.0"`),
 //! over HTTP/2 its `"authority"` (the `:authority` pseudo-field; null without one),
@@ -444,6 +445,8 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<RespB
                 let mut trailers = hyper::HeaderMap::new();
                 trailers.insert("grpc-status", HeaderValue::from_static("0"));
                 trailers.insert("grpc-message", HeaderValue::from_static("done"));
+                trailers.insert("x-served-by", HeaderValue::from_str(&state.name).expect("a field value"));
+                trailers.insert("x-cache", HeaderValue::from_static("upstream"));
                 let frames = [Frame::data(Bytes::from(echo.to_string())), Frame::trailers(trailers)];
                 let stream = futures::stream::iter(frames.map(Ok::<_, Infallible>));
                 let mut response = Response::new(StreamBody::new(stream).boxed_unsync());

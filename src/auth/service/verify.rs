@@ -11,10 +11,12 @@
 //! operator creates, and those registered while verification was not
 //! required, count as verified.
 
+use secrecy::SecretString;
 use uuid::Uuid;
 
 use super::links::VERIFICATION;
-use super::{normalize_email, Accounts, AuthService, ClientContext};
+use super::{check_password_size, normalize_email, Accounts, AuthService, ClientContext};
+use crate::auth::password::Verdict;
 use crate::auth::AuthError;
 use crate::db::audit::NewAuditEvent;
 use crate::db::email_links::{LinkPurpose, Unredeemed};
@@ -50,14 +52,24 @@ impl AuthService {
         self.mail_link(&VERIFICATION, email, tenant, "email", client).await
     }
 
-    /// `POST /auth/email/verify`: marks the link's email verified;
+    /// `POST /auth/email/verify`: marks the link's email verified, given
+    /// the user's password too (checked as at login: a wrong one counts
+    /// towards the lockout and leaves the link unspent), so that the
+    /// mailbox's owner following a link someone else's registration sent
+    /// does not hand that someone the account.
     /// [`AuthError::InvalidVerificationToken`] for a link that is unknown,
     /// spent, replaced, expired, of another email, or of a disabled user or
     /// tenant.
-    pub async fn verify_email(&self, token: &str, client: &ClientContext) -> Result<(), AuthError> {
+    pub async fn verify_email(
+        &self,
+        token: &str,
+        password: &SecretString,
+        client: &ClientContext,
+    ) -> Result<(), AuthError> {
         self.rate_limit(client.ip)?;
+        check_password_size(password).map_err(AuthError::InvalidRequest)?;
         let refused = "email_verification_failed";
-        let (link, user, _) = match self.presented_link(LinkPurpose::EmailVerification, token).await? {
+        let (link, user, tenant) = match self.presented_link(LinkPurpose::EmailVerification, token).await? {
             Ok(found) => found,
             Err((reason, user)) => {
                 self.link_refused(refused, VERIFICATIONS, reason, user.as_ref(), client).await;
@@ -69,6 +81,25 @@ impl AuthService {
             self.link_refused(refused, VERIFICATIONS, "already_verified", Some(&user), client).await;
             return Err(AuthError::InvalidVerificationToken);
         }
+        let locks = self.reserve_attempt(&tenant.slug, &user.email).await?;
+        if let Verdict::Wrong = self.hasher.verify(password, Some(&user.password_hash)).await? {
+            self.link_refused(refused, VERIFICATIONS, "wrong_password", Some(&user), client).await;
+            if locks {
+                let ip = client.ip.to_string();
+                self.audit(NewAuditEvent {
+                    event: "locked_out",
+                    tenant_id: Some(user.tenant_id),
+                    user_id: Some(user.id),
+                    email: Some(&user.email),
+                    ip: Some(&ip),
+                    user_agent: client.user_agent.as_deref(),
+                    detail: Some(serde_json::json!({ "tenant": tenant.slug, "via": "email_verification" })),
+                })
+                .await;
+            }
+            return Err(AuthError::InvalidCredentials);
+        }
+        self.store.clear_login_attempts(&tenant.slug, &user.email).await?;
         if let Err(gone) = self.store.redeem_email_verification(&link, &user.email, unix_now()).await? {
             let reason = match gone {
                 Unredeemed::LinkGone => "link_spent_meanwhile",
