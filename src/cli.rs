@@ -140,6 +140,20 @@ pub enum UserCommand {
         #[arg(long)]
         tenant: String,
     },
+    /// Delete a user: every session is revoked (running gateways refuse
+    /// its tokens) and the row is left as a tombstone that identifies no
+    /// one (the email is free again). With --forget, the user's audit
+    /// events also lose the email, address and user agent.
+    Delete {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        email: String,
+        /// Also erase the email, address and user agent from the user's
+        /// audit events (a request to be forgotten).
+        #[arg(long)]
+        forget: bool,
+    },
     /// Disable a user and revoke every session.
     Disable {
         #[arg(long)]
@@ -528,6 +542,13 @@ async fn user_command(
                     if u.disabled { "  DISABLED" } else { "" }
                 )?;
             }
+            Ok(())
+        }
+        UserCommand::Delete { tenant, email, forget } => {
+            let tenant_id = find_tenant(store, &tenant).await?;
+            let revoked = accounts.delete_user(tenant_id, &email, forget).await.map_err(|e| cli_error(e, &email))?;
+            let erased = if forget { "; its audit events no longer name it" } else { "" };
+            writeln!(out, "deleted {email}; {} session(s) revoked{erased}", revoked.len())?;
             Ok(())
         }
         UserCommand::Disable { tenant, email } => {

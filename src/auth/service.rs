@@ -1004,6 +1004,26 @@ impl Accounts {
         Ok(revoked)
     }
 
+    /// Deletes a user (the CLI's `user delete`; see
+    /// [`Store::delete_user`]): revokes every session, voids every link,
+    /// and leaves a tombstone; with `forget`, the user's audit events lose
+    /// the email, address and user agent. Returns the revoked sessions.
+    pub async fn delete_user(&self, tenant_id: Uuid, email: &str, forget: bool) -> Result<Vec<Uuid>, AuthError> {
+        let email = normalize_email(email);
+        let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
+        let revoked = self.store.delete_user(tenant_id, &user, forget).await?.ok_or(AuthError::NotFound)?;
+        let event = NewAuditEvent {
+            event: "user_deleted",
+            tenant_id: Some(tenant_id),
+            user_id: Some(user.id),
+            email: (!forget).then_some(email.as_str()),
+            detail: Some(serde_json::json!({ "sessions_revoked": revoked.len(), "forget": forget })),
+            ..Default::default()
+        };
+        self.audit(event).await;
+        Ok(revoked)
+    }
+
     /// Enables a disabled user (the CLI's `user enable`). Its old sessions
     /// stay revoked, so it logs in again; running gateways accept the
     /// tokens issued more than `auth.leeway` after the disable, and refuse

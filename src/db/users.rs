@@ -143,7 +143,7 @@ impl Store {
     }
 
     pub async fn list_users(&self, tenant_id: Uuid) -> StoreResult<Vec<User>> {
-        let sql = format!("{SELECT} WHERE tenant_id = $1 ORDER BY email");
+        let sql = format!("{SELECT} WHERE tenant_id = $1 AND deleted_at IS NULL ORDER BY email");
         let rows: Vec<Row> = on_pool!(self, |p| sqlx::query_as(&sql).bind(tenant_id).fetch_all(p).await)?;
         Ok(rows.into_iter().map(from_row).collect())
     }
@@ -332,6 +332,55 @@ impl Store {
             .await
             .map(|done| done.rows_affected()))?;
         Ok(done == 1)
+    }
+
+    /// Deletes the user (an operator's `user delete`), in one transaction:
+    /// the row becomes a tombstone (disabled, `deleted_at` set, the email
+    /// replaced by `deleted-<id>@invalid` so that it is free again, and the
+    /// password hash, roles, scopes and second factor erased), every open
+    /// session is revoked (running gateways refuse its tokens) and every
+    /// mailed link voided. With `forget`, the audit events of the user,
+    /// and those recorded with its email in its tenant, lose the email,
+    /// address and user agent. Returns the revoked sessions, or `None` for
+    /// an unknown (or deleted) user.
+    pub async fn delete_user(&self, tenant_id: Uuid, user: &User, forget: bool) -> StoreResult<Option<Vec<Uuid>>> {
+        let tombstone = "UPDATE users SET disabled = TRUE, deleted_at = $3, updated_at = $3, email = $4,
+                                          password_hash = '!', roles = '', scopes = '', totp_secret = NULL,
+                                          totp_pending = NULL, totp_last_step = NULL, totp_recovery = NULL,
+                                          totp_failures = 0, email_verified_at = NULL
+                         WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL";
+        let void = "UPDATE email_links SET used_at = $3 WHERE tenant_id = $1 AND user_id = $2 AND used_at IS NULL";
+        let forget_sql = "UPDATE audit_events SET email = NULL, ip = NULL, user_agent = NULL
+                          WHERE tenant_id = $1 AND (user_id = $2 OR email = $3)";
+        let now = unix_now();
+        let tombstone_email = format!("deleted-{}@invalid", user.id.simple());
+        let revoked: Option<Vec<(Uuid,)>> = on_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            let done = sqlx::query(tombstone)
+                .bind(tenant_id)
+                .bind(user.id)
+                .bind(now)
+                .bind(&tombstone_email)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if done == 0 {
+                tx.rollback().await?;
+                None
+            } else {
+                let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = 'user_deleted'
+                              WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL RETURNING id";
+                let ids = sqlx::query_as(revoke).bind(tenant_id).bind(user.id).bind(now).fetch_all(&mut *tx).await?;
+                sqlx::query(void).bind(tenant_id).bind(user.id).bind(now).execute(&mut *tx).await?;
+                if forget {
+                    let erase = sqlx::query(forget_sql).bind(tenant_id).bind(user.id).bind(&user.email);
+                    erase.execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Some(ids)
+            }
+        });
+        Ok(revoked.map(|ids| ids.into_iter().map(|(id,)| id).collect()))
     }
 
     /// Marks the user's email verified (an operator's `user verify-email`);

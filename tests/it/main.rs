@@ -40,3 +40,4 @@ mod session_lifetime;
 mod tenant_admin;
 mod token_attacks;
 mod user_admin;
+mod user_deletion;

@@ -1,0 +1,63 @@
+//! `gateway user delete`: every session of the user ends (running gateways
+//! refuse its tokens), the email is free again, and what is left is a
+//! tombstone that names no one; with `--forget`, the audit log stops naming
+//! the user too.
+
+use reqwest::StatusCode;
+
+use crate::helpers::{
+    assert_error, assert_invalid_token, both_backends, eventually, spawn_app, OTHER_PASSWORD, PASSWORD, WRONG_PASSWORD,
+};
+
+const EMAIL: &str = "leaving@example.com";
+
+both_backends! {
+    #[tokio::test]
+    async fn a_deleted_user_is_gone_and_with_forget_unnamed() {
+        let app = spawn_app().await;
+        let user_id = app.create_user("default", EMAIL, PASSWORD, &["reader"], &[]).await;
+        app.create_user("default", "staying@example.com", PASSWORD, &[], &[]).await;
+        let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
+        assert_error(app.login(EMAIL, WRONG_PASSWORD, None).await, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+
+        let out = app.cli(&["user", "delete", "--tenant", "default", "--email", EMAIL, "--forget"], "").await;
+        assert_eq!(
+            out.expect("user delete").trim(),
+            format!("deleted {EMAIL}; 1 session(s) revoked; its audit events no longer name it")
+        );
+        let audit = app.cli(&["audit", "list", "--json", "--limit", "100"], "").await.expect("audit list");
+        assert!(!audit.contains(EMAIL), "the audit log no longer names the user: {audit}");
+        let deleted: Vec<serde_json::Value> = audit
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .filter(|e: &serde_json::Value| e["event"] == "user_deleted")
+            .collect();
+        assert_eq!(deleted.len(), 1, "{audit}");
+        assert_eq!(deleted[0]["user_id"], user_id.as_str());
+        assert_eq!(deleted[0]["detail"]["forget"], true);
+        let login_failed = audit.lines().find(|l| l.contains("login_failed")).expect("the failed login is kept");
+        assert!(login_failed.contains("\"ip\":null"), "its address is erased: {login_failed}");
+        assert!(audit.contains("staying@example.com"), "others are still named: {audit}");
+        // Its tokens die across the running gateway, its refresh token mints nothing.
+        eventually("the deleted user's token is refused", std::time::Duration::from_secs(5), || async {
+            app.get_authed("/auth/me", &tokens.access_token).await.status() == StatusCode::UNAUTHORIZED
+        })
+        .await;
+        assert_invalid_token(app.get_authed("/auth/me", &tokens.access_token).await).await;
+        assert_error(app.refresh(&tokens.refresh_token).await, StatusCode::UNAUTHORIZED, "invalid_grant").await;
+        assert_error(app.login(EMAIL, PASSWORD, None).await, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+
+        let list = app.cli(&["user", "list", "--tenant", "default"], "").await.expect("user list");
+        assert!(!list.contains(EMAIL) && !list.contains(&user_id), "{list}");
+        assert!(list.contains("staying@example.com"), "{list}");
+
+        // The email is free again; the newcomer is someone else.
+        let again = app.create_user("default", EMAIL, OTHER_PASSWORD, &[], &[]).await;
+        assert_ne!(again, user_id);
+        let fresh = app.login_ok(EMAIL, OTHER_PASSWORD, None).await;
+        assert_eq!(app.me_ok(&fresh.access_token).await["roles"], serde_json::json!([]), "nothing inherited");
+        let err = app.cli(&["user", "delete", "--tenant", "default", "--email", "nobody@example.com"], "").await;
+        assert!(err.expect_err("an unknown user").to_string().contains("email:"), "names the field");
+        app.stop().await;
+    }
+}
