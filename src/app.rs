@@ -365,14 +365,20 @@ async fn seal_stored_secrets(store: &Store, keys_dir: &std::path::Path, seal: bo
             tracing::warn!(error = %e, "could not record the key_generated audit event");
         }
     }
-    if let Err(e) = crate::auth::seal::check_opens(store, &sealer).await {
-        tracing::error!(
-            error = format!("{e:#}"),
-            "secrets.key does not open the stored TOTP secrets: those users cannot log in (is it the key the other \
-             replicas use?)"
-        );
-    }
-    if seal {
+    let opens = match crate::auth::seal::check_opens(store, &sealer).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "secrets.key does not open the stored TOTP secrets: those users cannot log in (is it the key the \
+                 other replicas use?); nothing is sealed with it"
+            );
+            false
+        }
+    };
+    // A key that does not open what is stored is not the deployment's:
+    // sealing with it would lock the other replicas out of those secrets.
+    if seal && opens {
         match crate::auth::seal::rewrite_stored(store, &sealer, true).await {
             Ok(0) => {}
             Ok(sealed) => tracing::info!(sealed, "sealed the TOTP secrets stored as they were"),

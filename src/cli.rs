@@ -660,8 +660,10 @@ async fn keys_command(config: &Config, cmd: KeysCommand, out: &mut dyn Write) ->
     let dir = &config.auth.keys_dir;
     match cmd {
         KeysCommand::Generate => {
-            let kid = keys::generate(dir)?;
+            // The sealing key first: a bad file fails the command before a
+            // signing key is made.
             let (_, made) = crate::auth::seal::SealingKey::load_or_generate(dir)?;
+            let kid = keys::generate(dir)?;
             let store = open(config).await?;
             store
                 .record_audit(NewAuditEvent {
@@ -689,7 +691,11 @@ async fn keys_command(config: &Config, cmd: KeysCommand, out: &mut dyn Write) ->
         KeysCommand::UnsealTotp => {
             let path = dir.join(crate::auth::seal::KEY_FILE);
             if !path.exists() {
-                bail!("auth.keys_dir: {} does not exist: no secret was sealed with it", path.display());
+                bail!(
+                    "auth.keys_dir: {} does not exist; sealed secrets cannot be opened without the file they were \
+                     sealed with (is auth.keys_dir the directory the gateways use?)",
+                    path.display()
+                );
             }
             let (key, _) = crate::auth::seal::SealingKey::load_or_generate(dir)?;
             let store = open(config).await?;

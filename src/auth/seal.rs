@@ -132,21 +132,37 @@ pub fn is_sealed(stored: &str) -> bool {
 /// Rewrites every stored TOTP secret (and secret being set up) sealed
 /// with `key` (`seal`), or as it is (`!seal`: before a rollback to a
 /// release from before sealing); returns how many were rewritten. A value
-/// changed meanwhile is left as it now is; a sealed one that does not open
-/// is an error naming its user.
+/// changed meanwhile is left as it now is; sealed ones that do not open
+/// are left too, and named (user and column) in the error that follows the
+/// rest.
 pub async fn rewrite_stored(store: &Store, key: &SealingKey, seal: bool) -> anyhow::Result<usize> {
     let mut rewritten = 0;
+    let mut unopened = Vec::new();
     for (tenant_id, user_id, secret, pending) in store.stored_totp(!seal, i64::MAX).await? {
         for (is_pending, stored) in [(false, secret), (true, pending)] {
             let Some(stored) = stored.filter(|s| is_sealed(s) != seal) else { continue };
             let new = match seal {
                 true => key.seal(&stored, user_id.as_bytes())?,
-                false => key.open(&stored, user_id.as_bytes()).with_context(|| format!("user {user_id}"))?,
+                false => match key.open(&stored, user_id.as_bytes()) {
+                    Ok(plain) => plain,
+                    Err(_) => {
+                        let column = if is_pending { "totp_pending" } else { "totp_secret" };
+                        unopened.push(format!("user {user_id} ({column})"));
+                        continue;
+                    }
+                },
             };
             if store.reseal_totp(tenant_id, user_id, is_pending, &stored, &new).await? {
                 rewritten += 1;
             }
         }
+    }
+    if !unopened.is_empty() {
+        anyhow::bail!(
+            "{rewritten} rewritten; {} sealed value(s) do not open with {KEY_FILE}: {}",
+            unopened.len(),
+            unopened.join(", ")
+        );
     }
     Ok(rewritten)
 }

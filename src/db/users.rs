@@ -128,8 +128,9 @@ impl Store {
         Ok(user)
     }
 
+    /// A deleted user (a tombstone) is found by no email.
     pub async fn user_by_email(&self, tenant_id: Uuid, email: &str) -> StoreResult<Option<User>> {
-        let sql = format!("{SELECT} WHERE tenant_id = $1 AND email = $2");
+        let sql = format!("{SELECT} WHERE tenant_id = $1 AND email = $2 AND deleted_at IS NULL");
         let row: Option<Row> =
             on_pool!(self, |p| sqlx::query_as(&sql).bind(tenant_id).bind(email).fetch_optional(p).await)?;
         Ok(row.map(from_row))
@@ -336,24 +337,28 @@ impl Store {
 
     /// Deletes the user (an operator's `user delete`), in one transaction:
     /// the row becomes a tombstone (disabled, `deleted_at` set, the email
-    /// replaced by `deleted-<id>@invalid` so that it is free again, and the
-    /// password hash, roles, scopes and second factor erased), every open
-    /// session is revoked (running gateways refuse its tokens) and every
-    /// mailed link voided. With `forget`, the audit events of the user,
-    /// and those recorded with its email in its tenant, lose the email,
-    /// address and user agent. Returns the revoked sessions, or `None` for
-    /// an unknown (or deleted) user.
+    /// replaced by `deleted:<id>`, which is no email, so that the address
+    /// is free again and nobody can take the tombstone's, and the password
+    /// hash, roles, scopes and second factor erased), every open session
+    /// is revoked (running gateways refuse its tokens), every session
+    /// loses its address and user agent, and its mailed links are deleted.
+    /// With `forget`, the audit events of the user, and those recorded
+    /// with its email in its tenant or in none (a request naming an
+    /// unknown tenant), lose the email, address and user agent. Returns the
+    /// revoked sessions, or `None` for an unknown (or deleted) user.
     pub async fn delete_user(&self, tenant_id: Uuid, user: &User, forget: bool) -> StoreResult<Option<Vec<Uuid>>> {
         let tombstone = "UPDATE users SET disabled = TRUE, deleted_at = $3, updated_at = $3, email = $4,
                                           password_hash = '!', roles = '', scopes = '', totp_secret = NULL,
                                           totp_pending = NULL, totp_last_step = NULL, totp_recovery = NULL,
                                           totp_failures = 0, email_verified_at = NULL
                          WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL";
-        let void = "UPDATE email_links SET used_at = $3 WHERE tenant_id = $1 AND user_id = $2 AND used_at IS NULL";
+        let links = "DELETE FROM email_links WHERE tenant_id = $1 AND user_id = $2";
+        let sessions = "UPDATE sessions SET ip = NULL, user_agent = NULL WHERE tenant_id = $1 AND user_id = $2";
         let forget_sql = "UPDATE audit_events SET email = NULL, ip = NULL, user_agent = NULL
-                          WHERE tenant_id = $1 AND (user_id = $2 OR email = $3)";
+                          WHERE (tenant_id = $1 AND user_id = $2)
+                             OR (email = $3 AND (tenant_id = $1 OR tenant_id IS NULL))";
         let now = unix_now();
-        let tombstone_email = format!("deleted-{}@invalid", user.id.simple());
+        let tombstone_email = format!("deleted:{}", user.id.simple());
         let revoked: Option<Vec<(Uuid,)>> = on_pool!(self, |p| {
             let mut tx = p.begin().await?;
             let done = sqlx::query(tombstone)
@@ -371,7 +376,8 @@ impl Store {
                 let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = 'user_deleted'
                               WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL RETURNING id";
                 let ids = sqlx::query_as(revoke).bind(tenant_id).bind(user.id).bind(now).fetch_all(&mut *tx).await?;
-                sqlx::query(void).bind(tenant_id).bind(user.id).bind(now).execute(&mut *tx).await?;
+                sqlx::query(links).bind(tenant_id).bind(user.id).execute(&mut *tx).await?;
+                sqlx::query(sessions).bind(tenant_id).bind(user.id).execute(&mut *tx).await?;
                 if forget {
                     let erase = sqlx::query(forget_sql).bind(tenant_id).bind(user.id).bind(&user.email);
                     erase.execute(&mut *tx).await?;

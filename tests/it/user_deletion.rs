@@ -19,6 +19,9 @@ both_backends! {
         app.create_user("default", "staying@example.com", PASSWORD, &[], &[]).await;
         let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
         assert_error(app.login(EMAIL, WRONG_PASSWORD, None).await, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        // Recorded with the email and no tenant (it names an unknown one).
+        let elsewhere = app.login(EMAIL, PASSWORD, Some("no-such-tenant")).await;
+        assert_error(elsewhere, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
 
         let out = app.cli(&["user", "delete", "--tenant", "default", "--email", EMAIL, "--forget"], "").await;
         assert_eq!(
@@ -35,8 +38,18 @@ both_backends! {
         assert_eq!(deleted.len(), 1, "{audit}");
         assert_eq!(deleted[0]["user_id"], user_id.as_str());
         assert_eq!(deleted[0]["detail"]["forget"], true);
-        let login_failed = audit.lines().find(|l| l.contains("login_failed")).expect("the failed login is kept");
-        assert!(login_failed.contains("\"ip\":null"), "its address is erased: {login_failed}");
+        let failed: Vec<&str> = audit.lines().filter(|l| l.contains("login_failed")).collect();
+        assert_eq!(failed.len(), 2, "the failed logins are kept: {audit}");
+        assert!(failed.iter().all(|l| l.contains("\"ip\":null")), "their addresses are erased: {failed:?}");
+        // The sessions keep no address or user agent either.
+        let store = crate::user_admin::open_store(&app).await;
+        let address: Vec<(Option<String>, Option<String>)> = match store.pool() {
+            gateway::db::Pool::Sqlite(p) => sqlx::query_as("SELECT ip, user_agent FROM sessions").fetch_all(p).await,
+            gateway::db::Pool::Postgres(p) => sqlx::query_as("SELECT ip, user_agent FROM sessions").fetch_all(p).await,
+        }
+        .expect("the sessions");
+        assert_eq!(address, [(None, None)], "the one session, unnamed");
+        store.close().await;
         assert!(audit.contains("staying@example.com"), "others are still named: {audit}");
         // Its tokens die across the running gateway, its refresh token mints nothing.
         eventually("the deleted user's token is refused", std::time::Duration::from_secs(5), || async {
@@ -58,6 +71,14 @@ both_backends! {
         assert_eq!(app.me_ok(&fresh.access_token).await["roles"], serde_json::json!([]), "nothing inherited");
         let err = app.cli(&["user", "delete", "--tenant", "default", "--email", "nobody@example.com"], "").await;
         assert!(err.expect_err("an unknown user").to_string().contains("email:"), "names the field");
+        // The tombstone answers to no email: it cannot be brought back.
+        let tombstone = format!("deleted:{}", user_id.replace('-', ""));
+        for command in ["enable", "disable", "mfa-reset", "reset-token", "verify-email"] {
+            let err = app.cli(&["user", command, "--tenant", "default", "--email", &tombstone], "").await;
+            assert!(err.expect_err(command).to_string().contains("no user"), "{command}");
+        }
+        let err = app.cli(&["user", "set-password", "--tenant", "default", "--email", &tombstone, "--password-stdin"], &format!("{PASSWORD}\n")).await;
+        assert!(err.expect_err("set-password").to_string().contains("no user"));
         app.stop().await;
     }
 }
