@@ -79,6 +79,16 @@ pub enum Unredeemed {
     UserChanged,
 }
 
+impl Unredeemed {
+    /// The audit reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Unredeemed::LinkGone => "link_spent_meanwhile",
+            Unredeemed::UserChanged => "user_changed_meanwhile",
+        }
+    }
+}
+
 const INSERT: &str = "
     INSERT INTO email_links
         (id, token_hash, tenant_id, user_id, password_fingerprint, created_at, expires_at, purpose)

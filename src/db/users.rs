@@ -162,10 +162,17 @@ impl Store {
     ) -> StoreResult<bool> {
         let sql = "UPDATE users SET password_hash = $4, updated_at = $5
                    WHERE tenant_id = $1 AND id = $2 AND password_hash = $3";
+        self.swap(sql, tenant_id, user_id, old, new).await
+    }
+
+    /// Runs `sql`, a compare-and-swap on the user's row, bound to tenant
+    /// id, user id, the value it must still hold (`held`), the one to put
+    /// (`new`), and now; whether it changed the row.
+    async fn swap(&self, sql: &str, tenant_id: Uuid, user_id: Uuid, held: &str, new: &str) -> StoreResult<bool> {
         let done = on_pool!(self, |p| sqlx::query(sql)
             .bind(tenant_id)
             .bind(user_id)
-            .bind(old)
+            .bind(held)
             .bind(new)
             .bind(unix_now())
             .execute(p)
@@ -515,16 +522,7 @@ impl Store {
     ) -> StoreResult<bool> {
         let sql = "UPDATE users SET totp_recovery = $4, updated_at = $5
                    WHERE tenant_id = $1 AND id = $2 AND totp_secret = $3";
-        let done = on_pool!(self, |p| sqlx::query(sql)
-            .bind(tenant_id)
-            .bind(user_id)
-            .bind(secret)
-            .bind(hashes)
-            .bind(unix_now())
-            .execute(p)
-            .await
-            .map(|done| done.rows_affected()))?;
-        Ok(done == 1)
+        self.swap(sql, tenant_id, user_id, secret, hashes).await
     }
 
     /// Counts a wrong (or spent) code against the user's secret `secret`;

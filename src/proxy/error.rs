@@ -12,6 +12,7 @@
 
 use hyper::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Method, Response, StatusCode, Version};
+use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 
 use super::path::PathError;
 use crate::auth::token::TokenError;
@@ -182,18 +183,13 @@ pub fn grpc_status(status: StatusCode) -> u16 {
     }
 }
 
-/// `text` percent-encoded as `grpc-message` wants it: every byte outside
-/// printable ASCII, and `%`, as `%XX`.
+/// What `grpc-message` percent-encodes: every byte outside printable
+/// ASCII (controls here, the rest by `utf8_percent_encode`), and `%`.
+const GRPC_MESSAGE: &AsciiSet = &CONTROLS.add(b'%');
+
+/// `text` percent-encoded as `grpc-message` wants it.
 fn grpc_message(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    utf8_percent_encode(text, GRPC_MESSAGE).to_string()
 }
 
 #[cfg(test)]

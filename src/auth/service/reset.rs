@@ -20,8 +20,7 @@ use uuid::Uuid;
 use super::links::{EmailLink, RESET};
 use super::{normalize_email, rfc3339, Accounts, AuthService, ClientContext};
 use crate::auth::AuthError;
-use crate::db::audit::NewAuditEvent;
-use crate::db::email_links::{LinkMade, LinkPurpose, Unredeemed};
+use crate::db::email_links::{LinkMade, LinkPurpose};
 use crate::db::unix_now;
 
 /// The metric of presented reset links, by result.
@@ -64,11 +63,7 @@ impl AuthService {
         let revoked = match self.store.redeem_password_reset(&link, &user.password_hash, &hash, unix_now()).await? {
             Ok(revoked) => revoked,
             Err(gone) => {
-                let reason = match gone {
-                    Unredeemed::LinkGone => "link_spent_meanwhile",
-                    Unredeemed::UserChanged => "user_changed_meanwhile",
-                };
-                self.link_refused("password_reset_failed", RESETS, reason, Some(&user), client).await;
+                self.link_refused("password_reset_failed", RESETS, gone.reason(), Some(&user), client).await;
                 return Err(AuthError::InvalidResetToken);
             }
         };
@@ -76,17 +71,8 @@ impl AuthService {
             self.authenticator.revocations().revoke_session(*id);
         }
         metrics::counter!(RESETS, "result" => "success").increment(1);
-        let ip = client.ip.to_string();
-        self.audit(NewAuditEvent {
-            event: "password_reset",
-            tenant_id: Some(user.tenant_id),
-            user_id: Some(user.id),
-            email: Some(&user.email),
-            ip: Some(&ip),
-            user_agent: client.user_agent.as_deref(),
-            detail: Some(serde_json::json!({ "via": "link", "sessions_revoked": revoked.len() })),
-        })
-        .await;
+        let detail = serde_json::json!({ "via": "link", "sessions_revoked": revoked.len() });
+        self.audit_user("password_reset", &user, client, detail).await;
         // The user proved the mailbox and chose a new password: a lock
         // earned by someone guessing the old one no longer keeps them out.
         // The password is set whatever happens here: a failure is logged,

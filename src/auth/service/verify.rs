@@ -18,8 +18,7 @@ use super::links::VERIFICATION;
 use super::{check_password_size, normalize_email, Accounts, AuthService, ClientContext};
 use crate::auth::password::Verdict;
 use crate::auth::AuthError;
-use crate::db::audit::NewAuditEvent;
-use crate::db::email_links::{LinkPurpose, Unredeemed};
+use crate::db::email_links::LinkPurpose;
 use crate::db::unix_now;
 
 /// The metric of presented verification links, by result.
@@ -85,41 +84,18 @@ impl AuthService {
         if let Verdict::Wrong = self.hasher.verify(password, Some(&user.password_hash)).await? {
             self.link_refused(refused, VERIFICATIONS, "wrong_password", Some(&user), client).await;
             if locks {
-                let ip = client.ip.to_string();
-                self.audit(NewAuditEvent {
-                    event: "locked_out",
-                    tenant_id: Some(user.tenant_id),
-                    user_id: Some(user.id),
-                    email: Some(&user.email),
-                    ip: Some(&ip),
-                    user_agent: client.user_agent.as_deref(),
-                    detail: Some(serde_json::json!({ "tenant": tenant.slug, "via": "email_verification" })),
-                })
-                .await;
+                let detail = serde_json::json!({ "tenant": tenant.slug, "via": "email_verification" });
+                self.audit_user("locked_out", &user, client, detail).await;
             }
             return Err(AuthError::InvalidCredentials);
         }
         self.store.clear_login_attempts(&tenant.slug, &user.email).await?;
         if let Err(gone) = self.store.redeem_email_verification(&link, &user.email, unix_now()).await? {
-            let reason = match gone {
-                Unredeemed::LinkGone => "link_spent_meanwhile",
-                Unredeemed::UserChanged => "user_changed_meanwhile",
-            };
-            self.link_refused(refused, VERIFICATIONS, reason, Some(&user), client).await;
+            self.link_refused(refused, VERIFICATIONS, gone.reason(), Some(&user), client).await;
             return Err(AuthError::InvalidVerificationToken);
         }
         metrics::counter!(VERIFICATIONS, "result" => "success").increment(1);
-        let ip = client.ip.to_string();
-        self.audit(NewAuditEvent {
-            event: "email_verified",
-            tenant_id: Some(user.tenant_id),
-            user_id: Some(user.id),
-            email: Some(&user.email),
-            ip: Some(&ip),
-            user_agent: client.user_agent.as_deref(),
-            detail: Some(serde_json::json!({ "via": "link" })),
-        })
-        .await;
+        self.audit_user("email_verified", &user, client, serde_json::json!({ "via": "link" })).await;
         Ok(())
     }
 }
