@@ -135,6 +135,7 @@ impl App {
                 runtime: tokio::runtime::Handle::current(),
             },
             reloading: Arc::default(),
+            started: Arc::new(config.clone()),
         };
 
         let public = crate::server::bind_reuseport(config.server.listen)

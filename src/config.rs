@@ -41,7 +41,7 @@ pub struct Config {
     pub upstream: UpstreamSettings,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub tls: Option<TlsConfig>,
@@ -73,7 +73,7 @@ pub struct ServerConfig {
 }
 
 /// `server.http_redirect_listen` and `server.http_redirect_port`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HttpRedirect {
     pub listen: SocketAddr,
     /// The port clients reach the TLS listener on (443 is left out of the
@@ -82,18 +82,18 @@ pub struct HttpRedirect {
 }
 
 /// Certificate chain and private key (PEM) for the public listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DatabaseConfig {
     pub url: DatabaseUrl,
     pub auto_migrate: bool,
@@ -126,7 +126,7 @@ impl std::fmt::Debug for DatabaseUrl {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuthConfig {
     pub issuer: String,
     pub audience: String,
@@ -179,7 +179,7 @@ pub struct EmailVerification {
 
 /// `[auth.mailer]`: the mailer's endpoint and the key its deliveries are
 /// signed with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WebhookConfig {
     pub url: WebhookUrl,
     /// A file holding the Standard Webhooks secret (`whsec_` + base64);
@@ -219,7 +219,7 @@ pub struct Argon2Config {
     pub parallelism: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     pub format: LogFormat,
     /// One line per request the gateway answers: proxied, refused, or its
@@ -231,6 +231,36 @@ pub struct LogConfig {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+impl Config {
+    /// The settings of `self` a reload does not take that differ from
+    /// `running`'s (what the process started with), by table: a change
+    /// there waits for a restart. Reloads take the routes, `[headers]`,
+    /// `[forward_auth]`, `server.trusted_proxies` and `auth.cors_origins`.
+    pub fn restart_pending(&self, running: &Config) -> Vec<&'static str> {
+        let mut tables = Vec::new();
+        if self.server != running.server {
+            tables.push("server");
+        }
+        if self.admin != running.admin {
+            tables.push("admin");
+        }
+        if self.database != running.database {
+            tables.push("database");
+        }
+        let auth = |c: &Config| AuthConfig { cors_origins: Vec::new(), ..c.auth.clone() };
+        if auth(self) != auth(running) {
+            tables.push("auth");
+        }
+        if self.log != running.log {
+            tables.push("log");
+        }
+        if self.upstream != running.upstream {
+            tables.push("upstream");
+        }
+        tables
+    }
 }
 
 /// Everything wrong with a config file, one line per problem.

@@ -835,7 +835,7 @@ fn parse_upstream(text: &str) -> Result<UpstreamTarget, String> {
 }
 
 /// Settings of the upstream HTTP client.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     /// Must be shorter than the upstreams' own keep-alive timeout.

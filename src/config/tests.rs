@@ -743,3 +743,24 @@ fn jwt_assertions_need_an_identity_and_an_audience_of_their_own() {
         assert!(err.contains(says), "{text}: {err}");
     }
 }
+
+#[test]
+fn a_reload_names_the_tables_that_wait_for_a_restart() {
+    let running = parse("[auth]\ncors_origins = [\"https://a.example\"]").expect("running");
+    let same = parse(
+        "[auth]\ncors_origins = [\"https://b.example\"]\n[server]\ntrusted_proxies = [\"10.0.0.0/8\"]\n\
+         [[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstreams = [\"http://10.0.0.1:80\"]",
+    )
+    .expect("only what a reload takes");
+    assert!(same.restart_pending(&running).is_empty(), "routes, trusted proxies and CORS origins reload");
+    let changed = parse(
+        "[auth]\ncors_origins = [\"https://a.example\"]\naccess_token_ttl = \"5m\"\n\
+         [auth.email_verification]\nrequired = true\n[database]\nmax_connections = 2\n\
+         [server]\nidle_timeout = \"5s\"\n[upstream]\nconnect_timeout = \"1s\"\n[log]\naccess = false",
+    )
+    .expect("start-only settings");
+    assert_eq!(changed.restart_pending(&running), ["server", "database", "auth", "log", "upstream"]);
+    let admin = parse("[auth]\ncors_origins = [\"https://a.example\"]\n[admin]\nlisten = \"127.0.0.1:9999\"")
+        .expect("another admin port");
+    assert_eq!(admin.restart_pending(&running), ["admin"]);
+}

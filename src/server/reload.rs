@@ -15,7 +15,11 @@
 //! router rebuilt for it), and of `[server]` only `trusted_proxies` (with
 //! the routes, which forward auth and the client's address read it
 //! with); listeners, the database, the rest of `[auth]` and timeouts of
-//! the server itself need a restart.
+//! the server itself need a restart. A reload that finds those changed
+//! says so: a warning naming the tables ([`Config::restart_pending`]) and
+//! `gateway_config_restart_pending` (how many tables differ from what the
+//! process started with; 0 again once the file matches), so an edit that
+//! waits for a restart is never silently ignored.
 //!
 //! Why a change must hold still for a whole poll before it is read: an
 //! editor or `cat >` writes the file in pieces, and a file cut short is
@@ -67,6 +71,9 @@ pub struct Reloader {
     /// swaps, and two reloads at once (the watcher and a caller) must not
     /// leave them from two different files.
     pub(crate) reloading: Arc<std::sync::Mutex<()>>,
+    /// The configuration the process started with: what runs of the
+    /// settings a reload does not take.
+    pub(crate) started: Arc<Config>,
 }
 
 impl Reloader {
@@ -76,6 +83,14 @@ impl Reloader {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match Config::load(&self.path) {
             Ok(config) => {
+                let pending = config.restart_pending(&self.started);
+                metrics::gauge!("gateway_config_restart_pending").set(pending.len() as f64);
+                if !pending.is_empty() {
+                    tracing::warn!(
+                        tables = pending.join(", "),
+                        "the file changed settings a reload does not take: they apply at the next restart"
+                    );
+                }
                 let n = config.proxy.routes.len();
                 let cors = CorsOrigins::new(&config.auth.cors_origins);
                 self.api.rebuild(&cors, &config.proxy.headers.request_id);
