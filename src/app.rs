@@ -274,11 +274,15 @@ impl App {
         .await;
         let abort: Vec<_> =
             background.iter().map(tokio::task::JoinHandle::abort_handle).chain([admin.abort_handle()]).collect();
+        let service = self.service.clone();
         let rest = async {
             for task in background {
                 let _ = task.await;
             }
             let admin = admin.await;
+            // Mailed links still being delivered (with their retries) go
+            // out, within the same deadline, before the database closes.
+            service.links_delivered().await;
             store.close().await;
             admin
         };

@@ -335,6 +335,24 @@ both_backends! {
         app.stop().await;
     }
 
+    /// A delivery under way when the gateway stops (here waiting for its
+    /// retry) goes out, within the shutdown grace, and is audited.
+    #[tokio::test]
+    async fn a_stop_waits_for_deliveries_under_way() {
+        let mailer = Mailer::spawn(1).await;
+        let app = spawn_with_mailer(&mailer, TestOptions::default()).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        assert_eq!(forgot(&app, json!({ "email": EMAIL })).await.status(), StatusCode::ACCEPTED);
+        mailer.delivery(1).await;
+        // A restart stops the gateway (and its drain) before starting anew.
+        let app = app.restart().await;
+        assert_eq!(mailer.deliveries().len(), 2, "the retry went out before the gateway stopped");
+        let events = audit_events(&app, "password_reset_requested").await;
+        assert_eq!(events.len(), 1, "audited before the database closed: {events:?}");
+        assert_eq!(events[0]["detail"]["result"], "sent");
+        app.stop().await;
+    }
+
     #[tokio::test]
     async fn links_die_with_a_password_change_a_disable_and_their_expiry() {
         let app = spawn_app_with(TestOptions {

@@ -95,6 +95,17 @@ impl AuthService {
         self
     }
 
+    /// Waits until no link request is being worked on (at shutdown, so
+    /// that deliveries under way, retries included, go out); new ones are
+    /// answered and dropped meanwhile, as when too many run.
+    pub async fn links_delivered(&self) {
+        let all = u32::try_from(MAX_LINK_TASKS).unwrap_or(u32::MAX);
+        // Held until the process ends: nothing starts after this.
+        if let Ok(permits) = self.link_tasks.acquire_many(all).await {
+            permits.forget();
+        }
+    }
+
     /// Asks for a link of `kind` for `email`: checks the request's shape
     /// and the rate limit, then answers; the rest runs after the answer
     /// (see the module docs). `via` is recorded with the request.
