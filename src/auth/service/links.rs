@@ -95,9 +95,9 @@ impl AuthService {
         self
     }
 
-    /// Waits until no link request is being worked on (at shutdown, so
-    /// that deliveries under way, retries included, go out); new ones are
-    /// answered and dropped meanwhile, as when too many run.
+    /// Waits until no link request is being worked on (at shutdown, once
+    /// the listeners have drained, so that deliveries under way, retries
+    /// included, go out).
     pub async fn links_delivered(&self) {
         let all = u32::try_from(MAX_LINK_TASKS).unwrap_or(u32::MAX);
         // Held until the process ends: nothing starts after this.
