@@ -154,6 +154,19 @@ pub enum UserCommand {
         #[arg(long)]
         forget: bool,
     },
+    /// Erase a deleted user from the audit log: its events, and those
+    /// recorded with its former email, lose the email, address and user
+    /// agent (for a user deleted without --forget).
+    Forget {
+        #[arg(long)]
+        tenant: String,
+        /// The deleted user's id (as `user delete` and the audit log show it).
+        #[arg(long)]
+        user_id: uuid::Uuid,
+        /// The email the user had.
+        #[arg(long)]
+        email: String,
+    },
     /// Disable a user and revoke every session.
     Disable {
         #[arg(long)]
@@ -549,6 +562,24 @@ async fn user_command(
             let revoked = accounts.delete_user(tenant_id, &email, forget).await.map_err(|e| cli_error(e, &email))?;
             let erased = if forget { "; its audit events no longer name it" } else { "" };
             writeln!(out, "deleted {email}; {} session(s) revoked{erased}", revoked.len())?;
+            Ok(())
+        }
+        UserCommand::Forget { tenant, user_id, email } => {
+            let tenant_id = find_tenant(store, &tenant).await?;
+            let email = crate::auth::service::normalize_email(&email);
+            let Some(n) = store.forget_deleted_user(tenant_id, user_id, &email).await? else {
+                bail!("user-id: {user_id} is no deleted user of tenant {tenant:?} (`gateway user delete` first)");
+            };
+            store
+                .record_audit(NewAuditEvent {
+                    event: "user_forgotten",
+                    tenant_id: Some(tenant_id),
+                    user_id: Some(user_id),
+                    detail: Some(serde_json::json!({ "events": n })),
+                    ..Default::default()
+                })
+                .await?;
+            writeln!(out, "{n} audit event(s) no longer name the user")?;
             Ok(())
         }
         UserCommand::Disable { tenant, email } => {

@@ -61,6 +61,13 @@ pub struct Access<'a> {
 
 type Row = (Uuid, Uuid, String, String, String, String, bool, i64, Option<String>, i64, Option<i64>);
 
+/// Erases the email, address and user agent of a user's audit events
+/// (`$1` tenant, `$2` user) and of those recorded with its email (`$3`) in
+/// the tenant or in none (a request that named an unknown tenant).
+const FORGET: &str = "UPDATE audit_events SET email = NULL, ip = NULL, user_agent = NULL
+                      WHERE (tenant_id = $1 AND user_id = $2)
+                         OR (email = $3 AND (tenant_id = $1 OR tenant_id IS NULL))";
+
 const SELECT: &str = "SELECT id, tenant_id, email, password_hash, roles, scopes, disabled, created_at, totp_secret,
                              totp_failures, email_verified_at FROM users";
 
@@ -361,9 +368,6 @@ impl Store {
                          WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL";
         let links = "DELETE FROM email_links WHERE tenant_id = $1 AND user_id = $2";
         let sessions = "UPDATE sessions SET ip = NULL, user_agent = NULL WHERE tenant_id = $1 AND user_id = $2";
-        let forget_sql = "UPDATE audit_events SET email = NULL, ip = NULL, user_agent = NULL
-                          WHERE (tenant_id = $1 AND user_id = $2)
-                             OR (email = $3 AND (tenant_id = $1 OR tenant_id IS NULL))";
         let now = unix_now();
         let tombstone_email = format!("deleted:{}", user.id.simple());
         let revoked: Option<Vec<(Uuid,)>> = on_pool!(self, |p| {
@@ -386,7 +390,7 @@ impl Store {
                 sqlx::query(links).bind(tenant_id).bind(user.id).execute(&mut *tx).await?;
                 sqlx::query(sessions).bind(tenant_id).bind(user.id).execute(&mut *tx).await?;
                 if forget {
-                    let erase = sqlx::query(forget_sql).bind(tenant_id).bind(user.id).bind(&user.email);
+                    let erase = sqlx::query(FORGET).bind(tenant_id).bind(user.id).bind(&user.email);
                     erase.execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
@@ -394,6 +398,29 @@ impl Store {
             }
         });
         Ok(revoked.map(|ids| ids.into_iter().map(|(id,)| id).collect()))
+    }
+
+    /// Erases the email, address and user agent from the audit events of
+    /// the deleted user `user_id` and from those recorded with `email` in
+    /// the tenant or in none (the CLI's `user forget`, for a user deleted
+    /// without `--forget`); returns how many events it changed, or `None`
+    /// when `user_id` is no deleted user of the tenant.
+    pub async fn forget_deleted_user(&self, tenant_id: Uuid, user_id: Uuid, email: &str) -> StoreResult<Option<u64>> {
+        let deleted = "SELECT 1 FROM users WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NOT NULL";
+        let changed = on_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            let erased = sqlx::query(FORGET).bind(tenant_id).bind(user_id).bind(email).execute(&mut *tx).await?;
+            let found: Option<(i32,)> =
+                sqlx::query_as(deleted).bind(tenant_id).bind(user_id).fetch_optional(&mut *tx).await?;
+            if found.is_some() {
+                tx.commit().await?;
+                Some(erased.rows_affected())
+            } else {
+                tx.rollback().await?;
+                None
+            }
+        });
+        Ok(changed)
     }
 
     /// Marks the user's email verified (an operator's `user verify-email`);

@@ -81,4 +81,29 @@ both_backends! {
         assert!(err.expect_err("set-password").to_string().contains("no user"));
         app.stop().await;
     }
+
+    /// Deleted without `--forget`, the audit log still names the user
+    /// until an operator runs `user forget` with its id and former email.
+    #[tokio::test]
+    async fn a_deleted_user_can_be_forgotten_later() {
+        let app = spawn_app().await;
+        let user_id = app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        let live = app.create_user("default", "staying@example.com", PASSWORD, &[], &[]).await;
+        app.login_ok(EMAIL, PASSWORD, None).await;
+        let out = app.cli(&["user", "delete", "--tenant", "default", "--email", EMAIL], "").await;
+        assert_eq!(out.expect("user delete").trim(), format!("deleted {EMAIL}; 1 session(s) revoked"));
+        let audit = || async { app.cli(&["audit", "list", "--json", "--limit", "100"], "").await.expect("audit list") };
+        assert!(audit().await.contains(EMAIL), "without --forget the log still names the user");
+
+        let err = app.cli(&["user", "forget", "--tenant", "default", "--user-id", &live, "--email", EMAIL], "").await;
+        assert!(err.expect_err("a live user").to_string().contains("user-id:"), "names the field");
+        assert!(audit().await.contains(EMAIL), "nothing erased for a live user's id");
+        let out = app.cli(&["user", "forget", "--tenant", "default", "--user-id", &user_id, "--email", EMAIL], "").await;
+        // user_created, login_succeeded, user_deleted.
+        assert_eq!(out.expect("user forget").trim(), "3 audit event(s) no longer name the user");
+        let after = audit().await;
+        assert!(!after.contains(EMAIL), "{after}");
+        assert!(after.contains("\"event\":\"user_forgotten\""), "{after}");
+        app.stop().await;
+    }
 }
