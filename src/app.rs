@@ -137,6 +137,7 @@ impl App {
             reloading: Arc::default(),
             started: Arc::new(config.clone()),
         };
+        crate::server::reload::publish_nothing_pending();
 
         let public = crate::server::bind_reuseport(config.server.listen)
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
@@ -275,22 +276,27 @@ impl App {
         let abort: Vec<_> =
             background.iter().map(tokio::task::JoinHandle::abort_handle).chain([admin.abort_handle()]).collect();
         let service = self.service.clone();
+        let grace = self.config.server.shutdown_grace;
+        let deadline = stopped_at.get().map_or_else(|| Instant::now() + grace, |at| *at + grace);
         let rest = async {
             for task in background {
                 let _ = task.await;
             }
             let admin = admin.await;
             // Mailed links still being delivered (with their retries) go
-            // out, within the same deadline, before the database closes.
-            service.links_delivered().await;
+            // out before the database closes, within the deadline less the
+            // second the pool's close is given.
+            let budget = deadline.saturating_duration_since(Instant::now()).saturating_sub(Duration::from_secs(1));
+            if tokio::time::timeout(budget, service.links_delivered()).await.is_err() {
+                tracing::warn!("mailed links still being delivered at the end of the grace period are abandoned");
+            }
             store.close().await;
             admin
         };
         // The workers drained within their grace; the rest shares the same
         // deadline (background tasks and the admin listener have been
         // stopping since the stop, alongside the workers).
-        let grace = self.config.server.shutdown_grace;
-        let left = stopped_at.get().map_or(grace, |at| (*at + grace).saturating_duration_since(Instant::now()));
+        let left = deadline.saturating_duration_since(Instant::now());
         let admin = match tokio::time::timeout(left.max(Duration::from_secs(1)), rest).await {
             Ok(admin) => admin,
             Err(_) => {

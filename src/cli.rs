@@ -17,6 +17,7 @@ use crate::auth::AuthError;
 use crate::config::Config;
 use crate::db::audit::{AuditQuery, NewAuditEvent};
 use crate::db::tenants::Tenant;
+use crate::db::users::ForgetRefused;
 use crate::db::users::User;
 use crate::db::{Store, StoreError};
 
@@ -567,8 +568,14 @@ async fn user_command(
         UserCommand::Forget { tenant, user_id, email } => {
             let tenant_id = find_tenant(store, &tenant).await?;
             let email = crate::auth::service::normalize_email(&email);
-            let Some(n) = store.forget_deleted_user(tenant_id, user_id, &email).await? else {
-                bail!("user-id: {user_id} is no deleted user of tenant {tenant:?} (`gateway user delete` first)");
+            let n = match store.forget_deleted_user(tenant_id, user_id, &email).await? {
+                Ok(n) => n,
+                Err(ForgetRefused::NotDeleted) => {
+                    bail!("user-id: {user_id} is no deleted user of tenant {tenant:?} (`gateway user delete` first)")
+                }
+                Err(ForgetRefused::NotItsEmail) => bail!(
+                    "email: no audit event of user {user_id} carries {email:?} (a typo? or retention pruned them)"
+                ),
             };
             store
                 .record_audit(NewAuditEvent {

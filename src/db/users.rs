@@ -53,6 +53,15 @@ pub struct NewUser<'a> {
     pub verified: bool,
 }
 
+/// Why [`Store::forget_deleted_user`] erased nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForgetRefused {
+    /// The id is no deleted user of the tenant.
+    NotDeleted,
+    /// None of the user's audit events carries the email.
+    NotItsEmail,
+}
+
 /// A user's roles and scopes.
 pub struct Access<'a> {
     pub roles: &'a [String],
@@ -62,11 +71,13 @@ pub struct Access<'a> {
 type Row = (Uuid, Uuid, String, String, String, String, bool, i64, Option<String>, i64, Option<i64>);
 
 /// Erases the email, address and user agent of a user's audit events
-/// (`$1` tenant, `$2` user) and of those recorded with its email (`$3`) in
-/// the tenant or in none (a request that named an unknown tenant).
+/// (`$1` tenant, `$2` user) and of those recorded with its email (`$3`)
+/// and no other user, in the tenant or in none (a request that named an
+/// unknown tenant), up to `$4` (when the address stopped being the user's).
 const FORGET: &str = "UPDATE audit_events SET email = NULL, ip = NULL, user_agent = NULL
                       WHERE (tenant_id = $1 AND user_id = $2)
-                         OR (email = $3 AND (tenant_id = $1 OR tenant_id IS NULL))";
+                         OR (email = $3 AND (user_id IS NULL OR user_id = $2)
+                             AND (tenant_id = $1 OR tenant_id IS NULL) AND at <= $4)";
 
 const SELECT: &str = "SELECT id, tenant_id, email, password_hash, roles, scopes, disabled, created_at, totp_secret,
                              totp_failures, email_verified_at FROM users";
@@ -390,7 +401,7 @@ impl Store {
                 sqlx::query(links).bind(tenant_id).bind(user.id).execute(&mut *tx).await?;
                 sqlx::query(sessions).bind(tenant_id).bind(user.id).execute(&mut *tx).await?;
                 if forget {
-                    let erase = sqlx::query(FORGET).bind(tenant_id).bind(user.id).bind(&user.email);
+                    let erase = sqlx::query(FORGET).bind(tenant_id).bind(user.id).bind(&user.email).bind(now);
                     erase.execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
@@ -401,26 +412,38 @@ impl Store {
     }
 
     /// Erases the email, address and user agent from the audit events of
-    /// the deleted user `user_id` and from those recorded with `email` in
-    /// the tenant or in none (the CLI's `user forget`, for a user deleted
-    /// without `--forget`); returns how many events it changed, or `None`
-    /// when `user_id` is no deleted user of the tenant.
-    pub async fn forget_deleted_user(&self, tenant_id: Uuid, user_id: Uuid, email: &str) -> StoreResult<Option<u64>> {
-        let deleted = "SELECT 1 FROM users WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NOT NULL";
-        let changed = on_pool!(self, |p| {
-            let mut tx = p.begin().await?;
-            let erased = sqlx::query(FORGET).bind(tenant_id).bind(user_id).bind(email).execute(&mut *tx).await?;
-            let found: Option<(i32,)> =
-                sqlx::query_as(deleted).bind(tenant_id).bind(user_id).fetch_optional(&mut *tx).await?;
-            if found.is_some() {
-                tx.commit().await?;
-                Some(erased.rows_affected())
-            } else {
-                tx.rollback().await?;
-                None
-            }
-        });
-        Ok(changed)
+    /// the deleted user `user_id`, and from those recorded with `email` and
+    /// no other user, in the tenant or in none, up to the deletion (the
+    /// CLI's `user forget`, for a user deleted without `--forget`; the
+    /// address may be someone else's since). Returns how many events it
+    /// changed, or why not: `user_id` is no deleted user of the tenant, or
+    /// none of its events carries `email` (a typo; or retention pruned
+    /// them).
+    pub async fn forget_deleted_user(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        email: &str,
+    ) -> StoreResult<Result<u64, ForgetRefused>> {
+        let deleted = "SELECT deleted_at FROM users WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NOT NULL";
+        let carried = "SELECT COUNT(*) FROM audit_events WHERE tenant_id = $1 AND user_id = $2 AND email = $3";
+        let at: Option<(i64,)> =
+            on_pool!(self, |p| sqlx::query_as(deleted).bind(tenant_id).bind(user_id).fetch_optional(p).await)?;
+        let Some((deleted_at,)) = at else { return Ok(Err(ForgetRefused::NotDeleted)) };
+        let (count,): (i64,) =
+            on_pool!(self, |p| sqlx::query_as(carried).bind(tenant_id).bind(user_id).bind(email).fetch_one(p).await)?;
+        if count == 0 {
+            return Ok(Err(ForgetRefused::NotItsEmail));
+        }
+        let erased = on_pool!(self, |p| sqlx::query(FORGET)
+            .bind(tenant_id)
+            .bind(user_id)
+            .bind(email)
+            .bind(deleted_at)
+            .execute(p)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(Ok(erased))
     }
 
     /// Marks the user's email verified (an operator's `user verify-email`);

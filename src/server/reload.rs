@@ -76,6 +76,12 @@ pub struct Reloader {
     pub(crate) started: Arc<Config>,
 }
 
+/// Publishes `gateway_config_restart_pending` as 0 at start, so that the
+/// series exists before the first reload.
+pub fn publish_nothing_pending() {
+    metrics::gauge!("gateway_config_restart_pending").set(0.0);
+}
+
 impl Reloader {
     /// Re-reads the config file and swaps in its routes, header settings
     /// and CORS origins; returns the number of routes.

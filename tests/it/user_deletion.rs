@@ -6,10 +6,15 @@
 use reqwest::StatusCode;
 
 use crate::helpers::{
-    assert_error, assert_invalid_token, both_backends, eventually, spawn_app, OTHER_PASSWORD, PASSWORD, WRONG_PASSWORD,
+    assert_error, assert_invalid_token, both_backends, eventually, spawn_app, TestApp, OTHER_PASSWORD, PASSWORD,
+    WRONG_PASSWORD,
 };
 
 const EMAIL: &str = "leaving@example.com";
+
+async fn forget(app: &TestApp, id: &str, email: &str) -> anyhow::Result<String> {
+    app.cli(&["user", "forget", "--tenant", "default", "--user-id", id, "--email", email], "").await
+}
 
 both_backends! {
     #[tokio::test]
@@ -95,15 +100,28 @@ both_backends! {
         let audit = || async { app.cli(&["audit", "list", "--json", "--limit", "100"], "").await.expect("audit list") };
         assert!(audit().await.contains(EMAIL), "without --forget the log still names the user");
 
-        let err = app.cli(&["user", "forget", "--tenant", "default", "--user-id", &live, "--email", EMAIL], "").await;
-        assert!(err.expect_err("a live user").to_string().contains("user-id:"), "names the field");
-        assert!(audit().await.contains(EMAIL), "nothing erased for a live user's id");
-        let out = app.cli(&["user", "forget", "--tenant", "default", "--user-id", &user_id, "--email", EMAIL], "").await;
+        // The address is free: a newcomer takes it, and keeps its own story.
+        let newcomer = app.create_user("default", EMAIL, OTHER_PASSWORD, &[], &[]).await;
+        app.login_ok(EMAIL, OTHER_PASSWORD, None).await;
+
+        let err = forget(&app, &live, EMAIL).await.expect_err("a live user");
+        assert!(err.to_string().contains("user-id:"), "names the field: {err}");
+        let err = forget(&app, &user_id, "leavng@example.com").await.expect_err("a typo");
+        assert!(err.to_string().contains("email:"), "names the field: {err}");
+        assert!(audit().await.contains(EMAIL), "nothing erased by a refused command");
         // user_created, login_succeeded, user_deleted.
-        assert_eq!(out.expect("user forget").trim(), "3 audit event(s) no longer name the user");
-        let after = audit().await;
-        assert!(!after.contains(EMAIL), "{after}");
-        assert!(after.contains("\"event\":\"user_forgotten\""), "{after}");
+        let out = forget(&app, &user_id, EMAIL).await.expect("user forget");
+        assert_eq!(out.trim(), "3 audit event(s) no longer name the user");
+        let events: Vec<serde_json::Value> =
+            audit().await.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+        for event in &events {
+            if event["user_id"] == user_id.as_str() && event["event"] != "user_forgotten" {
+                assert!(event["email"].is_null() && event["ip"].is_null(), "erased: {event}");
+            }
+        }
+        let kept = events.iter().filter(|e| e["user_id"] == newcomer.as_str() && e["email"] == EMAIL).count();
+        assert_eq!(kept, 2, "the newcomer's user_created and login keep the address: {events:?}");
+        assert!(events.iter().any(|e| e["event"] == "user_forgotten"), "{events:?}");
         app.stop().await;
     }
 }
