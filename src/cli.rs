@@ -567,8 +567,7 @@ async fn user_command(
         }
         UserCommand::Forget { tenant, user_id, email } => {
             let tenant_id = find_tenant(store, &tenant).await?;
-            let email = crate::auth::service::normalize_email(&email);
-            let n = match store.forget_deleted_user(tenant_id, user_id, &email).await? {
+            let n = match accounts.forget_user(tenant_id, user_id, &email).await? {
                 Ok(n) => n,
                 Err(ForgetRefused::NotDeleted) => {
                     bail!("user-id: {user_id} is no deleted user of tenant {tenant:?} (`gateway user delete` first)")
@@ -577,15 +576,6 @@ async fn user_command(
                     "email: no audit event of user {user_id} carries {email:?} (a typo? or retention pruned them)"
                 ),
             };
-            store
-                .record_audit(NewAuditEvent {
-                    event: "user_forgotten",
-                    tenant_id: Some(tenant_id),
-                    user_id: Some(user_id),
-                    detail: Some(serde_json::json!({ "events": n })),
-                    ..Default::default()
-                })
-                .await?;
             writeln!(out, "{n} audit event(s) no longer name the user")?;
             Ok(())
         }

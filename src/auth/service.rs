@@ -1024,6 +1024,29 @@ impl Accounts {
         Ok(revoked)
     }
 
+    /// Erases a user deleted without `forget` from the audit log (the
+    /// CLI's `user forget`; see [`Store::forget_deleted_user`]), and audits
+    /// it by id; how many events changed, or why none did.
+    pub async fn forget_user(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        email: &str,
+    ) -> Result<Result<u64, crate::db::users::ForgetRefused>, AuthError> {
+        let erased = self.store.forget_deleted_user(tenant_id, user_id, &normalize_email(email)).await?;
+        if let Ok(events) = erased {
+            let event = NewAuditEvent {
+                event: "user_forgotten",
+                tenant_id: Some(tenant_id),
+                user_id: Some(user_id),
+                detail: Some(serde_json::json!({ "events": events })),
+                ..Default::default()
+            };
+            self.audit(event).await;
+        }
+        Ok(erased)
+    }
+
     /// Enables a disabled user (the CLI's `user enable`). Its old sessions
     /// stay revoked, so it logs in again; running gateways accept the
     /// tokens issued more than `auth.leeway` after the disable, and refuse
