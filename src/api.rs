@@ -78,6 +78,8 @@ pub fn router(service: AuthService, origins: &CorsOrigins, request_id: &HeaderNa
         .route("/auth/password/reset", post(reset_password))
         .route("/auth/email/verify", post(verify_email))
         .route("/auth/email/resend", post(resend_verification))
+        .route("/auth/email/change", post(request_email_change))
+        .route("/auth/email/change/confirm", post(confirm_email_change))
         .route("/auth/mfa/totp", post(totp_setup))
         .route("/auth/mfa/totp/confirm", post(totp_confirm))
         .route("/auth/mfa/totp/disable", post(totp_disable))
@@ -157,6 +159,8 @@ async fn track(req: Request, next: Next) -> Response {
         "/auth/password/reset" => "/auth/password/reset",
         "/auth/email/verify" => "/auth/email/verify",
         "/auth/email/resend" => "/auth/email/resend",
+        "/auth/email/change" => "/auth/email/change",
+        "/auth/email/change/confirm" => "/auth/email/change/confirm",
         "/auth/mfa/totp" => "/auth/mfa/totp",
         "/auth/mfa/totp/confirm" => "/auth/mfa/totp/confirm",
         "/auth/mfa/totp/disable" => "/auth/mfa/totp/disable",
@@ -215,6 +219,12 @@ struct Forgotten {
 #[derive(Deserialize)]
 struct Verification {
     token: String,
+    password: SecretString,
+}
+
+#[derive(Deserialize)]
+struct EmailChange {
+    new_email: String,
     password: SecretString,
 }
 
@@ -381,6 +391,31 @@ async fn resend_verification(
 ) -> Result<StatusCode, ApiError> {
     s.resend_verification(&body.email, body.tenant.as_deref(), &client).await?;
     Ok(StatusCode::ACCEPTED)
+}
+
+/// 202 with where the link went and until when it works.
+async fn request_email_change(
+    State(s): State<AuthService>,
+    Authenticated(who): Authenticated,
+    Client(client): Client,
+    JsonBody(body): JsonBody<EmailChange>,
+) -> Result<Response, ApiError> {
+    let requested = s.request_email_change(&who, &body.new_email, &body.password, &client).await?;
+    let body = serde_json::json!({
+        "new_email": requested.new_email,
+        "expires_at": crate::auth::service::rfc3339(requested.expires_at),
+    });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// The same body as `/auth/email/verify`: the link's token and the password.
+async fn confirm_email_change(
+    State(s): State<AuthService>,
+    Client(client): Client,
+    JsonBody(body): JsonBody<Verification>,
+) -> Result<StatusCode, ApiError> {
+    s.confirm_email_change(&body.token, &body.password, &client).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn jwks(State(s): State<AuthService>) -> Response {

@@ -217,6 +217,18 @@ pub enum UserCommand {
         #[arg(long)]
         email: String,
     },
+    /// Move a user to another email, verified on your word; the user's
+    /// mailed links stop working, and its sessions stay open. (Users move
+    /// themselves with `POST /auth/email/change`, which proves the new
+    /// mailbox.)
+    SetEmail {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        new_email: String,
+    },
     /// Vouch for a user's email: with `auth.email_verification.required`,
     /// a user who registered logs in without following the mailed link.
     VerifyEmail {
@@ -624,6 +636,15 @@ async fn user_command(
             let tenant_id = find_tenant(store, &tenant).await?;
             let revoked = accounts.reset_mfa(tenant_id, &email).await.map_err(|e| cli_error(e, &email))?;
             writeln!(out, "second factor of {email} removed; {} session(s) revoked", revoked.len())?;
+            Ok(())
+        }
+        UserCommand::SetEmail { tenant, email, new_email } => {
+            let tenant_id = find_tenant(store, &tenant).await?;
+            accounts.set_email(tenant_id, &email, &new_email).await.map_err(|e| match e {
+                AuthError::EmailTaken => anyhow::anyhow!("new_email: {new_email:?} is another user's in this tenant"),
+                other => cli_error(other, &email),
+            })?;
+            writeln!(out, "{email} is now {}", crate::auth::service::normalize_email(&new_email))?;
             Ok(())
         }
         UserCommand::VerifyEmail { tenant, email } => {

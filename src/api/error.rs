@@ -55,6 +55,7 @@ impl IntoResponse for ApiError {
             AuthError::WeakPassword(_) => (StatusCode::BAD_REQUEST, "weak_password"),
             AuthError::InvalidResetToken => (StatusCode::BAD_REQUEST, "invalid_reset_token"),
             AuthError::InvalidVerificationToken => (StatusCode::BAD_REQUEST, "invalid_verification_token"),
+            AuthError::InvalidEmailChangeToken => (StatusCode::BAD_REQUEST, "invalid_email_change_token"),
             AuthError::EmailNotVerified => (StatusCode::FORBIDDEN, "email_not_verified"),
             AuthError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "database unavailable");

@@ -56,6 +56,11 @@ pub enum AuthError {
     /// another email, or of a disabled account.
     #[error("the verification link is invalid or expired; ask for a new one")]
     InvalidVerificationToken,
+    /// An email change link that is unknown, spent, replaced, expired,
+    /// made before the email or password last changed, or of a disabled
+    /// account.
+    #[error("the email change link is invalid or expired; ask for a new one")]
+    InvalidEmailChangeToken,
     /// The password was right, and the email must be proved first
     /// (`auth.email_verification.required`).
     #[error("this account's email is not verified yet: follow the link mailed to it")]

@@ -2,6 +2,7 @@
 //! call these. Each flow writes its audit event and metric here, so no entry
 //! point can forget them.
 
+mod email_change;
 mod links;
 mod reset;
 mod verify;
@@ -131,6 +132,7 @@ pub struct AuthService {
     sealer: Arc<SealingKey>,
 }
 
+pub use email_change::ChangeRequested;
 pub use links::{EmailLink, LINK_MIN_INTERVAL, MAX_LINK_TASKS};
 
 /// The tenant used when a request names none.

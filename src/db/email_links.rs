@@ -1,16 +1,21 @@
 //! `email_links`: one row per link mailed to a user (or handed over by an
-//! operator), of one [`LinkPurpose`]: a password reset or an email
-//! verification. Only the SHA-256 of a link's token is stored (as for
-//! refresh tokens), and the SHA-256 of what the link is bound to (column
-//! `password_fingerprint`): for a reset, the password hash it was made
-//! against, so that a link made before a change (by the user, an operator
-//! or another link) is dead; for a verification, the email it proves.
+//! operator), of one [`LinkPurpose`]: a password reset, an email
+//! verification or an email change. Only the SHA-256 of a link's token is
+//! stored (as for refresh tokens), and the SHA-256 of what the link is
+//! bound to (column `password_fingerprint`): for a reset, the password hash
+//! it was made against, so that a link made before a change (by the user,
+//! an operator or another link) is dead; for a verification, the email it
+//! proves; for an email change, the email and password hash (a reset after
+//! a compromise kills the intruder's change). An email change link also
+//! holds the address it moves the user to (`new_email`).
 //!
 //! A link is spent in the same transaction that does what it is for (sets
 //! the password and revokes the user's sessions; marks the email
-//! verified), by a conditional update: of two requests presenting one
-//! link, one does it. A newer link of a kind voids the user's older ones of
-//! that kind; a user or tenant disable voids them all.
+//! verified; moves the user to the new address), by a conditional update:
+//! of two requests presenting one link, one does it. A newer link of a kind
+//! voids the user's older ones of that kind; an email change voids every
+//! link of the user (they were mailed to the old address); a user or
+//! tenant disable voids them all.
 
 use uuid::Uuid;
 
@@ -21,6 +26,7 @@ use super::{on_pool, Store, StoreResult};
 pub enum LinkPurpose {
     PasswordReset,
     EmailVerification,
+    EmailChange,
 }
 
 impl LinkPurpose {
@@ -28,6 +34,7 @@ impl LinkPurpose {
         match self {
             LinkPurpose::PasswordReset => "password_reset",
             LinkPurpose::EmailVerification => "email_verification",
+            LinkPurpose::EmailChange => "email_change",
         }
     }
 }
@@ -40,6 +47,8 @@ pub struct NewLink<'a> {
     pub token_hash: &'a [u8; 32],
     /// What the link is bound to (see the module docs).
     pub fingerprint: &'a [u8; 32],
+    /// For an email change, the address it moves the user to.
+    pub new_email: Option<&'a str>,
     pub now: i64,
     pub expires_at: i64,
     /// No link is made when the user got one of this kind less than this
@@ -54,6 +63,8 @@ pub struct PendingLink {
     pub tenant_id: Uuid,
     pub user_id: Uuid,
     pub fingerprint: Vec<u8>,
+    /// For an email change, the address it moves the user to.
+    pub new_email: Option<String>,
     pub expires_at: i64,
 }
 
@@ -89,18 +100,23 @@ impl Unredeemed {
     }
 }
 
+/// A link's row as [`Store::pending_email_link`] reads it: id, tenant id,
+/// user id, fingerprint, new email, expiry.
+type LinkRow = (Uuid, Uuid, Uuid, Vec<u8>, Option<String>, i64);
+
 const INSERT: &str = "
     INSERT INTO email_links
-        (id, token_hash, tenant_id, user_id, password_fingerprint, created_at, expires_at, purpose)
-    SELECT $1, $2, $3, $4, $5, $6, $7, $9
+        (id, token_hash, tenant_id, user_id, password_fingerprint, created_at, expires_at, purpose, new_email)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $9, $10
     WHERE NOT EXISTS (SELECT 1 FROM email_links
                       WHERE tenant_id = $3 AND user_id = $4 AND purpose = $9 AND created_at > $8)";
 
 /// Voids the user's other unspent links of a kind (`$3`: now, `$4`: the
-/// one kept, `$5`: the kind).
+/// one kept, `$5`: the kind, or NULL for every kind).
 const VOID_OTHERS: &str = "
     UPDATE email_links SET used_at = $3
-    WHERE tenant_id = $1 AND user_id = $2 AND purpose = $5 AND used_at IS NULL AND ($4 IS NULL OR id <> $4)";
+    WHERE tenant_id = $1 AND user_id = $2 AND ($5 IS NULL OR purpose = $5) AND used_at IS NULL
+      AND ($4 IS NULL OR id <> $4)";
 
 /// Spends a link (`$1`) at `$2`, if it is unspent and unexpired.
 const SPEND: &str = "UPDATE email_links SET used_at = $2 WHERE id = $1 AND used_at IS NULL AND expires_at > $2";
@@ -122,7 +138,7 @@ impl Store {
     /// this link or is seen by it.
     pub async fn create_email_link(&self, new: NewLink<'_>) -> StoreResult<LinkMade> {
         let lock_user = match new.purpose {
-            LinkPurpose::PasswordReset => {
+            LinkPurpose::PasswordReset | LinkPurpose::EmailChange => {
                 "UPDATE users SET updated_at = updated_at WHERE tenant_id = $1 AND id = $2 AND NOT disabled"
             }
             LinkPurpose::EmailVerification => {
@@ -156,12 +172,13 @@ impl Store {
                     .bind(new.expires_at)
                     .bind(since)
                     .bind(purpose)
+                    .bind(new.new_email)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
                 if inserted == 1 {
                     let void = sqlx::query(VOID_OTHERS).bind(new.tenant_id).bind(new.user_id).bind(new.now);
-                    void.bind(Some(id)).bind(purpose).execute(&mut *tx).await?;
+                    void.bind(Some(id)).bind(Some(purpose)).execute(&mut *tx).await?;
                     tx.commit().await?;
                     LinkMade::Made
                 } else {
@@ -181,19 +198,20 @@ impl Store {
         token_hash: &[u8; 32],
         now: i64,
     ) -> StoreResult<Option<PendingLink>> {
-        let sql = "SELECT id, tenant_id, user_id, password_fingerprint, expires_at FROM email_links
+        let sql = "SELECT id, tenant_id, user_id, password_fingerprint, new_email, expires_at FROM email_links
                    WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2 AND purpose = $3";
-        let row: Option<(Uuid, Uuid, Uuid, Vec<u8>, i64)> = on_pool!(self, |p| sqlx::query_as(sql)
+        let row: Option<LinkRow> = on_pool!(self, |p| sqlx::query_as(sql)
             .bind(&token_hash[..])
             .bind(now)
             .bind(purpose.as_str())
             .fetch_optional(p)
             .await)?;
-        Ok(row.map(|(id, tenant_id, user_id, fingerprint, expires_at)| PendingLink {
+        Ok(row.map(|(id, tenant_id, user_id, fingerprint, new_email, expires_at)| PendingLink {
             id,
             tenant_id,
             user_id,
             fingerprint,
+            new_email,
             expires_at,
         }))
     }
@@ -239,9 +257,33 @@ impl Store {
         Ok(outcome.map(drop))
     }
 
+    /// Spends the email change `link` and moves the user from `old` (its
+    /// email when the link was made) to `new`, marked verified (the link
+    /// proved the mailbox), in one transaction, if the user's email is
+    /// still `old`, its password hash still `password_hash`, and the user
+    /// and its tenant enabled; voids every other link of the user (mailed
+    /// to the old address). [`StoreError::Conflict`](super::StoreError::Conflict)
+    /// when another user of the tenant has taken `new` meanwhile.
+    pub async fn redeem_email_change(
+        &self,
+        link: &PendingLink,
+        old: &str,
+        password_hash: &str,
+        new: &str,
+        now: i64,
+    ) -> StoreResult<Result<(), Unredeemed>> {
+        let change = "UPDATE users SET email = $3, email_verified_at = $4, updated_at = $4
+                      WHERE tenant_id = $1 AND id = $2 AND email = $5 AND password_hash = $6 AND NOT disabled
+                        AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
+        let outcome =
+            self.redeem(link, LinkPurpose::EmailChange, change, &[new, old, password_hash], None, now).await?;
+        Ok(outcome.map(drop))
+    }
+
     /// One transaction: run `change` (bound to tenant id, user id,
     /// `args[0]`, now, then the rest of `args`) on the user's row; spend
-    /// `link`; void the user's other links of the kind; with `revoke`
+    /// `link`; void the user's other links of the kind (after an email
+    /// change, of every kind); with `revoke`
     /// (bound to tenant id, user id, now), revoke and return sessions.
     /// Rolled back, with why, when the user's row or the link does not
     /// match. The user's row first, as in [`Store::create_email_link`] and
@@ -274,8 +316,9 @@ impl Store {
                 tx.rollback().await?;
                 Err(Unredeemed::LinkGone)
             } else {
+                let kind = (purpose != LinkPurpose::EmailChange).then(|| purpose.as_str());
                 let void = sqlx::query(VOID_OTHERS).bind(tenant_id).bind(user_id).bind(now).bind(None::<Uuid>);
-                void.bind(purpose.as_str()).execute(&mut *tx).await?;
+                void.bind(kind).execute(&mut *tx).await?;
                 let revoked = match revoke {
                     Some(revoke) => {
                         let rows: Vec<(Uuid,)> =

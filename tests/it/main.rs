@@ -17,6 +17,7 @@ mod upstream;
 mod audit_and_cli;
 mod auth_basics;
 mod auth_flow;
+mod email_change;
 mod email_verification;
 mod forward_auth;
 mod http1_conformance;

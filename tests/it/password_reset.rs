@@ -465,6 +465,7 @@ both_backends! {
                             user_id: user.id,
                             token_hash: &hash,
                             fingerprint: &[0; 32],
+                            new_email: None,
                             now: unix_now() + round * 120,
                             expires_at: unix_now() + 3600,
                             min_interval: 60,

@@ -1,5 +1,6 @@
-//! Links mailed to users: what password resets ([`super::reset`]) and
-//! email verifications ([`super::verify`]) share.
+//! Links mailed to users: what password resets ([`super::reset`]), email
+//! verifications ([`super::verify`]) and email changes
+//! ([`super::email_change`]) share.
 //!
 //! A link is a token (256 random bits, base64url), stored hashed in
 //! `email_links` ([`crate::db::email_links`]), valid for its kind's
@@ -75,14 +76,29 @@ pub(super) const VERIFICATION: Kind = Kind {
     webhook_type: "email_verification.requested",
 };
 
+pub(super) const CHANGE: Kind = Kind {
+    purpose: LinkPurpose::EmailChange,
+    requested: "email_change_requested",
+    metric: "gateway_email_change_requests_total",
+    webhook_type: "email_change.requested",
+};
+
 /// What a link is bound to: for a reset, the SHA-256 of the password hash
-/// it was made against; for a verification, of the email it proves.
+/// it was made against; for a verification, of the email it proves; for an
+/// email change, of the email and the password hash (a reset after a
+/// compromise kills the change an intruder asked for).
 pub(super) fn fingerprint(purpose: LinkPurpose, user: &User) -> [u8; 32] {
-    let bound = match purpose {
-        LinkPurpose::PasswordReset => &user.password_hash,
-        LinkPurpose::EmailVerification => &user.email,
-    };
-    Sha256::digest(bound.as_bytes()).into()
+    match purpose {
+        LinkPurpose::PasswordReset => Sha256::digest(user.password_hash.as_bytes()).into(),
+        LinkPurpose::EmailVerification => Sha256::digest(user.email.as_bytes()).into(),
+        // An email holds no NUL: the two parts cannot be told apart otherwise.
+        LinkPurpose::EmailChange => Sha256::new()
+            .chain_update(&user.email)
+            .chain_update([0])
+            .chain_update(&user.password_hash)
+            .finalize()
+            .into(),
+    }
 }
 
 impl AuthService {
@@ -126,6 +142,28 @@ impl AuthService {
         Ok(())
     }
 
+    /// Runs `work` (a delivery, and what goes with it) after the answer,
+    /// within [`MAX_LINK_TASKS`]; false, and nothing runs, when that many
+    /// are under way.
+    pub(super) fn spawn_link_task(&self, work: impl std::future::Future<Output = ()> + Send + 'static) -> bool {
+        let Ok(permit) = Arc::clone(&self.link_tasks).try_acquire_owned() else { return false };
+        tokio::spawn(async move {
+            let _permit = permit;
+            work.await;
+        });
+        true
+    }
+
+    /// Counts and logs a link request dropped because [`MAX_LINK_TASKS`]
+    /// are under way.
+    pub(super) fn link_overloaded(kind: &Kind) {
+        metrics::counter!(kind.metric, "result" => "overloaded").increment(1);
+        tracing::warn!(
+            kind = kind.requested,
+            "link requests are arriving faster than they are handled: one was dropped"
+        );
+    }
+
     /// Runs the work of a link request after the answer (see
     /// [`AuthService::send_link`]), and audits it, within
     /// [`MAX_LINK_TASKS`].
@@ -138,18 +176,9 @@ impl AuthService {
         via: &'static str,
         client: &ClientContext,
     ) {
-        let Ok(permit) = Arc::clone(&self.link_tasks).try_acquire_owned() else {
-            metrics::counter!(kind.metric, "result" => "overloaded").increment(1);
-            tracing::warn!(
-                kind = kind.requested,
-                "link requests are arriving faster than they are handled: one was dropped"
-            );
-            return;
-        };
         let this = self.clone();
         let client = client.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+        let work = async move {
             let (result, user) = match this.send_link(&webhook, kind, &slug, &email).await {
                 Ok(done) => done,
                 Err(e) => {
@@ -169,7 +198,10 @@ impl AuthService {
                 detail: Some(serde_json::json!({ "tenant": slug, "via": via, "result": result })),
             })
             .await;
-        });
+        };
+        if !self.spawn_link_task(work) {
+            Self::link_overloaded(kind);
+        }
     }
 
     /// The work a link request leaves for after its answer: why nothing was
@@ -194,7 +226,7 @@ impl AuthService {
         if kind.purpose == LinkPurpose::EmailVerification && user.email_verified_at.is_some() {
             return Ok(("already_verified", Some(user)));
         }
-        let link = match self.accounts.make_link(&user, kind.purpose, LINK_MIN_INTERVAL).await? {
+        let link = match self.accounts.make_link(&user, kind.purpose, LINK_MIN_INTERVAL, None).await? {
             Ok(link) => link,
             // Changed since it was read (disabled, or verified).
             Err(LinkMade::Refused) => return Ok(("user_changed", Some(user))),
@@ -275,17 +307,20 @@ impl Accounts {
     /// Makes a link of `purpose` for `user` (voiding its earlier ones of
     /// the kind), or says why not: the user got one less than
     /// `min_interval` seconds ago, or the user or its tenant is disabled
-    /// (or, for a verification, the email is verified).
+    /// (or, for a verification, the email is verified). `new_email` is the
+    /// address an email change moves the user to.
     pub(super) async fn make_link(
         &self,
         user: &User,
         purpose: LinkPurpose,
         min_interval: i64,
+        new_email: Option<&str>,
     ) -> Result<Result<EmailLink, LinkMade>, AuthError> {
         let (token, token_hash) = refresh::generate().map_err(|e| AuthError::Unexpected(anyhow::anyhow!(e)))?;
         let ttl = match purpose {
             LinkPurpose::PasswordReset => self.reset_token_ttl,
-            LinkPurpose::EmailVerification => self.verification_token_ttl,
+            // Both prove a mailbox.
+            LinkPurpose::EmailVerification | LinkPurpose::EmailChange => self.verification_token_ttl,
         };
         let now = unix_now();
         let expires_at = now + secs(ttl);
@@ -297,6 +332,7 @@ impl Accounts {
                 user_id: user.id,
                 token_hash: &token_hash,
                 fingerprint: &fingerprint(purpose, user),
+                new_email,
                 now,
                 expires_at,
                 min_interval,

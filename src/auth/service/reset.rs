@@ -90,7 +90,7 @@ impl Accounts {
     pub async fn reset_link(&self, tenant_id: Uuid, email: &str) -> Result<EmailLink, AuthError> {
         let email = normalize_email(email);
         let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
-        let link = match self.make_link(&user, LinkPurpose::PasswordReset, 0).await? {
+        let link = match self.make_link(&user, LinkPurpose::PasswordReset, 0, None).await? {
             Ok(link) => link,
             Err(LinkMade::Refused) => {
                 return Err(AuthError::InvalidRequest(format!(

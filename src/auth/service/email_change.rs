@@ -1,0 +1,260 @@
+//! Email change: a signed-in user moves the account to another address,
+//! once that address's mailbox is proved.
+//!
+//! `POST /auth/email/change` (with the access token, the password and the
+//! new address) mails a link to the new address (see [`super::links`] for
+//! what every mailed link keeps); `POST /auth/email/change/confirm` with the
+//! token and the password moves the account there, marked verified. Until
+//! then nothing changes: the user logs in with the old address, and a
+//! mistyped address costs nothing. Once moved, every other link of the user
+//! is void (they went to the old address), and the old address is told
+//! (`email.changed`), so that its owner learns of a change an intruder
+//! made. Sessions stay open: the account's owner made the change, and the
+//! access tokens carry no email.
+//!
+//! Chosen where users of other gateways could expect otherwise:
+//! - the request answers 409 `email_taken` for an address another user of
+//!   the tenant has (registration tells as much already), and checks again
+//!   at the confirmation;
+//! - both steps ask for the password (a wrong one counts towards the
+//!   lockout, as at login): a stolen access token alone changes nothing,
+//!   and the owner of the new mailbox following a link someone else asked
+//!   for does not move that someone's account onto the address;
+//! - a change link is bound to the email and the password hash it was made
+//!   under, so a password reset kills the change an intruder asked for;
+//! - it lives `auth.email_verification.token_ttl` (both prove a mailbox),
+//!   one a minute per user.
+//!
+//! `gateway user set-email` lets an operator move a user without a link.
+
+use secrecy::SecretString;
+use uuid::Uuid;
+
+use super::links::{CHANGE, LINK_MIN_INTERVAL};
+use super::{check_password_size, normalize_email, rfc3339, validate_email, Accounts, AuthService, ClientContext};
+use crate::auth::password::Verdict;
+use crate::auth::{AuthError, Principal};
+use crate::db::audit::NewAuditEvent;
+use crate::db::email_links::{LinkMade, LinkPurpose};
+use crate::db::users::User;
+use crate::db::{unix_now, StoreError};
+
+/// The metric of presented change links, by result.
+const CHANGES: &str = "gateway_email_changes_total";
+
+/// The audit event of a request or a link that changed nothing.
+const FAILED: &str = "email_change_failed";
+
+/// What `POST /auth/email/change` answers: where the link went, and until
+/// when it works.
+#[derive(Debug)]
+pub struct ChangeRequested {
+    pub new_email: String,
+    pub expires_at: i64,
+}
+
+/// The normalized `new_email` of a request, or what is wrong with it.
+fn new_address(new_email: &str) -> Result<String, AuthError> {
+    let email = normalize_email(new_email);
+    validate_email(&email).map_err(|e| AuthError::InvalidRequest(format!("new_email: {e}")))?;
+    Ok(email)
+}
+
+impl AuthService {
+    /// `POST /auth/email/change`: mails a link to `new_email` that moves
+    /// the signed-in user there (see the module docs). Without a mailer,
+    /// [`AuthError::NotFound`].
+    pub async fn request_email_change(
+        &self,
+        who: &Principal,
+        new_email: &str,
+        password: &SecretString,
+        client: &ClientContext,
+    ) -> Result<ChangeRequested, AuthError> {
+        let Some(webhook) = self.mailer.clone() else { return Err(AuthError::NotFound) };
+        self.rate_limit(client.ip)?;
+        check_password_size(password).map_err(AuthError::InvalidRequest)?;
+        let new_email = new_address(new_email)?;
+        let user = self.store.user_by_id(who.tenant_id, who.user_id).await?.ok_or(AuthError::NotFound)?;
+        let tenant = self.store.tenant_by_id(who.tenant_id).await?.ok_or(AuthError::NotFound)?;
+        if new_email == user.email {
+            return Err(AuthError::InvalidRequest("new_email: this is the account's email already".to_owned()));
+        }
+        let locks = self.reserve_attempt(&tenant.slug, &user.email).await?;
+        if let Verdict::Wrong = self.hasher.verify(password, Some(&user.password_hash)).await? {
+            self.audit_user(FAILED, &user, client, serde_json::json!({ "reason": "wrong_password" })).await;
+            if locks {
+                let detail = serde_json::json!({ "tenant": tenant.slug, "via": "email_change" });
+                self.audit_user("locked_out", &user, client, detail).await;
+            }
+            return Err(AuthError::InvalidCredentials);
+        }
+        self.store.clear_login_attempts(&tenant.slug, &user.email).await?;
+        if self.store.user_by_email(tenant.id, &new_email).await?.is_some() {
+            self.change_requested(&user, &new_email, "email_taken", client).await;
+            return Err(AuthError::EmailTaken);
+        }
+        let link = match self
+            .accounts
+            .make_link(&user, LinkPurpose::EmailChange, LINK_MIN_INTERVAL, Some(&new_email))
+            .await?
+        {
+            Ok(link) => link,
+            Err(LinkMade::Throttled) => {
+                self.change_requested(&user, &new_email, "throttled", client).await;
+                let retry_after = u64::try_from(LINK_MIN_INTERVAL).unwrap_or(60);
+                return Err(AuthError::RateLimited { retry_after });
+            }
+            // Disabled since the token was checked.
+            Err(LinkMade::Refused | LinkMade::Made) => return Err(AuthError::InvalidCredentials),
+        };
+        let expires_at = link.expires_at;
+        let data = serde_json::json!({
+            "tenant": tenant.slug,
+            "user_id": user.id,
+            "email": new_email,
+            "current_email": user.email,
+            "token": link.token,
+            "expires_at": rfc3339(expires_at),
+        });
+        let this = self.clone();
+        let client_later = client.clone();
+        let to = new_email.clone();
+        let work = async move {
+            let result = match webhook.deliver(CHANGE.webhook_type, data).await {
+                Ok(_) => "sent",
+                Err(_) => "delivery_failed",
+            };
+            this.change_requested(&user, &to, result, &client_later).await;
+        };
+        if !self.spawn_link_task(work) {
+            // The link exists and nobody will get it: the user asks again
+            // in a minute.
+            Self::link_overloaded(&CHANGE);
+            return Err(AuthError::RateLimited { retry_after: 1 });
+        }
+        Ok(ChangeRequested { new_email, expires_at })
+    }
+
+    /// Counts and audits a change request (`result`), recorded with the
+    /// address the link was for.
+    async fn change_requested(&self, user: &User, new_email: &str, result: &'static str, client: &ClientContext) {
+        metrics::counter!(CHANGE.metric, "result" => result).increment(1);
+        let ip = client.ip.to_string();
+        self.audit(NewAuditEvent {
+            event: CHANGE.requested,
+            tenant_id: Some(user.tenant_id),
+            user_id: Some(user.id),
+            email: Some(new_email),
+            ip: Some(&ip),
+            user_agent: client.user_agent.as_deref(),
+            detail: Some(serde_json::json!({ "via": "api", "result": result })),
+        })
+        .await;
+    }
+
+    /// `POST /auth/email/change/confirm`: moves the link's user to the
+    /// address the link was mailed to, given the user's password too
+    /// (checked as at login: a wrong one leaves the link unspent).
+    /// [`AuthError::InvalidEmailChangeToken`] for a link that is unknown,
+    /// spent, replaced, expired, made before the email or password last
+    /// changed, or of a disabled user or tenant; [`AuthError::EmailTaken`]
+    /// when another user took the address meanwhile.
+    pub async fn confirm_email_change(
+        &self,
+        token: &str,
+        password: &SecretString,
+        client: &ClientContext,
+    ) -> Result<(), AuthError> {
+        self.rate_limit(client.ip)?;
+        check_password_size(password).map_err(AuthError::InvalidRequest)?;
+        let (link, user, tenant) = match self.presented_link(LinkPurpose::EmailChange, token).await? {
+            Ok(found) => found,
+            Err((reason, user)) => {
+                self.link_refused(FAILED, CHANGES, reason, user.as_ref(), client).await;
+                return Err(AuthError::InvalidEmailChangeToken);
+            }
+        };
+        let Some(new_email) = link.new_email.clone() else {
+            self.link_refused(FAILED, CHANGES, "unknown_link", Some(&user), client).await;
+            return Err(AuthError::InvalidEmailChangeToken);
+        };
+        let locks = self.reserve_attempt(&tenant.slug, &user.email).await?;
+        if let Verdict::Wrong = self.hasher.verify(password, Some(&user.password_hash)).await? {
+            self.link_refused(FAILED, CHANGES, "wrong_password", Some(&user), client).await;
+            if locks {
+                let detail = serde_json::json!({ "tenant": tenant.slug, "via": "email_change" });
+                self.audit_user("locked_out", &user, client, detail).await;
+            }
+            return Err(AuthError::InvalidCredentials);
+        }
+        self.store.clear_login_attempts(&tenant.slug, &user.email).await?;
+        let redeemed = self.store.redeem_email_change(&link, &user.email, &user.password_hash, &new_email, unix_now());
+        match redeemed.await {
+            Ok(Ok(())) => {}
+            Ok(Err(gone)) => {
+                self.link_refused(FAILED, CHANGES, gone.reason(), Some(&user), client).await;
+                return Err(AuthError::InvalidEmailChangeToken);
+            }
+            Err(StoreError::Conflict) => {
+                self.link_refused(FAILED, CHANGES, "email_taken", Some(&user), client).await;
+                return Err(AuthError::EmailTaken);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        metrics::counter!(CHANGES, "result" => "success").increment(1);
+        let moved = User { email: new_email.clone(), ..user.clone() };
+        self.audit_user("email_changed", &moved, client, serde_json::json!({ "via": "link" })).await;
+        self.tell_old_address(&user, &tenant.slug, &new_email);
+        Ok(())
+    }
+
+    /// After a change: `email.changed` to the old address, after the
+    /// answer (its owner learns of a change it did not make). A failure is
+    /// logged and counted; the change stands.
+    fn tell_old_address(&self, user: &User, slug: &str, new_email: &str) {
+        let Some(webhook) = self.mailer.clone() else { return };
+        let data = serde_json::json!({
+            "tenant": slug,
+            "user_id": user.id,
+            "email": user.email,
+            "new_email": new_email,
+        });
+        let work = async move {
+            let result = match webhook.deliver("email.changed", data).await {
+                Ok(_) => "sent",
+                Err(_) => "delivery_failed",
+            };
+            metrics::counter!("gateway_email_change_notices_total", "result" => result).increment(1);
+        };
+        if !self.spawn_link_task(work) {
+            metrics::counter!("gateway_email_change_notices_total", "result" => "overloaded").increment(1);
+            tracing::warn!(
+                "the notice of an email change to the old address was dropped: too many deliveries under way"
+            );
+        }
+    }
+}
+
+impl Accounts {
+    /// An operator moves a user to `new_email` (the CLI's `user
+    /// set-email`), verified on the operator's word; the user's links stop
+    /// working. Sessions stay open.
+    pub async fn set_email(&self, tenant_id: Uuid, email: &str, new_email: &str) -> Result<(), AuthError> {
+        let email = normalize_email(email);
+        let new_email = new_address(new_email)?;
+        let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
+        if new_email == user.email {
+            return Err(AuthError::InvalidRequest(format!("new_email: {new_email:?} is the user's email already")));
+        }
+        match self.store.set_email(tenant_id, user.id, &new_email).await {
+            Ok(true) => {}
+            Ok(false) => return Err(AuthError::NotFound),
+            Err(StoreError::Conflict) => return Err(AuthError::EmailTaken),
+            Err(e) => return Err(e.into()),
+        }
+        let moved = User { email: new_email, ..user };
+        self.audit_change("email_changed", &moved, Some(serde_json::json!({ "via": "operator" }))).await;
+        Ok(())
+    }
+}
