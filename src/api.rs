@@ -226,6 +226,9 @@ struct Verification {
 struct EmailChange {
     new_email: String,
     password: SecretString,
+    /// A TOTP (or recovery) code, for a user with a second factor.
+    #[serde(default)]
+    code: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -400,7 +403,8 @@ async fn request_email_change(
     Client(client): Client,
     JsonBody(body): JsonBody<EmailChange>,
 ) -> Result<Response, ApiError> {
-    let requested = s.request_email_change(&who, &body.new_email, &body.password, &client).await?;
+    let requested =
+        s.request_email_change(&who, &body.new_email, &body.password, body.code.as_deref(), &client).await?;
     let body = serde_json::json!({
         "new_email": requested.new_email,
         "expires_at": crate::auth::service::rfc3339(requested.expires_at),

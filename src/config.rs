@@ -185,6 +185,9 @@ pub struct WebhookConfig {
     /// A file holding the Standard Webhooks secret (`whsec_` + base64);
     /// read at start, never by `config check`.
     pub secret_file: PathBuf,
+    /// `notices`: whether security notices (a password, email or second
+    /// factor changed) are delivered too, not only links.
+    pub notices: bool,
 }
 
 /// An `http(s)://host[:port][/path][?query]` URL, split as a request needs it.
@@ -677,8 +680,9 @@ fn build_mailer(table: toml::Table, base: &Path, errors: &mut Errors) -> Option<
         }
     });
     let secret_file = f.string("webhook_secret_file").map(|p| resolve(base, &p));
+    let notices = f.bool_or("notices", true);
     let webhook = match (url, secret_file) {
-        (Some(url), Some(secret_file)) => Some(WebhookConfig { url, secret_file }),
+        (Some(url), Some(secret_file)) => Some(WebhookConfig { url, secret_file, notices }),
         (Some(_), None) => {
             // Unsigned, anyone who can reach the mailer could have it mail
             // "reset" links of their own making.

@@ -4,6 +4,7 @@
 
 mod email_change;
 mod links;
+mod notices;
 mod reset;
 mod verify;
 
@@ -24,12 +25,14 @@ use super::{refresh, AuthError, Authenticator, Principal};
 use crate::auth::totp;
 use crate::config::{AuthConfig, MAX_PASSWORD_BYTES};
 use crate::db::audit::NewAuditEvent;
+use crate::db::email_links::LinkPurpose;
 use crate::db::login_attempts::Attempt;
 use crate::db::sessions::within_lifetime;
 use crate::db::sessions::{ClientInfo, RefreshHash, Rotation, Session};
 use crate::db::tenants::Tenant;
 use crate::db::users::{Access, NewUser, User};
 use crate::db::{secs, unix_now, Store, StoreError};
+use notices::Notice;
 
 /// Where a request came from, for audit events and session listings.
 #[derive(Debug, Clone)]
@@ -523,6 +526,9 @@ impl AuthService {
     }
 
     pub async fn logout_all(&self, who: &Principal, client: &ClientContext) -> Result<(), AuthError> {
+        // Signing out everywhere is what a user who fears an intruder does:
+        // an email change asked for (maybe by the intruder) goes too.
+        self.store.void_email_links(who.tenant_id, who.user_id, LinkPurpose::EmailChange).await?;
         let revoked =
             self.store.revoke_user_sessions(who.tenant_id, who.user_id, None, "logout_all", unix_now()).await?;
         for id in &revoked {
@@ -665,7 +671,10 @@ impl AuthService {
             self.authenticator.revocations().revoke_session(*id);
         }
         let detail = serde_json::json!({ "sessions_revoked": revoked.len() });
+        // A pending email change was asked for without the factor.
+        self.store.void_email_links(who.tenant_id, who.user_id, LinkPurpose::EmailChange).await?;
         self.audit_principal("mfa_enabled", who, client, Some(detail)).await;
+        self.notify(who.tenant_id, who.user_id, Notice::MfaEnabled, client);
         Ok(RecoveryCodes { recovery_codes })
     }
 
@@ -689,6 +698,7 @@ impl AuthService {
             return Err(AuthError::InvalidCredentials);
         }
         self.audit_principal("mfa_disabled", who, client, None).await;
+        self.notify(who.tenant_id, who.user_id, Notice::MfaDisabled, client);
         Ok(())
     }
 
@@ -717,6 +727,7 @@ impl AuthService {
         }
         let detail = serde_json::json!({ "recovery_codes": recovery_codes.len() });
         self.audit_principal("mfa_recovery_codes_regenerated", who, client, Some(detail)).await;
+        self.notify(who.tenant_id, who.user_id, Notice::RecoveryCodesRegenerated, client);
         Ok(RecoveryCodes { recovery_codes })
     }
 
@@ -830,6 +841,7 @@ impl AuthService {
             Some(serde_json::json!({ "sessions_revoked": revoked.len() })),
         )
         .await;
+        self.notify(who.tenant_id, who.user_id, Notice::PasswordChanged { via: "password_change" }, client);
         Ok(())
     }
 

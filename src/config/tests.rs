@@ -122,13 +122,16 @@ fn mailer_webhooks_are_signed_urls_and_links_are_short_lived() {
     assert_eq!(webhook.url.path_and_query, "/hooks?key=k");
     assert_eq!(webhook.url.to_string(), "https://mailer.internal:8443", "shown without its path and query");
     assert_eq!(webhook.secret_file, PathBuf::from("/etc/gateway/hook.secret"));
+    assert!(webhook.notices, "security notices are on by default");
     assert_eq!(c.auth.reset_token_ttl, Duration::from_secs(3600));
     assert_eq!(
         c.auth.email_verification,
         EmailVerification { required: true, token_ttl: Duration::from_secs(172_800) }
     );
-    let c = parse("[auth.mailer]\nwebhook = \"http://localhost:80\"\nwebhook_secret_file = \"s\"").expect("ok");
-    let url = c.auth.mailer.expect("set").url;
+    let c = parse("[auth.mailer]\nwebhook = \"http://localhost:80\"\nwebhook_secret_file = \"s\"\nnotices = false");
+    let mailer = c.expect("ok").auth.mailer.expect("set");
+    assert!(!mailer.notices);
+    let url = mailer.url;
     assert_eq!((url.host.as_str(), url.path_and_query.as_str()), ("localhost", "/"));
     for loopback in ["http://127.0.0.1:8025/hook", "http://[::1]:8025/hook"] {
         let text = format!("[auth.mailer]\nwebhook = \"{loopback}\"\nwebhook_secret_file = \"s\"");

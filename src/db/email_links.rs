@@ -19,7 +19,7 @@
 
 use uuid::Uuid;
 
-use super::{on_pool, Store, StoreResult};
+use super::{on_pool, unix_now, Store, StoreResult};
 
 /// What a link is for; a link of one kind never serves the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -332,6 +332,22 @@ impl Store {
             }
         });
         Ok(outcome)
+    }
+
+    /// Voids the user's unspent links of `purpose` (a sign-out everywhere
+    /// or a second factor set up drops a pending email change); returns how
+    /// many.
+    pub async fn void_email_links(&self, tenant_id: Uuid, user_id: Uuid, purpose: LinkPurpose) -> StoreResult<u64> {
+        let (now, purpose) = (unix_now(), purpose.as_str());
+        Ok(on_pool!(self, |p| sqlx::query(VOID_OTHERS)
+            .bind(tenant_id)
+            .bind(user_id)
+            .bind(now)
+            .bind(None::<Uuid>)
+            .bind(Some(purpose))
+            .execute(p)
+            .await
+            .map(|d| d.rows_affected()))?)
     }
 
     /// Deletes links that expired or were spent before `before` (the hourly

@@ -26,6 +26,17 @@ pub struct User {
     pub email_verified_at: Option<i64>,
 }
 
+/// The email a deleted user's row keeps (with its id): no address, so no
+/// login, registration or command finds it.
+const TOMBSTONE: &str = "deleted:";
+
+impl User {
+    /// Whether this is a deleted user's tombstone (`gateway user delete`).
+    pub fn is_deleted(&self) -> bool {
+        self.email.starts_with(TOMBSTONE) && !self.email.contains('@')
+    }
+}
+
 impl std::fmt::Debug for User {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("User")
@@ -74,6 +85,15 @@ type Row = (Uuid, Uuid, String, String, String, String, bool, i64, Option<String
 /// (`$1` tenant, `$2` user) and of those recorded with its email (`$3`)
 /// and no other user, in the tenant or in none (a request that named an
 /// unknown tenant), up to `$4` (when the address stopped being the user's).
+/// Before [`FORGET`]: events with no user recorded with any other address
+/// the user's events carry (one it had before an email change), in the
+/// tenant or in none, up to the deletion, lose the same. Run first, while
+/// the user's events still hold the addresses.
+const FORGET_FORMER_ADDRESSES: &str = "UPDATE audit_events SET email = NULL, ip = NULL, user_agent = NULL
+    WHERE user_id IS NULL AND (tenant_id = $1 OR tenant_id IS NULL) AND at <= $3
+      AND email IN (SELECT mine.email FROM audit_events mine
+                    WHERE mine.tenant_id = $1 AND mine.user_id = $2 AND mine.email IS NOT NULL)";
+
 const FORGET: &str = "UPDATE audit_events SET email = NULL, ip = NULL, user_agent = NULL
                       WHERE (tenant_id = $1 AND user_id = $2)
                          OR (email = $3 AND (user_id IS NULL OR user_id = $2)
@@ -367,9 +387,10 @@ impl Store {
     /// hash, roles, scopes and second factor erased), every open session
     /// is revoked (running gateways refuse its tokens), every session
     /// loses its address and user agent, and its mailed links are deleted.
-    /// With `forget`, the audit events of the user, and those recorded
-    /// with its email in its tenant or in none (a request naming an
-    /// unknown tenant), lose the email, address and user agent. Returns the
+    /// With `forget`, the audit events of the user, and those with no user
+    /// recorded with its email, or an address it had before (as its events
+    /// show), in its tenant or in none (a request naming an unknown
+    /// tenant), lose the email, address and user agent. Returns the
     /// revoked sessions, or `None` for an unknown (or deleted) user.
     pub async fn delete_user(&self, tenant_id: Uuid, user: &User, forget: bool) -> StoreResult<Option<Vec<Uuid>>> {
         let tombstone = "UPDATE users SET disabled = TRUE, deleted_at = $3, updated_at = $3, email = $4,
@@ -380,7 +401,7 @@ impl Store {
         let links = "DELETE FROM email_links WHERE tenant_id = $1 AND user_id = $2";
         let sessions = "UPDATE sessions SET ip = NULL, user_agent = NULL WHERE tenant_id = $1 AND user_id = $2";
         let now = unix_now();
-        let tombstone_email = format!("deleted:{}", user.id.simple());
+        let tombstone_email = format!("{TOMBSTONE}{}", user.id.simple());
         let revoked: Option<Vec<(Uuid,)>> = on_pool!(self, |p| {
             let mut tx = p.begin().await?;
             let done = sqlx::query(tombstone)
@@ -401,6 +422,8 @@ impl Store {
                 sqlx::query(links).bind(tenant_id).bind(user.id).execute(&mut *tx).await?;
                 sqlx::query(sessions).bind(tenant_id).bind(user.id).execute(&mut *tx).await?;
                 if forget {
+                    let former = sqlx::query(FORGET_FORMER_ADDRESSES).bind(tenant_id).bind(user.id).bind(now);
+                    former.execute(&mut *tx).await?;
                     let erase = sqlx::query(FORGET).bind(tenant_id).bind(user.id).bind(&user.email).bind(now);
                     erase.execute(&mut *tx).await?;
                 }
@@ -412,8 +435,9 @@ impl Store {
     }
 
     /// Erases the email, address and user agent from the audit events of
-    /// the deleted user `user_id`, and from those recorded with `email` and
-    /// no other user, in the tenant or in none, up to the deletion (the
+    /// the deleted user `user_id`, and from those recorded with `email`, or
+    /// another address its events carry, and no other user, in the tenant
+    /// or in none, up to the deletion (the
     /// CLI's `user forget`, for a user deleted without `--forget`; the
     /// address may be someone else's since). Returns how many events it
     /// changed, or why not: `user_id` is no deleted user of the tenant, or
@@ -435,14 +459,15 @@ impl Store {
         if count == 0 {
             return Ok(Err(ForgetRefused::NotItsEmail));
         }
-        let erased = on_pool!(self, |p| sqlx::query(FORGET)
-            .bind(tenant_id)
-            .bind(user_id)
-            .bind(email)
-            .bind(deleted_at)
-            .execute(p)
-            .await
-            .map(|done| done.rows_affected()))?;
+        let erased = on_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            let former = sqlx::query(FORGET_FORMER_ADDRESSES).bind(tenant_id).bind(user_id).bind(deleted_at);
+            let former = former.execute(&mut *tx).await?.rows_affected();
+            let erase = sqlx::query(FORGET).bind(tenant_id).bind(user_id).bind(email).bind(deleted_at);
+            let erased = erase.execute(&mut *tx).await?.rows_affected();
+            tx.commit().await?;
+            former + erased
+        });
         Ok(Ok(erased))
     }
 

@@ -24,6 +24,7 @@ mod http1_conformance;
 mod jwt_assertion;
 mod lockout;
 mod mfa;
+mod notices;
 mod password_reset;
 mod process;
 mod proxy_health;

@@ -1,27 +1,32 @@
 //! Email change: a signed-in user moves the account to another address,
 //! once that address's mailbox is proved.
 //!
-//! `POST /auth/email/change` (with the access token, the password and the
-//! new address) mails a link to the new address (see [`super::links`] for
-//! what every mailed link keeps); `POST /auth/email/change/confirm` with the
-//! token and the password moves the account there, marked verified. Until
-//! then nothing changes: the user logs in with the old address, and a
-//! mistyped address costs nothing. Once moved, every other link of the user
-//! is void (they went to the old address), and the old address is told
-//! (`email.changed`), so that its owner learns of a change an intruder
-//! made. Sessions stay open: the account's owner made the change, and the
-//! access tokens carry no email.
+//! `POST /auth/email/change` (with the access token, the password, a code
+//! for a user with a second factor, and the new address) mails a link to
+//! the new address (see [`super::links`] for what every mailed link keeps);
+//! `POST /auth/email/change/confirm` with the token and the password moves
+//! the account there, marked verified. Until then nothing changes: the user
+//! logs in with the old address, and a mistyped address costs nothing.
+//! Once moved, every other link of the user is void (they went to the old
+//! address), and the old address is told (`email.changed`, a
+//! [`super::notices`] notice), so that its owner learns of a change an
+//! intruder made. Sessions stay open: the account's owner made the change,
+//! and the access tokens carry no email.
 //!
 //! Chosen where users of other gateways could expect otherwise:
-//! - the request answers 409 `email_taken` for an address another user of
-//!   the tenant has (registration tells as much already), and checks again
-//!   at the confirmation;
+//! - the request answers alike whether the address is free or another
+//!   user's (that is looked at after the answer, and a taken address is
+//!   mailed nothing): a signed-in user learns no more about other accounts
+//!   than anyone; the confirmation refuses a taken address (409);
 //! - both steps ask for the password (a wrong one counts towards the
 //!   lockout, as at login): a stolen access token alone changes nothing,
 //!   and the owner of the new mailbox following a link someone else asked
-//!   for does not move that someone's account onto the address;
+//!   for does not move that someone's account onto the address; the
+//!   request asks a user with a second factor for a code too (the new
+//!   mailbox is where resets will go);
 //! - a change link is bound to the email and the password hash it was made
-//!   under, so a password reset kills the change an intruder asked for;
+//!   under, so a password reset kills the change an intruder asked for; a
+//!   sign-out everywhere and a second factor set up drop it too;
 //! - it lives `auth.email_verification.token_ttl` (both prove a mailbox),
 //!   one a minute per user.
 //!
@@ -31,10 +36,10 @@ use secrecy::SecretString;
 use uuid::Uuid;
 
 use super::links::{CHANGE, LINK_MIN_INTERVAL};
+use super::notices::Notice;
 use super::{check_password_size, normalize_email, rfc3339, validate_email, Accounts, AuthService, ClientContext};
 use crate::auth::password::Verdict;
 use crate::auth::{AuthError, Principal};
-use crate::db::audit::NewAuditEvent;
 use crate::db::email_links::{LinkMade, LinkPurpose};
 use crate::db::users::User;
 use crate::db::{unix_now, StoreError};
@@ -62,38 +67,46 @@ fn new_address(new_email: &str) -> Result<String, AuthError> {
 
 impl AuthService {
     /// `POST /auth/email/change`: mails a link to `new_email` that moves
-    /// the signed-in user there (see the module docs). Without a mailer,
+    /// the signed-in user there (see the module docs), given the password
+    /// and, for a user with a second factor, a code. Without a mailer,
     /// [`AuthError::NotFound`].
     pub async fn request_email_change(
         &self,
         who: &Principal,
         new_email: &str,
         password: &SecretString,
+        code: Option<&str>,
         client: &ClientContext,
     ) -> Result<ChangeRequested, AuthError> {
         let Some(webhook) = self.mailer.clone() else { return Err(AuthError::NotFound) };
-        self.rate_limit(client.ip)?;
-        check_password_size(password).map_err(AuthError::InvalidRequest)?;
         let new_email = new_address(new_email)?;
-        let user = self.store.user_by_id(who.tenant_id, who.user_id).await?.ok_or(AuthError::NotFound)?;
-        let tenant = self.store.tenant_by_id(who.tenant_id).await?.ok_or(AuthError::NotFound)?;
-        if new_email == user.email {
-            return Err(AuthError::InvalidRequest("new_email: this is the account's email already".to_owned()));
-        }
-        let locks = self.reserve_attempt(&tenant.slug, &user.email).await?;
-        if let Verdict::Wrong = self.hasher.verify(password, Some(&user.password_hash)).await? {
-            self.audit_user(FAILED, &user, client, serde_json::json!({ "reason": "wrong_password" })).await;
-            if locks {
-                let detail = serde_json::json!({ "tenant": tenant.slug, "via": "email_change" });
-                self.audit_user("locked_out", &user, client, detail).await;
-            }
+        let current = self.store.user_by_id(who.tenant_id, who.user_id).await?.ok_or(AuthError::NotFound)?;
+        // The token was checked against a revocation state up to a poll
+        // old: fail closed on what the database says now.
+        if current.disabled || current.is_deleted() {
             return Err(AuthError::InvalidCredentials);
         }
-        self.store.clear_login_attempts(&tenant.slug, &user.email).await?;
-        if self.store.user_by_email(tenant.id, &new_email).await?.is_some() {
-            self.change_requested(&user, &new_email, "email_taken", client).await;
-            return Err(AuthError::EmailTaken);
+        if new_email == current.email {
+            return Err(AuthError::InvalidRequest("new_email: this is the account's email already".to_owned()));
         }
+        // The mailbox a change moves to is where resets go: moving it takes
+        // what removing the second factor takes.
+        let code = match (current.totp_secret.is_some(), code) {
+            (true, None) => return Err(AuthError::MfaRequired),
+            (true, Some(code)) => Some(code),
+            (false, _) => None,
+        };
+        let user = self.check_identity(who, password, code, "email_change", client).await?;
+        let tenant = self.store.tenant_by_id(who.tenant_id).await?.ok_or(AuthError::NotFound)?;
+        if tenant.disabled {
+            return Err(AuthError::InvalidCredentials);
+        }
+        // Before the link: one made that no task can deliver would hold the
+        // user's one-a-minute.
+        let Some(permit) = self.link_permit() else {
+            Self::link_overloaded(&CHANGE);
+            return Err(AuthError::RateLimited { retry_after: 1 });
+        };
         let link = match self
             .accounts
             .make_link(&user, LinkPurpose::EmailChange, LINK_MIN_INTERVAL, Some(&new_email))
@@ -101,12 +114,15 @@ impl AuthService {
         {
             Ok(link) => link,
             Err(LinkMade::Throttled) => {
-                self.change_requested(&user, &new_email, "throttled", client).await;
+                self.change_requested(&user, "throttled", client).await;
                 let retry_after = u64::try_from(LINK_MIN_INTERVAL).unwrap_or(60);
                 return Err(AuthError::RateLimited { retry_after });
             }
-            // Disabled since the token was checked.
-            Err(LinkMade::Refused | LinkMade::Made) => return Err(AuthError::InvalidCredentials),
+            // Disabled, or its tenant, since it was read.
+            Err(LinkMade::Refused | LinkMade::Made) => {
+                self.change_requested(&user, "user_changed", client).await;
+                return Err(AuthError::InvalidCredentials);
+            }
         };
         let expires_at = link.expires_at;
         let data = serde_json::json!({
@@ -117,40 +133,36 @@ impl AuthService {
             "token": link.token,
             "expires_at": rfc3339(expires_at),
         });
-        let this = self.clone();
-        let client_later = client.clone();
-        let to = new_email.clone();
+        let (this, client_later, to) = (self.clone(), client.clone(), new_email.clone());
+        // Whether the address is someone else's is looked at after the
+        // answer, which is the same either way: a signed-in user learns no
+        // more about other accounts than anyone else (the confirmation
+        // refuses a taken address).
         let work = async move {
-            let result = match webhook.deliver(CHANGE.webhook_type, data).await {
-                Ok(_) => "sent",
-                Err(_) => "delivery_failed",
+            let result = match this.store.user_by_email(tenant.id, &to).await {
+                Ok(Some(_)) => "email_taken",
+                Ok(None) => match webhook.deliver(CHANGE.webhook_type, data).await {
+                    Ok(_) => "sent",
+                    Err(_) => "delivery_failed",
+                },
+                Err(e) => {
+                    tracing::error!(error = %e, "an email change link was not sent");
+                    "error"
+                }
             };
-            this.change_requested(&user, &to, result, &client_later).await;
+            this.change_requested(&user, result, &client_later).await;
         };
-        if !self.spawn_link_task(work) {
-            // The link exists and nobody will get it: the user asks again
-            // in a minute.
-            Self::link_overloaded(&CHANGE);
-            return Err(AuthError::RateLimited { retry_after: 1 });
-        }
+        Self::spawn_with_permit(permit, work);
         Ok(ChangeRequested { new_email, expires_at })
     }
 
-    /// Counts and audits a change request (`result`), recorded with the
-    /// address the link was for.
-    async fn change_requested(&self, user: &User, new_email: &str, result: &'static str, client: &ClientContext) {
+    /// Counts and audits a change request (`result`). Recorded with the
+    /// user's email, not the address asked for: that may be someone
+    /// else's, whose erasure (`user delete --forget`) would not find it
+    /// under this user.
+    async fn change_requested(&self, user: &User, result: &'static str, client: &ClientContext) {
         metrics::counter!(CHANGE.metric, "result" => result).increment(1);
-        let ip = client.ip.to_string();
-        self.audit(NewAuditEvent {
-            event: CHANGE.requested,
-            tenant_id: Some(user.tenant_id),
-            user_id: Some(user.id),
-            email: Some(new_email),
-            ip: Some(&ip),
-            user_agent: client.user_agent.as_deref(),
-            detail: Some(serde_json::json!({ "via": "api", "result": result })),
-        })
-        .await;
+        self.audit_user(CHANGE.requested, user, client, serde_json::json!({ "via": "api", "result": result })).await;
     }
 
     /// `POST /auth/email/change/confirm`: moves the link's user to the
@@ -205,34 +217,9 @@ impl AuthService {
         metrics::counter!(CHANGES, "result" => "success").increment(1);
         let moved = User { email: new_email.clone(), ..user.clone() };
         self.audit_user("email_changed", &moved, client, serde_json::json!({ "via": "link" })).await;
-        self.tell_old_address(&user, &tenant.slug, &new_email);
+        let notice = Notice::EmailChanged { old: user.email.clone(), new: new_email };
+        self.notify(user.tenant_id, user.id, notice, client);
         Ok(())
-    }
-
-    /// After a change: `email.changed` to the old address, after the
-    /// answer (its owner learns of a change it did not make). A failure is
-    /// logged and counted; the change stands.
-    fn tell_old_address(&self, user: &User, slug: &str, new_email: &str) {
-        let Some(webhook) = self.mailer.clone() else { return };
-        let data = serde_json::json!({
-            "tenant": slug,
-            "user_id": user.id,
-            "email": user.email,
-            "new_email": new_email,
-        });
-        let work = async move {
-            let result = match webhook.deliver("email.changed", data).await {
-                Ok(_) => "sent",
-                Err(_) => "delivery_failed",
-            };
-            metrics::counter!("gateway_email_change_notices_total", "result" => result).increment(1);
-        };
-        if !self.spawn_link_task(work) {
-            metrics::counter!("gateway_email_change_notices_total", "result" => "overloaded").increment(1);
-            tracing::warn!(
-                "the notice of an email change to the old address was dropped: too many deliveries under way"
-            );
-        }
     }
 }
 

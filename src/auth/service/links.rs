@@ -16,10 +16,12 @@
 //! done (`<kind>_requested` with a `result`). A user gets at most one link
 //! of a kind a minute this way, so a mailbox cannot be flooded.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{normalize_email, rfc3339, tenant_slug, validate_email, Accounts, AuthService, ClientContext};
 use crate::auth::refresh;
@@ -145,13 +147,23 @@ impl AuthService {
     /// Runs `work` (a delivery, and what goes with it) after the answer,
     /// within [`MAX_LINK_TASKS`]; false, and nothing runs, when that many
     /// are under way.
-    pub(super) fn spawn_link_task(&self, work: impl std::future::Future<Output = ()> + Send + 'static) -> bool {
-        let Ok(permit) = Arc::clone(&self.link_tasks).try_acquire_owned() else { return false };
+    pub(super) fn spawn_link_task(&self, work: impl Future<Output = ()> + Send + 'static) -> bool {
+        let Some(permit) = self.link_permit() else { return false };
+        Self::spawn_with_permit(permit, work);
+        true
+    }
+
+    /// One of the [`MAX_LINK_TASKS`] places, if one is free.
+    pub(super) fn link_permit(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.link_tasks).try_acquire_owned().ok()
+    }
+
+    /// Runs `work` in the place `permit` holds.
+    pub(super) fn spawn_with_permit(permit: OwnedSemaphorePermit, work: impl Future<Output = ()> + Send + 'static) {
         tokio::spawn(async move {
             let _permit = permit;
             work.await;
         });
-        true
     }
 
     /// Counts and logs a link request dropped because [`MAX_LINK_TASKS`]

@@ -18,6 +18,7 @@ use secrecy::SecretString;
 use uuid::Uuid;
 
 use super::links::{EmailLink, RESET};
+use super::notices::Notice;
 use super::{normalize_email, rfc3339, Accounts, AuthService, ClientContext};
 use crate::auth::AuthError;
 use crate::db::email_links::{LinkMade, LinkPurpose};
@@ -73,6 +74,7 @@ impl AuthService {
         metrics::counter!(RESETS, "result" => "success").increment(1);
         let detail = serde_json::json!({ "via": "link", "sessions_revoked": revoked.len() });
         self.audit_user("password_reset", &user, client, detail).await;
+        self.notify(user.tenant_id, user.id, Notice::PasswordChanged { via: "password_reset" }, client);
         // The user proved the mailbox and chose a new password: a lock
         // earned by someone guessing the old one no longer keeps them out.
         // The password is set whatever happens here: a failure is logged,
