@@ -19,7 +19,7 @@ use crate::db::audit::{AuditQuery, NewAuditEvent};
 use crate::db::tenants::Tenant;
 use crate::db::users::ForgetRefused;
 use crate::db::users::User;
-use crate::db::{Store, StoreError};
+use crate::db::Store;
 
 #[derive(Debug, Parser)]
 #[command(name = "gateway", version, about = "Reverse-proxy auth gateway")]
@@ -436,6 +436,7 @@ async fn accounts(config: &Config) -> anyhow::Result<Accounts> {
         session_lifetime: config.auth.session_lifetime,
         reset_token_ttl: config.auth.reset_token_ttl,
         verification_token_ttl: config.auth.email_verification.token_ttl,
+        by: None,
     })
 }
 
@@ -454,16 +455,14 @@ async fn tenant_command(accounts: &Accounts, cmd: TenantCommand, out: &mut dyn W
     let store = &accounts.store;
     match cmd {
         TenantCommand::Create { slug, name } => {
-            if !crate::auth::service::is_slug(&slug) {
-                bail!("slug {slug:?} must be 1-64 lower-case letters, digits or '-'");
-            }
             let name = name.unwrap_or_else(|| slug.clone());
-            match store.create_tenant(&slug, &name).await {
+            match accounts.create_tenant(&slug, &name).await {
                 Ok(t) => {
                     writeln!(out, "{}", t.id)?;
                     Ok(())
                 }
-                Err(StoreError::Conflict) => bail!("tenant {slug:?} already exists"),
+                Err(AuthError::TenantExists) => bail!("tenant {slug:?} already exists"),
+                Err(AuthError::InvalidRequest(m)) => bail!("{m}"),
                 Err(e) => Err(e.into()),
             }
         }

@@ -48,6 +48,7 @@ impl IntoResponse for ApiError {
             AuthError::InvalidToken(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
             AuthError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             AuthError::EmailTaken => (StatusCode::CONFLICT, "email_taken"),
+            AuthError::TenantExists => (StatusCode::CONFLICT, "tenant_exists"),
             AuthError::TenantDisabled => (StatusCode::FORBIDDEN, "tenant_disabled"),
             AuthError::MfaRequired => (StatusCode::UNAUTHORIZED, "mfa_required"),
             AuthError::InvalidCode => (StatusCode::BAD_REQUEST, "invalid_code"),

@@ -33,6 +33,9 @@ pub enum AuthError {
     NotFound,
     #[error("this email is already registered")]
     EmailTaken,
+    /// A tenant with this slug exists.
+    #[error("a tenant with this slug exists")]
+    TenantExists,
     /// The password was right, and the user has a second factor: the login
     /// must carry a TOTP code (`otp`).
     #[error("this account needs a one-time code (otp)")]

@@ -131,6 +131,11 @@ pub struct AuthService {
     mailer: Option<Arc<Webhook>>,
     /// Bounds the link work left for after the answers.
     link_tasks: Arc<tokio::sync::Semaphore>,
+    /// The same for security notices, apart: a flood of link requests
+    /// cannot crowd out the notice of a change.
+    notice_tasks: Arc<tokio::sync::Semaphore>,
+    /// Notices sent a minute back, by user and kind: one a minute each.
+    notices_sent: moka::sync::Cache<(Uuid, &'static str), ()>,
     /// Seals the TOTP secrets the database keeps.
     sealer: Arc<SealingKey>,
 }
@@ -157,9 +162,27 @@ impl AuthService {
             session_lifetime: config.session_lifetime,
             reset_token_ttl: config.reset_token_ttl,
             verification_token_ttl: config.email_verification.token_ttl,
+            by: None,
         };
         let link_tasks = Arc::new(tokio::sync::Semaphore::new(MAX_LINK_TASKS));
-        Self { store, hasher, authenticator, config, accounts, limiter, mailer: None, link_tasks, sealer }
+        let notice_tasks = Arc::new(tokio::sync::Semaphore::new(MAX_LINK_TASKS));
+        let notices_sent = moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(Duration::from_secs(LINK_MIN_INTERVAL.unsigned_abs()))
+            .build();
+        Self {
+            store,
+            hasher,
+            authenticator,
+            config,
+            accounts,
+            limiter,
+            mailer: None,
+            link_tasks,
+            notice_tasks,
+            notices_sent,
+            sealer,
+        }
     }
 
     /// The TOTP secret `stored` (as the database holds it) of `user`.
@@ -526,15 +549,18 @@ impl AuthService {
     }
 
     pub async fn logout_all(&self, who: &Principal, client: &ClientContext) -> Result<(), AuthError> {
-        // Signing out everywhere is what a user who fears an intruder does:
-        // an email change asked for (maybe by the intruder) goes too.
-        self.store.void_email_links(who.tenant_id, who.user_id, LinkPurpose::EmailChange).await?;
         let revoked =
             self.store.revoke_user_sessions(who.tenant_id, who.user_id, None, "logout_all", unix_now()).await?;
         for id in &revoked {
             self.authenticator.revocations().revoke_session(*id);
         }
         self.authenticator.revocations().revoke_session(who.session_id);
+        // Signing out everywhere is what a user who fears an intruder does:
+        // an email change asked for (maybe by the intruder) goes too. After
+        // the revocation, which must not wait on it; a failure is logged.
+        if let Err(e) = self.store.void_email_links(who.tenant_id, who.user_id, LinkPurpose::EmailChange).await {
+            tracing::warn!(error = %e, "a sign-out everywhere could not drop a pending email change");
+        }
         self.audit_principal("logout_all", who, client, Some(serde_json::json!({ "sessions": revoked.len() }))).await;
         Ok(())
     }
@@ -556,8 +582,8 @@ impl AuthService {
     }
 
     /// Checks the caller's password (and, with `code`, a current code of
-    /// their second factor) for a change to the second factor, as a login
-    /// would: rate-limited, counted towards the lockout, audited as
+    /// their second factor) for a change to the second factor or the
+    /// email, as a login would: rate-limited, counted towards the lockout, audited as
     /// `{op}_failed` with the reason. Returns the user as read.
     async fn check_identity(
         &self,
@@ -671,8 +697,6 @@ impl AuthService {
             self.authenticator.revocations().revoke_session(*id);
         }
         let detail = serde_json::json!({ "sessions_revoked": revoked.len() });
-        // A pending email change was asked for without the factor.
-        self.store.void_email_links(who.tenant_id, who.user_id, LinkPurpose::EmailChange).await?;
         self.audit_principal("mfa_enabled", who, client, Some(detail)).await;
         self.notify(who.tenant_id, who.user_id, Notice::MfaEnabled, client);
         Ok(RecoveryCodes { recovery_codes })
@@ -947,10 +971,19 @@ pub struct Accounts {
     /// `auth.email_verification.token_ttl`: how long a verification link
     /// works.
     pub verification_token_ttl: Duration,
+    /// Who acts, when not the CLI: recorded as `"by"` in the detail of
+    /// every event these rules audit (`admin_api`).
+    pub by: Option<&'static str>,
 }
 
 impl Accounts {
-    async fn audit(&self, event: NewAuditEvent<'_>) {
+    async fn audit(&self, mut event: NewAuditEvent<'_>) {
+        if let Some(by) = self.by {
+            let detail = event.detail.get_or_insert_with(|| serde_json::json!({}));
+            if let Some(fields) = detail.as_object_mut() {
+                fields.insert("by".to_owned(), by.into());
+            }
+        }
         if let Err(e) = self.store.record_audit(event).await {
             tracing::error!(error = %e, "failed to write an audit event");
         }
@@ -1101,6 +1134,21 @@ impl Accounts {
         let detail = serde_json::json!({ "tenant": tenant.slug, "sessions_revoked": revoked.len() });
         self.audit_tenant("tenant_disabled", tenant, detail).await;
         Ok(revoked)
+    }
+
+    /// Creates a tenant (the CLI's `tenant create`); the slug must be free.
+    pub async fn create_tenant(&self, slug: &str, name: &str) -> Result<Tenant, AuthError> {
+        if !is_slug(slug) {
+            return Err(AuthError::InvalidRequest(format!(
+                "slug: {slug:?} must be 1-64 lower-case letters, digits or '-'"
+            )));
+        }
+        let tenant = self.store.create_tenant(slug, name).await.map_err(|e| match e {
+            StoreError::Conflict => AuthError::TenantExists,
+            other => other.into(),
+        })?;
+        self.audit_tenant("tenant_created", &tenant, serde_json::json!({ "tenant": tenant.slug })).await;
+        Ok(tenant)
     }
 
     /// Enables a disabled tenant (the CLI's `tenant enable`). The sessions

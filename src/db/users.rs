@@ -85,14 +85,16 @@ type Row = (Uuid, Uuid, String, String, String, String, bool, i64, Option<String
 /// (`$1` tenant, `$2` user) and of those recorded with its email (`$3`)
 /// and no other user, in the tenant or in none (a request that named an
 /// unknown tenant), up to `$4` (when the address stopped being the user's).
-/// Before [`FORGET`]: events with no user recorded with any other address
-/// the user's events carry (one it had before an email change), in the
-/// tenant or in none, up to the deletion, lose the same. Run first, while
-/// the user's events still hold the addresses.
+/// Before [`FORGET`]: events with no user recorded with an address the
+/// user's own events carry (one it had before an email change), in the
+/// tenant or in none, lose the same, up to the last of the user's events
+/// with that address (after it, the address was someone else's, or
+/// no one's) and the deletion. Run first, while the user's events still
+/// hold the addresses.
 const FORGET_FORMER_ADDRESSES: &str = "UPDATE audit_events SET email = NULL, ip = NULL, user_agent = NULL
     WHERE user_id IS NULL AND (tenant_id = $1 OR tenant_id IS NULL) AND at <= $3
-      AND email IN (SELECT mine.email FROM audit_events mine
-                    WHERE mine.tenant_id = $1 AND mine.user_id = $2 AND mine.email IS NOT NULL)";
+      AND at <= (SELECT MAX(mine.at) FROM audit_events mine
+                 WHERE mine.tenant_id = $1 AND mine.user_id = $2 AND mine.email = audit_events.email)";
 
 const FORGET: &str = "UPDATE audit_events SET email = NULL, ip = NULL, user_agent = NULL
                       WHERE (tenant_id = $1 AND user_id = $2)

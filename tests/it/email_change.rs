@@ -19,6 +19,7 @@ use crate::helpers::{
     OTHER_PASSWORD, PASSWORD, WRONG_PASSWORD,
 };
 use crate::password_reset::{audit_events, results_of, spawn_with_mailer, Mailer};
+use crate::retention::run;
 
 const EMAIL: &str = "mover@example.com";
 const NEW: &str = "moved@example.net";
@@ -123,8 +124,10 @@ both_backends! {
         notice.assert_signed();
         let notice = notice.json();
         assert_eq!(notice["type"], "email.changed", "{notice}");
-        assert_eq!((notice["data"]["email"].as_str(), notice["data"]["new_email"].as_str()), (Some(EMAIL), Some(NEW)));
+        assert_eq!(notice["data"]["email"], EMAIL, "to the old address: {notice}");
+        assert_eq!(notice["data"]["new_email_hint"], "m***@example.net", "the new one masked: {notice}");
         assert!(notice["data"].get("token").is_none(), "a notice carries no credential: {notice}");
+        assert!(notice["data"].get("ip").is_none(), "the old mailbox may be someone else's now: {notice}");
 
         assert_eq!(results_of(&app, "email_change_requested", 1).await, ["sent"]);
         let changed = audit_events(&app, "email_changed").await;
@@ -193,7 +196,7 @@ both_backends! {
         let before = mailed_token(&app, &mailer, &access, "before@example.net").await;
         enable_mfa(&app, &access).await;
         assert_error(confirm(&app, &before, PASSWORD).await, StatusCode::BAD_REQUEST, "invalid_email_change_token").await;
-        assert_eq!(reason(&audit_events(&app, "email_change_failed").await), "unknown_link", "voided");
+        assert_eq!(reason(&audit_events(&app, "email_change_failed").await), "user_changed", "bound to there being no factor");
 
         // Another user, with no link this minute.
         app.create_user("default", "second@example.com", PASSWORD, &[], &[]).await;
@@ -305,21 +308,38 @@ both_backends! {
     }
 
     /// A user deleted with `--forget` after a move loses its former address
-    /// from the events that carry it with no user (a login asked with it after
-    /// the move, here).
+    /// from the events that carry it with no user while it was the user's
+    /// (up to the user's last event with it); later ones are someone
+    /// else's business, and kept.
     #[tokio::test]
-    async fn forgetting_a_moved_user_erases_its_former_address_too() {
+    async fn forgetting_a_moved_user_erases_its_former_address_while_it_was_its() {
         let app = spawn_app().await;
         app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
         app.login_ok(EMAIL, PASSWORD, None).await;
         set_email(&app, EMAIL, NEW).await.expect("user set-email");
-        assert_error(app.login(EMAIL, PASSWORD, None).await, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
-        let all = app.cli(&["audit", "list", "--json", "--limit", "100"], "").await.expect("audit list");
-        assert!(all.contains(EMAIL), "the former address is in the log before: {all}");
+        let store = crate::user_admin::open_store(&app).await;
+        let now = unix_now();
+        // The user's events with the former address, a while ago; one event
+        // with no user before them (while the address was the user's), one
+        // after (someone else typing it).
+        let mine = format!("UPDATE audit_events SET at = {} WHERE email = '{EMAIL}' AND user_id IS NOT NULL", now - 1000);
+        assert!(run(&store, &mine).await >= 2, "user_created and login_succeeded carry it");
+        for (at, ip) in [(now - 2000, "192.0.2.1"), (now - 500, "192.0.2.2")] {
+            let sql = format!(
+                "INSERT INTO audit_events (at, event, email, ip, detail) \
+                 VALUES ({at}, 'login_failed', '{EMAIL}', '{ip}', '{{\"reason\":\"unknown_tenant\"}}')"
+            );
+            assert_eq!(run(&store, &sql).await, 1);
+        }
         let args = ["user", "delete", "--tenant", "default", "--email", NEW, "--forget"];
         app.cli(&args, "").await.expect("user delete --forget");
         let all = app.cli(&["audit", "list", "--json", "--limit", "100"], "").await.expect("audit list");
-        assert!(!all.contains(EMAIL) && !all.contains(NEW), "both addresses are erased: {all}");
+        assert!(!all.contains(NEW), "the address at the deletion is erased: {all}");
+        assert!(!all.contains("192.0.2.1"), "an event while the address was the user's is erased: {all}");
+        let kept: Vec<&str> = all.lines().filter(|l| l.contains(EMAIL)).collect();
+        assert_eq!(kept.len(), 1, "only the event after the address left the user names it: {all}");
+        assert!(kept[0].contains("192.0.2.2"), "{all}");
+        store.close().await;
         app.stop().await;
     }
 }

@@ -32,7 +32,7 @@ pub(crate) async fn exec(store: &Store, sql: &str, id: Uuid, value: i64) -> u64 
 }
 
 /// Runs `sql` (no parameters), returning the rows it changed.
-async fn run(store: &Store, sql: &str) -> u64 {
+pub(crate) async fn run(store: &Store, sql: &str) -> u64 {
     let done = match store.pool() {
         Pool::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|d| d.rows_affected()),
         Pool::Postgres(p) => sqlx::query(sql).execute(p).await.map(|d| d.rows_affected()),
@@ -243,7 +243,14 @@ both_backends! {
 
     #[tokio::test]
     async fn prune_forgets_idle_lockout_counters_and_keeps_live_ones() {
-        let app = spawn_app_with(keeping_everything()).await;
+        // The running gateway purges idle counters too, first one poll after
+        // it starts: with the test's 100 ms poll that raced the command.
+        let options = TestOptions {
+            revocation_poll: "10m",
+            auth_extra: "revocation_max_staleness = \"30m\"".to_owned(),
+            ..keeping_everything()
+        };
+        let app = spawn_app_with(options).await;
         let store = open_store(&app).await;
         let now = unix_now();
         let rows = [

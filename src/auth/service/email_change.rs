@@ -9,8 +9,8 @@
 //! logs in with the old address, and a mistyped address costs nothing.
 //! Once moved, every other link of the user is void (they went to the old
 //! address), and the old address is told (`email.changed`, a
-//! [`super::notices`] notice), so that its owner learns of a change an
-//! intruder made. Sessions stay open: the account's owner made the change,
+//! [`super::notices`] notice, unless `auth.mailer.notices` is off), so that
+//! its owner learns of a change an intruder made. Sessions stay open: the account's owner made the change,
 //! and the access tokens carry no email.
 //!
 //! Chosen where users of other gateways could expect otherwise:
@@ -24,9 +24,10 @@
 //!   for does not move that someone's account onto the address; the
 //!   request asks a user with a second factor for a code too (the new
 //!   mailbox is where resets will go);
-//! - a change link is bound to the email and the password hash it was made
-//!   under, so a password reset kills the change an intruder asked for; a
-//!   sign-out everywhere and a second factor set up drop it too;
+//! - a change link is bound to the email, the password hash and whether a
+//!   second factor was set when it was made, so a password reset kills the
+//!   change an intruder asked for, and so does a factor set up since; a
+//!   sign-out everywhere drops it too;
 //! - it lives `auth.email_verification.token_ttl` (both prove a mailbox),
 //!   one a minute per user.
 //!

@@ -87,8 +87,9 @@ pub(super) const CHANGE: Kind = Kind {
 
 /// What a link is bound to: for a reset, the SHA-256 of the password hash
 /// it was made against; for a verification, of the email it proves; for an
-/// email change, of the email and the password hash (a reset after a
-/// compromise kills the change an intruder asked for).
+/// email change, of the email, the password hash (a reset after a
+/// compromise kills the change an intruder asked for) and whether a second
+/// factor is set (one set up since kills a change asked for without it).
 pub(super) fn fingerprint(purpose: LinkPurpose, user: &User) -> [u8; 32] {
     match purpose {
         LinkPurpose::PasswordReset => Sha256::digest(user.password_hash.as_bytes()).into(),
@@ -98,6 +99,7 @@ pub(super) fn fingerprint(purpose: LinkPurpose, user: &User) -> [u8; 32] {
             .chain_update(&user.email)
             .chain_update([0])
             .chain_update(&user.password_hash)
+            .chain_update([0, u8::from(user.totp_secret.is_some())])
             .finalize()
             .into(),
     }
@@ -113,14 +115,16 @@ impl AuthService {
         self
     }
 
-    /// Waits until no link request is being worked on (at shutdown, once
-    /// the listeners have drained, so that deliveries under way, retries
-    /// included, go out).
+    /// Waits until no link request or notice is being worked on (at
+    /// shutdown, once the listeners have drained, so that deliveries under
+    /// way, retries included, go out).
     pub async fn links_delivered(&self) {
         let all = u32::try_from(MAX_LINK_TASKS).unwrap_or(u32::MAX);
         // Held until the process ends: nothing starts after this.
-        if let Ok(permits) = self.link_tasks.acquire_many(all).await {
-            permits.forget();
+        for tasks in [&self.link_tasks, &self.notice_tasks] {
+            if let Ok(permits) = tasks.acquire_many(all).await {
+                permits.forget();
+            }
         }
     }
 

@@ -5,16 +5,24 @@
 //! fails to log in).
 //!
 //! They go to the operator's mailer like the links ([`crate::auth::webhook`],
-//! same signature and retries), after the answer and within the same
-//! bound ([`super::links::MAX_LINK_TASKS`]), when `auth.mailer.notices` is
-//! on (the default). A notice carries no credential: its `data` says who
-//! (`tenant`, `user_id`, `email`: the address to write to), what (the
-//! `type`, and `via` or `new_email`), and from where (`ip`, `user_agent`).
-//! A lost notice changes nothing: the change stands, the failure is
-//! counted (`gateway_notices_total{type, result}`) and logged.
+//! same signature and retries), after the answer, when `auth.mailer.notices`
+//! is on (the default), with places of their own (as many as
+//! [`super::links::MAX_LINK_TASKS`]: a flood of link requests cannot crowd
+//! a notice out), and at most one of a kind a minute per user in a process
+//! (an account made with someone else's address cannot flood that
+//! mailbox). A notice carries no credential and no text a client chose: its
+//! `data` says who (`tenant`, `user_id`, `email`: the address to write to),
+//! what (the `type`, and `via`), and from where (`ip`); `email.changed`
+//! goes to the old address with the new one masked (`new_email_hint`,
+//! `m***@example.net`) and no `ip`, since the old mailbox may be in other
+//! hands (a former employer's). A lost notice changes nothing: the change
+//! stands, and it is counted (`gateway_notices_total{type, result}`) and
+//! logged.
 //!
 //! Changes an operator makes with the CLI send none: the operator acted,
 //! and the CLI holds no mailer.
+
+use std::sync::Arc;
 
 use uuid::Uuid;
 
@@ -62,10 +70,20 @@ impl AuthService {
             return;
         }
         let kind = notice.webhook_type();
+        if self.notices_sent.contains_key(&(user_id, kind)) {
+            metrics::counter!(NOTICES, "type" => kind, "result" => "throttled").increment(1);
+            return;
+        }
+        let Ok(permit) = Arc::clone(&self.notice_tasks).try_acquire_owned() else {
+            metrics::counter!(NOTICES, "type" => kind, "result" => "overloaded").increment(1);
+            tracing::warn!(kind, "a security notice was dropped: too many deliveries under way");
+            return;
+        };
+        self.notices_sent.insert((user_id, kind), ());
         let this = self.clone();
-        let (ip, user_agent) = (client.ip.to_string(), client.user_agent.clone());
+        let ip = client.ip.to_string();
         let work = async move {
-            let result = match this.notice_data(tenant_id, user_id, notice, ip, user_agent).await {
+            let result = match this.notice_data(tenant_id, user_id, notice, ip).await {
                 Ok(Some(data)) => match webhook.deliver(kind, data).await {
                     Ok(_) => "sent",
                     Err(_) => "delivery_failed",
@@ -79,10 +97,7 @@ impl AuthService {
             };
             metrics::counter!(NOTICES, "type" => kind, "result" => result).increment(1);
         };
-        if !self.spawn_link_task(work) {
-            metrics::counter!(NOTICES, "type" => kind, "result" => "overloaded").increment(1);
-            tracing::warn!(kind, "a security notice was dropped: too many deliveries under way");
-        }
+        Self::spawn_with_permit(permit, work);
     }
 
     /// The notice's `data`, addressed to the user's email as it is now (for
@@ -93,7 +108,6 @@ impl AuthService {
         user_id: Uuid,
         notice: Notice,
         ip: String,
-        user_agent: Option<String>,
     ) -> Result<Option<serde_json::Value>, AuthError> {
         let user = self.store.user_by_id(tenant_id, user_id).await?;
         let Some(user) = user.filter(|u| !u.is_deleted()) else { return Ok(None) };
@@ -103,16 +117,38 @@ impl AuthService {
             "user_id": user.id,
             "email": user.email,
             "ip": ip,
-            "user_agent": user_agent,
         });
         match notice {
             Notice::PasswordChanged { via } => data["via"] = via.into(),
             Notice::EmailChanged { old, new } => {
                 data["email"] = old.into();
-                data["new_email"] = new.into();
+                data["new_email_hint"] = mask(&new).into();
+                data.as_object_mut().map(|fields| fields.remove("ip"));
             }
             Notice::MfaEnabled | Notice::MfaDisabled | Notice::RecoveryCodesRegenerated => {}
         }
         Ok(Some(data))
+    }
+}
+
+/// An address with the local part hidden but its first character:
+/// `m***@example.net`.
+fn mask(email: &str) -> String {
+    match email.split_once('@') {
+        Some((local, domain)) => {
+            let first: String = local.chars().take(1).collect();
+            format!("{first}***@{domain}")
+        }
+        None => "***".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_masked_address_keeps_its_first_character_and_domain() {
+        assert_eq!(super::mask("moved@example.net"), "m***@example.net");
+        assert_eq!(super::mask("é@x.org"), "é***@x.org");
+        assert_eq!(super::mask("nonsense"), "***");
     }
 }
