@@ -1,7 +1,11 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics`.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, and the admin
+//! API under `/admin` ([`api`]) when `admin.api_token_file` is set.
 //!
-//! It binds its own address (loopback by default) so that health and metrics
-//! are never reachable through the public listener.
+//! It binds its own address (loopback by default) so that health, metrics
+//! and account administration are never reachable through the public
+//! listener.
+
+pub mod api;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -18,12 +22,14 @@ struct AdminState {
     metrics: PrometheusHandle,
 }
 
-pub fn router(service: AuthService, metrics: PrometheusHandle) -> Router {
+pub fn router(service: AuthService, metrics: PrometheusHandle, api_token: Option<api::ApiToken>) -> Router {
+    let admin_api = api::router(service.clone(), api_token);
     Router::new()
         .route("/healthz", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .with_state(AdminState { service, metrics })
+        .merge(admin_api)
 }
 
 /// Ready when the database answers, a signing key is loaded and the

@@ -47,6 +47,8 @@ pub struct App {
     tls: Option<tokio_rustls::TlsAcceptor>,
     public: std::net::TcpListener,
     admin: TcpListener,
+    /// The admin API's token (`admin.api_token_file`); `None`: the API is off.
+    admin_token: Option<crate::admin::api::ApiToken>,
     /// `server.http_redirect_listen`, bound.
     redirect: Option<TcpListener>,
     metrics: PrometheusHandle,
@@ -94,6 +96,7 @@ impl App {
             }
             None => None,
         };
+        let admin_token = config.admin.api_token_file.as_deref().map(crate::admin::api::ApiToken::load).transpose()?;
         let sealer = Arc::new(seal_stored_secrets(&store, &config.auth.keys_dir, config.auth.seal_totp_secrets).await?);
         let service = AuthService::new(store.clone(), hasher, authenticator.clone(), config.auth.clone(), sealer)
             .with_mailer(reset_webhook);
@@ -152,7 +155,7 @@ impl App {
             ),
             None => None,
         };
-        Ok(App { config, service, proxy, reloader, tls, public, admin, redirect, metrics })
+        Ok(App { config, service, proxy, reloader, tls, public, admin, admin_token, redirect, metrics })
     }
 
     pub fn public_addr(&self) -> SocketAddr {
@@ -263,7 +266,7 @@ impl App {
                 crate::server::redirect::serve(listener, https_port, &settings, slots, stop).await;
             }));
         }
-        let admin_app = crate::admin::router(self.service.clone(), self.metrics.clone());
+        let admin_app = crate::admin::router(self.service.clone(), self.metrics.clone(), self.admin_token.clone());
         let admin = tokio::spawn(axum::serve(self.admin, admin_app).with_graceful_shutdown(stopped()).into_future());
 
         // Workers drain within shutdown_grace on their own.

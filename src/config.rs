@@ -91,6 +91,9 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// `api_token_file`: a file holding the admin API's bearer token; the
+    /// API is off without it. Read at start, never by `config check`.
+    pub api_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -362,8 +365,9 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
 
     let mut f = Fields::new("admin", admin_t, errors);
     let admin_listen = f.socket_addr_or("listen", "127.0.0.1:9090");
+    let api_token_file = f.string("api_token_file").map(|p| resolve(base, &p));
     f.finish();
-    let admin = admin_listen.map(|listen| AdminConfig { listen });
+    let admin = admin_listen.map(|listen| AdminConfig { listen, api_token_file });
 
     let mut f = Fields::new("database", database_t, errors);
     let url_text = f.string_or("url", "sqlite://gateway.db");

@@ -767,3 +767,12 @@ fn a_reload_names_the_tables_that_wait_for_a_restart() {
         .expect("another admin port");
     assert_eq!(admin.restart_pending(&running), ["admin"]);
 }
+
+#[test]
+fn the_admin_api_is_off_unless_a_token_file_is_named() {
+    assert_eq!(parse("").expect("defaults").admin.api_token_file, None);
+    let c = parse("[admin]\napi_token_file = \"admin.token\"").expect("a token file");
+    assert_eq!(c.admin.api_token_file, Some(PathBuf::from("/etc/gateway/admin.token")), "beside the config");
+    let err = parse("[admin]\napi_token_file = 7").expect_err("not a path").to_string();
+    assert!(err.contains("admin.api_token_file"), "{err}");
+}

@@ -64,6 +64,8 @@ pub struct TestOptions {
     pub shutdown_grace: &'static str,
     /// Extra lines inside the `[server]` table, e.g. `trusted_proxies = ["127.0.0.1/32"]`.
     pub server_extra: String,
+    /// Lines added to `[admin]`.
+    pub admin_extra: String,
     /// Appended at the end of the file: `[[routes]]`, `[headers]`, `[upstream]`, `[server.tls]` tables.
     pub extra: String,
 }
@@ -85,6 +87,7 @@ impl Default for TestOptions {
             auth_extra: String::new(),
             shutdown_grace: "5s",
             server_extra: String::new(),
+            admin_extra: String::new(),
             extra: String::new(),
         }
     }
@@ -116,6 +119,7 @@ shutdown_grace = "{shutdown_grace}"
 
 [admin]
 listen = "127.0.0.1:0"
+{admin_extra}
 
 [database]
 url = {database_url}
@@ -144,6 +148,7 @@ parallelism = 1
 {extra}
 "#,
         server_extra = opts.server_extra,
+        admin_extra = opts.admin_extra,
         extra = opts.extra,
         database_url = toml_string(opts.database_url.as_deref().unwrap_or("sqlite://gateway.db")),
         database_extra = opts.database_extra,

@@ -14,6 +14,7 @@
 mod helpers;
 mod upstream;
 
+mod admin_api;
 mod audit_and_cli;
 mod auth_basics;
 mod auth_flow;

@@ -1,0 +1,443 @@
+//! The admin API: what the CLI's `tenant`, `user` and `session` commands
+//! do, over HTTP on the admin listener, for a backend or a console that
+//! provisions accounts (Supabase's and Ory Kratos's admin APIs are what
+//! users of those expect).
+//!
+//! Off unless `admin.api_token_file` names a file with a token (32
+//! characters or more): every `/admin/*` request then carries it as
+//! `Authorization: Bearer <token>`, compared in constant time (as SHA-256
+//! digests, so neither length nor content leaks through timing); without
+//! the file, `/admin/*` answers 404. The admin listener is loopback by
+//! default: the token is a second lock, not a reason to expose it.
+//!
+//! Users are named by id in paths (an email is a user's to change). Every
+//! change goes through [`Accounts`], as the CLI's do, so it is validated
+//! and audited alike, with `"by": "admin_api"` in the event's detail; the
+//! sessions a change revokes are refused by this process at once and by
+//! the other replicas within `auth.revocation_poll` (or at once with the
+//! PostgreSQL push). No password, token or secret is ever logged or
+//! answered, but the reset token that `reset-token` exists to return.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State};
+use axum::http::{header, HeaderValue, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, delete, get, post};
+use axum::{Json, Router};
+use secrecy::SecretString;
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+use uuid::Uuid;
+
+use crate::api::error::ApiError;
+use crate::api::extract::JsonBody;
+use crate::auth::service::{rfc3339, Accounts, AuthService};
+use crate::auth::AuthError;
+use crate::body::json_error;
+use crate::db::tenants::Tenant;
+use crate::db::users::User;
+
+/// Shortest token accepted: 32 characters (`openssl rand -hex 32` makes 64).
+pub const MIN_TOKEN_LEN: usize = 32;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The SHA-256 of the admin API's token.
+#[derive(Clone)]
+pub struct ApiToken([u8; 32]);
+
+impl std::fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiToken(..)")
+    }
+}
+
+impl ApiToken {
+    /// Reads `admin.api_token_file`; an error names the setting.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("admin.api_token_file: reading {}", path.display()))?;
+        let token = text.trim();
+        if token.chars().count() < MIN_TOKEN_LEN || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            anyhow::bail!(
+                "admin.api_token_file ({}): the token must be one line of at least {MIN_TOKEN_LEN} characters \
+                 without spaces (make one with `openssl rand -hex 32`)",
+                path.display()
+            );
+        }
+        Ok(Self(Sha256::digest(token.as_bytes()).into()))
+    }
+
+    fn admits(&self, presented: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        bool::from(digest.ct_eq(&self.0))
+    }
+}
+
+#[derive(Clone)]
+struct Admin {
+    service: AuthService,
+    /// The service's account rules, auditing `"by": "admin_api"`.
+    accounts: Accounts,
+}
+
+/// The `/admin` routes: the API with `token`, or a 404 for every path
+/// without.
+pub fn router(service: AuthService, token: Option<ApiToken>) -> Router {
+    let Some(token) = token else {
+        let off = || async {
+            json_error(StatusCode::NOT_FOUND, "not_found", "the admin API is off: set admin.api_token_file")
+        };
+        return Router::new().route("/admin", any(off)).route("/admin/{*rest}", any(off));
+    };
+    let accounts = Accounts { by: Some("admin_api"), ..service.accounts.clone() };
+    Router::new()
+        .route("/admin/tenants", get(list_tenants).post(create_tenant))
+        .route("/admin/tenants/{slug}/disable", post(disable_tenant))
+        .route("/admin/tenants/{slug}/enable", post(enable_tenant))
+        .route("/admin/tenants/{slug}/users", get(list_users).post(create_user))
+        .route("/admin/tenants/{slug}/users/{id}", get(get_user).delete(delete_user))
+        .route("/admin/tenants/{slug}/users/{id}/disable", post(disable_user))
+        .route("/admin/tenants/{slug}/users/{id}/enable", post(enable_user))
+        .route("/admin/tenants/{slug}/users/{id}/password", post(set_password))
+        .route("/admin/tenants/{slug}/users/{id}/email", post(set_email))
+        .route("/admin/tenants/{slug}/users/{id}/verify-email", post(verify_email))
+        .route("/admin/tenants/{slug}/users/{id}/reset-token", post(reset_token))
+        .route("/admin/tenants/{slug}/users/{id}/grant", post(grant))
+        .route("/admin/tenants/{slug}/users/{id}/revoke", post(revoke))
+        .route("/admin/tenants/{slug}/users/{id}/mfa-reset", post(mfa_reset))
+        .route("/admin/tenants/{slug}/users/{id}/sessions", get(list_sessions).delete(revoke_sessions))
+        .route("/admin/tenants/{slug}/sessions/{session_id}", delete(revoke_session))
+        .route("/admin/{*rest}", any(|| async { ApiError::NotFound }))
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(token, authorize))
+        .layer(middleware::from_fn(no_store))
+        .with_state(Admin { service, accounts })
+}
+
+/// Lets through a request that carries the token; 401 for the rest.
+async fn authorize(State(token): State<ApiToken>, req: Request, next: Next) -> Response {
+    let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let presented = presented.and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+    if presented.is_some_and(|p| token.admits(p.trim())) {
+        return next.run(req).await;
+    }
+    metrics::counter!("gateway_admin_api_refused_total").increment(1);
+    tracing::warn!(path = %req.uri().path(), "an admin API request without the right token was refused");
+    let mut response = json_error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "the admin API needs its bearer token (admin.api_token_file)",
+    );
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+async fn no_store(req: Request, next: Next) -> Response {
+    let mut response = next.run(req).await;
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn tenant_view(t: &Tenant) -> serde_json::Value {
+    serde_json::json!({
+        "id": t.id, "slug": t.slug, "name": t.name, "disabled": t.disabled, "created_at": rfc3339(t.created_at),
+    })
+}
+
+fn user_view(tenant: &Tenant, u: &User) -> serde_json::Value {
+    serde_json::json!({
+        "id": u.id,
+        "tenant": tenant.slug,
+        "email": u.email,
+        "roles": u.roles,
+        "scopes": u.scopes,
+        "disabled": u.disabled,
+        "mfa": u.totp_secret.is_some(),
+        "email_verified": u.email_verified_at.is_some(),
+        "created_at": rfc3339(u.created_at),
+    })
+}
+
+fn revoked(n: usize) -> Response {
+    Json(serde_json::json!({ "sessions_revoked": n })).into_response()
+}
+
+impl Admin {
+    async fn tenant(&self, slug: &str) -> Result<Tenant, ApiError> {
+        self.service.store.tenant_by_slug(slug).await.map_err(AuthError::from)?.ok_or(ApiError::NotFound)
+    }
+
+    /// The tenant and the (not deleted) user `id` of it.
+    async fn user(&self, slug: &str, id: &str) -> Result<(Tenant, User), ApiError> {
+        let tenant = self.tenant(slug).await?;
+        let id = Uuid::parse_str(id).map_err(|_| ApiError::NotFound)?;
+        let user = self.service.store.user_by_id(tenant.id, id).await.map_err(AuthError::from)?;
+        let user = user.filter(|u| !u.is_deleted()).ok_or(ApiError::NotFound)?;
+        Ok((tenant, user))
+    }
+
+    /// Refuses the revoked sessions' tokens in this process at once.
+    fn refuse(&self, sessions: &[Uuid]) {
+        for id in sessions {
+            self.service.authenticator.revocations().revoke_session(*id);
+        }
+    }
+}
+
+async fn list_tenants(State(a): State<Admin>) -> Result<Response, ApiError> {
+    let tenants = a.service.store.list_tenants().await.map_err(AuthError::from)?;
+    Ok(Json(tenants.iter().map(tenant_view).collect::<Vec<_>>()).into_response())
+}
+
+#[derive(Deserialize)]
+struct NewTenant {
+    slug: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn create_tenant(State(a): State<Admin>, JsonBody(body): JsonBody<NewTenant>) -> Result<Response, ApiError> {
+    let name = body.name.unwrap_or_else(|| body.slug.clone());
+    let tenant = a.accounts.create_tenant(&body.slug, &name).await?;
+    Ok((StatusCode::CREATED, Json(tenant_view(&tenant))).into_response())
+}
+
+async fn disable_tenant(State(a): State<Admin>, UrlPath(slug): UrlPath<String>) -> Result<Response, ApiError> {
+    let tenant = a.tenant(&slug).await?;
+    let sessions = a.accounts.disable_tenant(&tenant).await?;
+    a.refuse(&sessions);
+    Ok(revoked(sessions.len()))
+}
+
+async fn enable_tenant(State(a): State<Admin>, UrlPath(slug): UrlPath<String>) -> Result<StatusCode, ApiError> {
+    let tenant = a.tenant(&slug).await?;
+    a.accounts.enable_tenant(&tenant).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_users(State(a): State<Admin>, UrlPath(slug): UrlPath<String>) -> Result<Response, ApiError> {
+    let tenant = a.tenant(&slug).await?;
+    let users = a.service.store.list_users(tenant.id).await.map_err(AuthError::from)?;
+    Ok(Json(users.iter().map(|u| user_view(&tenant, u)).collect::<Vec<_>>()).into_response())
+}
+
+#[derive(Deserialize)]
+struct NewUser {
+    email: String,
+    password: SecretString,
+    #[serde(default)]
+    roles: Vec<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+}
+
+async fn create_user(
+    State(a): State<Admin>,
+    UrlPath(slug): UrlPath<String>,
+    JsonBody(body): JsonBody<NewUser>,
+) -> Result<Response, ApiError> {
+    let tenant = a.tenant(&slug).await?;
+    let user =
+        a.accounts.create_user(tenant.id, &body.email, &body.password, &body.roles, &body.scopes, None, None, true);
+    let user = user.await?;
+    Ok((StatusCode::CREATED, Json(user_view(&tenant, &user))).into_response())
+}
+
+async fn get_user(
+    State(a): State<Admin>,
+    UrlPath((slug, id)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (tenant, user) = a.user(&slug, &id).await?;
+    Ok(Json(user_view(&tenant, &user)).into_response())
+}
+
+/// `?forget=true` (or `false`, the default); any other query is refused.
+fn forget_asked(uri: &Uri) -> Result<bool, AuthError> {
+    match uri.query().unwrap_or("") {
+        "" | "forget=false" => Ok(false),
+        "forget=true" => Ok(true),
+        _ => Err(AuthError::InvalidRequest("forget: the query is ?forget=true or ?forget=false".to_owned())),
+    }
+}
+
+async fn delete_user(
+    State(a): State<Admin>,
+    UrlPath((slug, id)): UrlPath<(String, String)>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let forget = forget_asked(&uri)?;
+    let (tenant, user) = a.user(&slug, &id).await?;
+    let sessions = a.accounts.delete_user(tenant.id, &user.email, forget).await?;
+    a.refuse(&sessions);
+    Ok(revoked(sessions.len()))
+}
+
+async fn disable_user(
+    State(a): State<Admin>,
+    UrlPath((slug, id)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (tenant, user) = a.user(&slug, &id).await?;
+    let sessions = a.accounts.disable_user(tenant.id, &user.email).await?;
+    a.refuse(&sessions);
+    Ok(revoked(sessions.len()))
+}
+
+async fn enable_user(
+    State(a): State<Admin>,
+    UrlPath((slug, id)): UrlPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let (tenant, user) = a.user(&slug, &id).await?;
+    a.accounts.enable_user(tenant.id, &user.email).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct NewPassword {
+    password: SecretString,
+}
+
+async fn set_password(
+    State(a): State<Admin>,
+    UrlPath((slug, id)): UrlPath<(String, String)>,
+    JsonBody(body): JsonBody<NewPassword>,
+) -> Result<Response, ApiError> {
+    let (tenant, user) = a.user(&slug, &id).await?;
+    let sessions = a.accounts.reset_password(tenant.id, &user.email, &body.password).await?;
+    a.refuse(&sessions);
+    Ok(revoked(sessions.len()))
+}
+
+#[derive(Deserialize)]
+struct NewEmail {
+    new_email: String,
+}
+
+async fn set_email(
+    State(a): State<Admin>,
+    UrlPath((slug, id)): UrlPath<(String, String)>,
+    JsonBody(body): JsonBody<NewEmail>,
+) -> Result<Response, ApiError> {
+    let (tenant, user) = a.user(&slug, &id).await?;
+    a.accounts.set_email(tenant.id, &user.email, &body.new_email).await?;
+    let (tenant, user) = a.user(&slug, &id).await?;
+    Ok(Json(user_view(&tenant, &user)).into_response())
+}
+
+async fn verify_email(
+    State(a): State<Admin>,
+    UrlPath((slug, id)): UrlPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let (tenant, user) = a.user(&slug, &id).await?;
+    a.accounts.mark_email_verified(tenant.id, &user.email).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The one answer that holds a credential: the reset token an operator
+/// hands over (as `gateway user reset-token` prints it).
+async fn reset_token(
+    State(a): State<Admin>,
+    UrlPath((slug, id)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (tenant, user) = a.user(&slug, &id).await?;
+    if tenant.disabled {
+        let message = format!("tenant {:?} is disabled; a link would not work", tenant.slug);
+        return Err(AuthError::InvalidRequest(message).into());
+    }
+    let link = a.accounts.reset_link(tenant.id, &user.email).await?;
+    let body = serde_json::json!({ "token": link.token, "expires_at": rfc3339(link.expires_at) });
+    Ok(Json(body).into_response())
+}
+
+#[derive(Deserialize)]
+struct AccessChange {
+    #[serde(default)]
+    roles: Vec<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+}
+
+async fn grant(
+    State(a): State<Admin>,
+    UrlPath((slug, id)): UrlPath<(String, String)>,
+    JsonBody(body): JsonBody<AccessChange>,
+) -> Result<Response, ApiError> {
+    let (tenant, user) = a.user(&slug, &id).await?;
+    let (user, _) = a.accounts.grant(tenant.id, &user.email, &body.roles, &body.scopes).await?;
+    Ok(Json(user_view(&tenant, &user)).into_response())
+}
+
+/// Removes roles and scopes and revokes every session (no live token
+/// keeps them); the answer is the user with `sessions_revoked`.
+async fn revoke(
+    State(a): State<Admin>,
+    UrlPath((slug, id)): UrlPath<(String, String)>,
+    JsonBody(body): JsonBody<AccessChange>,
+) -> Result<Response, ApiError> {
+    let (tenant, user) = a.user(&slug, &id).await?;
+    let (user, sessions) = a.accounts.revoke(tenant.id, &user.email, &body.roles, &body.scopes).await?;
+    let sessions = sessions.unwrap_or_default();
+    a.refuse(&sessions);
+    let mut view = user_view(&tenant, &user);
+    view["sessions_revoked"] = sessions.len().into();
+    Ok(Json(view).into_response())
+}
+
+async fn mfa_reset(
+    State(a): State<Admin>,
+    UrlPath((slug, id)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (tenant, user) = a.user(&slug, &id).await?;
+    let sessions = a.accounts.reset_mfa(tenant.id, &user.email).await?;
+    a.refuse(&sessions);
+    Ok(revoked(sessions.len()))
+}
+
+async fn list_sessions(
+    State(a): State<Admin>,
+    UrlPath((slug, id)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (tenant, user) = a.user(&slug, &id).await?;
+    let sessions = a.accounts.sessions(tenant.id, &user.email).await?;
+    let views: Vec<_> = sessions
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "id": s.id,
+                "created_at": rfc3339(s.created_at),
+                "last_used_at": rfc3339(s.last_used_at),
+                "expires_at": rfc3339(s.expires_at),
+                "ip": s.ip,
+                "user_agent": s.user_agent,
+            })
+        })
+        .collect();
+    Ok(Json(views).into_response())
+}
+
+async fn revoke_sessions(
+    State(a): State<Admin>,
+    UrlPath((slug, id)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (tenant, user) = a.user(&slug, &id).await?;
+    let sessions = a.accounts.revoke_all_sessions(tenant.id, &user.email).await?;
+    a.refuse(&sessions);
+    Ok(revoked(sessions.len()))
+}
+
+async fn revoke_session(
+    State(a): State<Admin>,
+    UrlPath((slug, session_id)): UrlPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = a.tenant(&slug).await?;
+    let session_id = Uuid::parse_str(&session_id).map_err(|_| ApiError::NotFound)?;
+    a.accounts.revoke_session(tenant.id, session_id).await?;
+    a.refuse(&[session_id]);
+    Ok(StatusCode::NO_CONTENT)
+}

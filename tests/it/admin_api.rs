@@ -1,0 +1,177 @@
+//! The admin API on the admin listener: off (404) without
+//! `admin.api_token_file`; with it, only requests with the token get in,
+//! and they manage tenants, users and sessions as the CLI does, audited
+//! with `"by": "admin_api"`; a session it revokes is refused by the
+//! gateway at once. Never on the public listener.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::helpers::{
+    assert_error, assert_invalid_token, both_backends, expect_json, spawn_app, spawn_app_in, TestApp, TestOptions,
+    OTHER_PASSWORD, PASSWORD,
+};
+use crate::password_reset::audit_events;
+
+const TOKEN: &str = "0123456789abcdef0123456789abcdef-admin";
+
+async fn spawn() -> TestApp {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    std::fs::write(dir.path().join("admin.token"), format!("{TOKEN}\n")).expect("write the token");
+    let options = TestOptions { admin_extra: "api_token_file = \"admin.token\"".to_owned(), ..TestOptions::default() };
+    spawn_app_in(dir, options).await
+}
+
+async fn call(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> reqwest::Response {
+    let mut request = app.client.request(method, app.admin_url(path));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request.send().await.unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+async fn admin(app: &TestApp, method: Method, path: &str, body: Option<Value>) -> reqwest::Response {
+    call(app, method, path, Some(TOKEN), body).await
+}
+
+both_backends! {
+    #[tokio::test]
+    async fn only_the_token_gets_in_and_never_on_the_public_listener() {
+        let app = spawn().await;
+        for (case, token) in [("none", None), ("wrong", Some("0123456789abcdef0123456789abcdef-admiN")), ("prefix", Some("0123456789abcdef"))] {
+            let resp = call(&app, Method::GET, "/admin/tenants", token, None).await;
+            assert_eq!(resp.headers().get("www-authenticate").map(|v| v.to_str().ok()), Some(Some("Bearer")), "{case}");
+            assert_error(resp, StatusCode::UNAUTHORIZED, "unauthorized").await;
+        }
+        let tenants = expect_json(admin(&app, Method::GET, "/admin/tenants", None).await, StatusCode::OK).await;
+        assert_eq!(tenants[0]["slug"], "default", "{tenants}");
+        // The public listener serves no admin path, with or without the token.
+        let public = app.client.get(app.url("/admin/tenants")).bearer_auth(TOKEN).send().await.expect("GET");
+        assert_eq!(public.status(), StatusCode::NOT_FOUND);
+        // Probes and metrics stay open to whoever reaches the admin listener.
+        assert_eq!(call(&app, Method::GET, "/healthz", None, None).await.status(), StatusCode::OK);
+        app.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_operator_manages_tenants_users_and_sessions_over_http() {
+        let app = spawn().await;
+        let made = admin(&app, Method::POST, "/admin/tenants", Some(json!({ "slug": "acme", "name": "Acme" }))).await;
+        let made = expect_json(made, StatusCode::CREATED).await;
+        assert_eq!((made["slug"].as_str(), made["disabled"].as_bool()), (Some("acme"), Some(false)), "{made}");
+        let again = admin(&app, Method::POST, "/admin/tenants", Some(json!({ "slug": "acme" }))).await;
+        assert_error(again, StatusCode::CONFLICT, "tenant_exists").await;
+        let bad = admin(&app, Method::POST, "/admin/tenants", Some(json!({ "slug": "Not A Slug" }))).await;
+        let error = assert_error(bad, StatusCode::BAD_REQUEST, "invalid_request").await;
+        assert!(error["message"].as_str().is_some_and(|m| m.starts_with("slug:")), "{error}");
+
+        let new_user = json!({ "email": "Ops@Acme.example", "password": PASSWORD, "roles": ["admin"], "scopes": ["orders:read"] });
+        let user = expect_json(admin(&app, Method::POST, "/admin/tenants/acme/users", Some(new_user.clone())).await, StatusCode::CREATED).await;
+        assert_eq!(user["email"], "ops@acme.example", "{user}");
+        assert_eq!((user["roles"].clone(), user["email_verified"].clone()), (json!(["admin"]), json!(true)), "{user}");
+        assert!(user.get("password").is_none() && !user.to_string().contains(PASSWORD), "{user}");
+        let id = user["id"].as_str().expect("an id").to_owned();
+        let taken = admin(&app, Method::POST, "/admin/tenants/acme/users", Some(new_user)).await;
+        assert_error(taken, StatusCode::CONFLICT, "email_taken").await;
+        let weak = json!({ "email": "weak@acme.example", "password": "short" });
+        assert_error(admin(&app, Method::POST, "/admin/tenants/acme/users", Some(weak)).await, StatusCode::BAD_REQUEST, "weak_password").await;
+        let listed = expect_json(admin(&app, Method::GET, "/admin/tenants/acme/users", None).await, StatusCode::OK).await;
+        assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+        let path = |rest: &str| format!("/admin/tenants/acme/users/{id}{rest}");
+
+        // A session the API revokes is refused by this gateway at once.
+        let tokens = app.login_ok("ops@acme.example", PASSWORD, Some("acme")).await;
+        let sessions = expect_json(admin(&app, Method::GET, &path("/sessions"), None).await, StatusCode::OK).await;
+        assert_eq!(sessions.as_array().map(Vec::len), Some(1), "{sessions}");
+        let revoked = admin(&app, Method::DELETE, &path("/sessions"), None).await;
+        assert_eq!(expect_json(revoked, StatusCode::OK).await["sessions_revoked"], 1);
+        assert_invalid_token(app.get_authed("/auth/me", &tokens.access_token).await).await;
+
+        let granted = admin(&app, Method::POST, &path("/grant"), Some(json!({ "scopes": ["orders:write"] }))).await;
+        assert_eq!(expect_json(granted, StatusCode::OK).await["scopes"], json!(["orders:read", "orders:write"]));
+        let tokens = app.login_ok("ops@acme.example", PASSWORD, Some("acme")).await;
+        let removed = admin(&app, Method::POST, &path("/revoke"), Some(json!({ "roles": ["admin"] }))).await;
+        let removed = expect_json(removed, StatusCode::OK).await;
+        assert_eq!((removed["roles"].clone(), removed["sessions_revoked"].clone()), (json!([]), json!(1)), "{removed}");
+        assert_invalid_token(app.get_authed("/auth/me", &tokens.access_token).await).await;
+
+        let set = admin(&app, Method::POST, &path("/password"), Some(json!({ "password": OTHER_PASSWORD }))).await;
+        assert_eq!(set.status(), StatusCode::OK);
+        let tokens = app.login_ok("ops@acme.example", OTHER_PASSWORD, Some("acme")).await;
+        let one = expect_json(admin(&app, Method::GET, &path("/sessions"), None).await, StatusCode::OK).await;
+        let session = one[0]["id"].as_str().expect("a session id").to_owned();
+        let gone = admin(&app, Method::DELETE, &format!("/admin/tenants/acme/sessions/{session}"), None).await;
+        assert_eq!(gone.status(), StatusCode::NO_CONTENT);
+        assert_invalid_token(app.get_authed("/auth/me", &tokens.access_token).await).await;
+        let twice = admin(&app, Method::DELETE, &format!("/admin/tenants/acme/sessions/{session}"), None).await;
+        assert_error(twice, StatusCode::NOT_FOUND, "not_found").await;
+
+        let moved = admin(&app, Method::POST, &path("/email"), Some(json!({ "new_email": "Lead@Acme.example" }))).await;
+        assert_eq!(expect_json(moved, StatusCode::OK).await["email"], "lead@acme.example");
+        let reset = expect_json(admin(&app, Method::POST, &path("/reset-token"), None).await, StatusCode::OK).await;
+        assert_eq!(reset["token"].as_str().map(str::len), Some(43), "{reset}");
+
+        assert_eq!(admin(&app, Method::POST, &path("/disable"), None).await.status(), StatusCode::OK);
+        let disabled = app.login("lead@acme.example", OTHER_PASSWORD, Some("acme")).await;
+        assert_error(disabled, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        assert_eq!(admin(&app, Method::POST, &path("/enable"), None).await.status(), StatusCode::NO_CONTENT);
+        app.login_ok("lead@acme.example", OTHER_PASSWORD, Some("acme")).await;
+
+        assert_eq!(admin(&app, Method::POST, "/admin/tenants/acme/disable", None).await.status(), StatusCode::OK);
+        let tenants = expect_json(admin(&app, Method::GET, "/admin/tenants", None).await, StatusCode::OK).await;
+        let acme = tenants.as_array().expect("a list").iter().find(|t| t["slug"] == "acme").cloned().expect("acme");
+        assert_eq!(acme["disabled"], true, "{acme}");
+        assert_eq!(admin(&app, Method::POST, "/admin/tenants/acme/enable", None).await.status(), StatusCode::NO_CONTENT);
+
+        let bad_query = admin(&app, Method::DELETE, &path("?forget=yes"), None).await;
+        assert_error(bad_query, StatusCode::BAD_REQUEST, "invalid_request").await;
+        let deleted = admin(&app, Method::DELETE, &path("?forget=true"), None).await;
+        assert_eq!(deleted.status(), StatusCode::OK);
+        assert_error(admin(&app, Method::GET, &path(""), None).await, StatusCode::NOT_FOUND, "not_found").await;
+        for unknown in ["/admin/tenants/nope/users", "/admin/tenants/acme/users/not-a-uuid", "/admin/nothing"] {
+            assert_error(admin(&app, Method::GET, unknown, None).await, StatusCode::NOT_FOUND, "not_found").await;
+        }
+
+        // Audited like the CLI's changes, and said to come from the API.
+        for event in ["tenant_created", "user_created", "access_granted", "access_revoked", "password_reset", "email_changed", "user_disabled", "user_deleted", "tenant_disabled"] {
+            let events = audit_events(&app, event).await;
+            assert_eq!(events.first().map(|e| e["detail"]["by"].clone()), Some(json!("admin_api")), "{event}: {events:?}");
+        }
+        let all = app.cli(&["audit", "list", "--json", "--limit", "200"], "").await.expect("audit list");
+        assert!(!all.contains(PASSWORD) && !all.contains(OTHER_PASSWORD) && !all.contains(TOKEN), "no secret is audited");
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn without_a_token_file_the_admin_api_is_off() {
+    let app = spawn_app().await;
+    for path in ["/admin", "/admin/tenants"] {
+        let resp = call(&app, Method::GET, path, Some(TOKEN), None).await;
+        assert_error(resp, StatusCode::NOT_FOUND, "not_found").await;
+    }
+    assert_eq!(call(&app, Method::GET, "/healthz", None, None).await.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_short_token_stops_the_start_naming_the_setting() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    std::fs::write(dir.path().join("admin.token"), "too-short\n").expect("write the token");
+    let options = TestOptions { admin_extra: "api_token_file = \"admin.token\"".to_owned(), ..TestOptions::default() };
+    let config = crate::helpers::write_config(dir.path(), &options);
+    let out = crate::helpers::run_binary(&config, &["serve"]).await;
+    assert!(!out.status.success(), "the start fails");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("admin.api_token_file"), "{stderr}");
+    assert!(!stderr.contains("too-short"), "the token is not quoted: {stderr}");
+}
