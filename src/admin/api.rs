@@ -128,8 +128,9 @@ async fn authorize(State(token): State<ApiToken>, req: Request, next: Next) -> R
     if presented.is_some_and(|p| token.admits(p.trim())) {
         return next.run(req).await;
     }
+    // Counted, not logged at warn: any local page can send these in a loop.
     metrics::counter!("gateway_admin_api_refused_total").increment(1);
-    tracing::warn!(path = %req.uri().path(), "an admin API request without the right token was refused");
+    tracing::debug!(path = %req.uri().path(), "an admin API request without the right token was refused");
     let mut response = json_error(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
@@ -171,6 +172,10 @@ fn revoked(n: usize) -> Response {
 
 impl Admin {
     async fn tenant(&self, slug: &str) -> Result<Tenant, ApiError> {
+        // No slug is no tenant (and text PostgreSQL refuses never reaches it).
+        if !crate::auth::service::is_slug(slug) {
+            return Err(ApiError::NotFound);
+        }
         self.service.store.tenant_by_slug(slug).await.map_err(AuthError::from)?.ok_or(ApiError::NotFound)
     }
 
@@ -197,6 +202,7 @@ async fn list_tenants(State(a): State<Admin>) -> Result<Response, ApiError> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct NewTenant {
     slug: String,
     #[serde(default)]
@@ -213,6 +219,7 @@ async fn disable_tenant(State(a): State<Admin>, UrlPath(slug): UrlPath<String>) 
     let tenant = a.tenant(&slug).await?;
     let sessions = a.accounts.disable_tenant(&tenant).await?;
     a.refuse(&sessions);
+    a.service.authenticator.revocations().revoke_tenant(tenant.id, crate::db::unix_now());
     Ok(revoked(sessions.len()))
 }
 
@@ -229,6 +236,7 @@ async fn list_users(State(a): State<Admin>, UrlPath(slug): UrlPath<String>) -> R
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct NewUser {
     email: String,
     password: SecretString,
@@ -276,6 +284,7 @@ async fn delete_user(
     let (tenant, user) = a.user(&slug, &id).await?;
     let sessions = a.accounts.delete_user(tenant.id, &user.email, forget).await?;
     a.refuse(&sessions);
+    a.service.authenticator.revocations().revoke_user(user.id, crate::db::unix_now());
     Ok(revoked(sessions.len()))
 }
 
@@ -286,6 +295,7 @@ async fn disable_user(
     let (tenant, user) = a.user(&slug, &id).await?;
     let sessions = a.accounts.disable_user(tenant.id, &user.email).await?;
     a.refuse(&sessions);
+    a.service.authenticator.revocations().revoke_user(user.id, crate::db::unix_now());
     Ok(revoked(sessions.len()))
 }
 
@@ -299,6 +309,7 @@ async fn enable_user(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct NewPassword {
     password: SecretString,
 }
@@ -315,6 +326,7 @@ async fn set_password(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct NewEmail {
     new_email: String,
 }
@@ -355,7 +367,10 @@ async fn reset_token(
     Ok(Json(body).into_response())
 }
 
+/// Roles and scopes to add or remove: a misspelled field is refused, and
+/// so is a change that names none (the CLI asks for one too).
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AccessChange {
     #[serde(default)]
     roles: Vec<String>,
@@ -363,11 +378,21 @@ struct AccessChange {
     scopes: Vec<String>,
 }
 
+impl AccessChange {
+    fn named(&self) -> Result<(), AuthError> {
+        if self.roles.is_empty() && self.scopes.is_empty() {
+            return Err(AuthError::InvalidRequest("roles, scopes: name at least one".to_owned()));
+        }
+        Ok(())
+    }
+}
+
 async fn grant(
     State(a): State<Admin>,
     UrlPath((slug, id)): UrlPath<(String, String)>,
     JsonBody(body): JsonBody<AccessChange>,
 ) -> Result<Response, ApiError> {
+    body.named()?;
     let (tenant, user) = a.user(&slug, &id).await?;
     let (user, _) = a.accounts.grant(tenant.id, &user.email, &body.roles, &body.scopes).await?;
     Ok(Json(user_view(&tenant, &user)).into_response())
@@ -380,6 +405,7 @@ async fn revoke(
     UrlPath((slug, id)): UrlPath<(String, String)>,
     JsonBody(body): JsonBody<AccessChange>,
 ) -> Result<Response, ApiError> {
+    body.named()?;
     let (tenant, user) = a.user(&slug, &id).await?;
     let (user, sessions) = a.accounts.revoke(tenant.id, &user.email, &body.roles, &body.scopes).await?;
     let sessions = sessions.unwrap_or_default();

@@ -8,8 +8,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_error, assert_invalid_token, both_backends, expect_json, spawn_app, spawn_app_in, TestApp, TestOptions,
-    OTHER_PASSWORD, PASSWORD,
+    assert_error, assert_error_in, assert_invalid_token, both_backends, expect_json, spawn_app, spawn_app_in, TestApp,
+    TestOptions, OTHER_PASSWORD, PASSWORD,
 };
 use crate::password_reset::audit_events;
 
@@ -18,7 +18,14 @@ const TOKEN: &str = "0123456789abcdef0123456789abcdef-admin";
 async fn spawn() -> TestApp {
     let dir = tempfile::tempdir().expect("a temp dir");
     std::fs::write(dir.path().join("admin.token"), format!("{TOKEN}\n")).expect("write the token");
-    let options = TestOptions { admin_extra: "api_token_file = \"admin.token\"".to_owned(), ..TestOptions::default() };
+    // A slow poll: a session the API revokes must be refused at once by
+    // this gateway, not found by its next poll.
+    let options = TestOptions {
+        admin_extra: "api_token_file = \"admin.token\"".to_owned(),
+        revocation_poll: "10m",
+        auth_extra: "revocation_max_staleness = \"30m\"".to_owned(),
+        ..TestOptions::default()
+    };
     spawn_app_in(dir, options).await
 }
 
@@ -52,8 +59,26 @@ both_backends! {
             assert_eq!(resp.headers().get("www-authenticate").map(|v| v.to_str().ok()), Some(Some("Bearer")), "{case}");
             assert_error(resp, StatusCode::UNAUTHORIZED, "unauthorized").await;
         }
+        // Every route, an unknown one and a wrong method are behind the token.
+        let user = format!("/admin/tenants/default/users/{}", uuid::Uuid::new_v4());
+        for (method, path) in [
+            (Method::POST, "/admin/tenants".to_owned()),
+            (Method::DELETE, user.clone()),
+            (Method::POST, format!("{user}/password")),
+            (Method::GET, "/admin/nothing".to_owned()),
+            (Method::PUT, "/admin/tenants".to_owned()),
+        ] {
+            let resp = call(&app, method.clone(), &path, None, Some(json!({ "slug": "sneaky" }))).await;
+            assert_error_in(&format!("{method} {path}"), resp, StatusCode::UNAUTHORIZED, "unauthorized").await;
+        }
+        let wrong_method = admin(&app, Method::PUT, "/admin/tenants", None).await;
+        assert_error(wrong_method, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
         let tenants = expect_json(admin(&app, Method::GET, "/admin/tenants", None).await, StatusCode::OK).await;
+        assert_eq!(tenants.as_array().map(Vec::len), Some(1), "nothing was made without the token: {tenants}");
         assert_eq!(tenants[0]["slug"], "default", "{tenants}");
+        for odd in ["/admin/tenants/%00/users", "/admin/tenants/NOT%20A%20SLUG/users"] {
+            assert_error(admin(&app, Method::GET, odd, None).await, StatusCode::NOT_FOUND, "not_found").await;
+        }
         // The public listener serves no admin path, with or without the token.
         let public = app.client.get(app.url("/admin/tenants")).bearer_auth(TOKEN).send().await.expect("GET");
         assert_eq!(public.status(), StatusCode::NOT_FOUND);
@@ -96,6 +121,10 @@ both_backends! {
         assert_eq!(expect_json(revoked, StatusCode::OK).await["sessions_revoked"], 1);
         assert_invalid_token(app.get_authed("/auth/me", &tokens.access_token).await).await;
 
+        for body in [json!({}), json!({ "role": ["admin"] })] {
+            let refused = admin(&app, Method::POST, &path("/revoke"), Some(body.clone())).await;
+            assert_error_in(&body.to_string(), refused, StatusCode::BAD_REQUEST, "invalid_request").await;
+        }
         let granted = admin(&app, Method::POST, &path("/grant"), Some(json!({ "scopes": ["orders:write"] }))).await;
         assert_eq!(expect_json(granted, StatusCode::OK).await["scopes"], json!(["orders:read", "orders:write"]));
         let tokens = app.login_ok("ops@acme.example", PASSWORD, Some("acme")).await;
@@ -118,7 +147,11 @@ both_backends! {
         let moved = admin(&app, Method::POST, &path("/email"), Some(json!({ "new_email": "Lead@Acme.example" }))).await;
         assert_eq!(expect_json(moved, StatusCode::OK).await["email"], "lead@acme.example");
         let reset = expect_json(admin(&app, Method::POST, &path("/reset-token"), None).await, StatusCode::OK).await;
-        assert_eq!(reset["token"].as_str().map(str::len), Some(43), "{reset}");
+        let body = json!({ "token": reset["token"], "new_password": PASSWORD });
+        let redeemed = app.client.post(app.url("/auth/password/reset")).json(&body).send().await.expect("POST");
+        assert_eq!(redeemed.status(), StatusCode::NO_CONTENT, "the token works");
+        let set = admin(&app, Method::POST, &path("/password"), Some(json!({ "password": OTHER_PASSWORD }))).await;
+        assert_eq!(set.status(), StatusCode::OK);
 
         assert_eq!(admin(&app, Method::POST, &path("/disable"), None).await.status(), StatusCode::OK);
         let disabled = app.login("lead@acme.example", OTHER_PASSWORD, Some("acme")).await;
@@ -126,7 +159,12 @@ both_backends! {
         assert_eq!(admin(&app, Method::POST, &path("/enable"), None).await.status(), StatusCode::NO_CONTENT);
         app.login_ok("lead@acme.example", OTHER_PASSWORD, Some("acme")).await;
 
-        assert_eq!(admin(&app, Method::POST, "/admin/tenants/acme/disable", None).await.status(), StatusCode::OK);
+        let tokens = app.login_ok("lead@acme.example", OTHER_PASSWORD, Some("acme")).await;
+        let disabled = admin(&app, Method::POST, "/admin/tenants/acme/disable", None).await;
+        assert_eq!(expect_json(disabled, StatusCode::OK).await["sessions_revoked"], 2, "this login's and the one before");
+        assert_invalid_token(app.get_authed("/auth/me", &tokens.access_token).await).await;
+        let twice = admin(&app, Method::POST, "/admin/tenants/acme/disable", None).await;
+        assert_error(twice, StatusCode::BAD_REQUEST, "invalid_request").await;
         let tenants = expect_json(admin(&app, Method::GET, "/admin/tenants", None).await, StatusCode::OK).await;
         let acme = tenants.as_array().expect("a list").iter().find(|t| t["slug"] == "acme").cloned().expect("acme");
         assert_eq!(acme["disabled"], true, "{acme}");

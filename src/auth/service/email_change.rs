@@ -39,7 +39,6 @@ use uuid::Uuid;
 use super::links::{CHANGE, LINK_MIN_INTERVAL};
 use super::notices::Notice;
 use super::{check_password_size, normalize_email, rfc3339, validate_email, Accounts, AuthService, ClientContext};
-use crate::auth::password::Verdict;
 use crate::auth::{AuthError, Principal};
 use crate::db::email_links::{LinkMade, LinkPurpose};
 use crate::db::users::User;
@@ -192,16 +191,7 @@ impl AuthService {
             self.link_refused(FAILED, CHANGES, "unknown_link", Some(&user), client).await;
             return Err(AuthError::InvalidEmailChangeToken);
         };
-        let locks = self.reserve_attempt(&tenant.slug, &user.email).await?;
-        if let Verdict::Wrong = self.hasher.verify(password, Some(&user.password_hash)).await? {
-            self.link_refused(FAILED, CHANGES, "wrong_password", Some(&user), client).await;
-            if locks {
-                let detail = serde_json::json!({ "tenant": tenant.slug, "via": "email_change" });
-                self.audit_user("locked_out", &user, client, detail).await;
-            }
-            return Err(AuthError::InvalidCredentials);
-        }
-        self.store.clear_login_attempts(&tenant.slug, &user.email).await?;
+        self.link_password((FAILED, CHANGES, "email_change"), &user, &tenant, password, client).await?;
         let redeemed = self.store.redeem_email_change(&link, &user.email, &user.password_hash, &new_email, unix_now());
         match redeemed.await {
             Ok(Ok(())) => {}

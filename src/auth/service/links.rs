@@ -19,11 +19,13 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use secrecy::SecretString;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{normalize_email, rfc3339, tenant_slug, validate_email, Accounts, AuthService, ClientContext};
+use crate::auth::password::Verdict;
 use crate::auth::refresh;
 use crate::auth::webhook::Webhook;
 use crate::auth::AuthError;
@@ -293,6 +295,32 @@ impl AuthService {
             return Ok(Err(("user_changed", Some(user))));
         }
         Ok(Ok((link, user, tenant)))
+    }
+
+    /// Checks the password presented with a link, as a login would: a
+    /// wrong one counts towards the lockout (audited `locked_out`, `via`
+    /// the flow, when it starts one) and is refused like the link would be
+    /// (`event` and `metric` with `wrong_password`), leaving the link
+    /// unspent; a right one clears the (tenant, email) counter.
+    pub(super) async fn link_password(
+        &self,
+        (event, metric, via): (&str, &'static str, &'static str),
+        user: &User,
+        tenant: &Tenant,
+        password: &SecretString,
+        client: &ClientContext,
+    ) -> Result<(), AuthError> {
+        let locks = self.reserve_attempt(&tenant.slug, &user.email).await?;
+        if let Verdict::Wrong = self.hasher.verify(password, Some(&user.password_hash)).await? {
+            self.link_refused(event, metric, "wrong_password", Some(user), client).await;
+            if locks {
+                let detail = serde_json::json!({ "tenant": tenant.slug, "via": via });
+                self.audit_user("locked_out", user, client, detail).await;
+            }
+            return Err(AuthError::InvalidCredentials);
+        }
+        self.store.clear_login_attempts(&tenant.slug, &user.email).await?;
+        Ok(())
     }
 
     /// Counts and audits a link that did not act (`event`, with `reason`).

@@ -16,7 +16,6 @@ use uuid::Uuid;
 
 use super::links::VERIFICATION;
 use super::{check_password_size, normalize_email, Accounts, AuthService, ClientContext};
-use crate::auth::password::Verdict;
 use crate::auth::AuthError;
 use crate::db::email_links::LinkPurpose;
 use crate::db::unix_now;
@@ -80,16 +79,7 @@ impl AuthService {
             self.link_refused(refused, VERIFICATIONS, "already_verified", Some(&user), client).await;
             return Err(AuthError::InvalidVerificationToken);
         }
-        let locks = self.reserve_attempt(&tenant.slug, &user.email).await?;
-        if let Verdict::Wrong = self.hasher.verify(password, Some(&user.password_hash)).await? {
-            self.link_refused(refused, VERIFICATIONS, "wrong_password", Some(&user), client).await;
-            if locks {
-                let detail = serde_json::json!({ "tenant": tenant.slug, "via": "email_verification" });
-                self.audit_user("locked_out", &user, client, detail).await;
-            }
-            return Err(AuthError::InvalidCredentials);
-        }
-        self.store.clear_login_attempts(&tenant.slug, &user.email).await?;
+        self.link_password((refused, VERIFICATIONS, "email_verification"), &user, &tenant, password, client).await?;
         if let Err(gone) = self.store.redeem_email_verification(&link, &user.email, unix_now()).await? {
             self.link_refused(refused, VERIFICATIONS, gone.reason(), Some(&user), client).await;
             return Err(AuthError::InvalidVerificationToken);
