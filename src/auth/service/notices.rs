@@ -19,8 +19,8 @@
 //! stands, and it is counted (`gateway_notices_total{type, result}`) and
 //! logged.
 //!
-//! Changes an operator makes with the CLI send none: the operator acted,
-//! and the CLI holds no mailer.
+//! Changes an operator makes (the CLI or the admin API, through
+//! `Accounts`) send none: the operator acted.
 
 use std::sync::Arc;
 
