@@ -147,6 +147,15 @@ impl App {
         let admin = TcpListener::bind(config.admin.listen)
             .await
             .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
+        if admin_token.is_some() && !config.admin.listen.ip().is_loopback() {
+            // The admin listener speaks plain HTTP: the token crosses the
+            // network as it is, to whoever can reach the port.
+            tracing::warn!(
+                listen = %config.admin.listen,
+                "the admin API is on and admin.listen is not a loopback address: its bearer token travels \
+                 unencrypted; keep the port on a private network only the operators' hosts reach"
+            );
+        }
         let redirect = match config.server.http_redirect {
             Some(r) => Some(
                 TcpListener::bind(r.listen)

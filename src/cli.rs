@@ -12,7 +12,7 @@ use secrecy::SecretString;
 use crate::app::{shutdown_signal, App};
 use crate::auth::keys::{self, KeyRing};
 use crate::auth::password::PasswordHasher;
-use crate::auth::service::{rfc3339, Accounts};
+use crate::auth::service::{rfc3339, Accounts, UserKey};
 use crate::auth::AuthError;
 use crate::config::Config;
 use crate::db::audit::{AuditQuery, NewAuditEvent};
@@ -492,7 +492,7 @@ async fn session_command(accounts: &Accounts, cmd: SessionCommand, out: &mut dyn
     match cmd {
         SessionCommand::List { tenant, email } => {
             let tenant_id = find_tenant(store, &tenant).await?;
-            for s in accounts.sessions(tenant_id, &email).await.map_err(|e| cli_error(e, &email))? {
+            for s in accounts.sessions(tenant_id, UserKey::Email(&email)).await.map_err(|e| cli_error(e, &email))? {
                 writeln!(
                     out,
                     "{}  created={} last_used={} expires={} ip={} user_agent={:?}",
@@ -520,7 +520,10 @@ async fn session_command(accounts: &Accounts, cmd: SessionCommand, out: &mut dyn
         }
         SessionCommand::RevokeAll { tenant, email } => {
             let tenant_id = find_tenant(store, &tenant).await?;
-            let revoked = accounts.revoke_all_sessions(tenant_id, &email).await.map_err(|e| cli_error(e, &email))?;
+            let revoked = accounts
+                .revoke_all_sessions(tenant_id, UserKey::Email(&email))
+                .await
+                .map_err(|e| cli_error(e, &email))?;
             writeln!(out, "{} session(s) of {email} revoked", revoked.len())?;
             Ok(())
         }
@@ -571,7 +574,10 @@ async fn user_command(
         }
         UserCommand::Delete { tenant, email, forget } => {
             let tenant_id = find_tenant(store, &tenant).await?;
-            let revoked = accounts.delete_user(tenant_id, &email, forget).await.map_err(|e| cli_error(e, &email))?;
+            let revoked = accounts
+                .delete_user(tenant_id, UserKey::Email(&email), forget)
+                .await
+                .map_err(|e| cli_error(e, &email))?;
             let erased = if forget { "; its audit events no longer name it" } else { "" };
             writeln!(out, "deleted {email}; {} session(s) revoked{erased}", revoked.len())?;
             Ok(())
@@ -592,20 +598,23 @@ async fn user_command(
         }
         UserCommand::Disable { tenant, email } => {
             let tenant_id = find_tenant(store, &tenant).await?;
-            let revoked = accounts.disable_user(tenant_id, &email).await.map_err(|e| cli_error(e, &email))?;
+            let revoked =
+                accounts.disable_user(tenant_id, UserKey::Email(&email)).await.map_err(|e| cli_error(e, &email))?;
             writeln!(out, "disabled {email}; {} session(s) revoked", revoked.len())?;
             Ok(())
         }
         UserCommand::Enable { tenant, email } => {
             let tenant_id = find_tenant(store, &tenant).await?;
-            accounts.enable_user(tenant_id, &email).await.map_err(|e| cli_error(e, &email))?;
+            accounts.enable_user(tenant_id, UserKey::Email(&email)).await.map_err(|e| cli_error(e, &email))?;
             writeln!(out, "enabled {email}; the sessions revoked by the disable stay revoked")?;
             Ok(())
         }
         UserCommand::Grant(AccessArgs { tenant, email, roles, scopes }) => {
             let tenant_id = find_tenant(store, &tenant).await?;
-            let (user, added) =
-                accounts.grant(tenant_id, &email, &roles, &scopes).await.map_err(|e| cli_error(e, &email))?;
+            let (user, added) = accounts
+                .grant(tenant_id, UserKey::Email(&email), &roles, &scopes)
+                .await
+                .map_err(|e| cli_error(e, &email))?;
             if added {
                 writeln!(out, "{}; live tokens keep their claims until the next login or refresh", access(&user))?;
             } else {
@@ -615,8 +624,10 @@ async fn user_command(
         }
         UserCommand::Revoke(AccessArgs { tenant, email, roles, scopes }) => {
             let tenant_id = find_tenant(store, &tenant).await?;
-            let (user, revoked) =
-                accounts.revoke(tenant_id, &email, &roles, &scopes).await.map_err(|e| cli_error(e, &email))?;
+            let (user, revoked) = accounts
+                .revoke(tenant_id, UserKey::Email(&email), &roles, &scopes)
+                .await
+                .map_err(|e| cli_error(e, &email))?;
             match revoked {
                 Some(revoked) => writeln!(out, "{}; {} session(s) revoked", access(&user), revoked.len())?,
                 None => writeln!(out, "{}; none of them was held, nothing changed", access(&user))?,
@@ -626,20 +637,23 @@ async fn user_command(
         UserCommand::SetPassword { tenant, email, password_stdin } => {
             let tenant_id = find_tenant(store, &tenant).await?;
             let password = if password_stdin { read_stdin_password(input)? } else { prompt_password()? };
-            let revoked =
-                accounts.reset_password(tenant_id, &email, &password).await.map_err(|e| cli_error(e, &email))?;
+            let revoked = accounts
+                .reset_password(tenant_id, UserKey::Email(&email), &password)
+                .await
+                .map_err(|e| cli_error(e, &email))?;
             writeln!(out, "password of {email} set; {} session(s) revoked", revoked.len())?;
             Ok(())
         }
         UserCommand::MfaReset { tenant, email } => {
             let tenant_id = find_tenant(store, &tenant).await?;
-            let revoked = accounts.reset_mfa(tenant_id, &email).await.map_err(|e| cli_error(e, &email))?;
+            let revoked =
+                accounts.reset_mfa(tenant_id, UserKey::Email(&email)).await.map_err(|e| cli_error(e, &email))?;
             writeln!(out, "second factor of {email} removed; {} session(s) revoked", revoked.len())?;
             Ok(())
         }
         UserCommand::SetEmail { tenant, email, new_email } => {
             let tenant_id = find_tenant(store, &tenant).await?;
-            accounts.set_email(tenant_id, &email, &new_email).await.map_err(|e| match e {
+            accounts.set_email(tenant_id, UserKey::Email(&email), &new_email).await.map_err(|e| match e {
                 AuthError::EmailTaken => anyhow::anyhow!("new_email: {new_email:?} is another user's in this tenant"),
                 other => cli_error(other, &email),
             })?;
@@ -648,7 +662,7 @@ async fn user_command(
         }
         UserCommand::VerifyEmail { tenant, email } => {
             let tenant_id = find_tenant(store, &tenant).await?;
-            accounts.mark_email_verified(tenant_id, &email).await.map_err(|e| cli_error(e, &email))?;
+            accounts.mark_email_verified(tenant_id, UserKey::Email(&email)).await.map_err(|e| cli_error(e, &email))?;
             writeln!(out, "email of {email} verified")?;
             Ok(())
         }
@@ -657,7 +671,8 @@ async fn user_command(
             if tenant.disabled {
                 bail!("tenant {slug:?} is disabled; a link would not work (`gateway tenant enable {slug}` first)");
             }
-            let link = accounts.reset_link(tenant.id, &email).await.map_err(|e| cli_error(e, &email))?;
+            let link =
+                accounts.reset_link(tenant.id, UserKey::Email(&email)).await.map_err(|e| cli_error(e, &email))?;
             // Standard output holds the token alone, for scripts.
             writeln!(out, "{}", link.token)?;
             eprintln!(

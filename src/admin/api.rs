@@ -10,7 +10,10 @@
 //! the file, `/admin/*` answers 404. The admin listener is loopback by
 //! default: the token is a second lock, not a reason to expose it.
 //!
-//! Users are named by id in paths (an email is a user's to change). Every
+//! Users are named by id in paths (an email is a user's to change), and
+//! acted on by id ([`UserKey::Id`]): a user who moves to another address
+//! while a call runs, and another who takes the old one, cannot swap
+//! places under it. Every
 //! change goes through [`Accounts`], as the CLI's do, so it is validated
 //! and audited alike, with `"by": "admin_api"` in the event's detail; the
 //! sessions a change revokes are refused by this process at once and by
@@ -21,7 +24,7 @@
 use std::path::Path;
 
 use anyhow::Context as _;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -34,12 +37,12 @@ use subtle::ConstantTimeEq as _;
 use uuid::Uuid;
 
 use crate::api::error::ApiError;
-use crate::api::extract::JsonBody;
-use crate::auth::service::{rfc3339, Accounts, AuthService};
+use crate::api::extract::{JsonBody, PathParams};
+use crate::auth::service::{rfc3339, Accounts, AuthService, UserKey};
 use crate::auth::AuthError;
 use crate::body::json_error;
 use crate::db::tenants::Tenant;
-use crate::db::users::User;
+use crate::db::users::{ForgetRefused, User};
 
 /// Shortest token accepted: 32 characters (`openssl rand -hex 32` makes 64).
 pub const MIN_TOKEN_LEN: usize = 32;
@@ -102,6 +105,7 @@ pub fn router(service: AuthService, token: Option<ApiToken>) -> Router {
         .route("/admin/tenants/{slug}/enable", post(enable_tenant))
         .route("/admin/tenants/{slug}/users", get(list_users).post(create_user))
         .route("/admin/tenants/{slug}/users/{id}", get(get_user).delete(delete_user))
+        .route("/admin/tenants/{slug}/users/{id}/forget", post(forget_user))
         .route("/admin/tenants/{slug}/users/{id}/disable", post(disable_user))
         .route("/admin/tenants/{slug}/users/{id}/enable", post(enable_user))
         .route("/admin/tenants/{slug}/users/{id}/password", post(set_password))
@@ -215,7 +219,7 @@ async fn create_tenant(State(a): State<Admin>, JsonBody(body): JsonBody<NewTenan
     Ok((StatusCode::CREATED, Json(tenant_view(&tenant))).into_response())
 }
 
-async fn disable_tenant(State(a): State<Admin>, UrlPath(slug): UrlPath<String>) -> Result<Response, ApiError> {
+async fn disable_tenant(State(a): State<Admin>, PathParams(slug): PathParams<String>) -> Result<Response, ApiError> {
     let tenant = a.tenant(&slug).await?;
     let sessions = a.accounts.disable_tenant(&tenant).await?;
     a.refuse(&sessions);
@@ -223,13 +227,13 @@ async fn disable_tenant(State(a): State<Admin>, UrlPath(slug): UrlPath<String>) 
     Ok(revoked(sessions.len()))
 }
 
-async fn enable_tenant(State(a): State<Admin>, UrlPath(slug): UrlPath<String>) -> Result<StatusCode, ApiError> {
+async fn enable_tenant(State(a): State<Admin>, PathParams(slug): PathParams<String>) -> Result<StatusCode, ApiError> {
     let tenant = a.tenant(&slug).await?;
     a.accounts.enable_tenant(&tenant).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_users(State(a): State<Admin>, UrlPath(slug): UrlPath<String>) -> Result<Response, ApiError> {
+async fn list_users(State(a): State<Admin>, PathParams(slug): PathParams<String>) -> Result<Response, ApiError> {
     let tenant = a.tenant(&slug).await?;
     let users = a.service.store.list_users(tenant.id).await.map_err(AuthError::from)?;
     Ok(Json(users.iter().map(|u| user_view(&tenant, u)).collect::<Vec<_>>()).into_response())
@@ -248,7 +252,7 @@ struct NewUser {
 
 async fn create_user(
     State(a): State<Admin>,
-    UrlPath(slug): UrlPath<String>,
+    PathParams(slug): PathParams<String>,
     JsonBody(body): JsonBody<NewUser>,
 ) -> Result<Response, ApiError> {
     let tenant = a.tenant(&slug).await?;
@@ -260,7 +264,7 @@ async fn create_user(
 
 async fn get_user(
     State(a): State<Admin>,
-    UrlPath((slug, id)): UrlPath<(String, String)>,
+    PathParams((slug, id)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
     Ok(Json(user_view(&tenant, &user)).into_response())
@@ -277,23 +281,59 @@ fn forget_asked(uri: &Uri) -> Result<bool, AuthError> {
 
 async fn delete_user(
     State(a): State<Admin>,
-    UrlPath((slug, id)): UrlPath<(String, String)>,
+    PathParams((slug, id)): PathParams<(String, String)>,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let forget = forget_asked(&uri)?;
     let (tenant, user) = a.user(&slug, &id).await?;
-    let sessions = a.accounts.delete_user(tenant.id, &user.email, forget).await?;
+    let sessions = a.accounts.delete_user(tenant.id, UserKey::Id(user.id), forget).await?;
     a.refuse(&sessions);
     a.service.authenticator.revocations().revoke_user(user.id, crate::db::unix_now());
     Ok(revoked(sessions.len()))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FormerEmail {
+    email: String,
+}
+
+/// The CLI's `user forget`: for a user deleted without `?forget=true`, the
+/// audit events of the user, and those recorded with its former `email`
+/// and no other user, lose the email, address and user agent. A user that
+/// is not deleted is refused (delete it first); one that never was is 404.
+async fn forget_user(
+    State(a): State<Admin>,
+    PathParams((slug, id)): PathParams<(String, String)>,
+    JsonBody(body): JsonBody<FormerEmail>,
+) -> Result<Response, ApiError> {
+    let tenant = a.tenant(&slug).await?;
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let user = a.service.store.user_by_id(tenant.id, id).await.map_err(AuthError::from)?;
+    let user = user.ok_or(ApiError::NotFound)?;
+    let events = match a.accounts.forget_user(tenant.id, user.id, &body.email).await? {
+        Ok(events) => events,
+        Err(ForgetRefused::NotDeleted) => {
+            let message = format!("id: user {id} is not deleted (DELETE it first, or with ?forget=true)");
+            return Err(AuthError::InvalidRequest(message).into());
+        }
+        Err(ForgetRefused::NotItsEmail) => {
+            let message = format!(
+                "email: no audit event of user {id} carries {:?} (a typo? or retention pruned them)",
+                body.email
+            );
+            return Err(AuthError::InvalidRequest(message).into());
+        }
+    };
+    Ok(Json(serde_json::json!({ "events_erased": events })).into_response())
+}
+
 async fn disable_user(
     State(a): State<Admin>,
-    UrlPath((slug, id)): UrlPath<(String, String)>,
+    PathParams((slug, id)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
-    let sessions = a.accounts.disable_user(tenant.id, &user.email).await?;
+    let sessions = a.accounts.disable_user(tenant.id, UserKey::Id(user.id)).await?;
     a.refuse(&sessions);
     a.service.authenticator.revocations().revoke_user(user.id, crate::db::unix_now());
     Ok(revoked(sessions.len()))
@@ -301,10 +341,10 @@ async fn disable_user(
 
 async fn enable_user(
     State(a): State<Admin>,
-    UrlPath((slug, id)): UrlPath<(String, String)>,
+    PathParams((slug, id)): PathParams<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
-    a.accounts.enable_user(tenant.id, &user.email).await?;
+    a.accounts.enable_user(tenant.id, UserKey::Id(user.id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -316,11 +356,11 @@ struct NewPassword {
 
 async fn set_password(
     State(a): State<Admin>,
-    UrlPath((slug, id)): UrlPath<(String, String)>,
+    PathParams((slug, id)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<NewPassword>,
 ) -> Result<Response, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
-    let sessions = a.accounts.reset_password(tenant.id, &user.email, &body.password).await?;
+    let sessions = a.accounts.reset_password(tenant.id, UserKey::Id(user.id), &body.password).await?;
     a.refuse(&sessions);
     Ok(revoked(sessions.len()))
 }
@@ -333,21 +373,21 @@ struct NewEmail {
 
 async fn set_email(
     State(a): State<Admin>,
-    UrlPath((slug, id)): UrlPath<(String, String)>,
+    PathParams((slug, id)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<NewEmail>,
 ) -> Result<Response, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
-    a.accounts.set_email(tenant.id, &user.email, &body.new_email).await?;
+    a.accounts.set_email(tenant.id, UserKey::Id(user.id), &body.new_email).await?;
     let (tenant, user) = a.user(&slug, &id).await?;
     Ok(Json(user_view(&tenant, &user)).into_response())
 }
 
 async fn verify_email(
     State(a): State<Admin>,
-    UrlPath((slug, id)): UrlPath<(String, String)>,
+    PathParams((slug, id)): PathParams<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
-    a.accounts.mark_email_verified(tenant.id, &user.email).await?;
+    a.accounts.mark_email_verified(tenant.id, UserKey::Id(user.id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -355,14 +395,14 @@ async fn verify_email(
 /// hands over (as `gateway user reset-token` prints it).
 async fn reset_token(
     State(a): State<Admin>,
-    UrlPath((slug, id)): UrlPath<(String, String)>,
+    PathParams((slug, id)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
     if tenant.disabled {
         let message = format!("tenant {:?} is disabled; a link would not work", tenant.slug);
         return Err(AuthError::InvalidRequest(message).into());
     }
-    let link = a.accounts.reset_link(tenant.id, &user.email).await?;
+    let link = a.accounts.reset_link(tenant.id, UserKey::Id(user.id)).await?;
     let body = serde_json::json!({ "token": link.token, "expires_at": rfc3339(link.expires_at) });
     Ok(Json(body).into_response())
 }
@@ -389,12 +429,12 @@ impl AccessChange {
 
 async fn grant(
     State(a): State<Admin>,
-    UrlPath((slug, id)): UrlPath<(String, String)>,
+    PathParams((slug, id)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<AccessChange>,
 ) -> Result<Response, ApiError> {
     body.named()?;
     let (tenant, user) = a.user(&slug, &id).await?;
-    let (user, _) = a.accounts.grant(tenant.id, &user.email, &body.roles, &body.scopes).await?;
+    let (user, _) = a.accounts.grant(tenant.id, UserKey::Id(user.id), &body.roles, &body.scopes).await?;
     Ok(Json(user_view(&tenant, &user)).into_response())
 }
 
@@ -402,12 +442,12 @@ async fn grant(
 /// keeps them); the answer is the user with `sessions_revoked`.
 async fn revoke(
     State(a): State<Admin>,
-    UrlPath((slug, id)): UrlPath<(String, String)>,
+    PathParams((slug, id)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<AccessChange>,
 ) -> Result<Response, ApiError> {
     body.named()?;
     let (tenant, user) = a.user(&slug, &id).await?;
-    let (user, sessions) = a.accounts.revoke(tenant.id, &user.email, &body.roles, &body.scopes).await?;
+    let (user, sessions) = a.accounts.revoke(tenant.id, UserKey::Id(user.id), &body.roles, &body.scopes).await?;
     let sessions = sessions.unwrap_or_default();
     a.refuse(&sessions);
     let mut view = user_view(&tenant, &user);
@@ -417,20 +457,20 @@ async fn revoke(
 
 async fn mfa_reset(
     State(a): State<Admin>,
-    UrlPath((slug, id)): UrlPath<(String, String)>,
+    PathParams((slug, id)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
-    let sessions = a.accounts.reset_mfa(tenant.id, &user.email).await?;
+    let sessions = a.accounts.reset_mfa(tenant.id, UserKey::Id(user.id)).await?;
     a.refuse(&sessions);
     Ok(revoked(sessions.len()))
 }
 
 async fn list_sessions(
     State(a): State<Admin>,
-    UrlPath((slug, id)): UrlPath<(String, String)>,
+    PathParams((slug, id)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
-    let sessions = a.accounts.sessions(tenant.id, &user.email).await?;
+    let sessions = a.accounts.sessions(tenant.id, UserKey::Id(user.id)).await?;
     let views: Vec<_> = sessions
         .iter()
         .map(|s| {
@@ -449,17 +489,17 @@ async fn list_sessions(
 
 async fn revoke_sessions(
     State(a): State<Admin>,
-    UrlPath((slug, id)): UrlPath<(String, String)>,
+    PathParams((slug, id)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
-    let sessions = a.accounts.revoke_all_sessions(tenant.id, &user.email).await?;
+    let sessions = a.accounts.revoke_all_sessions(tenant.id, UserKey::Id(user.id)).await?;
     a.refuse(&sessions);
     Ok(revoked(sessions.len()))
 }
 
 async fn revoke_session(
     State(a): State<Admin>,
-    UrlPath((slug, session_id)): UrlPath<(String, String)>,
+    PathParams((slug, session_id)): PathParams<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let tenant = a.tenant(&slug).await?;
     let session_id = Uuid::parse_str(&session_id).map_err(|_| ApiError::NotFound)?;

@@ -38,6 +38,22 @@ fn describe(rejection: &JsonRejection) -> String {
     }
 }
 
+/// Path parameters; a path that does not decode (a `%FF` that is no
+/// UTF-8) names no resource, so any rejection is a JSON 404 rather than
+/// axum's plain-text 400.
+pub struct PathParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(PathParams(v)),
+            Err(_) => Err(ApiError::NotFound),
+        }
+    }
+}
+
 /// The peer address as recorded by the server (unspecified when absent, as
 /// in tests that call the router directly).
 pub fn peer_ip(parts: &Parts) -> IpAddr {

@@ -957,6 +957,16 @@ fn validate_names(roles: &[String], scopes: &[String]) -> Result<(), AuthError> 
     Ok(())
 }
 
+/// The user an operator acts on: by email (the CLI, whose operator names
+/// an address) or by id (the admin API, whose paths name ids, since a user
+/// may move to another address, and another user take the old one, between
+/// two calls, or within one).
+#[derive(Clone, Copy, Debug)]
+pub enum UserKey<'a> {
+    Email(&'a str),
+    Id(Uuid),
+}
+
 /// Account administration shared by the API (register, password change) and
 /// the CLI, which has no key ring and serves no tokens.
 #[derive(Clone)]
@@ -977,6 +987,15 @@ pub struct Accounts {
 }
 
 impl Accounts {
+    /// The user `key` names in the tenant; a deleted user is not found.
+    pub async fn find_user(&self, tenant_id: Uuid, key: UserKey<'_>) -> Result<User, AuthError> {
+        let user = match key {
+            UserKey::Email(email) => self.store.user_by_email(tenant_id, &normalize_email(email)).await?,
+            UserKey::Id(id) => self.store.user_by_id(tenant_id, id).await?.filter(|u| !u.is_deleted()),
+        };
+        user.ok_or(AuthError::NotFound)
+    }
+
     async fn audit(&self, mut event: NewAuditEvent<'_>) {
         if let Some(by) = self.by {
             let detail = event.detail.get_or_insert_with(|| serde_json::json!({}));
@@ -1043,9 +1062,8 @@ impl Accounts {
 
     /// Disables a user and revokes every session (the CLI's `user disable`;
     /// running gateways learn of it through the revocation poll).
-    pub async fn disable_user(&self, tenant_id: Uuid, email: &str) -> Result<Vec<Uuid>, AuthError> {
-        let email = normalize_email(email);
-        let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
+    pub async fn disable_user(&self, tenant_id: Uuid, key: UserKey<'_>) -> Result<Vec<Uuid>, AuthError> {
+        let user = self.find_user(tenant_id, key).await?;
         let revoked = self.store.disable_user(tenant_id, user.id).await?.ok_or(AuthError::NotFound)?;
         self.audit_change("user_disabled", &user, Some(serde_json::json!({ "sessions_revoked": revoked.len() }))).await;
         Ok(revoked)
@@ -1055,15 +1073,14 @@ impl Accounts {
     /// [`Store::delete_user`]): revokes every session, voids every link,
     /// and leaves a tombstone; with `forget`, the user's audit events lose
     /// the email, address and user agent. Returns the revoked sessions.
-    pub async fn delete_user(&self, tenant_id: Uuid, email: &str, forget: bool) -> Result<Vec<Uuid>, AuthError> {
-        let email = normalize_email(email);
-        let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
+    pub async fn delete_user(&self, tenant_id: Uuid, key: UserKey<'_>, forget: bool) -> Result<Vec<Uuid>, AuthError> {
+        let user = self.find_user(tenant_id, key).await?;
         let revoked = self.store.delete_user(tenant_id, &user, forget).await?.ok_or(AuthError::NotFound)?;
         let event = NewAuditEvent {
             event: "user_deleted",
             tenant_id: Some(tenant_id),
             user_id: Some(user.id),
-            email: (!forget).then_some(email.as_str()),
+            email: (!forget).then_some(user.email.as_str()),
             detail: Some(serde_json::json!({ "sessions_revoked": revoked.len(), "forget": forget })),
             ..Default::default()
         };
@@ -1098,11 +1115,10 @@ impl Accounts {
     /// stay revoked, so it logs in again; running gateways accept the
     /// tokens issued more than `auth.leeway` after the disable, and refuse
     /// the rest.
-    pub async fn enable_user(&self, tenant_id: Uuid, email: &str) -> Result<(), AuthError> {
-        let email = normalize_email(email);
-        let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
+    pub async fn enable_user(&self, tenant_id: Uuid, key: UserKey<'_>) -> Result<(), AuthError> {
+        let user = self.find_user(tenant_id, key).await?;
         if !self.store.enable_user(tenant_id, user.id).await? {
-            return Err(AuthError::InvalidRequest(format!("email: {email:?} is not disabled")));
+            return Err(AuthError::InvalidRequest(format!("email: {:?} is not disabled", user.email)));
         }
         self.audit_change("user_enabled", &user, None).await;
         Ok(())
@@ -1112,11 +1128,10 @@ impl Accounts {
     /// (the CLI's `user mfa-reset`, for a lost authenticator or after a
     /// lock), and revokes every session of the user: one may be a thief's
     /// who set the factor up. Returns the sessions revoked.
-    pub async fn reset_mfa(&self, tenant_id: Uuid, email: &str) -> Result<Vec<Uuid>, AuthError> {
-        let email = normalize_email(email);
-        let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
+    pub async fn reset_mfa(&self, tenant_id: Uuid, key: UserKey<'_>) -> Result<Vec<Uuid>, AuthError> {
+        let user = self.find_user(tenant_id, key).await?;
         let Some(revoked) = self.store.reset_totp(tenant_id, user.id).await? else {
-            return Err(AuthError::InvalidRequest(format!("email: {email:?} has no second factor")));
+            return Err(AuthError::InvalidRequest(format!("email: {:?} has no second factor", user.email)));
         };
         self.audit_change("mfa_reset", &user, Some(serde_json::json!({ "sessions_revoked": revoked.len() }))).await;
         Ok(revoked)
@@ -1167,8 +1182,8 @@ impl Accounts {
     }
 
     /// The open sessions of a user, newest first (the CLI's `session list`).
-    pub async fn sessions(&self, tenant_id: Uuid, email: &str) -> Result<Vec<Session>, AuthError> {
-        let user = self.store.user_by_email(tenant_id, &normalize_email(email)).await?.ok_or(AuthError::NotFound)?;
+    pub async fn sessions(&self, tenant_id: Uuid, key: UserKey<'_>) -> Result<Vec<Session>, AuthError> {
+        let user = self.find_user(tenant_id, key).await?;
         let now = unix_now();
         let sessions = self.store.active_sessions(tenant_id, user.id, now).await?;
         Ok(within_lifetime(sessions, self.session_lifetime.map(secs), now))
@@ -1199,8 +1214,8 @@ impl Accounts {
     /// Revokes every open session of a user without disabling it (the
     /// CLI's `session revoke-all`): the user logs in again. Returns the
     /// sessions revoked.
-    pub async fn revoke_all_sessions(&self, tenant_id: Uuid, email: &str) -> Result<Vec<Uuid>, AuthError> {
-        let user = self.store.user_by_email(tenant_id, &normalize_email(email)).await?.ok_or(AuthError::NotFound)?;
+    pub async fn revoke_all_sessions(&self, tenant_id: Uuid, key: UserKey<'_>) -> Result<Vec<Uuid>, AuthError> {
+        let user = self.find_user(tenant_id, key).await?;
         let revoked =
             self.store.revoke_user_sessions(tenant_id, user.id, None, "revoked_by_operator", unix_now()).await?;
         let detail = serde_json::json!({ "sessions": revoked.len(), "by": "operator" });
@@ -1215,7 +1230,7 @@ impl Accounts {
     pub async fn grant(
         &self,
         tenant_id: Uuid,
-        email: &str,
+        key: UserKey<'_>,
         roles: &[String],
         scopes: &[String],
     ) -> Result<(User, bool), AuthError> {
@@ -1230,7 +1245,7 @@ impl Accounts {
             all
         };
         let change = |u: &User| (add(&u.roles, roles), add(&u.scopes, scopes));
-        let (user, changed) = self.change_access(tenant_id, email, "access_granted", None, change).await?;
+        let (user, changed) = self.change_access(tenant_id, key, "access_granted", None, change).await?;
         Ok((user, changed.is_some()))
     }
 
@@ -1243,14 +1258,14 @@ impl Accounts {
     pub async fn revoke(
         &self,
         tenant_id: Uuid,
-        email: &str,
+        key: UserKey<'_>,
         roles: &[String],
         scopes: &[String],
     ) -> Result<(User, Option<Vec<Uuid>>), AuthError> {
         validate_names(roles, scopes)?;
         let keep = |held: &[String], gone: &[String]| held.iter().filter(|n| !gone.contains(n)).cloned().collect();
         let change = |u: &User| (keep(&u.roles, roles), keep(&u.scopes, scopes));
-        self.change_access(tenant_id, email, "access_revoked", Some("access_revoked"), change).await
+        self.change_access(tenant_id, key, "access_revoked", Some("access_revoked"), change).await
     }
 
     /// Reads the user, computes its new roles and scopes with `change`, and
@@ -1261,14 +1276,15 @@ impl Accounts {
     async fn change_access(
         &self,
         tenant_id: Uuid,
-        email: &str,
+        key: UserKey<'_>,
         event: &str,
         revoke: Option<&str>,
         change: impl Fn(&User) -> (Vec<String>, Vec<String>),
     ) -> Result<(User, Option<Vec<Uuid>>), AuthError> {
-        let email = normalize_email(email);
+        let mut email = String::new();
         for _ in 0..3 {
-            let mut user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
+            let mut user = self.find_user(tenant_id, key).await?;
+            email.clone_from(&user.email);
             let (roles, scopes) = change(&user);
             if roles == user.roles && scopes == user.scopes {
                 return Ok((user, None));
@@ -1300,12 +1316,11 @@ impl Accounts {
     pub async fn reset_password(
         &self,
         tenant_id: Uuid,
-        email: &str,
+        key: UserKey<'_>,
         password: &SecretString,
     ) -> Result<Vec<Uuid>, AuthError> {
-        let email = normalize_email(email);
         self.check_password_strength(password)?;
-        let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
+        let user = self.find_user(tenant_id, key).await?;
         let hash = self.hasher.hash(password).await?;
         let revoked = self.store.reset_password(tenant_id, user.id, &hash).await?.ok_or(AuthError::NotFound)?;
         self.audit_change("password_reset", &user, Some(serde_json::json!({ "sessions_revoked": revoked.len() })))

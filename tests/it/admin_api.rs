@@ -188,6 +188,61 @@ both_backends! {
         assert!(!all.contains(PASSWORD) && !all.contains(OTHER_PASSWORD) && !all.contains(TOKEN), "no secret is audited");
         app.stop().await;
     }
+
+    #[tokio::test]
+    async fn a_deleted_user_is_forgotten_over_http() {
+        let app = spawn().await;
+        let new_user = json!({ "email": "Gone@Example.com", "password": PASSWORD });
+        let user = admin(&app, Method::POST, "/admin/tenants/default/users", Some(new_user)).await;
+        let id = expect_json(user, StatusCode::CREATED).await["id"].as_str().expect("an id").to_owned();
+        app.login_ok("gone@example.com", PASSWORD, None).await;
+        let forget = format!("/admin/tenants/default/users/{id}/forget");
+        let former = json!({ "email": "gone@example.com" });
+
+        let alive = admin(&app, Method::POST, &forget, Some(former.clone())).await;
+        let error = assert_error(alive, StatusCode::BAD_REQUEST, "invalid_request").await;
+        assert!(error["message"].as_str().is_some_and(|m| m.starts_with("id:")), "a live user is not forgotten: {error}");
+        let deleted = admin(&app, Method::DELETE, &format!("/admin/tenants/default/users/{id}"), None).await;
+        assert_eq!(expect_json(deleted, StatusCode::OK).await["sessions_revoked"], 1);
+
+        let typo = admin(&app, Method::POST, &forget, Some(json!({ "email": "gnoe@example.com" }))).await;
+        let error = assert_error(typo, StatusCode::BAD_REQUEST, "invalid_request").await;
+        assert!(error["message"].as_str().is_some_and(|m| m.starts_with("email:")), "{error}");
+        let unknown = format!("/admin/tenants/default/users/{}/forget", uuid::Uuid::new_v4());
+        assert_error(admin(&app, Method::POST, &unknown, Some(former.clone())).await, StatusCode::NOT_FOUND, "not_found").await;
+        let extra = admin(&app, Method::POST, &forget, Some(json!({ "email": "gone@example.com", "all": true }))).await;
+        assert_error(extra, StatusCode::BAD_REQUEST, "invalid_request").await;
+
+        let named = app.cli(&["audit", "list", "--json", "--email", "gone@example.com"], "").await.expect("audit list");
+        assert!(named.lines().count() >= 3, "created, logged in, deleted: {named}");
+        let erased = expect_json(admin(&app, Method::POST, &forget, Some(former)).await, StatusCode::OK).await;
+        assert!(erased["events_erased"].as_u64().is_some_and(|n| n >= 3), "{erased}");
+        let named = app.cli(&["audit", "list", "--json", "--email", "gone@example.com"], "").await.expect("audit list");
+        assert!(!named.contains("gone@example.com"), "no event names the address any more: {named}");
+        let forgotten = audit_events(&app, "user_forgotten").await;
+        assert_eq!(forgotten.len(), 1, "{forgotten:?}");
+        assert_eq!((forgotten[0]["user_id"].as_str(), forgotten[0]["detail"]["by"].as_str()), (Some(id.as_str()), Some("admin_api")));
+        app.stop().await;
+    }
+}
+
+/// A path whose percent-escapes are no UTF-8 names nothing: a JSON 404,
+/// never axum's plain-text 400.
+#[tokio::test]
+async fn a_path_that_does_not_decode_is_a_json_404() {
+    let app = spawn().await;
+    let id = uuid::Uuid::new_v4();
+    for path in [
+        "/admin/tenants/%FF/users".to_owned(),
+        "/admin/tenants/%FF%FE/disable".to_owned(),
+        format!("/admin/tenants/default/users/%FF{id}"),
+        "/admin/tenants/default/sessions/%C3%28".to_owned(),
+    ] {
+        let method = if path.ends_with("disable") { Method::POST } else { Method::GET };
+        let method = if path.contains("/sessions/") { Method::DELETE } else { method };
+        assert_error_in(&path, admin(&app, method, &path, None).await, StatusCode::NOT_FOUND, "not_found").await;
+    }
+    app.stop().await;
 }
 
 #[tokio::test]

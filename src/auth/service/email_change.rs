@@ -38,7 +38,9 @@ use uuid::Uuid;
 
 use super::links::{CHANGE, LINK_MIN_INTERVAL};
 use super::notices::Notice;
-use super::{check_password_size, normalize_email, rfc3339, validate_email, Accounts, AuthService, ClientContext};
+use super::{
+    check_password_size, normalize_email, rfc3339, validate_email, Accounts, AuthService, ClientContext, UserKey,
+};
 use crate::auth::{AuthError, Principal};
 use crate::db::email_links::{LinkMade, LinkPurpose};
 use crate::db::users::User;
@@ -218,10 +220,9 @@ impl Accounts {
     /// An operator moves a user to `new_email` (the CLI's `user
     /// set-email`), verified on the operator's word; the user's links stop
     /// working. Sessions stay open.
-    pub async fn set_email(&self, tenant_id: Uuid, email: &str, new_email: &str) -> Result<(), AuthError> {
-        let email = normalize_email(email);
+    pub async fn set_email(&self, tenant_id: Uuid, key: UserKey<'_>, new_email: &str) -> Result<(), AuthError> {
         let new_email = new_address(new_email)?;
-        let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
+        let user = self.find_user(tenant_id, key).await?;
         if new_email == user.email {
             return Err(AuthError::InvalidRequest(format!("new_email: {new_email:?} is the user's email already")));
         }

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::links::{EmailLink, RESET};
 use super::notices::Notice;
-use super::{normalize_email, rfc3339, Accounts, AuthService, ClientContext};
+use super::{rfc3339, Accounts, AuthService, ClientContext, UserKey};
 use crate::auth::AuthError;
 use crate::db::email_links::{LinkMade, LinkPurpose};
 use crate::db::unix_now;
@@ -89,14 +89,14 @@ impl AuthService {
 impl Accounts {
     /// A reset link for an operator to hand to the user (the CLI's `user
     /// reset-token`); earlier links of the user stop working.
-    pub async fn reset_link(&self, tenant_id: Uuid, email: &str) -> Result<EmailLink, AuthError> {
-        let email = normalize_email(email);
-        let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
+    pub async fn reset_link(&self, tenant_id: Uuid, key: UserKey<'_>) -> Result<EmailLink, AuthError> {
+        let user = self.find_user(tenant_id, key).await?;
         let link = match self.make_link(&user, LinkPurpose::PasswordReset, 0, None).await? {
             Ok(link) => link,
             Err(LinkMade::Refused) => {
                 return Err(AuthError::InvalidRequest(format!(
-                    "email: {email:?} is disabled, or its tenant is; a link would not work"
+                    "email: {:?} is disabled, or its tenant is; a link would not work",
+                    user.email
                 )))
             }
             Err(LinkMade::Throttled | LinkMade::Made) => {

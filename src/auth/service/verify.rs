@@ -15,7 +15,7 @@ use secrecy::SecretString;
 use uuid::Uuid;
 
 use super::links::VERIFICATION;
-use super::{check_password_size, normalize_email, Accounts, AuthService, ClientContext};
+use super::{check_password_size, Accounts, AuthService, ClientContext, UserKey};
 use crate::auth::AuthError;
 use crate::db::email_links::LinkPurpose;
 use crate::db::unix_now;
@@ -93,11 +93,10 @@ impl AuthService {
 impl Accounts {
     /// An operator vouches for a user's email (the CLI's `user
     /// verify-email`); the user's verification links stop mattering.
-    pub async fn mark_email_verified(&self, tenant_id: Uuid, email: &str) -> Result<(), AuthError> {
-        let email = normalize_email(email);
-        let user = self.store.user_by_email(tenant_id, &email).await?.ok_or(AuthError::NotFound)?;
+    pub async fn mark_email_verified(&self, tenant_id: Uuid, key: UserKey<'_>) -> Result<(), AuthError> {
+        let user = self.find_user(tenant_id, key).await?;
         if !self.store.mark_email_verified(tenant_id, user.id).await? {
-            return Err(AuthError::InvalidRequest(format!("email: {email:?} is verified already")));
+            return Err(AuthError::InvalidRequest(format!("email: {:?} is verified already", user.email)));
         }
         self.audit_change("email_verified", &user, Some(serde_json::json!({ "via": "operator" }))).await;
         Ok(())
