@@ -80,6 +80,7 @@ pub fn router(service: AuthService, origins: &CorsOrigins, request_id: &HeaderNa
         .route("/auth/email/resend", post(resend_verification))
         .route("/auth/email/change", post(request_email_change))
         .route("/auth/email/change/confirm", post(confirm_email_change))
+        .route("/auth/email/revert", post(revert_email_change))
         .route("/auth/mfa/totp", post(totp_setup))
         .route("/auth/mfa/totp/confirm", post(totp_confirm))
         .route("/auth/mfa/totp/disable", post(totp_disable))
@@ -161,6 +162,7 @@ async fn track(req: Request, next: Next) -> Response {
         "/auth/email/resend" => "/auth/email/resend",
         "/auth/email/change" => "/auth/email/change",
         "/auth/email/change/confirm" => "/auth/email/change/confirm",
+        "/auth/email/revert" => "/auth/email/revert",
         "/auth/mfa/totp" => "/auth/mfa/totp",
         "/auth/mfa/totp/confirm" => "/auth/mfa/totp/confirm",
         "/auth/mfa/totp/disable" => "/auth/mfa/totp/disable",
@@ -419,6 +421,17 @@ async fn confirm_email_change(
     JsonBody(body): JsonBody<Verification>,
 ) -> Result<StatusCode, ApiError> {
     s.confirm_email_change(&body.token, &body.password, &client).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The same body as `/auth/password/reset`: the revert link's token and
+/// the new password.
+async fn revert_email_change(
+    State(s): State<AuthService>,
+    Client(client): Client,
+    JsonBody(body): JsonBody<PasswordReset>,
+) -> Result<StatusCode, ApiError> {
+    s.revert_email_change(&body.token, &body.new_password, &client).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -165,6 +165,9 @@ pub struct AuthConfig {
     pub reset_token_ttl: Duration,
     /// `[auth.email_verification]`.
     pub email_verification: EmailVerification,
+    /// `auth.email_change.revert_ttl`: how long the link in an
+    /// `email.changed` notice moves the account back; zero: no link.
+    pub revert_token_ttl: Duration,
     /// Store TOTP secrets sealed (and seal those stored as they are at
     /// start); off only while replicas of a release from before sealing
     /// still serve.
@@ -616,6 +619,7 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
     let reset_t = f.table("password_reset");
     let mailer_t = f.table("mailer");
     let verification_t = f.table("email_verification");
+    let change_t = f.table("email_change");
     let registration_given = registration;
     f.finish();
     let mailer = build_mailer(mailer_t, base, errors);
@@ -637,6 +641,12 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
         v.error("required", "needs auth.mailer: registered users could not be sent their link");
     }
     v.finish();
+    let mut c = Fields::new("auth.email_change", change_t, errors);
+    let revert_token_ttl = c.duration_or("revert_ttl", "7d", Duration::ZERO);
+    if revert_token_ttl > Duration::from_secs(30 * 86_400) {
+        c.error("revert_ttl", "must be at most 30d");
+    }
+    c.finish();
 
     let mut a = Fields::new("auth.argon2", argon2_t, errors);
     let argon2 = Argon2Config {
@@ -669,6 +679,7 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
         mailer,
         reset_token_ttl,
         email_verification,
+        revert_token_ttl,
         seal_totp_secrets,
     }
 }

@@ -57,6 +57,7 @@ impl IntoResponse for ApiError {
             AuthError::InvalidResetToken => (StatusCode::BAD_REQUEST, "invalid_reset_token"),
             AuthError::InvalidVerificationToken => (StatusCode::BAD_REQUEST, "invalid_verification_token"),
             AuthError::InvalidEmailChangeToken => (StatusCode::BAD_REQUEST, "invalid_email_change_token"),
+            AuthError::InvalidRevertToken => (StatusCode::BAD_REQUEST, "invalid_revert_token"),
             AuthError::EmailNotVerified => (StatusCode::FORBIDDEN, "email_not_verified"),
             AuthError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "database unavailable");

@@ -64,6 +64,10 @@ pub enum AuthError {
     /// account.
     #[error("the email change link is invalid or expired; ask for a new one")]
     InvalidEmailChangeToken,
+    /// A revert link that is unknown, spent, voided or expired, or of a
+    /// disabled account.
+    #[error("the revert link is invalid or expired")]
+    InvalidRevertToken,
     /// The password was right, and the email must be proved first
     /// (`auth.email_verification.required`).
     #[error("this account's email is not verified yet: follow the link mailed to it")]

@@ -152,6 +152,12 @@ fn mailer_webhooks_are_signed_urls_and_links_are_short_lived() {
     assert!(err.contains("auth.mailer.webhook_secret_file: is required"), "{err}");
     assert!(err.contains("auth.password_reset.token_ttl: must be at most 24h"), "{err}");
     assert!(err.contains("auth.email_verification.token_ttl: must be at most 7d"), "{err}");
+    assert_eq!(parse("").expect("defaults").auth.revert_token_ttl, Duration::from_secs(7 * 86_400));
+    let c = parse("[auth.email_change]\nrevert_ttl = \"3d\"").expect("3d");
+    assert_eq!(c.auth.revert_token_ttl, Duration::from_secs(3 * 86_400));
+    assert!(parse("[auth.email_change]\nrevert_ttl = \"0s\"").expect("off").auth.revert_token_ttl.is_zero());
+    let err = parse("[auth.email_change]\nrevert_ttl = \"31d\"").expect_err("too long").to_string();
+    assert!(err.contains("auth.email_change.revert_ttl: must be at most 30d"), "{err}");
     for bad in ["ftp://mailer/x", "https://user:pw@mailer/x", "/hooks", "https://mailer/x#frag"] {
         let text = format!("[auth.mailer]\nwebhook = \"{bad}\"\nwebhook_secret_file = \"s\"");
         let err = parse(&text).expect_err(bad).to_string();

@@ -1,21 +1,32 @@
 //! `email_links`: one row per link mailed to a user (or handed over by an
 //! operator), of one [`LinkPurpose`]: a password reset, an email
-//! verification or an email change. Only the SHA-256 of a link's token is
+//! verification, an email change or the revert of one. Only the SHA-256 of a link's token is
 //! stored (as for refresh tokens), and the SHA-256 of what the link is
 //! bound to (column `password_fingerprint`): for a reset, the password hash
 //! it was made against, so that a link made before a change (by the user,
 //! an operator or another link) is dead; for a verification, the email it
 //! proves; for an email change, the email and password hash (a reset after
-//! a compromise kills the intruder's change). An email change link also
-//! holds the address it moves the user to (`new_email`).
+//! a compromise kills the intruder's change); for a revert, the user's
+//! second factor when the change was made (not a binding: a factor that
+//! differs at the revert is removed by it). An email change link also
+//! holds the address it moves the user to (`new_email`), and a revert link
+//! the address it moves the user back to.
 //!
 //! A link is spent in the same transaction that does what it is for (sets
 //! the password and revokes the user's sessions; marks the email
 //! verified; moves the user to the new address), by a conditional update:
 //! of two requests presenting one link, one does it. A newer link of a kind
 //! voids the user's older ones of that kind; an email change voids every
-//! link of the user (they were mailed to the old address); a user or
-//! tenant disable voids them all.
+//! link of the user (they were mailed to the old address) but the revert
+//! links; a user or tenant disable, or an operator's email change, voids
+//! them all.
+//!
+//! Revert links are the exception to "only the newest works": each goes
+//! to the address one change left, and none voids another, so that an
+//! intruder who moves the account on (and on) cannot void the owner's. A
+//! revert voids every link of the user but the revert links older than
+//! it: an intruder reverting a later move of their own leaves the owner's
+//! earlier one working.
 
 use uuid::Uuid;
 
@@ -27,6 +38,9 @@ pub enum LinkPurpose {
     PasswordReset,
     EmailVerification,
     EmailChange,
+    /// Moves the user back to the address an email change left (mailed
+    /// there in the `email.changed` notice), with a new password.
+    EmailRevert,
 }
 
 impl LinkPurpose {
@@ -35,6 +49,7 @@ impl LinkPurpose {
             LinkPurpose::PasswordReset => "password_reset",
             LinkPurpose::EmailVerification => "email_verification",
             LinkPurpose::EmailChange => "email_change",
+            LinkPurpose::EmailRevert => "email_revert",
         }
     }
 }
@@ -118,6 +133,19 @@ const VOID_OTHERS: &str = "
     WHERE tenant_id = $1 AND user_id = $2 AND ($5 IS NULL OR purpose = $5) AND used_at IS NULL
       AND ($4 IS NULL OR id <> $4)";
 
+/// Voids every unspent link of the user but the revert links (after an
+/// email change: the others went to the old address; `$3`: now).
+const VOID_ALL_BUT_REVERTS: &str = "
+    UPDATE email_links SET used_at = $3
+    WHERE tenant_id = $1 AND user_id = $2 AND used_at IS NULL AND purpose <> 'email_revert'";
+
+/// Voids every unspent link of the user but the revert link `$4` and
+/// those older than it (`$3`: now).
+const VOID_ALL_BUT_OLDER_REVERTS: &str = "
+    UPDATE email_links SET used_at = $3
+    WHERE tenant_id = $1 AND user_id = $2 AND used_at IS NULL AND id <> $4
+      AND NOT (purpose = 'email_revert' AND created_at < (SELECT created_at FROM email_links WHERE id = $4))";
+
 /// Spends a link (`$1`) at `$2`, if it is unspent and unexpired.
 const SPEND: &str = "UPDATE email_links SET used_at = $2 WHERE id = $1 AND used_at IS NULL AND expires_at > $2";
 
@@ -138,7 +166,7 @@ impl Store {
     /// this link or is seen by it.
     pub async fn create_email_link(&self, new: NewLink<'_>) -> StoreResult<LinkMade> {
         let lock_user = match new.purpose {
-            LinkPurpose::PasswordReset | LinkPurpose::EmailChange => {
+            LinkPurpose::PasswordReset | LinkPurpose::EmailChange | LinkPurpose::EmailRevert => {
                 "UPDATE users SET updated_at = updated_at WHERE tenant_id = $1 AND id = $2 AND NOT disabled"
             }
             LinkPurpose::EmailVerification => {
@@ -177,8 +205,13 @@ impl Store {
                     .await?
                     .rows_affected();
                 if inserted == 1 {
-                    let void = sqlx::query(VOID_OTHERS).bind(new.tenant_id).bind(new.user_id).bind(new.now);
-                    void.bind(Some(id)).bind(Some(purpose)).execute(&mut *tx).await?;
+                    // Revert links do not void each other: each goes to
+                    // the address one change left, and the oldest is the
+                    // owner's (see the module docs).
+                    if new.purpose != LinkPurpose::EmailRevert {
+                        let void = sqlx::query(VOID_OTHERS).bind(new.tenant_id).bind(new.user_id).bind(new.now);
+                        void.bind(Some(id)).bind(Some(purpose)).execute(&mut *tx).await?;
+                    }
                     tx.commit().await?;
                     LinkMade::Made
                 } else {
@@ -262,7 +295,7 @@ impl Store {
     /// proved the mailbox), in one transaction, if the user's email is
     /// still `old`, its password hash still `password_hash`, and the user
     /// and its tenant enabled; voids every other link of the user (mailed
-    /// to the old address). [`StoreError::Conflict`](super::StoreError::Conflict)
+    /// to the old address) but the revert links. [`StoreError::Conflict`](super::StoreError::Conflict)
     /// when another user of the tenant has taken `new` meanwhile.
     pub async fn redeem_email_change(
         &self,
@@ -280,10 +313,45 @@ impl Store {
         Ok(outcome.map(drop))
     }
 
+    /// Spends the revert `link` and moves the user back to `address` (the
+    /// link's), with the password hash `new` (the one set since may be an
+    /// intruder's), marked verified, in one transaction, if the user's
+    /// second factor is still `factor` (the stored secret read, `""` for
+    /// none) and the user and its tenant are enabled; with `drop_factor`
+    /// the factor (and one being set up) is removed. Revokes every open
+    /// session (reason `email_reverted`) and returns them; voids every link
+    /// of the user but the revert links older than this one (an intruder
+    /// who moved the account on, and reverts the second move, does not
+    /// void the owner's). [`StoreError::Conflict`](super::StoreError::Conflict)
+    /// when another user of the tenant has `address`.
+    pub async fn redeem_email_revert(
+        &self,
+        link: &PendingLink,
+        address: &str,
+        new: &str,
+        (factor, drop_factor): (&str, bool),
+        now: i64,
+    ) -> StoreResult<Result<Vec<Uuid>, Unredeemed>> {
+        const KEEP: &str = "UPDATE users SET email = $3, password_hash = $5, email_verified_at = $4, updated_at = $4
+            WHERE tenant_id = $1 AND id = $2 AND COALESCE(totp_secret, '') = $6 AND NOT disabled
+              AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
+        const DROP: &str = "UPDATE users SET email = $3, password_hash = $5, email_verified_at = $4, updated_at = $4,
+                totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL, totp_failures = 0, totp_recovery = NULL
+            WHERE tenant_id = $1 AND id = $2 AND COALESCE(totp_secret, '') = $6 AND NOT disabled
+              AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
+        let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = 'email_reverted'
+                      WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL RETURNING id";
+        let change = if drop_factor { DROP } else { KEEP };
+        let args = [address, new, factor];
+        let outcome = self.redeem(link, LinkPurpose::EmailRevert, change, &args, Some(revoke), now).await?;
+        Ok(outcome.map(|revoked| revoked.unwrap_or_default()))
+    }
+
     /// One transaction: run `change` (bound to tenant id, user id,
     /// `args[0]`, now, then the rest of `args`) on the user's row; spend
     /// `link`; void the user's other links of the kind (after an email
-    /// change, of every kind); with `revoke`
+    /// change or a revert, of every kind but the revert links it keeps);
+    /// with `revoke`
     /// (bound to tenant id, user id, now), revoke and return sessions.
     /// Rolled back, with why, when the user's row or the link does not
     /// match. The user's row first, as in [`Store::create_email_link`] and
@@ -316,9 +384,24 @@ impl Store {
                 tx.rollback().await?;
                 Err(Unredeemed::LinkGone)
             } else {
-                let kind = (purpose != LinkPurpose::EmailChange).then(|| purpose.as_str());
-                let void = sqlx::query(VOID_OTHERS).bind(tenant_id).bind(user_id).bind(now).bind(None::<Uuid>);
-                void.bind(kind).execute(&mut *tx).await?;
+                match purpose {
+                    LinkPurpose::EmailChange => {
+                        sqlx::query(VOID_ALL_BUT_REVERTS)
+                            .bind(tenant_id)
+                            .bind(user_id)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    LinkPurpose::EmailRevert => {
+                        let void = sqlx::query(VOID_ALL_BUT_OLDER_REVERTS).bind(tenant_id).bind(user_id).bind(now);
+                        void.bind(link.id).execute(&mut *tx).await?;
+                    }
+                    LinkPurpose::PasswordReset | LinkPurpose::EmailVerification => {
+                        let void = sqlx::query(VOID_OTHERS).bind(tenant_id).bind(user_id).bind(now).bind(None::<Uuid>);
+                        void.bind(Some(purpose.as_str())).execute(&mut *tx).await?;
+                    }
+                }
                 let revoked = match revoke {
                     Some(revoke) => {
                         let rows: Vec<(Uuid,)> =

@@ -24,11 +24,11 @@ use crate::retention::run;
 const EMAIL: &str = "mover@example.com";
 const NEW: &str = "moved@example.net";
 
-async fn ask(app: &TestApp, access: &str, new_email: &str, password: &str) -> reqwest::Response {
+pub(crate) async fn ask(app: &TestApp, access: &str, new_email: &str, password: &str) -> reqwest::Response {
     app.post_authed("/auth/email/change", access, &json!({ "new_email": new_email, "password": password })).await
 }
 
-async fn confirm(app: &TestApp, token: &str, password: &str) -> reqwest::Response {
+pub(crate) async fn confirm(app: &TestApp, token: &str, password: &str) -> reqwest::Response {
     let body = json!({ "token": token, "password": password });
     let resp = app.client.post(app.url("/auth/email/change/confirm")).json(&body).send().await;
     resp.expect("POST /auth/email/change/confirm")
@@ -50,7 +50,7 @@ async fn mailed_token(app: &TestApp, mailer: &Mailer, access: &str, new_email: &
 }
 
 /// The token of the change link mailed to `new_email`, once it is.
-async fn mailed_token_sent(mailer: &Mailer, new_email: &str) -> String {
+pub(crate) async fn mailed_token_sent(mailer: &Mailer, new_email: &str) -> String {
     let link_to = || {
         mailer
             .deliveries()
@@ -64,7 +64,7 @@ async fn mailed_token_sent(mailer: &Mailer, new_email: &str) -> String {
 
 /// Sets up and confirms a second factor for the holder of `access`;
 /// returns its secret and a recovery code.
-async fn enable_mfa(app: &TestApp, access: &str) -> (String, String) {
+pub(crate) async fn enable_mfa(app: &TestApp, access: &str) -> (String, String) {
     let start = json!({ "password": PASSWORD });
     let setup = expect_json(app.post_authed("/auth/mfa/totp", access, &start).await, StatusCode::OK).await;
     let secret = setup["secret"].as_str().expect("a secret").to_owned();
@@ -79,7 +79,7 @@ async fn set_email(app: &TestApp, email: &str, new_email: &str) -> anyhow::Resul
     app.cli(&["user", "set-email", "--tenant", "default", "--email", email, "--new-email", new_email], "").await
 }
 
-fn reason(events: &[Value]) -> &str {
+pub(crate) fn reason(events: &[Value]) -> &str {
     events[0]["detail"]["reason"].as_str().expect("a reason")
 }
 
@@ -126,7 +126,9 @@ both_backends! {
         assert_eq!(notice["type"], "email.changed", "{notice}");
         assert_eq!(notice["data"]["email"], EMAIL, "to the old address: {notice}");
         assert_eq!(notice["data"]["new_email_hint"], "m***@example.net", "the new one masked: {notice}");
-        assert!(notice["data"].get("token").is_none(), "a notice carries no credential: {notice}");
+        assert!(notice["data"].get("token").is_none(), "{notice}");
+        // Its one credential: the link that moves the account back (see email_revert).
+        assert!(notice["data"]["revert_token"].as_str().is_some_and(|t| t.len() == 43), "{notice}");
         assert!(notice["data"].get("ip").is_none(), "the old mailbox may be someone else's now: {notice}");
 
         assert_eq!(results_of(&app, "email_change_requested", 1).await, ["sent"]);

@@ -19,6 +19,7 @@ mod audit_and_cli;
 mod auth_basics;
 mod auth_flow;
 mod email_change;
+mod email_revert;
 mod email_verification;
 mod forward_auth;
 mod http1_conformance;

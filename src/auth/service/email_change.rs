@@ -31,12 +31,29 @@
 //! - it lives `auth.email_verification.token_ttl` (both prove a mailbox),
 //!   one a minute per user.
 //!
-//! `gateway user set-email` lets an operator move a user without a link.
+//! Undoing a move: the `email.changed` notice carries a revert link
+//! (`auth.email_change.revert_ttl`, 7 days), and `POST /auth/email/revert`
+//! with it and a new password moves the account back to the address the
+//! notice went to, verified, revokes every session, and removes a second
+//! factor that is not the one the account had when it moved (set up,
+//! changed or removed since: it may be the intruder's). An intruder who had
+//! the password can change everything but the old mailbox, so the link is
+//! bound to nothing they can change: no later change voids it (not even a
+//! revert link of a later move: only the newest link of a kind works,
+//! except this kind), and a revert voids every link but the revert links
+//! of older moves, which stay the owner's. The old mailbox keeps for that
+//! while the power it had before the move (resets went there); `"0s"` ends
+//! it at the move.
+//!
+//! `gateway user set-email` lets an operator move a user without a link
+//! (and voids every link, revert links too: the operator acted).
 
 use secrecy::SecretString;
 use uuid::Uuid;
 
-use super::links::{CHANGE, LINK_MIN_INTERVAL};
+use subtle::ConstantTimeEq as _;
+
+use super::links::{fingerprint, CHANGE, LINK_MIN_INTERVAL};
 use super::notices::Notice;
 use super::{
     check_password_size, normalize_email, rfc3339, validate_email, Accounts, AuthService, ClientContext, UserKey,
@@ -51,6 +68,12 @@ const CHANGES: &str = "gateway_email_changes_total";
 
 /// The audit event of a request or a link that changed nothing.
 const FAILED: &str = "email_change_failed";
+
+/// The metric of presented revert links, by result.
+const REVERTS: &str = "gateway_email_reverts_total";
+
+/// The audit event of a revert link that changed nothing.
+const REVERT_FAILED: &str = "email_revert_failed";
 
 /// What `POST /auth/email/change` answers: where the link went, and until
 /// when it works.
@@ -212,6 +235,69 @@ impl AuthService {
         self.audit_user("email_changed", &moved, client, serde_json::json!({ "via": "link" })).await;
         let notice = Notice::EmailChanged { old: user.email.clone(), new: new_email };
         self.notify(user.tenant_id, user.id, notice, client);
+        Ok(())
+    }
+
+    /// `POST /auth/email/revert`: moves the revert link's user back to the
+    /// address the link was mailed to, with `password` (see the module
+    /// docs), revokes every session, and clears the lockout of that
+    /// address. [`AuthError::InvalidRevertToken`] for a link that is
+    /// unknown, spent, voided, expired, or of a disabled user or tenant;
+    /// [`AuthError::EmailTaken`] when another user has the address now.
+    pub async fn revert_email_change(
+        &self,
+        token: &str,
+        password: &SecretString,
+        client: &ClientContext,
+    ) -> Result<(), AuthError> {
+        self.rate_limit(client.ip)?;
+        // Before the link is looked at: a weak password spends nothing.
+        self.accounts.check_password_strength(password)?;
+        let (link, user, tenant) = match self.presented_link(LinkPurpose::EmailRevert, token).await? {
+            Ok(found) => found,
+            Err((reason, user)) => {
+                self.link_refused(REVERT_FAILED, REVERTS, reason, user.as_ref(), client).await;
+                return Err(AuthError::InvalidRevertToken);
+            }
+        };
+        let Some(address) = link.new_email.clone() else {
+            self.link_refused(REVERT_FAILED, REVERTS, "unknown_link", Some(&user), client).await;
+            return Err(AuthError::InvalidRevertToken);
+        };
+        // A factor set up, changed or removed since the change may be the
+        // intruder's: it goes, and the owner sets one up again.
+        let factor = user.totp_secret.as_deref().unwrap_or("");
+        let drop_factor = !bool::from(fingerprint(LinkPurpose::EmailRevert, &user).ct_eq(&link.fingerprint));
+        let hash = self.hasher.hash(password).await?;
+        let redeemed = self.store.redeem_email_revert(&link, &address, &hash, (factor, drop_factor), unix_now());
+        let revoked = match redeemed.await {
+            Ok(Ok(revoked)) => revoked,
+            Ok(Err(gone)) => {
+                self.link_refused(REVERT_FAILED, REVERTS, gone.reason(), Some(&user), client).await;
+                return Err(AuthError::InvalidRevertToken);
+            }
+            Err(StoreError::Conflict) => {
+                self.link_refused(REVERT_FAILED, REVERTS, "email_taken", Some(&user), client).await;
+                return Err(AuthError::EmailTaken);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for id in &revoked {
+            self.authenticator.revocations().revoke_session(*id);
+        }
+        metrics::counter!(REVERTS, "result" => "success").increment(1);
+        let back = User { email: address.clone(), ..user.clone() };
+        let detail = serde_json::json!({
+            "via": "link",
+            "sessions_revoked": revoked.len(),
+            "mfa_removed": drop_factor && user.totp_secret.is_some(),
+        });
+        self.audit_user("email_reverted", &back, client, detail).await;
+        // The owner proved the mailbox and chose a new password: a lock
+        // earned by the intruder, or by guesses, no longer keeps them out.
+        if let Err(e) = self.store.clear_login_attempts(&tenant.slug, &address).await {
+            tracing::warn!(error = %e, "could not clear the lockout after an email revert");
+        }
         Ok(())
     }
 }

@@ -91,7 +91,9 @@ pub(super) const CHANGE: Kind = Kind {
 /// it was made against; for a verification, of the email it proves; for an
 /// email change, of the email, the password hash (a reset after a
 /// compromise kills the change an intruder asked for) and whether a second
-/// factor is set (one set up since kills a change asked for without it).
+/// factor is set (one set up since kills a change asked for without it);
+/// for a revert, of the stored second factor (`""` for none), which binds
+/// nothing: a factor that differs at the revert is removed by it.
 pub(super) fn fingerprint(purpose: LinkPurpose, user: &User) -> [u8; 32] {
     match purpose {
         LinkPurpose::PasswordReset => Sha256::digest(user.password_hash.as_bytes()).into(),
@@ -104,6 +106,7 @@ pub(super) fn fingerprint(purpose: LinkPurpose, user: &User) -> [u8; 32] {
             .chain_update([0, u8::from(user.totp_secret.is_some())])
             .finalize()
             .into(),
+        LinkPurpose::EmailRevert => Sha256::digest(user.totp_secret.as_deref().unwrap_or("").as_bytes()).into(),
     }
 }
 
@@ -291,7 +294,9 @@ impl AuthService {
         if user.disabled || tenant.disabled {
             return Ok(Err((if user.disabled { "user_disabled" } else { "tenant_disabled" }, Some(user))));
         }
-        if !bool::from(fingerprint(purpose, &user).ct_eq(&link.fingerprint)) {
+        // A revert link is bound to nothing the user may change: the
+        // intruder it undoes changes what they can.
+        if purpose != LinkPurpose::EmailRevert && !bool::from(fingerprint(purpose, &user).ct_eq(&link.fingerprint)) {
             return Ok(Err(("user_changed", Some(user))));
         }
         Ok(Ok((link, user, tenant)))
@@ -365,6 +370,7 @@ impl Accounts {
             LinkPurpose::PasswordReset => self.reset_token_ttl,
             // Both prove a mailbox.
             LinkPurpose::EmailVerification | LinkPurpose::EmailChange => self.verification_token_ttl,
+            LinkPurpose::EmailRevert => self.revert_token_ttl,
         };
         let now = unix_now();
         let expires_at = now + secs(ttl);

@@ -10,12 +10,15 @@
 //! [`super::links::MAX_LINK_TASKS`]: a flood of link requests cannot crowd
 //! a notice out), and at most one of a kind a minute per user in a process
 //! (an account made with someone else's address cannot flood that
-//! mailbox). A notice carries no credential and no text a client chose: its
+//! mailbox; `email.changed` excepted, see [`AuthService::notify`]). A notice carries no credential and no text a client chose: its
 //! `data` says who (`tenant`, `user_id`, `email`: the address to write to),
 //! what (the `type`, and `via`), and from where (`ip`); `email.changed`
 //! goes to the old address with the new one masked (`new_email_hint`,
 //! `m***@example.net`) and no `ip`, since the old mailbox may be in other
-//! hands (a former employer's). A lost notice changes nothing: the change
+//! hands (a former employer's), and with the one credential a notice may
+//! carry: `revert_token`, the link that moves the account back (see
+//! [`super::email_change`]; unless `auth.email_change.revert_ttl` is
+//! `0s`). A lost notice changes nothing: the change
 //! stands, and it is counted (`gateway_notices_total{type, result}`) and
 //! logged.
 //!
@@ -26,8 +29,11 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::{AuthService, ClientContext};
+use super::links::EmailLink;
+use super::{rfc3339, AuthService, ClientContext};
 use crate::auth::AuthError;
+use crate::db::email_links::LinkPurpose;
+use crate::db::users::User;
 
 /// What happened to the account.
 #[derive(Debug, Clone)]
@@ -70,7 +76,11 @@ impl AuthService {
             return;
         }
         let kind = notice.webhook_type();
-        if self.notices_sent.contains_key(&(user_id, kind)) {
+        // Not `email.changed`: each goes to the address a confirmed change
+        // left (no flood: coming back takes a link to that mailbox), and
+        // carries the revert link that must not be lost.
+        let throttled = !matches!(notice, Notice::EmailChanged { .. });
+        if throttled && self.notices_sent.contains_key(&(user_id, kind)) {
             metrics::counter!(NOTICES, "type" => kind, "result" => "throttled").increment(1);
             return;
         }
@@ -121,13 +131,38 @@ impl AuthService {
         match notice {
             Notice::PasswordChanged { via } => data["via"] = via.into(),
             Notice::EmailChanged { old, new } => {
-                data["email"] = old.into();
                 data["new_email_hint"] = mask(&new).into();
                 data.as_object_mut().map(|fields| fields.remove("ip"));
+                if let Some(revert) = self.revert_link(&user, &old).await {
+                    data["revert_token"] = revert.token.into();
+                    data["revert_expires_at"] = rfc3339(revert.expires_at).into();
+                }
+                data["email"] = old.into();
             }
             Notice::MfaEnabled | Notice::MfaDisabled | Notice::RecoveryCodesRegenerated => {}
         }
         Ok(Some(data))
+    }
+}
+
+impl AuthService {
+    /// The link an `email.changed` notice carries to `old`, the address
+    /// `user` left: it moves the user back (see [`super::email_change`]).
+    /// `None` when `auth.email_change.revert_ttl` is `0s`, the user was
+    /// disabled meanwhile, or the link could not be stored (logged): the
+    /// notice goes without it.
+    async fn revert_link(&self, user: &User, old: &str) -> Option<EmailLink> {
+        if self.accounts.revert_token_ttl.is_zero() {
+            return None;
+        }
+        match self.accounts.make_link(user, LinkPurpose::EmailRevert, 0, Some(old)).await {
+            Ok(Ok(link)) => Some(link),
+            Ok(Err(_)) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "the revert link of an email change could not be made");
+                None
+            }
+        }
     }
 }
 
