@@ -7,8 +7,8 @@
 //! an operator or another link) is dead; for a verification, the email it
 //! proves; for an email change, the email and password hash (a reset after
 //! a compromise kills the intruder's change); for a revert, the user's
-//! second factor when the change was made (not a binding: a factor that
-//! differs at the revert is removed by it). An email change link also
+//! second factor's secret when the change was made (not a binding: a
+//! factor that differs at the revert is removed by it). An email change link also
 //! holds the address it moves the user to (`new_email`), and a revert link
 //! the address it moves the user back to.
 //!

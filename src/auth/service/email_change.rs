@@ -53,7 +53,7 @@ use uuid::Uuid;
 
 use subtle::ConstantTimeEq as _;
 
-use super::links::{fingerprint, CHANGE, LINK_MIN_INTERVAL};
+use super::links::{CHANGE, LINK_MIN_INTERVAL};
 use super::notices::Notice;
 use super::{
     check_password_size, normalize_email, rfc3339, validate_email, Accounts, AuthService, ClientContext, UserKey,
@@ -267,7 +267,7 @@ impl AuthService {
         // A factor set up, changed or removed since the change may be the
         // intruder's: it goes, and the owner sets one up again.
         let factor = user.totp_secret.as_deref().unwrap_or("");
-        let drop_factor = !bool::from(fingerprint(LinkPurpose::EmailRevert, &user).ct_eq(&link.fingerprint));
+        let drop_factor = !bool::from(self.factor_fingerprint(&user)?.ct_eq(&link.fingerprint));
         let hash = self.hasher.hash(password).await?;
         let redeemed = self.store.redeem_email_revert(&link, &address, &hash, (factor, drop_factor), unix_now());
         let revoked = match redeemed.await {

@@ -91,9 +91,8 @@ pub(super) const CHANGE: Kind = Kind {
 /// it was made against; for a verification, of the email it proves; for an
 /// email change, of the email, the password hash (a reset after a
 /// compromise kills the change an intruder asked for) and whether a second
-/// factor is set (one set up since kills a change asked for without it);
-/// for a revert, of the stored second factor (`""` for none), which binds
-/// nothing: a factor that differs at the revert is removed by it.
+/// factor is set (one set up since kills a change asked for without it).
+/// A revert's is [`AuthService::factor_fingerprint`], made by the caller.
 pub(super) fn fingerprint(purpose: LinkPurpose, user: &User) -> [u8; 32] {
     match purpose {
         LinkPurpose::PasswordReset => Sha256::digest(user.password_hash.as_bytes()).into(),
@@ -106,7 +105,25 @@ pub(super) fn fingerprint(purpose: LinkPurpose, user: &User) -> [u8; 32] {
             .chain_update([0, u8::from(user.totp_secret.is_some())])
             .finalize()
             .into(),
-        LinkPurpose::EmailRevert => Sha256::digest(user.totp_secret.as_deref().unwrap_or("").as_bytes()).into(),
+        LinkPurpose::EmailRevert => factor_digest(None),
+    }
+}
+
+/// The SHA-256 of a second factor's secret as it is (not as stored:
+/// resealing with another key changes the text), `""` for none.
+fn factor_digest(secret: Option<&str>) -> [u8; 32] {
+    Sha256::digest(secret.unwrap_or("").as_bytes()).into()
+}
+
+impl AuthService {
+    /// What a revert link holds of the user's second factor (a digest of
+    /// its secret, or of none), to tell at the revert whether the factor is
+    /// still the one the account had when it moved. A secret that does not
+    /// open is an error (logged): no link is made, or no revert done, on a
+    /// guess.
+    pub(super) fn factor_fingerprint(&self, user: &User) -> Result<[u8; 32], AuthError> {
+        let secret = user.totp_secret.as_deref().map(|stored| self.open_secret(user.id, stored)).transpose()?;
+        Ok(factor_digest(secret.as_deref()))
     }
 }
 
@@ -365,6 +382,19 @@ impl Accounts {
         min_interval: i64,
         new_email: Option<&str>,
     ) -> Result<Result<EmailLink, LinkMade>, AuthError> {
+        self.make_bound_link(user, purpose, min_interval, new_email, &fingerprint(purpose, user)).await
+    }
+
+    /// [`Accounts::make_link`] bound to `bound` rather than to what
+    /// [`fingerprint`] takes of the user (a revert link's factor digest).
+    pub(super) async fn make_bound_link(
+        &self,
+        user: &User,
+        purpose: LinkPurpose,
+        min_interval: i64,
+        new_email: Option<&str>,
+        bound: &[u8; 32],
+    ) -> Result<Result<EmailLink, LinkMade>, AuthError> {
         let (token, token_hash) = refresh::generate().map_err(|e| AuthError::Unexpected(anyhow::anyhow!(e)))?;
         let ttl = match purpose {
             LinkPurpose::PasswordReset => self.reset_token_ttl,
@@ -381,7 +411,7 @@ impl Accounts {
                 tenant_id: user.tenant_id,
                 user_id: user.id,
                 token_hash: &token_hash,
-                fingerprint: &fingerprint(purpose, user),
+                fingerprint: bound,
                 new_email,
                 now,
                 expires_at,

@@ -155,7 +155,11 @@ impl AuthService {
         if self.accounts.revert_token_ttl.is_zero() {
             return None;
         }
-        match self.accounts.make_link(user, LinkPurpose::EmailRevert, 0, Some(old)).await {
+        let made = match self.factor_fingerprint(user) {
+            Ok(factor) => self.accounts.make_bound_link(user, LinkPurpose::EmailRevert, 0, Some(old), &factor).await,
+            Err(e) => Err(e),
+        };
+        match made {
             Ok(Ok(link)) => Some(link),
             Ok(Err(_)) => None,
             Err(e) => {
