@@ -147,7 +147,7 @@ impl App {
         let admin = TcpListener::bind(config.admin.listen)
             .await
             .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
-        if admin_token.is_some() && !config.admin.listen.ip().is_loopback() {
+        if admin_token.is_some() && !config.admin.listen.ip().to_canonical().is_loopback() {
             // The admin listener speaks plain HTTP: the token crosses the
             // network as it is, to whoever can reach the port.
             tracing::warn!(

@@ -645,6 +645,8 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
     let revert_token_ttl = c.duration_or("revert_ttl", "7d", Duration::ZERO);
     if revert_token_ttl > Duration::from_secs(30 * 86_400) {
         c.error("revert_ttl", "must be at most 30d");
+    } else if !revert_token_ttl.is_zero() && revert_token_ttl < Duration::from_secs(60) {
+        c.error("revert_ttl", "must be \"0s\" (no link) or at least 1m");
     }
     c.finish();
 

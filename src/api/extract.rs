@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
@@ -39,8 +39,9 @@ fn describe(rejection: &JsonRejection) -> String {
 }
 
 /// Path parameters; a path that does not decode (a `%FF` that is no
-/// UTF-8) names no resource, so any rejection is a JSON 404 rather than
-/// axum's plain-text 400.
+/// UTF-8) or fit names no resource: a JSON 404 rather than axum's
+/// plain-text 400. A route whose pattern lacks the parameters (a wiring
+/// bug, not the client's) is a 500.
 pub struct PathParams<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathParams<T> {
@@ -49,6 +50,9 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathPar
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match axum::extract::Path::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Path(v)) => Ok(PathParams(v)),
+            Err(PathRejection::MissingPathParams(e)) => {
+                Err(AuthError::Unexpected(anyhow::anyhow!("a route without its path parameters: {e}")).into())
+            }
             Err(_) => Err(ApiError::NotFound),
         }
     }

@@ -805,6 +805,11 @@ impl AuthService {
         if tenant.disabled {
             return Err(AuthError::TenantDisabled);
         }
+        // An address a revert link would move its user back to is kept for
+        // that user (taken, as far as anyone else can tell).
+        if self.store.address_reserved(tenant.id, &normalize_email(email), None).await? {
+            return Err(AuthError::EmailTaken);
+        }
         let ip = client.ip.to_string();
         let verified = !self.verification_required();
         let user = self

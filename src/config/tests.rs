@@ -156,6 +156,8 @@ fn mailer_webhooks_are_signed_urls_and_links_are_short_lived() {
     let c = parse("[auth.email_change]\nrevert_ttl = \"3d\"").expect("3d");
     assert_eq!(c.auth.revert_token_ttl, Duration::from_secs(3 * 86_400));
     assert!(parse("[auth.email_change]\nrevert_ttl = \"0s\"").expect("off").auth.revert_token_ttl.is_zero());
+    let err = parse("[auth.email_change]\nrevert_ttl = \"500ms\"").expect_err("too short").to_string();
+    assert!(err.contains("auth.email_change.revert_ttl: must be \"0s\" (no link) or at least 1m"), "{err}");
     let err = parse("[auth.email_change]\nrevert_ttl = \"31d\"").expect_err("too long").to_string();
     assert!(err.contains("auth.email_change.revert_ttl: must be at most 30d"), "{err}");
     for bad in ["ftp://mailer/x", "https://user:pw@mailer/x", "/hooks", "https://mailer/x#frag"] {

@@ -21,12 +21,14 @@
 //! links; a user or tenant disable, or an operator's email change, voids
 //! them all.
 //!
-//! Revert links are the exception to "only the newest works": each goes
-//! to the address one change left, and none voids another, so that an
-//! intruder who moves the account on (and on) cannot void the owner's. A
-//! revert voids every link of the user but the revert links older than
-//! it: an intruder reverting a later move of their own leaves the owner's
-//! earlier one working.
+//! Revert links are the exception to "only the newest works": each is
+//! made in the transaction that confirms a change, goes to the address
+//! that change left, and none voids another, so that an intruder who moves
+//! the account on (and on) cannot void the owner's. A revert voids every
+//! link of the user but the revert links of earlier changes (numbered by
+//! `seq` in that transaction, not by a clock): an intruder reverting a
+//! later move of their own leaves the owner's earlier one working, and the
+//! owner's revert voids the intruder's.
 
 use uuid::Uuid;
 
@@ -69,6 +71,25 @@ pub struct NewLink<'a> {
     /// No link is made when the user got one of this kind less than this
     /// many seconds ago (0: always made).
     pub min_interval: i64,
+}
+
+/// A revert link to store with the email change it undoes.
+pub struct NewRevert<'a> {
+    pub token_hash: &'a [u8; 32],
+    /// A digest of the user's second factor as the change found it.
+    pub factor: &'a [u8; 32],
+    /// The address the change leaves, which the link moves back to.
+    pub address: &'a str,
+    pub expires_at: i64,
+}
+
+/// What the second factor was when a change or revert read the user: the
+/// stored secret and recovery codes as they were (`""` for none); the
+/// write is refused if either changed meanwhile.
+#[derive(Debug, Clone, Copy)]
+pub struct FactorRead<'a> {
+    pub secret: &'a str,
+    pub recovery: &'a str,
 }
 
 /// A link that is neither spent, replaced nor expired.
@@ -140,11 +161,22 @@ const VOID_ALL_BUT_REVERTS: &str = "
     WHERE tenant_id = $1 AND user_id = $2 AND used_at IS NULL AND purpose <> 'email_revert'";
 
 /// Voids every unspent link of the user but the revert link `$4` and
-/// those older than it (`$3`: now).
+/// those of earlier changes (`$3`: now).
 const VOID_ALL_BUT_OLDER_REVERTS: &str = "
     UPDATE email_links SET used_at = $3
     WHERE tenant_id = $1 AND user_id = $2 AND used_at IS NULL AND id <> $4
-      AND NOT (purpose = 'email_revert' AND created_at < (SELECT created_at FROM email_links WHERE id = $4))";
+      AND NOT (purpose = 'email_revert' AND seq < (SELECT seq FROM email_links WHERE id = $4))";
+
+/// Stores a revert link (`$1` id, `$2` token hash, `$3` tenant, `$4` user,
+/// `$5` factor digest, `$6` now, `$7` expiry, `$8` the address it moves
+/// back to), numbered after the user's earlier ones: the user's row is
+/// locked by the change that makes it, so two are numbered in turn.
+const INSERT_REVERT: &str = "
+    INSERT INTO email_links
+        (id, token_hash, tenant_id, user_id, password_fingerprint, created_at, expires_at, purpose, new_email, seq)
+    SELECT $1, $2, $3, $4, $5, $6, $7, 'email_revert', $8,
+           COALESCE((SELECT MAX(seq) FROM email_links
+                     WHERE tenant_id = $3 AND user_id = $4 AND purpose = 'email_revert'), 0) + 1";
 
 /// Spends a link (`$1`) at `$2`, if it is unspent and unexpired.
 const SPEND: &str = "UPDATE email_links SET used_at = $2 WHERE id = $1 AND used_at IS NULL AND expires_at > $2";
@@ -205,13 +237,8 @@ impl Store {
                     .await?
                     .rows_affected();
                 if inserted == 1 {
-                    // Revert links do not void each other: each goes to
-                    // the address one change left, and the oldest is the
-                    // owner's (see the module docs).
-                    if new.purpose != LinkPurpose::EmailRevert {
-                        let void = sqlx::query(VOID_OTHERS).bind(new.tenant_id).bind(new.user_id).bind(new.now);
-                        void.bind(Some(id)).bind(Some(purpose)).execute(&mut *tx).await?;
-                    }
+                    let void = sqlx::query(VOID_OTHERS).bind(new.tenant_id).bind(new.user_id).bind(new.now);
+                    void.bind(Some(id)).bind(Some(purpose)).execute(&mut *tx).await?;
                     tx.commit().await?;
                     LinkMade::Made
                 } else {
@@ -269,7 +296,7 @@ impl Store {
                      AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
         let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = 'password_reset'
                       WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL RETURNING id";
-        let outcome = self.redeem(link, LinkPurpose::PasswordReset, set, &[new, old], Some(revoke), now).await?;
+        let outcome = self.redeem(link, LinkPurpose::PasswordReset, set, &[new, old], Some(revoke), None, now).await?;
         Ok(outcome.map(|revoked| revoked.unwrap_or_default()))
     }
 
@@ -286,39 +313,45 @@ impl Store {
         let verify = "UPDATE users SET email_verified_at = $4
                       WHERE tenant_id = $1 AND id = $2 AND email = $3 AND email_verified_at IS NULL AND NOT disabled
                         AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
-        let outcome = self.redeem(link, LinkPurpose::EmailVerification, verify, &[email], None, now).await?;
+        let outcome = self.redeem(link, LinkPurpose::EmailVerification, verify, &[email], None, None, now).await?;
         Ok(outcome.map(drop))
     }
 
     /// Spends the email change `link` and moves the user from `old` (its
     /// email when the link was made) to `new`, marked verified (the link
     /// proved the mailbox), in one transaction, if the user's email is
-    /// still `old`, its password hash still `password_hash`, and the user
-    /// and its tenant enabled; voids every other link of the user (mailed
-    /// to the old address) but the revert links. [`StoreError::Conflict`](super::StoreError::Conflict)
+    /// still `old`, its password hash still `password_hash`, its second
+    /// factor still `factor` (what the revert link, if any, was told of
+    /// it), and the user and its tenant enabled; voids every other link of
+    /// the user (mailed to the old address) but the revert links, and
+    /// stores `revert`, the link that undoes this change. [`StoreError::Conflict`](super::StoreError::Conflict)
     /// when another user of the tenant has taken `new` meanwhile.
+    #[allow(clippy::too_many_arguments, reason = "one caller; each is a condition of the write")]
     pub async fn redeem_email_change(
         &self,
         link: &PendingLink,
         old: &str,
         password_hash: &str,
+        factor: FactorRead<'_>,
         new: &str,
+        revert: Option<NewRevert<'_>>,
         now: i64,
     ) -> StoreResult<Result<(), Unredeemed>> {
         let change = "UPDATE users SET email = $3, email_verified_at = $4, updated_at = $4
-                      WHERE tenant_id = $1 AND id = $2 AND email = $5 AND password_hash = $6 AND NOT disabled
+                      WHERE tenant_id = $1 AND id = $2 AND email = $5 AND password_hash = $6
+                        AND COALESCE(totp_secret, '') = $7 AND COALESCE(totp_recovery, '') = $8 AND NOT disabled
                         AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
-        let outcome =
-            self.redeem(link, LinkPurpose::EmailChange, change, &[new, old, password_hash], None, now).await?;
+        let args = [new, old, password_hash, factor.secret, factor.recovery];
+        let outcome = self.redeem(link, LinkPurpose::EmailChange, change, &args, None, revert, now).await?;
         Ok(outcome.map(drop))
     }
 
     /// Spends the revert `link` and moves the user back to `address` (the
     /// link's), with the password hash `new` (the one set since may be an
     /// intruder's), marked verified, in one transaction, if the user's
-    /// second factor is still `factor` (the stored secret read, `""` for
-    /// none) and the user and its tenant are enabled; with `drop_factor`
-    /// the factor (and one being set up) is removed. Revokes every open
+    /// second factor (secret and recovery codes) is still `factor` and the
+    /// user and its tenant are enabled; with `drop_factor` the factor (and
+    /// one being set up) is removed. Revokes every open
     /// session (reason `email_reverted`) and returns them; voids every link
     /// of the user but the revert links older than this one (an intruder
     /// who moved the account on, and reverts the second move, does not
@@ -329,21 +362,21 @@ impl Store {
         link: &PendingLink,
         address: &str,
         new: &str,
-        (factor, drop_factor): (&str, bool),
+        (factor, drop_factor): (FactorRead<'_>, bool),
         now: i64,
     ) -> StoreResult<Result<Vec<Uuid>, Unredeemed>> {
         const KEEP: &str = "UPDATE users SET email = $3, password_hash = $5, email_verified_at = $4, updated_at = $4
-            WHERE tenant_id = $1 AND id = $2 AND COALESCE(totp_secret, '') = $6 AND NOT disabled
-              AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
+            WHERE tenant_id = $1 AND id = $2 AND COALESCE(totp_secret, '') = $6 AND COALESCE(totp_recovery, '') = $7
+              AND NOT disabled AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
         const DROP: &str = "UPDATE users SET email = $3, password_hash = $5, email_verified_at = $4, updated_at = $4,
                 totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL, totp_failures = 0, totp_recovery = NULL
-            WHERE tenant_id = $1 AND id = $2 AND COALESCE(totp_secret, '') = $6 AND NOT disabled
-              AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
+            WHERE tenant_id = $1 AND id = $2 AND COALESCE(totp_secret, '') = $6 AND COALESCE(totp_recovery, '') = $7
+              AND NOT disabled AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
         let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = 'email_reverted'
                       WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL RETURNING id";
         let change = if drop_factor { DROP } else { KEEP };
-        let args = [address, new, factor];
-        let outcome = self.redeem(link, LinkPurpose::EmailRevert, change, &args, Some(revoke), now).await?;
+        let args = [address, new, factor.secret, factor.recovery];
+        let outcome = self.redeem(link, LinkPurpose::EmailRevert, change, &args, Some(revoke), None, now).await?;
         Ok(outcome.map(|revoked| revoked.unwrap_or_default()))
     }
 
@@ -351,13 +384,14 @@ impl Store {
     /// `args[0]`, now, then the rest of `args`) on the user's row; spend
     /// `link`; void the user's other links of the kind (after an email
     /// change or a revert, of every kind but the revert links it keeps);
-    /// with `revoke`
+    /// store `revert`; with `revoke`
     /// (bound to tenant id, user id, now), revoke and return sessions.
     /// Rolled back, with why, when the user's row or the link does not
     /// match. The user's row first, as in [`Store::create_email_link`] and
     /// a disable: on PostgreSQL every transaction that touches both takes
     /// the user's row lock before any link's, so none deadlocks another
     /// (and on SQLite the first statement is a write).
+    #[allow(clippy::too_many_arguments, reason = "private; each caller names what its kind of link does")]
     async fn redeem(
         &self,
         link: &PendingLink,
@@ -365,6 +399,7 @@ impl Store {
         change: &str,
         args: &[&str],
         revoke: Option<&str>,
+        revert: Option<NewRevert<'_>>,
         now: i64,
     ) -> StoreResult<Result<Option<Vec<Uuid>>, Unredeemed>> {
         let (tenant_id, user_id) = (link.tenant_id, link.user_id);
@@ -402,6 +437,19 @@ impl Store {
                         void.bind(Some(purpose.as_str())).execute(&mut *tx).await?;
                     }
                 }
+                if let Some(r) = &revert {
+                    sqlx::query(INSERT_REVERT)
+                        .bind(Uuid::new_v4())
+                        .bind(&r.token_hash[..])
+                        .bind(tenant_id)
+                        .bind(user_id)
+                        .bind(&r.factor[..])
+                        .bind(now)
+                        .bind(r.expires_at)
+                        .bind(r.address)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 let revoked = match revoke {
                     Some(revoke) => {
                         let rows: Vec<(Uuid,)> =
@@ -431,6 +479,24 @@ impl Store {
             .execute(p)
             .await
             .map(|d| d.rows_affected()))?)
+    }
+
+    /// Whether `email` is where a live revert link of a user of the tenant
+    /// other than `except` would move that user back: registration and
+    /// email changes leave such an address alone (see
+    /// `auth::service::email_change`).
+    pub async fn address_reserved(&self, tenant_id: Uuid, email: &str, except: Option<Uuid>) -> StoreResult<bool> {
+        let sql = "SELECT COUNT(*) FROM email_links
+                   WHERE tenant_id = $1 AND purpose = 'email_revert' AND new_email = $2 AND used_at IS NULL
+                     AND expires_at > $3 AND ($4 IS NULL OR user_id <> $4)";
+        let (n,): (i64,) = on_pool!(self, |p| sqlx::query_as(sql)
+            .bind(tenant_id)
+            .bind(email)
+            .bind(unix_now())
+            .bind(except)
+            .fetch_one(p)
+            .await)?;
+        Ok(n > 0)
     }
 
     /// Deletes links that expired or were spent before `before` (the hourly

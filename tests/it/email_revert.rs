@@ -17,7 +17,7 @@ use crate::helpers::{
     assert_error, assert_invalid_token, both_backends, eventually, expect_json, TestApp, TestOptions, OTHER_PASSWORD,
     PASSWORD,
 };
-use crate::password_reset::{audit_events, spawn_with_mailer, Mailer};
+use crate::password_reset::{audit_events, results_of, spawn_with_mailer, Mailer};
 use crate::user_admin::hold_update;
 
 const OWNER: &str = "owner@example.com";
@@ -60,11 +60,12 @@ async fn move_to(app: &TestApp, mailer: &Mailer, access: &str, from: &str, to: &
     revert_token(&change_notice(mailer, from).await)
 }
 
-/// Moves every link's creation back two minutes: the one-a-minute rule
-/// lets the next change request through, as it would a minute later.
+/// Moves the change links' creation back two minutes: the one-a-minute
+/// rule lets the next change request through, as it would a minute later.
+/// (Revert links are ordered by the database, not by their times.)
 async fn a_minute_passes(app: &TestApp) {
-    let update = "UPDATE email_links SET created_at = created_at - 120 WHERE purpose <> $1";
-    hold_update(app, update, "none", Duration::ZERO).await.await.expect("backdated");
+    let update = "UPDATE email_links SET created_at = created_at - 120 WHERE purpose = $1";
+    hold_update(app, update, "email_change", Duration::ZERO).await.await.expect("backdated");
 }
 
 both_backends! {
@@ -115,6 +116,11 @@ both_backends! {
         let again = revert(&app, &token, OWNER_NEW_PASSWORD).await;
         assert_error(again, StatusCode::BAD_REQUEST, "invalid_revert_token").await;
 
+        // The address left is told, with no link.
+        let left = change_notice(&mailer, INTRUDER).await;
+        assert_eq!(left["data"]["via"], "revert", "{left}");
+        assert!(left["data"].get("revert_token").is_none(), "{left}");
+
         let reverted = audit_events(&app, "email_reverted").await;
         assert_eq!(reverted.len(), 1, "{reverted:?}");
         assert_eq!(reverted[0]["email"], OWNER, "{reverted:?}");
@@ -144,24 +150,76 @@ both_backends! {
         app.login_ok(INTRUDER, OTHER_PASSWORD, None).await;
         assert_eq!(revert(&app, &owners, OWNER_NEW_PASSWORD).await.status(), StatusCode::NO_CONTENT);
         app.login_ok(OWNER, OWNER_NEW_PASSWORD, None).await;
-        let theirs_again = revert(&app, &theirs, OTHER_PASSWORD).await;
-        assert_error(theirs_again, StatusCode::BAD_REQUEST, "invalid_revert_token").await;
         app.stop().await;
     }
 
-    /// The owner's factor, unchanged since the change, stays; an address
-    /// taken meanwhile wins (409) and the link stays unspent until it is
-    /// free again.
+    /// The owner's revert voids the links of later moves: the intruder's
+    /// mailbox cannot take the account back.
+    #[tokio::test]
+    async fn the_owners_revert_voids_the_links_of_later_moves() {
+        let mailer = Mailer::spawn(0).await;
+        let app = spawn_with_mailer(&mailer, TestOptions::default()).await;
+        app.create_user("default", OWNER, PASSWORD, &[], &[]).await;
+        let intruder = app.login_ok(OWNER, PASSWORD, None).await.access_token;
+        let owners = move_to(&app, &mailer, &intruder, OWNER, INTRUDER, None).await;
+        a_minute_passes(&app).await;
+        let theirs = move_to(&app, &mailer, &intruder, INTRUDER, "second@evil.example", None).await;
+
+        assert_eq!(revert(&app, &owners, OWNER_NEW_PASSWORD).await.status(), StatusCode::NO_CONTENT);
+        let theirs = revert(&app, &theirs, OTHER_PASSWORD).await;
+        assert_error(theirs, StatusCode::BAD_REQUEST, "invalid_revert_token").await;
+        assert_eq!(reason(&audit_events(&app, "email_revert_failed").await), "unknown_link");
+        app.login_ok(OWNER, OWNER_NEW_PASSWORD, None).await;
+        app.stop().await;
+    }
+
+    /// Nothing the intruder can do voids the link (a sign-out everywhere,
+    /// another change request); an operator's move or disable does.
+    #[tokio::test]
+    async fn only_an_operator_voids_a_revert_link() {
+        let mailer = Mailer::spawn(0).await;
+        let app = spawn_with_mailer(&mailer, TestOptions::default()).await;
+        app.create_user("default", OWNER, PASSWORD, &[], &[]).await;
+        let intruder = app.login_ok(OWNER, PASSWORD, None).await.access_token;
+        let token = move_to(&app, &mailer, &intruder, OWNER, INTRUDER, None).await;
+        a_minute_passes(&app).await;
+        expect_json(ask(&app, &intruder, "third@evil.example", PASSWORD).await, StatusCode::ACCEPTED).await;
+        assert_eq!(app.post_authed("/auth/logout-all", &intruder, &json!({})).await.status(), StatusCode::NO_CONTENT);
+        assert_eq!(revert(&app, &token, OWNER_NEW_PASSWORD).await.status(), StatusCode::NO_CONTENT);
+
+        let other = "other@example.com";
+        app.create_user("default", other, PASSWORD, &[], &[]).await;
+        let access = app.login_ok(other, PASSWORD, None).await.access_token;
+        let moved = move_to(&app, &mailer, &access, other, "other@example.net", None).await;
+        let set = ["user", "set-email", "--tenant", "default", "--email", "other@example.net", "--new-email", "o@example.org"];
+        app.cli(&set, "").await.expect("user set-email");
+        assert_error(revert(&app, &moved, OWNER_NEW_PASSWORD).await, StatusCode::BAD_REQUEST, "invalid_revert_token").await;
+        app.stop().await;
+    }
+
+    /// The owner's factor, unchanged since the change, stays. The address
+    /// left is kept for the owner: no registration or change takes it; an
+    /// operator's user may (409, and the link stays unspent until it is
+    /// free again).
     #[tokio::test]
     async fn a_revert_keeps_the_owners_factor_and_loses_to_whoever_took_the_address() {
         let mailer = Mailer::spawn(0).await;
-        let app = spawn_with_mailer(&mailer, TestOptions::default()).await;
+        let app = spawn_with_mailer(&mailer, TestOptions { registration: true, ..TestOptions::default() }).await;
         app.create_user("default", OWNER, PASSWORD, &[], &[]).await;
         let access = app.login_ok(OWNER, PASSWORD, None).await.access_token;
         let (secret, _) = enable_mfa(&app, &access).await;
         let now = code(&secret, step_at(unix_now()) + 1).expect("a code");
         let token = move_to(&app, &mailer, &access, OWNER, INTRUDER, Some(&now)).await;
 
+        // Nobody registers the address, or moves to it, while the link lives.
+        let register = json!({ "email": OWNER, "password": PASSWORD });
+        let squat = app.client.post(app.url("/auth/register")).json(&register).send().await.expect("POST");
+        assert_error(squat, StatusCode::CONFLICT, "email_taken").await;
+        app.create_user("default", "squatter@example.com", PASSWORD, &[], &[]).await;
+        let squatter = app.login_ok("squatter@example.com", PASSWORD, None).await.access_token;
+        expect_json(ask(&app, &squatter, OWNER, PASSWORD).await, StatusCode::ACCEPTED).await;
+        assert_eq!(results_of(&app, "email_change_requested", 2).await, ["sent", "email_taken"], "nothing mailed");
+        // An operator may: the owner's revert then waits for the address.
         app.create_user("default", OWNER, PASSWORD, &[], &[]).await;
         let taken = revert(&app, &token, OWNER_NEW_PASSWORD).await;
         assert_error(taken, StatusCode::CONFLICT, "email_taken").await;
@@ -176,8 +234,30 @@ both_backends! {
         app.stop().await;
     }
 
+    /// New recovery codes are a changed factor: the revert removes it (the
+    /// intruder who made them holds them).
+    #[tokio::test]
+    async fn a_revert_removes_a_factor_whose_recovery_codes_changed() {
+        let mailer = Mailer::spawn(0).await;
+        let app = spawn_with_mailer(&mailer, TestOptions::default()).await;
+        app.create_user("default", OWNER, PASSWORD, &[], &[]).await;
+        let access = app.login_ok(OWNER, PASSWORD, None).await.access_token;
+        let (secret, recovery) = enable_mfa(&app, &access).await;
+        let now = code(&secret, step_at(unix_now()) + 1).expect("a code");
+        let token = move_to(&app, &mailer, &access, OWNER, INTRUDER, Some(&now)).await;
+        let body = json!({ "password": PASSWORD, "code": recovery });
+        expect_json(app.post_authed("/auth/mfa/recovery-codes", &access, &body).await, StatusCode::OK).await;
+
+        assert_eq!(revert(&app, &token, OWNER_NEW_PASSWORD).await.status(), StatusCode::NO_CONTENT);
+        let back = app.login_ok(OWNER, OWNER_NEW_PASSWORD, None).await;
+        assert_eq!(app.me_ok(&back.access_token).await["mfa"], false);
+        let reverted = audit_events(&app, "email_reverted").await;
+        assert_eq!(reverted[0]["detail"]["mfa_removed"], true, "{reverted:?}");
+        app.stop().await;
+    }
+
     /// `auth.email_change.revert_ttl = "0s"`: the notice goes without a
-    /// link.
+    /// link; and so does the notice of a move from an address never proved.
     #[tokio::test]
     async fn with_revert_off_the_notice_carries_no_link() {
         let mailer = Mailer::spawn(0).await;
@@ -190,6 +270,19 @@ both_backends! {
         assert_eq!(confirm(&app, &token, PASSWORD).await.status(), StatusCode::NO_CONTENT);
         let notice = change_notice(&mailer, OWNER).await;
         assert!(notice["data"].get("revert_token").is_none(), "{notice}");
+        app.stop().await;
+
+        let mailer = Mailer::spawn(0).await;
+        let app = spawn_with_mailer(&mailer, TestOptions::default()).await;
+        app.create_user("default", OWNER, PASSWORD, &[], &[]).await;
+        let unprove = "UPDATE users SET email_verified_at = NULL WHERE email = $1";
+        hold_update(&app, unprove, OWNER, Duration::ZERO).await.await.expect("unverified");
+        let access = app.login_ok(OWNER, PASSWORD, None).await.access_token;
+        expect_json(ask(&app, &access, INTRUDER, PASSWORD).await, StatusCode::ACCEPTED).await;
+        let token = mailed_token_sent(&mailer, INTRUDER).await;
+        assert_eq!(confirm(&app, &token, PASSWORD).await.status(), StatusCode::NO_CONTENT);
+        let notice = change_notice(&mailer, OWNER).await;
+        assert!(notice["data"].get("revert_token").is_none(), "an unproved address gets no link: {notice}");
         app.stop().await;
     }
 }

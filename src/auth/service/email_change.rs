@@ -32,18 +32,22 @@
 //!   one a minute per user.
 //!
 //! Undoing a move: the `email.changed` notice carries a revert link
-//! (`auth.email_change.revert_ttl`, 7 days), and `POST /auth/email/revert`
-//! with it and a new password moves the account back to the address the
-//! notice went to, verified, revokes every session, and removes a second
-//! factor that is not the one the account had when it moved (set up,
-//! changed or removed since: it may be the intruder's). An intruder who had
-//! the password can change everything but the old mailbox, so the link is
-//! bound to nothing they can change: no later change voids it (not even a
-//! revert link of a later move: only the newest link of a kind works,
-//! except this kind), and a revert voids every link but the revert links
-//! of older moves, which stay the owner's. The old mailbox keeps for that
-//! while the power it had before the move (resets went there); `"0s"` ends
-//! it at the move.
+//! (`auth.email_change.revert_ttl`, 7 days), made in the transaction that
+//! confirms the change (when notices are on and the old address was
+//! proved), and `POST /auth/email/revert` with it and a new password moves
+//! the account back to the address the notice went to, verified, revokes
+//! every session, tells the address it leaves, and removes a second factor
+//! that is not the one the account had when it moved (its secret or
+//! recovery codes set up, changed or regenerated since: it may be the
+//! intruder's). An intruder who had the password can change everything but
+//! the old mailbox, so the link is bound to nothing they can change: no
+//! later change voids it (not even a revert link of a later move: only the
+//! newest link of a kind works, except this kind), a revert voids every
+//! link but the revert links of earlier changes (numbered in the change's
+//! transaction), which stay the owner's, and while it works the address is
+//! kept for its user (no registration or other user's change takes it).
+//! The old mailbox keeps for that while the power it had before the move
+//! (resets went there); `"0s"` ends it at the move.
 //!
 //! `gateway user set-email` lets an operator move a user without a link
 //! (and voids every link, revert links too: the operator acted).
@@ -53,15 +57,16 @@ use uuid::Uuid;
 
 use subtle::ConstantTimeEq as _;
 
-use super::links::{CHANGE, LINK_MIN_INTERVAL};
+use super::links::{EmailLink, CHANGE, LINK_MIN_INTERVAL};
 use super::notices::Notice;
 use super::{
     check_password_size, normalize_email, rfc3339, validate_email, Accounts, AuthService, ClientContext, UserKey,
 };
+use crate::auth::refresh;
 use crate::auth::{AuthError, Principal};
-use crate::db::email_links::{LinkMade, LinkPurpose};
+use crate::db::email_links::{LinkMade, LinkPurpose, NewRevert};
 use crate::db::users::User;
-use crate::db::{unix_now, StoreError};
+use crate::db::{secs, unix_now, StoreError};
 
 /// The metric of presented change links, by result.
 const CHANGES: &str = "gateway_email_changes_total";
@@ -164,9 +169,14 @@ impl AuthService {
         // more about other accounts than anyone else (the confirmation
         // refuses a taken address).
         let work = async move {
-            let result = match this.store.user_by_email(tenant.id, &to).await {
-                Ok(Some(_)) => "email_taken",
-                Ok(None) => match webhook.deliver(CHANGE.webhook_type, data).await {
+            let taken = match this.store.user_by_email(tenant.id, &to).await {
+                Ok(Some(_)) => Ok(true),
+                Ok(None) => this.store.address_reserved(tenant.id, &to, Some(user.id)).await,
+                Err(e) => Err(e),
+            };
+            let result = match taken {
+                Ok(true) => "email_taken",
+                Ok(false) => match webhook.deliver(CHANGE.webhook_type, data).await {
                     Ok(_) => "sent",
                     Err(_) => "delivery_failed",
                 },
@@ -217,7 +227,37 @@ impl AuthService {
             return Err(AuthError::InvalidEmailChangeToken);
         };
         self.link_password((FAILED, CHANGES, "email_change"), &user, &tenant, password, client).await?;
-        let redeemed = self.store.redeem_email_change(&link, &user.email, &user.password_hash, &new_email, unix_now());
+        // Where another user's revert link would move that user back.
+        if self.store.address_reserved(tenant.id, &new_email, Some(user.id)).await? {
+            self.link_refused(FAILED, CHANGES, "email_taken", Some(&user), client).await;
+            return Err(AuthError::EmailTaken);
+        }
+        // The change and the link that undoes it are one write, bound to the
+        // factor this read found (a factor set up meanwhile refuses it).
+        let factor = self.factor_of(&user).await?;
+        let now = unix_now();
+        let revert = match self.revert_ttl(&user) {
+            Some(ttl) => {
+                let (token, hash) = refresh::generate().map_err(|e| AuthError::Unexpected(anyhow::anyhow!(e)))?;
+                Some((EmailLink { token, expires_at: now + secs(ttl) }, hash))
+            }
+            None => None,
+        };
+        let stored = revert.as_ref().map(|(link, hash)| NewRevert {
+            token_hash: hash,
+            factor: &factor.digest,
+            address: &user.email,
+            expires_at: link.expires_at,
+        });
+        let redeemed = self.store.redeem_email_change(
+            &link,
+            &user.email,
+            &user.password_hash,
+            factor.read(),
+            &new_email,
+            stored,
+            now,
+        );
         match redeemed.await {
             Ok(Ok(())) => {}
             Ok(Err(gone)) => {
@@ -233,9 +273,20 @@ impl AuthService {
         metrics::counter!(CHANGES, "result" => "success").increment(1);
         let moved = User { email: new_email.clone(), ..user.clone() };
         self.audit_user("email_changed", &moved, client, serde_json::json!({ "via": "link" })).await;
-        let notice = Notice::EmailChanged { old: user.email.clone(), new: new_email };
+        let revert = revert.map(|(link, _)| link);
+        let notice = Notice::EmailChanged { old: user.email.clone(), new: new_email, revert, via: "link" };
         self.notify(user.tenant_id, user.id, notice, client);
         Ok(())
+    }
+
+    /// How long the revert link of a change `user` (as the change found
+    /// it) confirms works, if one is made: only with notices to mail it in,
+    /// `auth.email_change.revert_ttl` not `0s`, and an old address that was
+    /// proved (a mistyped one's owner is no one to hand the account to).
+    fn revert_ttl(&self, user: &User) -> Option<std::time::Duration> {
+        let ttl = self.accounts.revert_token_ttl;
+        let notices = self.mailer.is_some() && self.config.mailer.as_ref().is_some_and(|m| m.notices);
+        (notices && !ttl.is_zero() && user.email_verified_at.is_some()).then_some(ttl)
     }
 
     /// `POST /auth/email/revert`: moves the revert link's user back to the
@@ -264,12 +315,13 @@ impl AuthService {
             self.link_refused(REVERT_FAILED, REVERTS, "unknown_link", Some(&user), client).await;
             return Err(AuthError::InvalidRevertToken);
         };
-        // A factor set up, changed or removed since the change may be the
-        // intruder's: it goes, and the owner sets one up again.
-        let factor = user.totp_secret.as_deref().unwrap_or("");
-        let drop_factor = !bool::from(self.factor_fingerprint(&user)?.ct_eq(&link.fingerprint));
+        // A factor set up, changed or removed since the change (its secret
+        // or its recovery codes) may be the intruder's: it goes, and the
+        // owner sets one up again.
+        let factor = self.factor_of(&user).await?;
+        let drop_factor = !bool::from(factor.digest.ct_eq(&link.fingerprint));
         let hash = self.hasher.hash(password).await?;
-        let redeemed = self.store.redeem_email_revert(&link, &address, &hash, (factor, drop_factor), unix_now());
+        let redeemed = self.store.redeem_email_revert(&link, &address, &hash, (factor.read(), drop_factor), unix_now());
         let revoked = match redeemed.await {
             Ok(Ok(revoked)) => revoked,
             Ok(Err(gone)) => {
@@ -287,12 +339,20 @@ impl AuthService {
         }
         metrics::counter!(REVERTS, "result" => "success").increment(1);
         let back = User { email: address.clone(), ..user.clone() };
+        let had_factor = user.totp_secret.is_some() || !factor.recovery.is_empty();
         let detail = serde_json::json!({
             "via": "link",
             "sessions_revoked": revoked.len(),
-            "mfa_removed": drop_factor && user.totp_secret.is_some(),
+            "mfa_removed": drop_factor && had_factor,
         });
         self.audit_user("email_reverted", &back, client, detail).await;
+        // The address left is told (no link: the two mailboxes would take
+        // the account from each other in turn).
+        if user.email != address {
+            let notice =
+                Notice::EmailChanged { old: user.email.clone(), new: address.clone(), revert: None, via: "revert" };
+            self.notify(user.tenant_id, user.id, notice, client);
+        }
         // The owner proved the mailbox and chose a new password: a lock
         // earned by the intruder, or by guesses, no longer keeps them out.
         if let Err(e) = self.store.clear_login_attempts(&tenant.slug, &address).await {

@@ -1,12 +1,13 @@
 //! Links mailed to users: what password resets ([`super::reset`]), email
-//! verifications ([`super::verify`]) and email changes
+//! verifications ([`super::verify`]), email changes and their reverts
 //! ([`super::email_change`]) share.
 //!
 //! A link is a token (256 random bits, base64url), stored hashed in
 //! `email_links` ([`crate::db::email_links`]), valid for its kind's
-//! lifetime and once, voided by a newer link of its kind and by a user or
-//! tenant disable, and bound to what it acts on (the password hash it may
-//! replace; the email it proves).
+//! lifetime and once, voided by a newer link of its kind (not a revert
+//! link: see [`crate::db::email_links`]) and by a user or tenant disable,
+//! and bound to what it acts on (the password hash it may replace; the
+//! email it proves).
 //!
 //! Asking for one (`forgot`, `resend`) tells nothing about the account: the
 //! request's shape and the per-IP limit are checked, and the answer is a
@@ -30,7 +31,7 @@ use crate::auth::refresh;
 use crate::auth::webhook::Webhook;
 use crate::auth::AuthError;
 use crate::db::audit::NewAuditEvent;
-use crate::db::email_links::{LinkMade, LinkPurpose, NewLink, PendingLink};
+use crate::db::email_links::{FactorRead, LinkMade, LinkPurpose, NewLink, PendingLink};
 use crate::db::tenants::Tenant;
 use crate::db::users::User;
 use crate::db::{secs, unix_now};
@@ -46,6 +47,7 @@ pub const LINK_MIN_INTERVAL: i64 = 60;
 pub const MAX_LINK_TASKS: usize = 32;
 
 /// A link's token and when it expires (unix seconds).
+#[derive(Clone)]
 pub struct EmailLink {
     pub token: String,
     pub expires_at: i64,
@@ -105,25 +107,44 @@ pub(super) fn fingerprint(purpose: LinkPurpose, user: &User) -> [u8; 32] {
             .chain_update([0, u8::from(user.totp_secret.is_some())])
             .finalize()
             .into(),
-        LinkPurpose::EmailRevert => factor_digest(None),
+        // Made with the change it undoes, from [`Factor::digest`]; never
+        // compared by [`AuthService::presented_link`].
+        LinkPurpose::EmailRevert => [0; 32],
     }
 }
 
-/// The SHA-256 of a second factor's secret as it is (not as stored:
-/// resealing with another key changes the text), `""` for none.
-fn factor_digest(secret: Option<&str>) -> [u8; 32] {
-    Sha256::digest(secret.unwrap_or("").as_bytes()).into()
+/// A user's second factor as stored now: the stored secret and recovery
+/// codes (`""` for none), which the write that relies on them requires
+/// unchanged, and the digest a revert link holds, of the secret as it is
+/// (not as stored: resealing with another key changes the text) and the
+/// recovery codes' hashes.
+pub(super) struct Factor {
+    secret: String,
+    pub recovery: String,
+    pub digest: [u8; 32],
+}
+
+impl Factor {
+    pub(super) fn read(&self) -> FactorRead<'_> {
+        FactorRead { secret: &self.secret, recovery: &self.recovery }
+    }
 }
 
 impl AuthService {
-    /// What a revert link holds of the user's second factor (a digest of
-    /// its secret, or of none), to tell at the revert whether the factor is
-    /// still the one the account had when it moved. A secret that does not
-    /// open is an error (logged): no link is made, or no revert done, on a
-    /// guess.
-    pub(super) fn factor_fingerprint(&self, user: &User) -> Result<[u8; 32], AuthError> {
-        let secret = user.totp_secret.as_deref().map(|stored| self.open_secret(user.id, stored)).transpose()?;
-        Ok(factor_digest(secret.as_deref()))
+    /// The second factor of `user` (read with it; the recovery codes are
+    /// read now, and the write's condition catches a change between). A
+    /// secret that does not open is an error (logged): no link is made, or
+    /// revert done, on a guess.
+    pub(super) async fn factor_of(&self, user: &User) -> Result<Factor, AuthError> {
+        let recovery = self.store.totp_recovery(user.tenant_id, user.id).await?.unwrap_or_default();
+        let opened = user.totp_secret.as_deref().map(|stored| self.open_secret(user.id, stored)).transpose()?;
+        let digest = Sha256::new()
+            .chain_update(opened.unwrap_or_default())
+            .chain_update([0])
+            .chain_update(&recovery)
+            .finalize()
+            .into();
+        Ok(Factor { secret: user.totp_secret.clone().unwrap_or_default(), recovery, digest })
     }
 }
 
@@ -382,19 +403,6 @@ impl Accounts {
         min_interval: i64,
         new_email: Option<&str>,
     ) -> Result<Result<EmailLink, LinkMade>, AuthError> {
-        self.make_bound_link(user, purpose, min_interval, new_email, &fingerprint(purpose, user)).await
-    }
-
-    /// [`Accounts::make_link`] bound to `bound` rather than to what
-    /// [`fingerprint`] takes of the user (a revert link's factor digest).
-    pub(super) async fn make_bound_link(
-        &self,
-        user: &User,
-        purpose: LinkPurpose,
-        min_interval: i64,
-        new_email: Option<&str>,
-        bound: &[u8; 32],
-    ) -> Result<Result<EmailLink, LinkMade>, AuthError> {
         let (token, token_hash) = refresh::generate().map_err(|e| AuthError::Unexpected(anyhow::anyhow!(e)))?;
         let ttl = match purpose {
             LinkPurpose::PasswordReset => self.reset_token_ttl,
@@ -411,7 +419,7 @@ impl Accounts {
                 tenant_id: user.tenant_id,
                 user_id: user.id,
                 token_hash: &token_hash,
-                fingerprint: bound,
+                fingerprint: &fingerprint(purpose, user),
                 new_email,
                 now,
                 expires_at,

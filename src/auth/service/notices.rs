@@ -32,8 +32,6 @@ use uuid::Uuid;
 use super::links::EmailLink;
 use super::{rfc3339, AuthService, ClientContext};
 use crate::auth::AuthError;
-use crate::db::email_links::LinkPurpose;
-use crate::db::users::User;
 
 /// What happened to the account.
 #[derive(Debug, Clone)]
@@ -41,8 +39,10 @@ pub(super) enum Notice {
     /// The password changed: `via` `password_change` (the user, signed
     /// in) or `password_reset` (a mailed link).
     PasswordChanged { via: &'static str },
-    /// The email changed; the notice goes to the old address.
-    EmailChanged { old: String, new: String },
+    /// The email changed (`via` a `link`, or a `revert`); the notice goes
+    /// to the old address, with the link that moves the account back, if
+    /// the change made one.
+    EmailChanged { old: String, new: String, revert: Option<EmailLink>, via: &'static str },
     /// A second factor was set up.
     MfaEnabled,
     /// The second factor was removed.
@@ -66,6 +66,10 @@ impl Notice {
 /// The metric of notices, by type and result.
 const NOTICES: &str = "gateway_notices_total";
 
+/// How long an `email.changed` notice waits for a delivery place when all
+/// are taken, before it is dropped (and logged as an error).
+const URGENT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 impl AuthService {
     /// Tells the owner of `user_id` what happened (see the module docs),
     /// after the answer; nothing when there is no mailer or
@@ -77,37 +81,64 @@ impl AuthService {
         }
         let kind = notice.webhook_type();
         // Not `email.changed`: each goes to the address a confirmed change
-        // left (no flood: coming back takes a link to that mailbox), and
-        // carries the revert link that must not be lost.
-        let throttled = !matches!(notice, Notice::EmailChanged { .. });
-        if throttled && self.notices_sent.contains_key(&(user_id, kind)) {
+        // left (no flood: each takes a link followed from a mailbox), and
+        // may carry the revert link, which must not be lost: it waits for a
+        // place rather than being dropped.
+        let urgent = matches!(notice, Notice::EmailChanged { .. });
+        if !urgent && self.notices_sent.contains_key(&(user_id, kind)) {
             metrics::counter!(NOTICES, "type" => kind, "result" => "throttled").increment(1);
             return;
         }
-        let Ok(permit) = Arc::clone(&self.notice_tasks).try_acquire_owned() else {
+        let permit = Arc::clone(&self.notice_tasks).try_acquire_owned().ok();
+        if permit.is_none() && !urgent {
             metrics::counter!(NOTICES, "type" => kind, "result" => "overloaded").increment(1);
             tracing::warn!(kind, "a security notice was dropped: too many deliveries under way");
             return;
-        };
+        }
         self.notices_sent.insert((user_id, kind), ());
         let this = self.clone();
         let ip = client.ip.to_string();
-        let work = async move {
-            let result = match this.notice_data(tenant_id, user_id, notice, ip).await {
-                Ok(Some(data)) => match webhook.deliver(kind, data).await {
-                    Ok(_) => "sent",
-                    Err(_) => "delivery_failed",
+        let tasks = Arc::clone(&self.notice_tasks);
+        tokio::spawn(async move {
+            let permit = match permit {
+                Some(permit) => permit,
+                None => match tokio::time::timeout(URGENT_WAIT, tasks.acquire_owned()).await {
+                    Ok(Ok(permit)) => permit,
+                    _ => {
+                        metrics::counter!(NOTICES, "type" => kind, "result" => "overloaded").increment(1);
+                        tracing::error!(kind, "a security notice was dropped: no delivery place freed in time");
+                        return;
+                    }
                 },
-                // Deleted meanwhile: nobody to tell.
-                Ok(None) => "unknown_user",
-                Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), kind, "a notice could not be prepared");
-                    "error"
-                }
             };
-            metrics::counter!(NOTICES, "type" => kind, "result" => result).increment(1);
+            let _permit = permit;
+            this.deliver_notice(webhook, tenant_id, user_id, notice, ip).await;
+        });
+    }
+
+    /// Delivers one notice (in its place) and counts the result.
+    async fn deliver_notice(
+        &self,
+        webhook: Arc<crate::auth::webhook::Webhook>,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        notice: Notice,
+        ip: String,
+    ) {
+        let kind = notice.webhook_type();
+        let result = match self.notice_data(tenant_id, user_id, notice, ip).await {
+            Ok(Some(data)) => match webhook.deliver(kind, data).await {
+                Ok(_) => "sent",
+                Err(_) => "delivery_failed",
+            },
+            // Deleted meanwhile: nobody to tell.
+            Ok(None) => "unknown_user",
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), kind, "a notice could not be prepared");
+                "error"
+            }
         };
-        Self::spawn_with_permit(permit, work);
+        metrics::counter!(NOTICES, "type" => kind, "result" => result).increment(1);
     }
 
     /// The notice's `data`, addressed to the user's email as it is now (for
@@ -130,43 +161,19 @@ impl AuthService {
         });
         match notice {
             Notice::PasswordChanged { via } => data["via"] = via.into(),
-            Notice::EmailChanged { old, new } => {
+            Notice::EmailChanged { old, new, revert, via } => {
+                data["email"] = old.into();
                 data["new_email_hint"] = mask(&new).into();
+                data["via"] = via.into();
                 data.as_object_mut().map(|fields| fields.remove("ip"));
-                if let Some(revert) = self.revert_link(&user, &old).await {
+                if let Some(revert) = revert {
                     data["revert_token"] = revert.token.into();
                     data["revert_expires_at"] = rfc3339(revert.expires_at).into();
                 }
-                data["email"] = old.into();
             }
             Notice::MfaEnabled | Notice::MfaDisabled | Notice::RecoveryCodesRegenerated => {}
         }
         Ok(Some(data))
-    }
-}
-
-impl AuthService {
-    /// The link an `email.changed` notice carries to `old`, the address
-    /// `user` left: it moves the user back (see [`super::email_change`]).
-    /// `None` when `auth.email_change.revert_ttl` is `0s`, the user was
-    /// disabled meanwhile, or the link could not be stored (logged): the
-    /// notice goes without it.
-    async fn revert_link(&self, user: &User, old: &str) -> Option<EmailLink> {
-        if self.accounts.revert_token_ttl.is_zero() {
-            return None;
-        }
-        let made = match self.factor_fingerprint(user) {
-            Ok(factor) => self.accounts.make_bound_link(user, LinkPurpose::EmailRevert, 0, Some(old), &factor).await,
-            Err(e) => Err(e),
-        };
-        match made {
-            Ok(Ok(link)) => Some(link),
-            Ok(Err(_)) => None,
-            Err(e) => {
-                tracing::error!(error = %e, "the revert link of an email change could not be made");
-                None
-            }
-        }
     }
 }
 
