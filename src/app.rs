@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::auth::keys::KeyRing;
 use crate::auth::password::PasswordHasher;
 use crate::auth::revocation::{self, RevocationState};
-use crate::auth::seal::SealingKey;
+use crate::auth::seal::SealingKeys;
 use crate::auth::service::AuthService;
 use crate::auth::token::TokenRules;
 use crate::auth::webhook::Webhook;
@@ -98,8 +98,9 @@ impl App {
         };
         let admin_token = config.admin.api_token_file.as_deref().map(crate::admin::api::ApiToken::load).transpose()?;
         let sealer = Arc::new(seal_stored_secrets(&store, &config.auth.keys_dir, config.auth.seal_totp_secrets).await?);
-        let service = AuthService::new(store.clone(), hasher, authenticator.clone(), config.auth.clone(), sealer)
-            .with_mailer(reset_webhook);
+        let service =
+            AuthService::new(store.clone(), hasher, authenticator.clone(), config.auth.clone(), Arc::clone(&sealer))
+                .with_mailer(reset_webhook);
 
         let tenants = TenantDirectory::default();
         if let Err(e) = tenants.refresh(&store).await {
@@ -127,6 +128,7 @@ impl App {
             path: config.path.clone(),
             stamp: config.stamp,
             keys_dir: config.auth.keys_dir.clone(),
+            sealer,
             routes,
             api,
             authenticator,
@@ -375,8 +377,8 @@ async fn maintain(
 /// (from before sealing). Says so in an error when the key does not open a
 /// stored sealed secret. Without the database, the rest waits for the next
 /// start: secrets stored as they are are read as they are meanwhile.
-async fn seal_stored_secrets(store: &Store, keys_dir: &std::path::Path, seal: bool) -> anyhow::Result<SealingKey> {
-    let (sealer, made) = SealingKey::load_or_generate(keys_dir).context("loading the secrets key")?;
+async fn seal_stored_secrets(store: &Store, keys_dir: &std::path::Path, seal: bool) -> anyhow::Result<SealingKeys> {
+    let (sealer, made) = SealingKeys::load_or_generate(keys_dir).context("loading the secrets keys")?;
     if made {
         tracing::info!(dir = %keys_dir.display(), "generated the key that seals stored TOTP secrets");
         let event = NewAuditEvent {

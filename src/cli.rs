@@ -12,6 +12,7 @@ use secrecy::SecretString;
 use crate::app::{shutdown_signal, App};
 use crate::auth::keys::{self, KeyRing};
 use crate::auth::password::PasswordHasher;
+use crate::auth::seal::SealingKeys;
 use crate::auth::service::{rfc3339, Accounts, UserKey};
 use crate::auth::AuthError;
 use crate::config::Config;
@@ -261,8 +262,14 @@ pub enum KeysCommand {
     /// Also makes secrets.key (which seals the TOTP secrets) when there is
     /// none.
     Generate,
-    /// List the keys; the newest signs.
+    /// List the signing keys (the newest signs) and the secrets keys (the
+    /// newest seals), with how many stored TOTP secrets each holds.
     List,
+    /// Make a new secrets key (secrets-<UTC time>.key) and reseal every
+    /// stored TOTP secret with it; running gateways read it when they meet
+    /// a secret it sealed, or on SIGHUP. Remove an older secrets key file
+    /// once `keys list` shows it holds nothing.
+    RotateSecrets,
     /// Write every sealed TOTP secret back as it is, before a rollback to
     /// a release from before sealing (set auth.seal_totp_secrets = false on
     /// the replicas that keep running, or they seal them again at start).
@@ -720,13 +727,26 @@ fn prompt_password() -> anyhow::Result<SecretString> {
     Ok(SecretString::from(first))
 }
 
+/// The secrets keys of `dir`, which must hold one: sealed secrets open only
+/// with the key that sealed them, and a new one would open nothing.
+fn existing_secrets_keys(dir: &std::path::Path) -> anyhow::Result<SealingKeys> {
+    let Some(keys) = SealingKeys::load(dir)? else {
+        bail!(
+            "auth.keys_dir: {} holds no secrets key; sealed secrets cannot be opened without the file they were \
+             sealed with (is auth.keys_dir the directory the gateways use?)",
+            dir.display()
+        );
+    };
+    Ok(keys)
+}
+
 async fn keys_command(config: &Config, cmd: KeysCommand, out: &mut dyn Write) -> anyhow::Result<()> {
     let dir = &config.auth.keys_dir;
     match cmd {
         KeysCommand::Generate => {
             // The sealing key first: a bad file fails the command before a
             // signing key is made.
-            let (_, made) = crate::auth::seal::SealingKey::load_or_generate(dir)?;
+            let (_, made) = SealingKeys::load_or_generate(dir)?;
             let kid = keys::generate(dir)?;
             let store = open(config).await?;
             store
@@ -753,15 +773,7 @@ async fn keys_command(config: &Config, cmd: KeysCommand, out: &mut dyn Write) ->
             Ok(())
         }
         KeysCommand::UnsealTotp => {
-            let path = dir.join(crate::auth::seal::KEY_FILE);
-            if !path.exists() {
-                bail!(
-                    "auth.keys_dir: {} does not exist; sealed secrets cannot be opened without the file they were \
-                     sealed with (is auth.keys_dir the directory the gateways use?)",
-                    path.display()
-                );
-            }
-            let (key, _) = crate::auth::seal::SealingKey::load_or_generate(dir)?;
+            let key = existing_secrets_keys(dir)?;
             let store = open(config).await?;
             let result = crate::auth::seal::rewrite_stored(&store, &key, false).await;
             store.close().await;
@@ -781,6 +793,49 @@ async fn keys_command(config: &Config, cmd: KeysCommand, out: &mut dyn Write) ->
                 let role = if k.kid == signer { "signing" } else { "verify-only" };
                 writeln!(out, "{}  {:<12} x={}", k.kid, role, k.x)?;
             }
+            let sealer = existing_secrets_keys(dir)?;
+            let store = open(config).await?;
+            for (i, (file, prefix)) in sealer.prefixes().into_iter().enumerate() {
+                let held = store.count_totp_with(&prefix).await;
+                let held = match held {
+                    Ok(n) => n,
+                    Err(e) => {
+                        store.close().await;
+                        return Err(e.into());
+                    }
+                };
+                let role = if i == 0 { "sealing" } else { "open-only" };
+                writeln!(out, "{file}  {role:<12} holds {held} TOTP secret(s)")?;
+            }
+            store.close().await;
+            Ok(())
+        }
+        KeysCommand::RotateSecrets => {
+            existing_secrets_keys(dir)?;
+            let file = SealingKeys::rotate(dir)?;
+            let sealer = existing_secrets_keys(dir)?;
+            let store = open(config).await?;
+            let resealed = crate::auth::seal::rewrite_stored(&store, &sealer, true).await;
+            let detail = serde_json::json!({
+                "key": file,
+                "by": "cli",
+                "resealed": resealed.as_ref().ok(),
+            });
+            let audited = store.record_audit(NewAuditEvent {
+                event: "key_generated",
+                detail: Some(detail),
+                ..Default::default()
+            });
+            let audited = audited.await;
+            store.close().await;
+            let resealed = resealed.with_context(|| format!("made {file}, but resealing failed"))?;
+            audited?;
+            writeln!(out, "{file}")?;
+            eprintln!(
+                "{resealed} TOTP secret(s) resealed with {file}; running gateways take it up when they meet a secret \
+                 it sealed, or on SIGHUP. Remove an older secrets key once `gateway keys list` shows it holds nothing \
+                 (a gateway started before this may still seal with it until then; its next start reseals)"
+            );
             Ok(())
         }
     }

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::password::{PasswordHasher, Verdict};
 use super::ratelimit::IpRateLimiter;
-use super::seal::SealingKey;
+use super::seal::SealingKeys;
 use super::token::{self, AccessClaims};
 use super::webhook::Webhook;
 use super::{refresh, AuthError, Authenticator, Principal};
@@ -137,7 +137,7 @@ pub struct AuthService {
     /// Notices sent a minute back, by user and kind: one a minute each.
     notices_sent: moka::sync::Cache<(Uuid, &'static str), ()>,
     /// Seals the TOTP secrets the database keeps.
-    sealer: Arc<SealingKey>,
+    sealer: Arc<SealingKeys>,
 }
 
 pub use email_change::ChangeRequested;
@@ -152,7 +152,7 @@ impl AuthService {
         hasher: PasswordHasher,
         authenticator: Authenticator,
         config: AuthConfig,
-        sealer: Arc<SealingKey>,
+        sealer: Arc<SealingKeys>,
     ) -> Self {
         let limiter = IpRateLimiter::new(config.rate_limit_per_minute);
         let accounts = Accounts {

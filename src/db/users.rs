@@ -81,6 +81,10 @@ pub struct Access<'a> {
 
 type Row = (Uuid, Uuid, String, String, String, String, bool, i64, Option<String>, i64, Option<i64>);
 
+/// A user's stored second factor: tenant, user, secret, secret being set
+/// up.
+pub type TotpRow = (Uuid, Uuid, Option<String>, Option<String>);
+
 /// Erases the email, address and user agent of a user's audit events
 /// (`$1` tenant, `$2` user) and of those recorded with its email (`$3`)
 /// and no other user, in the tenant or in none (a request that named an
@@ -336,24 +340,37 @@ impl Store {
         self.changed(sql, tenant_id, user_id, secret).await
     }
 
-    /// Users whose TOTP secret, or one being set up, is stored sealed
-    /// (`sealed`), or as it is (from before `auth::seal`, or with sealing
-    /// off): tenant, user, secret, pending.
-    /// At most `limit` of them.
-    pub async fn stored_totp(
-        &self,
-        sealed: bool,
-        limit: i64,
-    ) -> StoreResult<Vec<(Uuid, Uuid, Option<String>, Option<String>)>> {
-        let sql = if sealed {
-            "SELECT tenant_id, id, totp_secret, totp_pending FROM users
-             WHERE totp_secret LIKE 'v1:%' OR totp_pending LIKE 'v1:%' LIMIT $1"
-        } else {
-            "SELECT tenant_id, id, totp_secret, totp_pending FROM users
-             WHERE (totp_secret IS NOT NULL AND totp_secret NOT LIKE 'v1:%')
-                OR (totp_pending IS NOT NULL AND totp_pending NOT LIKE 'v1:%') LIMIT $1"
-        };
+    /// Users whose TOTP secret, or one being set up, is stored sealed (by
+    /// any key: `v1:` or `v2:`; see `auth::seal`): tenant, user, secret,
+    /// pending. At most `limit` of them.
+    pub async fn stored_totp_sealed(&self, limit: i64) -> StoreResult<Vec<TotpRow>> {
+        let sql = "SELECT tenant_id, id, totp_secret, totp_pending FROM users
+                   WHERE totp_secret LIKE 'v1:%' OR totp_secret LIKE 'v2:%'
+                      OR totp_pending LIKE 'v1:%' OR totp_pending LIKE 'v2:%' LIMIT $1";
         Ok(on_pool!(self, |p| sqlx::query_as(sql).bind(limit).fetch_all(p).await)?)
+    }
+
+    /// Users with a TOTP secret, or one being set up, stored otherwise than
+    /// sealed by the key whose values start with `prefix` (as they are, or
+    /// by another key); with `None`, every user with either: tenant, user,
+    /// secret, pending.
+    pub async fn stored_totp_not_with(&self, prefix: Option<&str>) -> StoreResult<Vec<TotpRow>> {
+        let sql = "SELECT tenant_id, id, totp_secret, totp_pending FROM users
+                   WHERE (totp_secret IS NOT NULL AND ($1 IS NULL OR totp_secret NOT LIKE $1))
+                      OR (totp_pending IS NOT NULL AND ($1 IS NULL OR totp_pending NOT LIKE $1))";
+        let pattern = prefix.map(|p| format!("{p}%"));
+        Ok(on_pool!(self, |p| sqlx::query_as(sql).bind(pattern.as_deref()).fetch_all(p).await)?)
+    }
+
+    /// How many stored TOTP secrets (and secrets being set up) start with
+    /// `prefix`: what one sealing key holds.
+    pub async fn count_totp_with(&self, prefix: &str) -> StoreResult<i64> {
+        let sql = "SELECT
+                     (SELECT COUNT(*) FROM users WHERE totp_secret LIKE $1)
+                   + (SELECT COUNT(*) FROM users WHERE totp_pending LIKE $1)";
+        let pattern = format!("{prefix}%");
+        let (n,): (i64,) = on_pool!(self, |p| sqlx::query_as(sql).bind(&pattern).fetch_one(p).await)?;
+        Ok(n)
     }
 
     /// Replaces the user's stored TOTP secret (or, with `pending`, the one

@@ -56,6 +56,9 @@ pub struct Reloader {
     /// The file as it was when the running config was read.
     pub(crate) stamp: Option<FileStamp>,
     pub(crate) keys_dir: PathBuf,
+    /// The keys that seal the TOTP secrets, read again with the signing
+    /// keys.
+    pub(crate) sealer: Arc<crate::auth::seal::SealingKeys>,
     pub(crate) routes: Arc<ArcSwap<RouteTable>>,
     /// The API, rebuilt with the new CORS origins and request id name.
     pub(crate) api: crate::api::Api,
@@ -116,8 +119,13 @@ impl Reloader {
     }
 
     /// Re-reads the key directory: a new newest key starts signing; removed
-    /// keys stop verifying. Verified-token cache entries are dropped.
+    /// keys stop verifying. Verified-token cache entries are dropped. The
+    /// secrets keys too: a new newest one starts sealing.
     pub fn reload_keys(&self) {
+        match self.sealer.reload() {
+            Ok(()) => tracing::info!(keys = ?self.sealer.files(), "secrets keys reloaded"),
+            Err(e) => tracing::error!(error = format!("{e:#}"), "secrets keys reload refused; keeping the loaded keys"),
+        }
         match KeyRing::load(&self.keys_dir) {
             Ok(ring) => {
                 tracing::info!(signer = ring.signer().0, keys = ring.public_keys().len(), "signing keys reloaded");

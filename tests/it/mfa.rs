@@ -359,6 +359,61 @@ both_backends! {
         app.stop().await;
     }
 
+    /// `gateway keys rotate-secrets` makes a new secrets key and reseals
+    /// every stored secret with it while a gateway serves: the gateway,
+    /// which loaded only the old key, reads the new one when it meets a
+    /// secret it sealed, and seals with it from then on; the old file can
+    /// go once `keys list` says it holds nothing.
+    #[tokio::test]
+    async fn secrets_keys_rotate_while_the_gateway_serves() {
+        let app = spawn_app_with(TestOptions { lockout_threshold: 20, ..TestOptions::default() }).await;
+        let user_id: uuid::Uuid = app.create_user("default", EMAIL, PASSWORD, &[], &[]).await.parse().expect("a uuid");
+        let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
+        let (secret, _) = enable_with_recovery(&app, &tokens.access_token).await;
+        let store = crate::user_admin::open_store(&app).await;
+        let tenant = store.tenant_by_slug("default").await.expect("the store").expect("the default tenant").id;
+        let stored = |store: gateway::db::Store, user_id| async move {
+            store.user_by_id(tenant, user_id).await.expect("the store").expect("the user").totp_secret.expect("a secret")
+        };
+        let first_sealed = stored(store.clone(), user_id).await;
+        assert!(first_sealed.starts_with("v1:"));
+
+        let file = app.cli(&["keys", "rotate-secrets"], "").await.expect("keys rotate-secrets").trim().to_owned();
+        let id = file.strip_prefix("secrets-").and_then(|f| f.strip_suffix(".key")).expect("secrets-<id>.key").to_owned();
+        let resealed = stored(store.clone(), user_id).await;
+        assert!(resealed.starts_with(&format!("v2:{id}:")) && !resealed.contains(&secret), "resealed: {resealed}");
+        // The running gateway opens it, reading the new key.
+        parse_tokens(login_with(&app, PASSWORD, Some(&code_in(&secret, 1))).await, "after the rotation").await;
+        let list = app.cli(&["keys", "list"], "").await.expect("keys list");
+        assert!(list.contains(&format!("{file}  sealing      holds 1 TOTP secret(s)")), "{list}");
+        assert!(list.contains("secrets.key  open-only    holds 0 TOTP secret(s)"), "{list}");
+
+        // A factor set up now is sealed with the new key.
+        let second = "second@example.com";
+        let second_id: uuid::Uuid = app.create_user("default", second, PASSWORD, &[], &[]).await.parse().expect("a uuid");
+        let access = app.login_ok(second, PASSWORD, None).await.access_token;
+        let (second_secret, _) = enable_with_recovery(&app, &access).await;
+        assert!(stored(store.clone(), second_id).await.starts_with(&format!("v2:{id}:")));
+
+        // A secret an older key sealed since (a gateway that had not met the
+        // new one) is resealed at the next start.
+        let now = stored(store.clone(), user_id).await;
+        assert!(store.reseal_totp(tenant, user_id, false, &now, &first_sealed).await.expect("the store"));
+        let app = app.restart().await;
+        assert!(stored(store.clone(), user_id).await.starts_with(&format!("v2:{id}:")), "resealed at the start");
+
+        // The old key goes; a restarted gateway opens everything without it.
+        std::fs::remove_file(app.config_path.parent().expect("dir").join("keys/secrets.key")).expect("remove");
+        let app = app.restart().await;
+        let body = json!({ "email": second, "password": PASSWORD, "otp": code_in(&second_secret, 1) });
+        let login = app.client.post(app.url("/auth/login")).json(&body).send().await.expect("POST /auth/login");
+        parse_tokens(login, "with the new key alone").await;
+        let generated = crate::password_reset::audit_events(&app, "key_generated").await;
+        assert!(generated.iter().any(|e| e["detail"]["key"] == file.as_str() && e["detail"]["resealed"] == 1), "{generated:?}");
+        store.close().await;
+        app.stop().await;
+    }
+
     /// With `auth.seal_totp_secrets = false` (while replicas of an older
     /// release still serve), secrets are stored as they are and nothing
     /// is sealed at the start; sealed ones are still read.
