@@ -372,11 +372,14 @@ async fn maintain(
     }
 }
 
-/// Loads (or makes, on first start) the key that seals TOTP secrets; with
-/// `seal` (`auth.seal_totp_secrets`), seals the secrets stored as they are
-/// (from before sealing). Says so in an error when the key does not open a
-/// stored sealed secret. Without the database, the rest waits for the next
-/// start: secrets stored as they are are read as they are meanwhile.
+/// Loads the secrets keys (or makes `secrets.key`, on first start); with
+/// `seal` (`auth.seal_totp_secrets`), reseals with the newest key the
+/// secrets stored as they are (from before sealing) or sealed with an
+/// older key (before a rotation reached this replica). Says so in an error
+/// when the keys do not open a stored secret (another replica's keys, or a
+/// key removed while it held secrets), and then reseals nothing. Without
+/// the database, the rest waits for the next start: secrets stored as they
+/// are are read as they are meanwhile.
 async fn seal_stored_secrets(store: &Store, keys_dir: &std::path::Path, seal: bool) -> anyhow::Result<SealingKeys> {
     let (sealer, made) = SealingKeys::load_or_generate(keys_dir).context("loading the secrets keys")?;
     if made {
@@ -395,8 +398,8 @@ async fn seal_stored_secrets(store: &Store, keys_dir: &std::path::Path, seal: bo
         Err(e) => {
             tracing::error!(
                 error = format!("{e:#}"),
-                "secrets.key does not open the stored TOTP secrets: those users cannot log in (is it the key the \
-                 other replicas use?); nothing is sealed with it"
+                "the secrets keys do not open the stored TOTP secrets: those users cannot log in (are they the \
+                 keys the other replicas use? was one removed while it held secrets?); nothing is resealed"
             );
             false
         }
@@ -406,9 +409,16 @@ async fn seal_stored_secrets(store: &Store, keys_dir: &std::path::Path, seal: bo
     if seal && opens {
         match crate::auth::seal::rewrite_stored(store, &sealer, true).await {
             Ok(0) => {}
-            Ok(sealed) => tracing::info!(sealed, "sealed the TOTP secrets stored as they were"),
+            Ok(sealed) => tracing::info!(
+                sealed,
+                "sealed with the newest secrets key the TOTP secrets stored as they were or sealed with an older one"
+            ),
             Err(e) => {
-                tracing::warn!(error = format!("{e:#}"), "could not seal the stored TOTP secrets; a later start will");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "could not reseal every stored TOTP secret with the newest secrets key (those that do not open \
+                     stay as they are until an operator resets them; the rest, a later start retries)"
+                );
             }
         }
     }

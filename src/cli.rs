@@ -727,6 +727,18 @@ fn prompt_password() -> anyhow::Result<SecretString> {
     Ok(SecretString::from(first))
 }
 
+/// How many stored TOTP secrets each key of `keys` holds (in its order),
+/// and how many name a key it does not hold.
+async fn secrets_key_counts(store: &Store, keys: &SealingKeys) -> anyhow::Result<(Vec<i64>, i64)> {
+    let mut counts = Vec::new();
+    for (_, prefix) in keys.prefixes() {
+        counts.push(store.count_totp_with(&prefix).await?);
+    }
+    let sealed = store.count_totp_with("v1:").await? + store.count_totp_with("v2:").await?;
+    let unkeyed = sealed - counts.iter().sum::<i64>();
+    Ok((counts, unkeyed))
+}
+
 /// The secrets keys of `dir`, which must hold one: sealed secrets open only
 /// with the key that sealed them, and a new one would open nothing.
 fn existing_secrets_keys(dir: &std::path::Path) -> anyhow::Result<SealingKeys> {
@@ -793,28 +805,32 @@ async fn keys_command(config: &Config, cmd: KeysCommand, out: &mut dyn Write) ->
                 let role = if k.kid == signer { "signing" } else { "verify-only" };
                 writeln!(out, "{}  {:<12} x={}", k.kid, role, k.x)?;
             }
-            let sealer = existing_secrets_keys(dir)?;
-            let store = open(config).await?;
-            for (i, (file, prefix)) in sealer.prefixes().into_iter().enumerate() {
-                let held = store.count_totp_with(&prefix).await;
-                let held = match held {
-                    Ok(n) => n,
-                    Err(e) => {
-                        store.close().await;
-                        return Err(e.into());
-                    }
-                };
+            let Some(sealer) = SealingKeys::load(dir)? else {
+                writeln!(out, "no secrets key (the first start or `gateway keys generate` makes secrets.key)")?;
+                return Ok(());
+            };
+            let store = open(config).await.context("counting what each secrets key holds")?;
+            let counted = secrets_key_counts(&store, &sealer).await;
+            store.close().await;
+            let (counts, unkeyed) = counted.context("counting what each secrets key holds")?;
+            for (i, ((file, _), held)) in sealer.prefixes().into_iter().zip(counts).enumerate() {
                 let role = if i == 0 { "sealing" } else { "open-only" };
                 writeln!(out, "{file}  {role:<12} holds {held} TOTP secret(s)")?;
             }
-            store.close().await;
+            if unkeyed > 0 {
+                writeln!(
+                    out,
+                    "{unkeyed} TOTP secret(s) name a secrets key this directory does not hold: they do not open"
+                )?;
+            }
             Ok(())
         }
         KeysCommand::RotateSecrets => {
-            existing_secrets_keys(dir)?;
             let file = SealingKeys::rotate(dir)?;
             let sealer = existing_secrets_keys(dir)?;
-            let store = open(config).await?;
+            let store = open(config).await.with_context(|| {
+                format!("made {file}, but could not reach the database to reseal (a gateway's next start reseals)")
+            })?;
             let resealed = crate::auth::seal::rewrite_stored(&store, &sealer, true).await;
             let detail = serde_json::json!({
                 "key": file,

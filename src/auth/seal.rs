@@ -59,6 +59,12 @@ const ROTATED: (&str, &str) = ("secrets-", ".key");
 /// directory again.
 const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
+#[derive(Default)]
+struct Readings {
+    any: Option<Instant>,
+    missed: Option<Instant>,
+}
+
 /// One key of the ring: its id (`""` for [`KEY_FILE`]) and the key.
 struct Key {
     id: String,
@@ -91,9 +97,10 @@ pub struct SealingKeys {
     dir: PathBuf,
     /// Newest first; never empty.
     ring: ArcSwap<Vec<Key>>,
-    /// When the directory was last read again (not at load: the first
-    /// unknown key is looked for at once).
-    read_at: Mutex<Option<Instant>>,
+    /// When the directory was last read again, and when a reading last
+    /// failed to find a key a value named (neither at load: the first
+    /// unknown key is looked for at once); held through a reading.
+    read_at: Mutex<Readings>,
 }
 
 impl std::fmt::Debug for SealingKeys {
@@ -143,26 +150,47 @@ impl SealingKeys {
     }
 
     fn new(dir: &Path, ring: Vec<Key>) -> SealingKeys {
-        SealingKeys { dir: dir.to_owned(), ring: ArcSwap::from_pointee(ring), read_at: Mutex::new(None) }
+        SealingKeys { dir: dir.to_owned(), ring: ArcSwap::from_pointee(ring), read_at: Mutex::default() }
     }
 
     /// Makes a new key, `secrets-<UTC time>.key`, newer than every key of
-    /// `dir` (which must hold one: rotation follows a first key); returns
-    /// its file name. Refused when the clock says a key of the directory
-    /// is from the future, or a key was made this second.
+    /// `dir` (which must hold one: rotation follows a first key): named
+    /// after now, or a second after the newest if that is not older (a
+    /// clock behind; said on standard error); returns its file name. The
+    /// file gets the owner of the directory's newest key, so that a
+    /// command run as another user (root) leaves a key the gateways can
+    /// read.
     pub fn rotate(dir: &Path) -> anyhow::Result<String> {
         let ring = read_ring(dir)?;
-        anyhow::ensure!(
-            !ring.is_empty(),
-            "{} holds no secrets key: the first one is made by `gateway keys generate` or the first start",
-            dir.display()
-        );
-        let id = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(['-', ':'], "");
-        if let Some(newest) = ring.iter().find(|k| !k.id.is_empty()).filter(|k| k.id >= id) {
-            anyhow::bail!("{} is not older than now ({id}): is the clock right?", newest.file());
+        let Some(newest) = ring.first() else {
+            anyhow::bail!(
+                "{} holds no secrets key: the first one is made by `gateway keys generate` or the first start",
+                dir.display()
+            );
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let after = if newest.id.is_empty() { None } else { id_time(&newest.id).map(|t| t + 1) };
+        let id = id_at(after.map_or(now, |after| after.max(now)));
+        if after.is_some_and(|after| after > now) {
+            eprintln!("note: {} is not older than this host's clock; the new key is named after it", newest.file());
         }
         let file = format!("{}{id}{}", ROTATED.0, ROTATED.1);
-        write_key(dir, &file).with_context(|| format!("making {file} (one key a second: try again)"))?;
+        write_key(dir, &file).with_context(|| format!("making {}", dir.join(&file).display()))?;
+        let path = dir.join(&file);
+        let owner = std::fs::metadata(dir.join(newest.file())).map(|m| {
+            use std::os::unix::fs::MetadataExt as _;
+            (m.uid(), m.gid())
+        });
+        if let Ok((uid, gid)) = owner {
+            if let Err(e) = std::os::unix::fs::chown(&path, Some(uid), Some(gid)) {
+                let _ = std::fs::remove_file(&path);
+                anyhow::bail!(
+                    "{} belongs to uid {uid}, and {} could not be given to it ({e}): run this as that user",
+                    newest.file(),
+                    file
+                );
+            }
+        }
         Ok(file)
     }
 
@@ -170,7 +198,8 @@ impl SealingKeys {
     /// stops opening. A directory that holds no key, or a bad one, keeps
     /// the loaded keys (and says why).
     pub fn reload(&self) -> anyhow::Result<()> {
-        *self.read_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+        let mut read_at = self.read_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        read_at.any = Some(Instant::now());
         let ring = read_ring(&self.dir)?;
         anyhow::ensure!(!ring.is_empty(), "{} holds no secrets key", self.dir.display());
         self.ring.store(Arc::new(ring));
@@ -195,6 +224,10 @@ impl SealingKeys {
 
     /// `secret` sealed for `owner` with the newest key.
     pub fn seal(&self, secret: &str, owner: &[u8]) -> Result<String, SealError> {
+        // Rare (a factor set up, a reseal), and the one place a key not yet
+        // read would do harm (sealing with one that may be removed): the
+        // directory is read again first, once a second at most.
+        self.read_again(None);
         let ring = self.ring.load();
         let key = &ring[0];
         let mut nonce = [0u8; NONCE_LEN];
@@ -213,48 +246,116 @@ impl SealingKeys {
     /// key not loaded reads the directory again first (once a second at
     /// most): another process rotated.
     pub fn open(&self, stored: &str, owner: &[u8]) -> Result<String, SealError> {
-        let Some((id, encoded)) = split(stored) else { return Ok(stored.to_owned()) };
-        if !self.ring.load().iter().any(|k| k.id == id) {
-            let mut read_at = self.read_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if read_at.is_none_or(|at| at.elapsed() >= RELOAD_EVERY) {
-                *read_at = Some(Instant::now());
-                drop(read_at);
-                match read_ring(&self.dir) {
-                    Ok(ring) if !ring.is_empty() => {
-                        tracing::info!(dir = %self.dir.display(), "a stored secret names a newer key: secrets keys reloaded");
-                        self.ring.store(Arc::new(ring));
-                    }
-                    Ok(_) => tracing::error!(dir = %self.dir.display(), "no secrets key in the keys directory"),
-                    Err(e) => tracing::error!(error = format!("{e:#}"), "secrets keys reload refused"),
+        let plain = match parse_value(stored) {
+            Value::Plain => return Ok(stored.to_owned()),
+            Value::Malformed => return Err(SealError),
+            Value::Sealed { id, encoded } => {
+                if !self.has(id) {
+                    self.read_again(Some(id));
+                }
+                let ring = self.ring.load();
+                let key = ring.iter().find(|k| k.id == id).ok_or(SealError)?;
+                let mut bytes = STANDARD.decode(encoded).map_err(|_| SealError)?;
+                if bytes.len() < NONCE_LEN {
+                    return Err(SealError);
+                }
+                let mut sealed = bytes.split_off(NONCE_LEN);
+                let nonce = Nonce::try_assume_unique_for_key(&bytes).map_err(|_| SealError)?;
+                let plain = key.key.open_in_place(nonce, Aad::from(owner), &mut sealed).map_err(|_| SealError)?;
+                String::from_utf8(plain.to_vec()).map_err(|_| SealError)?
+            }
+        };
+        // A release from before rotation took a `v2:` value for a secret
+        // stored as it is and sealed it again: what it sealed is opened too.
+        if is_sealed(&plain) {
+            return self.open(&plain, owner);
+        }
+        Ok(plain)
+    }
+
+    fn has(&self, id: &str) -> bool {
+        self.ring.load().iter().any(|k| k.id == id)
+    }
+
+    /// Reads the directory again: for a seal (`wanted` `None`), unless it
+    /// was read within [`RELOAD_EVERY`]; for a value naming the key
+    /// `wanted`, unless another thread's reading brought it meanwhile or a
+    /// reading within [`RELOAD_EVERY`] looked for a key in vain (a value
+    /// whose key is gone does not read the directory at every login). One
+    /// reading at a time: a thread that meets a new key while another reads
+    /// waits for that reading rather than failing.
+    fn read_again(&self, wanted: Option<&str>) {
+        let mut read_at = self.read_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let recent = |at: Option<Instant>| at.is_some_and(|at| at.elapsed() < RELOAD_EVERY);
+        let skip = match wanted {
+            Some(id) => self.has(id) || recent(read_at.missed),
+            None => recent(read_at.any),
+        };
+        if skip {
+            return;
+        }
+        read_at.any = Some(Instant::now());
+        match read_ring(&self.dir) {
+            Ok(ring) if !ring.is_empty() => {
+                let before = self.files();
+                self.ring.store(Arc::new(ring));
+                if self.files() != before {
+                    tracing::info!(keys = ?self.files(), "secrets keys read again: the newest seals");
                 }
             }
+            Ok(_) => tracing::error!(dir = %self.dir.display(), "no secrets key in the keys directory any more"),
+            Err(e) => tracing::error!(error = format!("{e:#}"), "secrets keys reload refused; keeping the loaded ones"),
         }
-        let ring = self.ring.load();
-        let key = ring.iter().find(|k| k.id == id).ok_or(SealError)?;
-        let mut bytes = STANDARD.decode(encoded).map_err(|_| SealError)?;
-        if bytes.len() < NONCE_LEN {
-            return Err(SealError);
+        if let Some(id) = wanted.filter(|id| !self.has(id)) {
+            read_at.missed = read_at.any;
+            tracing::warn!(key = id, "a stored secret names a secrets key the keys directory does not hold");
         }
-        let mut sealed = bytes.split_off(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(&bytes).map_err(|_| SealError)?;
-        let plain = key.key.open_in_place(nonce, Aad::from(owner), &mut sealed).map_err(|_| SealError)?;
-        String::from_utf8(plain.to_vec()).map_err(|_| SealError)
     }
 }
 
-/// The id of the key a sealed value names (`""` for [`KEY_FILE`]) and
-/// the rest; `None` for a value stored as it is.
-fn split(stored: &str) -> Option<(&str, &str)> {
-    if let Some(rest) = stored.strip_prefix(V1) {
-        return Some(("", rest));
+/// What a stored value is.
+enum Value<'a> {
+    /// A secret stored as it is (from before sealing).
+    Plain,
+    /// Sealed with the key `id` (`""` for [`KEY_FILE`]).
+    Sealed { id: &'a str, encoded: &'a str },
+    /// `v2:` without a key id: sealed, by no key.
+    Malformed,
+}
+
+fn parse_value(stored: &str) -> Value<'_> {
+    if let Some(encoded) = stored.strip_prefix(V1) {
+        return Value::Sealed { id: "", encoded };
     }
-    let rest = stored.strip_prefix(V2)?;
-    rest.split_once(':')
+    let Some(rest) = stored.strip_prefix(V2) else { return Value::Plain };
+    match rest.split_once(':') {
+        Some((id, encoded)) if is_key_id(id) => Value::Sealed { id, encoded },
+        _ => Value::Malformed,
+    }
+}
+
+/// A rotated key's id: a UTC time, `20261208T101500Z`.
+fn is_key_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    b.len() == 16 && b[8] == b'T' && b[15] == b'Z' && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit)
+}
+
+/// The time a key id names, as unix seconds.
+fn id_time(id: &str) -> Option<u64> {
+    let text = format!("{}-{}-{}T{}:{}:{}Z", &id[0..4], &id[4..6], &id[6..8], &id[9..11], &id[11..13], &id[13..15]);
+    let at = humantime::parse_rfc3339(&text).ok()?;
+    at.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs())
+}
+
+/// The key id of unix second `secs`.
+fn id_at(secs: u64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(at).to_string().replace(['-', ':'], "")
 }
 
 /// Whether `stored` is sealed (else it is a secret from before sealing).
 pub fn is_sealed(stored: &str) -> bool {
-    split(stored).is_some()
+    !matches!(parse_value(stored), Value::Plain)
 }
 
 /// The keys of `dir`, newest first: the rotated ones by id, then
@@ -275,12 +376,21 @@ fn read_ring(dir: &Path) -> anyhow::Result<Vec<Key>> {
             String::new()
         } else {
             match name.strip_prefix(ROTATED.0).and_then(|n| n.strip_suffix(ROTATED.1)) {
-                Some(id) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()) => id.to_owned(),
-                _ => continue,
+                Some(id) if is_key_id(id) => id.to_owned(),
+                Some(_) => {
+                    // A copy (`secrets-old.key`) would otherwise sort as the
+                    // newest and seal everything.
+                    tracing::warn!(file = name, "not a secrets key name (secrets-<UTC time>.key): ignored");
+                    continue;
+                }
+                None => continue,
             }
         };
         let path = entry.path();
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        if entry.metadata().is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o077 != 0) {
+            tracing::warn!(file = %path.display(), "a secrets key is readable by others than its owner: chmod 600 it");
+        }
         ring.push(Key { id, key: parse(&text, &path)? });
     }
     // Rotated ids are UTC times: the greatest is the newest; "" sorts last.
@@ -308,7 +418,11 @@ fn write_key(dir: &Path, file: &str) -> anyhow::Result<()> {
     let written = write_new(&temp, &STANDARD.encode(bytes));
     let linked = written.and_then(|()| std::fs::hard_link(&temp, &path).map_err(anyhow::Error::from));
     let _ = std::fs::remove_file(&temp);
-    linked
+    linked?;
+    // The name, not only the bytes, must outlive a crash: values sealed
+    // with the key are stored next.
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
+    Ok(())
 }
 
 /// Rewrites the stored TOTP secrets (and secrets being set up) that the
@@ -416,7 +530,6 @@ mod tests {
         assert!(file.starts_with("secrets-") && file.ends_with("Z.key"), "{file}");
         let mode = std::fs::metadata(dir.path().join(&file)).expect("the key file").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(SealingKeys::rotate(dir.path()).is_err(), "one a second: the names would not say which is newer");
 
         let ring = SealingKeys::load(dir.path()).expect("load").expect("keys");
         assert_eq!(ring.files(), [file.clone(), KEY_FILE.to_owned()], "newest first");
@@ -432,12 +545,44 @@ mod tests {
         assert_eq!(first.open(&new, b"alice").expect("reloaded"), "JBSWY3DPEHPK3PXP");
         assert!(first.seal("x", b"alice").expect("sealed").starts_with("v2:"), "the newest seals");
 
-        // A removed key opens nothing any more; a value naming no key neither.
+        // Rotated again within the second: named a second later, and newest.
+        let next = SealingKeys::rotate(dir.path()).expect("rotated again");
+        assert!(next > file, "{next} after {file}");
+        ring.reload().expect("reload");
+        assert_eq!(ring.files()[0], next);
+
+        // A removed key opens nothing any more; a value naming no key, or no
+        // key id, neither (and is no secret stored as it is).
         std::fs::remove_file(dir.path().join(KEY_FILE)).expect("remove");
         ring.reload().expect("reload");
         assert!(ring.open(&old, b"alice").is_err());
-        assert!(ring.open("v2:19700101T000000Z:AAAA", b"alice").is_err());
+        for odd in ["v2:19700101T000000Z:AAAA", "v2:AAAA", "v2::AAAA", "v2:../../x:AAAA"] {
+            assert!(ring.open(odd, b"alice").is_err() && is_sealed(odd), "{odd}");
+        }
         assert!(SealingKeys::load(tempfile::tempdir().expect("dir").path()).expect("empty").is_none());
+
+        // A copy under another name is no key: it would sort as the newest.
+        std::fs::copy(dir.path().join(&next), dir.path().join("secrets-old.key")).expect("copy");
+        ring.reload().expect("reload");
+        assert_eq!(ring.files()[0], next, "secrets-old.key is ignored");
+    }
+
+    /// What a release from before rotation makes of a `v2:` value (it takes
+    /// it for a secret stored as it is and seals it with `secrets.key`)
+    /// opens to the secret.
+    #[test]
+    fn a_v2_value_sealed_again_by_an_older_release_opens() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        SealingKeys::load_or_generate(dir.path()).expect("a key");
+        let older = tempfile::tempdir().expect("a temp dir");
+        std::fs::copy(dir.path().join(KEY_FILE), older.path().join(KEY_FILE)).expect("copy");
+        let older = SealingKeys::load(older.path()).expect("load").expect("secrets.key alone");
+        SealingKeys::rotate(dir.path()).expect("rotated");
+        let ring = SealingKeys::load(dir.path()).expect("load").expect("keys");
+        let v2 = ring.seal("JBSWY3DPEHPK3PXP", b"alice").expect("sealed");
+        let wrapped = older.seal(&v2, b"alice").expect("sealed again");
+        assert!(wrapped.starts_with("v1:"), "{wrapped}");
+        assert_eq!(ring.open(&wrapped, b"alice").expect("opens"), "JBSWY3DPEHPK3PXP");
     }
 
     #[test]

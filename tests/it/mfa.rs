@@ -405,6 +405,12 @@ both_backends! {
         // The old key goes; a restarted gateway opens everything without it.
         std::fs::remove_file(app.config_path.parent().expect("dir").join("keys/secrets.key")).expect("remove");
         let app = app.restart().await;
+        // A secret still sealed with it would not open: `keys list` says so.
+        let now = stored(store.clone(), user_id).await;
+        assert!(store.reseal_totp(tenant, user_id, false, &now, &first_sealed).await.expect("the store"));
+        let list = app.cli(&["keys", "list"], "").await.expect("keys list");
+        assert!(list.contains("1 TOTP secret(s) name a secrets key this directory does not hold"), "{list}");
+        assert!(!list.contains("secrets.key "), "{list}");
         let body = json!({ "email": second, "password": PASSWORD, "otp": code_in(&second_secret, 1) });
         let login = app.client.post(app.url("/auth/login")).json(&body).send().await.expect("POST /auth/login");
         parse_tokens(login, "with the new key alone").await;
