@@ -22,7 +22,7 @@ struct AdminState {
     metrics: PrometheusHandle,
 }
 
-pub fn router(service: AuthService, metrics: PrometheusHandle, api_token: Option<api::ApiToken>) -> Router {
+pub fn router(service: AuthService, metrics: PrometheusHandle, api_token: Option<api::ApiTokens>) -> Router {
     let admin_api = api::router(service.clone(), api_token);
     Router::new()
         .route("/healthz", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))

@@ -48,7 +48,7 @@ pub struct App {
     public: std::net::TcpListener,
     admin: TcpListener,
     /// The admin API's token (`admin.api_token_file`); `None`: the API is off.
-    admin_token: Option<crate::admin::api::ApiToken>,
+    admin_token: Option<crate::admin::api::ApiTokens>,
     /// `server.http_redirect_listen`, bound.
     redirect: Option<TcpListener>,
     metrics: PrometheusHandle,
@@ -96,7 +96,7 @@ impl App {
             }
             None => None,
         };
-        let admin_token = config.admin.api_token_file.as_deref().map(crate::admin::api::ApiToken::load).transpose()?;
+        let admin_token = crate::admin::api::ApiTokens::load(&config.admin)?;
         let sealer = Arc::new(seal_stored_secrets(&store, &config.auth.keys_dir, config.auth.seal_totp_secrets).await?);
         let service =
             AuthService::new(store.clone(), hasher, authenticator.clone(), config.auth.clone(), Arc::clone(&sealer))

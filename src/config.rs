@@ -92,8 +92,23 @@ pub struct TlsConfig {
 pub struct AdminConfig {
     pub listen: SocketAddr,
     /// `api_token_file`: a file holding the admin API's bearer token; the
-    /// API is off without it. Read at start, never by `config check`.
+    /// API is off without it (and without `tenant_tokens`). Read at start,
+    /// never by `config check`.
     pub api_token_file: Option<PathBuf>,
+    /// `[[admin.tenant_tokens]]`: tokens that reach only some tenants'
+    /// users and sessions.
+    pub tenant_tokens: Vec<TenantToken>,
+}
+
+/// `[[admin.tenant_tokens]]`: a token of the admin API that reaches only
+/// the users and sessions of `tenants` (a tenant's own console).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantToken {
+    /// Recorded as `"by": "admin_api:<name>"` in what it changes.
+    pub name: String,
+    /// The file holding the token (read at start, like `api_token_file`).
+    pub file: PathBuf,
+    pub tenants: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -369,8 +384,32 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
     let mut f = Fields::new("admin", admin_t, errors);
     let admin_listen = f.socket_addr_or("listen", "127.0.0.1:9090");
     let api_token_file = f.string("api_token_file").map(|p| resolve(base, &p));
+    let token_tables = f.array_of_tables("tenant_tokens");
     f.finish();
-    let admin = admin_listen.map(|listen| AdminConfig { listen, api_token_file });
+    let mut tenant_tokens: Vec<TenantToken> = Vec::new();
+    for (i, table) in token_tables.into_iter().enumerate() {
+        let mut t = Fields::new(&format!("admin.tenant_tokens[{i}]"), table, errors);
+        let name = t.string("name").unwrap_or_default();
+        if !crate::auth::service::is_slug(&name) {
+            t.error("name", "is required: 1-64 lower-case letters, digits or '-'");
+        } else if tenant_tokens.iter().any(|other| other.name == name) {
+            t.error("name", format!("{name:?} names another token too"));
+        }
+        let file = t.string("file").map(|p| resolve(base, &p));
+        if file.is_none() {
+            t.error("file", "is required: the file holding the token");
+        }
+        let tenants = t.string_list("tenants");
+        if tenants.is_empty() {
+            t.error("tenants", "is required: the slugs of the tenants the token reaches");
+        }
+        for slug in tenants.iter().filter(|s| !crate::auth::service::is_slug(s)) {
+            t.error("tenants", format!("{slug:?} is no tenant slug"));
+        }
+        t.finish();
+        tenant_tokens.push(TenantToken { name, file: file.unwrap_or_default(), tenants });
+    }
+    let admin = admin_listen.map(|listen| AdminConfig { listen, api_token_file, tenant_tokens });
 
     let mut f = Fields::new("database", database_t, errors);
     let url_text = f.string_or("url", "sqlite://gateway.db");

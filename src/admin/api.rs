@@ -3,11 +3,15 @@
 //! provisions accounts (Supabase's and Ory Kratos's admin APIs are what
 //! users of those expect).
 //!
-//! Off unless `admin.api_token_file` names a file with a token (32
-//! characters or more): every `/admin/*` request then carries it as
-//! `Authorization: Bearer <token>`, compared in constant time (as SHA-256
-//! digests, so neither length nor content leaks through timing); without
-//! the file, `/admin/*` answers 404. The admin listener is loopback by
+//! Off unless `admin.api_token_file` or `[[admin.tenant_tokens]]` names a
+//! file with a token (32 characters or more): every `/admin/*` request
+//! then carries one as `Authorization: Bearer <token>`, compared with each
+//! in constant time (as SHA-256 digests, so neither length nor content nor
+//! which token matched leaks through timing); without one, `/admin/*`
+//! answers 404. `api_token_file`'s token reaches everything; a tenant
+//! token reaches its tenants' users and sessions only: other tenants do
+//! not exist for it (404), and tenants themselves (make, disable, enable)
+//! are refused (403), so that a tenant's own console can hold one. The admin listener is loopback by
 //! default: the token is a second lock, not a reason to expose it.
 //!
 //! Users are named by id in paths (an email is a user's to change), and
@@ -22,9 +26,11 @@
 //! answered, but the reset token that `reset-token` exists to return.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context as _;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -41,6 +47,7 @@ use crate::api::extract::{JsonBody, PathParams};
 use crate::auth::service::{rfc3339, Accounts, AuthService, UserKey};
 use crate::auth::AuthError;
 use crate::body::json_error;
+use crate::config::AdminConfig;
 use crate::db::tenants::Tenant;
 use crate::db::users::{ForgetRefused, User};
 
@@ -50,55 +57,125 @@ pub const MIN_TOKEN_LEN: usize = 32;
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
 
-/// The SHA-256 of the admin API's token.
+/// The admin API's tokens: the SHA-256 of each, and what it reaches.
 #[derive(Clone)]
-pub struct ApiToken([u8; 32]);
+pub struct ApiTokens(Arc<[Token]>);
 
-impl std::fmt::Debug for ApiToken {
+struct Token {
+    digest: [u8; 32],
+    caller: Caller,
+}
+
+/// Who a request's token is: recorded as `by` in what it changes, and the
+/// tenants it reaches (`None`: every tenant, and the tenants themselves).
+#[derive(Clone, Debug)]
+struct Caller {
+    by: &'static str,
+    tenants: Option<Arc<[String]>>,
+}
+
+impl Caller {
+    /// Whether the caller reaches tenant `slug`'s users and sessions.
+    fn reaches(&self, slug: &str) -> bool {
+        self.tenants.as_ref().is_none_or(|tenants| tenants.iter().any(|t| t == slug))
+    }
+}
+
+impl std::fmt::Debug for ApiTokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ApiToken(..)")
+        f.debug_struct("ApiTokens").field("tokens", &self.0.len()).finish_non_exhaustive()
     }
 }
 
-impl ApiToken {
-    /// Reads `admin.api_token_file`; an error names the setting.
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("admin.api_token_file: reading {}", path.display()))?;
-        let token = text.trim();
-        if token.chars().count() < MIN_TOKEN_LEN || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            anyhow::bail!(
-                "admin.api_token_file ({}): the token must be one line of at least {MIN_TOKEN_LEN} characters \
-                 without spaces (make one with `openssl rand -hex 32`)",
-                path.display()
-            );
+impl ApiTokens {
+    /// Reads `admin.api_token_file` and the `[[admin.tenant_tokens]]`
+    /// files; `None` when there is neither (the API is off). An error
+    /// names the setting, never the token.
+    pub fn load(admin: &AdminConfig) -> anyhow::Result<Option<Self>> {
+        let mut tokens = Vec::new();
+        if let Some(path) = &admin.api_token_file {
+            let caller = Caller { by: "admin_api", tenants: None };
+            tokens.push(Token { digest: read_token(path, "admin.api_token_file")?, caller });
         }
-        Ok(Self(Sha256::digest(token.as_bytes()).into()))
+        for (i, t) in admin.tenant_tokens.iter().enumerate() {
+            let setting = format!("admin.tenant_tokens[{i}].file");
+            let digest = read_token(&t.file, &setting)?;
+            if tokens.iter().any(|other: &Token| other.digest == digest) {
+                anyhow::bail!(
+                    "{setting} ({}): the same token as another one; make each with its own `openssl rand -hex 32`",
+                    t.file.display()
+                );
+            }
+            // Once per token at start: the audit's `by` lives as long as the process.
+            let by: &'static str = Box::leak(format!("admin_api:{}", t.name).into_boxed_str());
+            tokens.push(Token { digest, caller: Caller { by, tenants: Some(t.tenants.clone().into()) } });
+        }
+        Ok((!tokens.is_empty()).then(|| Self(tokens.into())))
     }
 
-    fn admits(&self, presented: &str) -> bool {
+    /// The caller whose token `presented` is, comparing it with every
+    /// token in constant time (as SHA-256 digests, so neither length nor
+    /// content leaks through timing, nor which token matched).
+    fn caller(&self, presented: &str) -> Option<Caller> {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        bool::from(digest.ct_eq(&self.0))
+        let mut found = None;
+        for token in self.0.iter() {
+            if bool::from(digest.ct_eq(&token.digest)) {
+                found = Some(token.caller.clone());
+            }
+        }
+        found
     }
 }
 
+/// One token from `path`: one line, 32 characters or more, no spaces.
+fn read_token(path: &Path, setting: &str) -> anyhow::Result<[u8; 32]> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{setting}: reading {}", path.display()))?;
+    let token = text.trim();
+    if token.chars().count() < MIN_TOKEN_LEN || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        anyhow::bail!(
+            "{setting} ({}): the token must be one line of at least {MIN_TOKEN_LEN} characters \
+             without spaces (make one with `openssl rand -hex 32`)",
+            path.display()
+        );
+    }
+    Ok(Sha256::digest(token.as_bytes()).into())
+}
+
+/// The router's state.
 #[derive(Clone)]
+struct Shared {
+    service: AuthService,
+}
+
+/// What a handler acts with: the service, its account rules auditing the
+/// caller's `by`, and the caller (see [`Caller`]).
 struct Admin {
     service: AuthService,
-    /// The service's account rules, auditing `"by": "admin_api"`.
     accounts: Accounts,
+    caller: Caller,
+}
+
+impl FromRequestParts<Shared> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, Self::Rejection> {
+        // Set by `authorize`, which every route is behind.
+        let caller = parts.extensions.get::<Caller>().cloned().ok_or(ApiError::NotFound)?;
+        let accounts = Accounts { by: Some(caller.by), ..state.service.accounts.clone() };
+        Ok(Admin { service: state.service.clone(), accounts, caller })
+    }
 }
 
 /// The `/admin` routes: the API with `token`, or a 404 for every path
 /// without.
-pub fn router(service: AuthService, token: Option<ApiToken>) -> Router {
-    let Some(token) = token else {
+pub fn router(service: AuthService, tokens: Option<ApiTokens>) -> Router {
+    let Some(tokens) = tokens else {
         let off = || async {
             json_error(StatusCode::NOT_FOUND, "not_found", "the admin API is off: set admin.api_token_file")
         };
         return Router::new().route("/admin", any(off)).route("/admin/{*rest}", any(off));
     };
-    let accounts = Accounts { by: Some("admin_api"), ..service.accounts.clone() };
     Router::new()
         .route("/admin/tenants", get(list_tenants).post(create_tenant))
         .route("/admin/tenants/{slug}/disable", post(disable_tenant))
@@ -120,16 +197,17 @@ pub fn router(service: AuthService, token: Option<ApiToken>) -> Router {
         .route("/admin/{*rest}", any(|| async { ApiError::NotFound }))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(middleware::from_fn_with_state(token, authorize))
+        .layer(middleware::from_fn_with_state(tokens, authorize))
         .layer(middleware::from_fn(no_store))
-        .with_state(Admin { service, accounts })
+        .with_state(Shared { service })
 }
 
 /// Lets through a request that carries the token; 401 for the rest.
-async fn authorize(State(token): State<ApiToken>, req: Request, next: Next) -> Response {
+async fn authorize(State(tokens): State<ApiTokens>, mut req: Request, next: Next) -> Response {
     let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let presented = presented.and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
-    if presented.is_some_and(|p| token.admits(p.trim())) {
+    if let Some(caller) = presented.and_then(|p| tokens.caller(p.trim())) {
+        req.extensions_mut().insert(caller);
         return next.run(req).await;
     }
     // Counted, not logged at warn: any local page can send these in a loop.
@@ -175,9 +253,11 @@ fn revoked(n: usize) -> Response {
 }
 
 impl Admin {
+    /// The tenant `slug`, if the caller reaches it (a tenant token's other
+    /// tenants do not exist for it).
     async fn tenant(&self, slug: &str) -> Result<Tenant, ApiError> {
         // No slug is no tenant (and text PostgreSQL refuses never reaches it).
-        if !crate::auth::service::is_slug(slug) {
+        if !crate::auth::service::is_slug(slug) || !self.caller.reaches(slug) {
             return Err(ApiError::NotFound);
         }
         self.service.store.tenant_by_slug(slug).await.map_err(AuthError::from)?.ok_or(ApiError::NotFound)
@@ -192,6 +272,15 @@ impl Admin {
         Ok((tenant, user))
     }
 
+    /// Refuses a tenant token what only `admin.api_token_file`'s may do
+    /// (make, disable or enable tenants).
+    fn global(&self) -> Result<(), ApiError> {
+        match self.caller.tenants {
+            None => Ok(()),
+            Some(_) => Err(ApiError::Forbidden("a tenant token reaches its tenants' users and sessions, not tenants")),
+        }
+    }
+
     /// Refuses the revoked sessions' tokens in this process at once.
     fn refuse(&self, sessions: &[Uuid]) {
         for id in sessions {
@@ -200,9 +289,10 @@ impl Admin {
     }
 }
 
-async fn list_tenants(State(a): State<Admin>) -> Result<Response, ApiError> {
+async fn list_tenants(a: Admin) -> Result<Response, ApiError> {
     let tenants = a.service.store.list_tenants().await.map_err(AuthError::from)?;
-    Ok(Json(tenants.iter().map(tenant_view).collect::<Vec<_>>()).into_response())
+    let reached = tenants.iter().filter(|t| a.caller.reaches(&t.slug));
+    Ok(Json(reached.map(tenant_view).collect::<Vec<_>>()).into_response())
 }
 
 #[derive(Deserialize)]
@@ -213,13 +303,15 @@ struct NewTenant {
     name: Option<String>,
 }
 
-async fn create_tenant(State(a): State<Admin>, JsonBody(body): JsonBody<NewTenant>) -> Result<Response, ApiError> {
+async fn create_tenant(a: Admin, JsonBody(body): JsonBody<NewTenant>) -> Result<Response, ApiError> {
+    a.global()?;
     let name = body.name.unwrap_or_else(|| body.slug.clone());
     let tenant = a.accounts.create_tenant(&body.slug, &name).await?;
     Ok((StatusCode::CREATED, Json(tenant_view(&tenant))).into_response())
 }
 
-async fn disable_tenant(State(a): State<Admin>, PathParams(slug): PathParams<String>) -> Result<Response, ApiError> {
+async fn disable_tenant(a: Admin, PathParams(slug): PathParams<String>) -> Result<Response, ApiError> {
+    a.global()?;
     let tenant = a.tenant(&slug).await?;
     let sessions = a.accounts.disable_tenant(&tenant).await?;
     a.refuse(&sessions);
@@ -227,13 +319,14 @@ async fn disable_tenant(State(a): State<Admin>, PathParams(slug): PathParams<Str
     Ok(revoked(sessions.len()))
 }
 
-async fn enable_tenant(State(a): State<Admin>, PathParams(slug): PathParams<String>) -> Result<StatusCode, ApiError> {
+async fn enable_tenant(a: Admin, PathParams(slug): PathParams<String>) -> Result<StatusCode, ApiError> {
+    a.global()?;
     let tenant = a.tenant(&slug).await?;
     a.accounts.enable_tenant(&tenant).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_users(State(a): State<Admin>, PathParams(slug): PathParams<String>) -> Result<Response, ApiError> {
+async fn list_users(a: Admin, PathParams(slug): PathParams<String>) -> Result<Response, ApiError> {
     let tenant = a.tenant(&slug).await?;
     let users = a.service.store.list_users(tenant.id).await.map_err(AuthError::from)?;
     Ok(Json(users.iter().map(|u| user_view(&tenant, u)).collect::<Vec<_>>()).into_response())
@@ -251,7 +344,7 @@ struct NewUser {
 }
 
 async fn create_user(
-    State(a): State<Admin>,
+    a: Admin,
     PathParams(slug): PathParams<String>,
     JsonBody(body): JsonBody<NewUser>,
 ) -> Result<Response, ApiError> {
@@ -262,10 +355,7 @@ async fn create_user(
     Ok((StatusCode::CREATED, Json(user_view(&tenant, &user))).into_response())
 }
 
-async fn get_user(
-    State(a): State<Admin>,
-    PathParams((slug, id)): PathParams<(String, String)>,
-) -> Result<Response, ApiError> {
+async fn get_user(a: Admin, PathParams((slug, id)): PathParams<(String, String)>) -> Result<Response, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
     Ok(Json(user_view(&tenant, &user)).into_response())
 }
@@ -280,7 +370,7 @@ fn forget_asked(uri: &Uri) -> Result<bool, AuthError> {
 }
 
 async fn delete_user(
-    State(a): State<Admin>,
+    a: Admin,
     PathParams((slug, id)): PathParams<(String, String)>,
     uri: Uri,
 ) -> Result<Response, ApiError> {
@@ -303,7 +393,7 @@ struct FormerEmail {
 /// and no other user, lose the email, address and user agent. A user that
 /// is not deleted is refused (delete it first); one that never was is 404.
 async fn forget_user(
-    State(a): State<Admin>,
+    a: Admin,
     PathParams((slug, id)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<FormerEmail>,
 ) -> Result<Response, ApiError> {
@@ -328,10 +418,7 @@ async fn forget_user(
     Ok(Json(serde_json::json!({ "events_erased": events })).into_response())
 }
 
-async fn disable_user(
-    State(a): State<Admin>,
-    PathParams((slug, id)): PathParams<(String, String)>,
-) -> Result<Response, ApiError> {
+async fn disable_user(a: Admin, PathParams((slug, id)): PathParams<(String, String)>) -> Result<Response, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
     let sessions = a.accounts.disable_user(tenant.id, UserKey::Id(user.id)).await?;
     a.refuse(&sessions);
@@ -339,10 +426,7 @@ async fn disable_user(
     Ok(revoked(sessions.len()))
 }
 
-async fn enable_user(
-    State(a): State<Admin>,
-    PathParams((slug, id)): PathParams<(String, String)>,
-) -> Result<StatusCode, ApiError> {
+async fn enable_user(a: Admin, PathParams((slug, id)): PathParams<(String, String)>) -> Result<StatusCode, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
     a.accounts.enable_user(tenant.id, UserKey::Id(user.id)).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -355,7 +439,7 @@ struct NewPassword {
 }
 
 async fn set_password(
-    State(a): State<Admin>,
+    a: Admin,
     PathParams((slug, id)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<NewPassword>,
 ) -> Result<Response, ApiError> {
@@ -372,7 +456,7 @@ struct NewEmail {
 }
 
 async fn set_email(
-    State(a): State<Admin>,
+    a: Admin,
     PathParams((slug, id)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<NewEmail>,
 ) -> Result<Response, ApiError> {
@@ -382,10 +466,7 @@ async fn set_email(
     Ok(Json(user_view(&tenant, &user)).into_response())
 }
 
-async fn verify_email(
-    State(a): State<Admin>,
-    PathParams((slug, id)): PathParams<(String, String)>,
-) -> Result<StatusCode, ApiError> {
+async fn verify_email(a: Admin, PathParams((slug, id)): PathParams<(String, String)>) -> Result<StatusCode, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
     a.accounts.mark_email_verified(tenant.id, UserKey::Id(user.id)).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -393,10 +474,7 @@ async fn verify_email(
 
 /// The one answer that holds a credential: the reset token an operator
 /// hands over (as `gateway user reset-token` prints it).
-async fn reset_token(
-    State(a): State<Admin>,
-    PathParams((slug, id)): PathParams<(String, String)>,
-) -> Result<Response, ApiError> {
+async fn reset_token(a: Admin, PathParams((slug, id)): PathParams<(String, String)>) -> Result<Response, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
     if tenant.disabled {
         let message = format!("tenant {:?} is disabled; a link would not work", tenant.slug);
@@ -428,7 +506,7 @@ impl AccessChange {
 }
 
 async fn grant(
-    State(a): State<Admin>,
+    a: Admin,
     PathParams((slug, id)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<AccessChange>,
 ) -> Result<Response, ApiError> {
@@ -441,7 +519,7 @@ async fn grant(
 /// Removes roles and scopes and revokes every session (no live token
 /// keeps them); the answer is the user with `sessions_revoked`.
 async fn revoke(
-    State(a): State<Admin>,
+    a: Admin,
     PathParams((slug, id)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<AccessChange>,
 ) -> Result<Response, ApiError> {
@@ -455,20 +533,14 @@ async fn revoke(
     Ok(Json(view).into_response())
 }
 
-async fn mfa_reset(
-    State(a): State<Admin>,
-    PathParams((slug, id)): PathParams<(String, String)>,
-) -> Result<Response, ApiError> {
+async fn mfa_reset(a: Admin, PathParams((slug, id)): PathParams<(String, String)>) -> Result<Response, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
     let sessions = a.accounts.reset_mfa(tenant.id, UserKey::Id(user.id)).await?;
     a.refuse(&sessions);
     Ok(revoked(sessions.len()))
 }
 
-async fn list_sessions(
-    State(a): State<Admin>,
-    PathParams((slug, id)): PathParams<(String, String)>,
-) -> Result<Response, ApiError> {
+async fn list_sessions(a: Admin, PathParams((slug, id)): PathParams<(String, String)>) -> Result<Response, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
     let sessions = a.accounts.sessions(tenant.id, UserKey::Id(user.id)).await?;
     let views: Vec<_> = sessions
@@ -487,10 +559,7 @@ async fn list_sessions(
     Ok(Json(views).into_response())
 }
 
-async fn revoke_sessions(
-    State(a): State<Admin>,
-    PathParams((slug, id)): PathParams<(String, String)>,
-) -> Result<Response, ApiError> {
+async fn revoke_sessions(a: Admin, PathParams((slug, id)): PathParams<(String, String)>) -> Result<Response, ApiError> {
     let (tenant, user) = a.user(&slug, &id).await?;
     let sessions = a.accounts.revoke_all_sessions(tenant.id, UserKey::Id(user.id)).await?;
     a.refuse(&sessions);
@@ -498,7 +567,7 @@ async fn revoke_sessions(
 }
 
 async fn revoke_session(
-    State(a): State<Admin>,
+    a: Admin,
     PathParams((slug, session_id)): PathParams<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let tenant = a.tenant(&slug).await?;

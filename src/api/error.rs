@@ -17,6 +17,8 @@ pub enum ApiError {
     PayloadTooLarge,
     NotFound,
     MethodNotAllowed,
+    /// 403 `forbidden`, with why.
+    Forbidden(&'static str),
 }
 
 impl From<AuthError> for ApiError {
@@ -32,6 +34,7 @@ impl IntoResponse for ApiError {
                 return json_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the request body is too large")
             }
             ApiError::NotFound => return json_error(StatusCode::NOT_FOUND, "not_found", "no such resource"),
+            ApiError::Forbidden(why) => return json_error(StatusCode::FORBIDDEN, "forbidden", why),
             ApiError::MethodNotAllowed => {
                 return json_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed")
             }

@@ -784,3 +784,29 @@ fn the_admin_api_is_off_unless_a_token_file_is_named() {
     let err = parse("[admin]\napi_token_file = 7").expect_err("not a path").to_string();
     assert!(err.contains("admin.api_token_file"), "{err}");
 }
+
+#[test]
+fn tenant_tokens_need_a_name_a_file_and_tenants() {
+    let c = parse(
+        "[admin]\ntenant_tokens = [{ name = \"acme-console\", file = \"acme.token\", tenants = [\"acme\", \"beta\"] }]",
+    )
+    .expect("a tenant token");
+    let t = &c.admin.tenant_tokens[0];
+    assert_eq!((t.name.as_str(), t.tenants.clone()), ("acme-console", vec!["acme".to_owned(), "beta".to_owned()]));
+    assert!(t.file.ends_with("acme.token") && t.file.is_absolute(), "{t:?}");
+    let err = parse(
+        "[admin]\ntenant_tokens = [{ name = \"Bad Name\", tenants = [] }, \
+         { name = \"a\", file = \"a\", tenants = [\"Not A Slug\"] }, { name = \"a\", file = \"b\", tenants = [\"x\"] }]",
+    )
+    .expect_err("bad tokens")
+    .to_string();
+    for expected in [
+        "admin.tenant_tokens[0].name: is required",
+        "admin.tenant_tokens[0].file: is required",
+        "admin.tenant_tokens[0].tenants: is required",
+        "admin.tenant_tokens[1].tenants: \"Not A Slug\" is no tenant slug",
+        "admin.tenant_tokens[2].name: \"a\" names another token too",
+    ] {
+        assert!(err.contains(expected), "{expected}: {err}");
+    }
+}

@@ -29,6 +29,24 @@ async fn spawn() -> TestApp {
     spawn_app_in(dir, options).await
 }
 
+const ACME_TOKEN: &str = "acme-console-0123456789abcdef0123456789";
+
+/// A gateway with the admin token and a tenant token for `acme` alone.
+async fn spawn_with_tenant_token() -> TestApp {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    std::fs::write(dir.path().join("admin.token"), format!("{TOKEN}\n")).expect("write the token");
+    std::fs::write(dir.path().join("acme.token"), format!("{ACME_TOKEN}\n")).expect("write the token");
+    let options = TestOptions {
+        admin_extra: "api_token_file = \"admin.token\"\n\
+                      tenant_tokens = [{ name = \"acme-console\", file = \"acme.token\", tenants = [\"acme\"] }]"
+            .to_owned(),
+        revocation_poll: "10m",
+        auth_extra: "revocation_max_staleness = \"30m\"".to_owned(),
+        ..TestOptions::default()
+    };
+    spawn_app_in(dir, options).await
+}
+
 async fn call(
     app: &TestApp,
     method: Method,
@@ -224,6 +242,84 @@ both_backends! {
         assert_eq!((forgotten[0]["user_id"].as_str(), forgotten[0]["detail"]["by"].as_str()), (Some(id.as_str()), Some("admin_api")));
         app.stop().await;
     }
+
+    /// A tenant's console gets a token of its own: it manages that tenant's
+    /// users and sessions, sees no other tenant (404, as if there were
+    /// none), and cannot make, disable or enable tenants (403).
+    #[tokio::test]
+    async fn a_tenant_token_reaches_its_tenants_users_and_nothing_else() {
+        let app = spawn_with_tenant_token().await;
+        for slug in ["acme", "other"] {
+            let made = admin(&app, Method::POST, "/admin/tenants", Some(json!({ "slug": slug }))).await;
+            assert_eq!(made.status(), StatusCode::CREATED);
+        }
+        let theirs = json!({ "email": "them@other.example", "password": PASSWORD });
+        let theirs = admin(&app, Method::POST, "/admin/tenants/other/users", Some(theirs)).await;
+        let theirs = expect_json(theirs, StatusCode::CREATED).await["id"].as_str().expect("an id").to_owned();
+        let acme = |method: Method, path: String, body: Option<Value>| {
+            let app = &app;
+            async move { call(app, method, &path, Some(ACME_TOKEN), body).await }
+        };
+
+        let listed = expect_json(acme(Method::GET, "/admin/tenants".into(), None).await, StatusCode::OK).await;
+        let slugs: Vec<&str> = listed.as_array().expect("a list").iter().filter_map(|t| t["slug"].as_str()).collect();
+        assert_eq!(slugs, ["acme"], "{listed}");
+        let global = [
+            (Method::POST, "/admin/tenants", Some(json!({ "slug": "mine" }))),
+            (Method::POST, "/admin/tenants/acme/disable", None),
+            (Method::POST, "/admin/tenants/acme/enable", None),
+            (Method::POST, "/admin/tenants/other/disable", None),
+        ];
+        for (method, path, body) in global {
+            assert_error_in(path, acme(method, path.into(), body).await, StatusCode::FORBIDDEN, "forbidden").await;
+        }
+        let elsewhere = [
+            (Method::GET, "/admin/tenants/other/users".to_owned()),
+            (Method::GET, format!("/admin/tenants/other/users/{theirs}")),
+            (Method::POST, format!("/admin/tenants/other/users/{theirs}/disable")),
+            (Method::DELETE, format!("/admin/tenants/other/users/{theirs}/sessions")),
+            (Method::GET, format!("/admin/tenants/acme/users/{theirs}")),
+            (Method::GET, "/admin/tenants/default/users".to_owned()),
+        ];
+        for (method, path) in elsewhere {
+            assert_error_in(&path, acme(method, path.clone(), None).await, StatusCode::NOT_FOUND, "not_found").await;
+        }
+        let them = app.login_ok("them@other.example", PASSWORD, Some("other")).await;
+        app.me_ok(&them.access_token).await;
+
+        let mine = json!({ "email": "ops@acme.example", "password": PASSWORD, "roles": ["admin"] });
+        let mine = expect_json(acme(Method::POST, "/admin/tenants/acme/users".into(), Some(mine)).await, StatusCode::CREATED).await;
+        let id = mine["id"].as_str().expect("an id").to_owned();
+        let tokens = app.login_ok("ops@acme.example", PASSWORD, Some("acme")).await;
+        let revoked = acme(Method::DELETE, format!("/admin/tenants/acme/users/{id}/sessions"), None).await;
+        assert_eq!(expect_json(revoked, StatusCode::OK).await["sessions_revoked"], 1);
+        assert_invalid_token(app.get_authed("/auth/me", &tokens.access_token).await).await;
+        let created = audit_events(&app, "user_created").await;
+        assert_eq!(created[0]["detail"]["by"], "admin_api:acme-console", "{created:?}");
+
+        let wrong = call(&app, Method::GET, "/admin/tenants/acme/users", Some("acme-console-0123456789abcdef012345678X"), None).await;
+        assert_error(wrong, StatusCode::UNAUTHORIZED, "unauthorized").await;
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn two_tokens_alike_stop_the_start_naming_the_setting() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    std::fs::write(dir.path().join("admin.token"), format!("{TOKEN}\n")).expect("write the token");
+    std::fs::write(dir.path().join("acme.token"), format!("{TOKEN}\n")).expect("write the token");
+    let options = TestOptions {
+        admin_extra: "api_token_file = \"admin.token\"\n\
+                      tenant_tokens = [{ name = \"acme-console\", file = \"acme.token\", tenants = [\"acme\"] }]"
+            .to_owned(),
+        ..TestOptions::default()
+    };
+    let config = crate::helpers::write_config(dir.path(), &options);
+    let out = crate::helpers::run_binary(&config, &["serve"]).await;
+    assert!(!out.status.success(), "the start fails");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("admin.tenant_tokens[0].file") && stderr.contains("the same token"), "{stderr}");
+    assert!(!stderr.contains(TOKEN), "the token is not quoted: {stderr}");
 }
 
 /// A path whose percent-escapes are no UTF-8 names nothing: a JSON 404,
