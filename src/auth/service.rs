@@ -202,6 +202,14 @@ impl AuthService {
         self.accounts.audit(event).await;
     }
 
+    /// Tells the owner that failed attempts locked the account's logins
+    /// (the `account.locked` notice), `via` the flow of the attempt that
+    /// started the lock.
+    pub(super) fn lock_started(&self, tenant_id: Uuid, user_id: Uuid, via: &str, client: &ClientContext) {
+        let until = unix_now() + secs(self.config.lockout_duration);
+        self.notify(tenant_id, user_id, Notice::Locked { until, via: via.to_owned() }, client);
+    }
+
     /// Takes one slot of the (tenant, email) lockout counter before any
     /// hashing; `Ok(true)` when a failure of this attempt starts the lock.
     async fn reserve_attempt(&self, slug: &str, email: &str) -> Result<bool, AuthError> {
@@ -307,6 +315,9 @@ impl AuthService {
                 ..base
             })
             .await;
+            if let Some(user) = user.as_ref().filter(|u| !u.disabled) {
+                self.lock_started(user.tenant_id, user.id, "login", client);
+            }
         }
         // The attempt that starts the lock is not told the password was right.
         Err(match failure {
@@ -610,6 +621,7 @@ impl AuthService {
             if locks {
                 let detail = serde_json::json!({ "tenant": tenant.slug, "via": op });
                 self.audit_principal("locked_out", who, client, Some(detail)).await;
+                self.lock_started(who.tenant_id, who.user_id, op, client);
             }
             return Err(AuthError::InvalidCredentials);
         }
@@ -845,6 +857,7 @@ impl AuthService {
                 if locks {
                     let detail = serde_json::json!({ "tenant": tenant.slug, "via": "password_change" });
                     self.audit_principal("locked_out", who, client, Some(detail)).await;
+                    self.lock_started(who.tenant_id, who.user_id, "password_change", client);
                 }
                 return Err(AuthError::InvalidCredentials);
             }

@@ -108,4 +108,29 @@ both_backends! {
         let kinds: Vec<Value> = mailer.deliveries().iter().map(|d| d.json()["type"].clone()).collect();
         assert_eq!(kinds, ["password_reset.requested"]);
     }
+
+    /// Guesses that lock the logins are told to the owner (once a lock),
+    /// with where the attempt that started it came from; guesses at an
+    /// address with no account tell no one.
+    #[tokio::test]
+    async fn the_owner_is_told_when_failed_attempts_lock_the_account() {
+        let mailer = Mailer::spawn(0).await;
+        let options = TestOptions { lockout_threshold: 3, ..TestOptions::default() };
+        let app = spawn_with_mailer(&mailer, options).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        for email in ["nobody@example.com", EMAIL] {
+            for _ in 0..4 {
+                let resp = app.login(email, OTHER_PASSWORD, None).await;
+                assert!(matches!(resp.status().as_u16(), 401 | 429), "{}", resp.status());
+            }
+        }
+        let locked = notice(&mailer, "account.locked").await;
+        assert_about_the_owner(&locked, EMAIL);
+        assert_eq!(locked["data"]["via"], "login", "{locked}");
+        let until = humantime::parse_rfc3339(locked["data"]["locked_until"].as_str().expect("an end")).expect("RFC 3339");
+        assert!(until > std::time::SystemTime::now() + Duration::from_secs(60), "{locked}");
+        app.stop().await;
+        let kinds: Vec<Value> = mailer.deliveries().iter().map(|d| d.json()["type"].clone()).collect();
+        assert_eq!(kinds, ["account.locked"], "one notice, for the account that exists");
+    }
 }

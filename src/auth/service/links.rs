@@ -359,6 +359,7 @@ impl AuthService {
             if locks {
                 let detail = serde_json::json!({ "tenant": tenant.slug, "via": via });
                 self.audit_user("locked_out", user, client, detail).await;
+                self.lock_started(user.tenant_id, user.id, via, client);
             }
             return Err(AuthError::InvalidCredentials);
         }

@@ -43,6 +43,10 @@ pub(super) enum Notice {
     /// to the old address, with the link that moves the account back, if
     /// the change made one.
     EmailChanged { old: String, new: String, revert: Option<EmailLink>, via: &'static str },
+    /// Failed attempts locked the account's logins until `until` (unix
+    /// seconds); `via` the flow whose attempt started the lock (`login`,
+    /// or a signed-in or link flow that asks for the password).
+    Locked { until: i64, via: String },
     /// A second factor was set up.
     MfaEnabled,
     /// The second factor was removed.
@@ -56,6 +60,7 @@ impl Notice {
         match self {
             Notice::PasswordChanged { .. } => "password.changed",
             Notice::EmailChanged { .. } => "email.changed",
+            Notice::Locked { .. } => "account.locked",
             Notice::MfaEnabled => "mfa.enabled",
             Notice::MfaDisabled => "mfa.disabled",
             Notice::RecoveryCodesRegenerated => "mfa.recovery_codes_regenerated",
@@ -170,6 +175,10 @@ impl AuthService {
                     data["revert_token"] = revert.token.into();
                     data["revert_expires_at"] = rfc3339(revert.expires_at).into();
                 }
+            }
+            Notice::Locked { until, via } => {
+                data["locked_until"] = rfc3339(until).into();
+                data["via"] = via.into();
             }
             Notice::MfaEnabled | Notice::MfaDisabled | Notice::RecoveryCodesRegenerated => {}
         }
