@@ -97,6 +97,15 @@ impl App {
             None => None,
         };
         let admin_token = crate::admin::api::ApiTokens::load(&config.admin)?;
+        for slug in config.admin.tenant_tokens.iter().flat_map(|t| &t.tenants) {
+            if matches!(store.tenant_by_slug(slug).await, Ok(None)) {
+                tracing::warn!(
+                    tenant = slug,
+                    "admin.tenant_tokens names a tenant that does not exist: a tenant made with that slug comes \
+                     under the token"
+                );
+            }
+        }
         let sealer = Arc::new(seal_stored_secrets(&store, &config.auth.keys_dir, config.auth.seal_totp_secrets).await?);
         let service =
             AuthService::new(store.clone(), hasher, authenticator.clone(), config.auth.clone(), Arc::clone(&sealer))

@@ -109,6 +109,10 @@ pub struct TenantToken {
     /// The file holding the token (read at start, like `api_token_file`).
     pub file: PathBuf,
     pub tenants: Vec<String>,
+    /// The roles and scopes it may give (none unless listed): a role it
+    /// gives passes every route that asks for it without naming tenants.
+    pub roles: Vec<String>,
+    pub scopes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -406,8 +410,18 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
         for slug in tenants.iter().filter(|s| !crate::auth::service::is_slug(s)) {
             t.error("tenants", format!("{slug:?} is no tenant slug"));
         }
+        if let Some(twice) = tenants.iter().enumerate().find(|(i, s)| tenants[..*i].contains(s)).map(|(_, s)| s) {
+            t.error("tenants", format!("{twice:?} is listed twice"));
+        }
+        let roles = t.string_list("roles");
+        let scopes = t.string_list("scopes");
+        for (key, name) in roles.iter().map(|r| ("roles", r)).chain(scopes.iter().map(|s| ("scopes", s))) {
+            if let Err(e) = crate::auth::service::validate_name(name) {
+                t.error(key, e);
+            }
+        }
         t.finish();
-        tenant_tokens.push(TenantToken { name, file: file.unwrap_or_default(), tenants });
+        tenant_tokens.push(TenantToken { name, file: file.unwrap_or_default(), tenants, roles, scopes });
     }
     let admin = admin_listen.map(|listen| AdminConfig { listen, api_token_file, tenant_tokens });
 

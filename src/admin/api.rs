@@ -10,8 +10,11 @@
 //! which token matched leaks through timing); without one, `/admin/*`
 //! answers 404. `api_token_file`'s token reaches everything; a tenant
 //! token reaches its tenants' users and sessions only: other tenants do
-//! not exist for it (404), and tenants themselves (make, disable, enable)
-//! are refused (403), so that a tenant's own console can hold one. The admin listener is loopback by
+//! not exist for it (404), a disabled one is closed to it, tenants
+//! themselves (make, disable, enable) and forgetting (which reaches events
+//! of no tenant) are refused (403, before the body is read: see
+//! [`GlobalAdmin`]), and it gives only the roles and scopes its entry
+//! lists, so that a tenant's own console can hold one. The admin listener is loopback by
 //! default: the token is a second lock, not a reason to expose it.
 //!
 //! Users are named by id in paths (an email is a user's to change), and
@@ -19,7 +22,8 @@
 //! while a call runs, and another who takes the old one, cannot swap
 //! places under it. Every
 //! change goes through [`Accounts`], as the CLI's do, so it is validated
-//! and audited alike, with `"by": "admin_api"` in the event's detail; the
+//! and audited alike, with `"by": "admin_api"` (or `admin_api:<name>`) in
+//! the event's detail; the
 //! sessions a change revokes are refused by this process at once and by
 //! the other replicas within `auth.revocation_poll` (or at once with the
 //! PostgreSQL push). No password, token or secret is ever logged or
@@ -66,18 +70,36 @@ struct Token {
     caller: Caller,
 }
 
-/// Who a request's token is: recorded as `by` in what it changes, and the
-/// tenants it reaches (`None`: every tenant, and the tenants themselves).
+/// Who a request's token is: recorded as `by` in what it changes, and
+/// what it reaches (`None`: `api_token_file`'s, everything).
 #[derive(Clone, Debug)]
 struct Caller {
-    by: &'static str,
-    tenants: Option<Arc<[String]>>,
+    by: Arc<str>,
+    scope: Option<Arc<Scope>>,
+}
+
+/// What a tenant token reaches: its tenants' users and sessions, and the
+/// roles and scopes it may give.
+#[derive(Debug)]
+struct Scope {
+    tenants: Vec<String>,
+    roles: Vec<String>,
+    scopes: Vec<String>,
 }
 
 impl Caller {
     /// Whether the caller reaches tenant `slug`'s users and sessions.
     fn reaches(&self, slug: &str) -> bool {
-        self.tenants.as_ref().is_none_or(|tenants| tenants.iter().any(|t| t == slug))
+        self.scope.as_ref().is_none_or(|s| s.tenants.iter().any(|t| t == slug))
+    }
+
+    /// Refuses a tenant token roles or scopes it may not give.
+    fn may_give(&self, roles: &[String], scopes: &[String]) -> Result<(), ApiError> {
+        let Some(scope) = &self.scope else { return Ok(()) };
+        if roles.iter().all(|r| scope.roles.contains(r)) && scopes.iter().all(|s| scope.scopes.contains(s)) {
+            return Ok(());
+        }
+        Err(ApiError::Forbidden("a tenant token gives only the roles and scopes its admin.tenant_tokens entry lists"))
     }
 }
 
@@ -94,7 +116,7 @@ impl ApiTokens {
     pub fn load(admin: &AdminConfig) -> anyhow::Result<Option<Self>> {
         let mut tokens = Vec::new();
         if let Some(path) = &admin.api_token_file {
-            let caller = Caller { by: "admin_api", tenants: None };
+            let caller = Caller { by: "admin_api".into(), scope: None };
             tokens.push(Token { digest: read_token(path, "admin.api_token_file")?, caller });
         }
         for (i, t) in admin.tenant_tokens.iter().enumerate() {
@@ -106,9 +128,9 @@ impl ApiTokens {
                     t.file.display()
                 );
             }
-            // Once per token at start: the audit's `by` lives as long as the process.
-            let by: &'static str = Box::leak(format!("admin_api:{}", t.name).into_boxed_str());
-            tokens.push(Token { digest, caller: Caller { by, tenants: Some(t.tenants.clone().into()) } });
+            let scope = Scope { tenants: t.tenants.clone(), roles: t.roles.clone(), scopes: t.scopes.clone() };
+            let caller = Caller { by: format!("admin_api:{}", t.name).into(), scope: Some(Arc::new(scope)) };
+            tokens.push(Token { digest, caller });
         }
         Ok((!tokens.is_empty()).then(|| Self(tokens.into())))
     }
@@ -162,8 +184,27 @@ impl FromRequestParts<Shared> for Admin {
     async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, Self::Rejection> {
         // Set by `authorize`, which every route is behind.
         let caller = parts.extensions.get::<Caller>().cloned().ok_or(ApiError::NotFound)?;
-        let accounts = Accounts { by: Some(caller.by), ..state.service.accounts.clone() };
+        let accounts = Accounts { by: Some(Arc::clone(&caller.by)), ..state.service.accounts.clone() };
         Ok(Admin { service: state.service.clone(), accounts, caller })
+    }
+}
+
+/// An [`Admin`] with `api_token_file`'s token: what makes, disables or
+/// enables tenants, or erases events no tenant holds. A tenant token is
+/// refused (403) before the body is read.
+struct GlobalAdmin(Admin);
+
+impl FromRequestParts<Shared> for GlobalAdmin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, Self::Rejection> {
+        let admin = Admin::from_request_parts(parts, state).await?;
+        if admin.caller.scope.is_some() {
+            return Err(ApiError::Forbidden(
+                "a tenant token reaches its tenants' users and sessions, not tenants, nor what no tenant holds",
+            ));
+        }
+        Ok(GlobalAdmin(admin))
     }
 }
 
@@ -172,7 +213,8 @@ impl FromRequestParts<Shared> for Admin {
 pub fn router(service: AuthService, tokens: Option<ApiTokens>) -> Router {
     let Some(tokens) = tokens else {
         let off = || async {
-            json_error(StatusCode::NOT_FOUND, "not_found", "the admin API is off: set admin.api_token_file")
+            let message = "the admin API is off: set admin.api_token_file (or admin.tenant_tokens)";
+            json_error(StatusCode::NOT_FOUND, "not_found", message)
         };
         return Router::new().route("/admin", any(off)).route("/admin/{*rest}", any(off));
     };
@@ -216,7 +258,7 @@ async fn authorize(State(tokens): State<ApiTokens>, mut req: Request, next: Next
     let mut response = json_error(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
-        "the admin API needs its bearer token (admin.api_token_file)",
+        "the admin API needs a bearer token of admin.api_token_file or admin.tenant_tokens",
     );
     response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     response
@@ -254,13 +296,19 @@ fn revoked(n: usize) -> Response {
 
 impl Admin {
     /// The tenant `slug`, if the caller reaches it (a tenant token's other
-    /// tenants do not exist for it).
+    /// tenants do not exist for it, and a disabled one is closed to it:
+    /// the operator disabled it).
     async fn tenant(&self, slug: &str) -> Result<Tenant, ApiError> {
         // No slug is no tenant (and text PostgreSQL refuses never reaches it).
         if !crate::auth::service::is_slug(slug) || !self.caller.reaches(slug) {
             return Err(ApiError::NotFound);
         }
-        self.service.store.tenant_by_slug(slug).await.map_err(AuthError::from)?.ok_or(ApiError::NotFound)
+        let tenant =
+            self.service.store.tenant_by_slug(slug).await.map_err(AuthError::from)?.ok_or(ApiError::NotFound)?;
+        if tenant.disabled && self.caller.scope.is_some() {
+            return Err(ApiError::Forbidden("the tenant is disabled: a tenant token reaches it again once enabled"));
+        }
+        Ok(tenant)
     }
 
     /// The tenant and the (not deleted) user `id` of it.
@@ -270,15 +318,6 @@ impl Admin {
         let user = self.service.store.user_by_id(tenant.id, id).await.map_err(AuthError::from)?;
         let user = user.filter(|u| !u.is_deleted()).ok_or(ApiError::NotFound)?;
         Ok((tenant, user))
-    }
-
-    /// Refuses a tenant token what only `admin.api_token_file`'s may do
-    /// (make, disable or enable tenants).
-    fn global(&self) -> Result<(), ApiError> {
-        match self.caller.tenants {
-            None => Ok(()),
-            Some(_) => Err(ApiError::Forbidden("a tenant token reaches its tenants' users and sessions, not tenants")),
-        }
     }
 
     /// Refuses the revoked sessions' tokens in this process at once.
@@ -303,15 +342,16 @@ struct NewTenant {
     name: Option<String>,
 }
 
-async fn create_tenant(a: Admin, JsonBody(body): JsonBody<NewTenant>) -> Result<Response, ApiError> {
-    a.global()?;
+async fn create_tenant(GlobalAdmin(a): GlobalAdmin, JsonBody(body): JsonBody<NewTenant>) -> Result<Response, ApiError> {
     let name = body.name.unwrap_or_else(|| body.slug.clone());
     let tenant = a.accounts.create_tenant(&body.slug, &name).await?;
     Ok((StatusCode::CREATED, Json(tenant_view(&tenant))).into_response())
 }
 
-async fn disable_tenant(a: Admin, PathParams(slug): PathParams<String>) -> Result<Response, ApiError> {
-    a.global()?;
+async fn disable_tenant(
+    GlobalAdmin(a): GlobalAdmin,
+    PathParams(slug): PathParams<String>,
+) -> Result<Response, ApiError> {
     let tenant = a.tenant(&slug).await?;
     let sessions = a.accounts.disable_tenant(&tenant).await?;
     a.refuse(&sessions);
@@ -319,8 +359,10 @@ async fn disable_tenant(a: Admin, PathParams(slug): PathParams<String>) -> Resul
     Ok(revoked(sessions.len()))
 }
 
-async fn enable_tenant(a: Admin, PathParams(slug): PathParams<String>) -> Result<StatusCode, ApiError> {
-    a.global()?;
+async fn enable_tenant(
+    GlobalAdmin(a): GlobalAdmin,
+    PathParams(slug): PathParams<String>,
+) -> Result<StatusCode, ApiError> {
     let tenant = a.tenant(&slug).await?;
     a.accounts.enable_tenant(&tenant).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -349,6 +391,7 @@ async fn create_user(
     JsonBody(body): JsonBody<NewUser>,
 ) -> Result<Response, ApiError> {
     let tenant = a.tenant(&slug).await?;
+    a.caller.may_give(&body.roles, &body.scopes)?;
     let user =
         a.accounts.create_user(tenant.id, &body.email, &body.password, &body.roles, &body.scopes, None, None, true);
     let user = user.await?;
@@ -375,6 +418,9 @@ async fn delete_user(
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let forget = forget_asked(&uri)?;
+    if forget && a.caller.scope.is_some() {
+        return Err(ApiError::Forbidden(FORGET_IS_GLOBAL));
+    }
     let (tenant, user) = a.user(&slug, &id).await?;
     let sessions = a.accounts.delete_user(tenant.id, UserKey::Id(user.id), forget).await?;
     a.refuse(&sessions);
@@ -388,12 +434,18 @@ struct FormerEmail {
     email: String,
 }
 
+/// Why a tenant token does not forget: forgetting also erases the events
+/// no tenant holds (a login naming an unknown tenant) that carry the
+/// address, whichever tenant's person made them.
+const FORGET_IS_GLOBAL: &str =
+    "forgetting erases events no tenant holds too: it takes admin.api_token_file's token (delete without forget)";
+
 /// The CLI's `user forget`: for a user deleted without `?forget=true`, the
 /// audit events of the user, and those recorded with its former `email`
 /// and no other user, lose the email, address and user agent. A user that
 /// is not deleted is refused (delete it first); one that never was is 404.
 async fn forget_user(
-    a: Admin,
+    GlobalAdmin(a): GlobalAdmin,
     PathParams((slug, id)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<FormerEmail>,
 ) -> Result<Response, ApiError> {
@@ -511,6 +563,7 @@ async fn grant(
     JsonBody(body): JsonBody<AccessChange>,
 ) -> Result<Response, ApiError> {
     body.named()?;
+    a.caller.may_give(&body.roles, &body.scopes)?;
     let (tenant, user) = a.user(&slug, &id).await?;
     let (user, _) = a.accounts.grant(tenant.id, UserKey::Id(user.id), &body.roles, &body.scopes).await?;
     Ok(Json(user_view(&tenant, &user)).into_response())

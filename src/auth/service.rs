@@ -1005,7 +1005,7 @@ pub struct Accounts {
     pub revert_token_ttl: Duration,
     /// Who acts, when not the CLI: recorded as `"by"` in the detail of
     /// every event these rules audit (`admin_api`).
-    pub by: Option<&'static str>,
+    pub by: Option<Arc<str>>,
 }
 
 impl Accounts {
@@ -1019,10 +1019,10 @@ impl Accounts {
     }
 
     async fn audit(&self, mut event: NewAuditEvent<'_>) {
-        if let Some(by) = self.by {
+        if let Some(by) = &self.by {
             let detail = event.detail.get_or_insert_with(|| serde_json::json!({}));
             if let Some(fields) = detail.as_object_mut() {
-                fields.insert("by".to_owned(), by.into());
+                fields.insert("by".to_owned(), by.as_ref().into());
             }
         }
         if let Err(e) = self.store.record_audit(event).await {

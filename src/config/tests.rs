@@ -796,7 +796,8 @@ fn tenant_tokens_need_a_name_a_file_and_tenants() {
     assert!(t.file.ends_with("acme.token") && t.file.is_absolute(), "{t:?}");
     let err = parse(
         "[admin]\ntenant_tokens = [{ name = \"Bad Name\", tenants = [] }, \
-         { name = \"a\", file = \"a\", tenants = [\"Not A Slug\"] }, { name = \"a\", file = \"b\", tenants = [\"x\"] }]",
+         { name = \"a\", file = \"a\", tenants = [\"Not A Slug\"] }, \
+         { name = \"a\", file = \"b\", tenants = [\"x\", \"x\"], roles = [\"bad role\"] }]",
     )
     .expect_err("bad tokens")
     .to_string();
@@ -806,6 +807,8 @@ fn tenant_tokens_need_a_name_a_file_and_tenants() {
         "admin.tenant_tokens[0].tenants: is required",
         "admin.tenant_tokens[1].tenants: \"Not A Slug\" is no tenant slug",
         "admin.tenant_tokens[2].name: \"a\" names another token too",
+        "admin.tenant_tokens[2].tenants: \"x\" is listed twice",
+        "admin.tenant_tokens[2].roles:",
     ] {
         assert!(err.contains(expected), "{expected}: {err}");
     }

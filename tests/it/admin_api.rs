@@ -1,7 +1,8 @@
 //! The admin API on the admin listener: off (404) without
 //! `admin.api_token_file`; with it, only requests with the token get in,
 //! and they manage tenants, users and sessions as the CLI does, audited
-//! with `"by": "admin_api"`; a session it revokes is refused by the
+//! with `"by": "admin_api"` (a tenant token's with its name, and it
+//! reaches its tenants alone); a session it revokes is refused by the
 //! gateway at once. Never on the public listener.
 
 use reqwest::{Method, StatusCode};
@@ -38,7 +39,8 @@ async fn spawn_with_tenant_token() -> TestApp {
     std::fs::write(dir.path().join("acme.token"), format!("{ACME_TOKEN}\n")).expect("write the token");
     let options = TestOptions {
         admin_extra: "api_token_file = \"admin.token\"\n\
-                      tenant_tokens = [{ name = \"acme-console\", file = \"acme.token\", tenants = [\"acme\"] }]"
+                      tenant_tokens = [{ name = \"acme-console\", file = \"acme.token\", tenants = [\"acme\"], \
+                      roles = [\"admin\"] }]"
             .to_owned(),
         revocation_poll: "10m",
         auth_extra: "revocation_max_staleness = \"30m\"".to_owned(),
@@ -290,17 +292,66 @@ both_backends! {
         let mine = json!({ "email": "ops@acme.example", "password": PASSWORD, "roles": ["admin"] });
         let mine = expect_json(acme(Method::POST, "/admin/tenants/acme/users".into(), Some(mine)).await, StatusCode::CREATED).await;
         let id = mine["id"].as_str().expect("an id").to_owned();
+        // Only the roles and scopes its entry lists.
+        let root = json!({ "email": "root@acme.example", "password": PASSWORD, "roles": ["root"] });
+        let root = acme(Method::POST, "/admin/tenants/acme/users".into(), Some(root)).await;
+        assert_error(root, StatusCode::FORBIDDEN, "forbidden").await;
+        let grant = acme(Method::POST, format!("/admin/tenants/acme/users/{id}/grant"), Some(json!({ "scopes": ["all"] }))).await;
+        assert_error(grant, StatusCode::FORBIDDEN, "forbidden").await;
+        // Another tenant's session is none of its business, even by id.
+        let sessions = admin(&app, Method::GET, &format!("/admin/tenants/other/users/{theirs}/sessions"), None).await;
+        let session = expect_json(sessions, StatusCode::OK).await[0]["id"].as_str().expect("a session").to_owned();
+        let cross = acme(Method::DELETE, format!("/admin/tenants/acme/sessions/{session}"), None).await;
+        assert_error(cross, StatusCode::NOT_FOUND, "not_found").await;
+        app.me_ok(&them.access_token).await;
+        // Forgetting erases events no tenant holds: not for a tenant token.
+        let forget = acme(Method::DELETE, format!("/admin/tenants/acme/users/{id}?forget=true"), None).await;
+        assert_error(forget, StatusCode::FORBIDDEN, "forbidden").await;
+        let forget = acme(Method::POST, format!("/admin/tenants/acme/users/{id}/forget"), Some(json!({ "email": "x@y.z" }))).await;
+        assert_error(forget, StatusCode::FORBIDDEN, "forbidden").await;
+
         let tokens = app.login_ok("ops@acme.example", PASSWORD, Some("acme")).await;
         let revoked = acme(Method::DELETE, format!("/admin/tenants/acme/users/{id}/sessions"), None).await;
         assert_eq!(expect_json(revoked, StatusCode::OK).await["sessions_revoked"], 1);
         assert_invalid_token(app.get_authed("/auth/me", &tokens.access_token).await).await;
         let created = audit_events(&app, "user_created").await;
         assert_eq!(created[0]["detail"]["by"], "admin_api:acme-console", "{created:?}");
+        assert!(created.iter().any(|e| e["email"] == "them@other.example" && e["detail"]["by"] == "admin_api"), "{created:?}");
+
+        // A tenant the operator disabled is closed to its token.
+        assert_eq!(admin(&app, Method::POST, "/admin/tenants/acme/disable", None).await.status(), StatusCode::OK);
+        let closed = acme(Method::GET, "/admin/tenants/acme/users".into(), None).await;
+        assert_error(closed, StatusCode::FORBIDDEN, "forbidden").await;
 
         let wrong = call(&app, Method::GET, "/admin/tenants/acme/users", Some("acme-console-0123456789abcdef012345678X"), None).await;
         assert_error(wrong, StatusCode::UNAUTHORIZED, "unauthorized").await;
         app.stop().await;
     }
+}
+
+/// Tenant tokens alone turn the API on, for their tenants only.
+#[tokio::test]
+async fn tenant_tokens_alone_turn_the_api_on() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    std::fs::write(dir.path().join("acme.token"), format!("{ACME_TOKEN}\n")).expect("write the token");
+    let options = TestOptions {
+        admin_extra: "tenant_tokens = [{ name = \"acme-console\", file = \"acme.token\", tenants = [\"default\"] }]"
+            .to_owned(),
+        ..TestOptions::default()
+    };
+    let app = spawn_app_in(dir, options).await;
+    let listed =
+        expect_json(call(&app, Method::GET, "/admin/tenants", Some(ACME_TOKEN), None).await, StatusCode::OK).await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    let made = call(&app, Method::POST, "/admin/tenants", Some(ACME_TOKEN), Some(json!({ "slug": "x" }))).await;
+    assert_error(made, StatusCode::FORBIDDEN, "forbidden").await;
+    assert_error(
+        call(&app, Method::GET, "/admin/tenants", Some(TOKEN), None).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
+    app.stop().await;
 }
 
 #[tokio::test]
