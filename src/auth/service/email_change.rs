@@ -215,17 +215,10 @@ impl AuthService {
     ) -> Result<(), AuthError> {
         self.rate_limit(client.ip)?;
         check_password_size(password).map_err(AuthError::InvalidRequest)?;
-        let (link, user, tenant) = match self.presented_link(LinkPurpose::EmailChange, token).await? {
-            Ok(found) => found,
-            Err((reason, user)) => {
-                self.link_refused(FAILED, CHANGES, reason, user.as_ref(), client).await;
-                return Err(AuthError::InvalidEmailChangeToken);
-            }
-        };
-        let Some(new_email) = link.new_email.clone() else {
-            self.link_refused(FAILED, CHANGES, "unknown_link", Some(&user), client).await;
-            return Err(AuthError::InvalidEmailChangeToken);
-        };
+        let refused = || AuthError::InvalidEmailChangeToken;
+        let presented =
+            self.presented_address_link(LinkPurpose::EmailChange, token, (FAILED, CHANGES), refused, client);
+        let (link, user, tenant, new_email) = presented.await?;
         self.link_password((FAILED, CHANGES, "email_change"), &user, &tenant, password, client).await?;
         // Where another user's revert link would move that user back.
         if self.store.address_reserved(tenant.id, &new_email, Some(user.id)).await? {
@@ -304,17 +297,10 @@ impl AuthService {
         self.rate_limit(client.ip)?;
         // Before the link is looked at: a weak password spends nothing.
         self.accounts.check_password_strength(password)?;
-        let (link, user, tenant) = match self.presented_link(LinkPurpose::EmailRevert, token).await? {
-            Ok(found) => found,
-            Err((reason, user)) => {
-                self.link_refused(REVERT_FAILED, REVERTS, reason, user.as_ref(), client).await;
-                return Err(AuthError::InvalidRevertToken);
-            }
-        };
-        let Some(address) = link.new_email.clone() else {
-            self.link_refused(REVERT_FAILED, REVERTS, "unknown_link", Some(&user), client).await;
-            return Err(AuthError::InvalidRevertToken);
-        };
+        let refused = || AuthError::InvalidRevertToken;
+        let presented =
+            self.presented_address_link(LinkPurpose::EmailRevert, token, (REVERT_FAILED, REVERTS), refused, client);
+        let (link, user, tenant, address) = presented.await?;
         // A factor set up, changed or removed since the change (its secret
         // or its recovery codes) may be the intruder's: it goes, and the
         // owner sets one up again.

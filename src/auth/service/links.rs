@@ -340,6 +340,32 @@ impl AuthService {
         Ok(Ok((link, user, tenant)))
     }
 
+    /// [`AuthService::presented_link`] for a link that holds an address
+    /// (an email change's or a revert's), with the address; what refuses
+    /// it is counted (`metric`) and audited (`event`) with why, and
+    /// answered `refused()`.
+    pub(super) async fn presented_address_link(
+        &self,
+        purpose: LinkPurpose,
+        token: &str,
+        (event, metric): (&str, &'static str),
+        refused: fn() -> AuthError,
+        client: &ClientContext,
+    ) -> Result<(PendingLink, User, Tenant, String), AuthError> {
+        let (link, user, tenant) = match self.presented_link(purpose, token).await? {
+            Ok(found) => found,
+            Err((reason, user)) => {
+                self.link_refused(event, metric, reason, user.as_ref(), client).await;
+                return Err(refused());
+            }
+        };
+        let Some(address) = link.new_email.clone() else {
+            self.link_refused(event, metric, "unknown_link", Some(&user), client).await;
+            return Err(refused());
+        };
+        Ok((link, user, tenant, address))
+    }
+
     /// Checks the password presented with a link, as a login would: a
     /// wrong one counts towards the lockout (audited `locked_out`, `via`
     /// the flow, when it starts one) and is refused like the link would be
