@@ -251,18 +251,7 @@ impl AuthService {
             stored,
             now,
         );
-        match redeemed.await {
-            Ok(Ok(())) => {}
-            Ok(Err(gone)) => {
-                self.link_refused(FAILED, CHANGES, gone.reason(), Some(&user), client).await;
-                return Err(AuthError::InvalidEmailChangeToken);
-            }
-            Err(StoreError::Conflict) => {
-                self.link_refused(FAILED, CHANGES, "email_taken", Some(&user), client).await;
-                return Err(AuthError::EmailTaken);
-            }
-            Err(e) => return Err(e.into()),
-        }
+        self.address_redeemed(redeemed.await, (FAILED, CHANGES), refused, &user, client).await?;
         metrics::counter!(CHANGES, "result" => "success").increment(1);
         let moved = User { email: new_email.clone(), ..user.clone() };
         self.audit_user("email_changed", &moved, client, serde_json::json!({ "via": "link" })).await;
@@ -308,18 +297,7 @@ impl AuthService {
         let drop_factor = !bool::from(factor.digest.ct_eq(&link.fingerprint));
         let hash = self.hasher.hash(password).await?;
         let redeemed = self.store.redeem_email_revert(&link, &address, &hash, (factor.read(), drop_factor), unix_now());
-        let revoked = match redeemed.await {
-            Ok(Ok(revoked)) => revoked,
-            Ok(Err(gone)) => {
-                self.link_refused(REVERT_FAILED, REVERTS, gone.reason(), Some(&user), client).await;
-                return Err(AuthError::InvalidRevertToken);
-            }
-            Err(StoreError::Conflict) => {
-                self.link_refused(REVERT_FAILED, REVERTS, "email_taken", Some(&user), client).await;
-                return Err(AuthError::EmailTaken);
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let revoked = self.address_redeemed(redeemed.await, (REVERT_FAILED, REVERTS), refused, &user, client).await?;
         for id in &revoked {
             self.authenticator.revocations().revoke_session(*id);
         }

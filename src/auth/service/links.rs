@@ -31,10 +31,10 @@ use crate::auth::refresh;
 use crate::auth::webhook::Webhook;
 use crate::auth::AuthError;
 use crate::db::audit::NewAuditEvent;
-use crate::db::email_links::{FactorRead, LinkMade, LinkPurpose, NewLink, PendingLink};
+use crate::db::email_links::{FactorRead, LinkMade, LinkPurpose, NewLink, PendingLink, Unredeemed};
 use crate::db::tenants::Tenant;
 use crate::db::users::User;
-use crate::db::{secs, unix_now};
+use crate::db::{secs, unix_now, StoreError};
 
 /// The least time between two links of a kind asked for one user, in
 /// seconds.
@@ -364,6 +364,32 @@ impl AuthService {
             return Err(refused());
         };
         Ok((link, user, tenant, address))
+    }
+
+    /// What a link's redemption came to, for a link that moves its user to
+    /// an address: the store's answer, or the refusal (counted and audited
+    /// with why) of a link gone or a user changed meanwhile (`refused()`),
+    /// or of an address another user took (409 `email_taken`).
+    pub(super) async fn address_redeemed<T>(
+        &self,
+        outcome: crate::db::StoreResult<Result<T, Unredeemed>>,
+        (event, metric): (&str, &'static str),
+        refused: fn() -> AuthError,
+        user: &User,
+        client: &ClientContext,
+    ) -> Result<T, AuthError> {
+        match outcome {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(gone)) => {
+                self.link_refused(event, metric, gone.reason(), Some(user), client).await;
+                Err(refused())
+            }
+            Err(StoreError::Conflict) => {
+                self.link_refused(event, metric, "email_taken", Some(user), client).await;
+                Err(AuthError::EmailTaken)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Checks the password presented with a link, as a login would: a
