@@ -356,12 +356,22 @@ impl AuthService {
                 }
                 "wrong_recovery_code"
             }
-            Some(step)
-                if self.store.spend_totp_step(user.tenant_id, user.id, secret, step, MAX_OTP_FAILURES).await? =>
-            {
-                return Ok(None)
+            Some(step) => {
+                let spend = |stored: String| async move {
+                    self.store.spend_totp_step(user.tenant_id, user.id, &stored, step, MAX_OTP_FAILURES).await
+                };
+                if spend(secret.to_owned()).await? {
+                    return Ok(None);
+                }
+                // The same secret under a new text (a reseal since the user
+                // was read) is no reuse: spent against the text it has now.
+                if let Some(resealed) = self.resealed(user, secret).await? {
+                    if spend(resealed).await? {
+                        return Ok(None);
+                    }
+                }
+                "otp_reused"
             }
-            Some(_) => "otp_reused",
             None => "wrong_otp",
         };
         if self.store.count_totp_failure(user.tenant_id, user.id, secret).await? == Some(MAX_OTP_FAILURES) {
@@ -418,8 +428,17 @@ impl AuthService {
                 return Ok(Err("tenant_disabled"));
             }
             match self.store.user_by_id(user.tenant_id, user.id).await? {
-                // A second factor added meanwhile was not asked for.
-                Some(now) if !now.disabled && now.password_hash == verified && now.totp_secret == user.totp_secret => {
+                // A second factor added meanwhile was not asked for; one
+                // resealed meanwhile (the same secret) was.
+                Some(now)
+                    if !now.disabled
+                        && now.password_hash == verified
+                        && match (&now.totp_secret, &user.totp_secret) {
+                            (None, None) => true,
+                            (Some(a), Some(b)) => a == b || self.same_secret(user.id, a, b),
+                            _ => false,
+                        } =>
+                {
                     user = std::borrow::Cow::Owned(now);
                 }
                 _ => return Ok(Err("user_changed")),
@@ -640,17 +659,44 @@ impl AuthService {
         code: &str,
         client: &ClientContext,
     ) -> Result<bool, AuthError> {
+        let mut secret = std::borrow::Cow::Borrowed(secret);
         for _ in 0..2 {
             let Some(stored) = self.store.totp_recovery(user.tenant_id, user.id).await? else { return Ok(false) };
             let Some(rest) = totp::without_recovery_code(&stored, user.id.as_bytes(), code) else { return Ok(false) };
             let hashes = [stored.as_str(), rest.as_str()];
-            if self.store.spend_recovery_code(user.tenant_id, user.id, secret, hashes, MAX_OTP_FAILURES).await? {
+            if self.store.spend_recovery_code(user.tenant_id, user.id, &secret, hashes, MAX_OTP_FAILURES).await? {
                 let left = rest.split_whitespace().count();
                 self.audit_user("mfa_recovery_code_used", user, client, serde_json::json!({ "left": left })).await;
                 return Ok(true);
             }
+            // A reseal since the user was read: the next try compares the
+            // text the same secret has now.
+            if let Some(resealed) = self.resealed(user, &secret).await? {
+                secret = std::borrow::Cow::Owned(resealed);
+            }
         }
         Ok(false)
+    }
+
+    /// The stored text of `user`'s secret now, if a reseal (a rotation of
+    /// the secrets keys, or a start sealing) rewrote `stored`, the text
+    /// read with the user, as another text of the same secret; `None` when
+    /// it is unchanged, gone or another secret.
+    async fn resealed(&self, user: &User, stored: &str) -> Result<Option<String>, AuthError> {
+        let now = self.store.user_by_id(user.tenant_id, user.id).await?;
+        let Some(current) = now.and_then(|u| u.totp_secret).filter(|current| current != stored) else {
+            return Ok(None);
+        };
+        Ok(self.same_secret(user.id, stored, &current).then_some(current))
+    }
+
+    /// Whether two stored texts hold the same secret (compared in constant
+    /// time); a text that does not open holds none.
+    fn same_secret(&self, user: Uuid, a: &str, b: &str) -> bool {
+        match (self.sealer.open(a, user.as_bytes()), self.sealer.open(b, user.as_bytes())) {
+            (Ok(a), Ok(b)) => bool::from(subtle::ConstantTimeEq::ct_eq(a.as_bytes(), b.as_bytes())),
+            _ => false,
+        }
     }
 
     /// Starts setting up a TOTP second factor, given the password (so that

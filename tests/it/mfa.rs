@@ -420,6 +420,33 @@ both_backends! {
         app.stop().await;
     }
 
+    /// A reseal (a rotation's, a start's) that rewrites a secret while a
+    /// login holding the old text runs does not fail that login: the same
+    /// secret under a new text is no spent code, by TOTP or recovery code.
+    /// (On SQLite the held write keeps the login from reading the user until
+    /// it commits, so the login reads the new text; PostgreSQL lets it read
+    /// the old one, and exercises the retry.)
+    #[tokio::test]
+    async fn a_login_racing_a_reseal_is_not_refused() {
+        let app = spawn_app_with(TestOptions { lockout_threshold: 20, ..TestOptions::default() }).await;
+        let user_id: uuid::Uuid = app.create_user("default", EMAIL, PASSWORD, &[], &[]).await.parse().expect("a uuid");
+        let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
+        let (secret, codes) = enable_with_recovery(&app, &tokens.access_token).await;
+        let dir = app.config_path.parent().expect("dir").join("keys");
+        let keys = gateway::auth::seal::SealingKeys::load(&dir).expect("load").expect("the secrets key");
+        let update: &'static str =
+            Box::leak(format!("UPDATE users SET totp_secret = $1 WHERE email = '{EMAIL}'").into_boxed_str());
+        for (case, otp) in [("a code", code_in(&secret, 1)), ("a recovery code", codes[0].clone())] {
+            let resealed: &'static str =
+                Box::leak(keys.seal(&secret, user_id.as_bytes()).expect("sealed").into_boxed_str());
+            let held = crate::user_admin::hold_update(&app, update, resealed, std::time::Duration::from_millis(1500)).await;
+            let (login, committed) = tokio::join!(login_with(&app, PASSWORD, Some(&otp)), held);
+            committed.expect("the reseal committed");
+            parse_tokens(login, case).await;
+        }
+        app.stop().await;
+    }
+
     /// With `auth.seal_totp_secrets = false` (while replicas of an older
     /// release still serve), secrets are stored as they are and nothing
     /// is sealed at the start; sealed ones are still read.
