@@ -113,6 +113,8 @@ pub struct TenantToken {
     /// gives passes every route that asks for it without naming tenants.
     pub roles: Vec<String>,
     pub scopes: Vec<String>,
+    /// Reads only (a support desk's view): every call but a `GET` is 403.
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -415,13 +417,14 @@ fn build(table: toml::Table, path: &Path, base: &Path, errors: &mut Errors) -> O
         }
         let roles = t.string_list("roles");
         let scopes = t.string_list("scopes");
+        let read_only = t.bool_or("read_only", false);
         for (key, name) in roles.iter().map(|r| ("roles", r)).chain(scopes.iter().map(|s| ("scopes", s))) {
             if let Err(e) = crate::auth::service::validate_name(name) {
                 t.error(key, e);
             }
         }
         t.finish();
-        tenant_tokens.push(TenantToken { name, file: file.unwrap_or_default(), tenants, roles, scopes });
+        tenant_tokens.push(TenantToken { name, file: file.unwrap_or_default(), tenants, roles, scopes, read_only });
     }
     let admin = admin_listen.map(|listen| AdminConfig { listen, api_token_file, tenant_tokens });
 

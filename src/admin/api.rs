@@ -35,7 +35,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderValue, StatusCode, Uri};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, delete, get, post};
@@ -78,13 +78,14 @@ struct Caller {
     scope: Option<Arc<Scope>>,
 }
 
-/// What a tenant token reaches: its tenants' users and sessions, and the
-/// roles and scopes it may give.
+/// What a tenant token reaches: its tenants' users and sessions, the
+/// roles and scopes it may give, and whether it only reads.
 #[derive(Debug)]
 struct Scope {
     tenants: Vec<String>,
     roles: Vec<String>,
     scopes: Vec<String>,
+    read_only: bool,
 }
 
 impl Caller {
@@ -128,7 +129,12 @@ impl ApiTokens {
                     t.file.display()
                 );
             }
-            let scope = Scope { tenants: t.tenants.clone(), roles: t.roles.clone(), scopes: t.scopes.clone() };
+            let scope = Scope {
+                tenants: t.tenants.clone(),
+                roles: t.roles.clone(),
+                scopes: t.scopes.clone(),
+                read_only: t.read_only,
+            };
             let caller = Caller { by: format!("admin_api:{}", t.name).into(), scope: Some(Arc::new(scope)) };
             tokens.push(Token { digest, caller });
         }
@@ -184,6 +190,9 @@ impl FromRequestParts<Shared> for Admin {
     async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, Self::Rejection> {
         // Set by `authorize`, which every route is behind.
         let caller = parts.extensions.get::<Caller>().cloned().ok_or(ApiError::NotFound)?;
+        if caller.scope.as_ref().is_some_and(|s| s.read_only) && parts.method != Method::GET {
+            return Err(ApiError::Forbidden("a read-only tenant token lists and reads; it changes nothing"));
+        }
         let accounts = Accounts { by: Some(Arc::clone(&caller.by)), ..state.service.accounts.clone() };
         Ok(Admin { service: state.service.clone(), accounts, caller })
     }

@@ -329,13 +329,16 @@ both_backends! {
     }
 }
 
-/// Tenant tokens alone turn the API on, for their tenants only.
+/// Tenant tokens alone turn the API on, for their tenants only; a
+/// read-only one reads and changes nothing.
 #[tokio::test]
 async fn tenant_tokens_alone_turn_the_api_on() {
     let dir = tempfile::tempdir().expect("a temp dir");
     std::fs::write(dir.path().join("acme.token"), format!("{ACME_TOKEN}\n")).expect("write the token");
+    std::fs::write(dir.path().join("desk.token"), "support-desk-0123456789abcdef0123456789\n").expect("write");
     let options = TestOptions {
-        admin_extra: "tenant_tokens = [{ name = \"acme-console\", file = \"acme.token\", tenants = [\"default\"] }]"
+        admin_extra: "tenant_tokens = [{ name = \"acme-console\", file = \"acme.token\", tenants = [\"default\"] }, \
+                      { name = \"desk\", file = \"desk.token\", tenants = [\"default\"], read_only = true }]"
             .to_owned(),
         ..TestOptions::default()
     };
@@ -351,6 +354,32 @@ async fn tenant_tokens_alone_turn_the_api_on() {
         "unauthorized",
     )
     .await;
+
+    let desk = Some("support-desk-0123456789abcdef0123456789");
+    let user = json!({ "email": "seen@example.com", "password": PASSWORD });
+    let user = call(&app, Method::POST, "/admin/tenants/default/users", Some(ACME_TOKEN), Some(user)).await;
+    let id = expect_json(user, StatusCode::CREATED).await["id"].as_str().expect("an id").to_owned();
+    let listed =
+        expect_json(call(&app, Method::GET, "/admin/tenants/default/users", desk, None).await, StatusCode::OK).await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    let path = format!("/admin/tenants/default/users/{id}");
+    expect_json(call(&app, Method::GET, &format!("{path}/sessions"), desk, None).await, StatusCode::OK).await;
+    for (method, path) in [
+        (Method::POST, format!("{path}/disable")),
+        (Method::DELETE, path.clone()),
+        (Method::DELETE, format!("{path}/sessions")),
+    ] {
+        assert_error_in(&path, call(&app, method, &path, desk, None).await, StatusCode::FORBIDDEN, "forbidden").await;
+    }
+    let made = call(
+        &app,
+        Method::POST,
+        "/admin/tenants/default/users",
+        desk,
+        Some(json!({ "email": "x@example.com", "password": PASSWORD })),
+    )
+    .await;
+    assert_error(made, StatusCode::FORBIDDEN, "forbidden").await;
     app.stop().await;
 }
 
