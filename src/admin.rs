@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics`, and the admin
-//! API under `/admin` ([`api`]) when `admin.api_token_file` is set.
+//! API under `/admin` ([`api`]) when `admin.api_token_file` or
+//! `admin.tenant_tokens` is set.
 //!
 //! It binds its own address (loopback by default) so that health, metrics
 //! and account administration are never reachable through the public

@@ -47,7 +47,8 @@ pub struct App {
     tls: Option<tokio_rustls::TlsAcceptor>,
     public: std::net::TcpListener,
     admin: TcpListener,
-    /// The admin API's token (`admin.api_token_file`); `None`: the API is off.
+    /// The admin API's tokens (`admin.api_token_file`, `admin.tenant_tokens`);
+    /// `None`: the API is off.
     admin_token: Option<crate::admin::api::ApiTokens>,
     /// `server.http_redirect_listen`, bound.
     redirect: Option<TcpListener>,

@@ -443,7 +443,6 @@ async fn accounts(config: &Config) -> anyhow::Result<Accounts> {
         session_lifetime: config.auth.session_lifetime,
         reset_token_ttl: config.auth.reset_token_ttl,
         verification_token_ttl: config.auth.email_verification.token_ttl,
-        revert_token_ttl: config.auth.revert_token_ttl,
         by: None,
     })
 }

@@ -162,7 +162,6 @@ impl AuthService {
             session_lifetime: config.session_lifetime,
             reset_token_ttl: config.reset_token_ttl,
             verification_token_ttl: config.email_verification.token_ttl,
-            revert_token_ttl: config.revert_token_ttl,
             by: None,
         };
         let link_tasks = Arc::new(tokio::sync::Semaphore::new(MAX_LINK_TASKS));
@@ -1046,11 +1045,9 @@ pub struct Accounts {
     /// `auth.email_verification.token_ttl`: how long a verification link
     /// works.
     pub verification_token_ttl: Duration,
-    /// `auth.email_change.revert_ttl`: how long the link an `email.changed`
-    /// notice carries moves the account back.
-    pub revert_token_ttl: Duration,
     /// Who acts, when not the CLI: recorded as `"by"` in the detail of
-    /// every event these rules audit (`admin_api`).
+    /// every event these rules audit (`admin_api`, or `admin_api:<name>`
+    /// for a tenant token).
     pub by: Option<Arc<str>>,
 }
 

@@ -266,7 +266,7 @@ impl AuthService {
     /// `auth.email_change.revert_ttl` not `0s`, and an old address that was
     /// proved (a mistyped one's owner is no one to hand the account to).
     fn revert_ttl(&self, user: &User) -> Option<std::time::Duration> {
-        let ttl = self.accounts.revert_token_ttl;
+        let ttl = self.config.revert_token_ttl;
         let notices = self.mailer.is_some() && self.config.mailer.as_ref().is_some_and(|m| m.notices);
         (notices && !ttl.is_zero() && user.email_verified_at.is_some()).then_some(ttl)
     }

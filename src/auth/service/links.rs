@@ -107,8 +107,9 @@ pub(super) fn fingerprint(purpose: LinkPurpose, user: &User) -> [u8; 32] {
             .chain_update([0, u8::from(user.totp_secret.is_some())])
             .finalize()
             .into(),
-        // Made with the change it undoes, from [`Factor::digest`]; never
-        // compared by [`AuthService::presented_link`].
+        // Made with the change it undoes, bound to [`Factor::digest`]
+        // (never here: `make_link` refuses the kind), and not compared by
+        // [`AuthService::presented_link`].
         LinkPurpose::EmailRevert => [0; 32],
     }
 }
@@ -456,13 +457,16 @@ impl Accounts {
         min_interval: i64,
         new_email: Option<&str>,
     ) -> Result<Result<EmailLink, LinkMade>, AuthError> {
-        let (token, token_hash) = refresh::generate().map_err(|e| AuthError::Unexpected(anyhow::anyhow!(e)))?;
         let ttl = match purpose {
             LinkPurpose::PasswordReset => self.reset_token_ttl,
             // Both prove a mailbox.
             LinkPurpose::EmailVerification | LinkPurpose::EmailChange => self.verification_token_ttl,
-            LinkPurpose::EmailRevert => self.revert_token_ttl,
+            LinkPurpose::EmailRevert => {
+                let why = "a revert link is made in the transaction of the change it undoes";
+                return Err(AuthError::Unexpected(anyhow::anyhow!(why)));
+            }
         };
+        let (token, token_hash) = refresh::generate().map_err(|e| AuthError::Unexpected(anyhow::anyhow!(e)))?;
         let now = unix_now();
         let expires_at = now + secs(ttl);
         let made = self
