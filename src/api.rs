@@ -66,6 +66,8 @@ impl Api {
 pub fn router(service: AuthService, origins: &CorsOrigins, request_id: &HeaderName) -> Router {
     let api = Router::new()
         .route("/auth/login", post(login))
+        .route("/auth/login/link", post(request_login_link))
+        .route("/auth/login/link/confirm", post(login_with_link))
         .route("/auth/refresh", post(refresh))
         .route("/auth/logout", post(logout))
         .route("/auth/logout-all", post(logout_all))
@@ -219,6 +221,27 @@ struct Forgotten {
 }
 
 #[derive(Deserialize)]
+struct LoginLinkPresented {
+    token: String,
+    /// The TOTP (or recovery) code of a user with a second factor.
+    #[serde(default)]
+    otp: Option<String>,
+    /// The PKCE verifier of a link asked for with a `code_challenge`.
+    #[serde(default)]
+    code_verifier: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct LoginLinkAsked {
+    email: String,
+    #[serde(default)]
+    tenant: Option<String>,
+    /// PKCE (S256): the base64url SHA-256 of a verifier the app keeps.
+    #[serde(default)]
+    code_challenge: Option<String>,
+}
+
+#[derive(Deserialize)]
 struct Verification {
     token: String,
     password: SecretString,
@@ -251,6 +274,25 @@ async fn login(
     JsonBody(body): JsonBody<Credentials>,
 ) -> Result<Response, ApiError> {
     let pair = s.login(&body.email, &body.password, body.tenant.as_deref(), body.otp.as_deref(), &client).await?;
+    Ok(Json(pair).into_response())
+}
+
+/// 202 whatever the email, as `forgot`.
+async fn request_login_link(
+    State(s): State<AuthService>,
+    Client(client): Client,
+    JsonBody(body): JsonBody<LoginLinkAsked>,
+) -> Result<StatusCode, ApiError> {
+    s.request_login_link(&body.email, body.tenant.as_deref(), body.code_challenge.as_deref(), &client).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn login_with_link(
+    State(s): State<AuthService>,
+    Client(client): Client,
+    JsonBody(body): JsonBody<LoginLinkPresented>,
+) -> Result<Response, ApiError> {
+    let pair = s.login_with_link(&body.token, body.otp.as_deref(), body.code_verifier.as_deref(), &client).await?;
     Ok(Json(pair).into_response())
 }
 

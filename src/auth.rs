@@ -100,9 +100,9 @@ pub struct Principal {
     pub issued_at: i64,
     /// Unix time the token expires.
     pub expires_at: i64,
-    /// Whether the session's login passed a second factor (`amr` has
-    /// `otp`).
-    pub mfa: bool,
+    /// How the session's login authenticated (the token's `amr`): with a
+    /// password or a sign-in link, and whether a second factor followed.
+    pub amr: token::Amr,
 }
 
 impl Principal {
@@ -201,7 +201,7 @@ impl Authenticator {
             scopes: claims.scope.split_whitespace().map(str::to_owned).collect(),
             issued_at: claims.iat,
             expires_at: claims.exp,
-            mfa: claims.amr.iter().any(|m| m == "otp"),
+            amr: token::Amr::read(&claims.amr),
         })
     }
 }

@@ -443,6 +443,7 @@ async fn accounts(config: &Config) -> anyhow::Result<Accounts> {
         session_lifetime: config.auth.session_lifetime,
         reset_token_ttl: config.auth.reset_token_ttl,
         verification_token_ttl: config.auth.email_verification.token_ttl,
+        login_token_ttl: config.auth.login_link.token_ttl,
         by: None,
     })
 }
@@ -502,11 +503,12 @@ async fn session_command(accounts: &Accounts, cmd: SessionCommand, out: &mut dyn
             for s in accounts.sessions(tenant_id, UserKey::Email(&email)).await.map_err(|e| cli_error(e, &email))? {
                 writeln!(
                     out,
-                    "{}  created={} last_used={} expires={} ip={} user_agent={:?}",
+                    "{}  created={} last_used={} expires={} amr={} ip={} user_agent={:?}",
                     s.id,
                     rfc3339(s.created_at),
                     rfc3339(s.last_used_at),
                     rfc3339(s.expires_at),
+                    s.amr().values().join(","),
                     s.ip.as_deref().unwrap_or("-"),
                     s.user_agent.as_deref().unwrap_or("-"),
                 )?;

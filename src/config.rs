@@ -189,6 +189,8 @@ pub struct AuthConfig {
     /// `auth.email_change.revert_ttl`: how long the link in an
     /// `email.changed` notice moves the account back; zero: no link.
     pub revert_token_ttl: Duration,
+    /// `[auth.login_link]`.
+    pub login_link: LoginLink,
     /// Store TOTP secrets sealed (and seal those stored as they are at
     /// start); off only while replicas of a release from before sealing
     /// still serve.
@@ -202,6 +204,17 @@ pub struct EmailVerification {
     pub required: bool,
     /// How long a verification link works.
     pub token_ttl: Duration,
+}
+
+/// `[auth.login_link]`: whether users may sign in with a link mailed to
+/// their (proved) address instead of the password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginLink {
+    pub enabled: bool,
+    /// How long a sign-in link works.
+    pub token_ttl: Duration,
+    /// Every request for a link carries a PKCE `code_challenge`.
+    pub require_code_challenge: bool,
 }
 
 /// `[auth.mailer]`: the mailer's endpoint and the key its deliveries are
@@ -676,6 +689,7 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
     let mailer_t = f.table("mailer");
     let verification_t = f.table("email_verification");
     let change_t = f.table("email_change");
+    let login_link_t = f.table("login_link");
     let registration_given = registration;
     f.finish();
     let mailer = build_mailer(mailer_t, base, errors);
@@ -705,6 +719,26 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
         c.error("revert_ttl", "must be \"0s\" (no link) or at least 1m");
     }
     c.finish();
+    let mut l = Fields::new("auth.login_link", login_link_t, errors);
+    let login_link = LoginLink {
+        enabled: l.bool_or("enabled", false),
+        token_ttl: l.duration_or("token_ttl", "15m", Duration::from_secs(1)),
+        require_code_challenge: l.bool_or("require_code_challenge", false),
+    };
+    if login_link.token_ttl > Duration::from_secs(3_600) {
+        l.error("token_ttl", "must be at most 1h: a sign-in link is a session for whoever reads the mail");
+    }
+    if login_link.enabled && mailer.is_none() {
+        l.error("enabled", "needs auth.mailer: there would be nowhere to send the links");
+    }
+    if login_link.enabled && registration_given && !email_verification.required {
+        l.error(
+            "enabled",
+            "needs auth.email_verification.required while auth.registration is on: anyone could register \
+             someone else's address, keep its password, and let the owner sign in to that account by link",
+        );
+    }
+    l.finish();
 
     let mut a = Fields::new("auth.argon2", argon2_t, errors);
     let argon2 = Argon2Config {
@@ -738,6 +772,7 @@ fn build_auth(table: toml::Table, base: &Path, errors: &mut Errors) -> AuthConfi
         reset_token_ttl,
         email_verification,
         revert_token_ttl,
+        login_link,
         seal_totp_secrets,
     }
 }

@@ -33,7 +33,7 @@
 //! - [`auth`]: passwords, keys, tokens, refresh rotation, the revocation state
 //!   and its poller/listener, the TOTP second factor ([`auth::totp`]), the
 //!   signed deliveries of mailed links (password resets, email
-//!   verification) to the operator's mailer
+//!   verification and changes, sign-in links) to the operator's mailer
 //!   ([`auth::webhook`]), and the flows in [`auth::service`].
 //! - [`db`]: the store for SQLite and PostgreSQL, one function per query,
 //!   grouped by table; [`db::retention`] prunes what has ended.

@@ -613,6 +613,7 @@ async fn list_sessions(a: Admin, PathParams((slug, id)): PathParams<(String, Str
                 "created_at": rfc3339(s.created_at),
                 "last_used_at": rfc3339(s.last_used_at),
                 "expires_at": rfc3339(s.expires_at),
+                "amr": s.amr().values(),
                 "ip": s.ip,
                 "user_agent": s.user_agent,
             })

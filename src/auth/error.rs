@@ -68,6 +68,11 @@ pub enum AuthError {
     /// disabled account.
     #[error("the revert link is invalid or expired")]
     InvalidRevertToken,
+    /// A sign-in link that is unknown, spent, replaced, expired, mailed
+    /// before the password or the address changed, or of a disabled
+    /// account.
+    #[error("the sign-in link is invalid or expired; ask for a new one")]
+    InvalidLoginLink,
     /// The password was right, and the email must be proved first
     /// (`auth.email_verification.required`).
     #[error("this account's email is not verified yet: follow the link mailed to it")]

@@ -4,6 +4,7 @@
 
 mod email_change;
 mod links;
+mod login_link;
 mod notices;
 mod reset;
 mod verify;
@@ -19,13 +20,13 @@ use uuid::Uuid;
 use super::password::{PasswordHasher, Verdict};
 use super::ratelimit::IpRateLimiter;
 use super::seal::SealingKeys;
-use super::token::{self, AccessClaims};
+use super::token::{self, AccessClaims, Amr};
 use super::webhook::Webhook;
 use super::{refresh, AuthError, Authenticator, Principal};
 use crate::auth::totp;
 use crate::config::{AuthConfig, MAX_PASSWORD_BYTES};
 use crate::db::audit::NewAuditEvent;
-use crate::db::email_links::LinkPurpose;
+use crate::db::email_links::{LinkPurpose, PendingLink, Unredeemed};
 use crate::db::login_attempts::Attempt;
 use crate::db::sessions::within_lifetime;
 use crate::db::sessions::{ClientInfo, RefreshHash, Rotation, Session};
@@ -115,6 +116,10 @@ pub struct SessionView {
     pub expires_at: String,
     pub ip: Option<String>,
     pub user_agent: Option<String>,
+    /// How its login authenticated (`["pwd"]`, `["email"]`, with `otp` and
+    /// `mfa` after a second factor): a sign-in the user does not remember
+    /// making stands out.
+    pub amr: &'static [&'static str],
     pub current: bool,
 }
 
@@ -162,6 +167,7 @@ impl AuthService {
             session_lifetime: config.session_lifetime,
             reset_token_ttl: config.reset_token_ttl,
             verification_token_ttl: config.email_verification.token_ttl,
+            login_token_ttl: config.login_link.token_ttl,
             by: None,
         };
         let link_tasks = Arc::new(tokio::sync::Semaphore::new(MAX_LINK_TASKS));
@@ -273,7 +279,7 @@ impl AuthService {
                         verified = hash;
                     }
                 }
-                let pair = match self.open_session(user, verified, client).await? {
+                let pair = match self.open_session(user, verified, None, client).await? {
                     Ok(pair) => pair,
                     Err(reason) => return Err(self.changed_during_login(user, &email, client, reason).await),
                 };
@@ -396,15 +402,18 @@ impl AuthService {
     }
 
     /// Opens a session for `user`, whose password was just verified against
-    /// `verified` (a hash), and mints its tokens; when the user's row or its
-    /// tenant changed since they were read (see [`Store::create_session`]),
-    /// the refusal's audit reason: `tenant_disabled`, or `user_changed`. A
+    /// `verified` (a hash), or who presented the sign-in `link` (spent by
+    /// the session's opening, in its transaction), and mints its tokens;
+    /// when the user's row or its tenant changed since they were read (see
+    /// [`Store::create_session`]), the refusal's audit reason:
+    /// `tenant_disabled`, `user_changed`, or `link_spent_meanwhile`. A
     /// change of roles or scopes alone is retried once with the row as it
     /// now is.
     async fn open_session(
         &self,
         user: &User,
         verified: &str,
+        link: Option<&PendingLink>,
         client: &ClientContext,
     ) -> Result<Result<TokenPair, &'static str>, AuthError> {
         let ip = client.ip.to_string();
@@ -416,12 +425,19 @@ impl AuthService {
             let ends_at = self.config.session_lifetime.map(|lifetime| now.saturating_add(secs(lifetime)));
             let expires_at = self.refresh_expiry(now, ends_at);
             // The user's second factor, if any, was checked before this.
-            let mfa = user.totp_secret.is_some();
-            let info = ClientInfo { ip: Some(&ip), user_agent: client.user_agent.as_deref(), mfa };
-            let opened =
-                self.store.create_session(&user, verified, info, RefreshHash { hash: &hash, expires_at }, now).await?;
-            if let Some(session_id) = opened {
-                return self.token_pair(&user, session_id, refresh_token, now, ends_at, mfa).map(Ok);
+            let amr = Amr { link: link.is_some(), mfa: user.totp_secret.is_some() };
+            let info = ClientInfo { ip: Some(&ip), user_agent: client.user_agent.as_deref(), amr };
+            let refresh = RefreshHash { hash: &hash, expires_at };
+            let opened = match link {
+                None => {
+                    self.store.create_session(&user, verified, info, refresh, now).await?.ok_or(Unredeemed::UserChanged)
+                }
+                Some(link) => self.store.create_session_with_link(&user, link, info, refresh, now).await?,
+            };
+            match opened {
+                Ok(session_id) => return self.token_pair(&user, session_id, refresh_token, now, ends_at, amr).map(Ok),
+                Err(Unredeemed::LinkGone) => return Ok(Err(Unredeemed::LinkGone.reason())),
+                Err(Unredeemed::UserChanged) => {}
             }
             if self.store.tenant_by_id(user.tenant_id).await?.is_none_or(|t| t.disabled) {
                 return Ok(Err("tenant_disabled"));
@@ -432,6 +448,8 @@ impl AuthService {
                 Some(now)
                     if !now.disabled
                         && now.password_hash == verified
+                        // The address a sign-in link was mailed to.
+                        && now.email == user.email
                         && match (&now.totp_secret, &user.totp_secret) {
                             (None, None) => true,
                             (Some(a), Some(b)) => a == b || self.same_secret(user.id, a, b),
@@ -474,8 +492,8 @@ impl AuthService {
     }
 
     /// The tokens of a session that ends at `ends_at` (under
-    /// `auth.session_lifetime`): neither outlives it. `mfa`: the session's
-    /// login passed a second factor.
+    /// `auth.session_lifetime`): neither outlives it. `amr`: how the
+    /// session's login authenticated.
     fn token_pair(
         &self,
         user: &User,
@@ -483,7 +501,7 @@ impl AuthService {
         refresh_token: String,
         now: i64,
         ends_at: Option<i64>,
-        mfa: bool,
+        amr: Amr,
     ) -> Result<TokenPair, AuthError> {
         let access_expiry = now.saturating_add(secs(self.config.access_token_ttl));
         let exp = ends_at.map_or(access_expiry, |end| end.min(access_expiry));
@@ -499,7 +517,7 @@ impl AuthService {
             nbf: None,
             roles: user.roles.clone(),
             scope: user.scopes.join(" "),
-            amr: token::amr(mfa).iter().map(|m| (*m).to_owned()).collect(),
+            amr: amr.values().iter().map(|m| (*m).to_owned()).collect(),
         };
         let access_token = token::sign(&self.authenticator.keys(), &claims)
             .map_err(|e| AuthError::Unexpected(anyhow::anyhow!("signing failed: {e}")))?;
@@ -528,12 +546,12 @@ impl AuthService {
         let ip = client.ip.to_string();
         let ua = client.user_agent.as_deref();
         match rotation {
-            Rotation::Rotated { tenant_id, user_id, session_id, ends_at, mfa } => {
+            Rotation::Rotated { tenant_id, user_id, session_id, ends_at, amr } => {
                 let user = self.store.user_by_id(tenant_id, user_id).await?;
                 let Some(user) = user.filter(|u| !u.disabled) else {
                     return Err(AuthError::InvalidGrant);
                 };
-                let pair = self.token_pair(&user, session_id, next, now, ends_at, mfa)?;
+                let pair = self.token_pair(&user, session_id, next, now, ends_at, amr)?;
                 metrics::counter!("gateway_refreshes_total", "result" => "success").increment(1);
                 self.audit(NewAuditEvent {
                     event: "refresh_rotated",
@@ -824,6 +842,7 @@ impl AuthService {
                 created_at: rfc3339(s.created_at),
                 last_used_at: rfc3339(s.last_used_at),
                 expires_at: rfc3339(s.expires_at),
+                amr: s.amr().values(),
                 ip: s.ip,
                 user_agent: s.user_agent,
                 current: s.id == who.session_id,
@@ -1045,6 +1064,8 @@ pub struct Accounts {
     /// `auth.email_verification.token_ttl`: how long a verification link
     /// works.
     pub verification_token_ttl: Duration,
+    /// `auth.login_link.token_ttl`: how long a sign-in link works.
+    pub login_token_ttl: Duration,
     /// Who acts, when not the CLI: recorded as `"by"` in the detail of
     /// every event these rules audit (`admin_api`, or `admin_api:<name>`
     /// for a tenant token).

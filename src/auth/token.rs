@@ -28,19 +28,39 @@ pub struct AccessClaims {
     pub roles: Vec<String>,
     /// Space-separated, as in OAuth.
     pub scope: String,
-    /// How the session's login authenticated (RFC 8176): `["pwd"]`, or
-    /// `["pwd", "otp", "mfa"]` with a second factor ([`amr`]). Absent from
-    /// tokens minted before it existed: read as a password alone.
+    /// How the session's login authenticated (RFC 8176, [`Amr`]). Absent
+    /// from tokens minted before it existed: read as a password alone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub amr: Vec<String>,
 }
 
-/// The `amr` of a session's tokens: with or without a second factor.
-pub fn amr(mfa: bool) -> &'static [&'static str] {
-    if mfa {
-        &["pwd", "otp", "mfa"]
-    } else {
-        &["pwd"]
+/// How a session's login proved who the user is, kept with the session so
+/// that its refreshed tokens say the same: the first factor, a password
+/// (`pwd`) or a link mailed to the user's address (`email`, the value
+/// Okta and others use: RFC 8176 names none for a mailbox), and whether a
+/// second factor followed (`otp`, `mfa`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Amr {
+    /// The first factor was a sign-in link, not a password.
+    pub link: bool,
+    /// A TOTP code or a recovery code followed it.
+    pub mfa: bool,
+}
+
+impl Amr {
+    /// The token's `amr` claim.
+    pub fn values(self) -> &'static [&'static str] {
+        match (self.link, self.mfa) {
+            (false, false) => &["pwd"],
+            (false, true) => &["pwd", "otp", "mfa"],
+            (true, false) => &["email"],
+            (true, true) => &["email", "otp", "mfa"],
+        }
+    }
+
+    /// What a token's `amr` claim says (absent: a password alone).
+    pub fn read(claim: &[String]) -> Self {
+        Amr { link: claim.first().is_some_and(|m| m == "email"), mfa: claim.iter().any(|m| m == "otp") }
     }
 }
 
@@ -119,7 +139,7 @@ pub struct AssertionClaims<'a> {
     pub roles: &'a [String],
     /// Space-separated, as in the access token.
     pub scope: String,
-    /// As in the access token ([`amr`]).
+    /// As in the access token ([`Amr`]).
     pub amr: &'static [&'static str],
 }
 

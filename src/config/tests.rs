@@ -174,6 +174,29 @@ fn mailer_webhooks_are_signed_urls_and_links_are_short_lived() {
 }
 
 #[test]
+fn sign_in_links_need_a_mailer_and_proved_addresses() {
+    let defaults = parse("").expect("defaults").auth.login_link;
+    assert!(!defaults.enabled, "off unless asked for");
+    assert_eq!(defaults.token_ttl, Duration::from_secs(15 * 60));
+    let mailer = "[auth.mailer]\nwebhook = \"https://mailer/x\"\nwebhook_secret_file = \"s\"\n";
+    let on = parse(&format!("{mailer}[auth.login_link]\nenabled = true\ntoken_ttl = \"10m\"")).expect("on");
+    let expected = LoginLink { enabled: true, token_ttl: Duration::from_secs(600), require_code_challenge: false };
+    assert_eq!(on.auth.login_link, expected);
+    let err = parse("[auth.login_link]\nenabled = true").expect_err("no mailer").to_string();
+    assert!(err.contains("auth.login_link.enabled: needs auth.mailer"), "{err}");
+    let err = parse(&format!("{mailer}[auth.login_link]\nenabled = true\ntoken_ttl = \"2h\"")).expect_err("long");
+    assert!(err.to_string().contains("auth.login_link.token_ttl: must be at most 1h"), "{err}");
+    // Open registration that proves no address would let anyone hold an
+    // account in the name of a mailbox its owner then signs in to.
+    let open = format!("[auth]\nregistration = true\n{mailer}[auth.login_link]\nenabled = true");
+    let err = parse(&open).expect_err("unproved addresses").to_string();
+    assert!(err.contains("auth.login_link.enabled: needs auth.email_verification.required"), "{err}");
+    parse(&format!("{open}\n[auth.email_verification]\nrequired = true")).expect("proved addresses");
+    let err = parse("[auth.login_link]\nenabeld = true").expect_err("a typo").to_string();
+    assert!(err.contains("auth.login_link.enabeld"), "{err}");
+}
+
+#[test]
 fn session_retention_outlasts_the_access_tokens_or_keeps_everything() {
     let err = parse("[database]\nsession_retention = \"1h\"").expect_err("shorter than 15m + 5s + 1h");
     assert!(

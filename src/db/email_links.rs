@@ -43,6 +43,9 @@ pub enum LinkPurpose {
     /// Moves the user back to the address an email change left (mailed
     /// there in the `email.changed` notice), with a new password.
     EmailRevert,
+    /// Opens a session, without the password (a "magic link"); the
+    /// second factor is still asked for.
+    Login,
 }
 
 impl LinkPurpose {
@@ -52,6 +55,7 @@ impl LinkPurpose {
             LinkPurpose::EmailVerification => "email_verification",
             LinkPurpose::EmailChange => "email_change",
             LinkPurpose::EmailRevert => "email_revert",
+            LinkPurpose::Login => "login",
         }
     }
 }
@@ -66,6 +70,8 @@ pub struct NewLink<'a> {
     pub fingerprint: &'a [u8; 32],
     /// For an email change, the address it moves the user to.
     pub new_email: Option<&'a str>,
+    /// For a sign-in link, the PKCE challenge its confirmation must answer.
+    pub code_challenge: Option<&'a str>,
     pub now: i64,
     pub expires_at: i64,
     /// No link is made when the user got one of this kind less than this
@@ -101,6 +107,8 @@ pub struct PendingLink {
     pub fingerprint: Vec<u8>,
     /// For an email change, the address it moves the user to.
     pub new_email: Option<String>,
+    /// For a sign-in link, the PKCE challenge its confirmation must answer.
+    pub code_challenge: Option<String>,
     pub expires_at: i64,
 }
 
@@ -112,7 +120,8 @@ pub enum LinkMade {
     /// was made.
     Throttled,
     /// The user or its tenant is disabled (or gone), or, for a
-    /// verification, the email is verified already: none was made.
+    /// verification, the email is verified already (for a sign-in link,
+    /// not yet): none was made.
     Refused,
 }
 
@@ -137,13 +146,14 @@ impl Unredeemed {
 }
 
 /// A link's row as [`Store::pending_email_link`] reads it: id, tenant id,
-/// user id, fingerprint, new email, expiry.
-type LinkRow = (Uuid, Uuid, Uuid, Vec<u8>, Option<String>, i64);
+/// user id, fingerprint, new email, code challenge, expiry.
+type LinkRow = (Uuid, Uuid, Uuid, Vec<u8>, Option<String>, Option<String>, i64);
 
 const INSERT: &str = "
     INSERT INTO email_links
-        (id, token_hash, tenant_id, user_id, password_fingerprint, created_at, expires_at, purpose, new_email)
-    SELECT $1, $2, $3, $4, $5, $6, $7, $9, $10
+        (id, token_hash, tenant_id, user_id, password_fingerprint, created_at, expires_at, purpose, new_email,
+         code_challenge)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $9, $10, $11
     WHERE NOT EXISTS (SELECT 1 FROM email_links
                       WHERE tenant_id = $3 AND user_id = $4 AND purpose = $9 AND created_at > $8)";
 
@@ -205,6 +215,11 @@ impl Store {
                 "UPDATE users SET updated_at = updated_at
                  WHERE tenant_id = $1 AND id = $2 AND NOT disabled AND email_verified_at IS NULL"
             }
+            // Only to a proved address: see `auth::service::login_link`.
+            LinkPurpose::Login => {
+                "UPDATE users SET updated_at = updated_at
+                 WHERE tenant_id = $1 AND id = $2 AND NOT disabled AND email_verified_at IS NOT NULL"
+            }
         };
         const TENANT: &str = "SELECT disabled FROM tenants WHERE id = $1";
         let tenant = match self.pool() {
@@ -233,6 +248,7 @@ impl Store {
                     .bind(since)
                     .bind(purpose)
                     .bind(new.new_email)
+                    .bind(new.code_challenge)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
@@ -258,7 +274,8 @@ impl Store {
         token_hash: &[u8; 32],
         now: i64,
     ) -> StoreResult<Option<PendingLink>> {
-        let sql = "SELECT id, tenant_id, user_id, password_fingerprint, new_email, expires_at FROM email_links
+        let sql = "SELECT id, tenant_id, user_id, password_fingerprint, new_email, code_challenge, expires_at
+                   FROM email_links
                    WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2 AND purpose = $3";
         let row: Option<LinkRow> = on_pool!(self, |p| sqlx::query_as(sql)
             .bind(&token_hash[..])
@@ -266,12 +283,13 @@ impl Store {
             .bind(purpose.as_str())
             .fetch_optional(p)
             .await)?;
-        Ok(row.map(|(id, tenant_id, user_id, fingerprint, new_email, expires_at)| PendingLink {
+        Ok(row.map(|(id, tenant_id, user_id, fingerprint, new_email, code_challenge, expires_at)| PendingLink {
             id,
             tenant_id,
             user_id,
             fingerprint,
             new_email,
+            code_challenge,
             expires_at,
         }))
     }
@@ -432,7 +450,7 @@ impl Store {
                         let void = sqlx::query(VOID_ALL_BUT_OLDER_REVERTS).bind(tenant_id).bind(user_id).bind(now);
                         void.bind(link.id).execute(&mut *tx).await?;
                     }
-                    LinkPurpose::PasswordReset | LinkPurpose::EmailVerification => {
+                    LinkPurpose::PasswordReset | LinkPurpose::EmailVerification | LinkPurpose::Login => {
                         let void = sqlx::query(VOID_OTHERS).bind(tenant_id).bind(user_id).bind(now).bind(None::<Uuid>);
                         void.bind(Some(purpose.as_str())).execute(&mut *tx).await?;
                     }

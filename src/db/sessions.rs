@@ -9,8 +9,10 @@
 
 use uuid::Uuid;
 
+use super::email_links::{PendingLink, Unredeemed};
 use super::users::User;
 use super::{on_pool, split_list, Pool, Store, StoreResult};
+use crate::auth::token::Amr;
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Session {
@@ -23,6 +25,17 @@ pub struct Session {
     pub user_agent: Option<String>,
     /// When the session ends unless refreshed: its refresh token's expiry.
     pub expires_at: i64,
+    /// Whether its login passed a second factor.
+    pub mfa: bool,
+    /// Whether its login was a sign-in link rather than a password.
+    pub via_link: bool,
+}
+
+impl Session {
+    /// How its login authenticated, as its tokens say.
+    pub fn amr(&self) -> Amr {
+        Amr { link: self.via_link, mfa: self.mfa }
+    }
 }
 
 /// Who opened a session, as recorded for `GET /auth/sessions`.
@@ -30,9 +43,10 @@ pub struct Session {
 pub struct ClientInfo<'a> {
     pub ip: Option<&'a str>,
     pub user_agent: Option<&'a str>,
-    /// Whether the login passed a second factor: kept with the session, so
-    /// that its refreshed tokens say so too (`amr`).
-    pub mfa: bool,
+    /// How the login authenticated (a sign-in link or a password, and
+    /// whether a second factor followed): kept with the session, so that
+    /// its refreshed tokens say so too (`amr`).
+    pub amr: Amr,
 }
 
 /// A refresh token as the database sees it: only its hash.
@@ -48,7 +62,7 @@ pub enum Rotation {
     /// The token was live and is now spent; a successor was stored,
     /// expiring no later than `ends_at`, the end of the session's lifetime
     /// when one was given.
-    Rotated { tenant_id: Uuid, user_id: Uuid, session_id: Uuid, ends_at: Option<i64>, mfa: bool },
+    Rotated { tenant_id: Uuid, user_id: Uuid, session_id: Uuid, ends_at: Option<i64>, amr: Amr },
     /// The token had already been spent: its session is now revoked.
     Reused { tenant_id: Uuid, user_id: Uuid, session_id: Uuid },
     /// Unknown, expired, or belonging to a revoked session, a session past
@@ -70,8 +84,8 @@ pub fn within_lifetime(mut sessions: Vec<Session>, lifetime: Option<i64>, now: i
 }
 
 const INSERT_SESSION: &str = "
-    INSERT INTO sessions (id, tenant_id, user_id, created_at, last_used_at, ip, user_agent, mfa)
-    VALUES ($1, $2, $3, $4, $4, $5, $6, $7)";
+    INSERT INTO sessions (id, tenant_id, user_id, created_at, last_used_at, ip, user_agent, mfa, via_link)
+    VALUES ($1, $2, $3, $4, $4, $5, $6, $7, $8)";
 const INSERT_REFRESH: &str = "
     INSERT INTO refresh_tokens (id, token_hash, session_id, tenant_id, parent_id, created_at, expires_at)
     VALUES ($1, $2, $3, $4, $5, $6, $7)";
@@ -85,7 +99,7 @@ const REVOKE_FAMILY: &str = "
     UPDATE sessions SET revoked_at = COALESCE(revoked_at, $3), revoke_reason = COALESCE(revoke_reason, 'refresh_reuse')
     WHERE tenant_id = $1 AND id = $2 RETURNING user_id";
 const LIVE_SESSION: &str = "
-    SELECT s.user_id, s.created_at, s.mfa FROM sessions s
+    SELECT s.user_id, s.created_at, s.mfa, s.via_link FROM sessions s
     JOIN users u ON u.id = s.user_id AND u.tenant_id = s.tenant_id
     JOIN tenants t ON t.id = s.tenant_id
     WHERE s.tenant_id = $1 AND s.id = $2 AND s.revoked_at IS NULL AND NOT u.disabled AND NOT t.disabled";
@@ -115,6 +129,43 @@ impl Store {
         refresh: RefreshHash<'_>,
         now: i64,
     ) -> StoreResult<Option<Uuid>> {
+        Ok(self.open_session(user, password_hash, client, refresh, now, None).await?.ok())
+    }
+
+    /// Opens a session for `user` as [`Store::create_session`] does, in
+    /// the transaction that spends the sign-in `link`, if the user's
+    /// address is still the one it was mailed to, and proved: the link is
+    /// spent if and only if the session opens. Refused, and nothing written, when the
+    /// link was spent, replaced or expired meanwhile ([`Unredeemed::LinkGone`]),
+    /// or the user's row changed as [`Store::create_session`] says, its
+    /// email included ([`Unredeemed::UserChanged`]).
+    pub async fn create_session_with_link(
+        &self,
+        user: &User,
+        link: &PendingLink,
+        client: ClientInfo<'_>,
+        refresh: RefreshHash<'_>,
+        now: i64,
+    ) -> StoreResult<Result<Uuid, Unredeemed>> {
+        self.open_session(user, &user.password_hash, client, refresh, now, Some(link.id)).await
+    }
+
+    async fn open_session(
+        &self,
+        user: &User,
+        password_hash: &str,
+        client: ClientInfo<'_>,
+        refresh: RefreshHash<'_>,
+        now: i64,
+        link: Option<Uuid>,
+    ) -> StoreResult<Result<Uuid, Unredeemed>> {
+        const SPEND_LINK: &str = "UPDATE email_links SET used_at = $2
+                                  WHERE id = $1 AND purpose = 'login' AND used_at IS NULL AND expires_at > $2";
+        // Locks the user's row before the link's, as every transaction
+        // that touches both does (see `email_links`), and checks that the
+        // address is the one the link was mailed to, still proved.
+        const SAME_ADDRESS: &str = "UPDATE users SET updated_at = updated_at
+                                    WHERE tenant_id = $1 AND id = $2 AND email = $3 AND email_verified_at IS NOT NULL";
         const CHECK: &str =
             "SELECT u.disabled, u.roles, u.scopes, u.password_hash, t.disabled, u.totp_secret FROM users u
                              JOIN tenants t ON t.id = u.tenant_id WHERE u.tenant_id = $1 AND u.id = $2";
@@ -143,7 +194,8 @@ impl Store {
                 .bind(now)
                 .bind(client.ip)
                 .bind(client.user_agent)
-                .bind(client.mfa)
+                .bind(client.amr.mfa)
+                .bind(client.amr.link)
                 .execute(&mut *tx)
                 .await?;
             sqlx::query(INSERT_REFRESH)
@@ -156,16 +208,29 @@ impl Store {
                 .bind(refresh.expires_at)
                 .execute(&mut *tx)
                 .await?;
-            let row = sqlx::query_as(&check).bind(tenant_id).bind(user.id).fetch_optional(&mut *tx).await?;
-            let opened = row.is_some_and(unchanged);
-            if opened {
+            let mut outcome = Ok(session_id);
+            if let Some(link) = link {
+                let same = sqlx::query(SAME_ADDRESS).bind(tenant_id).bind(user.id).bind(&user.email);
+                if same.execute(&mut *tx).await?.rows_affected() != 1 {
+                    outcome = Err(Unredeemed::UserChanged);
+                } else if sqlx::query(SPEND_LINK).bind(link).bind(now).execute(&mut *tx).await?.rows_affected() != 1 {
+                    outcome = Err(Unredeemed::LinkGone);
+                }
+            }
+            if outcome.is_ok() {
+                let row = sqlx::query_as(&check).bind(tenant_id).bind(user.id).fetch_optional(&mut *tx).await?;
+                if !row.is_some_and(unchanged) {
+                    outcome = Err(Unredeemed::UserChanged);
+                }
+            }
+            if outcome.is_ok() {
                 tx.commit().await?;
             } else {
                 tx.rollback().await?;
             }
-            opened
+            outcome
         });
-        Ok(opened.then_some(session_id))
+        Ok(opened)
     }
 
     /// Spends `presented` and stores `next` in its place, or reports reuse.
@@ -208,11 +273,11 @@ impl Store {
                     }
                 }
                 Some((token_id, tenant_id, session_id)) => {
-                    let live: Option<(Uuid, i64, bool)> =
+                    let live: Option<(Uuid, i64, bool, bool)> =
                         sqlx::query_as(LIVE_SESSION).bind(tenant_id).bind(session_id).fetch_optional(&mut *tx).await?;
-                    let ends_at = live.and_then(|(_, created_at, _)| lifetime.map(|l| created_at.saturating_add(l)));
+                    let ends_at = live.and_then(|(_, created_at, _, _)| lifetime.map(|l| created_at.saturating_add(l)));
                     match live {
-                        Some((user_id, _, mfa)) if ends_at.is_none_or(|end| end > now) => {
+                        Some((user_id, _, mfa, link)) if ends_at.is_none_or(|end| end > now) => {
                             sqlx::query(INSERT_REFRESH)
                                 .bind(Uuid::new_v4())
                                 .bind(next.hash)
@@ -230,7 +295,7 @@ impl Store {
                                 .execute(&mut *tx)
                                 .await?;
                             tx.commit().await?;
-                            Rotation::Rotated { tenant_id, user_id, session_id, ends_at, mfa }
+                            Rotation::Rotated { tenant_id, user_id, session_id, ends_at, amr: Amr { link, mfa } }
                         }
                         // The session is over (revoked, its user or tenant
                         // disabled, or past its lifetime): the token is left
@@ -320,11 +385,12 @@ impl Store {
     /// revoked it).
     pub async fn active_sessions(&self, tenant_id: Uuid, user_id: Uuid, now: i64) -> StoreResult<Vec<Session>> {
         let sql = "SELECT s.id, s.tenant_id, s.user_id, s.created_at, s.last_used_at, s.ip, s.user_agent,
-                          MAX(r.expires_at) AS expires_at
+                          MAX(r.expires_at) AS expires_at, s.mfa, s.via_link
                    FROM sessions s
                    JOIN refresh_tokens r ON r.session_id = s.id AND r.spent_at IS NULL AND r.expires_at > $3
                    WHERE s.tenant_id = $1 AND s.user_id = $2 AND s.revoked_at IS NULL
-                   GROUP BY s.id, s.tenant_id, s.user_id, s.created_at, s.last_used_at, s.ip, s.user_agent
+                   GROUP BY s.id, s.tenant_id, s.user_id, s.created_at, s.last_used_at, s.ip, s.user_agent,
+                            s.mfa, s.via_link
                    ORDER BY s.created_at DESC, s.id";
         Ok(on_pool!(self, |p| sqlx::query_as(sql).bind(tenant_id).bind(user_id).bind(now).fetch_all(p).await)?)
     }

@@ -82,7 +82,7 @@ impl Assertions {
             exp,
             roles: &principal.roles,
             scope: principal.scopes.join(" "),
-            amr: crate::auth::token::amr(principal.mfa),
+            amr: principal.amr.values(),
         };
         let text = sign_assertion(&authenticator.keys(), &claims).map_err(|e| {
             tracing::error!(error = %e, "signing an identity assertion");

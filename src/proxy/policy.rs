@@ -18,7 +18,7 @@ pub fn authorize(route: &RouteConfig, who: &Principal, tenants: &TenantDirectory
     if !route.scopes.iter().all(|s| who.scopes.contains(s)) {
         return Err(ProxyError::InsufficientScope);
     }
-    if route.mfa && !who.mfa {
+    if route.mfa && !who.amr.mfa {
         return Err(ProxyError::InsufficientAuthentication);
     }
     Ok(())

@@ -25,6 +25,7 @@ mod forward_auth;
 mod http1_conformance;
 mod jwt_assertion;
 mod lockout;
+mod login_link;
 mod mfa;
 mod notices;
 mod password_reset;

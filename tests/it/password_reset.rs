@@ -482,6 +482,7 @@ both_backends! {
                             token_hash: &hash,
                             fingerprint: &[0; 32],
                             new_email: None,
+                            code_challenge: None,
                             now: unix_now() + round * 120,
                             expires_at: unix_now() + 3600,
                             min_interval: 60,

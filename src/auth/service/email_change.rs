@@ -139,7 +139,7 @@ impl AuthService {
         };
         let link = match self
             .accounts
-            .make_link(&user, LinkPurpose::EmailChange, LINK_MIN_INTERVAL, Some(&new_email))
+            .make_link(&user, LinkPurpose::EmailChange, LINK_MIN_INTERVAL, (Some(&new_email), None))
             .await?
         {
             Ok(link) => link,

@@ -89,12 +89,20 @@ pub(super) const CHANGE: Kind = Kind {
     webhook_type: "email_change.requested",
 };
 
+pub(super) const LOGIN: Kind = Kind {
+    purpose: LinkPurpose::Login,
+    requested: "login_link_requested",
+    metric: "gateway_login_link_requests_total",
+    webhook_type: "login_link.requested",
+};
+
 /// What a link is bound to: for a reset, the SHA-256 of the password hash
 /// it was made against; for a verification, of the email it proves; for an
 /// email change, of the email, the password hash (a reset after a
 /// compromise kills the change an intruder asked for) and whether a second
-/// factor is set (one set up since kills a change asked for without it).
-/// A revert's is [`AuthService::factor_fingerprint`], made by the caller.
+/// factor is set (one set up since kills a change asked for without it);
+/// for a sign-in link, of the email and the password hash (a reset or a
+/// password change kills the links mailed before it). A revert's is [`AuthService::factor_fingerprint`], made by the caller.
 pub(super) fn fingerprint(purpose: LinkPurpose, user: &User) -> [u8; 32] {
     match purpose {
         LinkPurpose::PasswordReset => Sha256::digest(user.password_hash.as_bytes()).into(),
@@ -105,6 +113,12 @@ pub(super) fn fingerprint(purpose: LinkPurpose, user: &User) -> [u8; 32] {
             .chain_update([0])
             .chain_update(&user.password_hash)
             .chain_update([0, u8::from(user.totp_secret.is_some())])
+            .finalize()
+            .into(),
+        LinkPurpose::Login => Sha256::new()
+            .chain_update(&user.email)
+            .chain_update([0])
+            .chain_update(&user.password_hash)
             .finalize()
             .into(),
         // Made with the change it undoes, bound to [`Factor::digest`]
@@ -174,12 +188,13 @@ impl AuthService {
 
     /// Asks for a link of `kind` for `email`: checks the request's shape
     /// and the rate limit, then answers; the rest runs after the answer
-    /// (see the module docs). `via` is recorded with the request.
+    /// (see the module docs). `via` is recorded with the request;
+    /// `challenge` is a sign-in link's PKCE challenge.
     pub(super) async fn mail_link(
         &self,
         kind: &'static Kind,
-        email: &str,
-        tenant: Option<&str>,
+        (email, tenant): (&str, Option<&str>),
+        challenge: Option<String>,
         via: &'static str,
         client: &ClientContext,
     ) -> Result<(), AuthError> {
@@ -188,7 +203,7 @@ impl AuthService {
         let email = normalize_email(email);
         validate_email(&email).map_err(AuthError::InvalidRequest)?;
         let slug = tenant_slug(tenant)?;
-        self.spawn_link(kind, webhook, slug, email, via, client);
+        self.spawn_link(kind, webhook, (slug, email), challenge, via, client);
         Ok(())
     }
 
@@ -231,15 +246,15 @@ impl AuthService {
         &self,
         kind: &'static Kind,
         webhook: Arc<Webhook>,
-        slug: String,
-        email: String,
+        (slug, email): (String, String),
+        challenge: Option<String>,
         via: &'static str,
         client: &ClientContext,
     ) {
         let this = self.clone();
         let client = client.clone();
         let work = async move {
-            let (result, user) = match this.send_link(&webhook, kind, &slug, &email).await {
+            let (result, user) = match this.send_link(&webhook, kind, (&slug, &email), challenge.as_deref()).await {
                 Ok(done) => done,
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), kind = kind.requested, "a link request failed");
@@ -266,14 +281,15 @@ impl AuthService {
 
     /// The work a link request leaves for after its answer: why nothing was
     /// sent (`unknown_tenant`, `tenant_disabled`, `unknown_user`,
-    /// `user_disabled`, `already_verified`, `throttled`), or `sent`, or
+    /// `user_disabled`, `already_verified`, `email_not_verified`,
+    /// `throttled`), or `sent`, or
     /// `delivery_failed`; and the user, if there is one.
     async fn send_link(
         &self,
         webhook: &Webhook,
         kind: &Kind,
-        slug: &str,
-        email: &str,
+        (slug, email): (&str, &str),
+        challenge: Option<&str>,
     ) -> Result<(&'static str, Option<User>), AuthError> {
         let Some(tenant) = self.store.tenant_by_slug(slug).await? else { return Ok(("unknown_tenant", None)) };
         let Some(user) = self.store.user_by_email(tenant.id, email).await? else { return Ok(("unknown_user", None)) };
@@ -286,7 +302,10 @@ impl AuthService {
         if kind.purpose == LinkPurpose::EmailVerification && user.email_verified_at.is_some() {
             return Ok(("already_verified", Some(user)));
         }
-        let link = match self.accounts.make_link(&user, kind.purpose, LINK_MIN_INTERVAL, None).await? {
+        if kind.purpose == LinkPurpose::Login && user.email_verified_at.is_none() {
+            return Ok(("email_not_verified", Some(user)));
+        }
+        let link = match self.accounts.make_link(&user, kind.purpose, LINK_MIN_INTERVAL, (None, challenge)).await? {
             Ok(link) => link,
             // Changed since it was read (disabled, or verified).
             Err(LinkMade::Refused) => return Ok(("user_changed", Some(user))),
@@ -449,18 +468,20 @@ impl Accounts {
     /// the kind), or says why not: the user got one less than
     /// `min_interval` seconds ago, or the user or its tenant is disabled
     /// (or, for a verification, the email is verified). `new_email` is the
-    /// address an email change moves the user to.
+    /// address an email change moves the user to, `code_challenge` a
+    /// sign-in link's PKCE challenge.
     pub(super) async fn make_link(
         &self,
         user: &User,
         purpose: LinkPurpose,
         min_interval: i64,
-        new_email: Option<&str>,
+        (new_email, code_challenge): (Option<&str>, Option<&str>),
     ) -> Result<Result<EmailLink, LinkMade>, AuthError> {
         let ttl = match purpose {
             LinkPurpose::PasswordReset => self.reset_token_ttl,
             // Both prove a mailbox.
             LinkPurpose::EmailVerification | LinkPurpose::EmailChange => self.verification_token_ttl,
+            LinkPurpose::Login => self.login_token_ttl,
             LinkPurpose::EmailRevert => {
                 let why = "a revert link is made in the transaction of the change it undoes";
                 return Err(AuthError::Unexpected(anyhow::anyhow!(why)));
@@ -478,6 +499,7 @@ impl Accounts {
                 token_hash: &token_hash,
                 fingerprint: &fingerprint(purpose, user),
                 new_email,
+                code_challenge,
                 now,
                 expires_at,
                 min_interval,

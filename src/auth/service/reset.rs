@@ -36,7 +36,7 @@ impl AuthService {
         tenant: Option<&str>,
         client: &ClientContext,
     ) -> Result<(), AuthError> {
-        self.mail_link(&RESET, email, tenant, "email", client).await
+        self.mail_link(&RESET, (email, tenant), None, "email", client).await
     }
 
     /// `POST /auth/password/reset`: sets the password of the link's user
@@ -91,7 +91,7 @@ impl Accounts {
     /// reset-token`); earlier links of the user stop working.
     pub async fn reset_link(&self, tenant_id: Uuid, key: UserKey<'_>) -> Result<EmailLink, AuthError> {
         let user = self.find_user(tenant_id, key).await?;
-        let link = match self.make_link(&user, LinkPurpose::PasswordReset, 0, None).await? {
+        let link = match self.make_link(&user, LinkPurpose::PasswordReset, 0, (None, None)).await? {
             Ok(link) => link,
             Err(LinkMade::Refused) => {
                 return Err(AuthError::InvalidRequest(format!(

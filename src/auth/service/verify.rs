@@ -35,7 +35,7 @@ impl AuthService {
     pub(super) fn send_first_verification(&self, email: &str, tenant: &str, client: &ClientContext) {
         if let Some(webhook) = self.mailer.clone() {
             let (email, tenant) = (email.to_owned(), tenant.to_owned());
-            self.spawn_link(&VERIFICATION, webhook, tenant, email, "registration", client);
+            self.spawn_link(&VERIFICATION, webhook, (tenant, email), None, "registration", client);
         }
     }
 
@@ -47,7 +47,7 @@ impl AuthService {
         tenant: Option<&str>,
         client: &ClientContext,
     ) -> Result<(), AuthError> {
-        self.mail_link(&VERIFICATION, email, tenant, "email", client).await
+        self.mail_link(&VERIFICATION, (email, tenant), None, "email", client).await
     }
 
     /// `POST /auth/email/verify`: marks the link's email verified, given

@@ -25,8 +25,17 @@ fn claims_without_amr_read_as_a_password_alone() {
     json.as_object_mut().expect("an object").remove("amr");
     let read: AccessClaims = serde_json::from_value(json).expect("old claims decode");
     assert!(read.amr.is_empty());
-    assert_eq!(amr(false), ["pwd"]);
-    assert_eq!(amr(true), ["pwd", "otp", "mfa"]);
+    assert_eq!(Amr::read(&read.amr), Amr::default());
+    assert_eq!(Amr::default().values(), ["pwd"]);
+    assert_eq!(Amr { link: false, mfa: true }.values(), ["pwd", "otp", "mfa"]);
+    assert_eq!(Amr { link: true, mfa: false }.values(), ["email"]);
+    assert_eq!(Amr { link: true, mfa: true }.values(), ["email", "otp", "mfa"]);
+    for amr in
+        [Amr::default(), Amr { link: true, mfa: false }, Amr { link: false, mfa: true }, Amr { link: true, mfa: true }]
+    {
+        let claim: Vec<String> = amr.values().iter().map(|m| (*m).to_owned()).collect();
+        assert_eq!(Amr::read(&claim), amr, "{claim:?}");
+    }
 }
 
 fn ring() -> (tempfile::TempDir, KeyRing) {
@@ -126,7 +135,7 @@ fn an_assertion_is_refused_as_an_access_token_by_its_type() {
         exp: now + 60,
         roles: &c.roles,
         scope: c.scope.clone(),
-        amr: amr(false),
+        amr: Amr::default().values(),
     };
     let token = sign_assertion(&keys, &assertion).expect("sign");
     assert_eq!(rules.verify(&keys, &token, now), Err(TokenError::Type));

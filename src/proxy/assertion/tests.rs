@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::*;
 use crate::auth::keys::KeyRing;
 use crate::auth::revocation::RevocationState;
-use crate::auth::token::TokenRules;
+use crate::auth::token::{Amr, TokenRules};
 
 fn authenticator() -> (tempfile::TempDir, Authenticator) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -25,7 +25,7 @@ fn principal(expires_at: i64) -> Principal {
         scopes: vec!["a:read".to_owned(), "b:write".to_owned()],
         issued_at: expires_at - 900,
         expires_at,
-        mfa: false,
+        amr: Amr::default(),
     }
 }
 
@@ -53,10 +53,12 @@ fn amr_of(value: &HeaderValue) -> serde_json::Value {
 fn says_whether_the_login_passed_a_second_factor() {
     let (_dir, auth) = authenticator();
     let plain = principal(10_000);
-    let stepped = Principal { mfa: true, ..principal(10_000) };
+    let stepped = Principal { amr: Amr { link: false, mfa: true }, ..principal(10_000) };
     let signed = |p: &Principal| Assertions::default().get(p, "orders", &auth, 1_000).expect("signed");
     assert_eq!(amr_of(&signed(&plain)), serde_json::json!(["pwd"]));
     assert_eq!(amr_of(&signed(&stepped)), serde_json::json!(["pwd", "otp", "mfa"]));
+    let linked = Principal { amr: Amr { link: true, mfa: false }, ..principal(10_000) };
+    assert_eq!(amr_of(&signed(&linked)), serde_json::json!(["email"]));
 }
 
 #[test]
