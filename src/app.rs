@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::keys::KeyRing;
+use crate::auth::outbox::Outbox;
 use crate::auth::password::PasswordHasher;
 use crate::auth::revocation::{self, RevocationState};
 use crate::auth::seal::SealingKeys;
@@ -53,6 +54,8 @@ pub struct App {
     /// `server.http_redirect_listen`, bound.
     redirect: Option<TcpListener>,
     metrics: PrometheusHandle,
+    /// The mailer's webhook with its kept deliveries (`auth.mailer`).
+    outbox: Option<Arc<Outbox>>,
 }
 
 impl App {
@@ -91,10 +94,8 @@ impl App {
         let rules = TokenRules::new(&config.auth.issuer, &config.auth.audience, config.auth.leeway.as_secs());
         let authenticator = Authenticator::new(keys, rules, revocations);
         let upstream_tls = client.tls();
-        let reset_webhook = match &config.auth.mailer {
-            Some(webhook) => {
-                Some(Arc::new(Webhook::load(webhook, Arc::clone(&upstream_tls), config.upstream.connect_timeout)?))
-            }
+        let webhook = match &config.auth.mailer {
+            Some(webhook) => Some(Webhook::load(webhook, Arc::clone(&upstream_tls), config.upstream.connect_timeout)?),
             None => None,
         };
         let admin_token = crate::admin::api::ApiTokens::load(&config.admin)?;
@@ -108,9 +109,10 @@ impl App {
             }
         }
         let sealer = Arc::new(seal_stored_secrets(&store, &config.auth.keys_dir, config.auth.seal_totp_secrets).await?);
+        let outbox = webhook.map(|webhook| Arc::new(Outbox::new(webhook, store.clone(), Arc::clone(&sealer))));
         let service =
             AuthService::new(store.clone(), hasher, authenticator.clone(), config.auth.clone(), Arc::clone(&sealer))
-                .with_mailer(reset_webhook);
+                .with_mailer(outbox.clone());
 
         let tenants = TenantDirectory::default();
         if let Err(e) = tenants.refresh(&store).await {
@@ -176,7 +178,7 @@ impl App {
             ),
             None => None,
         };
-        Ok(App { config, service, proxy, reloader, tls, public, admin, admin_token, redirect, metrics })
+        Ok(App { config, service, proxy, reloader, tls, public, admin, admin_token, redirect, metrics, outbox })
     }
 
     pub fn public_addr(&self) -> SocketAddr {
@@ -273,6 +275,9 @@ impl App {
             tokio::spawn(self.reloader.clone().watch(self.config.server.config_poll, stopped())),
             tokio::spawn(upkeep(self.metrics.clone(), stopped())),
         ];
+        if let Some(outbox) = self.outbox.clone() {
+            background.push(tokio::spawn(outbox.sweep(stopped())));
+        }
         if let crate::config::DatabaseUrl::Postgres(url) = &self.config.database.url {
             background.push(tokio::spawn(revocation::listen(revocations, store.clone(), url.clone(), stopped())));
         }
@@ -377,6 +382,11 @@ async fn maintain(
                 Ok(n) if n > 0 => tracing::info!(deleted = n, "purged expired and spent email links"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "email link purge failed"),
+            }
+            match store.purge_deliveries(unix_now()).await {
+                Ok(n) if n > 0 => tracing::info!(deleted = n, "purged expired deliveries the mailer never took"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "delivery purge failed"),
             }
         }
     }

@@ -8,7 +8,9 @@
 //! - [`ratelimit`]: the per-IP limit on credential endpoints.
 //! - [`seal`]: the TOTP secrets, encrypted in the database.
 //! - [`service`]: the flows (login, refresh, logout, …) built from the above.
-//! - [`webhook`]: signed deliveries to the operator's mailer (mailed links).
+//! - [`webhook`]: signed deliveries to the operator's mailer (mailed links
+//!   and notices); [`outbox`] keeps those it has not taken and sends them
+//!   later.
 //!
 //! [`Authenticator::verify_bearer`] is the single function every protected
 //! request goes through, here and in the proxy: signature and claims, then
@@ -16,6 +18,7 @@
 
 pub mod error;
 pub mod keys;
+pub mod outbox;
 pub mod password;
 pub mod ratelimit;
 pub mod refresh;

@@ -352,12 +352,13 @@ pub async fn execute(cli: Cli, input: &mut dyn BufRead, out: &mut dyn Write) -> 
             let pruned = store.prune(config.database.retention).await;
             let counters = store.purge_idle_login_attempts(config.auth.lockout_duration).await;
             let links = store.purge_email_links(crate::db::unix_now()).await;
+            let deliveries = store.purge_deliveries(crate::db::unix_now()).await;
             store.close().await;
-            let (pruned, counters, links) = (pruned?, counters?, links?);
+            let (pruned, counters, links, deliveries) = (pruned?, counters?, links?, deliveries?);
             writeln!(
                 out,
                 "pruned {} session(s), {} refresh token(s), {} audit event(s), {counters} idle lockout counter(s), \
-                 {links} expired or spent email link(s)",
+                 {links} expired or spent email link(s), {deliveries} expired mailer deliveries",
                 pruned.sessions, pruned.refresh_tokens, pruned.audit_events
             )?;
             Ok(())

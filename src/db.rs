@@ -13,6 +13,7 @@
 pub mod audit;
 pub mod email_links;
 pub mod login_attempts;
+pub mod outbox;
 pub mod retention;
 pub mod sessions;
 pub mod tenants;

@@ -34,7 +34,8 @@
 //!   and its poller/listener, the TOTP second factor ([`auth::totp`]), the
 //!   signed deliveries of mailed links (password resets, email
 //!   verification and changes, sign-in links) to the operator's mailer
-//!   ([`auth::webhook`]), and the flows in [`auth::service`].
+//!   ([`auth::webhook`]), kept until it takes them ([`auth::outbox`]),
+//!   and the flows in [`auth::service`].
 //! - [`db`]: the store for SQLite and PostgreSQL, one function per query,
 //!   grouped by table; [`db::retention`] prunes what has ended.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener.

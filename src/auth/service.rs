@@ -17,11 +17,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::outbox::Outbox;
 use super::password::{PasswordHasher, Verdict};
 use super::ratelimit::IpRateLimiter;
 use super::seal::SealingKeys;
 use super::token::{self, AccessClaims, Amr};
-use super::webhook::Webhook;
 use super::{refresh, AuthError, Authenticator, Principal};
 use crate::auth::totp;
 use crate::config::{AuthConfig, MAX_PASSWORD_BYTES};
@@ -133,7 +133,7 @@ pub struct AuthService {
     pub accounts: Accounts,
     limiter: IpRateLimiter,
     /// Where mailed links are delivered (`None`: only the CLI makes links).
-    mailer: Option<Arc<Webhook>>,
+    mailer: Option<Arc<Outbox>>,
     /// Bounds the link work left for after the answers.
     link_tasks: Arc<tokio::sync::Semaphore>,
     /// The same for security notices, apart: a flood of link requests

@@ -15,7 +15,9 @@
 //!   with the key of `webhook_secret_file` (`whsec_` + base64).
 //!
 //! An answer other than 2xx, or no answer, is tried again twice, one and
-//! four seconds later; each attempt is bounded by [`ATTEMPT_TIMEOUT`]. The
+//! four seconds later; each attempt is bounded by [`ATTEMPT_TIMEOUT`] and
+//! signed with its own timestamp (a receiver refuses old ones). What still
+//! fails is kept and tried later by [`crate::auth::outbox`]. The
 //! body carries a live credential: it is never logged, and errors name the
 //! URL's origin only (its path or query may hold the mailer's own key).
 
@@ -42,6 +44,9 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Pauses before the second and third attempts.
 const RETRY_DELAYS: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(4)];
+
+/// How many attempts [`Webhook::deliver`] makes.
+pub const ATTEMPTS: usize = RETRY_DELAYS.len() + 1;
 
 /// Where and how deliveries are sent.
 pub struct Webhook {
@@ -70,33 +75,34 @@ impl Webhook {
         Ok(Self { url: config.url.clone(), key, tls, connect_timeout })
     }
 
-    /// Delivers one event (attempts and pauses as the module docs say);
-    /// returns how many attempts it took, or the last failure.
-    pub async fn deliver(&self, kind: &str, data: serde_json::Value) -> anyhow::Result<usize> {
-        let id = format!("msg_{}", uuid::Uuid::new_v4().simple());
-        let now = crate::db::unix_now();
-        let event = serde_json::json!({
-            "type": kind,
-            "timestamp": crate::auth::service::rfc3339(now),
-            "data": data,
-        });
-        let body = Bytes::from(serde_json::to_vec(&event)?);
-        let signature = sign(&self.key, &id, now, &body);
+    /// Delivers one event, `body` (see [`event`]), as `id` (attempts and
+    /// pauses as the module docs say); returns how many attempts it took,
+    /// or the last failure.
+    pub async fn deliver(&self, id: &str, body: &Bytes) -> anyhow::Result<usize> {
         let mut last = None;
         for attempt in 0..=RETRY_DELAYS.len() {
             if attempt > 0 {
                 tokio::time::sleep(RETRY_DELAYS[attempt - 1]).await;
             }
-            let sent = tokio::time::timeout(ATTEMPT_TIMEOUT, self.post(&id, now, &signature, body.clone())).await;
-            match sent.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {ATTEMPT_TIMEOUT:?}"))) {
+            match self.attempt(id, body).await {
                 Ok(()) => return Ok(attempt + 1),
-                Err(e) => {
-                    tracing::warn!(webhook = %self.url, attempt = attempt + 1, error = format!("{e:#}"), "webhook delivery failed");
-                    last = Some(e);
-                }
+                Err(e) => last = Some(e),
             }
         }
         Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt was made")))
+    }
+
+    /// One attempt at delivering `body` as `id`, signed now, within
+    /// [`ATTEMPT_TIMEOUT`]; a failure is logged (the origin only).
+    pub async fn attempt(&self, id: &str, body: &Bytes) -> anyhow::Result<()> {
+        let now = crate::db::unix_now();
+        let signature = sign(&self.key, id, now, body);
+        let sent = tokio::time::timeout(ATTEMPT_TIMEOUT, self.post(id, now, &signature, body.clone())).await;
+        let sent = sent.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {ATTEMPT_TIMEOUT:?}")));
+        if let Err(e) = &sent {
+            tracing::warn!(webhook = %self.url, webhook_id = id, error = format!("{e:#}"), "webhook delivery failed");
+        }
+        sent
     }
 
     /// One attempt: a new connection, one request, the answer's status.
@@ -154,6 +160,16 @@ where
     drop(sender);
     driver.abort();
     result
+}
+
+/// The body of an event of type `kind` made at `now`.
+pub fn event(kind: &str, data: &serde_json::Value, now: i64) -> anyhow::Result<Bytes> {
+    let event = serde_json::json!({
+        "type": kind,
+        "timestamp": crate::auth::service::rfc3339(now),
+        "data": data,
+    });
+    Ok(Bytes::from(serde_json::to_vec(&event)?))
 }
 
 /// The key of a Standard Webhooks secret: `whsec_` and the base64 of 24

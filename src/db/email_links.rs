@@ -32,6 +32,7 @@
 
 use uuid::Uuid;
 
+use super::outbox::NewDelivery;
 use super::{on_pool, unix_now, Store, StoreResult};
 
 /// What a link is for; a link of one kind never serves the other.
@@ -314,7 +315,8 @@ impl Store {
                      AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
         let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = 'password_reset'
                       WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL RETURNING id";
-        let outcome = self.redeem(link, LinkPurpose::PasswordReset, set, &[new, old], Some(revoke), None, now).await?;
+        let outcome =
+            self.redeem(link, LinkPurpose::PasswordReset, set, &[new, old], Some(revoke), (None, None), now).await?;
         Ok(outcome.map(|revoked| revoked.unwrap_or_default()))
     }
 
@@ -331,7 +333,8 @@ impl Store {
         let verify = "UPDATE users SET email_verified_at = $4
                       WHERE tenant_id = $1 AND id = $2 AND email = $3 AND email_verified_at IS NULL AND NOT disabled
                         AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
-        let outcome = self.redeem(link, LinkPurpose::EmailVerification, verify, &[email], None, None, now).await?;
+        let outcome =
+            self.redeem(link, LinkPurpose::EmailVerification, verify, &[email], None, (None, None), now).await?;
         Ok(outcome.map(drop))
     }
 
@@ -342,7 +345,8 @@ impl Store {
     /// factor still `factor` (what the revert link, if any, was told of
     /// it), and the user and its tenant enabled; voids every other link of
     /// the user (mailed to the old address) but the revert links, and
-    /// stores `revert`, the link that undoes this change. [`StoreError::Conflict`](super::StoreError::Conflict)
+    /// stores `revert`, the link that undoes this change, and `notice`,
+    /// the delivery that mails it (so that neither is without the other). [`StoreError::Conflict`](super::StoreError::Conflict)
     /// when another user of the tenant has taken `new` meanwhile.
     #[allow(clippy::too_many_arguments, reason = "one caller; each is a condition of the write")]
     pub async fn redeem_email_change(
@@ -352,7 +356,7 @@ impl Store {
         password_hash: &str,
         factor: FactorRead<'_>,
         new: &str,
-        revert: Option<NewRevert<'_>>,
+        (revert, notice): (Option<NewRevert<'_>>, Option<&NewDelivery>),
         now: i64,
     ) -> StoreResult<Result<(), Unredeemed>> {
         let change = "UPDATE users SET email = $3, email_verified_at = $4, updated_at = $4
@@ -360,7 +364,7 @@ impl Store {
                         AND COALESCE(totp_secret, '') = $7 AND COALESCE(totp_recovery, '') = $8 AND NOT disabled
                         AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
         let args = [new, old, password_hash, factor.secret, factor.recovery];
-        let outcome = self.redeem(link, LinkPurpose::EmailChange, change, &args, None, revert, now).await?;
+        let outcome = self.redeem(link, LinkPurpose::EmailChange, change, &args, None, (revert, notice), now).await?;
         Ok(outcome.map(drop))
     }
 
@@ -394,7 +398,8 @@ impl Store {
                       WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL RETURNING id";
         let change = if drop_factor { DROP } else { KEEP };
         let args = [address, new, factor.secret, factor.recovery];
-        let outcome = self.redeem(link, LinkPurpose::EmailRevert, change, &args, Some(revoke), None, now).await?;
+        let outcome =
+            self.redeem(link, LinkPurpose::EmailRevert, change, &args, Some(revoke), (None, None), now).await?;
         Ok(outcome.map(|revoked| revoked.unwrap_or_default()))
     }
 
@@ -417,7 +422,7 @@ impl Store {
         change: &str,
         args: &[&str],
         revoke: Option<&str>,
-        revert: Option<NewRevert<'_>>,
+        (revert, notice): (Option<NewRevert<'_>>, Option<&NewDelivery>),
         now: i64,
     ) -> StoreResult<Result<Option<Vec<Uuid>>, Unredeemed>> {
         let (tenant_id, user_id) = (link.tenant_id, link.user_id);
@@ -465,6 +470,18 @@ impl Store {
                         .bind(now)
                         .bind(r.expires_at)
                         .bind(r.address)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                if let Some(n) = notice {
+                    sqlx::query(super::outbox::INSERT)
+                        .bind(n.id)
+                        .bind(n.kind)
+                        .bind(&n.body)
+                        .bind(n.now)
+                        .bind(n.now)
+                        .bind(n.expires_at)
+                        .bind(0_i64)
                         .execute(&mut *tx)
                         .await?;
                 }

@@ -69,6 +69,29 @@ async fn a_minute_passes(app: &TestApp) {
 }
 
 both_backends! {
+    /// The notice that carries the revert link is stored with the change:
+    /// a mailer that takes nothing (every attempt answered 503) leaves it
+    /// waiting to be sent, not lost.
+    #[tokio::test]
+    async fn the_notice_with_the_revert_link_waits_for_a_mailer_that_is_down() {
+        let mailer = Mailer::spawn(usize::MAX).await;
+        let app = spawn_with_mailer(&mailer, TestOptions::default()).await;
+        app.create_user("default", OWNER, PASSWORD, &[], &[]).await;
+        let tokens = app.login_ok(OWNER, PASSWORD, None).await;
+        // The mailer refuses each delivery, but what was attempted is seen.
+        let token = move_to(&app, &mailer, &tokens.access_token, OWNER, INTRUDER, None).await;
+        let store = crate::user_admin::open_store(&app).await;
+        let waiting = store.due_deliveries(i64::MAX, 100).await.expect("the store");
+        store.close().await;
+        let kinds: Vec<&str> = waiting.iter().map(|d| d.kind.as_str()).collect();
+        assert!(kinds.contains(&"email.changed"), "the notice waits to be sent: {kinds:?}");
+        assert!(waiting.iter().all(|d| !d.body.contains(&token)), "sealed");
+        // And what it carries works.
+        assert_eq!(revert(&app, &token, OWNER_NEW_PASSWORD).await.status(), StatusCode::NO_CONTENT);
+        app.login_ok(OWNER, OWNER_NEW_PASSWORD, None).await;
+        app.stop().await;
+    }
+
     /// An intruder with the password moves the account, changes the
     /// password and sets up a second factor; the owner's old mailbox takes
     /// it all back.

@@ -26,6 +26,7 @@ mod http1_conformance;
 mod jwt_assertion;
 mod lockout;
 mod login_link;
+mod mailer_outbox;
 mod mfa;
 mod notices;
 mod password_reset;

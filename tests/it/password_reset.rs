@@ -41,7 +41,7 @@ use crate::helpers::{
 
 const EMAIL: &str = "forgetful@example.com";
 /// A Standard Webhooks secret (the specification's test key).
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub(crate) const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// One POST the mailer received.
 #[derive(Debug, Clone)]
@@ -135,7 +135,7 @@ impl Mailer {
         Mailer { addr, https, deliveries, task }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         let scheme = if self.https { "https" } else { "http" };
         format!("{scheme}://{}/hooks/mail?key=mailer-own-key", self.addr)
     }

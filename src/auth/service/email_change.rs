@@ -58,7 +58,7 @@ use uuid::Uuid;
 use subtle::ConstantTimeEq as _;
 
 use super::links::{EmailLink, CHANGE, LINK_MIN_INTERVAL};
-use super::notices::Notice;
+use super::notices::{email_changed, Notice};
 use super::{
     check_password_size, normalize_email, rfc3339, validate_email, Accounts, AuthService, ClientContext, UserKey,
 };
@@ -176,7 +176,7 @@ impl AuthService {
             };
             let result = match taken {
                 Ok(true) => "email_taken",
-                Ok(false) => match webhook.deliver(CHANGE.webhook_type, data).await {
+                Ok(false) => match webhook.deliver(CHANGE.webhook_type, data, expires_at).await {
                     Ok(_) => "sent",
                     Err(_) => "delivery_failed",
                 },
@@ -242,22 +242,34 @@ impl AuthService {
             address: &user.email,
             expires_at: link.expires_at,
         });
+        // The notice to the old address, with the revert link, is stored
+        // with them (the outbox sends it): a crash or a mailer down cannot
+        // lose the link the change made.
+        let notice = match (&self.mailer, self.config.mailer.as_ref().is_some_and(|m| m.notices)) {
+            (Some(outbox), true) => {
+                let revert = revert.as_ref().map(|(link, _)| link);
+                let (data, expires_at) =
+                    email_changed(&tenant.slug, user.id, (&user.email, &new_email), revert, "link");
+                Some(outbox.prepare("email.changed", &data, expires_at).map_err(AuthError::Unexpected)?)
+            }
+            _ => None,
+        };
         let redeemed = self.store.redeem_email_change(
             &link,
             &user.email,
             &user.password_hash,
             factor.read(),
             &new_email,
-            stored,
+            (stored, notice.as_ref()),
             now,
         );
         self.address_redeemed(redeemed.await, (FAILED, CHANGES), refused, &user, client).await?;
         metrics::counter!(CHANGES, "result" => "success").increment(1);
         let moved = User { email: new_email.clone(), ..user.clone() };
         self.audit_user("email_changed", &moved, client, serde_json::json!({ "via": "link" })).await;
-        let revert = revert.map(|(link, _)| link);
-        let notice = Notice::EmailChanged { old: user.email.clone(), new: new_email, revert, via: "link" };
-        self.notify(user.tenant_id, user.id, notice, client);
+        if notice.is_some() {
+            metrics::counter!("gateway_notices_total", "type" => "email.changed", "result" => "queued").increment(1);
+        }
         Ok(())
     }
 
@@ -313,8 +325,7 @@ impl AuthService {
         // The address left is told (no link: the two mailboxes would take
         // the account from each other in turn).
         if user.email != address {
-            let notice =
-                Notice::EmailChanged { old: user.email.clone(), new: address.clone(), revert: None, via: "revert" };
+            let notice = Notice::EmailChanged { old: user.email.clone(), new: address.clone(), via: "revert" };
             self.notify(user.tenant_id, user.id, notice, client);
         }
         // The owner proved the mailbox and chose a new password: a lock

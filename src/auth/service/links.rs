@@ -26,9 +26,9 @@ use subtle::ConstantTimeEq as _;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{normalize_email, rfc3339, tenant_slug, validate_email, Accounts, AuthService, ClientContext};
+use crate::auth::outbox::Outbox;
 use crate::auth::password::Verdict;
 use crate::auth::refresh;
-use crate::auth::webhook::Webhook;
 use crate::auth::AuthError;
 use crate::db::audit::NewAuditEvent;
 use crate::db::email_links::{FactorRead, LinkMade, LinkPurpose, NewLink, PendingLink, Unredeemed};
@@ -168,7 +168,7 @@ impl AuthService {
     /// them there (and a registration that must prove its email sends its
     /// first one); without one they answer 404.
     #[must_use]
-    pub fn with_mailer(mut self, webhook: Option<Arc<Webhook>>) -> Self {
+    pub fn with_mailer(mut self, webhook: Option<Arc<Outbox>>) -> Self {
         self.mailer = webhook;
         self
     }
@@ -245,7 +245,7 @@ impl AuthService {
     pub(super) fn spawn_link(
         &self,
         kind: &'static Kind,
-        webhook: Arc<Webhook>,
+        webhook: Arc<Outbox>,
         (slug, email): (String, String),
         challenge: Option<String>,
         via: &'static str,
@@ -286,7 +286,7 @@ impl AuthService {
     /// `delivery_failed`; and the user, if there is one.
     async fn send_link(
         &self,
-        webhook: &Webhook,
+        webhook: &Outbox,
         kind: &Kind,
         (slug, email): (&str, &str),
         challenge: Option<&str>,
@@ -318,7 +318,7 @@ impl AuthService {
             "token": link.token,
             "expires_at": rfc3339(link.expires_at),
         });
-        match webhook.deliver(kind.webhook_type, data).await {
+        match webhook.deliver(kind.webhook_type, data, link.expires_at).await {
             Ok(_) => Ok(("sent", Some(user))),
             Err(_) => Ok(("delivery_failed", Some(user))),
         }

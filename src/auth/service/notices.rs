@@ -18,9 +18,13 @@
 //! hands (a former employer's), and with the one credential a notice may
 //! carry: `revert_token`, the link that moves the account back (see
 //! [`super::email_change`]; unless `auth.email_change.revert_ttl` is
-//! `0s`). A lost notice changes nothing: the change
-//! stands, and it is counted (`gateway_notices_total{type, result}`) and
-//! logged.
+//! `0s`). That one is stored in the transaction that confirms the change
+//! ([`email_changed`], [`crate::auth::outbox`]), and sent from there by the
+//! outbox's sweep: no crash falls between the change and its notice. The
+//! others are delivered like links, through the outbox (kept for a day
+//! when the mailer misses them). A notice that is lost all the same (no
+//! place, a database down) changes nothing: the change stands, and it is
+//! counted (`gateway_notices_total{type, result}`) and logged.
 //!
 //! Changes an operator makes (the CLI or the admin API, through
 //! `Accounts`) send none: the operator acted.
@@ -32,6 +36,7 @@ use uuid::Uuid;
 use super::links::EmailLink;
 use super::{rfc3339, AuthService, ClientContext};
 use crate::auth::AuthError;
+use crate::db::unix_now;
 
 /// What happened to the account.
 #[derive(Debug, Clone)]
@@ -39,10 +44,11 @@ pub(super) enum Notice {
     /// The password changed: `via` `password_change` (the user, signed
     /// in) or `password_reset` (a mailed link).
     PasswordChanged { via: &'static str },
-    /// The email changed (`via` a `link`, or a `revert`); the notice goes
-    /// to the old address, with the link that moves the account back, if
-    /// the change made one.
-    EmailChanged { old: String, new: String, revert: Option<EmailLink>, via: &'static str },
+    /// A revert moved the account back from `old` to `new`; the notice
+    /// goes to the address it left (`via: "revert"`, no link). The notice
+    /// of a change confirmed by link, which carries the revert link, is
+    /// stored with the change ([`email_changed`]).
+    EmailChanged { old: String, new: String, via: &'static str },
     /// Failed attempts locked the account's logins until `until` (unix
     /// seconds); `via` the flow whose attempt started the lock (`login`,
     /// or a signed-in or link flow that asks for the password).
@@ -85,10 +91,10 @@ impl AuthService {
             return;
         }
         let kind = notice.webhook_type();
-        // Not `email.changed`: each goes to the address a confirmed change
-        // left (no flood: each takes a link followed from a mailbox), and
-        // may carry the revert link, which must not be lost: it waits for a
-        // place rather than being dropped.
+        // Not `email.changed` (here, a revert's): each goes to the address
+        // a revert left (no flood: each takes a link followed from a
+        // mailbox), and tells the owner of a takeover undone: it waits for
+        // a place rather than being dropped.
         let urgent = matches!(notice, Notice::EmailChanged { .. });
         if !urgent && self.notices_sent.contains_key(&(user_id, kind)) {
             metrics::counter!(NOTICES, "type" => kind, "result" => "throttled").increment(1);
@@ -124,7 +130,7 @@ impl AuthService {
     /// Delivers one notice (in its place) and counts the result.
     async fn deliver_notice(
         &self,
-        webhook: Arc<crate::auth::webhook::Webhook>,
+        webhook: Arc<crate::auth::outbox::Outbox>,
         tenant_id: Uuid,
         user_id: Uuid,
         notice: Notice,
@@ -132,7 +138,7 @@ impl AuthService {
     ) {
         let kind = notice.webhook_type();
         let result = match self.notice_data(tenant_id, user_id, notice, ip).await {
-            Ok(Some(data)) => match webhook.deliver(kind, data).await {
+            Ok(Some((data, expires_at))) => match webhook.deliver(kind, data, expires_at).await {
                 Ok(_) => "sent",
                 Err(_) => "delivery_failed",
             },
@@ -147,17 +153,20 @@ impl AuthService {
     }
 
     /// The notice's `data`, addressed to the user's email as it is now (for
-    /// an email change, the old one); `None` for a user that is gone.
+    /// an email change, the old one), and until when it is worth
+    /// delivering (a day; the revert link's expiry if that comes first);
+    /// `None` for a user that is gone.
     async fn notice_data(
         &self,
         tenant_id: Uuid,
         user_id: Uuid,
         notice: Notice,
         ip: String,
-    ) -> Result<Option<serde_json::Value>, AuthError> {
+    ) -> Result<Option<(serde_json::Value, i64)>, AuthError> {
         let user = self.store.user_by_id(tenant_id, user_id).await?;
         let Some(user) = user.filter(|u| !u.is_deleted()) else { return Ok(None) };
         let Some(tenant) = self.store.tenant_by_id(tenant_id).await? else { return Ok(None) };
+        let mut expires_at = unix_now() + crate::auth::outbox::NOTICE_LIFETIME;
         let mut data = serde_json::json!({
             "tenant": tenant.slug,
             "user_id": user.id,
@@ -166,15 +175,8 @@ impl AuthService {
         });
         match notice {
             Notice::PasswordChanged { via } => data["via"] = via.into(),
-            Notice::EmailChanged { old, new, revert, via } => {
-                data["email"] = old.into();
-                data["new_email_hint"] = mask(&new).into();
-                data["via"] = via.into();
-                data.as_object_mut().map(|fields| fields.remove("ip"));
-                if let Some(revert) = revert {
-                    data["revert_token"] = revert.token.into();
-                    data["revert_expires_at"] = rfc3339(revert.expires_at).into();
-                }
+            Notice::EmailChanged { old, new, via } => {
+                (data, expires_at) = email_changed(&tenant.slug, user.id, (&old, &new), None, via);
             }
             Notice::Locked { until, via } => {
                 data["locked_until"] = rfc3339(until).into();
@@ -182,8 +184,34 @@ impl AuthService {
             }
             Notice::MfaEnabled | Notice::MfaDisabled | Notice::RecoveryCodesRegenerated => {}
         }
-        Ok(Some(data))
+        Ok(Some((data, expires_at)))
     }
+}
+
+/// The `data` of an `email.changed` notice, to the `old` address of the
+/// user `user_id` (see the module docs), and until when it is worth
+/// delivering.
+pub(super) fn email_changed(
+    tenant: &str,
+    user_id: Uuid,
+    (old, new): (&str, &str),
+    revert: Option<&EmailLink>,
+    via: &str,
+) -> (serde_json::Value, i64) {
+    let mut expires_at = unix_now() + crate::auth::outbox::NOTICE_LIFETIME;
+    let mut data = serde_json::json!({
+        "tenant": tenant,
+        "user_id": user_id,
+        "email": old,
+        "new_email_hint": mask(new),
+        "via": via,
+    });
+    if let Some(revert) = revert {
+        expires_at = expires_at.min(revert.expires_at);
+        data["revert_token"] = revert.token.clone().into();
+        data["revert_expires_at"] = rfc3339(revert.expires_at).into();
+    }
+    (data, expires_at)
 }
 
 /// An address with the local part hidden but its first character:
