@@ -383,6 +383,11 @@ async fn maintain(
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "email link purge failed"),
             }
+            match store.clear_stale_totp_setups(unix_now() - crate::auth::service::MFA_SETUP_TTL).await {
+                Ok(n) if n > 0 => tracing::info!(cleared = n, "cleared TOTP setups never confirmed"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "clearing stale TOTP setups failed"),
+            }
             match store.purge_deliveries(unix_now()).await {
                 Ok(n) if n > 0 => tracing::info!(deleted = n, "purged expired deliveries the mailer never took"),
                 Ok(_) => {}

@@ -353,12 +353,15 @@ pub async fn execute(cli: Cli, input: &mut dyn BufRead, out: &mut dyn Write) -> 
             let counters = store.purge_idle_login_attempts(config.auth.lockout_duration).await;
             let links = store.purge_email_links(crate::db::unix_now()).await;
             let deliveries = store.purge_deliveries(crate::db::unix_now()).await;
+            let setups =
+                store.clear_stale_totp_setups(crate::db::unix_now() - crate::auth::service::MFA_SETUP_TTL).await;
             store.close().await;
-            let (pruned, counters, links, deliveries) = (pruned?, counters?, links?, deliveries?);
+            let (pruned, counters, links, deliveries, setups) = (pruned?, counters?, links?, deliveries?, setups?);
             writeln!(
                 out,
                 "pruned {} session(s), {} refresh token(s), {} audit event(s), {counters} idle lockout counter(s), \
-                 {links} expired or spent email link(s), {deliveries} expired mailer deliveries",
+                 {links} expired or spent email link(s), {deliveries} expired mailer deliveries, \
+                 {setups} stale TOTP setup(s)",
                 pruned.sessions, pruned.refresh_tokens, pruned.audit_events
             )?;
             Ok(())

@@ -46,6 +46,11 @@ pub struct ClientContext {
 /// second factor takes none until an operator resets it.
 pub const MAX_OTP_FAILURES: i64 = 10;
 
+/// How long a TOTP setup may wait for its confirming code (seconds): the
+/// secret was shown once, maybe on a screen others saw; later, the user
+/// starts again (and setups older than this are cleared hourly).
+pub const MFA_SETUP_TTL: i64 = 600;
+
 /// The answer to a login or refresh.
 #[derive(Serialize)]
 pub struct TokenPair {
@@ -408,7 +413,8 @@ impl AuthService {
     /// [`Store::create_session`]), the refusal's audit reason:
     /// `tenant_disabled`, `user_changed`, or `link_spent_meanwhile`. A
     /// change of roles or scopes alone is retried once with the row as it
-    /// now is.
+    /// now is (not a change of address: a link was mailed to the old one,
+    /// and a password login then fails like any other caught by a change).
     async fn open_session(
         &self,
         user: &User,
@@ -604,10 +610,13 @@ impl AuthService {
         }
         self.authenticator.revocations().revoke_session(who.session_id);
         // Signing out everywhere is what a user who fears an intruder does:
-        // an email change asked for (maybe by the intruder) goes too. After
+        // an email change asked for (maybe by the intruder) goes too, and so
+        // do sign-in links (one may have been read by someone else). After
         // the revocation, which must not wait on it; a failure is logged.
-        if let Err(e) = self.store.void_email_links(who.tenant_id, who.user_id, LinkPurpose::EmailChange).await {
-            tracing::warn!(error = %e, "a sign-out everywhere could not drop a pending email change");
+        for purpose in [LinkPurpose::EmailChange, LinkPurpose::Login] {
+            if let Err(e) = self.store.void_email_links(who.tenant_id, who.user_id, purpose).await {
+                tracing::warn!(error = %e, "a sign-out everywhere could not drop the pending links");
+            }
         }
         self.audit_principal("logout_all", who, client, Some(serde_json::json!({ "sessions": revoked.len() }))).await;
         Ok(())
@@ -719,8 +728,9 @@ impl AuthService {
     /// Starts setting up a TOTP second factor, given the password (so that
     /// a stolen access token cannot put a factor of the thief's on the
     /// account): a new secret, kept aside until
-    /// [`AuthService::totp_confirm`] gets a code made with it (one set up
-    /// before and never confirmed is replaced). `MfaEnabled` when the user
+    /// [`AuthService::totp_confirm`] gets a code made with it, within
+    /// [`MFA_SETUP_TTL`] (one set up before and never confirmed is
+    /// replaced). `MfaEnabled` when the user
     /// already has one.
     pub async fn totp_setup(
         &self,
@@ -737,7 +747,7 @@ impl AuthService {
             true => self.sealer.seal(&secret, who.user_id.as_bytes()).map_err(|e| AuthError::Unexpected(e.into()))?,
             false => secret.clone(),
         };
-        if !self.store.set_totp_pending(who.tenant_id, who.user_id, &stored).await? {
+        if !self.store.set_totp_pending(who.tenant_id, who.user_id, &stored, unix_now()).await? {
             return Err(AuthError::MfaEnabled);
         }
         self.audit_principal("mfa_setup_started", who, client, None).await;
@@ -756,8 +766,11 @@ impl AuthService {
         client: &ClientContext,
     ) -> Result<RecoveryCodes, AuthError> {
         self.rate_limit(client.ip)?;
-        let pending = self.store.totp_pending(who.tenant_id, who.user_id).await?.ok_or_else(|| {
-            AuthError::InvalidRequest("no second factor is being set up: POST /auth/mfa/totp first".into())
+        let since = unix_now() - MFA_SETUP_TTL;
+        let pending = self.store.totp_pending(who.tenant_id, who.user_id, since).await?.ok_or_else(|| {
+            AuthError::InvalidRequest(
+                "no second factor is being set up, or its setup is over 10 minutes old: POST /auth/mfa/totp".into(),
+            )
         })?;
         let step = totp::matching_step(&self.open_secret(who.user_id, &pending)?, code, unix_now())
             .ok_or(AuthError::InvalidCode)?;

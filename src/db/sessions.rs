@@ -208,19 +208,26 @@ impl Store {
                 .bind(refresh.expires_at)
                 .execute(&mut *tx)
                 .await?;
+            // Rows are locked user, tenant, link: the order of every other
+            // transaction that touches them (a tenant disable locks the
+            // tenant, then its links; a user disable the user, then its
+            // links), so none waits on this one in a cycle.
             let mut outcome = Ok(session_id);
-            if let Some(link) = link {
+            if link.is_some() {
                 let same = sqlx::query(SAME_ADDRESS).bind(tenant_id).bind(user.id).bind(&user.email);
                 if same.execute(&mut *tx).await?.rows_affected() != 1 {
                     outcome = Err(Unredeemed::UserChanged);
-                } else if sqlx::query(SPEND_LINK).bind(link).bind(now).execute(&mut *tx).await?.rows_affected() != 1 {
-                    outcome = Err(Unredeemed::LinkGone);
                 }
             }
             if outcome.is_ok() {
                 let row = sqlx::query_as(&check).bind(tenant_id).bind(user.id).fetch_optional(&mut *tx).await?;
                 if !row.is_some_and(unchanged) {
                     outcome = Err(Unredeemed::UserChanged);
+                }
+            }
+            if let (Some(link), true) = (link, outcome.is_ok()) {
+                if sqlx::query(SPEND_LINK).bind(link).bind(now).execute(&mut *tx).await?.rows_affected() != 1 {
+                    outcome = Err(Unredeemed::LinkGone);
                 }
             }
             if outcome.is_ok() {

@@ -332,12 +332,29 @@ impl Store {
         Ok(done == 1)
     }
 
-    /// Stores `secret` as the user's TOTP secret being set up (replacing
-    /// one set up before and never confirmed); false when the user already
-    /// has a confirmed one, or is unknown.
-    pub async fn set_totp_pending(&self, tenant_id: Uuid, user_id: Uuid, secret: &str) -> StoreResult<bool> {
-        let sql = "UPDATE users SET totp_pending = $3 WHERE tenant_id = $1 AND id = $2 AND totp_secret IS NULL";
-        self.changed(sql, tenant_id, user_id, secret).await
+    /// Stores `secret` as the user's TOTP secret being set up at `now`
+    /// (replacing one set up before and never confirmed); false when the
+    /// user already has a confirmed one, or is unknown.
+    pub async fn set_totp_pending(&self, tenant_id: Uuid, user_id: Uuid, secret: &str, now: i64) -> StoreResult<bool> {
+        let sql = "UPDATE users SET totp_pending = $3, totp_pending_at = $4
+                   WHERE tenant_id = $1 AND id = $2 AND totp_secret IS NULL";
+        let done = on_pool!(self, |p| sqlx::query(sql)
+            .bind(tenant_id)
+            .bind(user_id)
+            .bind(secret)
+            .bind(now)
+            .execute(p)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(done == 1)
+    }
+
+    /// Forgets the TOTP setups made before `before` (never confirmed, or
+    /// from before their time was kept); returns how many.
+    pub async fn clear_stale_totp_setups(&self, before: i64) -> StoreResult<u64> {
+        let sql = "UPDATE users SET totp_pending = NULL, totp_pending_at = NULL
+                   WHERE totp_pending IS NOT NULL AND (totp_pending_at IS NULL OR totp_pending_at < $1)";
+        Ok(on_pool!(self, |p| sqlx::query(sql).bind(before).execute(p).await.map(|done| done.rows_affected()))?)
     }
 
     /// Users whose TOTP secret, or one being set up, is stored sealed (by
@@ -514,9 +531,12 @@ impl Store {
         Ok(self.update_and_revoke_then(tenant_id, user_id, sql, &args, None, Some(void)).await?.is_some())
     }
 
-    /// The TOTP secret being set up, if any.
-    pub async fn totp_pending(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Option<String>> {
-        self.text_of("SELECT totp_pending FROM users WHERE tenant_id = $1 AND id = $2", tenant_id, user_id).await
+    /// The TOTP secret being set up, if any was made at `since` or later.
+    pub async fn totp_pending(&self, tenant_id: Uuid, user_id: Uuid, since: i64) -> StoreResult<Option<String>> {
+        let sql = "SELECT totp_pending FROM users WHERE tenant_id = $1 AND id = $2 AND totp_pending_at >= $3";
+        let row: Option<(Option<String>,)> =
+            on_pool!(self, |p| sqlx::query_as(sql).bind(tenant_id).bind(user_id).bind(since).fetch_optional(p).await)?;
+        Ok(row.and_then(|(pending,)| pending))
     }
 
     /// Makes `pending` (if it is still the one being set up, and no secret
@@ -533,8 +553,8 @@ impl Store {
         recovery: &str,
         keep: Uuid,
     ) -> StoreResult<Option<Vec<Uuid>>> {
-        let update = "UPDATE users SET totp_secret = totp_pending, totp_pending = NULL, totp_last_step = $4,
-                                     totp_failures = 0, totp_recovery = $5
+        let update = "UPDATE users SET totp_secret = totp_pending, totp_pending = NULL, totp_pending_at = NULL,
+                                     totp_last_step = $4, totp_failures = 0, totp_recovery = $5
                       WHERE tenant_id = $1 AND id = $2 AND totp_pending = $3 AND totp_secret IS NULL";
         let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = 'mfa_enabled'
                       WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL AND id <> $4 RETURNING id";

@@ -245,6 +245,45 @@ both_backends! {
     }
 
     #[tokio::test]
+    async fn a_recovery_code_stands_in_for_the_code_and_signing_out_everywhere_voids_links() {
+        let mailer = Mailer::spawn(0).await;
+        let app = spawn(&mailer, TestOptions::default()).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
+        let (_, recovery) = enable_mfa(&app, &tokens.access_token).await;
+        assert_eq!(ask(&app, EMAIL).await.status(), StatusCode::ACCEPTED);
+        let token = mailed(&mailer, EMAIL).await;
+        let opened = confirm_ok(&app, &token, Some(&recovery)).await;
+        assert_eq!(jwt_part(&opened.access_token, 1)["amr"], json!(["email", "otp", "mfa"]));
+
+        // A link read by someone else dies when its owner signs out
+        // everywhere.
+        app.create_user("default", "careful@example.com", PASSWORD, &[], &[]).await;
+        let careful = app.login_ok("careful@example.com", PASSWORD, None).await;
+        assert_eq!(ask(&app, "careful@example.com").await.status(), StatusCode::ACCEPTED);
+        let read_by_someone = mailed(&mailer, "careful@example.com").await;
+        let out = app.post_authed("/auth/logout-all", &careful.access_token, &json!({})).await;
+        assert_eq!(out.status(), StatusCode::NO_CONTENT);
+        let refused = confirm(&app, &read_by_someone, None).await;
+        assert_error(refused, StatusCode::BAD_REQUEST, "invalid_login_link").await;
+
+        // And a tenant disable voids its users' links (an enable does not
+        // bring them back).
+        app.create_tenant("closed").await;
+        app.create_user("closed", EMAIL, PASSWORD, &[], &[]).await;
+        let asked = post(&app, "/auth/login/link", json!({ "email": EMAIL, "tenant": "closed" })).await;
+        assert_eq!(asked.status(), StatusCode::ACCEPTED);
+        results_of(&app, "login_link_requested", 3).await;
+        let closed = links_to(&mailer, EMAIL).into_iter().map(|d| d.json()).find(|e| e["data"]["tenant"] == "closed");
+        let closed_token = closed.expect("a link in the closed tenant")["data"]["token"].as_str().expect("a token").to_owned();
+        for verb in ["disable", "enable"] {
+            app.cli(&["tenant", verb, "closed"], "").await.unwrap_or_else(|e| panic!("tenant {verb}: {e}"));
+        }
+        assert_error(confirm(&app, &closed_token, None).await, StatusCode::BAD_REQUEST, "invalid_login_link").await;
+        app.stop().await;
+    }
+
+    #[tokio::test]
     async fn a_link_goes_only_to_a_proved_address() {
         let mailer = Mailer::spawn(0).await;
         let options = TestOptions {

@@ -62,6 +62,37 @@ async fn audit(app: &TestApp) -> String {
 
 both_backends! {
     #[tokio::test]
+    async fn a_setup_not_confirmed_within_ten_minutes_is_over() {
+        let app = spawn_app_with(TestOptions::default()).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        let tokens = app.login_ok(EMAIL, PASSWORD, None).await;
+        let start = json!({ "password": PASSWORD });
+        let setup = expect_json(app.post_authed("/auth/mfa/totp", &tokens.access_token, &start).await, StatusCode::OK).await;
+        let secret = setup["secret"].as_str().expect("a secret").to_owned();
+        // Eleven minutes pass.
+        let backdate = "UPDATE users SET totp_pending_at = totp_pending_at - 660 WHERE email = $1";
+        crate::user_admin::hold_update(&app, backdate, EMAIL, std::time::Duration::ZERO).await.await.expect("backdated");
+        let confirm = json!({ "code": code_in(&secret, 0) });
+        let late = app.post_authed("/auth/mfa/totp/confirm", &tokens.access_token, &confirm).await;
+        let body = assert_error(late, StatusCode::BAD_REQUEST, "invalid_request").await;
+        assert!(body["message"].as_str().is_some_and(|m| m.contains("10 minutes")), "{body}");
+        // Logins still need no code, and the stale secret is cleared (by
+        // `gateway prune`, or by the gateway's hourly upkeep if its first
+        // round came after the eleven minutes).
+        app.login_ok(EMAIL, PASSWORD, None).await;
+        let pruned = app.cli(&["prune"], "").await.expect("prune");
+        assert!(pruned.contains(" stale TOTP setup(s)"), "{pruned}");
+        let store = crate::user_admin::open_store(&app).await;
+        let tenant = store.tenant_by_slug("default").await.expect("the store").expect("the tenant");
+        let user = store.user_by_email(tenant.id, EMAIL).await.expect("the store").expect("the user");
+        assert_eq!(store.totp_pending(tenant.id, user.id, 0).await.expect("the store"), None);
+        store.close().await;
+        // A new setup works as ever.
+        enable(&app, &tokens.access_token).await;
+        app.stop().await;
+    }
+
+    #[tokio::test]
     async fn a_confirmed_factor_is_asked_for_at_every_login() {
         // Many refusals here; the lockout has a test of its own.
         let app = spawn_app_with(TestOptions { lockout_threshold: 20, ..TestOptions::default() }).await;

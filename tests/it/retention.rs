@@ -135,7 +135,7 @@ both_backends! {
         assert_eq!(tokens_of(&store, live).await, 3);
 
         let out = prune(&app).await;
-        assert_eq!(out.trim(), "pruned 2 session(s), 3 refresh token(s), 0 audit event(s), 0 idle lockout counter(s), 0 expired or spent email link(s), 0 expired mailer deliveries");
+        assert_eq!(out.trim(), "pruned 2 session(s), 3 refresh token(s), 0 audit event(s), 0 idle lockout counter(s), 0 expired or spent email link(s), 0 expired mailer deliveries, 0 stale TOTP setup(s)");
         for (gone, what) in [(&old_revoked, "revoked 40 days ago"), (&lapsed, "lapsed 70 days ago")] {
             let id = sid(&gone.access_token);
             assert_eq!(sessions_with_id(&store, id).await, 0, "{what}");
@@ -149,7 +149,7 @@ both_backends! {
         assert_eq!(sessions_with_id(&store, live).await, 1);
         assert_eq!(tokens_of(&store, live).await, 2, "only the long-expired spent token goes");
         let out = prune(&app).await;
-        assert_eq!(out.trim(), "pruned 0 session(s), 0 refresh token(s), 0 audit event(s), 0 idle lockout counter(s), 0 expired or spent email link(s), 0 expired mailer deliveries", "a second run");
+        assert_eq!(out.trim(), "pruned 0 session(s), 0 refresh token(s), 0 audit event(s), 0 idle lockout counter(s), 0 expired or spent email link(s), 0 expired mailer deliveries, 0 stale TOTP setup(s)", "a second run");
 
         // The open session still works: its live token rotates, and its
         // pruned first token is refused as unknown, without ending it.
@@ -197,7 +197,7 @@ both_backends! {
         assert_eq!(run("UPDATE sessions SET created_at = 1000 WHERE revoked_at IS NULL").await, n_rows);
         let out = prune(&app).await;
         let both = 2 * n;
-        assert_eq!(out.trim(), format!("pruned {both} session(s), {both} refresh token(s), 0 audit event(s), 0 idle lockout counter(s), 0 expired or spent email link(s), 0 expired mailer deliveries"));
+        assert_eq!(out.trim(), format!("pruned {both} session(s), {both} refresh token(s), 0 audit event(s), 0 idle lockout counter(s), 0 expired or spent email link(s), 0 expired mailer deliveries, 0 stale TOTP setup(s)"));
         let left = count(&store, "SELECT COUNT(*) FROM sessions WHERE user_id = $1", user.id).await;
         assert_eq!(left, 0, "every session was pruned");
         store.close().await;
@@ -266,7 +266,7 @@ both_backends! {
             assert_eq!(run(&store, &sql).await, 1);
         }
         let out = prune(&app).await;
-        assert!(out.trim().ends_with(", 1 idle lockout counter(s), 0 expired or spent email link(s), 0 expired mailer deliveries"), "{out}");
+        assert!(out.trim().ends_with(", 1 idle lockout counter(s), 0 expired or spent email link(s), 0 expired mailer deliveries, 0 stale TOTP setup(s)"), "{out}");
         let kept = |email: &str| format!("UPDATE login_attempts SET failures = failures WHERE email = '{email}'");
         assert_eq!(run(&store, &kept("idle@example.com")).await, 0, "an idle counter was kept");
         assert_eq!(run(&store, &kept("recent@example.com")).await, 1, "a recent counter was forgotten");

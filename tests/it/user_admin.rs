@@ -285,7 +285,7 @@ both_backends! {
         assert!(!upgraded.expect("update"), "a hash verified before a reset overwrote the new one");
         let before = read().await;
         let secret = gateway::auth::totp::generate_secret().expect("a secret");
-        assert!(store.set_totp_pending(tenant.id, before.id, &secret).await.expect("set up a second factor"));
+        assert!(store.set_totp_pending(tenant.id, before.id, &secret, unix_now()).await.expect("set up a second factor"));
         let confirmed = store.confirm_totp(tenant.id, before.id, &secret, 1, "", uuid::Uuid::nil()).await;
         assert!(confirmed.expect("confirm it").is_some());
         assert!(open(before).await.is_none(), "a session for a user who added a second factor since it was read");

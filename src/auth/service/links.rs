@@ -9,7 +9,7 @@
 //! and bound to what it acts on (the password hash it may replace; the
 //! email it proves).
 //!
-//! Asking for one (`forgot`, `resend`) tells nothing about the account: the
+//! Asking for one (`forgot`, `resend`, a sign-in link) tells nothing about the account: the
 //! request's shape and the per-IP limit are checked, and the answer is a
 //! 202 before anything is looked up; the lookups, the link and the delivery
 //! to the operator's mailer ([`crate::auth::webhook`]) run after it,
@@ -164,12 +164,13 @@ impl AuthService {
 }
 
 impl AuthService {
-    /// With a mailer's webhook, `forgot` and `resend` make links and send
-    /// them there (and a registration that must prove its email sends its
-    /// first one); without one they answer 404.
+    /// With a mailer's webhook (and the outbox that keeps what it misses),
+    /// `forgot`, `resend`, email changes and sign-in links make links and
+    /// send them there (and a registration that must prove its email sends
+    /// its first one); without one they answer 404.
     #[must_use]
-    pub fn with_mailer(mut self, webhook: Option<Arc<Outbox>>) -> Self {
-        self.mailer = webhook;
+    pub fn with_mailer(mut self, outbox: Option<Arc<Outbox>>) -> Self {
+        self.mailer = outbox;
         self
     }
 

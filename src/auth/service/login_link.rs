@@ -26,8 +26,12 @@
 //!   after a compromise kills the links mailed before it).
 //! - **Spent by the session's opening**, in its transaction: of two
 //!   requests presenting one link, one opens a session; a link whose
-//!   session could not open (the user changed meanwhile) stays unspent
-//!   only if nothing was written.
+//!   session could not open (the user changed meanwhile) stays unspent.
+//!   A sign-out everywhere voids the user's links (one may have been read
+//!   by someone else).
+//! - **The code is spent first**, as at a login: a TOTP step (or a
+//!   recovery code) given with a link that another request spent a moment
+//!   before is used up all the same.
 //! - **Bound to the asking app, if it wants** (PKCE, RFC 7636, S256 only):
 //!   a link asked for with a `code_challenge` opens a session only for a
 //!   confirmation that presents its `code_verifier`, so that a link read
@@ -102,28 +106,17 @@ impl AuthService {
         self.rate_limit(client.ip)?;
         let (link, user, _tenant) = match self.presented_link(LinkPurpose::Login, token).await? {
             Ok(found) => found,
-            Err((reason, user)) => {
-                self.link_refused("login_link_failed", LOGINS_BY_LINK, reason, user.as_ref(), client).await;
-                return Err(AuthError::InvalidLoginLink);
-            }
+            Err((reason, user)) => return Err(self.link_login_failed(reason, user.as_ref(), client).await),
         };
         if let Some(reason) = verifier_refusal(&link, code_verifier) {
-            self.link_refused("login_link_failed", LOGINS_BY_LINK, reason, Some(&user), client).await;
-            return Err(AuthError::InvalidLoginLink);
+            return Err(self.link_login_failed(reason, Some(&user), client).await);
         }
         if let Some(reason) = self.second_factor(&user, otp, client).await? {
-            self.link_refused("login_link_failed", LOGINS_BY_LINK, reason, Some(&user), client).await;
-            return Err(match reason {
-                "mfa_required" => AuthError::MfaRequired,
-                _ => AuthError::InvalidCredentials,
-            });
+            return Err(self.link_login_failed(reason, Some(&user), client).await);
         }
         let pair = match self.open_session(&user, &user.password_hash, Some(&link), client).await? {
             Ok(pair) => pair,
-            Err(reason) => {
-                self.link_refused("login_link_failed", LOGINS_BY_LINK, reason, Some(&user), client).await;
-                return Err(AuthError::InvalidLoginLink);
-            }
+            Err(reason) => return Err(self.link_login_failed(reason, Some(&user), client).await),
         };
         metrics::counter!(LOGINS_BY_LINK, "result" => "success").increment(1);
         metrics::counter!("gateway_logins_total", "result" => "success").increment(1);
@@ -139,6 +132,27 @@ impl AuthService {
         })
         .await;
         Ok(pair)
+    }
+}
+
+impl AuthService {
+    /// Counts (as a failed login too) and audits a refused confirmation,
+    /// and says what to answer: `mfa_required` for a code not given,
+    /// `invalid_credentials` for a wrong, spent or locked one, else
+    /// `invalid_login_link`.
+    async fn link_login_failed(
+        &self,
+        reason: &'static str,
+        user: Option<&crate::db::users::User>,
+        client: &ClientContext,
+    ) -> AuthError {
+        metrics::counter!("gateway_logins_total", "result" => "failure").increment(1);
+        self.link_refused("login_link_failed", LOGINS_BY_LINK, reason, user, client).await;
+        match reason {
+            "mfa_required" => AuthError::MfaRequired,
+            "wrong_otp" | "otp_reused" | "wrong_recovery_code" | "mfa_locked" => AuthError::InvalidCredentials,
+            _ => AuthError::InvalidLoginLink,
+        }
     }
 }
 
