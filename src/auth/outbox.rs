@@ -26,15 +26,22 @@
 //!   update; another that read the same row finds it moved. A gateway that
 //!   stops while it holds a row leaves it for the others once the lease
 //!   ends.
-//! - **No credential in the clear.** A body may hold a link's token, which
-//!   the database otherwise keeps only hashed: it is sealed with the
-//!   secrets key ([`SealingKeys`]) for the row's id. A row whose body does
-//!   not open as sealed (written by hand, or sealed with a key since
-//!   removed) is deleted unsent and logged: what the gateway signs for the
-//!   mailer is only what it wrote.
+//! - **No credential in the clear, and only what the gateway wrote.** A
+//!   body may hold a link's token, which the database otherwise keeps only
+//!   hashed: it is sealed with the secrets key ([`SealingKeys`]) for the
+//!   row ([`aad`]: `outbox`, then the row's id, so that no other sealed
+//!   value, a TOTP secret say, passes for a body, nor one row's body for
+//!   another's), and must open as an event of the row's `kind`. A row that
+//!   is not sealed, or opens as something else, is deleted unsent and
+//!   logged (`unreadable`): what the gateway signs for the mailer is only
+//!   what it wrote. One sealed with a key this gateway does not have (a
+//!   replica whose keys differ, a key removed too early) waits, logged, as
+//!   if the mailer had missed it, until it expires.
 //! - **Counted**: `gateway_mailer_deliveries_total{result}` (`sent`,
-//!   `sent_late`, `failed`, `retry_failed`, `expired`, `unreadable`) and
-//!   `gateway_mailer_deliveries_waiting`.
+//!   `failed`: kept after the attempts at once, `lost`: not kept and not
+//!   taken, `sent_late`, `retry_failed`, `expired`, `unreadable`, `no_key`)
+//!   and `gateway_mailer_deliveries_waiting` (the table's rows, being
+//!   attempted or not: every replica reports the same count).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,7 +117,7 @@ impl Outbox {
             (Err(_), true) => {
                 let at = unix_now() + FIRST_RETRY;
                 let attempts = i64::try_from(webhook::ATTEMPTS).unwrap_or(i64::MAX);
-                self.store.retry_delivery_at(id, attempts, at).await.map_err(anyhow::Error::from)
+                self.store.retry_delivery_at(id, now + LEASE, attempts, at).await.map_err(anyhow::Error::from)
             }
             (_, false) => Ok(()),
         };
@@ -141,14 +148,14 @@ impl Outbox {
         let id = Uuid::new_v4();
         let now = unix_now();
         let body = webhook::event(kind, data, now)?;
-        let body = self.sealer.seal(std::str::from_utf8(&body)?, id.as_bytes())?;
+        let body = self.sealer.seal(std::str::from_utf8(&body)?, &aad(id))?;
         Ok(NewDelivery { id, kind, body, now, expires_at })
     }
 
     /// Writes the delivery, sealed for its id, leased to this call.
     async fn keep(&self, id: Uuid, kind: &str, body: &Bytes, now: i64, expires_at: i64) -> anyhow::Result<()> {
         let text = std::str::from_utf8(body)?;
-        let sealed = self.sealer.seal(text, id.as_bytes())?;
+        let sealed = self.sealer.seal(text, &aad(id))?;
         self.store.insert_delivery((id, kind, &sealed), now, now + LEASE, expires_at).await?;
         Ok(())
     }
@@ -156,6 +163,7 @@ impl Outbox {
     /// Tries the deliveries due every [`SWEEP_EVERY`], until `shutdown`.
     pub async fn sweep(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut reachable = true;
         loop {
             tokio::select! {
                 () = &mut shutdown => return,
@@ -163,29 +171,36 @@ impl Outbox {
             }
             tokio::select! {
                 () = &mut shutdown => return,
-                () = Arc::clone(&self).sweep_once() => {}
+                looked = Arc::clone(&self).sweep_once() => match looked {
+                    // Once per outage, not every two seconds.
+                    Err(e) if reachable => {
+                        reachable = false;
+                        tracing::warn!(error = %e, "could not read the deliveries waiting for the mailer");
+                    }
+                    Ok(()) if !reachable => {
+                        reachable = true;
+                        tracing::info!("the deliveries waiting for the mailer can be read again");
+                    }
+                    _ => {}
+                },
             }
         }
     }
 
     /// One look: the deliveries due now, tried at once (a stop cuts the
     /// attempts under way short: their rows stay, leased).
-    pub async fn sweep_once(self: Arc<Self>) {
+    pub async fn sweep_once(self: Arc<Self>) -> Result<(), crate::db::StoreError> {
         let now = unix_now();
-        match self.store.due_deliveries(now, SWEEP_BATCH).await {
-            Ok(due) => {
-                let mut attempts = tokio::task::JoinSet::new();
-                for delivery in due {
-                    let this = Arc::clone(&self);
-                    attempts.spawn(async move { this.retry(delivery, now).await });
-                }
-                while attempts.join_next().await.is_some() {}
-            }
-            Err(e) => tracing::warn!(error = %e, "could not read the deliveries waiting for the mailer"),
+        let due = self.store.due_deliveries(now, SWEEP_BATCH).await?;
+        let mut attempts = tokio::task::JoinSet::new();
+        for delivery in due {
+            let this = Arc::clone(&self);
+            attempts.spawn(async move { this.retry(delivery, now).await });
         }
-        if let Ok(waiting) = self.store.waiting_deliveries().await {
-            metrics::gauge!("gateway_mailer_deliveries_waiting").set(waiting as f64);
-        }
+        while attempts.join_next().await.is_some() {}
+        let waiting = self.store.waiting_deliveries().await?;
+        metrics::gauge!("gateway_mailer_deliveries_waiting").set(waiting as f64);
+        Ok(())
     }
 
     /// One attempt at a delivery due (if this gateway takes it).
@@ -197,7 +212,7 @@ impl Outbox {
         } else {
             match self.store.take_delivery(&delivery, now + LEASE).await {
                 Ok(false) => return,
-                Ok(true) => self.attempt(&delivery).await,
+                Ok(true) => self.attempt(&delivery, now + LEASE).await,
                 Err(e) => Err(e),
             }
         };
@@ -207,33 +222,73 @@ impl Outbox {
         }
     }
 
-    /// The attempt at a delivery this gateway took: deleted once sent, or
-    /// when it does not open; else put off.
-    async fn attempt(&self, delivery: &Delivery) -> Result<&'static str, crate::db::StoreError> {
-        let body = match is_sealed(&delivery.body) {
-            true => self.sealer.open(&delivery.body, delivery.id.as_bytes()).ok(),
-            false => None,
+    /// The attempt at a delivery this gateway took (until `leased_until`):
+    /// deleted once sent, or when it is not what the gateway wrote; else
+    /// put off.
+    async fn attempt(&self, delivery: &Delivery, leased_until: i64) -> Result<&'static str, crate::db::StoreError> {
+        let kind = delivery.kind.as_str();
+        let attempts = delivery.attempts + 1;
+        let put_off = || {
+            let at = unix_now() + backoff(attempts);
+            self.store.retry_delivery_at(delivery.id, leased_until, attempts, at)
         };
-        let Some(body) = body else {
-            tracing::error!(kind = delivery.kind, "a waiting delivery does not open with the secrets keys: dropped");
-            return self.store.delete_delivery(delivery.id).await.map(|()| "unreadable");
+        let body = match self.opened(delivery) {
+            Opened::Event(body) => body,
+            Opened::NoKey => {
+                tracing::error!(kind, "a waiting delivery is sealed with a secrets key this gateway does not have");
+                return put_off().await.map(|()| "no_key");
+            }
+            Opened::Forged => {
+                tracing::error!(kind, "a waiting delivery is not one this gateway wrote: dropped unsent");
+                return self.store.delete_delivery(delivery.id).await.map(|()| "unreadable");
+            }
         };
         match self.webhook.attempt(&webhook_id(delivery.id), &Bytes::from(body)).await {
+            // A delivery stored with what it tells (`prepare`) was never
+            // attempted before: sent, not late.
+            Ok(()) if delivery.attempts == 0 => self.store.delete_delivery(delivery.id).await.map(|()| "sent"),
             Ok(()) => {
-                tracing::info!(
-                    kind = delivery.kind,
-                    attempts = delivery.attempts + 1,
-                    "a delivery the mailer missed was sent"
-                );
+                tracing::info!(kind, attempts, "a delivery the mailer missed was sent");
                 self.store.delete_delivery(delivery.id).await.map(|()| "sent_late")
             }
-            Err(_) => {
-                let attempts = delivery.attempts + 1;
-                let at = unix_now() + backoff(attempts);
-                self.store.retry_delivery_at(delivery.id, attempts, at).await.map(|()| "retry_failed")
-            }
+            Err(_) => put_off().await.map(|()| "retry_failed"),
         }
     }
+
+    /// What a stored body is: an event of the row's kind sealed for the
+    /// row, or sealed with a key not loaded, or anything else.
+    fn opened(&self, delivery: &Delivery) -> Opened {
+        if !is_sealed(&delivery.body) {
+            return Opened::Forged;
+        }
+        if !self.sealer.knows_key_of(&delivery.body) {
+            return Opened::NoKey;
+        }
+        let Ok(body) = self.sealer.open(&delivery.body, &aad(delivery.id)) else { return Opened::Forged };
+        let kind = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|event| match &event["type"] {
+            serde_json::Value::String(kind) => Some(kind.clone()),
+            _ => None,
+        });
+        match kind {
+            Some(kind) if kind == delivery.kind => Opened::Event(body),
+            _ => Opened::Forged,
+        }
+    }
+}
+
+/// See [`Outbox::opened`].
+enum Opened {
+    Event(String),
+    NoKey,
+    Forged,
+}
+
+/// What a delivery's body is sealed for: `outbox`, a NUL, and the row's
+/// id (other sealed values are sealed for a user's id alone).
+pub fn aad(id: Uuid) -> Vec<u8> {
+    let mut aad = b"outbox\0".to_vec();
+    aad.extend_from_slice(id.as_bytes());
+    aad
 }
 
 /// The `webhook-id` of the delivery stored as `id`.

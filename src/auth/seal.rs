@@ -224,9 +224,10 @@ impl SealingKeys {
 
     /// `secret` sealed for `owner` with the newest key.
     pub fn seal(&self, secret: &str, owner: &[u8]) -> Result<String, SealError> {
-        // Rare (a factor set up, a reseal), and the one place a key not yet
-        // read would do harm (sealing with one that may be removed): the
-        // directory is read again first, once a second at most.
+        // Not per request (a factor set up, a reseal, a delivery to the
+        // mailer), and the one place a key not yet read would do harm
+        // (sealing with one that may be removed): the directory is read
+        // again first, once a second at most.
         self.read_again(None);
         let ring = self.ring.load();
         let key = &ring[0];
@@ -275,6 +276,21 @@ impl SealingKeys {
 
     fn has(&self, id: &str) -> bool {
         self.ring.load().iter().any(|k| k.id == id)
+    }
+
+    /// Whether the key a sealed `stored` value names is loaded (the
+    /// directory read again first if not, as [`SealingKeys::open`] does);
+    /// true for a value that names none (it opens, or fails, on its own).
+    pub fn knows_key_of(&self, stored: &str) -> bool {
+        match parse_value(stored) {
+            Value::Sealed { id, .. } => {
+                if !self.has(id) {
+                    self.read_again(Some(id));
+                }
+                self.has(id)
+            }
+            Value::Plain | Value::Malformed => true,
+        }
     }
 
     /// Reads the directory again: for a seal (`wanted` `None`), unless it

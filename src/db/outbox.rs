@@ -86,10 +86,19 @@ impl Store {
         Ok(taken == 1)
     }
 
-    /// Schedules the next attempt of a delivery at `at`.
-    pub async fn retry_delivery_at(&self, id: Uuid, attempts: i64, at: i64) -> StoreResult<()> {
-        let sql = "UPDATE outbox SET next_attempt_at = $2, attempts = $3 WHERE id = $1";
-        on_pool!(self, |p| sqlx::query(sql).bind(id).bind(at).bind(attempts).execute(p).await.map(drop))?;
+    /// Schedules the next attempt of a delivery at `at`, if the caller
+    /// still holds it (its lease, `leased_until`, is the row's): one whose
+    /// lease ran out and that another gateway took is left to that one.
+    pub async fn retry_delivery_at(&self, id: Uuid, leased_until: i64, attempts: i64, at: i64) -> StoreResult<()> {
+        let sql = "UPDATE outbox SET next_attempt_at = $2, attempts = $3 WHERE id = $1 AND next_attempt_at = $4";
+        on_pool!(self, |p| sqlx::query(sql)
+            .bind(id)
+            .bind(at)
+            .bind(attempts)
+            .bind(leased_until)
+            .execute(p)
+            .await
+            .map(drop))?;
         Ok(())
     }
 

@@ -6,6 +6,10 @@
 
 use std::time::Duration;
 
+use gateway::auth::outbox::aad;
+use gateway::auth::seal::SealingKeys;
+use gateway::auth::webhook::event;
+use gateway::config::Config;
 use gateway::db::unix_now;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -96,6 +100,7 @@ both_backends! {
         assert_eq!(sign_in(&app, &token).await, StatusCode::OK, "the late link works");
         eventually("the row goes once sent", Duration::from_secs(10), || async { waiting(&app).await.is_empty() })
             .await;
+        assert_eq!(mailer.deliveries().len(), 4, "sent once the mailer took it: {:?}", mailer.deliveries());
         app.stop().await;
     }
 
@@ -111,33 +116,74 @@ both_backends! {
         nth(&mailer, 4).await;
         assert_one_event(&mailer.deliveries());
         assert_eq!(sign_in(&app, &mailer.deliveries()[3].token()).await, StatusCode::OK);
+        eventually("the row goes once sent", Duration::from_secs(10), || async { waiting(&app).await.is_empty() })
+            .await;
+        assert_eq!(mailer.deliveries().len(), 4, "sent once the mailer took it: {:?}", mailer.deliveries());
         app.stop().await;
     }
 
     #[tokio::test]
-    async fn what_the_gateway_did_not_seal_or_what_expired_is_never_sent() {
+    async fn only_what_the_gateway_sealed_for_the_row_is_sent_and_not_once_expired() {
         let mailer = Mailer::spawn(0).await;
         let app = spawn_with_mailer(&mailer, with_links()).await;
-        // Someone who can write to the database, but has not the secrets
-        // key, would have the gateway sign a mail of their making.
-        let forged = json!({
-            "type": "password_reset.requested",
-            "timestamp": "2026-01-01T00:00:00Z",
-            "data": { "email": "victim@example.com", "token": "attacker-chosen" },
-        })
-        .to_string();
-        let store = open_store(&app).await;
+        let user_id = Uuid::parse_str(&app.create_user("default", EMAIL, PASSWORD, &[], &[]).await).expect("an id");
+        let config = Config::load(&app.config_path).expect("the app's config");
+        let keys = SealingKeys::load(&config.auth.keys_dir).expect("the keys").expect("a secrets key");
         let now = unix_now();
-        let rows = [(Uuid::new_v4(), forged.as_str(), now + 3_600), (Uuid::new_v4(), "v1:AAAA", now - 1)];
-        for (id, body, expires_at) in rows {
-            store
-                .insert_delivery((id, "password_reset.requested", body), now - 60, now - 1, expires_at)
-                .await
-                .expect("insert a row");
+        let event = |kind: &str| {
+            let body = event(kind, &json!({ "email": EMAIL, "token": "attacker-chosen" }), now).expect("an event");
+            String::from_utf8(body.to_vec()).expect("UTF-8")
+        };
+        let sealed_for = |id: Uuid, kind: &str| keys.seal(&event(kind), &aad(id)).expect("sealed");
+        let (control, copied_from) = (Uuid::new_v4(), Uuid::new_v4());
+        // Someone who can write to the database, but has not the secrets
+        // key, would have the gateway sign a mail of their making: none of
+        // these is sent.
+        let rows = [
+            // In the clear.
+            (Uuid::new_v4(), "mfa.enabled", event("mfa.enabled"), now + 3_600),
+            // Another row's sealed body.
+            (Uuid::new_v4(), "mfa.enabled", sealed_for(copied_from, "mfa.enabled"), now + 3_600),
+            // Another sealed value (a TOTP secret is sealed for its user's
+            // id) under that id.
+            (user_id, "mfa.enabled", keys.seal("JBSWY3DPEHPK3PXP", user_id.as_bytes()).expect("sealed"), now + 3_600),
+            // Sealed for the row, but another kind than the row says.
+            (Uuid::new_v4(), "mfa.enabled", String::new(), now + 3_600),
+            // The gateway's own, but expired.
+            (Uuid::new_v4(), "mfa.enabled", String::new(), now - 1),
+            // The control: the gateway's own, due: sent.
+            (control, "mfa.enabled", sealed_for(control, "mfa.enabled"), now + 3_600),
+        ];
+        let store = open_store(&app).await;
+        for (n, (id, kind, body, expires_at)) in rows.into_iter().enumerate() {
+            let body = match n {
+                3 => sealed_for(id, "password_reset.requested"),
+                4 => sealed_for(id, kind),
+                _ => body,
+            };
+            store.insert_delivery((id, kind, &body), now - 60, now - 1, expires_at).await.expect("insert a row");
         }
         store.close().await;
-        eventually("the rows are dropped", Duration::from_secs(15), || async { waiting(&app).await.is_empty() }).await;
-        assert!(mailer.deliveries().is_empty(), "nothing was sent: {:?}", mailer.deliveries());
+        eventually("the rows are gone", Duration::from_secs(15), || async { waiting(&app).await.is_empty() }).await;
+        let sent = mailer.deliveries();
+        assert_eq!(sent.len(), 1, "only the control was sent: {sent:?}");
+        assert_eq!(sent[0].header("webhook-id"), format!("msg_{}", control.simple()));
+        sent[0].assert_signed();
+
+        // One sealed with a key this gateway has not (another replica's, or
+        // one removed too early) waits rather than being dropped.
+        let store = open_store(&app).await;
+        let unknown_key = "v2:20991231T000000Z:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        store.insert_delivery((Uuid::new_v4(), "mfa.enabled", unknown_key), now, now - 1, now + 3_600).await.expect("insert");
+        store.close().await;
+        eventually("it was looked at", Duration::from_secs(15), || async {
+            let store = open_store(&app).await;
+            let rows = store.due_deliveries(i64::MAX, 10).await.expect("the store");
+            store.close().await;
+            rows.len() == 1 && rows[0].attempts > 1 && rows[0].next_attempt_at > unix_now()
+        })
+        .await;
+        assert_eq!(mailer.deliveries().len(), 1, "and not sent");
         app.stop().await;
     }
 
