@@ -894,21 +894,78 @@ impl AuthService {
         if tenant.disabled {
             return Err(AuthError::TenantDisabled);
         }
-        // An address a revert link would move its user back to is kept for
-        // that user (taken, as far as anyone else can tell).
-        if self.store.address_reserved(tenant.id, &normalize_email(email), None).await? {
-            return Err(AuthError::EmailTaken);
-        }
         let ip = client.ip.to_string();
         let verified = !self.verification_required();
-        let user = self
-            .accounts
-            .create_user(tenant.id, email, password, &[], &[], Some(&ip), client.user_agent.as_deref(), verified)
-            .await?;
+        // With verification required, a taken address is answered as a new
+        // one would be (and its owner is told): the answer tells nobody
+        // whose address has an account. Without, the account would be
+        // usable at once, so the registrant learns it either way: 409.
+        let hide = !verified;
+        let email = normalize_email(email);
+        // An address a revert link would move its user back to is kept for
+        // that user (taken, as far as anyone else can tell).
+        if self.store.address_reserved(tenant.id, &email, None).await? {
+            if !hide {
+                return Err(AuthError::EmailTaken);
+            }
+            // As long as a registration takes: the same checks, a hash.
+            validate_email(&email).map_err(AuthError::InvalidRequest)?;
+            self.accounts.check_password_strength(password)?;
+            self.hasher.hash(password).await?;
+            return Ok(self.registration_taken(&tenant, &email, None, client).await);
+        }
+        let created = self.accounts.create_user(
+            tenant.id,
+            &email,
+            password,
+            &[],
+            &[],
+            Some(&ip),
+            client.user_agent.as_deref(),
+            verified,
+        );
+        let user = match created.await {
+            Ok(user) => user,
+            Err(AuthError::EmailTaken) if hide => {
+                let owner = self.store.user_by_email(tenant.id, &email).await?;
+                return Ok(self.registration_taken(&tenant, &email, owner.as_ref(), client).await);
+            }
+            Err(e) => return Err(e),
+        };
         if !verified {
             self.send_first_verification(&user.email, &tenant.slug, client);
         }
         Ok((user.id, verified))
+    }
+
+    /// The answer to a registration of a taken address when it must not
+    /// say so: a made-up id, unverified, as for a new account (whose id
+    /// nothing else reveals). The attempt is audited
+    /// (`registration_refused`), and the address's owner, if a user has it
+    /// (not one a revert link keeps), told (`registration.attempted`): it
+    /// may be the owner, who forgot, or someone else.
+    async fn registration_taken(
+        &self,
+        tenant: &Tenant,
+        email: &str,
+        owner: Option<&User>,
+        client: &ClientContext,
+    ) -> (Uuid, bool) {
+        let ip = client.ip.to_string();
+        self.audit(NewAuditEvent {
+            event: "registration_refused",
+            tenant_id: Some(tenant.id),
+            user_id: owner.map(|u| u.id),
+            email: Some(email),
+            ip: Some(&ip),
+            user_agent: client.user_agent.as_deref(),
+            detail: Some(serde_json::json!({ "reason": "email_taken", "tenant": tenant.slug })),
+        })
+        .await;
+        if let Some(owner) = owner {
+            self.notify(owner.tenant_id, owner.id, Notice::RegistrationAttempted, client);
+        }
+        (Uuid::new_v4(), false)
     }
 
     pub async fn change_password(

@@ -37,6 +37,49 @@ async fn spawn(mailer: &Mailer) -> TestApp {
 
 both_backends! {
     #[tokio::test]
+    async fn a_taken_address_is_answered_as_a_new_one_and_its_owner_is_told() {
+        let mailer = Mailer::spawn(0).await;
+        let app = spawn(&mailer).await;
+        let owner_id = app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+
+        // The same answer as for an address nobody has.
+        let fresh = post(&app, "/auth/register", json!({ "email": "fresh@example.com", "password": PASSWORD })).await;
+        let fresh = expect_json(fresh, StatusCode::CREATED).await;
+        let taken = post(&app, "/auth/register", json!({ "email": " Newcomer@Example.com", "password": OTHER_PASSWORD })).await;
+        let taken = expect_json(taken, StatusCode::CREATED).await;
+        let keys = |v: &serde_json::Value| v.as_object().expect("an object").keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&taken), keys(&fresh));
+        assert_eq!(taken["email_verified"], false, "{taken}");
+        assert_ne!(taken["user_id"], owner_id.as_str(), "the owner's id is not given away");
+        // Client mistakes are still told as for any registration.
+        let weak = post(&app, "/auth/register", json!({ "email": EMAIL, "password": "short" })).await;
+        assert_error(weak, StatusCode::BAD_REQUEST, "weak_password").await;
+
+        // Nothing changed for the owner, who is told of the attempt.
+        app.login_ok(EMAIL, PASSWORD, None).await;
+        assert_error(app.login(EMAIL, OTHER_PASSWORD, None).await, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        let told = || mailer.deliveries().into_iter().map(|d| d.json()).find(|e| e["type"] == "registration.attempted");
+        crate::helpers::eventually("the owner is told", std::time::Duration::from_secs(15), || async { told().is_some() })
+            .await;
+        let notice = told().expect("a notice");
+        assert_eq!(notice["data"]["email"], EMAIL, "{notice}");
+        assert_eq!(notice["data"]["user_id"], owner_id.as_str(), "{notice}");
+        let refused = audit_events(&app, "registration_refused").await;
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0]["detail"]["reason"], "email_taken", "{refused:?}");
+        // The fresh address got its verification link; the taken one none.
+        let links: Vec<_> = mailer
+            .deliveries()
+            .into_iter()
+            .map(|d| d.json())
+            .filter(|e| e["type"] == "email_verification.requested")
+            .map(|e| e["data"]["email"].clone())
+            .collect();
+        assert!(!links.contains(&json!(EMAIL)), "{links:?}");
+        app.stop().await;
+    }
+
+    #[tokio::test]
     async fn a_registered_user_logs_in_once_the_mailed_link_is_followed() {
         let mailer = Mailer::spawn(0).await;
         let app = spawn(&mailer).await;

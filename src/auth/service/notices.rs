@@ -59,6 +59,9 @@ pub(super) enum Notice {
     MfaDisabled,
     /// New recovery codes replaced the old ones.
     RecoveryCodesRegenerated,
+    /// Someone tried to register the address (with email verification
+    /// required, the answer did not say it is taken).
+    RegistrationAttempted,
 }
 
 impl Notice {
@@ -70,6 +73,7 @@ impl Notice {
             Notice::MfaEnabled => "mfa.enabled",
             Notice::MfaDisabled => "mfa.disabled",
             Notice::RecoveryCodesRegenerated => "mfa.recovery_codes_regenerated",
+            Notice::RegistrationAttempted => "registration.attempted",
         }
     }
 }
@@ -182,7 +186,10 @@ impl AuthService {
                 data["locked_until"] = rfc3339(until).into();
                 data["via"] = via.into();
             }
-            Notice::MfaEnabled | Notice::MfaDisabled | Notice::RecoveryCodesRegenerated => {}
+            Notice::MfaEnabled
+            | Notice::MfaDisabled
+            | Notice::RecoveryCodesRegenerated
+            | Notice::RegistrationAttempted => {}
         }
         Ok(Some((data, expires_at)))
     }
