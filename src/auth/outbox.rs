@@ -37,9 +37,14 @@
 //!   what it wrote. One sealed with a key this gateway does not have (a
 //!   replica whose keys differ, a key removed too early) waits, logged, as
 //!   if the mailer had missed it, until it expires.
+//! - **No stale link.** A link mailed late must still work when it is
+//!   sent: one spent, replaced by a newer one or voided meanwhile is
+//!   dropped unsent (`link_gone`), so that it cannot arrive after the
+//!   newer one.
 //! - **Counted**: `gateway_mailer_deliveries_total{result}` (`sent`,
 //!   `failed`: kept after the attempts at once, `lost`: not kept and not
-//!   taken, `sent_late`, `retry_failed`, `expired`, `unreadable`, `no_key`)
+//!   taken, `sent_late`, `retry_failed`, `expired`, `unreadable`, `no_key`,
+//!   `link_gone`)
 //!   and `gateway_mailer_deliveries_waiting` (the table's rows, being
 //!   attempted or not: every replica reports the same count).
 
@@ -49,8 +54,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use uuid::Uuid;
 
+use super::refresh;
 use super::seal::{is_sealed, SealingKeys};
 use super::webhook::{self, Webhook};
+use crate::db::email_links::LinkPurpose;
 use crate::db::outbox::{Delivery, NewDelivery};
 use crate::db::{unix_now, Store};
 
@@ -233,6 +240,9 @@ impl Outbox {
             self.store.retry_delivery_at(delivery.id, leased_until, attempts, at)
         };
         let body = match self.opened(delivery) {
+            Opened::Event(body) if self.link_gone(kind, &body).await? => {
+                return self.store.delete_delivery(delivery.id).await.map(|()| "link_gone");
+            }
             Opened::Event(body) => body,
             Opened::NoKey => {
                 tracing::error!(kind, "a waiting delivery is sealed with a secrets key this gateway does not have");
@@ -253,6 +263,22 @@ impl Outbox {
             }
             Err(_) => put_off().await.map(|()| "retry_failed"),
         }
+    }
+
+    /// Whether the event `body` of type `kind` mails a link that no longer
+    /// works (spent, replaced by a newer one, voided): not worth a late
+    /// mail, which could arrive after the newer link's.
+    async fn link_gone(&self, kind: &str, body: &str) -> Result<bool, crate::db::StoreError> {
+        let purpose = match kind {
+            "password_reset.requested" => LinkPurpose::PasswordReset,
+            "email_verification.requested" => LinkPurpose::EmailVerification,
+            "email_change.requested" => LinkPurpose::EmailChange,
+            "login_link.requested" => LinkPurpose::Login,
+            _ => return Ok(false),
+        };
+        let event: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        let Some(token) = event["data"]["token"].as_str() else { return Ok(false) };
+        Ok(self.store.pending_email_link(purpose, &refresh::hash(token), unix_now()).await?.is_none())
     }
 
     /// What a stored body is: an event of the row's kind sealed for the

@@ -105,6 +105,21 @@ both_backends! {
     }
 
     #[tokio::test]
+    async fn a_link_spent_meanwhile_is_not_mailed_late() {
+        let mailer = Mailer::spawn(3).await;
+        let app = spawn_with_mailer(&mailer, with_links()).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        ask(&app).await;
+        assert_eq!(results_of(&app, "login_link_requested", 1).await, ["delivery_failed"]);
+        // The mailer answered 503 but got the link (say it mailed it all
+        // the same), and it is used.
+        assert_eq!(sign_in(&app, &mailer.deliveries()[0].token()).await, StatusCode::OK);
+        eventually("the row goes", LATE, || async { waiting(&app).await.is_empty() }).await;
+        assert_eq!(mailer.deliveries().len(), 3, "a dead link is not mailed again: {:?}", mailer.deliveries());
+        app.stop().await;
+    }
+
+    #[tokio::test]
     async fn a_waiting_delivery_survives_a_restart() {
         let mailer = Mailer::spawn(3).await;
         let app = spawn_with_mailer(&mailer, with_links()).await;
