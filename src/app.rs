@@ -153,6 +153,7 @@ impl App {
             },
             reloading: Arc::default(),
             started: Arc::new(config.clone()),
+            admin_tokens: admin_token.clone(),
         };
         crate::server::reload::publish_nothing_pending();
 

@@ -61,9 +61,15 @@ pub const MIN_TOKEN_LEN: usize = 32;
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
 
-/// The admin API's tokens: the SHA-256 of each, and what it reaches.
+/// The admin API's tokens: the SHA-256 of each, and what it reaches. The
+/// files are read at start and again on [`ApiTokens::reload`] (SIGHUP), so
+/// that a token is replaced without a restart; which files, and what each
+/// reaches, is `[admin]`'s as the process started.
 #[derive(Clone)]
-pub struct ApiTokens(Arc<[Token]>);
+pub struct ApiTokens {
+    tokens: Arc<arc_swap::ArcSwap<Vec<Token>>>,
+    config: Arc<AdminConfig>,
+}
 
 struct Token {
     digest: [u8; 32],
@@ -106,7 +112,7 @@ impl Caller {
 
 impl std::fmt::Debug for ApiTokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiTokens").field("tokens", &self.0.len()).finish_non_exhaustive()
+        f.debug_struct("ApiTokens").field("tokens", &self.tokens.load().len()).finish_non_exhaustive()
     }
 }
 
@@ -115,30 +121,18 @@ impl ApiTokens {
     /// files; `None` when there is neither (the API is off). An error
     /// names the setting, never the token.
     pub fn load(admin: &AdminConfig) -> anyhow::Result<Option<Self>> {
-        let mut tokens = Vec::new();
-        if let Some(path) = &admin.api_token_file {
-            let caller = Caller { by: "admin_api".into(), scope: None };
-            tokens.push(Token { digest: read_token(path, "admin.api_token_file")?, caller });
-        }
-        for (i, t) in admin.tenant_tokens.iter().enumerate() {
-            let setting = format!("admin.tenant_tokens[{i}].file");
-            let digest = read_token(&t.file, &setting)?;
-            if tokens.iter().any(|other: &Token| other.digest == digest) {
-                anyhow::bail!(
-                    "{setting} ({}): the same token as another one; make each with its own `openssl rand -hex 32`",
-                    t.file.display()
-                );
-            }
-            let scope = Scope {
-                tenants: t.tenants.clone(),
-                roles: t.roles.clone(),
-                scopes: t.scopes.clone(),
-                read_only: t.read_only,
-            };
-            let caller = Caller { by: format!("admin_api:{}", t.name).into(), scope: Some(Arc::new(scope)) };
-            tokens.push(Token { digest, caller });
-        }
-        Ok((!tokens.is_empty()).then(|| Self(tokens.into())))
+        let tokens = read_tokens(admin)?;
+        let config = Arc::new(admin.clone());
+        Ok((!tokens.is_empty()).then(|| Self { tokens: Arc::new(arc_swap::ArcSwap::from_pointee(tokens)), config }))
+    }
+
+    /// Reads the token files again (a token replaced in its file takes
+    /// over from the old one); on an error (named as at start) the tokens
+    /// in use stay.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let tokens = read_tokens(&self.config)?;
+        self.tokens.store(Arc::new(tokens));
+        Ok(())
     }
 
     /// The caller whose token `presented` is, comparing it with every
@@ -147,13 +141,41 @@ impl ApiTokens {
     fn caller(&self, presented: &str) -> Option<Caller> {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut found = None;
-        for token in self.0.iter() {
+        for token in self.tokens.load().iter() {
             if bool::from(digest.ct_eq(&token.digest)) {
                 found = Some(token.caller.clone());
             }
         }
         found
     }
+}
+
+/// The tokens of `admin.api_token_file` and `[[admin.tenant_tokens]]`.
+fn read_tokens(admin: &AdminConfig) -> anyhow::Result<Vec<Token>> {
+    let mut tokens = Vec::new();
+    if let Some(path) = &admin.api_token_file {
+        let caller = Caller { by: "admin_api".into(), scope: None };
+        tokens.push(Token { digest: read_token(path, "admin.api_token_file")?, caller });
+    }
+    for (i, t) in admin.tenant_tokens.iter().enumerate() {
+        let setting = format!("admin.tenant_tokens[{i}].file");
+        let digest = read_token(&t.file, &setting)?;
+        if tokens.iter().any(|other: &Token| other.digest == digest) {
+            anyhow::bail!(
+                "{setting} ({}): the same token as another one; make each with its own `openssl rand -hex 32`",
+                t.file.display()
+            );
+        }
+        let scope = Scope {
+            tenants: t.tenants.clone(),
+            roles: t.roles.clone(),
+            scopes: t.scopes.clone(),
+            read_only: t.read_only,
+        };
+        let caller = Caller { by: format!("admin_api:{}", t.name).into(), scope: Some(Arc::new(scope)) };
+        tokens.push(Token { digest, caller });
+    }
+    Ok(tokens)
 }
 
 /// One token from `path`: one line, 32 characters or more, no spaces.

@@ -4,7 +4,8 @@
 //! A reload reads and validates the whole file; only when it is valid is the
 //! new route table swapped in, atomically (arc-swap): requests in flight
 //! finish on the table they started with. An invalid file changes nothing and
-//! every error is logged. Triggers: SIGHUP (which also reloads the key ring)
+//! every error is logged. Triggers: SIGHUP (which also reloads the key ring
+//! and the admin API's token files)
 //! and a change of the file ([`FileStamp`]: modification time, size, inode,
 //! status-change time), polled every `server.config_poll` (1 s; 0 turns
 //! polling off). The listener's certificate and key ([`ServerCert`]), and
@@ -77,6 +78,8 @@ pub struct Reloader {
     /// The configuration the process started with: what runs of the
     /// settings a reload does not take.
     pub(crate) started: Arc<Config>,
+    /// The admin API's tokens, whose files SIGHUP reads again.
+    pub(crate) admin_tokens: Option<crate::admin::api::ApiTokens>,
 }
 
 /// Publishes `gateway_config_restart_pending` as 0 at start, so that the
@@ -120,8 +123,18 @@ impl Reloader {
 
     /// Re-reads the key directory: a new newest key starts signing; removed
     /// keys stop verifying. Verified-token cache entries are dropped. The
-    /// secrets keys too: a new newest one starts sealing.
+    /// secrets keys too: a new newest one starts sealing. And the admin
+    /// API's token files: a replaced token takes over.
     pub fn reload_keys(&self) {
+        if let Some(tokens) = &self.admin_tokens {
+            match tokens.reload() {
+                Ok(()) => tracing::info!("admin API tokens reloaded"),
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "admin API tokens reload refused; keeping the loaded ones"
+                ),
+            }
+        }
         match self.sealer.reload() {
             Ok(()) => tracing::info!(keys = ?self.sealer.files(), "secrets keys reloaded"),
             Err(e) => tracing::error!(error = format!("{e:#}"), "secrets keys reload refused; keeping the loaded keys"),

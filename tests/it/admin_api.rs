@@ -71,6 +71,32 @@ async fn admin(app: &TestApp, method: Method, path: &str, body: Option<Value>) -
 }
 
 both_backends! {
+    /// A token replaced in its file takes over at SIGHUP (what
+    /// `reload_keys` does), the old one stops; a file made unreadable
+    /// keeps the tokens in use.
+    #[tokio::test]
+    async fn a_token_replaced_in_its_file_takes_over_at_a_reload() {
+        let app = spawn_with_tenant_token().await;
+        app.create_tenant("acme").await;
+        let list = |token: &'static str| call(&app, Method::GET, "/admin/tenants", Some(token), None);
+        assert_eq!(list(TOKEN).await.status(), StatusCode::OK);
+        const NEW: &str = "fedcba9876543210fedcba9876543210-rotated";
+        std::fs::write(app.dir.path().join("admin.token"), format!("{NEW}\n")).expect("write the new token");
+        assert_eq!(list(TOKEN).await.status(), StatusCode::OK, "nothing changes before the reload");
+        app.reloader.reload_keys();
+        assert_error(list(TOKEN).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
+        assert_eq!(list(NEW).await.status(), StatusCode::OK);
+        assert_eq!(call(&app, Method::GET, "/admin/tenants/acme/users", Some(ACME_TOKEN), None).await.status(), StatusCode::OK);
+
+        // The same token twice (a copy gone wrong) is refused, as at start.
+        std::fs::write(app.dir.path().join("acme.token"), format!("{NEW}\n")).expect("write a duplicate");
+        app.reloader.reload_keys();
+        assert_eq!(list(NEW).await.status(), StatusCode::OK, "the tokens in use stay");
+        let acme = call(&app, Method::GET, "/admin/tenants/acme/users", Some(ACME_TOKEN), None).await;
+        assert_eq!(acme.status(), StatusCode::OK);
+        app.stop().await;
+    }
+
     #[tokio::test]
     async fn only_the_token_gets_in_and_never_on_the_public_listener() {
         let app = spawn().await;
