@@ -408,6 +408,12 @@ async fn maintain(
 /// are are read as they are meanwhile.
 async fn seal_stored_secrets(store: &Store, keys_dir: &std::path::Path, seal: bool) -> anyhow::Result<SealingKeys> {
     let (sealer, made) = SealingKeys::load_or_generate(keys_dir).context("loading the secrets keys")?;
+    // Setups too old to confirm are cleared first: neither checked against
+    // the keys nor resealed (one sealed with a key since removed would
+    // otherwise stop every reseal).
+    if let Err(e) = store.clear_stale_totp_setups(unix_now() - crate::auth::service::MFA_SETUP_TTL).await {
+        tracing::warn!(error = %e, "could not clear the TOTP setups never confirmed");
+    }
     if made {
         tracing::info!(dir = %keys_dir.display(), "generated the key that seals stored TOTP secrets");
         let event = NewAuditEvent {

@@ -65,6 +65,21 @@ pub enum Command {
     /// no longer keep (a running gateway does it every hour); prints the
     /// counts.
     Prune,
+    /// See and hurry the deliveries the mailer has not taken yet.
+    #[command(subcommand)]
+    Mailer(MailerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MailerCommand {
+    /// List the deliveries waiting for the mailer, the next due first:
+    /// webhook-id, type, attempts, next attempt, expiry (never a body).
+    List,
+    /// Make every waiting delivery due now: a running gateway sends them
+    /// within seconds (after the mailer is back, rather than at the end of
+    /// a long pause; one being attempted right then may go twice, with the
+    /// same webhook-id); prints how many.
+    Retry,
 }
 
 #[derive(Debug, Subcommand)]
@@ -365,6 +380,12 @@ pub async fn execute(cli: Cli, input: &mut dyn BufRead, out: &mut dyn Write) -> 
                 pruned.sessions, pruned.refresh_tokens, pruned.audit_events
             )?;
             Ok(())
+        }
+        Command::Mailer(cmd) => {
+            let store = open(&config).await?;
+            let result = mailer_command(&store, cmd, out).await;
+            store.close().await;
+            result
         }
         Command::Audit(AuditCommand::List { tenant, event, email, since, limit, json }) => {
             let since = since.as_deref().map(parse_since).transpose()?;
@@ -815,6 +836,8 @@ async fn keys_command(config: &Config, cmd: KeysCommand, out: &mut dyn Write) ->
                 return Ok(());
             };
             let store = open(config).await.context("counting what each secrets key holds")?;
+            // Setups too old to confirm hold nothing worth a key.
+            store.clear_stale_totp_setups(crate::db::unix_now() - crate::auth::service::MFA_SETUP_TTL).await?;
             let counted = secrets_key_counts(&store, &sealer).await;
             store.close().await;
             let (counts, unkeyed) = counted.context("counting what each secrets key holds")?;
@@ -836,6 +859,9 @@ async fn keys_command(config: &Config, cmd: KeysCommand, out: &mut dyn Write) ->
             let store = open(config).await.with_context(|| {
                 format!("made {file}, but could not reach the database to reseal (a gateway's next start reseals)")
             })?;
+            // Setups too old to confirm are cleared, not resealed.
+            let cleared = store.clear_stale_totp_setups(crate::db::unix_now() - crate::auth::service::MFA_SETUP_TTL);
+            cleared.await?;
             let resealed = crate::auth::seal::rewrite_stored(&store, &sealer, true).await;
             let detail = serde_json::json!({
                 "key": file,
@@ -860,4 +886,27 @@ async fn keys_command(config: &Config, cmd: KeysCommand, out: &mut dyn Write) ->
             Ok(())
         }
     }
+}
+
+async fn mailer_command(store: &Store, cmd: MailerCommand, out: &mut dyn Write) -> anyhow::Result<()> {
+    match cmd {
+        MailerCommand::List => {
+            for d in store.due_deliveries(i64::MAX, 10_000).await? {
+                writeln!(
+                    out,
+                    "msg_{}  {}  attempts={} next={} expires={}",
+                    d.id.simple(),
+                    d.kind,
+                    d.attempts,
+                    rfc3339(d.next_attempt_at),
+                    rfc3339(d.expires_at),
+                )?;
+            }
+        }
+        MailerCommand::Retry => {
+            let n = store.hurry_deliveries(crate::db::unix_now()).await?;
+            writeln!(out, "{n} deliveries due now")?;
+        }
+    }
+    Ok(())
 }

@@ -121,18 +121,23 @@ impl ApiTokens {
     /// files; `None` when there is neither (the API is off). An error
     /// names the setting, never the token.
     pub fn load(admin: &AdminConfig) -> anyhow::Result<Option<Self>> {
-        let tokens = read_tokens(admin)?;
+        let (tokens, problems) = read_tokens(admin);
+        if let Some(first) = problems.into_iter().next() {
+            return Err(first);
+        }
         let config = Arc::new(admin.clone());
         Ok((!tokens.is_empty()).then(|| Self { tokens: Arc::new(arc_swap::ArcSwap::from_pointee(tokens)), config }))
     }
 
-    /// Reads the token files again (a token replaced in its file takes
-    /// over from the old one); on an error (named as at start) the tokens
-    /// in use stay.
-    pub fn reload(&self) -> anyhow::Result<()> {
-        let tokens = read_tokens(&self.config)?;
+    /// Reads the token files again: a token replaced in its file takes
+    /// over from the old one. A file that cannot be read (removed to
+    /// revoke a leaked token, say), or holds another entry's token, drops
+    /// its entry's token (fail closed) while the others are read; the
+    /// problems are returned, each naming its setting.
+    pub fn reload(&self) -> Vec<anyhow::Error> {
+        let (tokens, problems) = read_tokens(&self.config);
         self.tokens.store(Arc::new(tokens));
-        Ok(())
+        problems
     }
 
     /// The caller whose token `presented` is, comparing it with every
@@ -150,21 +155,34 @@ impl ApiTokens {
     }
 }
 
-/// The tokens of `admin.api_token_file` and `[[admin.tenant_tokens]]`.
-fn read_tokens(admin: &AdminConfig) -> anyhow::Result<Vec<Token>> {
+/// The tokens of `admin.api_token_file` and `[[admin.tenant_tokens]]`
+/// that could be read, and what kept the others out (a file that cannot
+/// be read, or holds an earlier entry's token).
+fn read_tokens(admin: &AdminConfig) -> (Vec<Token>, Vec<anyhow::Error>) {
     let mut tokens = Vec::new();
+    let mut problems = Vec::new();
     if let Some(path) = &admin.api_token_file {
         let caller = Caller { by: "admin_api".into(), scope: None };
-        tokens.push(Token { digest: read_token(path, "admin.api_token_file")?, caller });
+        match read_token(path, "admin.api_token_file") {
+            Ok(digest) => tokens.push(Token { digest, caller }),
+            Err(e) => problems.push(e),
+        }
     }
     for (i, t) in admin.tenant_tokens.iter().enumerate() {
         let setting = format!("admin.tenant_tokens[{i}].file");
-        let digest = read_token(&t.file, &setting)?;
+        let digest = match read_token(&t.file, &setting) {
+            Ok(digest) => digest,
+            Err(e) => {
+                problems.push(e);
+                continue;
+            }
+        };
         if tokens.iter().any(|other: &Token| other.digest == digest) {
-            anyhow::bail!(
+            problems.push(anyhow::anyhow!(
                 "{setting} ({}): the same token as another one; make each with its own `openssl rand -hex 32`",
                 t.file.display()
-            );
+            ));
+            continue;
         }
         let scope = Scope {
             tenants: t.tenants.clone(),
@@ -175,7 +193,7 @@ fn read_tokens(admin: &AdminConfig) -> anyhow::Result<Vec<Token>> {
         let caller = Caller { by: format!("admin_api:{}", t.name).into(), scope: Some(Arc::new(scope)) };
         tokens.push(Token { digest, caller });
     }
-    Ok(tokens)
+    (tokens, problems)
 }
 
 /// One token from `path`: one line, 32 characters or more, no spaces.

@@ -62,7 +62,6 @@ impl IntoResponse for ApiError {
             AuthError::InvalidEmailChangeToken => (StatusCode::BAD_REQUEST, "invalid_email_change_token"),
             AuthError::InvalidRevertToken => (StatusCode::BAD_REQUEST, "invalid_revert_token"),
             AuthError::InvalidLoginLink => (StatusCode::BAD_REQUEST, "invalid_login_link"),
-            AuthError::EmailNotVerified => (StatusCode::FORBIDDEN, "email_not_verified"),
             AuthError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "database unavailable");
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")

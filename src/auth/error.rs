@@ -73,10 +73,6 @@ pub enum AuthError {
     /// account.
     #[error("the sign-in link is invalid or expired; ask for a new one")]
     InvalidLoginLink,
-    /// The password was right, and the email must be proved first
-    /// (`auth.email_verification.required`).
-    #[error("this account's email is not verified yet: follow the link mailed to it")]
-    EmailNotVerified,
     /// The database cannot be reached: retry later.
     #[error("the service is temporarily unavailable")]
     Unavailable(#[source] StoreError),

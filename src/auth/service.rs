@@ -329,10 +329,21 @@ impl AuthService {
                 self.lock_started(user.tenant_id, user.id, "login", client);
             }
         }
+        // An unproved address's right password is answered as a wrong one:
+        // otherwise registering an address with a password of one's own and
+        // logging in with it would tell whether the address had an account
+        // (a new one says "not verified", a taken one "wrong password"). A
+        // fresh link goes to the address instead (one a minute), for the
+        // registrant who lost the first.
+        if let (Some(user), "email_not_verified") = (&user, failure) {
+            if let Some(webhook) = self.mailer.clone() {
+                let (slug, email) = (slug.clone(), user.email.clone());
+                self.spawn_link(&links::VERIFICATION, webhook, (slug, email), None, "login", client);
+            }
+        }
         // The attempt that starts the lock is not told the password was right.
         Err(match failure {
             "mfa_required" if !locks => AuthError::MfaRequired,
-            "email_not_verified" if !locks => AuthError::EmailNotVerified,
             _ => AuthError::InvalidCredentials,
         })
     }

@@ -391,7 +391,7 @@ impl Store {
             WHERE tenant_id = $1 AND id = $2 AND COALESCE(totp_secret, '') = $6 AND COALESCE(totp_recovery, '') = $7
               AND NOT disabled AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
         const DROP: &str = "UPDATE users SET email = $3, password_hash = $5, email_verified_at = $4, updated_at = $4,
-                totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL, totp_failures = 0, totp_recovery = NULL
+                totp_secret = NULL, totp_pending = NULL, totp_pending_at = NULL, totp_last_step = NULL, totp_failures = 0, totp_recovery = NULL
             WHERE tenant_id = $1 AND id = $2 AND COALESCE(totp_secret, '') = $6 AND COALESCE(totp_recovery, '') = $7
               AND NOT disabled AND EXISTS (SELECT 1 FROM tenants t WHERE t.id = $1 AND NOT t.disabled)";
         let revoke = "UPDATE sessions SET revoked_at = $3, revoke_reason = 'email_reverted'

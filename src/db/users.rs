@@ -431,7 +431,7 @@ impl Store {
     pub async fn delete_user(&self, tenant_id: Uuid, user: &User, forget: bool) -> StoreResult<Option<Vec<Uuid>>> {
         let tombstone = "UPDATE users SET disabled = TRUE, deleted_at = $3, updated_at = $3, email = $4,
                                           password_hash = '!', roles = '', scopes = '', totp_secret = NULL,
-                                          totp_pending = NULL, totp_last_step = NULL, totp_recovery = NULL,
+                                          totp_pending = NULL, totp_pending_at = NULL, totp_last_step = NULL, totp_recovery = NULL,
                                           totp_failures = 0, email_verified_at = NULL
                          WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL";
         let links = "DELETE FROM email_links WHERE tenant_id = $1 AND user_id = $2";
@@ -666,7 +666,7 @@ impl Store {
     /// checked against), with one being set up: the password alone logs
     /// in again. False when it is no longer theirs.
     pub async fn clear_totp(&self, tenant_id: Uuid, user_id: Uuid, secret: &str) -> StoreResult<bool> {
-        let sql = "UPDATE users SET totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL, totp_failures = 0,
+        let sql = "UPDATE users SET totp_secret = NULL, totp_pending = NULL, totp_pending_at = NULL, totp_last_step = NULL, totp_failures = 0,
                                     totp_recovery = NULL
                    WHERE tenant_id = $1 AND id = $2 AND totp_secret = $3";
         self.changed(sql, tenant_id, user_id, secret).await
@@ -676,7 +676,7 @@ impl Store {
     /// operator's `user mfa-reset`), and revokes every open session, in one
     /// transaction. Returns the revoked ids, or `None` when there was none.
     pub async fn reset_totp(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Option<Vec<Uuid>>> {
-        let sql = "UPDATE users SET totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL, totp_failures = 0,
+        let sql = "UPDATE users SET totp_secret = NULL, totp_pending = NULL, totp_pending_at = NULL, totp_last_step = NULL, totp_failures = 0,
                                     totp_recovery = NULL, updated_at = $3
                    WHERE tenant_id = $1 AND id = $2 AND (totp_secret IS NOT NULL OR totp_pending IS NOT NULL)";
         self.update_and_revoke(tenant_id, user_id, sql, &[], Some("mfa_reset")).await

@@ -127,13 +127,14 @@ impl Reloader {
     /// API's token files: a replaced token takes over.
     pub fn reload_keys(&self) {
         if let Some(tokens) = &self.admin_tokens {
-            match tokens.reload() {
-                Ok(()) => tracing::info!("admin API tokens reloaded"),
-                Err(e) => tracing::error!(
+            let problems = tokens.reload();
+            for e in &problems {
+                tracing::error!(
                     error = format!("{e:#}"),
-                    "admin API tokens reload refused; keeping the loaded ones"
-                ),
+                    "an admin API token was not loaded: it no longer opens the API"
+                );
             }
+            tracing::info!(refused = problems.len(), "admin API tokens reloaded");
         }
         match self.sealer.reload() {
             Ok(()) => tracing::info!(keys = ?self.sealer.files(), "secrets keys reloaded"),

@@ -105,6 +105,30 @@ both_backends! {
     }
 
     #[tokio::test]
+    async fn an_operator_lists_the_waiting_deliveries_and_makes_them_due_now() {
+        // Refused at once and at the first retry: the next one would wait
+        // 20 seconds.
+        let mailer = Mailer::spawn(4).await;
+        let app = spawn_with_mailer(&mailer, with_links()).await;
+        app.create_user("default", EMAIL, PASSWORD, &[], &[]).await;
+        ask(&app).await;
+        nth(&mailer, 4).await;
+        let id = mailer.deliveries()[0].header("webhook-id").to_owned();
+        let listed = app.cli(&["mailer", "list"], "").await.expect("mailer list");
+        assert!(listed.starts_with(&format!("{id}  login_link.requested  attempts=4 ")), "{listed}");
+        assert!(!listed.contains(&mailer.deliveries()[0].token()), "no body, no token: {listed}");
+        let hurried = app.cli(&["mailer", "retry"], "").await.expect("mailer retry");
+        assert_eq!(hurried.trim(), "1 deliveries due now");
+        // Within a sweep or two, well before the 20-second pause ends.
+        eventually("the hurried delivery", Duration::from_secs(12), || async { mailer.deliveries().len() >= 5 }).await;
+        assert_one_event(&mailer.deliveries());
+        eventually("the row goes", Duration::from_secs(10), || async { waiting(&app).await.is_empty() }).await;
+        let listed = app.cli(&["mailer", "list"], "").await.expect("mailer list");
+        assert_eq!(listed, "", "nothing waits");
+        app.stop().await;
+    }
+
+    #[tokio::test]
     async fn a_link_spent_meanwhile_is_not_mailed_late() {
         let mailer = Mailer::spawn(3).await;
         let app = spawn_with_mailer(&mailer, with_links()).await;
