@@ -839,11 +839,17 @@ async fn keys_command(config: &Config, cmd: KeysCommand, out: &mut dyn Write) ->
             // Setups too old to confirm hold nothing worth a key.
             store.clear_stale_totp_setups(crate::db::unix_now() - crate::auth::service::MFA_SETUP_TTL).await?;
             let counted = secrets_key_counts(&store, &sealer).await;
+            let mut waiting = Vec::new();
+            for (_, prefix) in sealer.prefixes() {
+                waiting.push(store.count_deliveries_with(&prefix).await);
+            }
             store.close().await;
             let (counts, unkeyed) = counted.context("counting what each secrets key holds")?;
-            for (i, ((file, _), held)) in sealer.prefixes().into_iter().zip(counts).enumerate() {
+            let keys = sealer.prefixes().into_iter().zip(counts).zip(waiting);
+            for (i, (((file, _), held), waiting)) in keys.enumerate() {
                 let role = if i == 0 { "sealing" } else { "open-only" };
-                writeln!(out, "{file}  {role:<12} holds {held} TOTP secret(s)")?;
+                let waiting = waiting.context("counting the deliveries each secrets key seals")?;
+                writeln!(out, "{file}  {role:<12} holds {held} TOTP secret(s), {waiting} waiting mailer deliveries")?;
             }
             if unkeyed > 0 {
                 writeln!(

@@ -124,6 +124,16 @@ impl Store {
         Ok(on_pool!(self, |p| sqlx::query(sql).bind(now).execute(p).await.map(|done| done.rows_affected()))?)
     }
 
+    /// How many waiting deliveries are sealed by the key whose values start
+    /// with `prefix` (`gateway keys list`: a key is removed once it holds
+    /// nothing).
+    pub async fn count_deliveries_with(&self, prefix: &str) -> StoreResult<i64> {
+        let sql = "SELECT COUNT(*) FROM outbox WHERE body LIKE $1";
+        let pattern = format!("{prefix}%");
+        let (n,): (i64,) = on_pool!(self, |p| sqlx::query_as(sql).bind(&pattern).fetch_one(p).await)?;
+        Ok(n)
+    }
+
     /// How many deliveries wait (for `/metrics`).
     pub async fn waiting_deliveries(&self) -> StoreResult<i64> {
         let (n,): (i64,) = on_pool!(self, |p| sqlx::query_as("SELECT COUNT(*) FROM outbox").fetch_one(p).await)?;

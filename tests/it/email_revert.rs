@@ -220,6 +220,42 @@ both_backends! {
         app.stop().await;
     }
 
+    /// With verification required, registering the address a revert link
+    /// keeps is answered as a new registration (201, a made-up id), and
+    /// takes nothing: nobody learns the address is kept, and nobody is
+    /// told (no user has it).
+    #[tokio::test]
+    async fn a_kept_address_is_answered_as_a_new_one_when_registrations_must_prove_theirs() {
+        let mailer = Mailer::spawn(0).await;
+        let options = TestOptions {
+            registration: true,
+            auth_extra: "email_verification = { required = true }".to_owned(),
+            ..TestOptions::default()
+        };
+        let app = spawn_with_mailer(&mailer, options).await;
+        app.create_user("default", OWNER, PASSWORD, &[], &[]).await;
+        let access = app.login_ok(OWNER, PASSWORD, None).await.access_token;
+        let token = move_to(&app, &mailer, &access, OWNER, INTRUDER, None).await;
+
+        let register = json!({ "email": OWNER, "password": OWNER_NEW_PASSWORD });
+        let squat = app.client.post(app.url("/auth/register")).json(&register).send().await.expect("POST");
+        let answer = expect_json(squat, StatusCode::CREATED).await;
+        assert_eq!(answer["email_verified"], false, "{answer}");
+        let refused = audit_events(&app, "registration_refused").await;
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0]["detail"]["reason"], "email_taken", "{refused:?}");
+        let store = crate::user_admin::open_store(&app).await;
+        let tenant = store.tenant_by_slug("default").await.expect("the store").expect("the tenant");
+        assert!(store.user_by_email(tenant.id, OWNER).await.expect("the store").is_none(), "no account was made");
+        store.close().await;
+        // The owner still takes the account back to it.
+        assert_eq!(revert(&app, &token, OWNER_NEW_PASSWORD).await.status(), StatusCode::NO_CONTENT);
+        app.login_ok(OWNER, OWNER_NEW_PASSWORD, None).await;
+        let told = mailer.deliveries().iter().any(|d| d.json()["type"] == "registration.attempted");
+        assert!(!told, "nobody had the address to be told");
+        app.stop().await;
+    }
+
     /// The owner's factor, unchanged since the change, stays. The address
     /// left is kept for the owner: no registration or change takes it; an
     /// operator's user may (409, and the link stays unspent until it is

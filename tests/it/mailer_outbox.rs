@@ -94,6 +94,9 @@ both_backends! {
         assert_eq!(kept[0].0, "login_link.requested");
         assert!(kept[0].1.starts_with("v1:") || kept[0].1.starts_with("v2:"), "sealed: {}", kept[0].1);
         assert!(!kept[0].1.contains(&token), "the token is not stored in the clear");
+        // And the key that sealed it is not to be removed yet.
+        let keys = app.cli(&["keys", "list"], "").await.expect("keys list");
+        assert!(keys.contains("secrets.key  sealing      holds 0 TOTP secret(s), 1 waiting mailer deliveries"), "{keys}");
 
         nth(&mailer, 4).await;
         assert_one_event(&mailer.deliveries());
