@@ -6,7 +6,8 @@
 //! - [`refresh`]: opaque refresh tokens, stored hashed.
 //! - [`revocation`]: the in-memory revocation state and its poller.
 //! - [`ratelimit`]: the per-IP limit on credential endpoints.
-//! - [`seal`]: the TOTP secrets, encrypted in the database.
+//! - [`seal`]: the TOTP secrets and the waiting mailer deliveries,
+//!   encrypted in the database.
 //! - [`service`]: the flows (login, refresh, logout, …) built from the above.
 //! - [`webhook`]: signed deliveries to the operator's mailer (mailed links
 //!   and notices); [`outbox`] keeps those it has not taken and sends them

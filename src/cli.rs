@@ -62,8 +62,9 @@ pub enum Command {
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Delete what database.session_retention and database.audit_retention
-    /// no longer keep (a running gateway does it every hour); prints the
-    /// counts.
+    /// no longer keep, idle lockout counters, expired or spent links,
+    /// expired mailer deliveries and stale TOTP setups (a running gateway
+    /// does it every hour); prints the counts.
     Prune,
     /// See and hurry the deliveries the mailer has not taken yet.
     #[command(subcommand)]
@@ -278,7 +279,9 @@ pub enum KeysCommand {
     /// none.
     Generate,
     /// List the signing keys (the newest signs) and the secrets keys (the
-    /// newest seals), with how many stored TOTP secrets each holds.
+    /// newest seals), with how many stored TOTP secrets, and deliveries
+    /// waiting for the mailer, each holds (TOTP setups too old to confirm
+    /// are cleared first).
     List,
     /// Make a new secrets key (secrets-<UTC time>.key) and reseal every
     /// stored TOTP secret with it; running gateways read it when they meet

@@ -92,8 +92,8 @@ pub struct TlsConfig {
 pub struct AdminConfig {
     pub listen: SocketAddr,
     /// `api_token_file`: a file holding the admin API's bearer token; the
-    /// API is off without it (and without `tenant_tokens`). Read at start,
-    /// never by `config check`.
+    /// API is off without it (and without `tenant_tokens`). Read at start
+    /// and on SIGHUP, never by `config check`.
     pub api_token_file: Option<PathBuf>,
     /// `[[admin.tenant_tokens]]`: tokens that reach only some tenants'
     /// users and sessions.
@@ -106,7 +106,8 @@ pub struct AdminConfig {
 pub struct TenantToken {
     /// Recorded as `"by": "admin_api:<name>"` in what it changes.
     pub name: String,
-    /// The file holding the token (read at start, like `api_token_file`).
+    /// The file holding the token (read at start and on SIGHUP, like
+    /// `api_token_file`).
     pub file: PathBuf,
     pub tenants: Vec<String>,
     /// The roles and scopes it may give (none unless listed): a role it

@@ -10,8 +10,10 @@ pub enum AuthError {
     /// The request is malformed (bad JSON, missing or oversized field).
     #[error("{0}")]
     InvalidRequest(String),
-    /// Unknown tenant, unknown email, wrong password or disabled user: one
-    /// answer for all, so the response reveals nothing.
+    /// Unknown tenant, unknown email, wrong password or disabled user, a
+    /// right password while the email must still be proved, a wrong, spent
+    /// or locked code (with a password or a sign-in link): one answer for
+    /// all, so the response reveals nothing.
     #[error("invalid email or password")]
     InvalidCredentials,
     /// This (tenant, email) is locked after too many failures.
@@ -36,8 +38,8 @@ pub enum AuthError {
     /// A tenant with this slug exists.
     #[error("a tenant with this slug exists")]
     TenantExists,
-    /// The password was right, and the user has a second factor: the login
-    /// must carry a TOTP code (`otp`).
+    /// The password (or the sign-in link) was right, and the user has a
+    /// second factor: the login must carry a TOTP code (`otp`).
     #[error("this account needs a one-time code (otp)")]
     MfaRequired,
     /// The code does not confirm the second factor being set up.

@@ -1,6 +1,9 @@
 //! Sealing of the secrets the gateway keeps in the database for its own
-//! use: the users' TOTP secrets. A dump or backup of the database alone no
-//! longer yields anyone's second factor.
+//! use: the users' TOTP secrets, and the deliveries waiting for the mailer
+//! (which may hold a link's token; see [`crate::auth::outbox`], which seals
+//! them for their row, `outbox\0` and its id, and which no reseal
+//! rewrites: they expire). A dump or backup of the database alone no
+//! longer yields anyone's second factor, nor a working link.
 //!
 //! AES-256-GCM (ring, already in the tree through rustls) with 32-byte keys
 //! in the keys directory (mode 0600; replicas share them as they share the
@@ -22,7 +25,8 @@
 //! a value naming a key it has not loaded reads the directory again (at
 //! most once a second) and seals with the newest from then on, as it does
 //! on SIGHUP; a start reseals what an older key still holds. An old key
-//! file is removed once `gateway keys list` shows it holds nothing.
+//! file is removed once `gateway keys list` shows it holds nothing (no
+//! TOTP secret, no waiting delivery).
 //!
 //! The stored text, not the secret, is what queries compare (a code is
 //! spent only against the secret it was checked with): callers keep it and

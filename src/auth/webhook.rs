@@ -1,5 +1,6 @@
 //! Signed deliveries to the operator's mailer: how a mailed link (a
-//! password reset, an email verification) leaves the gateway.
+//! password reset, an email verification or change, a sign-in link) or a
+//! security notice leaves the gateway.
 //!
 //! The gateway sends no mail itself (templates, SMTP, bounces and sender
 //! reputation are a mailer's job); it POSTs the link's token to

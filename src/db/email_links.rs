@@ -1,6 +1,7 @@
 //! `email_links`: one row per link mailed to a user (or handed over by an
 //! operator), of one [`LinkPurpose`]: a password reset, an email
-//! verification, an email change or the revert of one. Only the SHA-256 of a link's token is
+//! verification, an email change or the revert of one, a sign-in link.
+//! Only the SHA-256 of a link's token is
 //! stored (as for refresh tokens), and the SHA-256 of what the link is
 //! bound to (column `password_fingerprint`): for a reset, the password hash
 //! it was made against, so that a link made before a change (by the user,
@@ -8,18 +9,21 @@
 //! proves; for an email change, the email and password hash (a reset after
 //! a compromise kills the intruder's change); for a revert, the user's
 //! second factor's secret when the change was made (not a binding: a
-//! factor that differs at the revert is removed by it). An email change link also
+//! factor that differs at the revert is removed by it); for a sign-in
+//! link, the email and password hash. An email change link also
 //! holds the address it moves the user to (`new_email`), and a revert link
 //! the address it moves the user back to.
 //!
 //! A link is spent in the same transaction that does what it is for (sets
 //! the password and revokes the user's sessions; marks the email
-//! verified; moves the user to the new address), by a conditional update:
+//! verified; moves the user to the new address; opens a session, in
+//! [`crate::db::sessions`]), by a conditional update:
 //! of two requests presenting one link, one does it. A newer link of a kind
 //! voids the user's older ones of that kind; an email change voids every
 //! link of the user (they were mailed to the old address) but the revert
 //! links; a user or tenant disable, or an operator's email change, voids
-//! them all.
+//! them all; a sign-out everywhere voids the email change and sign-in
+//! links.
 //!
 //! Revert links are the exception to "only the newest works": each is
 //! made in the transaction that confirms a change, goes to the address

@@ -1,6 +1,7 @@
 //! Links mailed to users: what password resets ([`super::reset`]), email
 //! verifications ([`super::verify`]), email changes and their reverts
-//! ([`super::email_change`]) share.
+//! ([`super::email_change`]) and sign-in links ([`super::login_link`])
+//! share.
 //!
 //! A link is a token (256 random bits, base64url), stored hashed in
 //! `email_links` ([`crate::db::email_links`]), valid for its kind's
@@ -12,7 +13,8 @@
 //! Asking for one (`forgot`, `resend`, a sign-in link) tells nothing about the account: the
 //! request's shape and the per-IP limit are checked, and the answer is a
 //! 202 before anything is looked up; the lookups, the link and the delivery
-//! to the operator's mailer ([`crate::auth::webhook`]) run after it,
+//! to the operator's mailer ([`crate::auth::webhook`], kept by
+//! [`crate::auth::outbox`] until the mailer takes it) run after it,
 //! bounded by [`MAX_LINK_TASKS`] at once. The audit log records what was
 //! done (`<kind>_requested` with a `result`). A user gets at most one link
 //! of a kind a minute this way, so a mailbox cannot be flooded.

@@ -81,7 +81,7 @@ impl Notice {
 /// The metric of notices, by type and result.
 const NOTICES: &str = "gateway_notices_total";
 
-/// How long an `email.changed` notice waits for a delivery place when all
+/// How long a revert's `email.changed` notice waits for a delivery place when all
 /// are taken, before it is dropped (and logged as an error).
 const URGENT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
