@@ -154,17 +154,20 @@ impl Outbox {
     ) -> anyhow::Result<NewDelivery> {
         let id = Uuid::new_v4();
         let now = unix_now();
-        let body = webhook::event(kind, data, now)?;
-        let body = self.sealer.seal(std::str::from_utf8(&body)?, &aad(id))?;
+        let body = self.sealed(id, &webhook::event(kind, data, now)?)?;
         Ok(NewDelivery { id, kind, body, now, expires_at })
     }
 
     /// Writes the delivery, sealed for its id, leased to this call.
     async fn keep(&self, id: Uuid, kind: &str, body: &Bytes, now: i64, expires_at: i64) -> anyhow::Result<()> {
-        let text = std::str::from_utf8(body)?;
-        let sealed = self.sealer.seal(text, &aad(id))?;
+        let sealed = self.sealed(id, body)?;
         self.store.insert_delivery((id, kind, &sealed), now, now + LEASE, expires_at).await?;
         Ok(())
+    }
+
+    /// An event's `body` as the row `id` keeps it.
+    fn sealed(&self, id: Uuid, body: &Bytes) -> anyhow::Result<String> {
+        Ok(self.sealer.seal(std::str::from_utf8(body)?, &aad(id))?)
     }
 
     /// Tries the deliveries due every [`SWEEP_EVERY`], until `shutdown`.
@@ -196,7 +199,7 @@ impl Outbox {
 
     /// One look: the deliveries due now, tried at once (a stop cuts the
     /// attempts under way short: their rows stay, leased).
-    pub async fn sweep_once(self: Arc<Self>) -> Result<(), crate::db::StoreError> {
+    async fn sweep_once(self: Arc<Self>) -> Result<(), crate::db::StoreError> {
         let now = unix_now();
         let due = self.store.due_deliveries(now, SWEEP_BATCH).await?;
         let mut attempts = tokio::task::JoinSet::new();

@@ -129,7 +129,7 @@ impl Store {
         refresh: RefreshHash<'_>,
         now: i64,
     ) -> StoreResult<Option<Uuid>> {
-        Ok(self.open_session(user, password_hash, client, refresh, now, None).await?.ok())
+        Ok(self.insert_session(user, password_hash, client, refresh, now, None).await?.ok())
     }
 
     /// Opens a session for `user` as [`Store::create_session`] does, in
@@ -147,10 +147,12 @@ impl Store {
         refresh: RefreshHash<'_>,
         now: i64,
     ) -> StoreResult<Result<Uuid, Unredeemed>> {
-        self.open_session(user, &user.password_hash, client, refresh, now, Some(link.id)).await
+        self.insert_session(user, &user.password_hash, client, refresh, now, Some(link.id)).await
     }
 
-    async fn open_session(
+    /// Both of the above: the session, its first refresh token, the check
+    /// of the user's row, and with `link` its spending, in one transaction.
+    async fn insert_session(
         &self,
         user: &User,
         password_hash: &str,

@@ -133,9 +133,7 @@ impl AuthService {
         .await;
         Ok(pair)
     }
-}
 
-impl AuthService {
     /// Counts (as a failed login too) and audits a refused confirmation,
     /// and says what to answer: `mfa_required` for a code not given,
     /// `invalid_credentials` for a wrong, spent or locked one, else

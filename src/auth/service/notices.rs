@@ -157,9 +157,8 @@ impl AuthService {
     }
 
     /// The notice's `data`, addressed to the user's email as it is now (for
-    /// an email change, the old one), and until when it is worth
-    /// delivering (a day; the revert link's expiry if that comes first);
-    /// `None` for a user that is gone.
+    /// a revert, the one it left), and until when it is worth delivering
+    /// (a day); `None` for a user that is gone.
     async fn notice_data(
         &self,
         tenant_id: Uuid,
